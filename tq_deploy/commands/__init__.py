@@ -1,0 +1,1 @@
+"""One module per ``tq-deploy`` subcommand (see :mod:`tq_deploy.cli`)."""

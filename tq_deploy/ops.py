@@ -1,0 +1,208 @@
+"""The op contract: one spec per TurboQuant custom op.
+
+This module is the single source of truth for the custom ONNX ops. The ONNX
+schemas (:mod:`tq_deploy.export.schemas`), the exporter, the ONNX Runtime and
+TensorRT backends' tests and docs/ops.md all read these specs; nothing else
+spells out an op's inputs, outputs or attributes.
+
+Shapes use symbolic dimensions:
+    D  head dimension            P  packed bytes per vector = ceil(D * bits / 8)
+    K  codebook size = 2**bits   N  number of cache blocks
+    B  block size (tokens/block) S  number of sequences (decode batch)
+    T  number of new tokens      M  max blocks per sequence
+    Hq query heads; Hkv KV heads (Hq % Hkv == 0)
+
+Numerics shared by every backend (see tq_deploy.reference for the math):
+    norm  = ||x||_2 (float32);  y = (Pi x) / norm  (y = 0 where norm == 0)
+    code  = #{ boundaries b_k : b_k < y }  (boundaries are centroid midpoints;
+            a value exactly on a boundary takes the lower code)
+    x_hat = norm * Pi^T c[code]
+Packed codes are a little-endian bit stream: code i of a vector occupies bits
+[i*bits, (i+1)*bits) counting from bit 0 of byte 0 (3-bit: 8 codes in 3 bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+DOMAIN = "turboquant"
+DOMAIN_VERSION = 1
+SUPPORTED_BITS = (1, 2, 3, 4)
+
+FLOAT = "tensor(float)"
+FLOAT16 = "tensor(float16)"
+UINT8 = "tensor(uint8)"
+INT32 = "tensor(int32)"
+INT64 = "tensor(int64)"
+
+
+def packed_size(head_dim: int, bits: int) -> int:
+    """Bytes of one packed vector: ceil(head_dim * bits / 8)."""
+    return (head_dim * bits + 7) // 8
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    types: tuple[str, ...]
+    shape: tuple[str, ...]  # symbolic, "..." for any leading dimensions
+    doc: str
+    type_param: str = ""  # shared ONNX type constraint name, e.g. "T"
+
+
+@dataclass(frozen=True)
+class AttrSpec:
+    name: str
+    kind: str  # "int" or "float"
+    default: float | int | None  # None: required
+    allowed: tuple | None  # allowed values, or None
+    doc: str
+    min_value: float | None = None
+
+    def check(self, value, op: str) -> None:
+        """Raise ValueError naming the op, attribute, value seen and value expected."""
+        if self.allowed is not None and value not in self.allowed:
+            raise ValueError(f"{op}: attribute {self.name}={value!r}, expected one of {self.allowed}")
+        if self.min_value is not None and value < self.min_value:
+            raise ValueError(f"{op}: attribute {self.name}={value!r}, expected >= {self.min_value}")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    doc: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    attributes: tuple[AttrSpec, ...] = field(default_factory=tuple)
+    domain: str = DOMAIN
+    version: int = DOMAIN_VERSION
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def attribute(self, name: str) -> AttrSpec:
+        for a in self.attributes:
+            if a.name == name:
+                return a
+        raise KeyError(f"{self.name} has no attribute {name!r}")
+
+    def resolve_attributes(self, **given) -> dict:
+        """Fill defaults and check ranges; unknown names are an error."""
+        names = {a.name for a in self.attributes}
+        unknown = set(given) - names
+        if unknown:
+            raise ValueError(f"{self.name}: unknown attributes {sorted(unknown)}, expected a subset of {sorted(names)}")
+        out = {}
+        for a in self.attributes:
+            value = given.get(a.name, a.default)
+            if value is None:
+                raise ValueError(f"{self.name}: attribute {a.name} is required")
+            a.check(value, self.name)
+            out[a.name] = value
+        return out
+
+
+def _bits_attr(name: str, what: str) -> AttrSpec:
+    return AttrSpec(name, "int", None, SUPPORTED_BITS, f"bits per code of {what}; codebook has 2**{name} entries")
+
+
+ROTATION = TensorSpec("rotation", (FLOAT,), ("D", "D"), "orthogonal rotation Pi (y = Pi x), float32")
+
+
+def _codebook(name: str = "codebook", what: str = "") -> TensorSpec:
+    return TensorSpec(name, (FLOAT,), ("K",), f"Lloyd-Max centroids{what}, ascending, float32")
+
+
+ENCODE = OpSpec(
+    name="TQEncode",
+    doc="Quantize vectors: norm, rotate, nearest centroid per coordinate, pack.",
+    inputs=(
+        TensorSpec("x", (FLOAT, FLOAT16), ("...", "D"), "vectors to encode", "T"),
+        ROTATION,
+        _codebook(),
+    ),
+    outputs=(
+        TensorSpec("codes", (UINT8,), ("...", "P"), "packed codes"),
+        TensorSpec("norms", (FLOAT,), ("...",), "L2 norm of each input vector"),
+    ),
+    attributes=(_bits_attr("bits", "the codes"),),
+)
+
+DECODE = OpSpec(
+    name="TQDecode",
+    doc="Reconstruct vectors: unpack, look up centroids, rotate back, scale by norm.",
+    inputs=(
+        TensorSpec("codes", (UINT8,), ("...", "P"), "packed codes"),
+        TensorSpec("norms", (FLOAT,), ("...",), "vector norms"),
+        ROTATION,
+        _codebook(),
+    ),
+    outputs=(TensorSpec("x_hat", (FLOAT,), ("...", "D"), "reconstructed vectors"),),
+    attributes=(_bits_attr("bits", "the codes"),),
+)
+
+_CACHE_INPUTS = (
+    TensorSpec("k_codes", (UINT8,), ("N", "B", "Hkv", "Pk"), "paged key codes"),
+    TensorSpec("k_norms", (FLOAT,), ("N", "B", "Hkv"), "paged key norms"),
+    TensorSpec("v_codes", (UINT8,), ("N", "B", "Hkv", "Pv"), "paged value codes"),
+    TensorSpec("v_norms", (FLOAT,), ("N", "B", "Hkv"), "paged value norms"),
+)
+
+CACHE_UPDATE = OpSpec(
+    name="TQCacheUpdate",
+    doc=(
+        "Encode new keys and values into their paged slots. slot = block * B + offset; "
+        "a negative slot skips that token (padding). Outputs are the updated caches "
+        "(written in place where the runtime aliases them, else a copy)."
+    ),
+    inputs=(
+        TensorSpec("key", (FLOAT, FLOAT16), ("T", "Hkv", "D"), "new keys", "T"),
+        TensorSpec("value", (FLOAT, FLOAT16), ("T", "Hkv", "D"), "new values", "T"),
+        TensorSpec("slot_mapping", (INT64,), ("T",), "cache slot of each new token, -1 to skip"),
+        *_CACHE_INPUTS,
+        ROTATION,
+        _codebook("k_codebook", " for keys"),
+        _codebook("v_codebook", " for values"),
+    ),
+    outputs=tuple(
+        TensorSpec(f"{t.name}_out", t.types, t.shape, f"updated {t.doc}") for t in _CACHE_INPUTS
+    ),
+    attributes=(_bits_attr("k_bits", "keys"), _bits_attr("v_bits", "values")),
+)
+
+PAGED_ATTENTION = OpSpec(
+    name="TQPagedAttention",
+    doc=(
+        "Decode attention over a TurboQuant paged cache, in the rotated domain: "
+        "q_rot = Pi q; s_i = ||k_i|| <q_rot, c_k[idx_k_i]> * scale; p = softmax(s) over "
+        "the first context_lens[s] tokens; out = Pi^T sum_i p_i ||v_i|| c_v[idx_v_i]. "
+        "Query head h reads KV head h // (Hq / Hkv). context_lens 0 gives zeros."
+    ),
+    inputs=(
+        TensorSpec("query", (FLOAT, FLOAT16), ("S", "Hq", "D"), "one query token per sequence", "T"),
+        *_CACHE_INPUTS,
+        TensorSpec("block_tables", (INT32,), ("S", "M"), "cache block of each logical block"),
+        TensorSpec("context_lens", (INT32,), ("S",), "tokens in each sequence's cache"),
+        ROTATION,
+        _codebook("k_codebook", " for keys"),
+        _codebook("v_codebook", " for values"),
+    ),
+    outputs=(TensorSpec("out", (FLOAT, FLOAT16), ("S", "Hq", "D"), "attention output", "T"),),
+    attributes=(
+        _bits_attr("k_bits", "keys"),
+        _bits_attr("v_bits", "values"),
+        AttrSpec("scale", "float", 0.0, None, "softmax scale; 0 means 1/sqrt(D)", min_value=0.0),
+    ),
+)
+
+ALL_OPS: tuple[OpSpec, ...] = (ENCODE, DECODE, CACHE_UPDATE, PAGED_ATTENTION)
+OPS_BY_NAME = {op.name: op for op in ALL_OPS}
+
+
+def default_scale(head_dim: int, scale: float = 0.0) -> float:
+    """The softmax scale an op uses: ``scale`` if positive, else 1/sqrt(head_dim)."""
+    return scale if scale > 0 else 1.0 / math.sqrt(head_dim)
