@@ -1,0 +1,172 @@
+"""A reference decode step with a TurboQuant paged KV cache.
+
+One attention block as a serving engine runs it for one new token per
+sequence:
+
+    q, k, v = split(W_qkv h)              QKV projection
+    q, k    = rope(q, pos), rope(k, pos)  rotary embedding (rotate-half form)
+    cache  <- TQCacheUpdate(k, v)         encode the new token into its slot
+    a       = TQPagedAttention(q, cache)  attention over the compressed cache
+    out     = W_o a                       output projection
+
+Weights, the rotation Pi and the codebooks are deterministic from the
+config's seed, so the exported ONNX model and this module agree bit for bit
+on their parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from tq_deploy.reference.checks import check_bits, check_head_dim
+from tq_deploy.reference.codebook import lloyd_max_codebook
+from tq_deploy.reference.paged import allocate_cache, cache_update, cache_update_reference, paged_attention
+from tq_deploy.reference.rotation import make_rotation
+
+
+@dataclass(frozen=True)
+class TQModelConfig:
+    hidden_size: int = 256
+    num_q_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    k_bits: int = 4
+    v_bits: int = 4
+    block_size: int = 16
+    num_blocks: int = 64
+    max_blocks_per_seq: int = 16
+    rope_theta: float = 10000.0
+    seed: int = 0
+    rotation: str = "haar"
+
+    def __post_init__(self):
+        check_head_dim("head_dim", self.head_dim)
+        check_bits("k_bits", self.k_bits)
+        check_bits("v_bits", self.v_bits)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim}, expected an even number for the rotary embedding")
+        for name in ("hidden_size", "num_q_heads", "num_kv_heads", "block_size", "num_blocks", "max_blocks_per_seq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}, expected an int >= 1")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(f"num_q_heads={self.num_q_heads}, expected a multiple of num_kv_heads={self.num_kv_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TQModelConfig":
+        return cls(**values)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, rotate-half form: x * cos + rotate_half(x) * sin; x [S, H, D]."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [S, D/2]
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[:, None, :]
+    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class TQDecodeModel(nn.Module):
+    """The decode step in the module docstring; forward returns (out, *updated caches)."""
+
+    def __init__(self, config: TQModelConfig = TQModelConfig()):
+        super().__init__()
+        self.config = c = config
+        g = torch.Generator().manual_seed(c.seed)
+        qkv_out = (c.num_q_heads + 2 * c.num_kv_heads) * c.head_dim
+        self.qkv_proj = nn.Linear(c.hidden_size, qkv_out, bias=False)
+        self.o_proj = nn.Linear(c.num_q_heads * c.head_dim, c.hidden_size, bias=False)
+        with torch.no_grad():
+            self.qkv_proj.weight.copy_(torch.randn(qkv_out, c.hidden_size, generator=g) / math.sqrt(c.hidden_size))
+            self.o_proj.weight.copy_(
+                torch.randn(c.hidden_size, c.num_q_heads * c.head_dim, generator=g) / math.sqrt(c.num_q_heads * c.head_dim)
+            )
+        self.register_buffer("rotation", make_rotation(c.head_dim, c.rotation, c.seed))
+        self.register_buffer("k_codebook", lloyd_max_codebook(c.head_dim, c.k_bits))
+        self.register_buffer("v_codebook", lloyd_max_codebook(c.head_dim, c.v_bits))
+
+    def project_qkv(self, hidden: torch.Tensor, positions: torch.Tensor):
+        c = self.config
+        s = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+        q = rope(q.reshape(s, c.num_q_heads, c.head_dim), positions, c.rope_theta)
+        k = rope(k.reshape(s, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
+        return q, k, v.reshape(s, c.num_kv_heads, c.head_dim)
+
+    def forward(self, hidden, positions, slot_mapping, block_tables, context_lens, k_codes, k_norms, v_codes, v_norms):
+        c = self.config
+        if hidden.dim() != 2 or hidden.shape[-1] != c.hidden_size:
+            raise ValueError(f"hidden.shape={tuple(hidden.shape)}, expected (S, {c.hidden_size})")
+        q, k, v = self.project_qkv(hidden, positions)
+        caches = cache_update(k, v, slot_mapping, k_codes, k_norms, v_codes, v_norms,
+                              self.rotation, self.k_codebook, self.v_codebook, c.k_bits, c.v_bits)
+        attn = paged_attention(q, *caches, block_tables, context_lens,
+                               self.rotation, self.k_codebook, self.v_codebook, c.k_bits, c.v_bits)
+        out = self.o_proj(attn.reshape(hidden.shape[0], c.num_q_heads * c.head_dim).to(hidden.dtype))
+        return (out, *caches)
+
+
+def example_inputs(config: TQModelConfig, context_lens: list[int], seed: int = 0, device=None) -> dict:
+    """Inputs for one decode step of ``len(context_lens)`` sequences.
+
+    Sequence s already holds ``context_lens[s] - 1`` tokens (random keys and
+    values encoded into the cache); the step adds its last token. Blocks are
+    handed out in a random order, and unused block-table entries are 0.
+    """
+    c = config
+    g = torch.Generator().manual_seed(seed)
+    if any(ctx < 1 for ctx in context_lens):
+        raise ValueError(f"context_lens={context_lens}, expected every entry >= 1 (the new token counts)")
+    blocks_needed = [-(-ctx // c.block_size) for ctx in context_lens]
+    if max(blocks_needed) > c.max_blocks_per_seq:
+        raise ValueError(f"context_lens max {max(context_lens)}, expected <= max_blocks_per_seq*block_size = "
+                         f"{c.max_blocks_per_seq * c.block_size}")
+    if sum(blocks_needed) > c.num_blocks:
+        raise ValueError(f"context_lens need {sum(blocks_needed)} blocks, expected <= num_blocks={c.num_blocks}")
+    order = torch.randperm(c.num_blocks, generator=g)
+    s = len(context_lens)
+    block_tables = torch.zeros(s, c.max_blocks_per_seq, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(blocks_needed):
+        block_tables[i, :n] = order[start : start + n].int()
+        start += n
+
+    def slot(seq: int, t: int) -> int:
+        return int(block_tables[seq, t // c.block_size]) * c.block_size + t % c.block_size
+
+    prior = [slot(i, t) for i, ctx in enumerate(context_lens) for t in range(ctx - 1)]
+    cache = allocate_cache(c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim, c.k_bits, c.v_bits)
+    rotation = make_rotation(c.head_dim, c.rotation, c.seed)
+    if prior:
+        shape = (len(prior), c.num_kv_heads, c.head_dim)
+        cache_update_reference(torch.randn(shape, generator=g), torch.randn(shape, generator=g),
+                               torch.tensor(prior, dtype=torch.int64), *cache.tensors(), rotation,
+                               lloyd_max_codebook(c.head_dim, c.k_bits), lloyd_max_codebook(c.head_dim, c.v_bits),
+                               c.k_bits, c.v_bits)
+    inputs = {
+        "hidden": torch.randn(s, c.hidden_size, generator=g),
+        "positions": torch.tensor([ctx - 1 for ctx in context_lens], dtype=torch.int64),
+        "slot_mapping": torch.tensor([slot(i, ctx - 1) for i, ctx in enumerate(context_lens)], dtype=torch.int64),
+        "block_tables": block_tables,
+        "context_lens": torch.tensor(context_lens, dtype=torch.int32),
+        "k_codes": cache.k_codes,
+        "k_norms": cache.k_norms,
+        "v_codes": cache.v_codes,
+        "v_norms": cache.v_norms,
+    }
+    return {name: t.to(device) for name, t in inputs.items()}
+
+
+MODEL_INPUT_NAMES = ("hidden", "positions", "slot_mapping", "block_tables", "context_lens",
+                     "k_codes", "k_norms", "v_codes", "v_norms")
+MODEL_OUTPUT_NAMES = ("out", "k_codes_out", "k_norms_out", "v_codes_out", "v_norms_out")
