@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv/ in the project root and install tq-deploy into it (editable), with the
+# native custom-op library built by the package build.
+#
+#   scripts/setup.sh [EXTRA[,EXTRA...]]     e.g. scripts/setup.sh dev   (default: ort)
+#
+# torch: on a machine without an NVIDIA driver the CPU build torch==2.13.0 is installed
+# first, so that the package's torch range never pulls a multi-GB CUDA build. Set
+# TQ_DEPLOY_TORCH to choose another requirement (e.g. TQ_DEPLOY_TORCH="torch==2.13.0").
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+extras="${1:-ort}"
+python="${PYTHON:-python3}"
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+"${pip[@]}" install -q --upgrade "pip>=23.1"
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ -n "${TQ_DEPLOY_TORCH:-}" ]; then
+    "${pip[@]}" install -q "$TQ_DEPLOY_TORCH"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" install -q torch
+  else
+    "${pip[@]}" install -q "torch==2.13.0"
+  fi
+fi
+
+"${pip[@]}" install -q -e ".[${extras}]"
+echo "tq-deploy installed in $root/.venv with extras [${extras}]"
