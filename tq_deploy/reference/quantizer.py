@@ -175,7 +175,8 @@ class TurboQuantMSE:
     def validate(self, num_vectors: int = 20000, seed: int = 1) -> dict:
         """Measured per-vector MSE on random unit vectors against theory and the paper's bounds."""
         x = random_unit_vectors(num_vectors, self.head_dim, seed).to(self.rotation.device)
-        err = (self.quantize(x) - x).pow(2).sum(-1)
+        codes, norms = self.encode(x)  # the deployed path, packing included
+        err = (self.decode(codes, norms) - x).pow(2).sum(-1)
         lower, upper = paper_bounds(self.bits)
         mse = float(err.mean())
         return {
