@@ -23,7 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tq-deploy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tq-deploy", description="TurboQuant KV-cache compression for ONNX Runtime and TensorRT deployment."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
@@ -41,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     module.add_arguments(sub_action.choices[known.command])
     args = parser.parse_args(argv)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except ValueError as err:  # bad user input: one clear line, not a traceback
+        print(f"tq-deploy {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
