@@ -1,0 +1,206 @@
+"""Export the reference decode step (TQDecodeModel) to ONNX.
+
+Route: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript) on a
+subclass of :class:`~tq_deploy.reference.model.TQDecodeModel` whose forward
+calls the opaque ``tq_export`` custom ops (:mod:`tq_deploy.export.torch_ops`)
+for the two TurboQuant steps; a custom translation table turns each into one
+"turboquant"-domain node. Everything else (QKV projection, rotary embedding,
+output projection) is the reference module's own code, traced by torch.export,
+so the graph cannot drift from the reference.
+
+The resulting graph (inputs and outputs in MODEL_INPUT_NAMES / MODEL_OUTPUT_NAMES):
+
+    hidden[S, H] --MatMul(qkv_proj)--> split --> q, k (rotary from positions), v
+    k, v, slot_mapping, caches --TQCacheUpdate--> k_codes_out, k_norms_out, v_codes_out, v_norms_out
+    q, updated caches, block_tables, context_lens --TQPagedAttention--> attn[S, Hq, D]
+    attn --reshape, MatMul(o_proj)--> out[S, H]
+
+rotation, k_codebook, v_codebook and the projection weights are initializers.
+Dynamic axes: S "batch", M "max_blocks" (block_tables' columns), N "num_blocks".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import warnings
+
+import onnx
+import torch
+
+from tq_deploy.export import common
+from tq_deploy.export.schemas import infer_shapes, register_schemas
+from tq_deploy.reference.model import MODEL_INPUT_NAMES, MODEL_OUTPUT_NAMES, TQDecodeModel, TQModelConfig, example_inputs
+
+MODEL_OPSET = 18  # the lowest default-domain opset the torch.export-based exporter emits
+DYNAMIC_AXES = {
+    "hidden": {0: "batch"},
+    "positions": {0: "batch"},
+    "slot_mapping": {0: "batch"},
+    "block_tables": {0: "batch", 1: "max_blocks"},
+    "context_lens": {0: "batch"},
+    "k_codes": {0: "num_blocks"},
+    "k_norms": {0: "num_blocks"},
+    "v_codes": {0: "num_blocks"},
+    "v_norms": {0: "num_blocks"},
+}
+
+
+class ExportableDecodeModel(TQDecodeModel):
+    """TQDecodeModel whose TurboQuant steps are the opaque ``tq_export`` ops.
+
+    Same parameters and buffers (so initializer names are qkv_proj.weight,
+    o_proj.weight, rotation, k_codebook, v_codebook); only the two cache steps
+    in forward differ, and they compute the same as the reference.
+    """
+
+    def forward(self, hidden, positions, slot_mapping, block_tables, context_lens, k_codes, k_norms, v_codes, v_norms):
+        from tq_deploy.export import torch_ops  # noqa: F401  (registers torch.ops.tq_export)
+
+        c = self.config
+        q, k, v = self.project_qkv(hidden, positions)
+        caches = torch.ops.tq_export.cache_update(k, v, slot_mapping, k_codes, k_norms, v_codes, v_norms,
+                                                  self.rotation, self.k_codebook, self.v_codebook, c.k_bits, c.v_bits)
+        attn = torch.ops.tq_export.paged_attention(q, *caches, block_tables, context_lens, self.rotation,
+                                                   self.k_codebook, self.v_codebook, c.k_bits, c.v_bits, 0.0)
+        out = self.o_proj(attn.reshape(hidden.shape[0], c.num_q_heads * c.head_dim).to(hidden.dtype))
+        return (out, *caches)
+
+
+def _trace_inputs(config: TQModelConfig) -> tuple:
+    """Valid example inputs whose dynamic sizes are >= 2 and pairwise distinct.
+
+    torch.export specializes a dimension whose example size is 0 or 1 and may tie
+    dimensions of equal example size, so the trace uses 3 sequences, a block table
+    of at least 2 columns and a block count different from both.
+    """
+    max_blocks = max(config.max_blocks_per_seq, 2)
+    if max_blocks == 3:
+        max_blocks = 4
+    num_blocks = max(config.num_blocks, 3 * max_blocks + 1)
+    while num_blocks in (3, max_blocks):
+        num_blocks += 1
+    trace_config = dataclasses.replace(config, max_blocks_per_seq=max_blocks, num_blocks=num_blocks)
+    b = config.block_size
+    context_lens = [1, min(b + 1, max_blocks * b), max_blocks * b]
+    inputs = example_inputs(trace_config, context_lens, seed=config.seed)
+    return tuple(inputs[name] for name in MODEL_INPUT_NAMES)
+
+
+def _dynamic_shapes() -> dict:
+    dims = {}
+    named = {}
+    for input_name, axes in DYNAMIC_AXES.items():
+        dims[input_name] = {axis: named.setdefault(name, torch.export.Dim(name)) for axis, name in axes.items()}
+    return dims
+
+
+def export_model(config: TQModelConfig | dict | None = None, path: str | os.PathLike | None = None, *,
+                 check: bool = True) -> onnx.ModelProto:
+    """Export the decode step of ``config`` (default TQModelConfig()); write it to ``path`` if given.
+
+    The model's ``metadata_props`` hold the config (see :func:`tq_deploy.export.read_metadata`),
+    so the reference can be rebuilt from the .onnx alone.
+    """
+    if config is None:
+        config = TQModelConfig()
+    elif isinstance(config, dict):
+        config = TQModelConfig.from_dict(config)
+    elif not isinstance(config, TQModelConfig):
+        raise ValueError(f"config is a {type(config).__name__}, expected TQModelConfig, dict or None")
+    from tq_deploy.export.torch_ops import translation_table
+
+    module = ExportableDecodeModel(config).eval()
+    with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "torch.export", "torch._export"):
+        warnings.simplefilter("ignore")  # the exporter's chatter (torchvision absent, deprecations) is noise here
+        program = torch.onnx.export(
+            module,
+            _trace_inputs(config),
+            dynamo=True,
+            opset_version=MODEL_OPSET,
+            input_names=list(MODEL_INPUT_NAMES),
+            output_names=list(MODEL_OUTPUT_NAMES),
+            dynamic_shapes=_dynamic_shapes(),
+            custom_translation_table=translation_table(),
+            external_data=False,
+            verbose=False,
+        )
+    model = program.model_proto
+    if model.ir_version > common.IR_VERSION:
+        model.ir_version = common.IR_VERSION  # onnxruntime 1.30 reads at most IR 13
+    model.producer_name = common.PRODUCER
+    model.doc_string = "TurboQuant decode step: QKV, rotary, TQCacheUpdate, TQPagedAttention, output projection"
+    common.set_metadata(model, "model", config.to_dict())
+    _name_spec_initializers(model)
+    _name_dynamic_axes(model)
+    if check:
+        register_schemas()
+        onnx.checker.check_model(model, full_check=True)
+    if path is not None:
+        onnx.save(model, os.fspath(path))
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _name_spec_initializers(model: onnx.ModelProto) -> None:
+    """Feed each custom node's rotation/codebook inputs from initializers named as in the spec.
+
+    The exporter folds equal constants into one initializer (k_codebook == v_codebook when
+    k_bits == v_bits); a copy under the spec's name keeps the file self-describing: a reader
+    finds "v_codebook" without tracing which initializer the node happens to share.
+    """
+    from tq_deploy import ops
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.domain != ops.DOMAIN:
+            continue
+        spec = ops.OPS_BY_NAME[node.op_type]
+        for i, t in enumerate(spec.inputs):
+            if t.name not in ("rotation", "codebook", "k_codebook", "v_codebook") or i >= len(node.input):
+                continue
+            source = node.input[i]
+            if source == t.name or source not in inits:
+                continue
+            if t.name not in inits:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[source])
+                copy.name = t.name
+                model.graph.initializer.append(copy)
+                inits[t.name] = copy
+            node.input[i] = t.name
+
+
+def _name_dynamic_axes(model: onnx.ModelProto) -> None:
+    """Give the graph inputs' and outputs' dynamic dims the names in DYNAMIC_AXES.
+
+    torch.export names dims after the Dim objects already; this makes sure the cache
+    outputs carry "num_blocks" too (they inherit the inputs' symbols) and clears
+    value_info so that shape inference recomputes it from our schemas.
+    """
+    axes = dict(DYNAMIC_AXES)
+    for out_name, in_name in zip(MODEL_OUTPUT_NAMES[1:], MODEL_INPUT_NAMES[5:]):
+        axes[out_name] = DYNAMIC_AXES[in_name]
+    axes[MODEL_OUTPUT_NAMES[0]] = {0: "batch"}
+    for value in (*model.graph.input, *model.graph.output):
+        for axis, name in axes.get(value.name, {}).items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            if not dim.HasField("dim_value"):
+                dim.dim_param = name
+    del model.graph.value_info[:]
+    inferred = infer_shapes(model)
+    model.graph.value_info.extend(inferred.graph.value_info)
