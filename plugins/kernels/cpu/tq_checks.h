@@ -1,0 +1,22 @@
+// Data-dependent input checks shared by every runtime's glue. Each returns an empty string
+// when the data is valid, else a message naming the input, the offending entry, the value
+// seen and the range expected. Kernels assume these passed: they index memory with the data.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace tq {
+
+// bits in {1, 2, 3, 4}; `name` is the attribute name (bits, k_bits, v_bits).
+std::string check_bits(const char* name, int64_t bits);
+
+// context_lens[s] in [0, M*B]; block_tables[s, j] in [0, N) for every j < ceil(ctx_s / B)
+// (entries past a sequence's context are never read and may hold anything, e.g. -1).
+std::string check_block_tables(const int32_t* block_tables, const int32_t* context_lens, int64_t num_seqs,
+                               int64_t max_blocks, int64_t num_blocks, int64_t block_size);
+
+// slot_mapping[t] < N*B (negative means skip).
+std::string check_slot_mapping(const int64_t* slot_mapping, int64_t num_tokens, int64_t num_slots);
+
+}  // namespace tq
