@@ -1,0 +1,42 @@
+"""Shared pytest setup: skip ``gpu`` tests cleanly without a CUDA device, and hand out fresh seeds.
+
+Tests draw fresh random inputs on every run. The seed of each run is printed
+in the failure report (``fresh seed=...``) and can be pinned with the
+environment variable ``TQ_TEST_SEED`` to replay a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+import torch
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh random seed per test (or TQ_TEST_SEED), reported with the test's outcome."""
+    value = int(os.environ.get("TQ_TEST_SEED", secrets.randbits(31)))
+    request.node.user_properties.append(("seed", value))
+    print(f"fresh seed={value}")
+    return value
+
+
+@pytest.fixture
+def gen(seed) -> torch.Generator:
+    """A CPU torch.Generator seeded from the test's fresh seed."""
+    return torch.Generator().manual_seed(seed)
