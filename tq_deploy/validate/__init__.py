@@ -1,0 +1,7 @@
+"""Validation of exported models against the PyTorch reference.
+
+    random_inputs(model, seed)         valid inputs from the model's stored config (inputs.py)
+    reference_outputs(model, inputs)   what the reference says the model outputs (reference.py)
+    compare(actual, expected)          per-output errors -> ComparisonReport (compare.py)
+    validate_with_ort(model_path)      all three with an ONNX Runtime session (ort.py)
+"""

@@ -1,0 +1,118 @@
+"""ONNX Runtime sessions with the TurboQuant custom-op library.
+
+    session = make_session("model.onnx")                 # CPU EP, library from ort_library_path()
+    outputs = run(session, inputs)                       # dict name -> numpy array
+
+The custom-op library (plugins/ort) registers the "turboquant" domain with
+ONNX Runtime; without it a session cannot even be created for our models.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class LibraryNotBuiltError(FileNotFoundError):
+    """The custom-op library is missing (not built, or the path given does not exist)."""
+
+
+def custom_op_library(library: str | os.PathLike | None = None) -> Path:
+    """Path of the custom-op library: ``library`` if given, else ``ort_library_path()``."""
+    if library is None:
+        try:
+            from tq_deploy.runtime.library import ort_library_path
+        except ImportError as err:
+            raise LibraryNotBuiltError(
+                f"tq_deploy.runtime.library is unavailable ({err}); pass library=PATH to the built custom-op library"
+            ) from None
+        try:
+            library = ort_library_path()
+        except FileNotFoundError as err:
+            raise LibraryNotBuiltError(str(err)) from None
+    path = Path(library)
+    if not path.is_file():
+        raise LibraryNotBuiltError(
+            f"custom-op library {str(path)!r} does not exist; build it first "
+            "(pip install -e . builds plugins/ with CMake) or pass library=PATH"
+        )
+    return path
+
+
+def make_session(model_path: str | os.PathLike | bytes, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 library: str | os.PathLike | None = None, *, session_options=None, threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` with the TurboQuant custom ops registered.
+
+    ``model_path`` is a path or serialized model bytes. ``providers`` are tried in order;
+    asking for one this onnxruntime build lacks is a ValueError naming what it has.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ValueError(f"providers={list(providers)} includes {missing}, expected a subset of {available}")
+    options = session_options or ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(custom_op_library(library)))
+    if isinstance(model_path, os.PathLike):
+        model_path = os.fspath(model_path)
+    return ort.InferenceSession(model_path, sess_options=options, providers=list(providers))
+
+
+def to_numpy(value) -> np.ndarray:
+    """A torch tensor or array-like as a contiguous numpy array (dtype kept)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(value)
+
+
+def feeds_for(session, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Numpy feeds for exactly the session's inputs; a missing or extra name is a ValueError."""
+    names = [i.name for i in session.get_inputs()]
+    missing = [n for n in names if n not in inputs]
+    extra = [n for n in inputs if n not in names]
+    if missing or extra:
+        raise ValueError(f"inputs have names {sorted(inputs)}, expected {names} (missing {missing}, extra {extra})")
+    return {n: to_numpy(inputs[n]) for n in names}
+
+
+def run(session, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Run once; returns every output by name."""
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, feeds_for(session, inputs))
+    return dict(zip(names, values))
+
+
+@dataclass
+class Timing:
+    repeat: int
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+
+    def __str__(self) -> str:
+        return f"{self.repeat} runs: mean {self.mean_ms:.3f} ms, min {self.min_ms:.3f} ms, max {self.max_ms:.3f} ms"
+
+
+def time_runs(session, inputs: Mapping[str, object], repeat: int = 10, warmup: int = 1) -> tuple[dict, Timing]:
+    """Outputs of the last run and the wall time of ``repeat`` runs after ``warmup``."""
+    if repeat < 1:
+        raise ValueError(f"repeat={repeat}, expected >= 1")
+    feeds = feeds_for(session, inputs)
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(warmup):
+        session.run(names, feeds)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        values = session.run(names, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    timing = Timing(repeat, float(np.mean(times)), float(np.min(times)), float(np.max(times)))
+    return dict(zip(names, values)), timing
