@@ -60,7 +60,11 @@ def _paged_attention_fake(query, k_codes, k_norms, v_codes, v_norms, block_table
 
 def translation_table() -> dict:
     """torch op -> onnxscript function emitting the "turboquant" node (needs onnxscript)."""
-    import onnxscript
+    try:
+        import onnxscript
+    except ImportError as err:
+        raise ImportError(f"exporting the decode model needs onnxscript ({err}); install it with "
+                          "`pip install onnxscript` (torch.onnx's dynamo exporter is built on it)") from None
 
     # onnxscript looks up the op's schema (number of outputs, attribute types) in onnx.defs.
     register_schemas()
