@@ -40,3 +40,15 @@ def seed(request) -> int:
 def gen(seed) -> torch.Generator:
     """A CPU torch.Generator seeded from the test's fresh seed."""
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread: many tiny LAPACK calls (QR of a 64x64 matrix)
+    are hundreds of times slower with an oversubscribed OpenMP pool on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -49,7 +49,7 @@ def test_reproducible_from_seed(kind, seed):
     assert not torch.allclose(a, c)
 
 
-def test_haar_is_haar_distributed():
+def test_haar_is_haar_distributed(single_thread):
     """Across seeds, Pi e_1 is uniform on the sphere: mean 0, each coordinate variance 1/d,
     and E[tr Pi] = 0, E[(tr Pi)^2] = 1 for Haar on O(d). QR without the sign fix of R's
     diagonal fails the mean test (LAPACK makes Q[0, 0] always negative)."""
@@ -68,7 +68,7 @@ def test_haar_is_haar_distributed():
     assert abs(float(trace.pow(2).mean()) - 1) < 0.25
 
 
-def test_haar_determinant_takes_both_signs():
+def test_haar_determinant_takes_both_signs(single_thread):
     """O(d), not SO(d): about half the draws have determinant -1."""
     dets = torch.stack([torch.linalg.det(haar_rotation(8, s).double()) for s in range(400)])
     torch.testing.assert_close(dets.abs(), torch.ones_like(dets), rtol=0, atol=1e-5)
