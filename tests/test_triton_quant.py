@@ -1,0 +1,165 @@
+"""Triton Encode / Decode / CacheUpdate against the PyTorch reference.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors (small
+shapes, every bit width, head dim and dtype); with CUDA the same tests run
+compiled on the GPU, plus the larger cases marked gpu.
+
+Tolerances: codes must equal the reference's except for rounding ties (a
+coordinate within float32 rounding of a boundary), which may take the
+adjacent code: at most 1e-3 of the codes, one step, and only where the float64
+rotated coordinate is within 1e-6 of that boundary. Norms to
+1e-6 relative; decode (fp32 product) to 1e-5 relative (norm-wise).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of triton (see tq_deploy.triton.interpret)
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from tq_deploy.triton.interpret import load_kernels  # noqa: E402
+
+try:
+    tqt = load_kernels()
+except RuntimeError as exc:  # triton already imported in compiled mode by an earlier module
+    pytest.skip(str(exc), allow_module_level=True)
+
+from tq_deploy.reference import codebook_boundaries, lloyd_max_codebook, make_rotation, unpack_codes  # noqa: E402
+from tq_deploy.reference.paged import allocate_cache, cache_update_reference  # noqa: E402
+from tq_deploy.reference.quantizer import decode_reference, encode_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+TIE_FRACTION = 1e-3
+TIE_DISTANCE = 1e-6
+
+
+def _setup(dim, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    rot = make_rotation(dim, "haar", seed=seed).to(DEV)
+    cb = lloyd_max_codebook(dim, bits).to(DEV)
+    return g, rot, cb
+
+
+def assert_codes_match(got, want, bits, dim, what="codes", x=None, rot=None, cb=None):
+    """Codes equal, except ties: adjacent codes, rare, and (given x) only where the float64
+    rotated coordinate lies within TIE_DISTANCE of the boundary between the two codes."""
+    a = unpack_codes(got.cpu(), bits, dim).long()
+    b = unpack_codes(want.cpu(), bits, dim).long()
+    diff = a != b
+    assert (a - b).abs().max().item() <= 1, f"{what}: a code differs by more than one step"
+    frac = diff.float().mean().item()
+    assert frac <= TIE_FRACTION, f"{what}: {frac:.2e} of codes differ (ties allowed up to {TIE_FRACTION})"
+    if x is not None and diff.any():
+        x64 = x.cpu().double().reshape(-1, dim)
+        y = (x64 / x64.norm(dim=-1, keepdim=True).clamp_min(1e-300)) @ rot.cpu().double().T
+        bounds = codebook_boundaries(cb.cpu().double())
+        lower = torch.minimum(a, b).reshape(-1, dim)[diff.reshape(-1, dim)]
+        dist = (y[diff.reshape(-1, dim)] - bounds[lower]).abs()
+        assert dist.max().item() < TIE_DISTANCE, f"{what}: a differing code is {dist.max():.2e} from its boundary"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim", [32, 64, 128, 256])
+def test_encode_matches_reference(dim, bits, dtype):
+    g, rot, cb = _setup(dim, bits, seed=dim * 10 + bits)
+    x = (torch.randn(37, dim, generator=g) * 3).to(dtype).to(DEV)
+    x[5] = 0  # zero vector: norm 0, y = 0
+    codes, norms = tqt.encode(x, rot, cb, bits)
+    want_codes, want_norms = encode_reference(x.cpu(), rot.cpu(), cb.cpu(), bits)
+    assert codes.dtype == torch.uint8 and codes.shape == want_codes.shape
+    assert_codes_match(codes, want_codes, bits, dim, x=x, rot=rot, cb=cb)
+    torch.testing.assert_close(norms.cpu(), want_norms, rtol=1e-6, atol=1e-6)
+
+
+def test_encode_leading_dims_and_strided_input():
+    dim, bits = 64, 4
+    g, rot, cb = _setup(dim, bits, seed=3)
+    base = torch.randn(2, 3, 5, 2 * dim, generator=g).half().to(DEV)
+    x = base[..., ::2]  # non-contiguous last dim
+    codes, norms = tqt.encode(x, rot, cb, bits)
+    want_codes, want_norms = encode_reference(x.cpu(), rot.cpu(), cb.cpu(), bits)
+    assert codes.shape == (2, 3, 5, 32) and norms.shape == (2, 3, 5)
+    assert_codes_match(codes, want_codes, bits, dim, x=x, rot=rot, cb=cb)
+    torch.testing.assert_close(norms.cpu(), want_norms, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim", [32, 64, 128, 256])
+def test_decode_matches_reference(dim, bits):
+    g, rot, cb = _setup(dim, bits, seed=dim + bits)
+    p = (dim * bits + 7) // 8
+    codes = torch.randint(0, 256, (3, 7, p), generator=g, dtype=torch.uint8)
+    norms = torch.rand(3, 7, generator=g) * 5
+    want = decode_reference(codes, norms, rot.cpu(), cb.cpu(), bits)
+    got = tqt.decode(codes.to(DEV), norms.to(DEV), rot, cb, bits)
+    assert got.dtype == torch.float32 and got.shape == (3, 7, dim)
+    err = (got.cpu() - want).norm() / want.norm()
+    assert err < 1e-5, f"decode relative error {err:.2e}"
+    half = tqt.decode(codes.to(DEV), norms.to(DEV), rot, cb, bits, dtype=torch.float16)
+    assert half.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim,k_bits,v_bits,page", [(64, 4, 2, 16), (128, 3, 4, 32), (32, 2, 3, 16), (256, 4, 4, 16)])
+def test_cache_update_matches_reference(dim, k_bits, v_bits, page, dtype):
+    g, rot, _ = _setup(dim, k_bits, seed=dim + k_bits + v_bits)
+    kcb = lloyd_max_codebook(dim, k_bits)
+    vcb = lloyd_max_codebook(dim, v_bits)
+    n, hkv, t = 5, 2, 23
+    ref = allocate_cache(n, page, hkv, dim, k_bits, v_bits)
+    for tensor in ref.tensors():  # garbage that untouched slots must keep
+        if tensor.dtype == torch.uint8:
+            tensor.copy_(torch.randint(0, 256, tensor.shape, generator=g, dtype=torch.uint8))
+        else:
+            tensor.copy_(torch.randn(tensor.shape, generator=g))
+    ours = [x.clone().to(DEV) for x in ref.tensors()]
+    slots = torch.randperm(n * page, generator=g)[:t]
+    slots[[2, 7, 11]] = -1  # padding tokens are skipped
+    key = torch.randn(t, hkv, dim, generator=g).to(dtype)
+    value = (torch.randn(t, hkv, dim, generator=g) * 4).to(dtype)
+    cache_update_reference(key, value, slots, *ref.tensors(), rot.cpu(), kcb, vcb, k_bits, v_bits)
+    out = tqt.cache_update(key.to(DEV), value.to(DEV), slots.to(DEV), *ours, rot, kcb.to(DEV), vcb.to(DEV),
+                           k_bits, v_bits)
+    assert all(a is b for a, b in zip(out, ours)), "cache_update must return the tensors it updated in place"
+    kc, kn, vc, vn = (x.cpu() for x in ours)
+    assert_codes_match(kc.reshape(-1, kc.shape[-1]), ref.k_codes.reshape(-1, kc.shape[-1]), k_bits, dim, "k")
+    assert_codes_match(vc.reshape(-1, vc.shape[-1]), ref.v_codes.reshape(-1, vc.shape[-1]), v_bits, dim, "v")
+    torch.testing.assert_close(kn, ref.k_norms, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(vn, ref.v_norms, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_name_the_argument():
+    rot = make_rotation(64).to(DEV)
+    cb = lloyd_max_codebook(64, 4).to(DEV)
+    x = torch.randn(4, 64, device=DEV)
+    with pytest.raises(ValueError, match="bits"):
+        tqt.encode(x, rot, cb, 5)
+    with pytest.raises(ValueError, match="codebook"):
+        tqt.encode(x, rot, cb, 3)
+    with pytest.raises(ValueError, match="head dimension 48"):
+        tqt.encode(torch.randn(4, 48, device=DEV), make_rotation(48).to(DEV), lloyd_max_codebook(48, 4).to(DEV), 4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_encode_large_on_gpu(bits, dtype):
+    dim = 128
+    g, rot, cb = _setup(dim, bits, seed=bits)
+    x = torch.randn(200_003, dim, generator=g).to(dtype).to(DEV)
+    codes, norms = tqt.encode(x, rot, cb, bits)
+    want_codes, want_norms = encode_reference(x.float(), rot, cb, bits)  # reference on the GPU, fp32
+    assert_codes_match(codes, want_codes, bits, dim, x=x, rot=rot, cb=cb)
+    torch.testing.assert_close(norms, want_norms, rtol=1e-5, atol=1e-5)
+    back = tqt.decode(codes, norms, rot, cb, bits)
+    want_back = decode_reference(codes, norms, rot, cb, bits)
+    assert ((back - want_back).norm() / want_back.norm()) < 1e-5

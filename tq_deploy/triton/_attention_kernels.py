@@ -1,0 +1,142 @@
+"""Triton kernels for paged TurboQuant decode attention (flash-decoding in the rotated domain).
+
+Three launches:
+  qrot_kernel    q_rot = (q @ Pi^T) * scale * log2(e), stored in the compute half type
+  split_kernel   one program per (sequence, KV head, split of the context): the GQA
+                 group's G query rows (padded to GP >= 16 for the tensor cores) against
+                 BLOCK_N tokens at a time. Codes are read packed, dequantized to the half
+                 type in registers (centroid lookup), scores = q_rot . c_k^T on the tensor
+                 cores, times ||k||; online softmax in base 2; P is scaled by ||v|| before
+                 P . c_v. Writes the split's running max m, sum l and accumulator acc.
+  reduce_kernel  merges the splits (max-rescaled sums) and rotates back: out = (acc / l) @ Pi.
+
+Tokens past a sequence's context read block 0 (always a valid block) so that code loads
+stay unmasked; their scores are -inf and their value norms 0.
+"""
+
+import triton
+import triton.language as tl
+
+from ._bits import unpack_codes
+from ._dot import half_dot
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def qrot_kernel(q_ptr, rot_t_ptr, out_ptr, n_rows, scale,
+                D: tl.constexpr, BLOCK_R: tl.constexpr, BJ: tl.constexpr):
+    """out[r] = (q[r] @ Pi^T) * scale for rows r of q [n_rows, D]; fp32 product."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    q = tl.load(q_ptr + rows64[:, None] * D + tl.arange(0, D)[None, :], mask=rmask[:, None], other=0.0)
+    q = q.to(tl.float32)
+    for jc in tl.static_range(D // BJ):
+        cols = jc * BJ + tl.arange(0, BJ)
+        rot = tl.load(rot_t_ptr + tl.arange(0, D)[:, None] * D + cols[None, :])
+        y = tl.dot(q, rot, input_precision="ieee") * scale
+        tl.store(out_ptr + rows64[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, kcb_ptr, vcb_ptr,
+                 m_ptr, l_ptr, acc_ptr,
+                 bt_stride, num_kv_heads, tokens_per_split, num_splits,
+                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                 KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 FUSED_OUT: tl.constexpr, rot_ptr, out_ptr, BJ: tl.constexpr, UPCAST: tl.constexpr):
+    sh = tl.program_id(0)
+    split = tl.program_id(1)
+    s = sh // num_kv_heads
+    h = sh % num_kv_heads
+    ctx = tl.load(ctx_ptr + s)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, ctx)
+
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    gmask = g < G
+    q_rows = (s * num_kv_heads + h).to(tl.int64) * G + g
+    q = tl.load(qrot_ptr + q_rows[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+
+    m_i = tl.full([GP], -1.0e30, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    bt_row = bt_ptr + s.to(tl.int64) * bt_stride
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        blk = tl.load(bt_row + t // PAGE, mask=valid, other=0)
+        row = (blk.to(tl.int64) * PAGE + (t % PAGE)) * num_kv_heads + h
+        kn = tl.load(kn_ptr + row, mask=valid, other=0.0)
+        vn = tl.load(vn_ptr + row, mask=valid, other=0.0)
+        kc = unpack_codes(kw_ptr, kb_ptr, row, BLOCK_N, D, KBITS)
+        k = tl.load(kcb_ptr + kc)  # [BLOCK_N, D] centroids in the half type
+        scores = half_dot(q, tl.trans(k), tl.zeros([GP, BLOCK_N], tl.float32), UPCAST) * kn[None, :]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vc = unpack_codes(vw_ptr, vb_ptr, row, BLOCK_N, D, VBITS)
+        v = tl.load(vcb_ptr + vc)
+        pv = (p * vn[None, :]).to(v.dtype)
+        acc = half_dot(pv, v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+
+    if FUSED_OUT:  # one split: normalize and rotate back here, no partials
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o = tl.where((l_i > 0)[:, None], o, 0.0)
+        for jc in tl.static_range(D // BJ):
+            cols = jc * BJ + tl.arange(0, BJ)
+            rot = tl.load(rot_ptr + d[:, None] * D + cols[None, :])
+            y = tl.dot(o, rot, input_precision="ieee")
+            tl.store(out_ptr + q_rows[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=gmask[:, None])
+    else:
+        part = sh.to(tl.int64) * num_splits + split
+        tl.store(m_ptr + part * G + g, m_i, mask=gmask)
+        tl.store(l_ptr + part * G + g, l_i, mask=gmask)
+        tl.store(acc_ptr + (part * G + g)[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def _rotate_back_row(o, rot_ptr, out_ptr, out_row, D: tl.constexpr, BJ: tl.constexpr):
+    """out[out_row] = o @ Pi for one row o [D] (fp32 multiply-sum; Pi [D, D] row-major)."""
+    d = tl.arange(0, D)
+    for jc in tl.static_range(D // BJ):
+        cols = jc * BJ + tl.arange(0, BJ)
+        rot = tl.load(rot_ptr + d[:, None] * D + cols[None, :])
+        y = tl.sum(o[:, None] * rot, axis=0)
+        tl.store(out_ptr + out_row * D + cols, y.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def reduce_kernel(m_ptr, l_ptr, acc_ptr, rot_ptr, out_ptr, num_splits,
+                  G: tl.constexpr, D: tl.constexpr, SB: tl.constexpr, BJ: tl.constexpr):
+    """One output row (sequence, query head): merge the splits' partials, then (acc / l) @ Pi."""
+    row = tl.program_id(0).to(tl.int64)  # = (s * Hkv + h) * G + g
+    sh = row // G
+    g = row % G
+    d = tl.arange(0, D)
+    m_run = tl.full([SB], -1.0e30, tl.float32)
+    for s0 in range(0, num_splits, SB):
+        sp = s0 + tl.arange(0, SB)
+        idx = (sh * num_splits + sp) * G + g
+        m_run = tl.maximum(m_run, tl.load(m_ptr + idx, mask=sp < num_splits, other=-1.0e30))
+    m_max = tl.max(m_run, axis=0)
+    l_run = tl.zeros([SB], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, num_splits, SB):
+        sp = s0 + tl.arange(0, SB)
+        smask = sp < num_splits
+        idx = (sh * num_splits + sp) * G + g
+        w = tl.where(smask, tl.exp2(tl.load(m_ptr + idx, mask=smask, other=-1.0e30) - m_max), 0.0)
+        l_run += w * tl.load(l_ptr + idx, mask=smask, other=0.0)
+        a = tl.load(acc_ptr + idx[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        acc += tl.sum(a * w[:, None], axis=0)
+    l_tot = tl.sum(l_run, axis=0)
+    o = tl.where(l_tot > 0, acc / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
+    _rotate_back_row(o, rot_ptr, out_ptr, row, D, BJ)
