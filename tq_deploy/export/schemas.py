@@ -104,9 +104,10 @@ def _registered(spec: ops.OpSpec) -> bool:
 
 
 def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes`` after registering our schemas."""
+    """``onnx.shape_inference.infer_shapes`` (with data propagation, so Reshape targets computed
+    from Shape keep symbolic dims) after registering our schemas."""
     register_schemas()
-    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=strict)
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
 
 
 # --- inference -------------------------------------------------------------

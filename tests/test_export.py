@@ -1,0 +1,203 @@
+"""ONNX export: the decode model and single-op models (structure, initializers, axes, metadata, docs sync)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from tq_deploy import ops
+from tq_deploy.export import export_model, infer_shapes, make_op_model, read_metadata
+from tq_deploy.export.common import IR_VERSION
+from tq_deploy.export.model import DYNAMIC_AXES
+from tq_deploy.export.op_tables import splice
+from tq_deploy.reference.codebook import lloyd_max_codebook
+from tq_deploy.reference.model import MODEL_INPUT_NAMES, MODEL_OUTPUT_NAMES, TQDecodeModel, TQModelConfig
+from tq_deploy.reference.packing import pack_codes
+from tq_deploy.reference.rotation import make_rotation
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {
+    "default": TQModelConfig(),
+    "mixed-bits-mqa": TQModelConfig(hidden_size=96, num_q_heads=4, num_kv_heads=1, head_dim=128, k_bits=3, v_bits=2,
+                                    block_size=8, num_blocks=20, max_blocks_per_seq=6, seed=5, rotation="hadamard"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def exported(request, tmp_path_factory):
+    config = CONFIGS[request.param]
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    model = export_model(config, path)
+    return config, model, path
+
+
+def dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+def initializers(model) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_saved_file_passes_the_full_checker(exported):
+    config, model, path = exported
+    loaded = onnx.load(path)
+    onnx.checker.check_model(loaded, full_check=True)
+    assert loaded.ir_version == IR_VERSION <= 13
+    assert {o.domain: o.version for o in loaded.opset_import} == {"": 18, ops.DOMAIN: ops.DOMAIN_VERSION}
+
+
+def test_custom_nodes_and_their_wiring(exported):
+    config, model, _ = exported
+    custom = [n for n in model.graph.node if n.domain == ops.DOMAIN]
+    assert [n.op_type for n in custom] == ["TQCacheUpdate", "TQPagedAttention"]
+    update, attention = custom
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in attention.attribute}
+    assert attrs == {"k_bits": config.k_bits, "v_bits": config.v_bits, "scale": 0.0}
+    assert {a.name: a.i for a in update.attribute} == {"k_bits": config.k_bits, "v_bits": config.v_bits}
+    # The cache update reads the graph's cache inputs and the attention reads the updated caches.
+    assert list(update.input[3:7]) == list(MODEL_INPUT_NAMES[5:])
+    assert list(attention.input[1:5]) == list(update.output)
+    assert list(update.output) == list(MODEL_OUTPUT_NAMES[1:])
+    assert list(attention.input[5:7]) == ["block_tables", "context_lens"]
+    for node in custom:
+        assert list(node.input[-3:]) == ["rotation", "k_codebook", "v_codebook"]
+
+
+def test_initializers_are_the_reference_tensors(exported):
+    config, model, _ = exported
+    inits = initializers(model)
+    reference = TQDecodeModel(config).state_dict()
+    np.testing.assert_array_equal(inits["rotation"], make_rotation(config.head_dim, config.rotation, config.seed).numpy())
+    np.testing.assert_array_equal(inits["k_codebook"], lloyd_max_codebook(config.head_dim, config.k_bits).numpy())
+    np.testing.assert_array_equal(inits["v_codebook"], lloyd_max_codebook(config.head_dim, config.v_bits).numpy())
+    for name in ("qkv_proj.weight", "o_proj.weight", "rotation", "k_codebook", "v_codebook"):
+        np.testing.assert_array_equal(inits[name], reference[name].numpy(), err_msg=name)
+    assert inits["k_codebook"].shape == (2**config.k_bits,) and inits["v_codebook"].shape == (2**config.v_bits,)
+
+
+def test_graph_io_names_types_and_dynamic_axes(exported):
+    config, model, _ = exported
+    c = config
+    pk, pv = ops.packed_size(c.head_dim, c.k_bits), ops.packed_size(c.head_dim, c.v_bits)
+    expected_inputs = {
+        "hidden": (TensorProto.FLOAT, ["batch", c.hidden_size]),
+        "positions": (TensorProto.INT64, ["batch"]),
+        "slot_mapping": (TensorProto.INT64, ["batch"]),
+        "block_tables": (TensorProto.INT32, ["batch", "max_blocks"]),
+        "context_lens": (TensorProto.INT32, ["batch"]),
+        "k_codes": (TensorProto.UINT8, ["num_blocks", c.block_size, c.num_kv_heads, pk]),
+        "k_norms": (TensorProto.FLOAT, ["num_blocks", c.block_size, c.num_kv_heads]),
+        "v_codes": (TensorProto.UINT8, ["num_blocks", c.block_size, c.num_kv_heads, pv]),
+        "v_norms": (TensorProto.FLOAT, ["num_blocks", c.block_size, c.num_kv_heads]),
+    }
+    got = {v.name: (v.type.tensor_type.elem_type, dims(v)) for v in model.graph.input}
+    assert got == expected_inputs
+    outputs = {v.name: (v.type.tensor_type.elem_type, dims(v)) for v in model.graph.output}
+    assert list(outputs) == list(MODEL_OUTPUT_NAMES)
+    assert outputs["out"] == (TensorProto.FLOAT, ["batch", c.hidden_size])
+    for out_name, in_name in zip(MODEL_OUTPUT_NAMES[1:], MODEL_INPUT_NAMES[5:]):
+        assert outputs[out_name] == expected_inputs[in_name]
+    assert set(DYNAMIC_AXES) == set(MODEL_INPUT_NAMES)
+
+
+def test_shape_inference_types_every_value(exported):
+    _, model, _ = exported
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]
+    for out in bare.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    inferred = infer_shapes(bare)
+    shaped = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    for node in inferred.graph.node:
+        for name in node.output:
+            assert name in shaped and shaped[name].type.tensor_type.HasField("shape"), f"{node.op_type} -> {name}"
+    original = {v.name: dims(v) for v in model.graph.output}
+    got = {v.name: dims(v) for v in inferred.graph.output}
+    # onnx's own Reshape inference turns "batch" into a fresh symbol behind the -1 in
+    # [-1, Hq*D]; our ops keep every cache dim exactly.
+    assert isinstance(got["out"][0], str) and got["out"][1:] == original["out"][1:]
+    assert {k: v for k, v in got.items() if k != "out"} == {k: v for k, v in original.items() if k != "out"}
+
+
+def test_metadata_rebuilds_the_config(exported):
+    config, _, path = exported
+    kind, stored = read_metadata(str(path))
+    assert kind == "model"
+    assert TQModelConfig.from_dict(stored) == config
+
+
+def test_export_rejects_a_bad_config():
+    with pytest.raises(ValueError, match="config is a str"):
+        export_model("big")
+
+
+@pytest.mark.parametrize("op_name", [op.name for op in ops.ALL_OPS])
+@pytest.mark.parametrize("bits", ops.SUPPORTED_BITS)
+def test_single_op_model(op_name, bits, seed):
+    gen = torch.Generator().manual_seed(seed)
+    head_dim = int(torch.randint(2, 160, (1,), generator=gen))
+    rotation = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64))[0].float()
+    model = make_op_model(op_name, bits=bits, head_dim=head_dim, rotation=rotation, num_kv_heads=2,
+                          num_q_heads=6, block_size=4)
+    spec = ops.OPS_BY_NAME[op_name]
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version == IR_VERSION
+    assert {o.domain: o.version for o in model.opset_import} == {"": 17, ops.DOMAIN: 1}
+    (node,) = model.graph.node
+    assert (node.op_type, node.domain) == (op_name, ops.DOMAIN)
+    assert list(node.input) == spec.input_names() and list(node.output) == spec.output_names()
+    inits = initializers(model)
+    np.testing.assert_array_equal(inits["rotation"], rotation.numpy())
+    books = [n for n in inits if "codebook" in n]
+    assert sorted(books) == sorted(t.name for t in spec.inputs if "codebook" in t.name)
+    for name in books:
+        np.testing.assert_array_equal(inits[name], lloyd_max_codebook(head_dim, bits).numpy())
+    assert {v.name for v in model.graph.input} == set(spec.input_names()) - set(inits)
+    all_dims = {d for v in (*model.graph.input, *model.graph.output) for d in dims(v) if isinstance(d, str)}
+    assert all_dims <= {"n", "num_blocks", "batch", "num_tokens", "max_blocks"}
+    kind, config = read_metadata(model)
+    assert kind == "op" and config["op"] == op_name and config["head_dim"] == head_dim
+
+
+def test_single_op_errors_name_the_argument():
+    with pytest.raises(ValueError, match="op_name='TQFoo'"):
+        make_op_model("TQFoo", bits=2)
+    with pytest.raises(ValueError, match="bits=5"):
+        make_op_model("TQEncode", bits=5, head_dim=16)
+    with pytest.raises(ValueError, match=r"codebook.shape=\(4,\), expected \(8,\)"):
+        make_op_model("TQEncode", bits=3, head_dim=16, codebooks=torch.tensor([-1.0, -0.5, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="strictly ascending"):
+        make_op_model("TQDecode", bits=1, head_dim=16, codebooks=[torch.tensor([0.5, -0.5])])
+    with pytest.raises(ValueError, match=r"rotation.shape=\(8, 8\), expected \(16, 16\)"):
+        make_op_model("TQDecode", bits=1, head_dim=16, rotation=torch.eye(8))
+    with pytest.raises(ValueError, match="num_q_heads=6 is not a multiple of num_kv_heads=4"):
+        make_op_model("TQPagedAttention", bits=2, head_dim=16, num_q_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="dtype='bfloat16'"):
+        make_op_model("TQEncode", bits=2, head_dim=16, dtype="bfloat16")
+
+
+def test_docs_tables_in_sync_with_ops_py():
+    text = (ROOT / "docs" / "ops.md").read_text()
+    assert splice(text) == text, "docs/ops.md is stale: python -m tq_deploy.export.op_tables --write docs/ops.md"
+
+
+@pytest.mark.parametrize("bits,codes", [
+    (1, [1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0]),
+    (2, [1, 2, 3, 0, 0, 3, 2, 1]),
+    (3, [5, 3, 7, 0, 6, 1, 2, 4]),
+    (3, [5, 3, 7]),
+    (4, [10, 3, 15, 0]),
+])
+def test_docs_worked_packing_examples(bits, codes):
+    text = (ROOT / "docs" / "ops.md").read_text()
+    packed = pack_codes(torch.tensor(codes, dtype=torch.uint8), bits).tolist()
+    shown = " ".join(f"{b:02x}" for b in packed)
+    # Each example's bytes appear in the doc, as hex pairs or per byte.
+    assert shown in text or all(f"{b:02x}`" in text or f"0x{b:02x}`" in text for b in packed), (bits, codes, shown)
