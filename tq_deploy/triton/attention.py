@@ -22,6 +22,8 @@ PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
 
 _sm_count: dict = {}
+# the compiled kernels of the last call (registers, spills, SASS for scripts/gpu_check.sh)
+last_compiled: dict = {}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -41,7 +43,7 @@ def choose_splits(num_pairs: int, max_tokens: int, block_n: int, num_sms: int,
                   programs_per_sm: int = PROGRAMS_PER_SM, min_split_tokens: int = MIN_SPLIT_TOKENS) -> tuple[int, int]:
     """(num_splits, tokens_per_split) for num_pairs (sequence, KV head) programs over max_tokens."""
     tiles = max(1, math.ceil(max_tokens / block_n))
-    want = max(1, math.ceil(programs_per_sm * num_sms / max(num_pairs, 1)))
+    want = max(1, (programs_per_sm * num_sms) // max(num_pairs, 1))
     max_by_len = max(1, max_tokens // max(min_split_tokens, block_n))
     splits = max(1, min(want, max_by_len, MAX_SPLITS, tiles))
     tiles_per_split = math.ceil(tiles / splits)
@@ -133,7 +135,7 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
         l = torch.empty_like(m)
         acc = torch.empty((s * hkv, splits, group, dim), dtype=torch.float32, device=dev)
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    split_kernel[(s * hkv, splits)](
+    last_compiled["split"] = split_kernel[(s * hkv, splits)](
         q_rot, C.as_words(kc), kc, kn, C.as_words(vc), vc, vn, bt, ctx, kcb, vcb,
         m, l, acc,
         bt.stride(0), hkv, per_split, splits,
@@ -144,6 +146,6 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     )
     if not fused:
         sb = min(_next_pow2(splits), max(1, 8192 // dim))
-        reduce_kernel[(s * hq,)](m, l, acc, rot, out, splits, G=group, D=dim, SB=sb, BJ=min(dim, 32),
+        last_compiled["reduce"] = reduce_kernel[(s * hq,)](m, l, acc, rot, out, splits, G=group, D=dim, SB=sb, BJ=min(dim, 32),
                                  num_warps=4)
     return out

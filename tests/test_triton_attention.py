@@ -1,0 +1,151 @@
+"""Triton paged decode attention against the PyTorch reference.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors
+(small contexts); with CUDA the same cases run compiled, plus larger ones
+marked gpu. Odd shapes: context 0, 1, B-1, B+1, partial last blocks, shuffled
+block tables, GQA 1/4/8, D 64/128/256, block size 16/32, k_bits != v_bits,
+forced split counts (split-K with the reduction kernel) and the fused
+single-split path.
+
+Tolerance (norm-wise relative error of the output against the reference,
+computed in float32): 5e-3 for fp16/fp32 queries, 1.5e-2 for bf16 (the kernel
+computes scores and P.V with fp16 operands and fp32 accumulation; bf16 output
+rounding alone is ~2e-3).
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of triton (see tq_deploy.triton.interpret)
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from tq_deploy.triton.interpret import load_kernels  # noqa: E402
+
+try:
+    tqt = load_kernels()
+except RuntimeError as exc:  # triton already imported in compiled mode by an earlier module
+    pytest.skip(str(exc), allow_module_level=True)
+
+from tq_deploy.reference import lloyd_max_codebook, make_rotation  # noqa: E402
+from tq_deploy.reference.paged import (  # noqa: E402
+    allocate_cache,
+    cache_update_reference,
+    dense_attention_reference,
+    paged_attention_reference,
+)
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+TOL = {torch.float16: 5e-3, torch.float32: 5e-3, torch.bfloat16: 1.5e-2}
+
+
+def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_blocks=3, encode=True):
+    """Random cache filled through the reference cache update, shuffled block tables."""
+    g = torch.Generator().manual_seed(seed)
+    rot = make_rotation(dim, "haar", seed=seed)
+    kcb, vcb = lloyd_max_codebook(dim, k_bits), lloyd_max_codebook(dim, v_bits)
+    s = len(ctxs)
+    m = max(1, max(math.ceil(c / page) for c in ctxs)) + 1  # one spare column of garbage entries
+    n = s * m + extra_blocks
+    cache = allocate_cache(n, page, hkv, dim, k_bits, v_bits)
+    # garbage everywhere first: unused slots must not leak into the result
+    cache.k_codes.copy_(torch.randint(0, 256, cache.k_codes.shape, generator=g, dtype=torch.uint8))
+    cache.v_codes.copy_(torch.randint(0, 256, cache.v_codes.shape, generator=g, dtype=torch.uint8))
+    # (finite garbage: the reference multiplies masked probabilities by these norms)
+    cache.k_norms.copy_(torch.rand(cache.k_norms.shape, generator=g) * 1e4)
+    cache.v_norms.copy_(torch.rand(cache.v_norms.shape, generator=g) * 1e4)
+    tables = torch.randperm(n, generator=g)[: s * m].reshape(s, m).int()
+    for i, c in enumerate(ctxs):
+        t = torch.arange(c)
+        slots = tables[i, t // page].long() * page + t % page
+        key = torch.randn(c, hkv, dim, generator=g) * 2
+        value = torch.randn(c, hkv, dim, generator=g)
+        cache_update_reference(key, value, slots, *cache.tensors(), rot, kcb, vcb, k_bits, v_bits)
+    tables[:, -1] = 10**6  # entries past the context are never read
+    query = torch.randn(s, hkv * group, dim, generator=g).to(dtype)
+    ctx = torch.tensor(ctxs, dtype=torch.int32)
+    return query, cache, tables, ctx, rot, kcb, vcb
+
+
+def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_splits=None, scale=0.0):
+    query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed)
+    want = paged_attention_reference(query, *cache.tensors(), tables, ctx, rot, kcb, vcb, k_bits, v_bits, scale)
+    dev = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
+    got = tqt.paged_attention(*dev, k_bits, v_bits, scale, num_splits=num_splits)
+    assert got.dtype == query.dtype and got.shape == query.shape
+    got = got.cpu().float()
+    assert torch.isfinite(got).all()
+    want = want.float()
+    zero = ctx == 0
+    assert (got[zero] == 0).all(), "a context of 0 tokens gives zeros"
+    err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]}"
+    return got
+
+
+CASES = [
+    # ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, num_splits
+    ([1, 15, 17], 2, 4, 64, 16, 4, 4, torch.float16, None),
+    ([0, 33, 31], 2, 1, 64, 16, 2, 3, torch.float16, 2),
+    ([40], 1, 8, 128, 32, 3, 3, torch.bfloat16, None),
+    ([65, 32], 1, 4, 128, 32, 4, 2, torch.float32, 3),
+    ([20], 1, 2, 256, 16, 1, 4, torch.float16, 2),
+    ([16, 50], 2, 4, 64, 16, 3, 4, torch.bfloat16, 4),
+    ([100], 1, 8, 64, 16, 2, 2, torch.float16, 7),
+]
+
+
+@pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits", CASES)
+def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits):
+    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=sum(ctxs) + dim + k_bits, num_splits=splits)
+
+
+def test_explicit_scale_and_dense_oracle():
+    ctxs, hkv, group, dim, page, bits = [9, 30], 2, 2, 64, 16, 4
+    query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, bits, bits, torch.float32, 7)
+    dense = dense_attention_reference(query, *cache.tensors(), tables, ctx, rot, kcb, vcb, bits, bits, 0.3)
+    dev = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
+    got = tqt.paged_attention(*dev, bits, bits, 0.3).cpu()
+    err = ((got - dense).norm() / dense.norm()).item()
+    assert err < 5e-3, f"relative error against the dense oracle {err:.2e}"
+
+
+def test_split_heuristic_covers_context():
+    for pairs, tokens in [(64, 32768), (8, 131072), (512, 2048), (8, 32768), (1, 1), (3, 100)]:
+        splits, per = tqt.choose_splits(pairs, tokens, 64, 132)
+        assert splits >= 1 and per % 64 == 0 and splits * per >= tokens and (splits - 1) * per < tokens
+    assert tqt.choose_splits(8, 131072, 64, 132)[0] > 1  # few sequences, long context: split-K
+    assert tqt.choose_splits(512, 2048, 64, 132)[0] == 1
+
+
+def test_bad_arguments_name_the_argument():
+    query, cache, tables, ctx, rot, kcb, vcb = make_case([5], 1, 2, 64, 16, 4, 4, torch.float16, 1)
+    args = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
+    with pytest.raises(ValueError, match="k_bits"):
+        tqt.paged_attention(*args, 7, 4)
+    with pytest.raises(ValueError, match="context_lens"):
+        tqt.paged_attention(*args[:6], args[6].long(), *args[7:], 4, 4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,dim,page,k_bits,v_bits", [(4, 128, 16, 4, 4), (8, 128, 32, 3, 2), (1, 64, 16, 2, 4),
+                                                          (4, 256, 16, 4, 3)])
+def test_gpu_larger_contexts(group, dim, page, k_bits, v_bits, dtype):
+    ctxs = [1, page - 1, page + 1, 777, 3000, 4096]
+    run_case(ctxs, 2, group, dim, page, k_bits, v_bits, dtype, seed=group + dim + page)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gpu_long_context_split_k(bits):
+    got = run_case([50_000], 8, 4, 128, 16, bits, bits, torch.float16, seed=bits)
+    assert torch.isfinite(got).all()
