@@ -1,0 +1,167 @@
+#include "tq_plugin_base.h"
+
+#include <sstream>
+
+#include "tq_trt_log.h"
+
+namespace tq_trt {
+
+using nvinfer1::DataType;
+using nvinfer1::Dims;
+
+std::string expect_rank(const char* tensor, const Dims& d, int32_t rank) {
+  if (d.nbDims == rank) return "";
+  std::ostringstream s;
+  s << tensor << " has rank " << d.nbDims << ", expected " << rank;
+  return s.str();
+}
+
+std::string expect_dim(const char* tensor, const Dims& d, int32_t axis, int64_t expected, const char* expected_what) {
+  const int64_t seen = d.d[axis];
+  if (seen < 0 || expected < 0 || seen == expected) return "";
+  std::ostringstream s;
+  s << tensor << ".shape[" << axis << "]=" << seen << ", expected " << expected << " (" << expected_what << ")";
+  return s.str();
+}
+
+int64_t volume(const Dims& d) {
+  int64_t n = 1;
+  for (int32_t i = 0; i < d.nbDims; ++i) n *= d.d[i];
+  return n;
+}
+
+int64_t element_size(DataType type) {
+  switch (type) {
+    case DataType::kFLOAT:
+    case DataType::kINT32: return 4;
+    case DataType::kHALF:
+    case DataType::kBF16: return 2;
+    case DataType::kINT64: return 8;
+    default: return 1;
+  }
+}
+
+nvinfer1::IPluginCapability* TQPlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept {
+  switch (type) {
+    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuildV2*>(this);
+    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+  }
+  return nullptr;
+}
+
+int32_t TQPlugin::check(const Dims* dims, int32_t nb_inputs, const char* where) const {
+  if (nb_inputs != static_cast<int32_t>(def_.inputs.size())) {
+    log_error(std::string(def_.name) + ": " + std::to_string(nb_inputs) + " inputs, expected " +
+              std::to_string(def_.inputs.size()));
+    return -1;
+  }
+  const std::string problem = check_shapes(dims);
+  if (problem.empty()) return 0;
+  log_error(std::string(def_.name) + " (" + where + "): " + problem);
+  return -1;
+}
+
+int32_t TQPlugin::configurePlugin(const nvinfer1::DynamicPluginTensorDesc* in, int32_t nb_inputs,
+                                  const nvinfer1::DynamicPluginTensorDesc*, int32_t) noexcept {
+  std::vector<Dims> dims(nb_inputs);
+  for (int32_t i = 0; i < nb_inputs; ++i) dims[i] = in[i].desc.dims;
+  return check(dims.data(), nb_inputs, "configurePlugin");
+}
+
+int32_t TQPlugin::onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs,
+                                const nvinfer1::PluginTensorDesc*, int32_t) noexcept {
+  std::vector<Dims> dims(nb_inputs);
+  for (int32_t i = 0; i < nb_inputs; ++i) dims[i] = in[i].dims;
+  return check(dims.data(), nb_inputs, "onShapeChange");
+}
+
+int32_t TQPlugin::getOutputDataTypes(DataType* output_types, int32_t nb_outputs, const DataType* input_types,
+                                     int32_t nb_inputs) const noexcept {
+  if (nb_outputs != getNbOutputs() || nb_inputs != static_cast<int32_t>(def_.inputs.size())) return -1;
+  // "T" outputs take the float type of the first T input; codes outputs the type of the first
+  // codes input, else int8: TensorRT rejects uint8 plugin I/O, so codes cross the TensorRT
+  // boundary as int8 holding the same bytes (tq_deploy.runtime.tensorrt retypes the ONNX graph).
+  DataType t = DataType::kFLOAT, codes = DataType::kINT8;
+  bool have_t = false, have_codes = false;
+  for (int32_t i = 0; i < nb_inputs; ++i) {
+    if (def_.inputs[i].is_t && !have_t) {
+      t = input_types[i];
+      have_t = true;
+    } else if (!def_.inputs[i].is_t && def_.inputs[i].fixed == DataType::kUINT8 && !have_codes) {
+      codes = input_types[i];
+      have_codes = true;
+    }
+  }
+  for (int32_t o = 0; o < nb_outputs; ++o) {
+    const TypeRule& r = def_.outputs[o];
+    output_types[o] = r.is_t ? t : (r.fixed == DataType::kUINT8 ? codes : r.fixed);
+  }
+  return 0;
+}
+
+int32_t TQPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb_inputs, const nvinfer1::DimsExprs*,
+                                  int32_t, nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
+                                  nvinfer1::IExprBuilder& expr_builder) noexcept {
+  if (nb_inputs != static_cast<int32_t>(def_.inputs.size()) || nb_outputs != getNbOutputs()) return -1;
+  if (!output_shapes(inputs, outputs, expr_builder)) {
+    log_error(std::string(def_.name) + ": input ranks do not match the op (see tq_deploy/ops.py)");
+    return -1;
+  }
+  return 0;
+}
+
+bool TQPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out,
+                                         int32_t nb_inputs, int32_t nb_outputs) noexcept {
+  if (nb_inputs != static_cast<int32_t>(def_.inputs.size()) || nb_outputs != getNbOutputs()) return false;
+  const nvinfer1::PluginTensorDesc& desc = in_out[pos].desc;
+  if (desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
+  const TypeRule& rule = pos < nb_inputs ? def_.inputs[pos] : def_.outputs[pos - nb_inputs];
+  if (!rule.is_t) {
+    if (rule.fixed != DataType::kUINT8) return desc.type == rule.fixed;
+    // Packed codes: raw bytes, uint8 or (where TensorRT refuses uint8 plugin I/O) int8.
+    if (desc.type != DataType::kUINT8 && desc.type != DataType::kINT8) return false;
+    for (int32_t p = 0; p < pos; ++p) {  // every codes position has the same type
+      const TypeRule& r = p < nb_inputs ? def_.inputs[p] : def_.outputs[p - nb_inputs];
+      if (!r.is_t && r.fixed == DataType::kUINT8) return in_out[p].desc.type == desc.type;
+    }
+    return true;
+  }
+  if (desc.type != DataType::kFLOAT && desc.type != DataType::kHALF) return false;
+  // Every T position takes the type of the first T position (TensorRT asks in order of pos).
+  for (int32_t p = 0; p < pos; ++p) {
+    const TypeRule& r = p < nb_inputs ? def_.inputs[p] : def_.outputs[p - nb_inputs];
+    if (r.is_t) return in_out[p].desc.type == desc.type;
+  }
+  return true;
+}
+
+int32_t TQPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc*,
+                          const void* const* inputs, void* const* outputs, void*, cudaStream_t stream) noexcept {
+  const int rc = run(input_desc, inputs, outputs, stream);
+  if (rc != 0) {
+    log_error(std::string(def_.name) + ": CUDA launch failed with code " + std::to_string(rc));
+    return -1;
+  }
+  return 0;
+}
+
+const nvinfer1::PluginFieldCollection* TQPlugin::getFieldsToSerialize() noexcept {
+  // Attributes travel as float32 or int32 fields pointing into attrs_ (alive as long as the plugin).
+  serialized_fields_.clear();
+  ints_.resize(def_.attrs.size());
+  for (size_t i = 0; i < def_.attrs.size(); ++i) {
+    const AttrDef& a = def_.attrs[i];
+    if (a.is_float) {
+      serialized_fields_.emplace_back(a.name, &attrs_.values[i], nvinfer1::PluginFieldType::kFLOAT32, 1);
+    } else {
+      ints_[i] = attrs_.get_int(i);
+      serialized_fields_.emplace_back(a.name, &ints_[i], nvinfer1::PluginFieldType::kINT32, 1);
+    }
+  }
+  serialized_collection_.nbFields = static_cast<int32_t>(serialized_fields_.size());
+  serialized_collection_.fields = serialized_fields_.data();
+  return &serialized_collection_;
+}
+
+}  // namespace tq_trt

@@ -1,0 +1,123 @@
+// Common IPluginV3 machinery of the TurboQuant TensorRT plugins (namespace "turboquant" = the
+// ONNX node domain, name = the op name, version "1").
+//
+// A plugin implements the three V3One capabilities (core, build with I/O aliasing, runtime).
+// What differs per op lives in an OpDef table (name, attributes, the dtype rule of each input
+// and output) and four hooks: output shapes, shape checks, output dtypes, enqueue.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "NvInferRuntime.h"
+
+namespace tq_trt {
+
+constexpr const char* kNamespace = "turboquant";
+constexpr const char* kVersion = "1";
+
+// The dtype a tensor position accepts: one fixed type, or the op's float type "T"
+// (float32 or float16, the same at every T position).
+struct TypeRule {
+  bool is_t;
+  nvinfer1::DataType fixed;
+};
+constexpr TypeRule kT{true, nvinfer1::DataType::kFLOAT};
+constexpr TypeRule kF32{false, nvinfer1::DataType::kFLOAT};
+constexpr TypeRule kU8{false, nvinfer1::DataType::kUINT8};
+constexpr TypeRule kI32{false, nvinfer1::DataType::kINT32};
+constexpr TypeRule kI64{false, nvinfer1::DataType::kINT64};
+
+struct AttrDef {
+  const char* name;
+  bool is_float;
+  bool required;
+};
+
+struct OpDef {
+  const char* name;
+  std::vector<AttrDef> attrs;
+  std::vector<TypeRule> inputs;
+  std::vector<TypeRule> outputs;
+};
+
+// Attribute values by the OpDef's attribute order (ints are stored as float exactly).
+struct Attrs {
+  std::vector<float> values;
+  int get_int(size_t i) const { return static_cast<int>(values[i]); }
+  float get_float(size_t i) const { return values[i]; }
+};
+
+class TQPlugin : public nvinfer1::IPluginV3,
+                 public nvinfer1::IPluginV3OneCore,
+                 public nvinfer1::IPluginV3OneBuildV2,
+                 public nvinfer1::IPluginV3OneRuntime {
+ public:
+  TQPlugin(const OpDef& def, Attrs attrs) : def_(def), attrs_(std::move(attrs)) {}
+  ~TQPlugin() override = default;
+
+  // IPluginV3
+  nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+
+  // IPluginV3OneCore
+  const char* getPluginName() const noexcept override { return def_.name; }
+  const char* getPluginVersion() const noexcept override { return kVersion; }
+  const char* getPluginNamespace() const noexcept override { return kNamespace; }
+
+  // IPluginV3OneBuild(V2)
+  int32_t getNbOutputs() const noexcept override { return static_cast<int32_t>(def_.outputs.size()); }
+  int32_t configurePlugin(const nvinfer1::DynamicPluginTensorDesc* in, int32_t nb_inputs,
+                          const nvinfer1::DynamicPluginTensorDesc* out, int32_t nb_outputs) noexcept override;
+  int32_t getOutputDataTypes(nvinfer1::DataType* output_types, int32_t nb_outputs,
+                             const nvinfer1::DataType* input_types, int32_t nb_inputs) const noexcept override;
+  int32_t getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb_inputs, const nvinfer1::DimsExprs* shape_inputs,
+                          int32_t nb_shape_inputs, nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
+                          nvinfer1::IExprBuilder& expr_builder) noexcept override;
+  bool supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out, int32_t nb_inputs,
+                                 int32_t nb_outputs) noexcept override;
+  size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc*, int32_t, const nvinfer1::DynamicPluginTensorDesc*,
+                          int32_t) const noexcept override {
+    return 0;
+  }
+  int32_t getAliasedInput(int32_t output_index) noexcept override { return aliased_input(output_index); }
+
+  // IPluginV3OneRuntime
+  int32_t onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs, const nvinfer1::PluginTensorDesc* out,
+                        int32_t nb_outputs) noexcept override;
+  int32_t enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc* output_desc,
+                  const void* const* inputs, void* const* outputs, void* workspace,
+                  cudaStream_t stream) noexcept override;
+  nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext*) noexcept override { return clone(); }
+  const nvinfer1::PluginFieldCollection* getFieldsToSerialize() noexcept override;
+
+ protected:
+  // Output shapes from input shapes (dims as expressions). Returns false on a bad rank.
+  virtual bool output_shapes(const nvinfer1::DimsExprs* inputs, nvinfer1::DimsExprs* outputs,
+                             nvinfer1::IExprBuilder& builder) const = 0;
+  // Checks the inputs' shapes; a dimension of -1 (unknown at build time) matches anything.
+  // Returns an empty string when consistent, else the first problem found.
+  virtual std::string check_shapes(const nvinfer1::Dims* inputs) const = 0;
+  virtual int run(const nvinfer1::PluginTensorDesc* input_desc, const void* const* inputs, void* const* outputs,
+                  cudaStream_t stream) = 0;
+  // The input an output aliases (read-modify-write), -1 for none.
+  virtual int32_t aliased_input(int32_t) const { return -1; }
+
+  const OpDef& def_;
+  Attrs attrs_;
+
+ private:
+  int32_t check(const nvinfer1::Dims* dims, int32_t nb_inputs, const char* where) const;
+  std::vector<nvinfer1::PluginField> serialized_fields_;
+  std::vector<int32_t> ints_;
+  nvinfer1::PluginFieldCollection serialized_collection_{};
+};
+
+// Shape-check helpers: "" when fine, else a message naming the tensor, dimension, seen and expected.
+std::string expect_rank(const char* tensor, const nvinfer1::Dims& d, int32_t rank);
+std::string expect_dim(const char* tensor, const nvinfer1::Dims& d, int32_t axis, int64_t expected,
+                       const char* expected_what);
+int64_t volume(const nvinfer1::Dims& d);
+int64_t element_size(nvinfer1::DataType type);
+
+}  // namespace tq_trt

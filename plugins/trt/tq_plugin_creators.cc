@@ -1,0 +1,119 @@
+// IPluginCreatorV3One for each TurboQuant op and the library's two exported entry points.
+//
+// TensorRT loads the library with IPluginRegistry::loadLibrary (Python:
+// get_plugin_registry().load_library(path); trtexec: --dynamicPlugins), which calls
+// getCreators() and setLoggerFinder(). The plugin never calls the registry itself: TensorRT-RTX
+// dropped deprecated IPluginRegistry methods, so its vtable differs from the 10.x headers this
+// library is compiled against, and a registry call from here would land on the wrong method.
+#include <cmath>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "tq_plugins.h"
+#include "tq_trt_log.h"
+
+namespace tq_trt {
+namespace {
+
+bool read_number(const nvinfer1::PluginField& f, double& value) {
+  if (f.data == nullptr || f.length < 1) return false;
+  switch (f.type) {
+    case nvinfer1::PluginFieldType::kINT32: value = *static_cast<const int32_t*>(f.data); return true;
+    case nvinfer1::PluginFieldType::kINT64: value = static_cast<double>(*static_cast<const int64_t*>(f.data)); return true;
+    case nvinfer1::PluginFieldType::kINT16: value = *static_cast<const int16_t*>(f.data); return true;
+    case nvinfer1::PluginFieldType::kINT8: value = *static_cast<const int8_t*>(f.data); return true;
+    case nvinfer1::PluginFieldType::kFLOAT32: value = *static_cast<const float*>(f.data); return true;
+    case nvinfer1::PluginFieldType::kFLOAT64: value = *static_cast<const double*>(f.data); return true;
+    default: return false;
+  }
+}
+
+// Attributes from a field collection; on a bad or missing one, logs why and returns false.
+bool parse_attrs(const OpDef& def, const nvinfer1::PluginFieldCollection* fc, Attrs& attrs) {
+  attrs.values.assign(def.attrs.size(), 0.f);
+  std::vector<bool> seen(def.attrs.size(), false);
+  for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
+    const nvinfer1::PluginField& f = fc->fields[i];
+    if (f.name == nullptr) continue;
+    for (size_t a = 0; a < def.attrs.size(); ++a) {
+      if (std::string(f.name) != def.attrs[a].name) continue;
+      double v = 0;
+      if (!read_number(f, v)) {
+        log_error(std::string(def.name) + ": attribute " + f.name + " has an unsupported field type " +
+                  std::to_string(static_cast<int>(f.type)) + ", expected an int or float scalar");
+        return false;
+      }
+      attrs.values[a] = static_cast<float>(v);
+      seen[a] = true;
+    }
+  }
+  for (size_t a = 0; a < def.attrs.size(); ++a) {
+    const AttrDef& d = def.attrs[a];
+    const float v = attrs.values[a];
+    if (d.required && !seen[a]) {
+      log_error(std::string(def.name) + ": attribute " + d.name + " is required");
+      return false;
+    }
+    if (!d.is_float && (v < 1.f || v > 4.f || v != std::floor(v))) {
+      log_error(std::string(def.name) + ": attribute " + d.name + "=" + std::to_string(v) +
+                ", expected one of 1, 2, 3, 4");
+      return false;
+    }
+    if (d.is_float && !(v >= 0.f)) {
+      log_error(std::string(def.name) + ": attribute " + d.name + "=" + std::to_string(v) + ", expected >= 0");
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename Plugin>
+class Creator final : public nvinfer1::IPluginCreatorV3One {
+ public:
+  explicit Creator(const OpDef& def) : def_(def) {
+    for (const AttrDef& a : def.attrs)
+      fields_.emplace_back(a.name, nullptr,
+                           a.is_float ? nvinfer1::PluginFieldType::kFLOAT32 : nvinfer1::PluginFieldType::kINT32, 1);
+    collection_.nbFields = static_cast<int32_t>(fields_.size());
+    collection_.fields = fields_.data();
+  }
+
+  nvinfer1::IPluginV3* createPlugin(const char*, const nvinfer1::PluginFieldCollection* fc,
+                                    nvinfer1::TensorRTPhase) noexcept override {
+    try {
+      Attrs attrs;
+      if (!parse_attrs(def_, fc, attrs)) return nullptr;
+      return new Plugin(std::move(attrs));
+    } catch (...) {
+      log_error(std::string(def_.name) + ": createPlugin failed (out of memory)");
+      return nullptr;
+    }
+  }
+  const nvinfer1::PluginFieldCollection* getFieldNames() noexcept override { return &collection_; }
+  const char* getPluginName() const noexcept override { return def_.name; }
+  const char* getPluginVersion() const noexcept override { return kVersion; }
+  const char* getPluginNamespace() const noexcept override { return kNamespace; }
+
+ private:
+  const OpDef& def_;
+  std::vector<nvinfer1::PluginField> fields_;
+  nvinfer1::PluginFieldCollection collection_{};
+};
+
+}  // namespace
+}  // namespace tq_trt
+
+#define TQ_TRT_EXPORT extern "C" __attribute__((visibility("default")))
+
+TQ_TRT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder) { tq_trt::set_logger_finder(finder); }
+
+TQ_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
+  static tq_trt::Creator<tq_trt::PagedAttentionPlugin> paged_attention(tq_trt::kPagedAttentionDef);
+  static tq_trt::Creator<tq_trt::CacheUpdatePlugin> cache_update(tq_trt::kCacheUpdateDef);
+  static tq_trt::Creator<tq_trt::EncodePlugin> encode(tq_trt::kEncodeDef);
+  static tq_trt::Creator<tq_trt::DecodePlugin> decode(tq_trt::kDecodeDef);
+  static nvinfer1::IPluginCreatorInterface* const creators[] = {&paged_attention, &cache_update, &encode, &decode};
+  nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
+  return creators;
+}

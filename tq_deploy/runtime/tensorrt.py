@@ -1,0 +1,475 @@
+"""TensorRT engines with the TurboQuant plugins (plugins/trt -> tq_deploy/lib/libtq_deploy_trt.so).
+
+    build = build_engine("model.onnx", "model.engine")   # parse, map "turboquant" nodes, serialize
+    stage = tensorrt_stage("model.onnx", "out/")         # the same as a pipeline stage -> dict
+
+Backends (same Python API, chosen by ``backend=`` or env TQ_DEPLOY_TRT_BACKEND):
+    "rtx"       TensorRT-RTX 1.7 (pip tensorrt-rtx-cu13-libs + tensorrt-rtx-cu13-bindings, module
+                tensorrt_rtx_bindings). Builds engines on a machine without a GPU. Its runtime
+                needs a GPU and refuses compute capability 9.0 (H100/H200).
+    "tensorrt"  full TensorRT 10/11 (``import tensorrt``). Written to the same API but never run
+                here: its pip wheels cannot be installed on these machines.
+    "auto"      full TensorRT when importable, else TensorRT-RTX.
+
+How the "turboquant" nodes become plugins: the ONNX parser imports a node of an unknown domain
+as an IPluginV3 plugin looked up by (op name, version "1", namespace = node domain), so the
+plugin library is loaded into the plugin registry (``load_library``: it calls the exported
+``getCreators``) before parsing. Three things this module works around:
+
+* TensorRT refuses uint8 plugin inputs/outputs ("UInt8 datatype formats are not supported"), so
+  packed codes cross the TensorRT boundary as int8 with the same bytes:
+  :func:`retype_codes_for_tensorrt` rewrites every uint8 tensor of the graph to int8 before
+  parsing, and engine I/O of codes is int8 (view uint8 buffers as int8).
+* TensorRT-RTX's ONNX parser dlopens ``libtensorrt_rtx.so`` but the wheel ships only ``.so.1``:
+  :func:`ensure_rtx_parser_link` creates the symlink next to it.
+* TensorRT-RTX's Python network has no ``add_plugin_v3``: plugins enter through the parser only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+
+from tq_deploy import ops
+
+ENV_LIBRARY = "TQ_DEPLOY_TRT_PLUGIN"
+ENV_HARNESS = "TQ_DEPLOY_TRT_HARNESS"
+ENV_BACKEND = "TQ_DEPLOY_TRT_BACKEND"
+BACKENDS = ("auto", "rtx", "tensorrt")
+PLUGIN_NAMESPACE = ops.DOMAIN
+PLUGIN_VERSION = "1"
+PLUGIN_NAMES = tuple(op.name for op in ops.ALL_OPS)
+
+# Optimization-profile ranges (min, opt, max) of the dynamic dims tq-deploy's exporters name.
+DEFAULT_DIM_RANGES: dict[str, tuple[int, int, int]] = {
+    "batch": (1, 4, 32),
+    "num_tokens": (1, 4, 64),
+    "num_blocks": (1, 64, 1024),
+    "max_blocks": (1, 8, 64),
+    "n": (1, 64, 4096),
+}
+
+RUNTIME_NOTE = (
+    "engine deserialization and execution need a GPU; TensorRT-RTX 1.7 runs only on compute "
+    "capabilities it supports (it refuses 9.0, i.e. H100/H200), full TensorRT 10/11 runs anywhere"
+)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # tq_deploy/
+_SOURCE_ROOT = _PACKAGE_DIR.parent
+
+
+class TrtPluginLibraryNotFoundError(FileNotFoundError):
+    """libtq_deploy_trt.so (or the harness) is not built or not where tq_deploy looks."""
+
+
+class TensorRTUnavailableError(ImportError):
+    """Neither TensorRT-RTX nor full TensorRT can be imported."""
+
+
+# ---------------------------------------------------------------- library location
+
+def _find_native(name: str, env_var: str) -> str:
+    given = os.environ.get(env_var)
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise TrtPluginLibraryNotFoundError(f"{env_var}={given!r} is not a file; expected the path of {name}")
+        return str(path.resolve())
+    candidates = [_PACKAGE_DIR / "lib" / name]
+    try:
+        dist = metadata.distribution("tq-deploy")
+        candidates += [Path(dist.locate_file(f)).resolve() for f in dist.files or () if f.name == name]
+    except metadata.PackageNotFoundError:
+        pass
+    build = _SOURCE_ROOT / "build"
+    if build.is_dir():
+        hits = [p for p in build.glob(f"*/trt/{name}") if p.is_file()]
+        candidates += sorted(hits, key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        if path.is_file():
+            return str(path)
+    looked = ", ".join(str(p) for p in candidates)
+    raise TrtPluginLibraryNotFoundError(
+        f"{name} is not built (looked in {looked}). It is built by the package build when nvcc is found and the "
+        "TensorRT headers can be fetched (`pip download --no-deps kernel-lens==2.0.1`, or TRT_INCLUDE_DIR): "
+        "`pip install -e .` with TQ_DEPLOY_TRT=ON, or by hand: `cmake -S plugins -B build/trt -DTQ_DEPLOY_TRT=ON "
+        f"-DTQ_DEPLOY_ORT=OFF && cmake --build build/trt`. Or set {env_var}=/path/to/{name}."
+    )
+
+
+def trt_plugin_library_path() -> str:
+    """Absolute path of libtq_deploy_trt.so (env TQ_DEPLOY_TRT_PLUGIN, tq_deploy/lib, build/*/trt)."""
+    return _find_native("libtq_deploy_trt.so", ENV_LIBRARY)
+
+
+def trt_harness_library_path() -> str:
+    """Absolute path of libtq_trt_harness.so (the plugin enqueue driver used by the GPU tests)."""
+    return _find_native("libtq_trt_harness.so", ENV_HARNESS)
+
+
+# ---------------------------------------------------------------- TensorRT modules
+
+def ensure_rtx_parser_link() -> Path | None:
+    """Create ``libtensorrt_rtx.so -> libtensorrt_rtx.so.1`` in the tensorrt_rtx_libs package.
+
+    The RTX ONNX parser dlopens the unversioned name (found through its $ORIGIN rpath); without
+    the link the process aborts when the parser is created. Returns the link, or None when the
+    wheel is not installed. Must run before the first OnnxParser of the process.
+    """
+    spec = importlib.util.find_spec("tensorrt_rtx_libs")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    target = folder / "libtensorrt_rtx.so.1"
+    link = folder / "libtensorrt_rtx.so"
+    if not target.exists() or link.exists():
+        return link if link.exists() else None
+    try:
+        link.symlink_to(target.name)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise TensorRTUnavailableError(
+            f"cannot create {link} -> {target.name} ({err}); TensorRT-RTX's ONNX parser dlopens libtensorrt_rtx.so. "
+            f"Create that link yourself, or a folder holding it and put the folder on LD_LIBRARY_PATH before "
+            "starting Python."
+        ) from None
+    return link
+
+
+def import_tensorrt(backend: str | None = None):
+    """The TensorRT Python module of ``backend`` ("auto", "rtx", "tensorrt"; env TQ_DEPLOY_TRT_BACKEND)."""
+    backend = backend or os.environ.get(ENV_BACKEND, "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}, expected one of {BACKENDS}")
+    errors = []
+    if backend in ("auto", "tensorrt"):
+        try:
+            module = importlib.import_module("tensorrt")
+            module.Builder  # the pip stub packages import but have no API
+            return module
+        except Exception as err:  # noqa: BLE001 - any failure means "not usable"
+            errors.append(f"tensorrt: {err}")
+    if backend in ("auto", "rtx"):
+        try:
+            ensure_rtx_parser_link()
+            return importlib.import_module("tensorrt_rtx_bindings")
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"tensorrt_rtx_bindings: {err}")
+    raise TensorRTUnavailableError(
+        f"no TensorRT for backend={backend!r} ({'; '.join(errors)}). Install TensorRT-RTX with "
+        "`pip install tq-deploy[rtx]` (tensorrt-rtx-cu13-libs/-bindings 1.7.1.116) or full TensorRT."
+    )
+
+
+def backend_name(trt) -> str:
+    return "rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt"
+
+
+_LOADED: dict[tuple[str, str], object] = {}
+
+
+def load_plugins(trt, library: str | os.PathLike | None = None) -> list[str]:
+    """Load the plugin library into ``trt``'s plugin registry (once per process); returns the
+    "turboquant" plugin names the registry then holds. Raises RuntimeError if any op is missing."""
+    path = str(Path(library).resolve()) if library is not None else trt_plugin_library_path()
+    registry = trt.get_plugin_registry()
+    key = (trt.__name__, path)
+    if key not in _LOADED:
+        handle = registry.load_library(path)
+        if handle is None:
+            raise RuntimeError(f"{trt.__name__}: get_plugin_registry().load_library({path!r}) failed")
+        _LOADED[key] = handle
+    found = sorted(c.name for c in registry.all_creators if c.plugin_namespace == PLUGIN_NAMESPACE)
+    missing = [n for n in PLUGIN_NAMES if n not in found]
+    if missing:
+        raise RuntimeError(f"plugin library {path} registered {found} in namespace {PLUGIN_NAMESPACE!r}, "
+                           f"expected also {missing}")
+    return found
+
+
+# ---------------------------------------------------------------- ONNX preparation and profiles
+
+def retype_codes_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose uint8 tensors (packed codes) are int8: same bytes, a type that
+    TensorRT accepts at plugin inputs/outputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        t = vi.type.tensor_type
+        if t.elem_type == onnx.TensorProto.UINT8:
+            t.elem_type = onnx.TensorProto.INT8
+    for init in g.initializer:
+        if init.data_type == onnx.TensorProto.UINT8:
+            raise ValueError(f"initializer {init.name!r} is uint8, expected no uint8 initializers "
+                             "(only graph inputs/outputs carry codes)")
+    return out
+
+
+def _dims_of(value_info) -> list[int | str]:
+    return [d.dim_param if d.dim_param else d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def profile_shapes(model: onnx.ModelProto, dims: Mapping[str, Sequence[int]] | None = None,
+                   ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) shapes of every graph input with a dynamic dim.
+
+    A dynamic dim named ``d`` takes ``dims[d]`` (a (min, opt, max) triple), else
+    ``DEFAULT_DIM_RANGES[d]``; a dim with no range is a ValueError naming it.
+    """
+    ranges = dict(DEFAULT_DIM_RANGES)
+    for name, triple in (dims or {}).items():
+        triple = tuple(int(v) for v in triple)
+        if len(triple) != 3 or not (1 <= triple[0] <= triple[1] <= triple[2]):
+            raise ValueError(f"dims[{name!r}]={triple}, expected (min, opt, max) with 1 <= min <= opt <= max")
+        ranges[name] = triple
+    initializers = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        shape = _dims_of(vi)
+        if all(isinstance(d, int) and d > 0 for d in shape):
+            continue
+        triple = []
+        for k in range(3):
+            row = []
+            for axis, d in enumerate(shape):
+                if isinstance(d, int) and d > 0:
+                    row.append(d)
+                elif isinstance(d, str) and d in ranges:
+                    row.append(ranges[d][k])
+                else:
+                    raise ValueError(f"input {vi.name!r} axis {axis} is dynamic ({d!r}) with no profile range; "
+                                     f"pass dims={{{d!r}: (min, opt, max)}} (known: {sorted(ranges)})")
+            triple.append(tuple(row))
+        shapes[vi.name] = tuple(triple)
+    return shapes
+
+
+# ---------------------------------------------------------------- engine build
+
+@dataclass
+class EngineBuild:
+    engine_path: str | None
+    engine_bytes: int
+    build_seconds: float
+    backend: str
+    tensorrt_version: str
+    plugins: list[str]
+    inputs: dict = field(default_factory=dict)   # name -> [dtype, shape] as parsed (-1 = dynamic)
+    outputs: dict = field(default_factory=dict)
+    profile: dict = field(default_factory=dict)  # name -> [min, opt, max]
+    aliased_plugin_io: bool = False
+    runtime_note: str = RUNTIME_NOTE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_logger(trt, level: str = "error"):
+    """A TensorRT logger that keeps every message (for error reports) and prints those at
+    ``level`` ("internal_error", "error", "warning", "info", "verbose") or more severe."""
+    order = ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"]
+    if level.upper() not in order:
+        raise ValueError(f"log_level={level!r}, expected one of {[o.lower() for o in order]}")
+    limit = order.index(level.upper())
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[str, str]] = []
+
+        def log(self, severity, msg):
+            name = str(severity).split(".")[-1]
+            self.messages.append((name, msg))
+            if name in order and order.index(name) <= limit:
+                print(f"[{trt.__name__}] {name}: {msg}", file=sys.stderr)
+
+    return Logger()
+
+
+def _errors(logger) -> str:
+    bad = [m for s, m in logger.messages if "ERROR" in s or "INTERNAL" in s]
+    return " | ".join(bad[-5:]) or "(no error message)"
+
+
+def parse_network(trt, builder, logger, model: onnx.ModelProto):
+    """A network parsed from ``model`` (already retyped); parser errors raise RuntimeError."""
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model.SerializeToString()):
+        problems = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        raise RuntimeError(f"{trt.__name__} ONNX parser failed: {problems}")
+    return network, parser
+
+
+def build_engine(onnx_path: str | os.PathLike | onnx.ModelProto, engine_path: str | os.PathLike | None = None, *,
+                 dims: Mapping[str, Sequence[int]] | None = None,
+                 profile: Mapping[str, Sequence[Sequence[int]]] | None = None,
+                 backend: str | None = None, library: str | os.PathLike | None = None,
+                 aliased_plugin_io: bool = True, log_level: str = "error") -> EngineBuild:
+    """Parse ``onnx_path`` with the TurboQuant plugins and serialize an engine to ``engine_path``.
+
+    The optimization profile is ``profile`` (input name -> (min, opt, max) shapes) or one made by
+    :func:`profile_shapes` from the inputs' dim names and ``dims``. ``aliased_plugin_io`` turns on
+    the preview feature that lets TQCacheUpdate write its caches in place (else the plugin copies).
+    """
+    model = onnx_path if isinstance(onnx_path, onnx.ModelProto) else onnx.load(os.fspath(onnx_path))
+    trt = import_tensorrt(backend)
+    plugins = load_plugins(trt, library)
+    logger = make_logger(trt, log_level)
+    builder = trt.Builder(logger)
+    network, _parser = parse_network(trt, builder, logger, retype_codes_for_tensorrt(model))
+    config = builder.create_builder_config()
+    shapes = {k: tuple(tuple(int(v) for v in s) for s in triple) for k, triple in (profile or {}).items()}
+    if profile is None:
+        shapes = profile_shapes(model, dims)
+    if shapes:
+        opt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            opt_profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(opt_profile)
+    if aliased_plugin_io and hasattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03"):
+        config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
+    else:
+        aliased_plugin_io = False
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise RuntimeError(f"{trt.__name__}: build_serialized_network failed: {_errors(logger)}")
+    data = bytes(serialized)
+    if engine_path is not None:
+        Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(engine_path).write_bytes(data)
+
+    def describe(tensor) -> list:
+        return [str(tensor.dtype).split(".")[-1].lower(), list(tensor.shape)]
+
+    return EngineBuild(
+        engine_path=os.fspath(engine_path) if engine_path is not None else None,
+        engine_bytes=len(data), build_seconds=round(seconds, 3), backend=backend_name(trt),
+        tensorrt_version=trt.__version__, plugins=plugins,
+        inputs={network.get_input(i).name: describe(network.get_input(i)) for i in range(network.num_inputs)},
+        outputs={network.get_output(i).name: describe(network.get_output(i)) for i in range(network.num_outputs)},
+        profile={k: [list(s) for s in v] for k, v in shapes.items()}, aliased_plugin_io=aliased_plugin_io,
+    )
+
+
+def tensorrt_stage(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, **build_kwargs) -> dict:
+    """The pipeline's TensorRT stage: build ``out_dir/<model stem>.engine``; never raises for a
+    missing TensorRT or plugin library (status "skipped" with the reason), does raise for a
+    model TensorRT rejects (status would be meaningless)."""
+    onnx_path = Path(onnx_path)
+    engine_path = Path(out_dir) / f"{onnx_path.stem}.engine"
+    try:
+        build = build_engine(onnx_path, engine_path, **build_kwargs)
+    except (TensorRTUnavailableError, TrtPluginLibraryNotFoundError) as err:
+        return {"stage": "tensorrt", "status": "skipped", "reason": str(err), "onnx": str(onnx_path)}
+    return {"stage": "tensorrt", "status": "built", "onnx": str(onnx_path), **build.to_dict()}
+
+
+# ---------------------------------------------------------------- running an engine (GPU)
+
+def run_engine(engine_path: str | os.PathLike, inputs: Mapping[str, object], *, backend: str | None = None,
+               library: str | os.PathLike | None = None) -> dict:
+    """Run a built engine once on the GPU with torch CUDA tensors; returns outputs by name (torch).
+
+    NOT RUN on these machines: the CPU machine has no GPU and TensorRT-RTX refuses the H200
+    (compute capability 9.0). uint8 inputs (codes) are passed as int8 views (same bytes).
+    """
+    import torch
+
+    trt = import_tensorrt(backend)
+    load_plugins(trt, library)
+    logger = make_logger(trt, "error")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise RuntimeError(f"deserialize_cuda_engine({engine_path}) failed: {_errors(logger)}")
+    context = engine.create_execution_context()
+    stream = torch.cuda.current_stream()
+    keep, outputs = [], {}
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    for name in names:
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            t = torch.as_tensor(inputs[name]).cuda().contiguous()
+            t = t.view(torch.int8) if t.dtype == torch.uint8 else t
+            context.set_input_shape(name, tuple(t.shape))
+            context.set_tensor_address(name, t.data_ptr())
+            keep.append(t)
+    for name in names:
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8,
+                     trt.int32: torch.int32, trt.int64: torch.int64}[engine.get_tensor_dtype(name)]
+            out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            context.set_tensor_address(name, out.data_ptr())
+            outputs[name] = out
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise RuntimeError(f"execute_async_v3 failed: {_errors(logger)}")
+    stream.synchronize()
+    return {k: (v.view(torch.uint8) if v.dtype == torch.int8 else v) for k, v in outputs.items()}
+
+
+# ---------------------------------------------------------------- plugin enqueue without TensorRT
+
+# nvinfer1::DataType values (NvInferRuntimeBase.h)
+_TRT_DTYPE = {"float32": 0, "float16": 1, "int8": 2, "int32": 3, "uint8": 5, "int64": 8}
+
+
+def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, outputs: Sequence, *,
+                    stream: int = 0, library: str | os.PathLike | None = None,
+                    harness: str | os.PathLike | None = None) -> None:
+    """Drive plugin ``op_name`` as TensorRT would (creator -> createPlugin(build) -> configure ->
+    serialize fields -> createPlugin(runtime) -> attachToContext -> onShapeChange -> enqueue) on
+    torch CUDA tensors, writing into ``outputs``. Codes tensors travel as int8 (see module doc).
+    Raises RuntimeError with the harness's message on any refusal. Does not synchronize.
+    """
+    if op_name not in ops.OPS_BY_NAME:
+        raise ValueError(f"op_name={op_name!r}, expected one of {sorted(ops.OPS_BY_NAME)}")
+    spec = ops.OPS_BY_NAME[op_name]
+    if len(inputs) != len(spec.inputs) or len(outputs) != len(spec.outputs):
+        raise ValueError(f"{op_name}: {len(inputs)} inputs / {len(outputs)} outputs, expected "
+                         f"{len(spec.inputs)} / {len(spec.outputs)}")
+    lib = ctypes.CDLL(os.fspath(harness) if harness else trt_harness_library_path())
+    plugin = os.fspath(library) if library else trt_plugin_library_path()
+
+    def describe(tensors):
+        types, ranks, dims, ptrs = [], [], [], []
+        for t in tensors:
+            if not t.is_cuda or not t.is_contiguous():
+                raise ValueError(f"{op_name}: tensors must be contiguous CUDA tensors, got device={t.device}")
+            dtype = str(t.dtype).replace("torch.", "")
+            types.append(_TRT_DTYPE["int8" if dtype == "uint8" else dtype])
+            ranks.append(t.dim())
+            dims.extend(list(t.shape) + [0] * (8 - t.dim()))
+            ptrs.append(t.data_ptr())
+        n = len(tensors)
+        return ((ctypes.c_int * n)(*types), (ctypes.c_int * n)(*ranks), (ctypes.c_int64 * (8 * n))(*dims),
+                (ctypes.c_void_p * n)(*ptrs))
+
+    names = list(attrs)
+    field_names = (ctypes.c_char_p * len(names))(*[n.encode() for n in names])
+    values = (ctypes.c_double * len(names))(*[float(attrs[n]) for n in names])
+    is_float = (ctypes.c_int * len(names))(*[spec.attribute(n).kind == "float" for n in names])
+    in_t, in_r, in_d, in_p = describe(inputs)
+    out_t, out_r, out_d, out_p = describe(outputs)
+    message = ctypes.create_string_buffer(1024)
+    fn = lib.tq_trt_harness_enqueue
+    fn.restype = ctypes.c_int
+    rc = fn(plugin.encode(), op_name.encode(), len(names), field_names, values, is_float,
+            len(inputs), in_t, in_r, in_d, in_p, len(outputs), out_t, out_r, out_d, out_p,
+            ctypes.c_void_p(stream), message, len(message))
+    if rc != 0:
+        raise RuntimeError(f"{op_name} plugin harness: {message.value.decode(errors='replace')}")
