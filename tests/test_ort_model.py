@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -125,3 +127,23 @@ def test_cache_round_trip_two_steps(exported, seed):
         tables[s, int(p) // b].long() * b + int(p) % b for s, p in enumerate(step2["positions"])
     ])
     run_and_compare(exported, step2)
+
+
+def test_io_binding_updates_the_cache_in_place(exported, seed):
+    """With IO binding the caches are written into the caller's arrays (no copy), and still match."""
+    from tq_deploy.runtime.session import run_in_place
+    from tq_deploy.validate.inputs import as_numpy
+
+    config, model, session = exported
+    inputs = example_inputs(config, [2, config.block_size + 1], seed=seed)
+    arrays = as_numpy(inputs)
+    before = {n: arrays[n].copy() for n in ("k_codes", "k_norms", "v_codes", "v_norms")}
+    buffers = {n: arrays[n].ctypes.data for n in before}
+    outputs = run_in_place(session, arrays)
+    expected = reference_outputs(model, inputs)
+    report = compare({k: torch.from_numpy(v) for k, v in outputs.items()}, expected, code_bits=bits_of_outputs(model),
+                     tolerance=Tolerance(code_mismatch=0.0))
+    assert report.passed, report.to_text()
+    for name, address in buffers.items():
+        assert outputs[f"{name}_out"].ctypes.data == address  # the same buffer...
+        assert not np.array_equal(arrays[name], before[name])  # ...and it changed in place

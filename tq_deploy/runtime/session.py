@@ -116,3 +116,41 @@ def time_runs(session, inputs: Mapping[str, object], repeat: int = 10, warmup: i
         times.append((time.perf_counter() - start) * 1e3)
     timing = Timing(repeat, float(np.mean(times)), float(np.min(times)), float(np.max(times)))
     return dict(zip(names, values)), timing
+
+
+def cache_aliases(session) -> dict[str, str]:
+    """Output name -> input name for outputs that are an updated input (``k_codes_out`` <- ``k_codes``)."""
+    inputs = {i.name for i in session.get_inputs()}
+    return {o.name: o.name[: -len("_out")] for o in session.get_outputs()
+            if o.name.endswith("_out") and o.name[: -len("_out")] in inputs}
+
+
+def run_in_place(session, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with IO binding, writing each updated cache into its input's own buffer.
+
+    ``inputs`` must be numpy arrays (C-contiguous); the cache arrays among them
+    (k_codes, k_norms, v_codes, v_norms) are updated in place, as a server keeps its
+    KV cache: ``TQCacheUpdate`` declares its outputs may reuse those inputs, and the
+    custom-op library skips the copy when they are the same buffer. CPU provider only.
+    """
+    import onnxruntime as ort
+
+    feeds = feeds_for(session, inputs)
+    for name, array in feeds.items():
+        if array is not inputs[name]:
+            raise ValueError(f"inputs[{name!r}] is a {type(inputs[name]).__name__} (or not C-contiguous), "
+                             "expected a C-contiguous numpy array it can update in place")
+    binding = session.io_binding()
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feeds.items()}
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    aliases = cache_aliases(session)
+    for out in session.get_outputs():
+        if out.name in aliases:
+            binding.bind_ortvalue_output(out.name, values[aliases[out.name]])
+        else:
+            binding.bind_output(out.name, "cpu")
+    session.run_with_iobinding(binding)
+    results = binding.copy_outputs_to_cpu()
+    return {o.name: (feeds[aliases[o.name]] if o.name in aliases else r)
+            for o, r in zip(session.get_outputs(), results)}
