@@ -144,6 +144,32 @@ def bench_attention(shapes, bits_list, hq, hkv, dim, page, l2, quick):
     return rows
 
 
+def sweep_attention(batch, seq, bits, hq, hkv, dim, page, l2, variants):
+    """Time paged attention under explicit kernel knobs (lookup, block_n, num_warps, num_stages, splits)."""
+    from tq_deploy.reference import lloyd_max_codebook, make_rotation
+    from tq_deploy.triton import paged_attention
+
+    rot = make_rotation(dim, "haar", seed=0).cuda()
+    cb = lloyd_max_codebook(dim, bits).cuda()
+    nbytes = tq_bytes(batch, seq, hkv, dim, bits)
+    sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, bits, seed=i), nbytes, l2)
+    out = []
+    for knobs in variants:
+        def ours():
+            q, kc, kn, vc, vn, bt, ctx = sets.next()
+            return paged_attention(q, kc, kn, vc, vn, bt, ctx, rot, cb, cb, bits, bits, **knobs)
+
+        try:
+            ours()
+            ms = _median_ms(ours, warmup=10, rep=60)
+        except Exception as exc:
+            print(f"  sweep {knobs}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        out.append({"B": batch, "S": seq, "bits": bits, **knobs, "ms": ms, "TBps": nbytes / (ms * 1e-3) / 1e12})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def bench_encode(n, dim, bits_list, dtype=torch.float16):
     from tq_deploy.reference import lloyd_max_codebook, make_rotation
     from tq_deploy.triton import encode
@@ -167,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="where to write the results (default $OUT/bench_gpu.json)")
     ap.add_argument("--shapes", default="8x32768,1x131072,64x2048,1x32768")
     ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--sweep", default="", help="B x S to sweep kernel knobs on (4-bit), e.g. 8x32768")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device", file=sys.stderr)
@@ -178,9 +205,18 @@ def main(argv=None) -> int:
     copy_bw = copy_bandwidth()
     print(f"device {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, "
           f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)", flush=True)
+    sweep = []
+    for spec in filter(None, args.sweep.split(",")):
+        batch, seq = (int(v) for v in spec.split("x"))
+        variants = [dict(lookup=lk, block_n=bn, num_warps=nw, num_stages=ns)
+                    for lk in (0, 1) for bn in (32, 64) for nw in (4, 8) for ns in (2, 3)]
+        sweep += sweep_attention(batch, seq, 4, 32, 8, 128, 16, l2, variants)
+    if sweep:
+        best = sorted(sweep, key=lambda r: r["ms"])[:5]
+        print("sweep best:", *[json.dumps(b) for b in best], sep="\n  ")
     att = bench_attention(shapes, bits_list, hq=32, hkv=8, dim=128, page=16, l2=l2, quick=args.quick)
     enc = bench_encode(1 << 20, 128, bits_list)
-    result = {"device": props.name, "copy_TBps": copy_bw / 1e12, "attention": att, "encode": enc,
+    result = {"device": props.name, "copy_TBps": copy_bw / 1e12, "attention": att, "encode": enc, "sweep": sweep,
               "config": {"Hq": 32, "Hkv": 8, "D": 128, "block_size": 16, "timing": "do_bench median"}}
     path = args.json or (os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT") else None)
     if path:

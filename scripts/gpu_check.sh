@@ -33,10 +33,17 @@ for bits, seq, batch in ((4, 4096, 8), (3, 4096, 8), (2, 4096, 8), (4, 2048, 64)
     rot = make_rotation(dim).cuda(); cb = lloyd_max_codebook(dim, bits).cuda()
     tqt.paged_attention(q, kc, kn, kc, kn, bt, ctx, rot, cb, cb, bits, bits)
     for name, k in A.last_compiled.items():
-        sass = k.asm.get("sass", "") if hasattr(k, "asm") else ""
-        ops = {op: len(re.findall(op, sass)) for op in ("HMMA", "HGMMA", "LDG.E.128", "LDG.E.U16", "LDG.E.64", "LDG.E ", "LDS", "STS", "SHFL", "MUFU.EX2", "LDL", "STL")}
+        try:
+            sass = k.asm["sass"]
+        except Exception as exc:
+            sass = ""
+        ptx = k.asm.get("ptx", "") if hasattr(k, "asm") else ""
+        ops = {op: len(re.findall(re.escape(op), sass)) for op in ("HMMA", "HGMMA", "LDG.E.128", "LDG.E.U16", "LDG.E.64", "LDG.E.CONSTANT", "LDS", "STS", "SHFL", "MUFU.EX2", "LDL", "STL", "LOP3", "SHF", "PRMT", "IMAD")}
+        pops = {op: len(re.findall(re.escape(op), ptx)) for op in ("mma.sync", "wgmma", "ld.global.v4", "ld.global.b16", "ld.global.nc", "ld.shared", "st.shared", "shfl", "ldmatrix", "cp.async")}
         print(f"bits={bits} B={batch} {name}: regs={getattr(k, 'n_regs', '?')} spills={getattr(k, 'n_spills', '?')} "
-              f"smem={getattr(k.metadata, 'shared', '?')} warps={k.metadata.num_warps} stages={k.metadata.num_stages} {ops}")
+              f"smem={getattr(k.metadata, 'shared', '?')} warps={k.metadata.num_warps} stages={k.metadata.num_stages}\n  sass {ops}\n  ptx {pops}")
+        if name == "split" and bits == 4 and batch == 8:
+            open(__import__("os").environ["OUT"] + "/split4.sass", "w").write(sass or ptx)
     A.last_compiled.clear()
 PY
 

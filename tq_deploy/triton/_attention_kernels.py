@@ -41,12 +41,23 @@ def qrot_kernel(q_ptr, rot_t_ptr, out_ptr, n_rows, scale,
 
 
 @triton.jit
+def _lookup(cb_ptr, codes, ROWS: tl.constexpr, BITS: tl.constexpr, LOOKUP: tl.constexpr):
+    """Centroids of codes [ROWS, D]: LOOKUP 0 gathers from global memory (L1-resident
+    codebook), LOOKUP 1 uses tl.gather on a register copy of the codebook."""
+    if LOOKUP == 1:
+        table = tl.load(cb_ptr + tl.arange(0, 1 << BITS))
+        return tl.gather(tl.broadcast_to(table[None, :], [ROWS, 1 << BITS]), codes, 1)
+    else:
+        return tl.load(cb_ptr + codes)
+
+
+@triton.jit
 def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, kcb_ptr, vcb_ptr,
                  m_ptr, l_ptr, acc_ptr,
                  bt_stride, num_kv_heads, tokens_per_split, num_splits,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                  KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 FUSED_OUT: tl.constexpr, rot_ptr, out_ptr, BJ: tl.constexpr, UPCAST: tl.constexpr):
+                 LOOKUP: tl.constexpr, UPCAST: tl.constexpr):
     sh = tl.program_id(0)
     split = tl.program_id(1)
     s = sh // num_kv_heads
@@ -73,7 +84,7 @@ def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_pt
         kn = tl.load(kn_ptr + row, mask=valid, other=0.0)
         vn = tl.load(vn_ptr + row, mask=valid, other=0.0)
         kc = unpack_codes(kw_ptr, kb_ptr, row, BLOCK_N, D, KBITS)
-        k = tl.load(kcb_ptr + kc)  # [BLOCK_N, D] centroids in the half type
+        k = _lookup(kcb_ptr, kc, BLOCK_N, KBITS, LOOKUP)  # [BLOCK_N, D] centroids, half type
         scores = half_dot(q, tl.trans(k), tl.zeros([GP, BLOCK_N], tl.float32), UPCAST) * kn[None, :]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -81,25 +92,44 @@ def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_pt
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vc = unpack_codes(vw_ptr, vb_ptr, row, BLOCK_N, D, VBITS)
-        v = tl.load(vcb_ptr + vc)
+        v = _lookup(vcb_ptr, vc, BLOCK_N, VBITS, LOOKUP)
         pv = (p * vn[None, :]).to(v.dtype)
         acc = half_dot(pv, v, acc * alpha[:, None], UPCAST)
         m_i = m_new
 
-    if FUSED_OUT:  # one split: normalize and rotate back here, no partials
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o = tl.where((l_i > 0)[:, None], o, 0.0)
-        for jc in tl.static_range(D // BJ):
-            cols = jc * BJ + tl.arange(0, BJ)
-            rot = tl.load(rot_ptr + d[:, None] * D + cols[None, :])
-            y = tl.dot(o, rot, input_precision="ieee")
-            tl.store(out_ptr + q_rows[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=gmask[:, None])
-    else:
-        part = sh.to(tl.int64) * num_splits + split
-        tl.store(m_ptr + part * G + g, m_i, mask=gmask)
-        tl.store(l_ptr + part * G + g, l_i, mask=gmask)
-        tl.store(acc_ptr + (part * G + g)[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+    part = sh.to(tl.int64) * num_splits + split
+    tl.store(m_ptr + part * G + g, m_i, mask=gmask)
+    tl.store(l_ptr + part * G + g, l_i, mask=gmask)
+    tl.store(acc_ptr + (part * G + g)[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def reduce_group_kernel(m_ptr, l_ptr, acc_ptr, rot_ptr, out_ptr, num_splits,
+                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr):
+    """The G output rows of one (sequence, KV head): merge few splits, then (acc / l) @ Pi
+    on the tensor-core path (fp32, ieee) with the group padded to GP >= 16 rows."""
+    sh = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    gmask = g < G
+    m_max = tl.full([GP], -1.0e30, tl.float32)
+    for sp in range(0, num_splits):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + (sh * num_splits + sp) * G + g, mask=gmask, other=-1.0e30))
+    l_tot = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for sp in range(0, num_splits):
+        idx = (sh * num_splits + sp) * G + g
+        w = tl.exp2(tl.load(m_ptr + idx, mask=gmask, other=-1.0e30) - m_max)
+        l_tot += w * tl.load(l_ptr + idx, mask=gmask, other=0.0)
+        acc += w[:, None] * tl.load(acc_ptr + idx[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+    o = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+    o = tl.where((l_tot > 0)[:, None], o, 0.0)
+    for jc in tl.static_range(D // BJ):
+        cols = jc * BJ + tl.arange(0, BJ)
+        rot = tl.load(rot_ptr + d[:, None] * D + cols[None, :])
+        y = tl.dot(o, rot, input_precision="ieee")
+        tl.store(out_ptr + (sh * G + g)[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None])
 
 
 @triton.jit

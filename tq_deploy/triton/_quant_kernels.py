@@ -39,9 +39,8 @@ def _quantize(y, bnd_ptr, BITS: tl.constexpr):
     """Number of boundaries strictly below y, by binary search (BITS probes)."""
     code = tl.zeros(y.shape, tl.int32)
     for level in tl.static_range(BITS):
-        step: tl.constexpr = 1 << (BITS - 1 - level)
-        b = tl.load(bnd_ptr + code + (step - 1))
-        code += tl.where(y > b, step, 0)
+        b = tl.load(bnd_ptr + code + ((1 << (BITS - 1 - level)) - 1))
+        code += tl.where(y > b, 1 << (BITS - 1 - level), 0)
     return code
 
 

@@ -15,11 +15,13 @@ import torch
 
 from . import _common as C
 from ._dot import interpreting
-from ._attention_kernels import LOG2E, qrot_kernel, reduce_kernel, split_kernel
+from ._attention_kernels import LOG2E, qrot_kernel, reduce_group_kernel, reduce_kernel, split_kernel
 
 MIN_SPLIT_TOKENS = 256
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
+GROUP_REDUCE_MAX_SPLITS = 4  # few splits: one reduce program per group (tensor-core rotate-back)
+DEFAULT_LOOKUP = 0
 
 _sm_count: dict = {}
 # the compiled kernels of the last call (registers, spills, SASS for scripts/gpu_check.sh)
@@ -85,11 +87,11 @@ def _check(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens
 
 def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
                     k_codebook, v_codebook, k_bits, v_bits, scale=0.0, *, block_n=None, num_splits=None,
-                    num_warps=None, num_stages=None):
+                    num_warps=None, num_stages=None, lookup=None):
     """out [S, Hq, D] in query's dtype; see the reference paged_attention.
 
-    Keyword-only tuning knobs (block_n, num_splits, num_warps, num_stages) exist for the
-    benchmark; the defaults come from the shapes.
+    Keyword-only tuning knobs (block_n, num_splits, num_warps, num_stages, lookup) exist
+    for the benchmark; the defaults come from the shapes.
     """
     s, hq, dim, n, page, hkv = _check(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
                                       rotation, k_codebook, v_codebook, k_bits, v_bits)
@@ -127,25 +129,23 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     ctx = context_lens.contiguous()
     kc, vc = k_codes.contiguous(), v_codes.contiguous()
     kn, vn = k_norms.contiguous(), v_norms.contiguous()
-    fused = splits == 1
-    if fused:
-        m = l = acc = out  # unused placeholders
-    else:
-        m = torch.empty((s * hkv, splits, group), dtype=torch.float32, device=dev)
-        l = torch.empty_like(m)
-        acc = torch.empty((s * hkv, splits, group, dim), dtype=torch.float32, device=dev)
+    m = torch.empty((s * hkv, splits, group), dtype=torch.float32, device=dev)
+    l = torch.empty_like(m)
+    acc = torch.empty((s * hkv, splits, group, dim), dtype=torch.float32, device=dev)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     last_compiled["split"] = split_kernel[(s * hkv, splits)](
         q_rot, C.as_words(kc), kc, kn, C.as_words(vc), vc, vn, bt, ctx, kcb, vcb,
         m, l, acc,
         bt.stride(0), hkv, per_split, splits,
         G=group, GP=gp, D=dim, PAGE=page, KBITS=k_bits, VBITS=v_bits, BLOCK_N=block_n,
-        FUSED_OUT=fused, rot_ptr=rot, out_ptr=out, BJ=min(dim, 64) if dim <= 128 else 32,
-        UPCAST=interpreting() and half == torch.bfloat16,
+        LOOKUP=DEFAULT_LOOKUP if lookup is None else lookup, UPCAST=interpreting(),
         num_warps=num_warps, **extra,
     )
-    if not fused:
+    if splits <= GROUP_REDUCE_MAX_SPLITS:
+        last_compiled["reduce"] = reduce_group_kernel[(s * hkv,)](m, l, acc, rot, out, splits, G=group, GP=gp, D=dim,
+                                                                  BJ=min(dim, 32), num_warps=4)
+    else:
         sb = min(_next_pow2(splits), max(1, 8192 // dim))
-        last_compiled["reduce"] = reduce_kernel[(s * hq,)](m, l, acc, rot, out, splits, G=group, D=dim, SB=sb, BJ=min(dim, 32),
-                                 num_warps=4)
+        last_compiled["reduce"] = reduce_kernel[(s * hq,)](m, l, acc, rot, out, splits, G=group, D=dim, SB=sb,
+                                                           BJ=min(dim, 32), num_warps=4)
     return out
