@@ -131,6 +131,13 @@ class _Bindings:
                 f"{self.op}: dimension {symbol} of {where} is {dim.dim_value}, expected {old.dim_value}"
             )
 
+    def expect(self, symbol: str, value: int, formula: str) -> None:
+        """Bind a derived symbol; an input that already gave it another size is the error."""
+        old = self.concrete(symbol)
+        if old is not None and old != value:
+            raise InferenceError(f"{self.op}: dimension {symbol} is {old}, expected {formula} = {value}")
+        self.dims[symbol] = _concrete_dim(value)
+
     def concrete(self, symbol: str) -> int | None:
         dim = self.dims.get(symbol)
         return dim.dim_value if dim is not None and dim.HasField("dim_value") else None
@@ -237,9 +244,10 @@ def _bind_derived(attrs: dict, bound: _Bindings) -> None:
     for symbol, (bits_name, rule) in _DERIVED.items():
         if bits_name not in attrs or (symbol.startswith("P") and head_dim is None):
             continue
-        formula = f"ceil(D * {bits_name} / 8)" if symbol.startswith("P") else f"2**{bits_name}"
-        bound.bind(symbol, _concrete_dim(rule(head_dim, attrs[bits_name])),
-                   f"{formula} with D={head_dim}, {bits_name}={attrs[bits_name]}")
+        bits = attrs[bits_name]
+        formula = (f"ceil(D * {bits_name} / 8) with D={head_dim}, {bits_name}={bits}" if symbol.startswith("P")
+                   else f"2**{bits_name} with {bits_name}={bits}")
+        bound.expect(symbol, rule(head_dim, bits), formula)
 
 
 def _output_shape(t: ops.TensorSpec, bound: _Bindings):
