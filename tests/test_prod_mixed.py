@@ -131,3 +131,16 @@ def test_mixed_error_between_its_two_bit_widths_on_outlier_data(low, gen):
     assert e_high < e_mixed < e_low, (e_high, e_mixed, e_low)
     # The outliers carry most of the energy and get the extra bit: closer to the high end.
     assert e_mixed - e_high < e_low - e_mixed
+
+
+@pytest.mark.parametrize("bad", [[1, 2, 3], [1, 2, 3, 3], [1, 2, 3, 200], [-70, 1, 2, 3]],
+                         ids=["too-few", "duplicate", "out-of-range", "negative"])
+def test_fixed_outlier_indices_are_validated(bad):
+    """A wrong ``outlier_idx`` must be refused up front, naming outlier_idx, the value and what is
+    expected (4 distinct channels in 0..63): today it surfaces later as a misleading
+    'x.shape[-1]=3, expected head_dim=4', or as an IndexError."""
+    with pytest.raises(ValueError) as info:
+        m = MixedPrecisionTurboQuant(64, 4, 3, 2, outlier_idx=torch.tensor(bad))
+        m.quantize(torch.randn(3, 64))
+    message = str(info.value)
+    assert "outlier_idx" in message and "4" in message and "63" in message, message
