@@ -1,0 +1,213 @@
+// TQPagedAttention kernel: one fused pass per (sequence, KV head) with an online softmax.
+//
+// The query heads that share a KV head (the GQA group) are processed together, so each cached
+// token's codes are unpacked once and scored against every head of the group. Tokens go in
+// chunks of kChunk: their codes are unpacked straight from the paged cache into two small
+// thread-local tiles of centroid values (kChunk x D floats each, L1/L2 resident; the cache is
+// never decompressed as a whole), then
+//     scores  s[g][t] = k_norm_t * <scale * q_rot[g], c_k[idx_k_t]>      (register-blocked)
+//     softmax running max / sum per head, rescaled once per chunk
+//     acc[g]  += p[g][t] * v_norm_t * c_v[idx_v_t]                       (register-blocked)
+// and at the end out[g] = Pi^T (acc[g] / sum[g]).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "tq_codes.h"
+#include "tq_kernels.h"
+#include "tq_simd.h"
+
+namespace tq {
+namespace {
+
+using detail::Dequantizer;
+
+constexpr int64_t kChunk = 32;  // tokens per tile / online-softmax rescale
+
+TQ_INLINE int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+
+using detail::F8;
+
+// out[h * out_stride + t] = <q[h], k[t]> for NH heads x NT tokens; rows are ds floats (ds % 8 == 0).
+// NH * NT vector accumulators stay in registers; each loaded q / k vector is used NT / NH times.
+template <int NH, int NT>
+TQ_INLINE void score_block(const float* q, const float* k, int64_t ds, float* out, int64_t out_stride) {
+  F8 acc[NH][NT];
+  for (int h = 0; h < NH; ++h) {
+    for (int t = 0; t < NT; ++t) acc[h][t] = detail::f8_zero();
+  }
+  for (int64_t d = 0; d < ds; d += 8) {
+    F8 kv[NT];
+    for (int t = 0; t < NT; ++t) kv[t] = detail::f8_load(k + t * ds + d);
+    for (int h = 0; h < NH; ++h) {
+      const F8 qv = detail::f8_load(q + h * ds + d);
+      for (int t = 0; t < NT; ++t) acc[h][t] += qv * kv[t];
+    }
+  }
+  for (int h = 0; h < NH; ++h) {
+    for (int t = 0; t < NT; ++t) out[h * out_stride + t] = detail::f8_sum(acc[h][t]);
+  }
+}
+
+template <int NH>
+TQ_INLINE void score_heads(const float* q, const float* k_tile, int64_t n, int64_t ds, float* out) {
+  int64_t t = 0;
+  for (; t + 2 <= n; t += 2) score_block<NH, 2>(q, k_tile + t * ds, ds, out + t, kChunk);
+  for (; t < n; ++t) score_block<NH, 1>(q, k_tile + t * ds, ds, out + t, kChunk);
+}
+
+// acc[h] += sum_t w[h * kChunk + t] * v[t] for NH heads; NH accumulator vectors per 8 lanes stay
+// in registers across all tokens of the chunk.
+template <int NH>
+TQ_INLINE void accumulate_heads(float* acc, const float* w, const float* v_tile, int64_t n, int64_t ds) {
+  for (int64_t d = 0; d < ds; d += 8) {
+    F8 a[NH];
+    for (int h = 0; h < NH; ++h) a[h] = detail::f8_load(acc + h * ds + d);
+    for (int64_t t = 0; t < n; ++t) {
+      const F8 v = detail::f8_load(v_tile + t * ds + d);
+      for (int h = 0; h < NH; ++h) a[h] += detail::f8_set1(w[h * kChunk + t]) * v;
+    }
+    for (int h = 0; h < NH; ++h) detail::f8_store(acc + h * ds + d, a[h]);
+  }
+}
+
+struct AttentionJob {
+  const void* query;
+  DType q_type;
+  int64_t num_q_heads, group;
+  const PagedCache* cache;
+  const int32_t* block_tables;
+  int64_t max_blocks;
+  const int32_t* context_lens;
+  const float* rotation;
+  const Dequantizer* k_dequantizer;
+  const Dequantizer* v_dequantizer;
+  float scale;
+  void* out;
+};
+
+TQ_MULTIVERSION void attention_task(void* ctx, size_t task) {
+  const auto& job = *static_cast<const AttentionJob*>(ctx);
+  const PagedCache& c = *job.cache;
+  const Dequantizer& kd = *job.k_dequantizer;
+  const Dequantizer& vd = *job.v_dequantizer;
+  const int64_t d = c.head_dim, hkv = c.num_kv_heads, bsz = c.block_size, groups = job.group;
+  const int64_t s = static_cast<int64_t>(task) / hkv;
+  const int64_t kv_head = static_cast<int64_t>(task) % hkv;
+  const int64_t out_row0 = s * job.num_q_heads + kv_head * groups;  // first query head of the group
+  const int64_t ctx_len = job.context_lens[s];
+
+  std::vector<float> out_buf(d, 0.f);
+  if (ctx_len <= 0) {
+    for (int64_t g = 0; g < groups; ++g) detail::store_from_float(out_buf.data(), d, job.out, job.q_type, (out_row0 + g) * d);
+    return;
+  }
+
+  // Rows padded to ds floats (a multiple of 8, room for unpack's whole bytes); the padding of
+  // q_rot is zero, so whatever centroids land in the tiles' padding contributes nothing.
+  const int64_t ds = round_up8(std::max({d, kd.padded_dim(), vd.padded_dim()}));
+  std::vector<float> q_rot(groups * ds, 0.f), acc(groups * ds, 0.f), qf(d);
+  for (int64_t g = 0; g < groups; ++g) {  // q_rot = scale * Pi q
+    detail::load_as_float(job.query, job.q_type, (out_row0 + g) * d, d, qf.data());
+    float* qr = q_rot.data() + g * ds;
+    detail::matvec(job.rotation, qf.data(), qr, d);
+    for (int64_t i = 0; i < d; ++i) qr[i] *= job.scale;
+  }
+
+  std::vector<float> k_tile(kChunk * ds, 0.f), v_tile(kChunk * ds, 0.f);
+  std::vector<float> probs(groups * kChunk), k_norm(kChunk), v_norm(kChunk);
+  std::vector<float> running_max(groups, -std::numeric_limits<float>::infinity()), running_sum(groups, 0.f);
+  const int32_t* table = job.block_tables + s * job.max_blocks;
+
+  // Cache rows of a chunk's tokens; the next chunk's rows are prefetched while this one runs
+  // (tokens of one head are Hkv rows apart and blocks are scattered: the hardware prefetcher
+  // cannot follow).
+  std::vector<int64_t> rows(kChunk), next_rows(kChunk);
+  auto chunk_rows = [&](int64_t t0, int64_t* out) {
+    const int64_t n = std::min(kChunk, ctx_len - t0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = t0 + i;
+      out[i] = (static_cast<int64_t>(table[t / bsz]) * bsz + t % bsz) * hkv + kv_head;
+    }
+    return n;
+  };
+  chunk_rows(0, next_rows.data());
+
+  for (int64_t t0 = 0; t0 < ctx_len; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, ctx_len - t0);
+    rows.swap(next_rows);
+    if (t0 + kChunk < ctx_len) {
+      const int64_t next_n = chunk_rows(t0 + kChunk, next_rows.data());
+      for (int64_t i = 0; i < next_n; ++i) {
+        detail::prefetch(c.k_codes + next_rows[i] * kd.packed, kd.packed);
+        detail::prefetch(c.v_codes + next_rows[i] * vd.packed, vd.packed);
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {  // unpack the chunk's tokens
+      const int64_t row = rows[i];
+      kd.unpack(c.k_codes + row * kd.packed, k_tile.data() + i * ds);
+      vd.unpack(c.v_codes + row * vd.packed, v_tile.data() + i * ds);
+      k_norm[i] = c.k_norms[row];
+      v_norm[i] = c.v_norms[row];
+    }
+
+    int64_t g = 0;
+    for (; g + 4 <= groups; g += 4) score_heads<4>(q_rot.data() + g * ds, k_tile.data(), n, ds, probs.data() + g * kChunk);
+    for (; g < groups; ++g) score_heads<1>(q_rot.data() + g * ds, k_tile.data(), n, ds, probs.data() + g * kChunk);
+
+    for (g = 0; g < groups; ++g) {  // online softmax; probs become weights p * v_norm
+      float* p = probs.data() + g * kChunk;
+      float chunk_max = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < n; ++i) {
+        p[i] *= k_norm[i];
+        chunk_max = std::max(chunk_max, p[i]);
+      }
+      const float new_max = std::max(running_max[g], chunk_max);
+      if (new_max > running_max[g]) {
+        const float alpha = std::exp(running_max[g] - new_max);
+        running_sum[g] *= alpha;
+        float* a = acc.data() + g * ds;
+        for (int64_t j = 0; j < ds; ++j) a[j] *= alpha;
+        running_max[g] = new_max;
+      }
+      float sum = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        const float e = std::exp(p[i] - new_max);
+        sum += e;
+        p[i] = e * v_norm[i];
+      }
+      running_sum[g] += sum;
+    }
+
+    g = 0;
+    for (; g + 8 <= groups; g += 8) accumulate_heads<8>(acc.data() + g * ds, probs.data() + g * kChunk, v_tile.data(), n, ds);
+    for (; g + 4 <= groups; g += 4) accumulate_heads<4>(acc.data() + g * ds, probs.data() + g * kChunk, v_tile.data(), n, ds);
+    for (; g < groups; ++g) accumulate_heads<1>(acc.data() + g * ds, probs.data() + g * kChunk, v_tile.data(), n, ds);
+  }
+
+  for (int64_t g = 0; g < groups; ++g) {  // out = Pi^T (acc / sum)
+    float* a = acc.data() + g * ds;
+    const float inv = 1.f / running_sum[g];
+    for (int64_t j = 0; j < d; ++j) a[j] *= inv;
+    detail::matvec_transposed(job.rotation, a, out_buf.data(), d);
+    detail::store_from_float(out_buf.data(), d, job.out, job.q_type, (out_row0 + g) * d);
+  }
+}
+
+}  // namespace
+
+void paged_attention(const void* query, DType q_type, int64_t num_seqs, int64_t num_q_heads, const PagedCache& cache,
+                     const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
+                     const float* rotation, const float* k_codebook, const float* v_codebook, float scale, void* out,
+                     const Parallel& parallel) {
+  const Dequantizer kd(k_codebook, cache.k_bits, cache.head_dim);
+  const Dequantizer vd(v_codebook, cache.v_bits, cache.head_dim);
+  const float used_scale =
+      scale > 0.f ? scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(cache.head_dim)));
+  AttentionJob job{query, q_type, num_q_heads, num_q_heads / cache.num_kv_heads, &cache, block_tables, max_blocks,
+                   context_lens, rotation, &kd, &vd, used_scale, out};
+  parallel.for_each(static_cast<size_t>(num_seqs * cache.num_kv_heads), attention_task, &job);
+}
+
+}  // namespace tq

@@ -1,0 +1,154 @@
+// TQEncode / TQDecode / TQCacheUpdate kernels: one vector at a time, rows spread over threads.
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "tq_codes.h"
+#include "tq_kernels.h"
+#include "tq_simd.h"
+
+namespace tq {
+namespace {
+
+using detail::Dequantizer;
+using detail::Quantizer;
+
+// Normalize-rotate-quantize one float32 vector x (overwritten with u = x / ||x||).
+// Normalizing before rotating follows the reference's rounding order: y = Pi u.
+TQ_INLINE void encode_vector(float* x, const float* rotation, const Quantizer& q, float* y, uint8_t* codes,
+                             float* norm_out) {
+  const int64_t d = q.dim;
+  const float norm = std::sqrt(detail::dot(x, x, d));
+  *norm_out = norm;
+  if (norm > 0.f) {
+    for (int64_t i = 0; i < d; ++i) x[i] /= norm;
+    detail::matvec(rotation, x, y, d);
+  } else {
+    std::fill(y, y + d, 0.f);
+  }
+  q.pack(y, codes);
+}
+
+constexpr int64_t kRowsPerTask = 32;
+
+size_t task_count(int64_t rows) { return static_cast<size_t>((rows + kRowsPerTask - 1) / kRowsPerTask); }
+
+struct EncodeJob {
+  const void* x;
+  DType x_type;
+  int64_t rows, dim;
+  const float* rotation;
+  const Quantizer* quantizer;
+  uint8_t* codes;
+  float* norms;
+};
+
+TQ_MULTIVERSION void encode_task(void* ctx, size_t task) {
+  const auto& job = *static_cast<const EncodeJob*>(ctx);
+  const int64_t begin = static_cast<int64_t>(task) * kRowsPerTask;
+  const int64_t end = std::min(job.rows, begin + kRowsPerTask);
+  std::vector<float> xf(job.dim), y(job.dim);
+  for (int64_t r = begin; r < end; ++r) {
+    detail::load_as_float(job.x, job.x_type, r * job.dim, job.dim, xf.data());
+    encode_vector(xf.data(), job.rotation, *job.quantizer, y.data(), job.codes + r * job.quantizer->packed,
+                  job.norms + r);
+  }
+}
+
+struct DecodeJob {
+  const uint8_t* codes;
+  const float* norms;
+  int64_t rows, dim;
+  const float* rotation;
+  const Dequantizer* dequantizer;
+  float* x_hat;
+};
+
+// x_hat = (c[code] @ Pi) * norm, the reference's order.
+TQ_MULTIVERSION void decode_task(void* ctx, size_t task) {
+  const auto& job = *static_cast<const DecodeJob*>(ctx);
+  const int64_t begin = static_cast<int64_t>(task) * kRowsPerTask;
+  const int64_t end = std::min(job.rows, begin + kRowsPerTask);
+  std::vector<float> c(job.dequantizer->padded_dim());
+  for (int64_t r = begin; r < end; ++r) {
+    job.dequantizer->unpack(job.codes + r * job.dequantizer->packed, c.data());
+    float* out = job.x_hat + r * job.dim;
+    detail::matvec_transposed(job.rotation, c.data(), out, job.dim);
+    const float norm = job.norms[r];
+    for (int64_t i = 0; i < job.dim; ++i) out[i] *= norm;
+  }
+}
+
+struct CacheUpdateJob {
+  const void* key;
+  const void* value;
+  DType kv_type;
+  const int64_t* slot_mapping;
+  const std::vector<int64_t>* tokens;  // tokens that actually write (last writer per slot)
+  const PagedCache* cache;
+  const float* rotation;
+  const Quantizer* k_quantizer;
+  const Quantizer* v_quantizer;
+};
+
+// One task = one token: all of its KV heads, keys and values.
+TQ_MULTIVERSION void cache_update_task(void* ctx, size_t task) {
+  const auto& job = *static_cast<const CacheUpdateJob*>(ctx);
+  const PagedCache& c = *job.cache;
+  const int64_t d = c.head_dim, hkv = c.num_kv_heads;
+  const int64_t t = (*job.tokens)[task];
+  const int64_t slot = job.slot_mapping[t];
+  std::vector<float> xf(d), y(d);
+  for (int64_t h = 0; h < hkv; ++h) {
+    const int64_t src = (t * hkv + h) * d;
+    const int64_t row = slot * hkv + h;
+    detail::load_as_float(job.key, job.kv_type, src, d, xf.data());
+    encode_vector(xf.data(), job.rotation, *job.k_quantizer, y.data(), c.k_codes + row * job.k_quantizer->packed,
+                  c.k_norms + row);
+    detail::load_as_float(job.value, job.kv_type, src, d, xf.data());
+    encode_vector(xf.data(), job.rotation, *job.v_quantizer, y.data(), c.v_codes + row * job.v_quantizer->packed,
+                  c.v_norms + row);
+  }
+}
+
+}  // namespace
+
+void encode(const void* x, DType x_type, int64_t rows, int64_t dim, const float* rotation, const float* codebook,
+            int bits, uint8_t* codes, float* norms, const Parallel& parallel) {
+  const Quantizer quantizer(codebook, bits, dim);
+  EncodeJob job{x, x_type, rows, dim, rotation, &quantizer, codes, norms};
+  parallel.for_each(task_count(rows), encode_task, &job);
+}
+
+void decode(const uint8_t* codes, const float* norms, int64_t rows, int64_t dim, const float* rotation,
+            const float* codebook, int bits, float* x_hat, const Parallel& parallel) {
+  const Dequantizer dequantizer(codebook, bits, dim);
+  DecodeJob job{codes, norms, rows, dim, rotation, &dequantizer, x_hat};
+  parallel.for_each(task_count(rows), decode_task, &job);
+}
+
+void cache_update(const void* key, const void* value, DType kv_type, const int64_t* slot_mapping, int64_t num_tokens,
+                  const PagedCache& cache, const float* rotation, const float* k_codebook, const float* v_codebook,
+                  const Parallel& parallel) {
+  // Keep only the last token that names each slot, so concurrent tasks never write one slot twice.
+  std::vector<std::pair<int64_t, int64_t>> slot_token;
+  slot_token.reserve(static_cast<size_t>(num_tokens));
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (slot_mapping[t] >= 0) slot_token.emplace_back(slot_mapping[t], t);
+  }
+  std::sort(slot_token.begin(), slot_token.end());
+  std::vector<int64_t> tokens;
+  tokens.reserve(slot_token.size());
+  for (size_t i = 0; i < slot_token.size(); ++i) {
+    if (i + 1 == slot_token.size() || slot_token[i + 1].first != slot_token[i].first) {
+      tokens.push_back(slot_token[i].second);
+    }
+  }
+  const Quantizer kq(k_codebook, cache.k_bits, cache.head_dim);
+  const Quantizer vq(v_codebook, cache.v_bits, cache.head_dim);
+  CacheUpdateJob job{key, value, kv_type, slot_mapping, &tokens, &cache, rotation, &kq, &vq};
+  parallel.for_each(tokens.size(), cache_update_task, &job);
+}
+
+}  // namespace tq

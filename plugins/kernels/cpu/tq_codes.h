@@ -1,0 +1,98 @@
+// Internal: scalar quantization to codes, bit packing, and unpacking straight to centroids.
+// Packed layout: a little-endian bit stream, code i at bits [i*bits, (i+1)*bits) counting from
+// bit 0 of byte 0; a 3-bit code may straddle two bytes (8 codes fill 3 bytes).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "tq_kernels.h"
+#include "tq_simd.h"
+
+namespace tq {
+namespace detail {
+
+// Nearest centroid = number of midpoints strictly below the value (ties take the lower code).
+struct Quantizer {
+  int bits;
+  int64_t dim;
+  int64_t packed;
+  std::vector<float> boundaries;  // 2**bits - 1 ascending midpoints (c_k + c_{k+1}) / 2
+
+  Quantizer(const float* codebook, int bits_, int64_t dim_)
+      : bits(bits_), dim(dim_), packed(packed_size(dim_, bits_)) {
+    const int k = 1 << bits;
+    boundaries.resize(k - 1);
+    for (int i = 0; i + 1 < k; ++i) boundaries[i] = (codebook[i + 1] + codebook[i]) * 0.5f;
+  }
+
+  TQ_INLINE uint8_t code_of(float y) const {
+    uint8_t code = 0;
+    for (float b : boundaries) code += static_cast<uint8_t>(b < y);
+    return code;
+  }
+
+  TQ_INLINE void pack(const float* y, uint8_t* out) const {
+    std::memset(out, 0, static_cast<size_t>(packed));
+    for (int64_t i = 0; i < dim; ++i) {
+      const int64_t bit = i * bits;
+      const uint32_t v = static_cast<uint32_t>(code_of(y[i])) << (bit & 7);
+      out[bit >> 3] |= static_cast<uint8_t>(v & 0xffu);
+      if ((bit & 7) + bits > 8) out[(bit >> 3) + 1] |= static_cast<uint8_t>(v >> 8);
+    }
+  }
+};
+
+// Packed bytes -> centroid values. For 1, 2 and 4 bits a byte holds 8/bits whole codes, so a
+// 256-entry table of centroid tuples turns each byte into floats with one copy; 3-bit codes
+// are decoded 8 at a time from 3-byte groups.
+struct Dequantizer {
+  int bits;
+  int64_t dim;
+  int64_t packed;
+  int per_byte;
+  const float* codebook;
+  std::vector<float> byte_table;  // [256][per_byte], bits in {1, 2, 4}
+
+  Dequantizer(const float* codebook_, int bits_, int64_t dim_)
+      : bits(bits_), dim(dim_), packed(packed_size(dim_, bits_)), per_byte(8 / bits_), codebook(codebook_) {
+    if (bits != 3) {
+      byte_table.resize(256 * static_cast<size_t>(per_byte));
+      const unsigned mask = (1u << bits) - 1u;
+      for (unsigned b = 0; b < 256; ++b) {
+        for (int k = 0; k < per_byte; ++k) byte_table[b * per_byte + k] = codebook[(b >> (k * bits)) & mask];
+      }
+    }
+  }
+
+  // Floats unpack() writes: dim rounded up to whole bytes (1/2/4 bits) or 3-byte groups.
+  int64_t padded_dim() const { return bits == 3 ? (packed + 2) / 3 * 8 : packed * per_byte; }
+
+  TQ_INLINE void unpack(const uint8_t* p, float* out) const {
+    if (bits == 3) {
+      const int64_t full = packed / 3;
+      for (int64_t g = 0; g < full; ++g, p += 3, out += 8) {
+        const uint32_t w = p[0] | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16);
+        for (int k = 0; k < 8; ++k) out[k] = codebook[(w >> (3 * k)) & 7u];
+      }
+      const int64_t rest = packed - full * 3;
+      if (rest > 0) {
+        uint32_t w = p[0];
+        if (rest > 1) w |= static_cast<uint32_t>(p[1]) << 8;
+        for (int k = 0; k < 8; ++k) out[k] = codebook[(w >> (3 * k)) & 7u];
+      }
+      return;
+    }
+    const float* table = byte_table.data();
+    if (per_byte == 2) {  // 4 bits: the common case, one 8-byte copy per byte
+      for (int64_t i = 0; i < packed; ++i) std::memcpy(out + 2 * i, table + 2 * p[i], 2 * sizeof(float));
+      return;
+    }
+    const size_t step = static_cast<size_t>(per_byte);
+    for (int64_t i = 0; i < packed; ++i) std::memcpy(out + i * step, table + p[i] * step, step * sizeof(float));
+  }
+};
+
+}  // namespace detail
+}  // namespace tq
