@@ -136,5 +136,8 @@ def compare(actual: dict, expected: dict, *, title: str = "comparison", toleranc
             report.outputs.append(OutputComparison(name, tuple(_np(exp).shape), str(_np(exp).dtype), float("inf"),
                                                    float("inf"), 1.0, False, "missing"))
             continue
-        report.outputs.append(compare_output(name, actual[name], exp, tol, code_bits.get(name)))
+        row = compare_output(name, actual[name], exp, tol, code_bits.get(name))
+        if tol != report.tolerance and not row.note:
+            row.note = f"{row.dtype} tolerance atol={tol.atol:g} rtol={tol.rtol:g}"
+        report.outputs.append(row)
     return report
