@@ -126,3 +126,13 @@ def test_compare_flags_wrong_outputs():
     nan = good["out"].clone()
     nan[1, 1] = float("nan")
     assert not compare(dict(good, out=nan), expected).passed
+
+
+def test_run_cli_without_the_library_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "dec.onnx"
+    assert main(["export", "--out", str(path), "--op", "TQDecode", "--bits", "2", "--head-dim", "16"]) == 0
+    monkeypatch.setenv("TQ_DEPLOY_ORT_LIBRARY", str(tmp_path / "missing.so"))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tq-deploy run: error:") and "missing.so" in err and err.count("\n") == 1
