@@ -120,7 +120,7 @@ def test_fixed_outlier_indices_override_the_data(gen):
 def test_mixed_error_between_its_two_bit_widths_on_outlier_data(low, gen):
     dim = 128
     planted = torch.randperm(dim, generator=gen)[:16]
-    x = with_outliers(gen, 2000, dim, planted, scale=10.0)
+    x = with_outliers(gen, 2000, dim, planted, scale=4.0)  # outliers dominate, regular channels still count
 
     def relative_error(quantize) -> float:
         return float((quantize(x) - x).pow(2).sum() / x.pow(2).sum())
