@@ -11,6 +11,8 @@
 // and at the end out[g] = Pi^T (acc[g] / sum[g]).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -87,8 +89,11 @@ struct AttentionJob {
   void* out;
 };
 
-TQ_MULTIVERSION void attention_task(void* ctx, size_t task) {
-  const auto& job = *static_cast<const AttentionJob*>(ctx);
+// Unpacker: anything with unpack(packed row, floats) (Dequantizer's byte tables, or the
+// vector-permutation unpacker on AVX2).
+template <typename Unpacker>
+TQ_INLINE void attention_body(const AttentionJob& job, size_t task, const Unpacker& k_unpack,
+                              const Unpacker& v_unpack) {
   const PagedCache& c = *job.cache;
   const Dequantizer& kd = *job.k_dequantizer;
   const Dequantizer& vd = *job.v_dequantizer;
@@ -146,8 +151,8 @@ TQ_MULTIVERSION void attention_task(void* ctx, size_t task) {
     }
     for (int64_t i = 0; i < n; ++i) {  // unpack the chunk's tokens
       const int64_t row = rows[i];
-      kd.unpack(c.k_codes + row * kd.packed, k_tile.data() + i * ds);
-      vd.unpack(c.v_codes + row * vd.packed, v_tile.data() + i * ds);
+      k_unpack.unpack(c.k_codes + row * kd.packed, k_tile.data() + i * ds);
+      v_unpack.unpack(c.v_codes + row * vd.packed, v_tile.data() + i * ds);
       k_norm[i] = c.k_norms[row];
       v_norm[i] = c.v_norms[row];
     }
@@ -195,6 +200,40 @@ TQ_MULTIVERSION void attention_task(void* ctx, size_t task) {
   }
 }
 
+struct TableUnpacker {
+  const Dequantizer* dq;
+  TQ_INLINE void unpack(const uint8_t* p, float* out) const { dq->unpack(p, out); }
+};
+
+void attention_task_portable(void* ctx, size_t task) {
+  const auto& job = *static_cast<const AttentionJob*>(ctx);
+  attention_body(job, task, TableUnpacker{job.k_dequantizer}, TableUnpacker{job.v_dequantizer});
+}
+
+// Explicit AVX2 + FMA variant (picked at run time): vector unpacking needs vpermps.
+#if defined(TQ_HAVE_VECTOR_UNPACK) && defined(__x86_64__)
+#define TQ_HAVE_AVX2_ATTENTION 1
+__attribute__((target("avx2,fma"))) void attention_task_avx2(void* ctx, size_t task) {
+  const auto& job = *static_cast<const AttentionJob*>(ctx);
+  const detail::VectorUnpacker k_unpack(*job.k_dequantizer), v_unpack(*job.v_dequantizer);
+  attention_body(job, task, k_unpack, v_unpack);
+}
+#endif
+
+Parallel::Task attention_task() {
+#if defined(TQ_HAVE_AVX2_ATTENTION)
+  // TQ_DEPLOY_CPU_KERNELS=portable forces the portable path (tests cover both paths with it).
+  static const bool avx2 = [] {
+    const char* choice = std::getenv("TQ_DEPLOY_CPU_KERNELS");
+    if (choice != nullptr && std::strcmp(choice, "portable") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  if (avx2) return attention_task_avx2;
+#endif
+  return attention_task_portable;
+}
+
 }  // namespace
 
 void paged_attention(const void* query, DType q_type, int64_t num_seqs, int64_t num_q_heads, const PagedCache& cache,
@@ -207,7 +246,7 @@ void paged_attention(const void* query, DType q_type, int64_t num_seqs, int64_t 
       scale > 0.f ? scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(cache.head_dim)));
   AttentionJob job{query, q_type, num_q_heads, num_q_heads / cache.num_kv_heads, &cache, block_tables, max_blocks,
                    context_lens, rotation, &kd, &vd, used_scale, out};
-  parallel.for_each(static_cast<size_t>(num_seqs * cache.num_kv_heads), attention_task, &job);
+  parallel.for_each(static_cast<size_t>(num_seqs * cache.num_kv_heads), attention_task(), &job);
 }
 
 }  // namespace tq

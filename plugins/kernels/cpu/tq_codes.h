@@ -92,7 +92,66 @@ struct Dequantizer {
     const size_t step = static_cast<size_t>(per_byte);
     for (int64_t i = 0; i < packed; ++i) std::memcpy(out + i * step, table + p[i] * step, step * sizeof(float));
   }
+
+  // Code i of a packed vector, read bit by bit (tails and the portable paths).
+  TQ_INLINE unsigned code_at(const uint8_t* p, int64_t i) const {
+    const int64_t bit = i * bits;
+    const int shift = static_cast<int>(bit & 7);
+    unsigned v = p[bit >> 3] >> shift;
+    if (shift + bits > 8) v |= static_cast<unsigned>(p[(bit >> 3) + 1]) << (8 - shift);
+    return v & ((1u << bits) - 1u);
+  }
 };
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define TQ_HAVE_VECTOR_UNPACK 1
+typedef uint32_t U8 __attribute__((vector_size(32)));
+
+// Vector unpacking: 8 codes of BITS bits fill exactly BITS bytes, so a group is one small
+// little-endian word w with code k = (w >> (BITS * k)) & mask; the centroids come from a
+// variable lane permutation of the (zero-padded) 16-entry codebook held in two registers
+// (vpermps on AVX2). Only worth it where the permutation is one instruction: callers use it in
+// their AVX2 code path.
+struct VectorUnpacker {
+  const Dequantizer* dq;
+  F8 cb_lo, cb_hi;
+
+  explicit VectorUnpacker(const Dequantizer& d) : dq(&d) {
+    float padded[16] = {};
+    for (int i = 0; i < (1 << d.bits); ++i) padded[i] = d.codebook[i];
+    cb_lo = f8_load(padded);
+    cb_hi = f8_load(padded + 8);
+  }
+
+  template <int BITS>
+  TQ_INLINE void groups(const uint8_t* p, float* out, int64_t count) const {
+    const U8 shifts = {0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS};
+    const U8 mask = U8{} + ((1u << BITS) - 1u);
+    for (int64_t g = 0; g < count; ++g, p += BITS, out += 8) {
+      uint32_t w = 0;
+      for (int b = 0; b < BITS; ++b) w |= static_cast<uint32_t>(p[b]) << (8 * b);
+      const U8 idx = ((U8{} + w) >> shifts) & mask;
+      if constexpr (BITS == 4) {
+        f8_store(out, __builtin_shuffle(cb_lo, cb_hi, idx));
+      } else {
+        f8_store(out, __builtin_shuffle(cb_lo, idx));
+      }
+    }
+  }
+
+  // Writes dim floats (no padding beyond dim).
+  TQ_INLINE void unpack(const uint8_t* p, float* out) const {
+    const int64_t full = dq->dim / 8;
+    switch (dq->bits) {
+      case 1: groups<1>(p, out, full); break;
+      case 2: groups<2>(p, out, full); break;
+      case 3: groups<3>(p, out, full); break;
+      default: groups<4>(p, out, full); break;
+    }
+    for (int64_t i = full * 8; i < dq->dim; ++i) out[i] = dq->codebook[dq->code_at(p, i)];
+  }
+};
+#endif
 
 }  // namespace detail
 }  // namespace tq
