@@ -285,7 +285,15 @@ class MixedPrecisionTurboQuant:
         self.outlier_channels = outlier_channels
         self.outlier = TurboQuantMSE(outlier_channels, outlier_bits, seed, rotation, device=device)
         self.regular = TurboQuantMSE(head_dim - outlier_channels, regular_bits, seed + 1, rotation, device=device)
-        self.outlier_idx = outlier_idx
+        self.outlier_idx = None if outlier_idx is None else self._check_outlier_idx(outlier_idx)
+
+    def _check_outlier_idx(self, outlier_idx) -> torch.Tensor:
+        idx = torch.as_tensor(outlier_idx).flatten().long()
+        expected = f"{self.outlier_channels} distinct channels in 0..{self.head_dim - 1}"
+        if idx.numel() != self.outlier_channels or idx.unique().numel() != idx.numel() \
+                or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.head_dim)):
+            raise ValueError(f"outlier_idx={idx.tolist()}, expected {expected}")
+        return idx
 
     @classmethod
     def preset(cls, head_dim: int, effective_bits: float, seed: int = 0, rotation: str = "haar", device=None):
