@@ -208,8 +208,9 @@ def main(argv=None) -> int:
     sweep = []
     for spec in filter(None, args.sweep.split(",")):
         batch, seq = (int(v) for v in spec.split("x"))
-        variants = [dict(lookup=lk, block_n=bn, num_warps=nw, num_stages=ns)
-                    for lk in (0, 1) for bn in (32, 64) for nw in (4, 8) for ns in (2, 3)]
+        variants = [dict(layout=1, block_n=bn, num_warps=nw, num_stages=ns)
+                    for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)]
+        variants.append(dict(layout=0, lookup=0, block_n=32, num_warps=4, num_stages=2))
         sweep += sweep_attention(batch, seq, 4, 32, 8, 128, 16, l2, variants)
     if sweep:
         best = sorted(sweep, key=lambda r: r["ms"])[:5]

@@ -42,8 +42,8 @@ for bits, seq, batch in ((4, 4096, 8), (3, 4096, 8), (2, 4096, 8), (4, 2048, 64)
         pops = {op: len(re.findall(re.escape(op), ptx)) for op in ("mma.sync", "wgmma", "ld.global.v4", "ld.global.b16", "ld.global.nc", "ld.shared", "st.shared", "shfl", "ldmatrix", "cp.async")}
         print(f"bits={bits} B={batch} {name}: regs={getattr(k, 'n_regs', '?')} spills={getattr(k, 'n_spills', '?')} "
               f"smem={getattr(k.metadata, 'shared', '?')} warps={k.metadata.num_warps} stages={k.metadata.num_stages}\n  sass {ops}\n  ptx {pops}")
-        if name == "split" and bits == 4 and batch == 8:
-            open(__import__("os").environ["OUT"] + "/split4.sass", "w").write(sass or ptx)
+        if name == "split" and bits in (4, 2) and batch == 8:
+            open(__import__("os").environ["OUT"] + f"/split{bits}.sass", "w").write(sass or ptx)
     A.last_compiled.clear()
 PY
 

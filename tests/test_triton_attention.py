@@ -73,11 +73,11 @@ def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_bl
     return query, cache, tables, ctx, rot, kcb, vcb
 
 
-def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_splits=None, scale=0.0):
+def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_splits=None, scale=0.0, layout=None):
     query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed)
     want = paged_attention_reference(query, *cache.tensors(), tables, ctx, rot, kcb, vcb, k_bits, v_bits, scale)
     dev = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
-    got = tqt.paged_attention(*dev, k_bits, v_bits, scale, num_splits=num_splits)
+    got = tqt.paged_attention(*dev, k_bits, v_bits, scale, num_splits=num_splits, layout=layout)
     assert got.dtype == query.dtype and got.shape == query.shape
     got = got.cpu().float()
     assert torch.isfinite(got).all()
@@ -101,9 +101,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", [0, 1])  # 1: unit-field kernel where the bit widths allow it
 @pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits", CASES)
-def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits):
-    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=sum(ctxs) + dim + k_bits, num_splits=splits)
+def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits, layout):
+    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=sum(ctxs) + dim + k_bits, num_splits=splits,
+             layout=layout)
 
 
 def test_explicit_scale_and_dense_oracle():

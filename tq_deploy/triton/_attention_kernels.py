@@ -52,6 +52,89 @@ def _lookup(cb_ptr, codes, ROWS: tl.constexpr, BITS: tl.constexpr, LOOKUP: tl.co
 
 
 @triton.jit
+def load_units(bytes_ptr, halves_ptr, words_ptr, row, NU: tl.constexpr, UNIT_BITS: tl.constexpr):
+    """[ROWS, NU] int32: the NU equal units (8/16/24/32 bits) of each packed row."""
+    u = tl.arange(0, NU)
+    if UNIT_BITS == 32:
+        x = tl.load(words_ptr + row[:, None] * NU + u[None, :])
+    elif UNIT_BITS == 16:
+        x = tl.load(halves_ptr + row[:, None] * NU + u[None, :]).to(tl.int32) & 0xFFFF
+    elif UNIT_BITS == 8:
+        x = tl.load(bytes_ptr + row[:, None] * NU + u[None, :]).to(tl.int32)
+    else:  # 24-bit units: three bytes each
+        off = row[:, None] * (3 * NU) + u[None, :] * 3
+        x = (tl.load(bytes_ptr + off).to(tl.int32) | (tl.load(bytes_ptr + off + 1).to(tl.int32) << 8)
+             | (tl.load(bytes_ptr + off + 2).to(tl.int32) << 16))
+    return x
+
+
+@triton.jit
+def split_kernel_fields(qrot_ptr, kb_ptr, kh_ptr, kw_ptr, kn_ptr, vb_ptr, vh_ptr, vw_ptr, vn_ptr, bt_ptr, ctx_ptr,
+                        kcb_ptr, vcb_ptr, m_ptr, l_ptr, acc_ptr,
+                        bt_stride, num_kv_heads, tokens_per_split, num_splits,
+                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                        KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                        KNF: tl.constexpr, VNF: tl.constexpr, UPCAST: tl.constexpr):
+    """split_kernel without any reshape of unpacked codes: a packed row is NU = D / NF units of
+    NF codes each; field f of every unit (coordinates u * NF + f) forms a [BLOCK_N, NU] tile in
+    the layout the units were loaded in. Scores sum one tensor-core dot per key field (q's
+    matching columns); values accumulate into acc3 [VNF, GP, NU] with one batched dot."""
+    sh = tl.program_id(0)
+    split = tl.program_id(1)
+    s = sh // num_kv_heads
+    h = sh % num_kv_heads
+    ctx = tl.load(ctx_ptr + s)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, ctx)
+    KNU: tl.constexpr = D // KNF
+    VNU: tl.constexpr = D // VNF
+
+    g = tl.arange(0, GP)
+    gmask = g < G
+    q_rows = sh.to(tl.int64) * G + g
+    ku = tl.arange(0, KNU)
+
+    m_i = tl.full([GP], -1.0e30, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    vf = tl.arange(0, VNF)
+    vu = tl.arange(0, VNU)
+    acc = tl.zeros([VNF, GP, VNU], tl.float32)
+    bt_row = bt_ptr + s.to(tl.int64) * bt_stride
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        blk = tl.load(bt_row + t // PAGE, mask=valid, other=0)
+        row = (blk.to(tl.int64) * PAGE + (t % PAGE)) * num_kv_heads + h
+        kn = tl.load(kn_ptr + row, mask=valid, other=0.0)
+        vn = tl.load(vn_ptr + row, mask=valid, other=0.0)
+        xk = load_units(kb_ptr, kh_ptr, kw_ptr, row, KNU, KNF * KBITS)
+        xv = load_units(vb_ptr, vh_ptr, vw_ptr, row, VNU, VNF * VBITS)
+        scores = tl.zeros([GP, BLOCK_N], tl.float32)
+        for f in tl.static_range(KNF):
+            q_f = tl.load(qrot_ptr + q_rows[:, None] * D + (ku * KNF + f)[None, :], mask=gmask[:, None], other=0.0)
+            k_f = tl.load(kcb_ptr + ((xk >> (f * KBITS)) & ((1 << KBITS) - 1)))
+            scores = half_dot(q_f, tl.trans(k_f), scores, UPCAST)
+        scores = scores * kn[None, :]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        codes3 = (xv[None, :, :] >> (vf * VBITS)[:, None, None]) & ((1 << VBITS) - 1)
+        v3 = tl.load(vcb_ptr + codes3)  # [VNF, BLOCK_N, VNU]
+        pv = (p * vn[None, :]).to(v3.dtype)
+        pv3 = tl.broadcast_to(pv[None, :, :], [VNF, GP, BLOCK_N])
+        acc = half_dot(pv3, v3, acc * alpha[None, :, None], UPCAST)
+        m_i = m_new
+
+    part = sh.to(tl.int64) * num_splits + split
+    tl.store(m_ptr + part * G + g, m_i, mask=gmask)
+    tl.store(l_ptr + part * G + g, l_i, mask=gmask)
+    cols = vu[None, None, :] * VNF + vf[:, None, None]
+    tl.store(acc_ptr + (part * G + g)[None, :, None] * D + cols, acc, mask=gmask[None, :, None])
+
+
+@triton.jit
 def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, kcb_ptr, vcb_ptr,
                  m_ptr, l_ptr, acc_ptr,
                  bt_stride, num_kv_heads, tokens_per_split, num_splits,

@@ -15,13 +15,21 @@ import torch
 
 from . import _common as C
 from ._dot import interpreting
-from ._attention_kernels import LOG2E, qrot_kernel, reduce_group_kernel, reduce_kernel, split_kernel
+from ._attention_kernels import (
+    LOG2E,
+    qrot_kernel,
+    reduce_group_kernel,
+    reduce_kernel,
+    split_kernel,
+    split_kernel_fields,
+)
 
 MIN_SPLIT_TOKENS = 256
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
 GROUP_REDUCE_MAX_SPLITS = 4  # few splits: one reduce program per group (tensor-core rotate-back)
 DEFAULT_LOOKUP = 0
+DEFAULT_LAYOUT = 1  # 1: split_kernel_fields where unit_fields() allows, 0: split_kernel
 
 _sm_count: dict = {}
 # the compiled kernels of the last call (registers, spills, SASS for scripts/gpu_check.sh)
@@ -51,6 +59,20 @@ def choose_splits(num_pairs: int, max_tokens: int, block_n: int, num_sms: int,
     tiles_per_split = math.ceil(tiles / splits)
     splits = math.ceil(tiles / tiles_per_split)
     return splits, tiles_per_split * block_n
+
+
+def unit_fields(dim: int, bits: int):
+    """(codes per unit NF, unit bits) so that a packed row is >= 16 equal units, or None."""
+    units = (24,) if bits == 3 else (32, 16, 8)
+    for unit in units:
+        nf = unit // bits
+        if dim % nf == 0 and dim // nf >= 16:
+            return nf, unit
+    return None
+
+
+def _halves(codes: torch.Tensor) -> torch.Tensor:
+    return codes.view(torch.int16) if codes.shape[-1] % 2 == 0 else codes
 
 
 def _check(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
@@ -87,7 +109,7 @@ def _check(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens
 
 def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
                     k_codebook, v_codebook, k_bits, v_bits, scale=0.0, *, block_n=None, num_splits=None,
-                    num_warps=None, num_stages=None, lookup=None):
+                    num_warps=None, num_stages=None, lookup=None, layout=None):
     """out [S, Hq, D] in query's dtype; see the reference paged_attention.
 
     Keyword-only tuning knobs (block_n, num_splits, num_warps, num_stages, lookup) exist
@@ -133,14 +155,26 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     l = torch.empty_like(m)
     acc = torch.empty((s * hkv, splits, group, dim), dtype=torch.float32, device=dev)
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    last_compiled["split"] = split_kernel[(s * hkv, splits)](
-        q_rot, C.as_words(kc), kc, kn, C.as_words(vc), vc, vn, bt, ctx, kcb, vcb,
-        m, l, acc,
-        bt.stride(0), hkv, per_split, splits,
-        G=group, GP=gp, D=dim, PAGE=page, KBITS=k_bits, VBITS=v_bits, BLOCK_N=block_n,
-        LOOKUP=DEFAULT_LOOKUP if lookup is None else lookup, UPCAST=interpreting(),
-        num_warps=num_warps, **extra,
-    )
+    kf, vf = unit_fields(dim, k_bits), unit_fields(dim, v_bits)
+    if layout is None:
+        layout = DEFAULT_LAYOUT
+    if layout == 1 and kf is not None and vf is not None:
+        last_compiled["split"] = split_kernel_fields[(s * hkv, splits)](
+            q_rot, kc, _halves(kc), C.as_words(kc), kn, vc, _halves(vc), C.as_words(vc), vn, bt, ctx, kcb, vcb,
+            m, l, acc,
+            bt.stride(0), hkv, per_split, splits,
+            G=group, GP=gp, D=dim, PAGE=page, KBITS=k_bits, VBITS=v_bits, BLOCK_N=block_n,
+            KNF=kf[0], VNF=vf[0], UPCAST=interpreting(), num_warps=num_warps, **extra,
+        )
+    else:
+        last_compiled["split"] = split_kernel[(s * hkv, splits)](
+            q_rot, C.as_words(kc), kc, kn, C.as_words(vc), vc, vn, bt, ctx, kcb, vcb,
+            m, l, acc,
+            bt.stride(0), hkv, per_split, splits,
+            G=group, GP=gp, D=dim, PAGE=page, KBITS=k_bits, VBITS=v_bits, BLOCK_N=block_n,
+            LOOKUP=DEFAULT_LOOKUP if lookup is None else lookup, UPCAST=interpreting(),
+            num_warps=num_warps, **extra,
+        )
     if splits <= GROUP_REDUCE_MAX_SPLITS:
         last_compiled["reduce"] = reduce_group_kernel[(s * hkv,)](m, l, acc, rot, out, splits, G=group, GP=gp, D=dim,
                                                                   BJ=min(dim, 32), num_warps=4)
