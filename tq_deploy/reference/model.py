@@ -72,7 +72,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[:, None, :]
     sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[:, None, :]
     x1, x2 = x[..., :half], x[..., half:]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class TQDecodeModel(nn.Module):
