@@ -1,6 +1,6 @@
 #include "tq_plugin_base.h"
 
-#include <sstream>
+#include <string>
 
 #include "tq_trt_log.h"
 
@@ -11,17 +11,14 @@ using nvinfer1::Dims;
 
 std::string expect_rank(const char* tensor, const Dims& d, int32_t rank) {
   if (d.nbDims == rank) return "";
-  std::ostringstream s;
-  s << tensor << " has rank " << d.nbDims << ", expected " << rank;
-  return s.str();
+  return std::string(tensor) + " has rank " + std::to_string(d.nbDims) + ", expected " + std::to_string(rank);
 }
 
 std::string expect_dim(const char* tensor, const Dims& d, int32_t axis, int64_t expected, const char* expected_what) {
   const int64_t seen = d.d[axis];
   if (seen < 0 || expected < 0 || seen == expected) return "";
-  std::ostringstream s;
-  s << tensor << ".shape[" << axis << "]=" << seen << ", expected " << expected << " (" << expected_what << ")";
-  return s.str();
+  return std::string(tensor) + ".shape[" + std::to_string(axis) + "]=" + std::to_string(seen) + ", expected " +
+         std::to_string(expected) + " (" + expected_what + ")";
 }
 
 int64_t volume(const Dims& d) {

@@ -430,11 +430,13 @@ _TRT_DTYPE = {"float32": 0, "float16": 1, "int8": 2, "int32": 3, "uint8": 5, "in
 
 def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, outputs: Sequence, *,
                     stream: int = 0, library: str | os.PathLike | None = None,
-                    harness: str | os.PathLike | None = None) -> None:
+                    harness: str | os.PathLike | None = None, dry_run: bool = False) -> None:
     """Drive plugin ``op_name`` as TensorRT would (creator -> createPlugin(build) -> configure ->
     serialize fields -> createPlugin(runtime) -> attachToContext -> onShapeChange -> enqueue) on
     torch CUDA tensors, writing into ``outputs``. Codes tensors travel as int8 (see module doc).
     Raises RuntimeError with the harness's message on any refusal. Does not synchronize.
+    ``dry_run=True`` stops before enqueue: then CPU tensors are fine (no pointer is read), which
+    checks attribute parsing, dtypes, formats, shape checks and field serialization without a GPU.
     """
     if op_name not in ops.OPS_BY_NAME:
         raise ValueError(f"op_name={op_name!r}, expected one of {sorted(ops.OPS_BY_NAME)}")
@@ -448,7 +450,7 @@ def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, 
     def describe(tensors):
         types, ranks, dims, ptrs = [], [], [], []
         for t in tensors:
-            if not t.is_cuda or not t.is_contiguous():
+            if not (t.is_cuda or dry_run) or not t.is_contiguous():
                 raise ValueError(f"{op_name}: tensors must be contiguous CUDA tensors, got device={t.device}")
             dtype = str(t.dtype).replace("torch.", "")
             types.append(_TRT_DTYPE["int8" if dtype == "uint8" else dtype])
@@ -470,6 +472,6 @@ def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, 
     fn.restype = ctypes.c_int
     rc = fn(plugin.encode(), op_name.encode(), len(names), field_names, values, is_float,
             len(inputs), in_t, in_r, in_d, in_p, len(outputs), out_t, out_r, out_d, out_p,
-            ctypes.c_void_p(stream), message, len(message))
+            ctypes.c_void_p(stream), int(dry_run), message, len(message))
     if rc != 0:
         raise RuntimeError(f"{op_name} plugin harness: {message.value.decode(errors='replace')}")

@@ -9,6 +9,7 @@
 //
 // Shape expressions (getOutputShapes) need TensorRT's IExprBuilder and are exercised by the
 // engine builds in tests/test_trt_build.py instead. C API for ctypes (tq_deploy.runtime.tensorrt).
+// With skip_enqueue != 0 it stops before enqueue, so every refusal path runs without a GPU.
 #include <dlfcn.h>
 
 #include <cstdio>
@@ -48,7 +49,7 @@ extern "C" __attribute__((visibility("default"))) int tq_trt_harness_enqueue(
     const double* field_values, const int* field_is_float, int nb_inputs, const int* input_types,
     const int* input_ranks, const int64_t* input_dims, const void* const* inputs, int nb_outputs,
     const int* output_types, const int* output_ranks, const int64_t* output_dims, void* const* outputs, void* stream,
-    char* message, int message_len) {
+    int skip_enqueue, char* message, int message_len) {
   void* handle = dlopen(plugin_library, RTLD_NOW | RTLD_LOCAL);
   if (!handle) return fail(message, message_len, std::string("dlopen failed: ") + dlerror());
   auto get_creators = reinterpret_cast<GetCreators>(dlsym(handle, "getCreators"));
@@ -130,6 +131,7 @@ extern "C" __attribute__((visibility("default"))) int tq_trt_harness_enqueue(
   auto* rt = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
   if (rt->onShapeChange(desc.data(), nb_inputs, desc.data() + nb_inputs, nb_outputs) != 0)
     return fail(message, message_len, "onShapeChange rejected the shapes (see the plugin's log on stderr)");
+  if (skip_enqueue) return 0;  // everything but the launch: needs no GPU
   if (rt->enqueue(desc.data(), desc.data() + nb_inputs, inputs, outputs, nullptr, static_cast<cudaStream_t>(stream)) != 0)
     return fail(message, message_len, "enqueue failed (see the plugin's log on stderr)");
   return 0;
