@@ -124,3 +124,13 @@ def test_retype_keeps_the_original_model():
     retyped = rt.retype_codes_for_tensorrt(model)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert retyped.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT8
+
+
+def test_stage_reports_a_missing_plugin_library(tmp_path, monkeypatch):
+    path = tmp_path / "enc.onnx"
+    onnx.save(make_op_model("TQEncode", head_dim=16, bits=2), path)
+    monkeypatch.setenv(rt.ENV_LIBRARY, str(tmp_path / "nowhere.so"))
+    stage = rt.tensorrt_stage(path, tmp_path / "out")
+    assert stage["status"] == "skipped"
+    assert "nowhere.so" in stage["reason"]
+    assert not (tmp_path / "out" / "enc.engine").exists()
