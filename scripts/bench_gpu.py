@@ -89,7 +89,7 @@ def tq_bytes(batch, seq, hkv, dim, bits):
     return batch * seq * hkv * per_token_head
 
 
-def bench_attention(shapes, bits_list, hq, hkv, dim, page, l2, quick):
+def bench_attention(shapes, bits_list, hq, hkv, dim, page, l2, quick, knobs=None):
     from tq_deploy.reference import lloyd_max_codebook, make_rotation
     from tq_deploy.triton import choose_splits, paged_attention
 
@@ -126,12 +126,12 @@ def bench_attention(shapes, bits_list, hq, hkv, dim, page, l2, quick):
 
             def ours():
                 q, kc, kn, vc, vn, bt, ctx = sets.next()
-                return paged_attention(q, kc, kn, vc, vn, bt, ctx, rot, cb, cb, bits, bits)
+                return paged_attention(q, kc, kn, vc, vn, bt, ctx, rot, cb, cb, bits, bits, **(knobs or {}))
 
             ours()
             ms = _median_ms(ours)
             gms = float("nan") if quick else _graph_ms(ours)
-            splits, per = choose_splits(batch * hkv, seq, 64, torch.cuda.get_device_properties(0).multi_processor_count)
+            splits, per = choose_splits(batch * hkv, seq, (knobs or {}).get("block_n", 64), torch.cuda.get_device_properties(0).multi_processor_count)
             row[f"tq{bits}_ms"] = ms
             row[f"tq{bits}_graph_ms"] = gms
             row[f"tq{bits}_TBps"] = nbytes / (ms * 1e-3) / 1e12
@@ -153,8 +153,23 @@ def sweep_attention(batch, seq, bits, hq, hkv, dim, page, l2, variants):
     cb = lloyd_max_codebook(dim, bits).cuda()
     nbytes = tq_bytes(batch, seq, hkv, dim, bits)
     sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, bits, seed=i), nbytes, l2)
+    check = make_tq_inputs(2, 3000, hq, hkv, dim, page, bits, seed=99)
+    check[-1][1] = 1777  # context_lens: a partial last block in the second sequence
+    from tq_deploy.reference.paged import paged_attention_reference
+
+    want = paged_attention_reference(*check, rot, cb, cb, bits, bits).float()
     out = []
     for knobs in variants:
+        try:
+            got = paged_attention(*check, rot, cb, cb, bits, bits, **knobs).float()
+            err = ((got - want).norm() / want.norm()).item()
+        except Exception as exc:
+            print(f"  sweep {knobs}: failed {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            continue
+        if not err < 5e-3:
+            print(f"  sweep {knobs}: WRONG, relative error {err:.2e}", flush=True)
+            continue
+
         def ours():
             q, kc, kn, vc, vn, bt, ctx = sets.next()
             return paged_attention(q, kc, kn, vc, vn, bt, ctx, rot, cb, cb, bits, bits, **knobs)
@@ -165,7 +180,8 @@ def sweep_attention(batch, seq, bits, hq, hkv, dim, page, l2, variants):
         except Exception as exc:
             print(f"  sweep {knobs}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue
-        out.append({"B": batch, "S": seq, "bits": bits, **knobs, "ms": ms, "TBps": nbytes / (ms * 1e-3) / 1e12})
+        out.append({"B": batch, "S": seq, "bits": bits, **knobs, "ms": ms, "TBps": nbytes / (ms * 1e-3) / 1e12,
+                    "check_err": err})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -208,16 +224,18 @@ def main(argv=None) -> int:
     sweep = []
     for spec in filter(None, args.sweep.split(",")):
         batch, seq = (int(v) for v in spec.split("x"))
-        variants = [dict(layout=1, block_n=bn, num_warps=nw, num_stages=ns)
-                    for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)]
-        variants.append(dict(layout=0, lookup=0, block_n=32, num_warps=4, num_stages=2))
+        variants = [dict(layout=0, lookup=lk, block_n=bn, num_warps=nw, num_stages=2)
+                    for lk in (0, 1) for bn in (16, 32, 64) for nw in (1, 2, 4)]
         sweep += sweep_attention(batch, seq, 4, 32, 8, 128, 16, l2, variants)
+    knobs = {}
     if sweep:
         best = sorted(sweep, key=lambda r: r["ms"])[:5]
         print("sweep best:", *[json.dumps(b) for b in best], sep="\n  ")
-    att = bench_attention(shapes, bits_list, hq=32, hkv=8, dim=128, page=16, l2=l2, quick=args.quick)
+        knobs = {k: best[0][k] for k in ("layout", "lookup", "block_n", "num_warps", "num_stages") if k in best[0]}
+        print(f"attention table below uses the sweep's best knobs {knobs}", flush=True)
+    att = bench_attention(shapes, bits_list, hq=32, hkv=8, dim=128, page=16, l2=l2, quick=args.quick, knobs=knobs)
     enc = bench_encode(1 << 20, 128, bits_list)
-    result = {"device": props.name, "copy_TBps": copy_bw / 1e12, "attention": att, "encode": enc, "sweep": sweep,
+    result = {"knobs": knobs, "device": props.name, "copy_TBps": copy_bw / 1e12, "attention": att, "encode": enc, "sweep": sweep,
               "config": {"Hq": 32, "Hkv": 8, "D": 128, "block_size": 16, "timing": "do_bench median"}}
     path = args.json or (os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT") else None)
     if path:

@@ -2,7 +2,7 @@
 
 Encode, per tile of BLOCK_R rows:
     norm = ||x||_2 (fp32);  y = (x @ Pi^T) / norm  (0 where norm == 0)
-    code = #{k : boundary_k < y}  (binary search over the sorted midpoints)
+    code = #{k : boundary_k < y}  (select-based binary search over the sorted midpoints)
 The product runs on the tensor cores in the input's half type against Pi^T
 split into parts (see _common.rotation_parts), which reproduces fp32.
 
@@ -36,11 +36,34 @@ def _rotate_chunk(x, rot0_ptr, rot1_ptr, rot2_ptr, j0, D: tl.constexpr, BJ: tl.c
 
 @triton.jit
 def _quantize(y, bnd_ptr, BITS: tl.constexpr):
-    """Number of boundaries strictly below y, by binary search (BITS probes)."""
-    code = tl.zeros(y.shape, tl.int32)
-    for level in tl.static_range(BITS):
-        b = tl.load(bnd_ptr + code + ((1 << (BITS - 1 - level)) - 1))
-        code += tl.where(y > b, 1 << (BITS - 1 - level), 0)
+    """Number of boundaries strictly below y: a branch-free binary search whose thresholds
+    are picked with selects among scalar boundaries (no per-element memory gathers)."""
+    if BITS == 1:
+        code = (y > tl.load(bnd_ptr)).to(tl.int32)
+    elif BITS == 2:
+        c1 = y > tl.load(bnd_ptr + 1)
+        c0 = y > tl.where(c1, tl.load(bnd_ptr + 2), tl.load(bnd_ptr + 0))
+        code = c1.to(tl.int32) * 2 + c0.to(tl.int32)
+    elif BITS == 3:
+        c2 = y > tl.load(bnd_ptr + 3)
+        c1 = y > tl.where(c2, tl.load(bnd_ptr + 5), tl.load(bnd_ptr + 1))
+        t0 = tl.where(c2, tl.where(c1, tl.load(bnd_ptr + 6), tl.load(bnd_ptr + 4)),
+                      tl.where(c1, tl.load(bnd_ptr + 2), tl.load(bnd_ptr + 0)))
+        c0 = y > t0
+        code = c2.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c0.to(tl.int32)
+    else:
+        c3 = y > tl.load(bnd_ptr + 7)
+        c2 = y > tl.where(c3, tl.load(bnd_ptr + 11), tl.load(bnd_ptr + 3))
+        t1 = tl.where(c3, tl.where(c2, tl.load(bnd_ptr + 13), tl.load(bnd_ptr + 9)),
+                      tl.where(c2, tl.load(bnd_ptr + 5), tl.load(bnd_ptr + 1)))
+        c1 = y > t1
+        t0 = tl.where(c3,
+                      tl.where(c2, tl.where(c1, tl.load(bnd_ptr + 14), tl.load(bnd_ptr + 12)),
+                               tl.where(c1, tl.load(bnd_ptr + 10), tl.load(bnd_ptr + 8))),
+                      tl.where(c2, tl.where(c1, tl.load(bnd_ptr + 6), tl.load(bnd_ptr + 4)),
+                               tl.where(c1, tl.load(bnd_ptr + 2), tl.load(bnd_ptr + 0))))
+        c0 = y > t0
+        code = c3.to(tl.int32) * 8 + c2.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c0.to(tl.int32)
     return code
 
 
