@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     for spec in filter(None, args.sweep.split(",")):
         batch, seq = (int(v) for v in spec.split("x"))
         variants = [dict(layout=0, lookup=lk, block_n=bn, num_warps=nw, num_stages=2)
-                    for lk in (0, 1) for bn in (16, 32, 64) for nw in (1, 2, 4)]
+                    for lk in (0, 1) for bn in (32, 64) for nw in (1, 2)]
         sweep += sweep_attention(batch, seq, 4, 32, 8, 128, 16, l2, variants)
     knobs = {}
     if sweep:
