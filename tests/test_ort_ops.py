@@ -513,3 +513,37 @@ def test_portable_kernels_match_reference():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "4 passed" in result.stdout, result.stdout[-2000:]
+
+
+def test_cache_update_in_place_with_io_binding(gen):
+    """Binding each cache OrtValue as both input and output updates the cache in place (no copy);
+    plain runs leave the caller's input arrays untouched."""
+    dim, bits, hkv, block_size = 64, 3, 2, 16
+    model = make_op_model("TQCacheUpdate", head_dim=dim, bits=bits, num_kv_heads=hkv, block_size=block_size)
+    init = initializers(model)
+    cache = random_cache(gen, 4, block_size, hkv, dim, bits, bits)
+    slots = torch.tensor([3, 17, -1, 40], dtype=torch.int64)
+    key, value = torch.randn(4, hkv, dim, generator=gen), torch.randn(4, hkv, dim, generator=gen)
+    feeds = {"key": key.numpy(), "value": value.numpy(), "slot_mapping": slots.numpy(),
+             **{n: c.numpy().copy() for n, c in zip(CACHE_NAMES, cache)}}
+    session = make_session(model)
+    copies = {n: feeds[n].copy() for n in CACHE_NAMES}
+    session.run(None, feeds)
+    for n in CACHE_NAMES:
+        np.testing.assert_array_equal(feeds[n], copies[n], err_msg=f"{n} input was modified by a plain run")
+
+    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in feeds.items()}
+    binding = session.io_binding()
+    for n, v in values.items():
+        binding.bind_ortvalue_input(n, v)
+    for n in CACHE_NAMES:
+        binding.bind_ortvalue_output(f"{n}_out", values[n])
+    session.run_with_iobinding(binding)
+    ref = cache_update_reference(key, value, slots, *[c.clone() for c in cache], init["rotation"],
+                                 init["k_codebook"], init["v_codebook"], bits, bits)
+    for n, want in zip(CACHE_NAMES, ref):
+        got = values[n].numpy()
+        if n.endswith("norms"):
+            np.testing.assert_allclose(got, want.numpy(), rtol=2e-6, err_msg=n)
+        else:
+            assert_codes_match(got, want, bits, dim, n)
