@@ -29,7 +29,7 @@ PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
 GROUP_REDUCE_MAX_SPLITS = 4  # few splits: one reduce program per group (tensor-core rotate-back)
 DEFAULT_LOOKUP = 0
-DEFAULT_LAYOUT = 1  # 1: split_kernel_fields where unit_fields() allows, 0: split_kernel
+DEFAULT_LAYOUT = 0  # 0: split_kernel (measured fastest on the H200); 1: split_kernel_fields where allowed
 
 _sm_count: dict = {}
 # the compiled kernels of the last call (registers, spills, SASS for scripts/gpu_check.sh)
@@ -126,10 +126,13 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     sm_scale = scale if scale > 0 else 1.0 / math.sqrt(dim)
     half = torch.float16
 
+    # defaults: the fastest validated knobs of the H200 sweep at D=128 (docs/performance.md)
     if block_n is None:
         block_n = 64 if dim <= 128 else 32
     if num_warps is None:
-        num_warps = 4 if dim <= 128 else 8
+        num_warps = 2 if dim <= 128 else 4
+    if num_stages is None:
+        num_stages = 2
     max_tokens = block_tables.shape[1] * page
     if num_splits is None:
         splits, per_split = choose_splits(s * hkv, max_tokens, block_n, _num_sms(dev))
