@@ -224,8 +224,9 @@ def main(argv=None) -> int:
     sweep = []
     for spec in filter(None, args.sweep.split(",")):
         batch, seq = (int(v) for v in spec.split("x"))
-        variants = [dict(layout=0, lookup=lk, block_n=bn, num_warps=nw, num_stages=2)
-                    for lk in (0, 1) for bn in (32, 64) for nw in (1, 2)]
+        variants = [dict(layout=0, lookup=0, block_n=64, num_warps=2, num_stages=2)]  # best of the last sweep
+        variants += [dict(layout=2, block_n=bn, num_warps=nw, num_stages=ns)
+                     for bn in (32, 64, 128) for nw in (2, 4) for ns in (2, 3)]
         sweep += sweep_attention(batch, seq, 4, 32, 8, 128, 16, l2, variants)
     knobs = {}
     if sweep:

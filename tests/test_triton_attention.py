@@ -98,10 +98,11 @@ CASES = [
     ([20], 1, 2, 256, 16, 1, 4, torch.float16, 2),
     ([16, 50], 2, 4, 64, 16, 3, 4, torch.bfloat16, 4),
     ([100], 1, 8, 64, 16, 2, 2, torch.float16, 7),
+    ([3, 47], 2, 4, 128, 16, 4, 4, torch.bfloat16, None),
 ]
 
 
-@pytest.mark.parametrize("layout", [0, 1])  # 1: unit-field kernel where the bit widths allow it
+@pytest.mark.parametrize("layout", [0, 1, 2])  # 1: unit-field kernel, 2: pair-table kernel (4-bit K and V)
 @pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits", CASES)
 def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits, layout):
     run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=sum(ctxs) + dim + k_bits, num_splits=splits,

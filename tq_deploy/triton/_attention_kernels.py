@@ -135,6 +135,77 @@ def split_kernel_fields(qrot_ptr, kb_ptr, kh_ptr, kw_ptr, kn_ptr, vb_ptr, vh_ptr
 
 
 @triton.jit
+def _pair_lookup(lut_ptr, packed):
+    """Two fp16 centroids per packed byte: lut [256] int32 holds fp16(c[b & 15]) in its low and
+    fp16(c[b >> 4]) in its high half, so one 4-byte load dequantizes two 4-bit codes.
+    Returns (even coordinates, odd coordinates), each shaped like ``packed``."""
+    v = tl.load(lut_ptr + packed.to(tl.int32))
+    lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def split_kernel_pairs(qrot_ptr, kb_ptr, kn_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, klut_ptr, vlut_ptr,
+                       m_ptr, l_ptr, acc_ptr,
+                       bt_stride, num_kv_heads, tokens_per_split, num_splits,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """split_kernel for 4-bit keys and values without unpacking shifts: the packed bytes
+    [BLOCK_N, D/2] (16-byte loads) index a 256-entry pair table; even and odd coordinates form
+    two [BLOCK_N, D/2] tiles, so scores = q_even . k_even + q_odd . k_odd and the accumulator is
+    kept as its even and odd halves (no reshape, no layout change of unpacked codes)."""
+    P: tl.constexpr = D // 2
+    sh = tl.program_id(0)
+    split = tl.program_id(1)
+    s = sh // num_kv_heads
+    h = sh % num_kv_heads
+    ctx = tl.load(ctx_ptr + s)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, ctx)
+
+    g = tl.arange(0, GP)
+    gmask = g < G
+    mcol = tl.arange(0, P)
+    q_rows = sh.to(tl.int64) * G + g
+    q_even = tl.load(qrot_ptr + q_rows[:, None] * D + 2 * mcol[None, :], mask=gmask[:, None], other=0.0)
+    q_odd = tl.load(qrot_ptr + q_rows[:, None] * D + 2 * mcol[None, :] + 1, mask=gmask[:, None], other=0.0)
+
+    m_i = tl.full([GP], -1.0e30, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc_e = tl.zeros([GP, P], tl.float32)
+    acc_o = tl.zeros([GP, P], tl.float32)
+    bt_row = bt_ptr + s.to(tl.int64) * bt_stride
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        blk = tl.load(bt_row + t // PAGE, mask=valid, other=0)
+        row = (blk.to(tl.int64) * PAGE + (t % PAGE)) * num_kv_heads + h
+        kn = tl.load(kn_ptr + row, mask=valid, other=0.0)
+        vn = tl.load(vn_ptr + row, mask=valid, other=0.0)
+        k_e, k_o = _pair_lookup(klut_ptr, tl.load(kb_ptr + row[:, None] * P + mcol[None, :]))
+        scores = half_dot(q_even, tl.trans(k_e), tl.zeros([GP, BLOCK_N], tl.float32), UPCAST)
+        scores = half_dot(q_odd, tl.trans(k_o), scores, UPCAST) * kn[None, :]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_e, v_o = _pair_lookup(vlut_ptr, tl.load(vb_ptr + row[:, None] * P + mcol[None, :]))
+        pv = (p * vn[None, :]).to(tl.float16)
+        acc_e = half_dot(pv, v_e, acc_e * alpha[:, None], UPCAST)
+        acc_o = half_dot(pv, v_o, acc_o * alpha[:, None], UPCAST)
+        m_i = m_new
+
+    part = sh.to(tl.int64) * num_splits + split
+    tl.store(m_ptr + part * G + g, m_i, mask=gmask)
+    tl.store(l_ptr + part * G + g, l_i, mask=gmask)
+    base = acc_ptr + (part * G + g)[:, None] * D + 2 * mcol[None, :]
+    tl.store(base, acc_e, mask=gmask[:, None])
+    tl.store(base + 1, acc_o, mask=gmask[:, None])
+
+
+@triton.jit
 def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, kcb_ptr, vcb_ptr,
                  m_ptr, l_ptr, acc_ptr,
                  bt_stride, num_kv_heads, tokens_per_split, num_splits,

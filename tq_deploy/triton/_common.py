@@ -131,3 +131,16 @@ def codebook_as(codebook: torch.Tensor, dtype: torch.dtype, device) -> torch.Ten
 def as_words(codes: torch.Tensor) -> torch.Tensor:
     """int32 view of packed uint8 codes (last dimension a multiple of 4 bytes)."""
     return codes.view(torch.int32)
+
+
+def pair_table(codebook: torch.Tensor, device) -> torch.Tensor:
+    """int32 [256] for 4-bit codes: entry b = fp16(c[b & 15]) | fp16(c[b >> 4]) << 16 (bit patterns)."""
+    key = _key("pairs", codebook, str(device))
+    hit = _lookup(key, codebook)
+    if hit is not None:
+        return hit
+    half = codebook.detach().to(device=device, dtype=torch.float32).to(torch.float16)
+    bits = half.view(torch.int16).to(torch.int32) & 0xFFFF
+    b = torch.arange(256, device=device)
+    table = bits[b & 15] | (bits[b >> 4] << 16)
+    return _remember(key, codebook, table.to(torch.int32).contiguous())

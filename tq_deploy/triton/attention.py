@@ -22,6 +22,7 @@ from ._attention_kernels import (
     reduce_kernel,
     split_kernel,
     split_kernel_fields,
+    split_kernel_pairs,
 )
 
 MIN_SPLIT_TOKENS = 256
@@ -29,7 +30,9 @@ PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
 GROUP_REDUCE_MAX_SPLITS = 4  # few splits: one reduce program per group (tensor-core rotate-back)
 DEFAULT_LOOKUP = 0
-DEFAULT_LAYOUT = 0  # 0: split_kernel (measured fastest on the H200); 1: split_kernel_fields where allowed
+# 0: split_kernel (measured fastest on the H200); 1: split_kernel_fields where unit_fields() allows;
+# 2: split_kernel_pairs for 4-bit K and V (byte -> two-centroid table; not yet timed on a GPU)
+DEFAULT_LAYOUT = 0
 
 _sm_count: dict = {}
 # the compiled kernels of the last call (registers, spills, SASS for scripts/gpu_check.sh)
@@ -161,7 +164,15 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     kf, vf = unit_fields(dim, k_bits), unit_fields(dim, v_bits)
     if layout is None:
         layout = DEFAULT_LAYOUT
-    if layout == 1 and kf is not None and vf is not None:
+    if layout == 2 and k_bits == 4 and v_bits == 4:
+        last_compiled["split"] = split_kernel_pairs[(s * hkv, splits)](
+            q_rot, kc, kn, vc, vn, bt, ctx, C.pair_table(k_codebook, dev), C.pair_table(v_codebook, dev),
+            m, l, acc,
+            bt.stride(0), hkv, per_split, splits,
+            G=group, GP=gp, D=dim, PAGE=page, BLOCK_N=block_n, UPCAST=interpreting(),
+            num_warps=num_warps, **extra,
+        )
+    elif layout == 1 and kf is not None and vf is not None:
         last_compiled["split"] = split_kernel_fields[(s * hkv, splits)](
             q_rot, kc, _halves(kc), C.as_words(kc), kn, vc, _halves(vc), C.as_words(vc), vn, bt, ctx, kcb, vcb,
             m, l, acc,
