@@ -360,6 +360,21 @@ def test_paged_attention_long_context_threads(gen):
     assert_attention_close(out, reference_attention(feeds, init, bits, bits), "float32")
 
 
+@pytest.mark.parametrize("context_lens,dtype", [([3000], "float32"), ([2500, 0, 700], "float32"),
+                                                 ([1537, 1], "float16")])
+def test_paged_attention_split_context(context_lens, dtype, gen):
+    """Few (sequence, KV head) pairs and long contexts: the kernel splits each context into
+    ranges processed in parallel and merges their softmax states (some ranges are empty)."""
+    dim, k_bits, v_bits, hq, hkv, b = 128, 4, 3, 8, 2, 16
+    model = make_op_model("TQPagedAttention", head_dim=dim, k_bits=k_bits, v_bits=v_bits, num_q_heads=hq,
+                          num_kv_heads=hkv, block_size=b, dtype=dtype)
+    init = initializers(model)
+    feeds = attention_inputs(gen, dim=dim, k_bits=k_bits, v_bits=v_bits, hq=hq, hkv=hkv, block_size=b,
+                             context_lens=context_lens, dtype=dtype)
+    (out,) = run(model, feeds)
+    assert_attention_close(out, reference_attention(feeds, init, k_bits, v_bits), dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # invalid inputs: the Run fails with an ORT error naming the input, never a crash
 # --------------------------------------------------------------------------------------------

@@ -87,34 +87,55 @@ struct AttentionJob {
   const Dequantizer* v_dequantizer;
   float scale;
   void* out;
+  // Split-K: each (sequence, KV head) context is cut into `splits` ranges of split_len tokens
+  // whose partial softmax states land in `partial` and are merged afterwards (splits == 1:
+  // no partials, the task writes the output itself).
+  int64_t splits;
+  int64_t split_len;
+  float* partial;  // [S, Hkv, splits, group, D + 2]: acc (rotated domain), running max, running sum
 };
 
+// out[g] = Pi^T (acc[g] / sum[g]) for the group's query heads (zeros where sum == 0: no tokens).
+TQ_INLINE void write_output(const AttentionJob& job, int64_t s, int64_t kv_head, const float* acc, int64_t stride,
+                            const float* sums) {
+  const int64_t d = job.cache->head_dim;
+  const int64_t out_row0 = s * job.num_q_heads + kv_head * job.group;
+  std::vector<float> normalized(d), out(d);
+  for (int64_t g = 0; g < job.group; ++g) {
+    if (sums[g] > 0.f) {
+      const float inv = 1.f / sums[g];
+      for (int64_t j = 0; j < d; ++j) normalized[j] = acc[g * stride + j] * inv;
+      detail::matvec_transposed(job.rotation, normalized.data(), out.data(), d);
+    } else {
+      std::fill(out.begin(), out.end(), 0.f);
+    }
+    detail::store_from_float(out.data(), d, job.out, job.q_type, (out_row0 + g) * d);
+  }
+}
+
+// Online-softmax attention of the group's query heads over tokens [t_begin, t_end) of sequence
+// s; leaves acc (rotated domain, not normalized, row stride ds), running max and running sum.
 // Unpacker: anything with unpack(packed row, floats) (Dequantizer's byte tables, or the
 // vector-permutation unpacker on AVX2).
 template <typename Unpacker>
-TQ_INLINE void attention_body(const AttentionJob& job, size_t task, const Unpacker& k_unpack,
-                              const Unpacker& v_unpack) {
+TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head, int64_t t_begin, int64_t t_end,
+                            int64_t ds, const Unpacker& k_unpack, const Unpacker& v_unpack, float* acc,
+                            float* running_max, float* running_sum) {
   const PagedCache& c = *job.cache;
   const Dequantizer& kd = *job.k_dequantizer;
   const Dequantizer& vd = *job.v_dequantizer;
   const int64_t d = c.head_dim, hkv = c.num_kv_heads, bsz = c.block_size, groups = job.group;
-  const int64_t s = static_cast<int64_t>(task) / hkv;
-  const int64_t kv_head = static_cast<int64_t>(task) % hkv;
-  const int64_t out_row0 = s * job.num_q_heads + kv_head * groups;  // first query head of the group
-  const int64_t ctx_len = job.context_lens[s];
+  const int64_t q_row0 = s * job.num_q_heads + kv_head * groups;  // first query head of the group
+  std::fill(acc, acc + groups * ds, 0.f);
+  std::fill(running_max, running_max + groups, -std::numeric_limits<float>::infinity());
+  std::fill(running_sum, running_sum + groups, 0.f);
+  if (t_end <= t_begin) return;
 
-  std::vector<float> out_buf(d, 0.f);
-  if (ctx_len <= 0) {
-    for (int64_t g = 0; g < groups; ++g) detail::store_from_float(out_buf.data(), d, job.out, job.q_type, (out_row0 + g) * d);
-    return;
-  }
-
-  // Rows padded to ds floats (a multiple of 8, room for unpack's whole bytes); the padding of
-  // q_rot is zero, so whatever centroids land in the tiles' padding contributes nothing.
-  const int64_t ds = round_up8(std::max({d, kd.padded_dim(), vd.padded_dim()}));
-  std::vector<float> q_rot(groups * ds, 0.f), acc(groups * ds, 0.f), qf(d);
-  for (int64_t g = 0; g < groups; ++g) {  // q_rot = scale * Pi q
-    detail::load_as_float(job.query, job.q_type, (out_row0 + g) * d, d, qf.data());
+  // q_rot = scale * Pi q, rows padded to ds with zeros, so whatever centroids land in the
+  // tiles' padding contribute nothing.
+  std::vector<float> q_rot(groups * ds, 0.f), qf(d);
+  for (int64_t g = 0; g < groups; ++g) {
+    detail::load_as_float(job.query, job.q_type, (q_row0 + g) * d, d, qf.data());
     float* qr = q_rot.data() + g * ds;
     detail::matvec(job.rotation, qf.data(), qr, d);
     for (int64_t i = 0; i < d; ++i) qr[i] *= job.scale;
@@ -122,7 +143,6 @@ TQ_INLINE void attention_body(const AttentionJob& job, size_t task, const Unpack
 
   std::vector<float> k_tile(kChunk * ds, 0.f), v_tile(kChunk * ds, 0.f);
   std::vector<float> probs(groups * kChunk), k_norm(kChunk), v_norm(kChunk);
-  std::vector<float> running_max(groups, -std::numeric_limits<float>::infinity()), running_sum(groups, 0.f);
   const int32_t* table = job.block_tables + s * job.max_blocks;
 
   // Cache rows of a chunk's tokens; the next chunk's rows are prefetched while this one runs
@@ -130,19 +150,19 @@ TQ_INLINE void attention_body(const AttentionJob& job, size_t task, const Unpack
   // cannot follow).
   std::vector<int64_t> rows(kChunk), next_rows(kChunk);
   auto chunk_rows = [&](int64_t t0, int64_t* out) {
-    const int64_t n = std::min(kChunk, ctx_len - t0);
+    const int64_t n = std::min(kChunk, t_end - t0);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t t = t0 + i;
       out[i] = (static_cast<int64_t>(table[t / bsz]) * bsz + t % bsz) * hkv + kv_head;
     }
     return n;
   };
-  chunk_rows(0, next_rows.data());
+  chunk_rows(t_begin, next_rows.data());
 
-  for (int64_t t0 = 0; t0 < ctx_len; t0 += kChunk) {
-    const int64_t n = std::min(kChunk, ctx_len - t0);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, t_end - t0);
     rows.swap(next_rows);
-    if (t0 + kChunk < ctx_len) {
+    if (t0 + kChunk < t_end) {
       const int64_t next_n = chunk_rows(t0 + kChunk, next_rows.data());
       for (int64_t i = 0; i < next_n; ++i) {
         detail::prefetch(c.k_codes + next_rows[i] * kd.packed, kd.packed);
@@ -172,7 +192,7 @@ TQ_INLINE void attention_body(const AttentionJob& job, size_t task, const Unpack
       if (new_max > running_max[g]) {
         const float alpha = std::exp(running_max[g] - new_max);
         running_sum[g] *= alpha;
-        float* a = acc.data() + g * ds;
+        float* a = acc + g * ds;
         for (int64_t j = 0; j < ds; ++j) a[j] *= alpha;
         running_max[g] = new_max;
       }
@@ -186,18 +206,61 @@ TQ_INLINE void attention_body(const AttentionJob& job, size_t task, const Unpack
     }
 
     g = 0;
-    for (; g + 8 <= groups; g += 8) accumulate_heads<8>(acc.data() + g * ds, probs.data() + g * kChunk, v_tile.data(), n, ds);
-    for (; g + 4 <= groups; g += 4) accumulate_heads<4>(acc.data() + g * ds, probs.data() + g * kChunk, v_tile.data(), n, ds);
-    for (; g < groups; ++g) accumulate_heads<1>(acc.data() + g * ds, probs.data() + g * kChunk, v_tile.data(), n, ds);
+    for (; g + 8 <= groups; g += 8) accumulate_heads<8>(acc + g * ds, probs.data() + g * kChunk, v_tile.data(), n, ds);
+    for (; g + 4 <= groups; g += 4) accumulate_heads<4>(acc + g * ds, probs.data() + g * kChunk, v_tile.data(), n, ds);
+    for (; g < groups; ++g) accumulate_heads<1>(acc + g * ds, probs.data() + g * kChunk, v_tile.data(), n, ds);
   }
+}
 
-  for (int64_t g = 0; g < groups; ++g) {  // out = Pi^T (acc / sum)
-    float* a = acc.data() + g * ds;
-    const float inv = 1.f / running_sum[g];
-    for (int64_t j = 0; j < d; ++j) a[j] *= inv;
-    detail::matvec_transposed(job.rotation, a, out_buf.data(), d);
-    detail::store_from_float(out_buf.data(), d, job.out, job.q_type, (out_row0 + g) * d);
+// One task = one (sequence, KV head, split) triple.
+template <typename Unpacker>
+TQ_INLINE void attention_body(const AttentionJob& job, size_t task, const Unpacker& k_unpack,
+                              const Unpacker& v_unpack) {
+  const PagedCache& c = *job.cache;
+  const int64_t d = c.head_dim, hkv = c.num_kv_heads, groups = job.group;
+  const int64_t part = static_cast<int64_t>(task) % job.splits;
+  const int64_t pair = static_cast<int64_t>(task) / job.splits;
+  const int64_t s = pair / hkv, kv_head = pair % hkv;
+  const int64_t ctx_len = std::max<int64_t>(job.context_lens[s], 0);
+  const int64_t t_begin = std::min(ctx_len, part * job.split_len);
+  const int64_t t_end = std::min(ctx_len, t_begin + job.split_len);
+
+  const int64_t ds = round_up8(std::max({d, job.k_dequantizer->padded_dim(), job.v_dequantizer->padded_dim()}));
+  std::vector<float> acc(groups * ds), running_max(groups), running_sum(groups);
+  attend_range(job, s, kv_head, t_begin, t_end, ds, k_unpack, v_unpack, acc.data(), running_max.data(),
+               running_sum.data());
+  if (job.splits == 1) {
+    write_output(job, s, kv_head, acc.data(), ds, running_sum.data());
+    return;
   }
+  float* partial = job.partial + (pair * job.splits + part) * groups * (d + 2);
+  for (int64_t g = 0; g < groups; ++g, partial += d + 2) {
+    std::copy(acc.data() + g * ds, acc.data() + g * ds + d, partial);
+    partial[d] = running_max[g];
+    partial[d + 1] = running_sum[g];
+  }
+}
+
+// Split-K merge for one (sequence, KV head): rescale each split's state to the global max.
+void merge_task(void* ctx, size_t pair) {
+  const auto& job = *static_cast<const AttentionJob*>(ctx);
+  const int64_t d = job.cache->head_dim, groups = job.group, hkv = job.cache->num_kv_heads;
+  const int64_t row = d + 2;
+  const float* base = job.partial + static_cast<int64_t>(pair) * job.splits * groups * row;
+  std::vector<float> acc(groups * d, 0.f), sums(groups, 0.f);
+  for (int64_t g = 0; g < groups; ++g) {
+    float global_max = -std::numeric_limits<float>::infinity();
+    for (int64_t p = 0; p < job.splits; ++p) global_max = std::max(global_max, base[(p * groups + g) * row + d]);
+    if (!(global_max > -std::numeric_limits<float>::infinity())) continue;  // no tokens
+    for (int64_t p = 0; p < job.splits; ++p) {
+      const float* part = base + (p * groups + g) * row;
+      if (!(part[d + 1] > 0.f)) continue;
+      const float w = std::exp(part[d] - global_max);
+      sums[g] += part[d + 1] * w;
+      for (int64_t j = 0; j < d; ++j) acc[g * d + j] += part[j] * w;
+    }
+  }
+  write_output(job, static_cast<int64_t>(pair) / hkv, static_cast<int64_t>(pair) % hkv, acc.data(), d, sums.data());
 }
 
 struct TableUnpacker {
@@ -244,9 +307,28 @@ void paged_attention(const void* query, DType q_type, int64_t num_seqs, int64_t 
   const Dequantizer vd(v_codebook, cache.v_bits, cache.head_dim);
   const float used_scale =
       scale > 0.f ? scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(cache.head_dim)));
-  AttentionJob job{query, q_type, num_q_heads, num_q_heads / cache.num_kv_heads, &cache, block_tables, max_blocks,
-                   context_lens, rotation, &kd, &vd, used_scale, out};
-  parallel.for_each(static_cast<size_t>(num_seqs * cache.num_kv_heads), attention_task(), &job);
+  const int64_t group = num_q_heads / cache.num_kv_heads;
+  const int64_t pairs = num_seqs * cache.num_kv_heads;
+
+  // Split long contexts when there are too few (sequence, KV head) pairs to keep the threads
+  // busy: at least kMinSplitTokens per split, up to kTargetTasks tasks. The split depends only
+  // on the shapes, never on the thread count, so results are reproducible.
+  constexpr int64_t kTargetTasks = 64, kMinSplitTokens = 512;
+  int64_t max_ctx = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) max_ctx = std::max<int64_t>(max_ctx, context_lens[s]);
+  int64_t splits = 1;
+  if (pairs > 0 && pairs < kTargetTasks) {
+    splits = std::min((kTargetTasks + pairs - 1) / pairs, (max_ctx + kMinSplitTokens - 1) / kMinSplitTokens);
+    splits = std::max<int64_t>(splits, 1);
+  }
+  int64_t split_len = std::max<int64_t>(max_ctx, 1);
+  if (splits > 1) split_len = ((max_ctx + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
+  std::vector<float> partial(splits > 1 ? static_cast<size_t>(pairs * splits * group * (cache.head_dim + 2)) : 0);
+
+  AttentionJob job{query, q_type, num_q_heads, group, &cache, block_tables, max_blocks, context_lens, rotation,
+                   &kd, &vd, used_scale, out, splits, split_len, partial.data()};
+  parallel.for_each(static_cast<size_t>(pairs * splits), attention_task(), &job);
+  if (splits > 1) parallel.for_each(static_cast<size_t>(pairs), merge_task, &job);
 }
 
 }  // namespace tq
