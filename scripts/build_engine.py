@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                         help="do not enable aliased plugin I/O (TQCacheUpdate then copies its caches)")
     parser.add_argument("--polygraphy", action="store_true",
                         help="also compare ORT (+ TensorRT when runnable) with the reference via polygraphy")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the polygraphy comparison inputs")
+    parser.add_argument("--input-seed", type=int, default=1, help="seed of the polygraphy comparison inputs")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     if args.polygraphy:
         from tq_deploy.validate.polygraphy_run import compare_with_polygraphy
 
-        comparison = compare_with_polygraphy(onnx_path, seed=args.seed)
+        comparison = compare_with_polygraphy(onnx_path, seed=args.input_seed)
         print(comparison.pop("text"), file=sys.stderr)
         report["polygraphy"] = comparison
     (out / "engine_report.json").write_text(json.dumps(report, indent=2, default=str))

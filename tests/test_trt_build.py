@@ -134,3 +134,20 @@ def test_stage_reports_a_missing_plugin_library(tmp_path, monkeypatch):
     assert stage["status"] == "skipped"
     assert "nowhere.so" in stage["reason"]
     assert not (tmp_path / "out" / "enc.engine").exists()
+
+
+def test_build_engine_script_exports_builds_and_reports(trt, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "build_engine.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--op", "TQPagedAttention",
+                           "--bits", "2", "--head-dim", "40", "--num-q-heads", "4", "--num-kv-heads", "2",
+                           "--dim", "batch=1,2,8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report == json.loads((tmp_path / "engine_report.json").read_text())
+    assert report["status"] == "built" and report["profile"]["query"] == [[1, 4, 40], [2, 4, 40], [8, 4, 40]]
+    assert (tmp_path / "TQPagedAttention.engine").stat().st_size == report["engine_bytes"]

@@ -175,14 +175,16 @@ def trt_runner(model_path: str | os.PathLike, dims=None):
 # ---------------------------------------------------------------- comparison
 
 def compare_with_polygraphy(model_path: str | os.PathLike, *, seed: int = 0, with_tensorrt: bool | None = None,
-                            providers=("CPUExecutionProvider",)) -> dict:
+                            providers=("CPUExecutionProvider",), verbose: bool = False) -> dict:
     """Run ORT, the reference and (when usable) TensorRT through polygraphy's Comparator on the
     same random valid inputs; compare every runner with the reference.
 
     Returns {"runners": [...], "tensorrt": reason, "reports": {runner: ComparisonReport dict},
     "passed": bool}. ``with_tensorrt=None`` adds TensorRT when :func:`tensorrt_usable`.
+    polygraphy's own log (inputs, per-runner timing) is shown only with ``verbose=True``.
     """
     from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
 
     from tq_deploy.validate.compare import compare
     from tq_deploy.validate.inputs import random_inputs
@@ -195,7 +197,8 @@ def compare_with_polygraphy(model_path: str | os.PathLike, *, seed: int = 0, wit
     runners = [reference, onnxrt_runner(model_path, providers)]
     if with_tensorrt or (with_tensorrt is None and usable):
         runners.append(trt_runner(model_path))
-    results = Comparator.run(runners, data_loader=[feeds])
+    with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.ERROR):
+        results = Comparator.run(runners, data_loader=[feeds])
     expected = dict(results[reference.name][0])
     code_bits = bits_of_outputs(model)
     reports = {}
