@@ -56,15 +56,28 @@ function(tq_trt_include_dir out_var)
   if(TQ_TRT_PYTHON)
     list(APPEND pythons "${TQ_TRT_PYTHON}")
   endif()
+  list(REMOVE_DUPLICATES pythons)
+  # Inside pip's isolated build environment the build's own interpreter may lack pip; a pip
+  # executable on PATH is the last resort.
+  find_program(TQ_TRT_PIP NAMES pip3 pip)
   set(download "${CMAKE_BINARY_DIR}/_deps/tensorrt_pip")
   set(wheels "")
   set(errors "")
+  set(pip_commands "")
   foreach(python IN LISTS pythons)
+    list(APPEND pip_commands "${python}|-m|pip")
+  endforeach()
+  if(TQ_TRT_PIP)
+    list(APPEND pip_commands "${TQ_TRT_PIP}")
+  endif()
+  foreach(pip_command IN LISTS pip_commands)
+    string(REPLACE "|" ";" pip_argv "${pip_command}")
     file(REMOVE_RECURSE "${download}")
     file(MAKE_DIRECTORY "${download}")
-    message(STATUS "Fetching TensorRT headers: ${python} -m pip download --no-deps ${TQ_TRT_PIP_PACKAGE}")
+    string(REPLACE "|" " " pip_shown "${pip_command}")
+    message(STATUS "Fetching TensorRT headers: ${pip_shown} download --no-deps ${TQ_TRT_PIP_PACKAGE}")
     execute_process(
-      COMMAND "${python}" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check -q
+      COMMAND ${pip_argv} download --no-deps --only-binary=:all: --disable-pip-version-check -q
               "${TQ_TRT_PIP_PACKAGE}" -d "${download}"
       RESULT_VARIABLE rc
       OUTPUT_VARIABLE pip_out
@@ -73,12 +86,11 @@ function(tq_trt_include_dir out_var)
     if(rc EQUAL 0 AND wheels)
       break()
     endif()
-    string(APPEND errors "\n${python}: exit ${rc}: ${pip_err}")
+    string(APPEND errors "\n${pip_shown}: exit ${rc}: ${pip_err}")
     set(wheels "")
   endforeach()
   if(NOT wheels)
-    message(WARNING "`pip download --no-deps ${TQ_TRT_PIP_PACKAGE}` failed for every Python found "
-                    "(${pythons}):${errors}\nSet TRT_INCLUDE_DIR to a TensorRT include/ folder. "
+    message(WARNING "`pip download --no-deps ${TQ_TRT_PIP_PACKAGE}` failed with every pip found:${errors}\nSet TRT_INCLUDE_DIR to a TensorRT include/ folder. "
                     "The TensorRT plugin library is skipped.")
     return()
   endif()
