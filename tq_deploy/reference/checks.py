@@ -6,6 +6,7 @@ value expected, so that a bad call never turns into a silent wrong answer.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -17,15 +18,15 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_bits(name: str, bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or int(bits) not in SUPPORTED_BITS:
         raise ValueError(f"{name}={bits!r}, expected one of {SUPPORTED_BITS}")
-    return bits
+    return int(bits)
 
 
 def check_head_dim(name: str, dim: int, minimum: int = 2) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < minimum:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < minimum:
         raise ValueError(f"{name}={dim!r}, expected an int >= {minimum}")
-    return dim
+    return int(dim)
 
 
 def check_tensor(name: str, value, *, dtypes: Sequence[torch.dtype] | None = None,
@@ -46,7 +47,8 @@ def check_shape(name: str, value: torch.Tensor, expected: Sequence[int | None]) 
     shape = tuple(value.shape)
     ok = len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
     if not ok:
-        shown = tuple("*" if e is None else e for e in expected)
+        parts = ["*" if e is None else str(e) for e in expected]
+        shown = f"({parts[0]},)" if len(parts) == 1 else "(" + ", ".join(parts) + ")"
         raise ValueError(f"{name}.shape={shape}, expected {shown}")
     return value
 
@@ -61,3 +63,12 @@ def check_codebook(name: str, codebook: torch.Tensor, bits: int) -> torch.Tensor
 def check_rotation(name: str, rotation: torch.Tensor, dim: int) -> torch.Tensor:
     check_tensor(name, rotation, dtypes=(torch.float32,), rank=2)
     return check_shape(name, rotation, (dim, dim))
+
+
+def check_last_dim(name: str, value: torch.Tensor, rotation: torch.Tensor) -> int:
+    """The vectors' dimension must be the rotation's: names both sizes."""
+    check_tensor("rotation", rotation, dtypes=(torch.float32,), rank=2)
+    dim = rotation.shape[0]
+    if value.shape[-1] != dim:
+        raise ValueError(f"{name}.shape[-1]={value.shape[-1]}, expected head_dim={dim} (the rotation's size)")
+    return dim

@@ -107,6 +107,8 @@ class TQDecodeModel(nn.Module):
         c = self.config
         if hidden.dim() != 2 or hidden.shape[-1] != c.hidden_size:
             raise ValueError(f"hidden.shape={tuple(hidden.shape)}, expected (S, {c.hidden_size})")
+        if hidden.dtype != self.qkv_proj.weight.dtype:
+            raise ValueError(f"hidden.dtype={hidden.dtype}, expected the model's dtype {self.qkv_proj.weight.dtype}")
         q, k, v = self.project_qkv(hidden, positions)
         caches = cache_update(k, v, slot_mapping, k_codes, k_norms, v_codes, v_norms,
                               self.rotation, self.k_codebook, self.v_codebook, c.k_bits, c.v_bits)

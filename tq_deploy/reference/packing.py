@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tq_deploy.ops import packed_size
-from tq_deploy.reference.checks import check_bits, check_tensor
+from tq_deploy.reference.checks import check_bits, check_head_dim, check_tensor
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -36,6 +36,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Packed uint8 [..., ceil(dim*bits/8)] -> uint8 codes [..., dim]."""
     check_bits("bits", bits)
+    check_head_dim("dim", dim, minimum=1)
     check_tensor("packed", packed, dtypes=(torch.uint8,), min_rank=1)
     nbytes = packed_size(dim, bits)
     if packed.shape[-1] != nbytes:

@@ -31,6 +31,7 @@ from tq_deploy.reference.checks import (
     check_codebook,
     check_head_dim,
     check_rotation,
+    check_last_dim,
     check_shape,
     check_tensor,
 )
@@ -104,6 +105,7 @@ def cache_update_reference(key, value, slot_mapping, k_codes, k_norms, v_codes, 
                            rotation, k_codebook, v_codebook, k_bits, v_bits):
     """Encode key/value [T, Hkv, D] into their slots, in place; slot < 0 skips a token."""
     check_tensor("key", key, dtypes=FLOAT_DTYPES, rank=3)
+    check_last_dim("key", key, rotation)
     t, hkv, dim = key.shape
     check_tensor("value", value, dtypes=FLOAT_DTYPES)
     check_shape("value", value, (t, hkv, dim))
@@ -130,6 +132,7 @@ def _check_attention_args(query, k_codes, k_norms, v_codes, v_norms, block_table
                           rotation, k_codebook, v_codebook, k_bits, v_bits) -> tuple[int, int]:
     """Validate everything the attention reads; returns (block_size, group size Hq/Hkv)."""
     check_tensor("query", query, dtypes=FLOAT_DTYPES, rank=3)
+    check_last_dim("query", query, rotation)
     s, hq, dim = query.shape
     n, b, hkv = check_cache(k_codes, k_norms, v_codes, v_norms, dim, k_bits, v_bits)
     if hq % hkv:
