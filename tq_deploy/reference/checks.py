@@ -70,5 +70,6 @@ def check_last_dim(name: str, value: torch.Tensor, rotation: torch.Tensor) -> in
     check_tensor("rotation", rotation, dtypes=(torch.float32,), rank=2)
     dim = rotation.shape[0]
     if value.shape[-1] != dim:
-        raise ValueError(f"{name}.shape[-1]={value.shape[-1]}, expected head_dim={dim} (the rotation's size)")
+        raise ValueError(f"{name}.shape[-1]={value.shape[-1]}, expected head_dim={dim} "
+                         f"to match rotation.shape={tuple(rotation.shape)}")
     return dim
