@@ -70,6 +70,7 @@ def check_last_dim(name: str, value: torch.Tensor, rotation: torch.Tensor) -> in
     check_tensor("rotation", rotation, dtypes=(torch.float32,), rank=2)
     dim = rotation.shape[0]
     if value.shape[-1] != dim:
-        raise ValueError(f"{name}.shape[-1]={value.shape[-1]}, expected head_dim={dim} "
-                         f"to match rotation.shape={tuple(rotation.shape)}")
+        seen = value.shape[-1]
+        raise ValueError(f"{name}.shape[-1]={seen} but rotation.shape={tuple(rotation.shape)}: expected "
+                         f"head_dim={dim} (or the rotation expected ({seen}, {seen}))")
     return dim
