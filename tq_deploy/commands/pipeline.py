@@ -5,7 +5,10 @@
     3. session  ONNX Runtime with the custom-op library
     4. run      on fresh random valid inputs (timed)
     5. compare  with the PyTorch reference: max abs/rel error, mismatched codes
-    6. TensorRT engine build + polygraphy comparison: not part of this build yet
+    6. engine   TensorRT engine build with the TurboQuant IPluginV3 plugins (TensorRT-RTX on a
+                CPU-only machine; skipped, with the reason, when TensorRT or the plugin library is absent)
+    7. polygraphy  the reference, ONNX Runtime and (on a GPU TensorRT accepts) the engine through
+                polygraphy's Comparator; every runner compared with the reference
 
 Exit status: 0 within tolerance, 1 outside, 2 bad options.
 """
@@ -17,10 +20,6 @@ import sys
 import time
 
 from tq_deploy.commands.export import add_model_arguments, config_from_args
-
-TENSORRT_NOTE = ("TensorRT engine build + polygraphy comparison: not part of this build yet "
-                 "(no engine built, no result reported)")
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out-dir", default="out", help="where model.onnx and report.json go (default out/)")
@@ -50,6 +49,7 @@ def _run(args) -> int:
 
     from tq_deploy.export.model import export_model
     from tq_deploy.export.schemas import infer_shapes
+    from tq_deploy.runtime.tensorrt import tensorrt_stage
     from tq_deploy.validate.inputs import default_context_lens
     from tq_deploy.validate.ort import validate_with_ort
 
@@ -77,8 +77,11 @@ def _run(args) -> int:
     steps["ort_and_reference_s"] = time.perf_counter() - start
     report.title = f"pipeline: {path} ({', '.join(custom)}) in ONNX Runtime vs PyTorch reference"
     report.extra.update({"model_path": path, "config": config.to_dict(), "context_lens": context_lens,
-                         "ir_version": model.ir_version, "custom_ops": custom, "steps": steps,
-                         "tensorrt": TENSORRT_NOTE})
+                         "ir_version": model.ir_version, "custom_ops": custom, "steps": steps})
+    engine = tensorrt_stage(path, args.out_dir)
+    report.extra["tensorrt"] = engine
+    polygraphy = _polygraphy_stage(path, args.input_seed)
+    report.extra["polygraphy"] = {k: v for k, v in polygraphy.items() if k != "text"}
     with open(os.path.join(args.out_dir, "report.json"), "w") as f:
         f.write(report.to_json())
 
@@ -95,6 +98,26 @@ def _run(args) -> int:
               f"(mean of {report.extra['repeat']})")
         print("5. compare")
         print("   " + report.to_text().replace("\n", "\n   "))
-        print(f"6. {TENSORRT_NOTE}")
+        if engine["status"] == "built":
+            print(f"6. engine   {engine['engine_path']}: {engine['engine_bytes']} bytes, {engine['backend']} "
+                  f"{engine['tensorrt_version']}, {engine['build_seconds']:.2f} s; {engine['runtime_note']}")
+        else:
+            print(f"6. engine   skipped: {engine['reason']}")
+        if polygraphy["status"] == "ran":
+            print(f"7. polygraphy  runners {', '.join(polygraphy['runners'])}; TensorRT runner: {polygraphy['tensorrt']}")
+            print("   " + polygraphy["text"].replace("\n", "\n   "))
+        else:
+            print(f"7. polygraphy  skipped: {polygraphy['reason']}")
         print(f"report: {os.path.join(args.out_dir, 'report.json')}")
-    return 0 if report.passed else 1
+    return 0 if report.passed and polygraphy.get("passed", True) else 1
+
+
+def _polygraphy_stage(path: str, seed: int) -> dict:
+    """polygraphy's Comparator over the reference, ORT and (where usable) TensorRT; skipped without polygraphy."""
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        return {"status": "skipped", "reason": "polygraphy is not installed (pip install 'tq-deploy[rtx]')"}
+    from tq_deploy.validate.polygraphy_run import compare_with_polygraphy
+
+    return {"status": "ran", **compare_with_polygraphy(path, seed=seed)}
