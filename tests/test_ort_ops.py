@@ -447,6 +447,14 @@ def test_paged_attention_rejects_bits_out_of_range(attr, value):
     expect_ort_error(lambda: make_session(model), "TQPagedAttention", f"{attr}={value}", "expected one of 1, 2, 3, 4")
 
 
+def test_paged_attention_rejects_negative_scale():
+    model = make_op_model("TQPagedAttention", head_dim=64, bits=2, num_q_heads=2, num_kv_heads=1)
+    for a in model.graph.node[0].attribute:
+        if a.name == "scale":
+            a.f = -0.5
+    expect_ort_error(lambda: make_session(model), "TQPagedAttention", "scale=-0.5", "expected >= 0")
+
+
 def test_encode_decode_reject_bits_out_of_range():
     for op in ("TQEncode", "TQDecode"):
         model = make_op_model(op, head_dim=64, bits=2)
