@@ -68,7 +68,7 @@ TQ_INLINE void accumulate_heads(float* acc, const float* w, const float* v_tile,
     for (int h = 0; h < NH; ++h) a[h] = detail::f8_load(acc + h * ds + d);
     for (int64_t t = 0; t < n; ++t) {
       const F8 v = detail::f8_load(v_tile + t * ds + d);
-      for (int h = 0; h < NH; ++h) a[h] += detail::f8_set1(w[h * kChunk + t]) * v;
+      for (int h = 0; h < NH; ++h) a[h] += v * w[h * kChunk + t];  // scalar broadcast
     }
     for (int h = 0; h < NH; ++h) detail::f8_store(acc + h * ds + d, a[h]);
   }

@@ -41,6 +41,7 @@ struct F8 {
   F8& operator*=(const F8& o) { for (int i = 0; i < 8; ++i) v[i] *= o.v[i]; return *this; }
   friend F8 operator*(const F8& a, const F8& b) { F8 r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i]; return r; }
   friend F8 operator+(const F8& a, const F8& b) { F8 r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
+  friend F8 operator*(const F8& a, float b) { F8 r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b; return r; }
 };
 TQ_INLINE F8 f8_set1(float x) { F8 r; for (int i = 0; i < 8; ++i) r.v[i] = x; return r; }
 #endif
