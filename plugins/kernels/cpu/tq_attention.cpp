@@ -31,32 +31,12 @@ TQ_INLINE int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
 
 using detail::F8;
 
-// out[h * out_stride + t] = <q[h], k[t]> for NH heads x NT tokens; rows are ds floats (ds % 8 == 0).
-// NH * NT vector accumulators stay in registers; each loaded q / k vector is used NT / NH times.
-template <int NH, int NT>
-TQ_INLINE void score_block(const float* q, const float* k, int64_t ds, float* out, int64_t out_stride) {
-  F8 acc[NH][NT];
-  for (int h = 0; h < NH; ++h) {
-    for (int t = 0; t < NT; ++t) acc[h][t] = detail::f8_zero();
-  }
-  for (int64_t d = 0; d < ds; d += 8) {
-    F8 kv[NT];
-    for (int t = 0; t < NT; ++t) kv[t] = detail::f8_load(k + t * ds + d);
-    for (int h = 0; h < NH; ++h) {
-      const F8 qv = detail::f8_load(q + h * ds + d);
-      for (int t = 0; t < NT; ++t) acc[h][t] += qv * kv[t];
-    }
-  }
-  for (int h = 0; h < NH; ++h) {
-    for (int t = 0; t < NT; ++t) out[h * out_stride + t] = detail::f8_sum(acc[h][t]);
-  }
-}
-
+// out[h * kChunk + t] = <q[h], k[t]> for NH query heads and the n tokens of a tile.
 template <int NH>
 TQ_INLINE void score_heads(const float* q, const float* k_tile, int64_t n, int64_t ds, float* out) {
   int64_t t = 0;
-  for (; t + 2 <= n; t += 2) score_block<NH, 2>(q, k_tile + t * ds, ds, out + t, kChunk);
-  for (; t < n; ++t) score_block<NH, 1>(q, k_tile + t * ds, ds, out + t, kChunk);
+  for (; t + 2 <= n; t += 2) detail::dot_block<NH, 2>(q, ds, k_tile + t * ds, ds, ds, out + t, kChunk, 1);
+  for (; t < n; ++t) detail::dot_block<NH, 1>(q, ds, k_tile + t * ds, ds, ds, out + t, kChunk, 1);
 }
 
 // acc[h] += sum_t w[h * kChunk + t] * v[t] for NH heads; NH accumulator vectors per 8 lanes stay

@@ -54,6 +54,29 @@ TQ_INLINE F8 f8_load(const float* p) {
 TQ_INLINE void f8_store(float* p, const F8& v) { std::memcpy(p, &v, sizeof v); }
 TQ_INLINE float f8_sum(const F8& a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
 
+// out[i * out_stride_a + j * out_stride_b] = <a_i, b_j> for NA rows of a and NB rows of b, each
+// n floats long (n % 8 == 0). The NA x NB vector accumulators stay in registers; every loaded
+// vector of a is used NB times and every vector of b NA times (a small GEMM micro-kernel).
+template <int NA, int NB>
+TQ_INLINE void dot_block(const float* a, int64_t a_stride, const float* b, int64_t b_stride, int64_t n, float* out,
+                         int64_t out_stride_a, int64_t out_stride_b) {
+  F8 acc[NA][NB];
+  for (int i = 0; i < NA; ++i) {
+    for (int j = 0; j < NB; ++j) acc[i][j] = f8_zero();
+  }
+  for (int64_t k = 0; k < n; k += 8) {
+    F8 bv[NB];
+    for (int j = 0; j < NB; ++j) bv[j] = f8_load(b + j * b_stride + k);
+    for (int i = 0; i < NA; ++i) {
+      const F8 av = f8_load(a + i * a_stride + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+  for (int i = 0; i < NA; ++i) {
+    for (int j = 0; j < NB; ++j) out[i * out_stride_a + j * out_stride_b] = f8_sum(acc[i][j]);
+  }
+}
+
 // Eight independent partial sums: a plain `s += a[i] * b[i]` loop must stay sequential
 // under IEEE rules, this one maps onto vector registers.
 TQ_INLINE float dot(const float* a, const float* b, int64_t n) {
