@@ -102,7 +102,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("layout", [0, 1, 2])  # 1: unit-field kernel, 2: pair-table kernel (4-bit K and V)
+@pytest.mark.parametrize("layout", [0, 1, 2, 3])  # 1: unit fields; 2, 3: pair table (4-bit K and V)
 @pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits", CASES)
 def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits, layout):
     run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=sum(ctxs) + dim + k_bits, num_splits=splits,

@@ -146,6 +146,67 @@ def _pair_lookup(lut_ptr, packed):
 
 
 @triton.jit
+def _pair_lookup_joined(lut_ptr, packed, ROWS: tl.constexpr, D: tl.constexpr):
+    """Centroids [ROWS, D] in natural coordinate order from packed bytes [ROWS, D/2] via the
+    pair table (low half = even coordinate, high half = the next odd one)."""
+    lo, hi = _pair_lookup(lut_ptr, packed)
+    return tl.reshape(tl.join(lo, hi), [ROWS, D])
+
+
+@triton.jit
+def split_kernel_pairs_joined(qrot_ptr, kb_ptr, kn_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, klut_ptr, vlut_ptr,
+                              m_ptr, l_ptr, acc_ptr,
+                              bt_stride, num_kv_heads, tokens_per_split, num_splits,
+                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """split_kernel_pairs with the two halves of each table entry joined back into natural
+    coordinate order, so each of q.K^T and P.V is one tensor-core dot over D."""
+    P: tl.constexpr = D // 2
+    sh = tl.program_id(0)
+    split = tl.program_id(1)
+    s = sh // num_kv_heads
+    h = sh % num_kv_heads
+    ctx = tl.load(ctx_ptr + s)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, ctx)
+
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    gmask = g < G
+    mcol = tl.arange(0, P)
+    q_rows = sh.to(tl.int64) * G + g
+    q = tl.load(qrot_ptr + q_rows[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+
+    m_i = tl.full([GP], -1.0e30, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    bt_row = bt_ptr + s.to(tl.int64) * bt_stride
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        blk = tl.load(bt_row + t // PAGE, mask=valid, other=0)
+        row = (blk.to(tl.int64) * PAGE + (t % PAGE)) * num_kv_heads + h
+        kn = tl.load(kn_ptr + row, mask=valid, other=0.0)
+        vn = tl.load(vn_ptr + row, mask=valid, other=0.0)
+        k = _pair_lookup_joined(klut_ptr, tl.load(kb_ptr + row[:, None] * P + mcol[None, :]), BLOCK_N, D)
+        scores = half_dot(q, tl.trans(k), tl.zeros([GP, BLOCK_N], tl.float32), UPCAST) * kn[None, :]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _pair_lookup_joined(vlut_ptr, tl.load(vb_ptr + row[:, None] * P + mcol[None, :]), BLOCK_N, D)
+        pv = (p * vn[None, :]).to(tl.float16)
+        acc = half_dot(pv, v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+
+    part = sh.to(tl.int64) * num_splits + split
+    tl.store(m_ptr + part * G + g, m_i, mask=gmask)
+    tl.store(l_ptr + part * G + g, l_i, mask=gmask)
+    tl.store(acc_ptr + (part * G + g)[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
 def split_kernel_pairs(qrot_ptr, kb_ptr, kn_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, klut_ptr, vlut_ptr,
                        m_ptr, l_ptr, acc_ptr,
                        bt_stride, num_kv_heads, tokens_per_split, num_splits,

@@ -23,6 +23,7 @@ from ._attention_kernels import (
     split_kernel,
     split_kernel_fields,
     split_kernel_pairs,
+    split_kernel_pairs_joined,
 )
 
 MIN_SPLIT_TOKENS = 256
@@ -31,7 +32,9 @@ MAX_SPLITS = 128
 GROUP_REDUCE_MAX_SPLITS = 4  # few splits: one reduce program per group (tensor-core rotate-back)
 DEFAULT_LOOKUP = 0
 # 0: split_kernel (measured fastest on the H200); 1: split_kernel_fields where unit_fields() allows;
-# 2: split_kernel_pairs for 4-bit K and V (byte -> two-centroid table; not yet timed on a GPU)
+# 2: split_kernel_pairs for 4-bit K and V (byte -> two-centroid table, even/odd tiles);
+# 3: split_kernel_pairs_joined (the same table, natural order). 2 and 3 are not yet timed on a GPU:
+# their sm_90 loop issues ~40% fewer instructions per token-head than 0 (sass_report.py).
 DEFAULT_LAYOUT = 0
 
 _sm_count: dict = {}
@@ -164,8 +167,9 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     kf, vf = unit_fields(dim, k_bits), unit_fields(dim, v_bits)
     if layout is None:
         layout = DEFAULT_LAYOUT
-    if layout == 2 and k_bits == 4 and v_bits == 4:
-        last_compiled["split"] = split_kernel_pairs[(s * hkv, splits)](
+    if layout in (2, 3) and k_bits == 4 and v_bits == 4:
+        kernel = split_kernel_pairs if layout == 2 else split_kernel_pairs_joined
+        last_compiled["split"] = kernel[(s * hkv, splits)](
             q_rot, kc, kn, vc, vn, bt, ctx, C.pair_table(k_codebook, dev), C.pair_table(v_codebook, dev),
             m, l, acc,
             bt.stride(0), hkv, per_split, splits,

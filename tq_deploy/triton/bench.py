@@ -225,8 +225,8 @@ def main(argv=None) -> int:
     for spec in filter(None, args.sweep.split(",")):
         batch, seq = (int(v) for v in spec.split("x"))
         variants = [dict(layout=0, lookup=0, block_n=64, num_warps=2, num_stages=2)]  # best of the last sweep
-        variants += [dict(layout=2, block_n=bn, num_warps=nw, num_stages=ns)
-                     for bn in (32, 64, 128) for nw in (2, 4) for ns in (2, 3)]
+        variants += [dict(layout=lay, block_n=64, num_warps=nw, num_stages=ns)
+                     for lay in (2, 3) for nw in (2, 4) for ns in (1, 2)]
         sweep += sweep_attention(batch, seq, 4, 32, 8, 128, 16, l2, variants)
     knobs = {}
     if sweep:
