@@ -4,6 +4,7 @@
 #   2. the Triton tests, compiled on the GPU (CPU-interpreter cases + the gpu-marked larger ones)
 #   3. the benchmark (scripts/bench_gpu.py), table last
 # Logs and JSON go to $OUT (or ./gpu_out). Usage: bash scripts/gpu_check.sh [--no-tests] [--no-bench] [bench args]
+# e.g. bash scripts/gpu_check.sh --quick --sweep 8x32768   (about 5 minutes on the H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -48,7 +49,8 @@ for bits, seq, batch in ((4, 4096, 8),):
 PY
 
 if [ $run_tests = 1 ]; then
-  $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_triton_quant.py tests/test_triton_attention.py -rs 2>&1 | tee "$OUT/tests.log"
+  xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"  # compiling ~120 kernel variants: use the cores
+  $PY -m pytest -q -p no:cacheprovider $xdist tests/test_triton_quant.py tests/test_triton_attention.py -rs 2>&1 | tee "$OUT/tests.log"
 fi
 if [ $run_bench = 1 ]; then
   $PY scripts/bench_gpu.py --json "$OUT/bench_gpu.json" "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
