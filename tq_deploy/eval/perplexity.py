@@ -15,6 +15,7 @@ so for it the chunk size is the calibration length.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ class PerplexityResult:
     logits: torch.Tensor | None = field(default=None, repr=False)  # [T, vocab] when asked for
 
 
+def _cache_keyword(model) -> str:
+    """transformers >= 5.24 names the cache argument ``cache``; earlier versions ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, quantizer: KVQuantizer | None = None,
                chunk_size: int = DEFAULT_CHUNK_SIZE, return_logits: bool = False) -> PerplexityResult:
@@ -56,12 +62,13 @@ def perplexity(model, input_ids: torch.Tensor, quantizer: KVQuantizer | None = N
     ids = input_ids.to(device)
     total = ids.shape[1]
     cache = QuantizedKVCache(quantizer)
+    cache_kw = {_cache_keyword(model): cache}
     nll = torch.zeros((), dtype=torch.float64)
     kept = []
     start_time = time.perf_counter()
     for start in range(0, total, chunk_size):
         chunk = ids[:, start:start + chunk_size]
-        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0].float()
+        logits = model(input_ids=chunk, use_cache=True, **cache_kw).logits[0].float()
         targets = ids[0, start + 1:start + chunk_size + 1]  # the last chunk has one target fewer
         nll += F.cross_entropy(logits[: targets.shape[0]], targets, reduction="sum").double().cpu()
         if return_logits:

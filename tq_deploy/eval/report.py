@@ -70,6 +70,9 @@ def plot(path: str | Path, rows: list[dict], title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     baseline = next((r for r in rows if r["method"] == "fp32"), None)
+    # Clip the axis at 4x the baseline so that one collapsed configuration does not
+    # flatten the rest; clipped points sit on the top edge with their value written.
+    top = 4 * baseline["ppl"] if baseline is not None else max(r["ppl"] for r in rows)
     families: dict[str, list[dict]] = {}
     for row in rows:
         if row["method"] != "fp32":
@@ -77,17 +80,21 @@ def plot(path: str | Path, rows: list[dict], title: str = "") -> None:
     for family, members in families.items():
         members = sorted(members, key=lambda r: r["effective_bits"])
         xs = [r["effective_bits"] for r in members]
-        ys = [r["ppl"] for r in members]
+        ys = [min(r["ppl"], top) for r in members]
         style = "o:" if "k!=v" in family else "o-"
-        ax.plot(xs, ys, style, label=family)
+        (line,) = ax.plot(xs, ys, style, label=family)
         for r in members:
-            if "k!=v" in family:
+            if r["ppl"] > top:
+                ax.annotate(f"{r['ppl']:.0f}", (r["effective_bits"], top), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7, color=line.get_color())
+            elif "k!=v" in family:
                 ax.annotate(f"k{r['k_bits']:g}v{r['v_bits']:g}", (r["effective_bits"], r["ppl"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
     if baseline is not None:
         ax.axhline(baseline["ppl"], color="k", linestyle="--", linewidth=1, label=f"fp32 cache ({baseline['ppl']:.3f})")
         ax.axhline(baseline["ppl"] * 1.01, color="grey", linestyle=":", linewidth=0.8, label="+1%")
         ax.axhline(baseline["ppl"] * 1.03, color="grey", linestyle="-.", linewidth=0.8, label="+3%")
+        ax.set_ylim(baseline["ppl"] * 0.97, top * 1.05)
     ax.set_yscale("log")
     ax.set_xlabel("effective bits per coordinate (codes + fp16 scales, K/V mean)")
     ax.set_ylabel("perplexity (log scale)")

@@ -1,0 +1,130 @@
+"""Configurations, storage accounting and the naive baseline of the perplexity evaluation (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tq_deploy.eval.configs import DEFAULT_CONFIGS, CacheConfig, parse_config, with_bits
+from tq_deploy.eval.naive import NaiveAbsmaxQuantizer
+
+
+@pytest.mark.parametrize("name", DEFAULT_CONFIGS)
+def test_default_names_round_trip(name):
+    assert parse_config(name).name == name
+
+
+def test_parse_fields():
+    assert parse_config("mse-k4v3-hadamard") == CacheConfig("mse", 4, 3, "hadamard")
+    assert parse_config("mixed-2.5") == CacheConfig("mixed", 2.5, 2.5, "haar")
+    assert parse_config("prod-3") == CacheConfig("prod", 3, 3, "haar")
+    assert parse_config("fp32") == CacheConfig("fp32")
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ("mse", "needs bits"),
+    ("mse-5", "expected 1, 2, 3 or 4"),
+    ("mixed-3", "expected 1.5, 2.5 or 3.5"),
+    ("prod-1", "expected 2, 3 or 4"),
+    ("naive-4-hadamard", "no rotation"),
+    ("mse-4-dct", "rotation='dct'"),
+    ("fp16", "METHOD"),
+    ("fp32-4", "takes no bits"),
+])
+def test_parse_errors_name_the_value(bad, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_config(bad)
+
+
+@pytest.mark.parametrize("name, k_bytes, v_bytes, eff_bits", [
+    # head_dim 64: codes ceil(64*b/8) bytes + 2 bytes per fp16 scale
+    ("fp32", 256, 256, 32.0),
+    ("mse-4", 34, 34, 4.25),
+    ("mse-3", 26, 26, 3.25),
+    ("mse-2", 18, 18, 2.25),
+    ("naive-4", 34, 34, 4.25),  # same bytes as TurboQuant at the same bits
+    ("prod-3", 28, 26, 3.375),  # keys: 2-bit MSE + 1-bit QJL + two norms
+    ("mixed-2.5", 24, 24, 3.0),  # 32 ch at 3 b + 32 at 2 b + two norms
+    ("mixed-3.5", 32, 32, 4.0),
+    ("mse-k4v2", 34, 18, 3.25),
+])
+def test_storage_accounting(name, k_bytes, v_bytes, eff_bits):
+    config = parse_config(name)
+    assert config.bytes_per_vector("k", 64) == k_bytes
+    assert config.bytes_per_vector("v", 64) == v_bytes
+    assert config.effective_bits(64) == pytest.approx(eff_bits)
+    # SmolLM2-135M: 30 layers, 3 KV heads
+    assert config.bytes_per_token(64, 3, 30) == 90 * (k_bytes + v_bytes)
+
+
+def test_with_bits_overrides_keys_and_values():
+    assert with_bits(parse_config("mse-4-hadamard"), 4, 3) == CacheConfig("mse", 4, 3, "hadamard")
+    assert with_bits(parse_config("naive-2"), None, 4) == CacheConfig("naive", 2, 4)
+    assert with_bits(parse_config("fp32"), 2, 2) == CacheConfig("fp32")
+    with pytest.raises(ValueError, match="mixed"):
+        with_bits(parse_config("mixed-2.5"), 4, 3)
+
+
+def test_cli_selection_with_kv_bits():
+    from tq_deploy.commands.eval_ppl import select_configs
+
+    names = [c.name for c in select_configs(None, 4, 3)]
+    assert names == ["fp32", "mse-k4v3", "mse-k4v3-hadamard", "prod-k4v3", "naive-k4v3"]  # mixed skipped
+    assert [c.name for c in select_configs("mse-2,naive-2", None, None)] == ["mse-2", "naive-2"]
+    with pytest.raises(ValueError, match="--k-bits"):
+        select_configs("mixed-2.5", 4, 3)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_naive_error_bound_and_extremes(bits, gen):
+    x = torch.randn(5, 7, 64, generator=gen) * torch.rand(5, 7, 1, generator=gen) * 10
+    q = NaiveAbsmaxQuantizer(bits)
+    codes, absmax = q.encode(x)
+    x_hat = q.quantize(x)
+    step = 2 * absmax / (2**bits - 1)
+    # nearest level: error at most half a step per coordinate
+    assert ((x_hat - x).abs() <= step.unsqueeze(-1) / 2 + 1e-5).all()
+    # the largest |coordinate| is reproduced exactly (both grid ends are levels)
+    arg = x.abs().argmax(-1, keepdim=True)
+    torch.testing.assert_close(x_hat.gather(-1, arg), x.gather(-1, arg), rtol=1e-5, atol=1e-5)
+    assert int(codes.max()) <= 2**bits - 1
+
+
+def test_naive_uses_every_code_and_keeps_zero_vectors(gen):
+    q = NaiveAbsmaxQuantizer(2)
+    x = torch.randn(4096, 64, generator=gen)
+    codes, _ = q.encode(x)
+    assert set(codes.unique().tolist()) == {0, 1, 2, 3}
+    zero = torch.zeros(3, 64, dtype=torch.float16)
+    out = q.quantize(zero)
+    assert out.dtype == torch.float16 and (out == 0).all()
+
+
+def test_naive_is_worse_than_turboquant_on_outlier_channels(gen):
+    """The property the evaluation relies on: one large channel ruins absmax steps, not a rotation."""
+    from tq_deploy.reference.quantizer import TurboQuantMSE
+
+    x = torch.randn(2000, 64, generator=gen)
+    x[:, 3] *= 20  # an outlier channel, as in LLM keys
+    naive = (NaiveAbsmaxQuantizer(3).quantize(x) - x).pow(2).sum() / x.pow(2).sum()
+    turbo = (TurboQuantMSE(64, 3).quantize(x) - x).pow(2).sum() / x.pow(2).sum()
+    assert turbo < naive
+
+
+def test_mixed_channels_are_fixed_per_layer_and_head(gen):
+    pytest.importorskip("transformers")
+    from tq_deploy.eval.kv_quantizers import MixedKVQuantizer
+
+    q = MixedKVQuantizer(64, 3.5, 2.5)
+    first = torch.randn(1, 3, 16, 64, generator=gen)
+    first[:, 0, :, :32] *= 10  # head 0: the first 32 channels dominate
+    first[:, 1, :, 32:] *= 10  # head 1: the last 32
+    q.quantize_keys(first, layer_idx=0)
+    assert q.channels[(0, "keys", 0)].tolist() == list(range(32))
+    assert q.channels[(0, "keys", 1)].tolist() == list(range(32, 64))
+    later = torch.randn(1, 3, 8, 64, generator=gen)
+    later[:, 0, :, 32:] *= 10  # the data changes, the stored choice does not
+    before = {k: v.clone() for k, v in q.channels.items()}
+    out = q.quantize_keys(later, layer_idx=0)
+    assert {k: v.tolist() for k, v in q.channels.items()} == {k: v.tolist() for k, v in before.items()}
+    assert out.shape == later.shape and not torch.equal(out, later)
