@@ -102,7 +102,7 @@ def _find_native(name: str, env_var: str) -> str:
     raise TrtPluginLibraryNotFoundError(
         f"{name} is not built (looked in {looked}). It is built by the package build when nvcc is found and the "
         "TensorRT headers can be fetched (`pip download --no-deps kernel-lens==2.0.1`, or TRT_INCLUDE_DIR): "
-        "`pip install -e .` with TQ_DEPLOY_TRT=ON, or by hand: `cmake -S plugins -B build/trt -DTQ_DEPLOY_TRT=ON "
+        "`pip install -e .` (TQ_DEPLOY_TRT is ON by default), or by hand: `cmake -S plugins -B build/trt -DTQ_DEPLOY_TRT=ON "
         f"-DTQ_DEPLOY_ORT=OFF && cmake --build build/trt`. Or set {env_var}=/path/to/{name}."
     )
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU visit, in one call (the device machine's python3 has torch + triton; nothing installs
+# there): build the TensorRT plugin + enqueue harness for sm_90, run the whole test suite (the
+# GPU tests included) and then the GPU benchmark. Logs and JSON go under $OUT (or ./gpu_out).
+#
+#   bash scripts/gpu_suite.sh [bench args...]      e.g. bash scripts/gpu_suite.sh --quick
+#
+# The TensorRT headers must travel with the call (carry build/trt-headers: a CPU build fetches
+# them there); without them the TensorRT GPU tests skip with the reason.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"; export OUT
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+: "${BUILD_TIMEOUT:=90}" "${TEST_TIMEOUT:=170}" "${BENCH_TIMEOUT:=240}"
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/nvidia_smi.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/nvidia_smi.txt"
+
+if [ -f build/trt-headers/NvInfer.h ]; then
+  start=$SECONDS
+  timeout "$BUILD_TIMEOUT" bash -c "cmake -S plugins -B build/gpu -DTQ_DEPLOY_ORT=OFF -DTQ_DEPLOY_TRT=ON \
+      -DTRT_INCLUDE_DIR='$PWD/build/trt-headers' -DTQ_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release \
+      && cmake --build build/gpu -j 16" > "$OUT/build.log" 2>&1
+  echo "TensorRT plugin build: exit $? in $((SECONDS - start)) s (log: build.log)"
+fi
+
+xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 12"   # Triton compiles ~100 kernel variants
+timeout "$TEST_TIMEOUT" $PY -m pytest -q -p no:cacheprovider $xdist -rs tests > "$OUT/tests.log" 2>&1
+echo "tests: exit $?"; tail -n 40 "$OUT/tests.log"
+
+timeout "$BENCH_TIMEOUT" $PY scripts/bench_gpu.py --json "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
