@@ -26,7 +26,11 @@ if [ -f build/trt-headers/NvInfer.h ]; then
 fi
 
 xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 12"   # Triton compiles ~100 kernel variants
-timeout "$TEST_TIMEOUT" $PY -m pytest -q -p no:cacheprovider $xdist -rs tests > "$OUT/tests.log" 2>&1
-echo "tests: exit $?"; tail -n 40 "$OUT/tests.log"
+# GPU-marked tests first, then the rest; -v names every test as it ends, so a run cut short by
+# the time limit still says which tests passed and failed.
+timeout "$TEST_TIMEOUT" $PY -m pytest -v -p no:cacheprovider $xdist -rfEs -m gpu tests > "$OUT/tests_gpu.log" 2>&1
+echo "GPU-marked tests: exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/tests_gpu.log" | tail -n 20
+timeout "$TEST_TIMEOUT" $PY -m pytest -v -p no:cacheprovider $xdist -rfEs -m "not gpu" tests > "$OUT/tests.log" 2>&1
+echo "other tests: exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -n 20
 
 timeout "$BENCH_TIMEOUT" $PY scripts/bench_gpu.py --json "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
