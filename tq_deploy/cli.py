@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(module.run(args) or 0)
-    except ValueError as err:  # bad user input: one clear line, not a traceback
+    except (ValueError, FileNotFoundError) as err:  # bad input or a missing build: one line, not a traceback
         print(f"tq-deploy {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,6 @@ Exit status: 0 within tolerance, 1 outside, 2 bad options.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from tq_deploy.commands.export import add_model_arguments, config_from_args
@@ -35,16 +34,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from tq_deploy.runtime.session import LibraryNotBuiltError
-
-    try:
-        return _run(args)
-    except LibraryNotBuiltError as err:  # a setup problem, not a bug: one line with the fix
-        print(f"tq-deploy pipeline: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
     import onnx
 
     from tq_deploy.export.model import export_model

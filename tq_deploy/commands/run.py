@@ -10,7 +10,6 @@ comparison table, and exits 1 when outside tolerance.
 
 from __future__ import annotations
 
-import sys
 import json
 
 
@@ -39,16 +38,6 @@ def load_inputs(path: str) -> dict:
 
 
 def run(args) -> int:
-    from tq_deploy.runtime.session import LibraryNotBuiltError
-
-    try:
-        return _run(args)
-    except LibraryNotBuiltError as err:  # a setup problem, not a bug: one line with the fix
-        print(f"tq-deploy run: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
     import numpy as np
     import onnx
 
