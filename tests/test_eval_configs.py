@@ -19,6 +19,8 @@ def test_parse_fields():
     assert parse_config("mixed-2.5") == CacheConfig("mixed", 2.5, 2.5, "haar")
     assert parse_config("prod-3") == CacheConfig("prod", 3, 3, "haar")
     assert parse_config("fp32") == CacheConfig("fp32")
+    assert parse_config("mse-k4v3-hadamard-ck") == CacheConfig("mse", 4, 3, "hadamard", center_keys=True)
+    assert parse_config("naive-4-ck").name == "naive-4-ck"
 
 
 @pytest.mark.parametrize("bad, fragment", [
@@ -30,6 +32,8 @@ def test_parse_fields():
     ("mse-4-dct", "rotation='dct'"),
     ("fp16", "METHOD"),
     ("fp32-4", "takes no bits"),
+    ("fp32-ck", "takes no bits"),
+    ("mse-4-ck-hadamard", "METHOD"),  # -ck comes last
 ])
 def test_parse_errors_name_the_value(bad, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -69,7 +73,8 @@ def test_cli_selection_with_kv_bits():
     from tq_deploy.commands.eval_ppl import select_configs
 
     names = [c.name for c in select_configs(None, 4, 3)]
-    assert names == ["fp32", "mse-k4v3", "mse-k4v3-hadamard", "prod-k4v3", "naive-k4v3"]  # mixed skipped
+    assert names == ["fp32", "mse-k4v3", "mse-k4v3-hadamard", "mse-k4v3-ck", "prod-k4v3",
+                     "naive-k4v3"]  # mixed skipped
     assert [c.name for c in select_configs("mse-2,naive-2", None, None)] == ["mse-2", "naive-2"]
     with pytest.raises(ValueError, match="--k-bits"):
         select_configs("mixed-2.5", 4, 3)
@@ -128,3 +133,29 @@ def test_mixed_channels_are_fixed_per_layer_and_head(gen):
     out = q.quantize_keys(later, layer_idx=0)
     assert {k: v.tolist() for k, v in q.channels.items()} == {k: v.tolist() for k, v in before.items()}
     assert out.shape == later.shape and not torch.equal(out, later)
+
+
+def test_centered_keys_leave_attention_unchanged(gen):
+    """The deployed form stores quantize(k - mu) and drops mu; the evaluation adds mu back.
+    Both give the same attention weights because every score of a query moves by q.mu."""
+    pytest.importorskip("transformers")
+    from tq_deploy.eval.kv_quantizers import CenteredKeys, RoundTripKVQuantizer
+    from tq_deploy.reference.quantizer import TurboQuantMSE
+
+    keys = torch.randn(1, 3, 40, 64, generator=gen) + 5 * torch.randn(1, 3, 1, 64, generator=gen)
+    query = torch.randn(1, 3, 7, 64, generator=gen)
+    turbo = TurboQuantMSE(64, 3)
+    centered = CenteredKeys(RoundTripKVQuantizer(turbo, turbo))
+    evaluated = centered.quantize_keys(keys, layer_idx=0)  # quantize(k - mu) + mu
+    mean = centered.means[0]
+    torch.testing.assert_close(mean, keys.mean(dim=2, keepdim=True))
+    deployed = turbo.quantize(keys - mean)  # what a cache would hold
+    weights = [torch.softmax(query @ k.transpose(-1, -2) / 8, dim=-1) for k in (evaluated, deployed)]
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
+    # and centering made the reconstruction better than quantizing k directly (k has a large offset)
+    plain = (turbo.quantize(keys) - keys).pow(2).sum()
+    assert (evaluated - keys).pow(2).sum() < plain
+    # the mean is fixed from the first call
+    later = centered.quantize_keys(keys + 1, layer_idx=0)
+    torch.testing.assert_close(centered.means[0], mean)
+    assert later.shape == keys.shape

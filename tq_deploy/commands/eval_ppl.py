@@ -18,7 +18,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunk-size", type=int, default=256,
                         help="tokens per forward call through the cache (default 256)")
     parser.add_argument("--configs", default=None,
-                        help="comma-separated configurations, e.g. 'mse-4,mse-k4v3,mixed-3.5,naive-4' "
+                        help="comma-separated configurations, e.g. 'mse-4,mse-k4v3,mse-4-hadamard,mse-4-ck,mixed-3.5,prod-3,"
+                             "naive-4' (METHOD[-BITS|-kKvV][-hadamard][-ck], see tq_deploy/eval/configs.py) "
                              "(default: the full table; fp32 baseline always included)")
     parser.add_argument("--k-bits", type=float, default=None,
                         help="key bit width for every selected configuration (default: from the config name)")
@@ -45,7 +46,7 @@ def select_configs(configs: str | None, k_bits: float | None, v_bits: float | No
         names = [n for n in (part.strip() for part in configs.split(",")) if n]
     elif overriding:
         # One row per method at the requested widths (mixed needs half bits: 2.5, 3.5).
-        names = ["fp32", "mse-4", "mse-4-hadamard", "prod-4", "naive-4", "mixed-3.5"]
+        names = ["fp32", "mse-4", "mse-4-hadamard", "mse-4-ck", "prod-4", "naive-4", "mixed-3.5"]
     else:
         names = list(DEFAULT_CONFIGS)
     selected, skipped = [], []

@@ -11,6 +11,12 @@ A configuration is named ``METHOD[-BITS][-ROTATION]``:
     mixed-2.5            outlier-channel mixed precision: half the channels (the ones of
                          largest mean |x|) one bit above the other half (2.5 = 3 and 2)
     naive-4              per-token absmax uniform quantization, no rotation (naive.py)
+    mse-4-ck             any of the above with centered keys: a per-(layer, KV head) mean key
+                         mu, taken from the first chunk (the prompt), is subtracted before the
+                         keys are quantized. Exact for attention: every score of a query moves
+                         by the same q.mu, and softmax ignores a common shift, so a deployment
+                         stores quantize(k - mu) and never adds mu back (one Sub node before
+                         TQCacheUpdate). It shrinks ||k||, and TurboQuant's error scales with it.
 
 Prod quantizes only the keys because the QJL stage exists to make the score
 <q, k> unbiased; values enter the attention output through softmax weights,
@@ -48,6 +54,7 @@ DEFAULT_CONFIGS = (
     "mixed-3.5", "mixed-2.5",
     "naive-4", "naive-3", "naive-2",
     "mse-k4v3", "mse-k4v2", "naive-k4v3",
+    "mse-4-ck", "mse-3-ck", "mse-k4v3-ck", "mixed-3.5-ck", "naive-4-ck",
 )
 
 _NAME = re.compile(
@@ -65,6 +72,7 @@ class CacheConfig:
     k_bits: float = 32.0
     v_bits: float = 32.0
     rotation: str = "haar"
+    center_keys: bool = False
 
     @property
     def name(self) -> str:
@@ -72,6 +80,7 @@ class CacheConfig:
             return "fp32"
         bits = _fmt(self.k_bits) if self.k_bits == self.v_bits else f"k{_fmt(self.k_bits)}v{_fmt(self.v_bits)}"
         suffix = "" if self.rotation == "haar" else f"-{self.rotation}"
+        suffix += "-ck" if self.center_keys else ""
         return f"{self.method}-{bits}{suffix}"
 
     def scales_per_vector(self, kind: str) -> int:
@@ -125,18 +134,20 @@ def _check_bits(name: str, method: str, bits: float) -> float:
 
 def parse_config(name: str) -> CacheConfig:
     """``"mse-k4v3-hadamard"`` -> CacheConfig("mse", 4, 3, "hadamard"); see the module docstring."""
-    match = _NAME.match(name.strip().lower())
+    text = name.strip().lower()
+    center_keys = text.endswith("-ck")
+    match = _NAME.match(text[:-3] if center_keys else text)
     if not match or match["method"] not in METHODS:
         raise ValueError(
-            f"config={name!r}, expected METHOD[-BITS|-kKBITSvVBITS][-ROTATION] with METHOD in {METHODS}, "
-            f"e.g. 'mse-4', 'mse-k4v3-hadamard', 'mixed-2.5'"
+            f"config={name!r}, expected METHOD[-BITS|-kKBITSvVBITS][-ROTATION][-ck] with METHOD in {METHODS}, "
+            f"e.g. 'mse-4', 'mse-k4v3-hadamard', 'mixed-2.5', 'mse-4-ck'"
         )
     method, rotation = match["method"], match["rotation"] or "haar"
     if rotation not in ROTATIONS:
         raise ValueError(f"config={name!r}: rotation={rotation!r}, expected one of {ROTATIONS}")
     if method == "fp32":
-        if match["bits"] or match["kbits"] or match["rotation"]:
-            raise ValueError(f"config={name!r}: 'fp32' takes no bits or rotation")
+        if match["bits"] or match["kbits"] or match["rotation"] or center_keys:
+            raise ValueError(f"config={name!r}: 'fp32' takes no bits, rotation or -ck")
         return CacheConfig("fp32")
     if method == "naive" and match["rotation"]:
         raise ValueError(f"config={name!r}: 'naive' uses no rotation, expected no rotation suffix")
@@ -149,7 +160,7 @@ def parse_config(name: str) -> CacheConfig:
     # prod quantizes the values with TurboQuant_mse.
     _check_bits(f"config={name!r} (values)", "mse" if method == "prod" else method, v_bits)
     _check_bits(f"config={name!r} (keys)", method, k_bits)
-    return CacheConfig(method, k_bits, v_bits, rotation)
+    return CacheConfig(method, k_bits, v_bits, rotation, center_keys)
 
 
 def with_bits(config: CacheConfig, k_bits: float | None, v_bits: float | None) -> CacheConfig:
@@ -160,4 +171,5 @@ def with_bits(config: CacheConfig, k_bits: float | None, v_bits: float | None) -
     v = config.v_bits if v_bits is None else v_bits
     bits = _fmt(k) if k == v else f"k{_fmt(k)}v{_fmt(v)}"
     suffix = "" if config.rotation == "haar" else f"-{config.rotation}"
+    suffix += "-ck" if config.center_keys else ""
     return parse_config(f"{config.method}-{bits}{suffix}")

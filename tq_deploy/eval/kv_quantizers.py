@@ -77,6 +77,30 @@ class MixedKVQuantizer(KVQuantizer):
         return self._quantize(self.values, values, layer_idx, "values")
 
 
+class CenteredKeys(KVQuantizer):
+    """Quantize k - mu instead of k, mu the mean key of a layer's first chunk, per KV head.
+
+    Returns quantize(k - mu) + mu so that the model sees keys on their usual
+    scale; attention scores then differ from the deployed form (scores of
+    quantize(k - mu) alone) only by q.mu, the same for every key of a query,
+    which softmax cancels.
+    """
+
+    def __init__(self, inner: KVQuantizer):
+        self.inner = inner
+        self.name = inner.name
+        self.means: dict[int, torch.Tensor] = {}
+
+    def quantize_keys(self, keys, layer_idx):
+        if layer_idx not in self.means:
+            self.means[layer_idx] = keys.float().mean(dim=(0, 2), keepdim=True).to(keys.dtype)
+        mean = self.means[layer_idx]
+        return self.inner.quantize_keys(keys - mean, layer_idx) + mean
+
+    def quantize_values(self, values, layer_idx):
+        return self.inner.quantize_values(values, layer_idx)
+
+
 def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0) -> KVQuantizer:
     """The quantizer of ``config`` (keys use ``seed``, values ``seed + 1``)."""
     method, rotation = config.method, config.rotation
@@ -96,4 +120,4 @@ def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0) -> KVQ
     else:
         raise ValueError(f"config.method={method!r}, expected one of fp32, mse, prod, mixed, naive")
     quantizer.name = config.name
-    return quantizer
+    return CenteredKeys(quantizer) if config.center_keys else quantizer

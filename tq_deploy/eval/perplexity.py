@@ -9,8 +9,9 @@ attention layers append them, and the chunk attends to the quantized cache
 
 over the T tokens of ``input_ids``. TurboQuant and the naive quantizer are
 per-vector, so the result does not depend on ``chunk_size``; the mixed
-configuration picks its outlier channels from the first chunk (the "prompt"),
-so for it the chunk size is the calibration length.
+configuration picks its outlier channels, and the ``-ck`` configurations their
+mean key, from the first chunk (the "prompt"), so for them the chunk size is
+the calibration length.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
             "rotation": config.rotation if config.method in ("mse", "prod", "mixed") else None,
             "k_bits": config.k_bits,
             "v_bits": config.v_bits,
+            "center_keys": config.center_keys,
             "effective_bits": config.effective_bits(loaded.head_dim),
             "kv_bytes_per_token": config.bytes_per_token(loaded.head_dim, loaded.num_kv_heads, loaded.num_layers),
             "ppl": result.ppl,

@@ -56,6 +56,8 @@ def _family(row: dict) -> str:
         family = f"{row['method']} (hadamard)"
     else:
         family = row["method"]
+    if row.get("center_keys"):
+        family += " centered K"
     if row["k_bits"] != row["v_bits"]:
         family += " k!=v"
     return family
