@@ -26,6 +26,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--v-bits", type=float, default=None,
                         help="value bit width for every selected configuration (default: from the config name)")
     parser.add_argument("--seed", type=int, default=0, help="rotation/codebook seed (keys seed, values seed+1)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="runs per quantized configuration with seeds seed, seed+2, ...: "
+                             "report the mean PPL and the spread of the delta (default 1)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the rows as JSON to PATH (no PATH: print JSON instead of the table)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="save PPL vs effective bits to this PNG")
@@ -94,10 +97,11 @@ def run(args) -> int:
           f"chunk {args.chunk_size}; loaded in {load_seconds:.1f} s", file=log, flush=True)
 
     def progress(row):
-        print(f"  {row['config']:<18} PPL {row['ppl']:.4f} ({row['delta_pct']:+.2f}%) {row['seconds']:.1f} s",
+        spread = f" +-{row['delta_pct_std']:.2f}" if args.seeds > 1 and row["method"] != "fp32" else ""
+        print(f"  {row['config']:<18} PPL {row['ppl']:.4f} ({row['delta_pct']:+.2f}%{spread}) {row['seconds']:.1f} s",
               file=sys.stderr, flush=True)
 
-    rows = evaluate(configs, loaded, ids, args.chunk_size, args.seed, progress)
+    rows = evaluate(configs, loaded, ids, args.chunk_size, args.seed, progress, args.seeds)
     meta = {
         "model": loaded.name,
         "num_layers": loaded.num_layers,
@@ -108,6 +112,7 @@ def run(args) -> int:
         "tokens": args.tokens,
         "chunk_size": args.chunk_size,
         "seed": args.seed,
+        "seeds": args.seeds,
         "scale_bits": 16,
         "load_seconds": load_seconds,
         "total_seconds": time.perf_counter() - start,
@@ -117,7 +122,7 @@ def run(args) -> int:
     if to_stdout_json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
     else:
-        print(report.format_table(rows))
+        print(report.format_table(rows, show_spread=args.seeds > 1))
         print(f"total {meta['total_seconds']:.1f} s (model load {load_seconds:.1f} s); "
               "effective bits and bytes count fp16 norms/scales")
         if args.json:

@@ -91,18 +91,29 @@ def perplexity(model, input_ids: torch.Tensor, quantizer: KVQuantizer | None = N
 
 
 def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0,
-             progress=None) -> list[dict]:
+             progress=None, seeds: int = 1) -> list[dict]:
     """One row per configuration (names or CacheConfig), the fp32 baseline first and always included.
 
     ``loaded`` is a model.LoadedModel; ``progress(row)`` is called after each row.
+    With ``seeds`` > 1 every quantized configuration runs with rotation seeds
+    seed, seed+1, ... (keys seed+i, values seed+i+1): ``ppl`` is then the mean
+    over seeds, ``delta_pct_std`` the sample standard deviation of the deltas
+    and ``ppl_by_seed`` the individual values (fp32 and naive have no seed).
     """
+    if seeds < 1:
+        raise ValueError(f"seeds={seeds}, expected >= 1")
     parsed = [c if isinstance(c, CacheConfig) else parse_config(c) for c in configs]
     parsed = [CacheConfig("fp32")] + [c for c in parsed if c.method != "fp32"]
     rows, baseline = [], None
     for config in parsed:
-        quantizer = build_kv_quantizer(config, loaded.head_dim, seed)
-        result = perplexity(loaded.model, input_ids, quantizer, chunk_size)
-        baseline = result.ppl if baseline is None else baseline
+        runs = []
+        # fp32 and naive involve no random draw: one run is all their seeds.
+        for i in range(1 if config.method in ("fp32", "naive") else seeds):
+            # Seeds step by 2 so that no two runs share a key or value rotation.
+            quantizer = build_kv_quantizer(config, loaded.head_dim, seed + 2 * i)
+            runs.append(perplexity(loaded.model, input_ids, quantizer, chunk_size))
+        baseline = runs[0].ppl if baseline is None else baseline
+        deltas = [100.0 * (r.ppl / baseline - 1.0) for r in runs]
         row = {
             "config": config.name,
             "method": config.method,
@@ -112,11 +123,13 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
             "center_keys": config.center_keys,
             "effective_bits": config.effective_bits(loaded.head_dim),
             "kv_bytes_per_token": config.bytes_per_token(loaded.head_dim, loaded.num_kv_heads, loaded.num_layers),
-            "ppl": result.ppl,
-            "delta_pct": 100.0 * (result.ppl / baseline - 1.0),
-            "key_relative_mse": result.key_relative_mse,
-            "value_relative_mse": result.value_relative_mse,
-            "seconds": result.seconds,
+            "ppl": sum(r.ppl for r in runs) / len(runs),
+            "delta_pct": sum(deltas) / len(deltas),
+            "delta_pct_std": float(torch.tensor(deltas).std()) if len(deltas) > 1 else 0.0,
+            "ppl_by_seed": [r.ppl for r in runs],
+            "key_relative_mse": sum(r.key_relative_mse for r in runs) / len(runs),
+            "value_relative_mse": sum(r.value_relative_mse for r in runs) / len(runs),
+            "seconds": sum(r.seconds for r in runs),
         }
         rows.append(row)
         if progress is not None:

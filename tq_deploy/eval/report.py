@@ -25,25 +25,34 @@ def _bits(row: dict) -> str:
     return f"{row['k_bits']:g}/{row['v_bits']:g}"
 
 
-def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table, one line per row."""
-    cells = [[h for h, _, _ in COLUMNS]]
+def _columns(show_spread: bool):
+    if not show_spread:
+        return COLUMNS
+    at = [key for _, key, _ in COLUMNS].index("delta_pct") + 1
+    return COLUMNS[:at] + (("+- (seeds)", "delta_pct_std", "{:.2f}"),) + COLUMNS[at:]
+
+
+def format_table(rows: list[dict], show_spread: bool = False) -> str:
+    """A fixed-width text table, one line per row (``show_spread``: the std of delta over seeds)."""
+    columns = _columns(show_spread)
+    cells = [[h for h, _, _ in columns]]
     for row in rows:
-        cells.append([_bits(row) if key is None else fmt.format(row[key]) for _, key, fmt in COLUMNS])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+        cells.append([_bits(row) if key is None else fmt.format(row.get(key, 0.0)) for _, key, fmt in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
              for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def format_markdown(rows: list[dict]) -> str:
+def format_markdown(rows: list[dict], show_spread: bool = False) -> str:
     """The same table as GitHub markdown (docs/quality.md)."""
-    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
+    columns = _columns(show_spread)
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_bits(row) if key is None else fmt.format(row[key])
-                                       for _, key, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_bits(row) if key is None else fmt.format(row.get(key, 0.0))
+                                       for _, key, fmt in columns) + " |")
     return "\n".join(lines)
 
 
