@@ -337,3 +337,21 @@ def test_reference_attention_on_cuda_matches_cpu(gen):
         out = paged_attention(*args)
     assert out.is_cuda
     assert_close_to(out.cpu(), cpu, rel=1e-4)
+
+
+def test_attention_ignores_non_finite_garbage_in_slots_it_must_not_read(gen):
+    """Masked tokens gather slot 0 of block 0; inf/NaN norms there must not leak into the output."""
+    from tq_deploy.reference import TurboQuantMSE, allocate_cache, paged_attention_reference
+
+    q = TurboQuantMSE(64, 4)
+    cache = allocate_cache(4, 8, 2, 64, 4, 4)
+    cache.k_norms.uniform_(0.5, 2.0, generator=gen)
+    cache.v_norms.uniform_(0.5, 2.0, generator=gen)
+    cache.k_codes.random_(0, 256, generator=gen)
+    cache.v_codes.random_(0, 256, generator=gen)
+    cache.k_norms[0], cache.v_norms[0] = float("inf"), float("nan")  # block 0 is never in use below
+    tables = torch.tensor([[1, 2], [3, 0]], dtype=torch.int32)
+    ctx = torch.tensor([11, 5], dtype=torch.int32)
+    out = paged_attention_reference(torch.randn(2, 4, 64, generator=gen), *cache.tensors(), tables, ctx,
+                                    q.rotation, q.codebook, q.codebook, 4, 4)
+    assert torch.isfinite(out).all()

@@ -177,8 +177,10 @@ def paged_attention_reference(query, k_codes, k_norms, v_codes, v_norms, block_t
     q_rot = (query.float() @ rotation.T).reshape(s, hkv, group, dim)
     k_idx, valid = gather_tokens(k_codes, block_tables, context_lens)
     v_idx, _ = gather_tokens(v_codes, block_tables, context_lens)
-    k_norm, _ = gather_tokens(k_norms, block_tables, context_lens)
-    v_norm, _ = gather_tokens(v_norms, block_tables, context_lens)
+    # Masked tokens read slot 0 of block 0, which may hold anything (inf, NaN): zero their norms
+    # so that 0 * garbage never reaches the sums.
+    k_norm = gather_tokens(k_norms, block_tables, context_lens)[0].masked_fill(~valid[..., None], 0.0)
+    v_norm = gather_tokens(v_norms, block_tables, context_lens)[0].masked_fill(~valid[..., None], 0.0)
     k_cent = k_codebook[unpack_codes(k_idx, k_bits, dim).long()]  # [S, L, Hkv, D]
     v_cent = v_codebook[unpack_codes(v_idx, v_bits, dim).long()]
     scores = torch.einsum("shgd,slhd->shgl", q_rot, k_cent) * (k_norm.permute(0, 2, 1)[:, :, None, :] * scale)
