@@ -33,6 +33,8 @@ def test_parse_fields():
     ("fp16", "METHOD"),
     ("fp32-4", "takes no bits"),
     ("fp32-ck", "takes no bits"),
+    ("mse-32", "is the 'fp32' configuration"),
+    ("mixed-k32v3.5", "expected 1.5, 2.5 or 3.5"),
     ("mse-4-ck-hadamard", "METHOD"),  # -ck comes last
 ])
 def test_parse_errors_name_the_value(bad, fragment):
@@ -51,6 +53,7 @@ def test_parse_errors_name_the_value(bad, fragment):
     ("mixed-2.5", 24, 24, 3.0),  # 32 ch at 3 b + 32 at 2 b + two norms
     ("mixed-3.5", 32, 32, 4.0),
     ("mse-k4v2", 34, 18, 3.25),
+    ("mse-k4v32", 34, 256, 18.125),  # values left in fp32
 ])
 def test_storage_accounting(name, k_bytes, v_bytes, eff_bits):
     config = parse_config(name)
@@ -159,3 +162,14 @@ def test_centered_keys_leave_attention_unchanged(gen):
     later = centered.quantize_keys(keys + 1, layer_idx=0)
     torch.testing.assert_close(centered.means[0], mean)
     assert later.shape == keys.shape
+
+
+def test_a_32_bit_side_is_left_unquantized(gen):
+    pytest.importorskip("transformers")
+    from tq_deploy.eval.kv_quantizers import build_kv_quantizer
+
+    x = torch.randn(1, 3, 9, 64, generator=gen)
+    keys_only = build_kv_quantizer(parse_config("mse-k3v32"), 64)
+    values_only = build_kv_quantizer(parse_config("naive-k32v2"), 64)
+    assert torch.equal(keys_only.quantize_values(x, 0), x) and not torch.equal(keys_only.quantize_keys(x, 0), x)
+    assert torch.equal(values_only.quantize_keys(x, 0), x) and not torch.equal(values_only.quantize_values(x, 0), x)

@@ -11,6 +11,8 @@ A configuration is named ``METHOD[-BITS][-ROTATION]``:
     mixed-2.5            outlier-channel mixed precision: half the channels (the ones of
                          largest mean |x|) one bit above the other half (2.5 = 3 and 2)
     naive-4              per-token absmax uniform quantization, no rotation (naive.py)
+    mse-k4v32            32 for one side leaves it unquantized (fp32): which of K and V costs what
+                         (not for mixed)
     mse-4-ck             any of the above with centered keys: a per-(layer, KV head) mean key
                          mu, taken from the first chunk (the prompt), is subtracted before the
                          keys are quantized. Exact for attention: every score of a query moves
@@ -85,7 +87,7 @@ class CacheConfig:
 
     def scales_per_vector(self, kind: str) -> int:
         """fp16 scales stored per key (``kind="k"``) or value vector."""
-        if self.method == "fp32":
+        if self.method == "fp32" or (self.k_bits if kind == "k" else self.v_bits) == 32:
             return 0
         if self.method == "mixed" or (self.method == "prod" and kind == "k"):
             return 2
@@ -94,7 +96,7 @@ class CacheConfig:
     def bytes_per_vector(self, kind: str, head_dim: int) -> int:
         """Bytes one cached key or value vector occupies: packed codes plus fp16 scales."""
         bits = self.k_bits if kind == "k" else self.v_bits
-        if self.method == "fp32":
+        if self.method == "fp32" or bits == 32:
             return 4 * head_dim
         if self.method == "mixed":
             high = head_dim // 2
@@ -121,6 +123,8 @@ def _fmt(bits: float) -> str:
 
 
 def _check_bits(name: str, method: str, bits: float) -> float:
+    if bits == 32 and method != "mixed":  # that side stays fp32
+        return 32.0
     if method == "mixed":
         if bits not in (1.5, 2.5, 3.5):
             raise ValueError(f"{name}: bits={bits:g} for method 'mixed', expected 1.5, 2.5 or 3.5")
@@ -153,6 +157,8 @@ def parse_config(name: str) -> CacheConfig:
         raise ValueError(f"config={name!r}: 'naive' uses no rotation, expected no rotation suffix")
     if match["bits"]:
         k_bits = v_bits = float(match["bits"])
+        if k_bits == 32:
+            raise ValueError(f"config={name!r}: 32 bits for keys and values is the 'fp32' configuration")
     elif match["kbits"]:
         k_bits, v_bits = float(match["kbits"]), float(match["vbits"])
     else:

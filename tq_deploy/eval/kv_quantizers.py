@@ -101,11 +101,28 @@ class CenteredKeys(KVQuantizer):
         return self.inner.quantize_values(values, layer_idx)
 
 
+class _Unquantized:
+    """One side of a configuration with 32 bits: left as it is."""
+
+    def quantize(self, x):
+        return x
+
+
 def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0) -> KVQuantizer:
     """The quantizer of ``config`` (keys use ``seed``, values ``seed + 1``)."""
     method, rotation = config.method, config.rotation
     if method == "fp32":
         return KVQuantizer()
+    if 32 in (config.k_bits, config.v_bits):
+        # Build the quantized side through the same code, leave the other side as it is.
+        bits = config.v_bits if config.k_bits == 32 else config.k_bits
+        inner = build_kv_quantizer(CacheConfig(method, bits, bits, rotation), head_dim, seed)
+        quantizer = RoundTripKVQuantizer(
+            _Unquantized() if config.k_bits == 32 else inner.key_quantizer,
+            _Unquantized() if config.v_bits == 32 else inner.value_quantizer,
+            config.name,
+        )
+        return CenteredKeys(quantizer) if config.center_keys else quantizer
     if method == "mixed":
         quantizer = MixedKVQuantizer(head_dim, config.k_bits, config.v_bits, rotation, seed)
     elif method == "naive":

@@ -88,12 +88,13 @@ def plot(path: str | Path, rows: list[dict], title: str = "") -> None:
     for row in rows:
         if row["method"] != "fp32":
             families.setdefault(_family(row), []).append(row)
-    for family, members in families.items():
+    palette = plt.get_cmap("tab20").colors
+    for index, (family, members) in enumerate(families.items()):
         members = sorted(members, key=lambda r: r["effective_bits"])
         xs = [r["effective_bits"] for r in members]
         ys = [min(r["ppl"], top) for r in members]
-        style = "o:" if "k!=v" in family else "o-"
-        (line,) = ax.plot(xs, ys, style, label=family)
+        style = ("s" if "centered" in family else "o") + (":" if "k!=v" in family else "-")
+        (line,) = ax.plot(xs, ys, style, label=family, color=palette[(2 * index) % 20 + index // 10])
         for r in members:
             if r["ppl"] > top:
                 ax.annotate(f"{r['ppl']:.0f}", (r["effective_bits"], top), textcoords="offset points",
