@@ -24,9 +24,11 @@ from tq_deploy.eval.perplexity import perplexity  # noqa: E402
 
 TOKENS = 128
 CHUNK = 32
-# Stated margin for 4-bit TurboQuant_mse on this short text: the 2048-token
-# table (docs/quality.md) is the real measurement; 128 tokens are noisier.
-MSE4_MARGIN_PCT = 15.0
+# Stated margin for 4-bit TurboQuant_mse on this short text, with a fresh rotation
+# seed: over 10 seeds the 128-token delta was +8.4% +- 4.1 (3 bits: +30%, 2 bits:
+# +175%), so +25% is 4 standard deviations above the mean and still fails on 3 bits.
+# The 2048-token table in docs/quality.md is the real measurement (+3.6% +- 0.6).
+MSE4_MARGIN_PCT = 25.0
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,7 @@ def test_turboquant_4bit_within_margin_and_chunking_does_not_matter(loaded, ids,
     by_chunk = [perplexity(loaded.model, ids, build_kv_quantizer(config, 64, seed % 1000), chunk)
                 for chunk in (CHUNK, TOKENS)]
     delta = 100 * (by_chunk[0].ppl / baseline.ppl - 1)
-    assert -5.0 < delta < MSE4_MARGIN_PCT, f"4-bit TurboQuant changed PPL by {delta:+.2f}%"
+    assert -10.0 < delta < MSE4_MARGIN_PCT, f"4-bit TurboQuant changed PPL by {delta:+.2f}%"
     # per-vector quantization: the same codes whatever the chunking
     assert by_chunk[1].ppl == pytest.approx(by_chunk[0].ppl, rel=1e-4)
     assert 0.005 < by_chunk[0].key_relative_mse < 0.014  # theory at 4 bits: about 0.0095
