@@ -77,3 +77,15 @@ def test_cuda_tensors_use_triton_unless_forced(monkeypatch, no_env):
         assert backend.use_triton(x) is False
     monkeypatch.setenv("TQ_DEPLOY_BACKEND", "reference")
     assert backend.use_triton(x) is False
+
+
+@pytest.mark.gpu
+def test_shapes_the_kernels_do_not_take_fall_back_to_the_reference(no_env):
+    x = torch.zeros(2, device="cuda")
+    assert backend.use_triton(x, head_dim=100, bits=(4,)) is False  # Triton takes D in 32/64/128/256
+    q = TurboQuantMSE(100, 3, device="cuda")
+    v = torch.randn(7, 100, device="cuda")
+    codes, norms = q.encode(v)
+    with backend.force_reference():
+        expected = q.encode(v)
+    assert torch.equal(codes, expected[0]) and torch.allclose(norms, expected[1])

@@ -36,13 +36,20 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is on a CUDA device, Triton imports, and nothing forces the reference."""
+def use_triton(*tensors: torch.Tensor, head_dim: int | None = None, bits: tuple[int, ...] = ()) -> bool:
+    """True when every tensor is on a CUDA device, Triton imports, the kernels support
+    ``head_dim`` and ``bits`` (when given), and nothing forces the reference."""
     if selected() == "reference":
         return False
     if not tensors or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
         return False
-    return triton_available()
+    if not triton_available():
+        return False
+    if head_dim is None:
+        return True
+    from tq_deploy import triton as tq_triton
+
+    return tq_triton.supports(head_dim, *bits)
 
 
 @contextlib.contextmanager

@@ -213,10 +213,18 @@ def dense_attention_reference(query, k_codes, k_norms, v_codes, v_norms, block_t
     return out.to(query.dtype)
 
 
+def _triton_paged_shapes(query, k_codes) -> bool:
+    """The Triton attention takes power-of-two block sizes and query groups of at most 64 heads."""
+    if query.dim() != 3 or k_codes.dim() != 4 or k_codes.shape[2] == 0 or query.shape[1] % k_codes.shape[2]:
+        return False  # let the reference name what is wrong
+    block_size, group = k_codes.shape[1], query.shape[1] // k_codes.shape[2]
+    return block_size & (block_size - 1) == 0 and group <= 64
+
+
 def cache_update(key, value, slot_mapping, k_codes, k_norms, v_codes, v_norms,
                  rotation, k_codebook, v_codebook, k_bits, v_bits):
     """Encode new K/V into the paged cache in place; Triton on CUDA tensors, the reference elsewhere."""
-    if backend.use_triton(key, k_codes):
+    if backend.use_triton(key, k_codes, head_dim=key.shape[-1], bits=(k_bits, v_bits)):
         from tq_deploy import triton as tq_triton
 
         return tq_triton.cache_update(key, value, slot_mapping, k_codes, k_norms, v_codes, v_norms,
@@ -228,7 +236,8 @@ def cache_update(key, value, slot_mapping, k_codes, k_norms, v_codes, v_norms,
 def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
                     rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0):
     """Paged TurboQuant decode attention; Triton on CUDA tensors, the reference elsewhere."""
-    if backend.use_triton(query, k_codes):
+    if _triton_paged_shapes(query, k_codes) and backend.use_triton(query, k_codes, head_dim=query.shape[-1],
+                                                                      bits=(k_bits, v_bits)):
         from tq_deploy import triton as tq_triton
 
         return tq_triton.paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,

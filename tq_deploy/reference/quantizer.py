@@ -99,7 +99,7 @@ def decode_reference(codes, norms, rotation, codebook, bits, dtype=torch.float32
 
 def encode(x, rotation, codebook, bits):
     """TurboQuant_mse encode; Triton on CUDA tensors, the reference elsewhere."""
-    if backend.use_triton(x):
+    if backend.use_triton(x, head_dim=x.shape[-1], bits=(bits,)):
         from tq_deploy import triton as tq_triton
 
         return tq_triton.encode(x, rotation, codebook, bits)
@@ -108,7 +108,7 @@ def encode(x, rotation, codebook, bits):
 
 def decode(codes, norms, rotation, codebook, bits, dtype=torch.float32):
     """TurboQuant_mse decode; Triton on CUDA tensors, the reference elsewhere."""
-    if backend.use_triton(codes):
+    if backend.use_triton(codes, head_dim=rotation.shape[-1], bits=(bits,)):
         from tq_deploy import triton as tq_triton
 
         return tq_triton.decode(codes, norms, rotation, codebook, bits, dtype)
