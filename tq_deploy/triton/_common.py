@@ -11,10 +11,11 @@ import weakref
 
 import torch
 
-SUPPORTED_BITS = (1, 2, 3, 4)
+from tq_deploy.ops import SUPPORTED_BITS, packed_size  # noqa: F401  (re-exported for the kernels' hosts)
+from tq_deploy.reference.checks import FLOAT_DTYPES, check_bits  # noqa: F401
+
 SUPPORTED_DIMS = (32, 64, 128, 256)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Scale between consecutive rotation parts: a part holds the residual of the
 # previous ones times this power of two, so every part is a normal number.
@@ -23,16 +24,6 @@ PART_COUNT = {torch.float16: 2, torch.bfloat16: 3}
 
 _cache: dict = {}
 _CACHE_LIMIT = 64
-
-
-def packed_size(dim: int, bits: int) -> int:
-    return (dim * bits + 7) // 8
-
-
-def check_bits(name: str, bits: int) -> int:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"{name}={bits!r}, expected one of {SUPPORTED_BITS}")
-    return int(bits)
 
 
 def check_dim(name: str, dim: int) -> int:
