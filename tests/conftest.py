@@ -13,6 +13,12 @@ import secrets
 import pytest
 import torch
 
+# Triton chooses compiled or interpreted kernels at its first import, from TRITON_INTERPRET
+# (tq_deploy.triton.interpret): set it before any test module can import triton, so that the
+# Triton tests run under the interpreter on a machine without CUDA whatever the test order.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
