@@ -1,5 +1,7 @@
 #include "ort_op_base.h"
 
+#include "tq_checks.h"
+
 namespace tq_ort {
 
 void fail(const std::string& op, const std::string& message) {
@@ -118,6 +120,13 @@ int64_t required_int_attribute(const OrtKernelInfo* info, const char* op, const 
     fail(op, std::string("attribute ") + name + " (int) is required");
   }
   return value;
+}
+
+int64_t checked_bits(const OrtKernelInfo* info, const char* op, const char* name) {
+  const int64_t bits = required_int_attribute(info, op, name);
+  const std::string problem = tq::check_bits(name, bits);
+  if (!problem.empty()) fail(op, problem);
+  return bits;
 }
 
 float float_attribute(const OrtKernelInfo* info, const char* name, float fallback) {

@@ -89,6 +89,8 @@ void check_codebook(KernelIo& io, const Input& codebook, int64_t bits, const cha
 void check_rotation(KernelIo& io, const Input& rotation);
 
 int64_t required_int_attribute(const OrtKernelInfo* info, const char* op, const char* name);
+// A bits attribute (required) checked against the supported widths; fails the op naming it.
+int64_t checked_bits(const OrtKernelInfo* info, const char* op, const char* name);
 float float_attribute(const OrtKernelInfo* info, const char* name, float fallback);
 
 tq::DType to_dtype(ONNXTensorElementDataType type);

@@ -5,13 +5,6 @@
 namespace tq_ort {
 namespace {
 
-int64_t checked_bits(const OrtKernelInfo* info, const char* op, const char* name) {
-  const int64_t bits = required_int_attribute(info, op, name);
-  const std::string problem = tq::check_bits(name, bits);
-  if (!problem.empty()) fail(op, problem);
-  return bits;
-}
-
 int64_t product(const std::vector<int64_t>& shape, size_t end) {
   int64_t n = 1;
   for (size_t i = 0; i < end; ++i) n *= shape[i];

@@ -7,13 +7,6 @@
 namespace tq_ort {
 namespace {
 
-int64_t checked_bits(const OrtKernelInfo* info, const char* op, const char* name) {
-  const int64_t bits = required_int_attribute(info, op, name);
-  const std::string problem = tq::check_bits(name, bits);
-  if (!problem.empty()) fail(op, problem);
-  return bits;
-}
-
 // The paged cache as inputs (k_codes, ...) or as TQCacheUpdate's outputs (k_codes_out, ...).
 std::vector<IoSpec> cache_specs(bool as_outputs = false) {
   const auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
