@@ -58,3 +58,14 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def trt_libraries():
+    """The TensorRT plugin library and its enqueue harness; skips (with the reason) where they are not built."""
+    from tq_deploy.runtime import tensorrt as rt
+
+    try:
+        return rt.trt_plugin_library_path(), rt.trt_harness_library_path()
+    except rt.TrtPluginLibraryNotFoundError as err:
+        pytest.skip(f"TensorRT plugin library not built: {err}")

@@ -17,12 +17,8 @@ from tq_deploy.runtime import tensorrt as rt
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _libraries():
-    try:
-        rt.trt_plugin_library_path()
-        rt.trt_harness_library_path()
-    except rt.TrtPluginLibraryNotFoundError as err:
-        pytest.skip(f"TensorRT plugin library not built: {err}")
+def _libraries(trt_libraries):
+    """Every test here drives the plugin through the harness: skip the module without them."""
 
 
 def attention_tensors(s=3, hq=8, hkv=2, dim=64, k_bits=3, v_bits=2, n=5, b=16, m=4, dtype=torch.float32):
