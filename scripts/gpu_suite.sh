@@ -5,8 +5,9 @@
 #
 #   bash scripts/gpu_suite.sh [bench args...]      e.g. bash scripts/gpu_suite.sh --quick
 #
-# The TensorRT headers must travel with the call (carry build/trt-headers: a CPU build fetches
-# them there); without them the TensorRT GPU tests skip with the reason.
+# The TensorRT and ONNX Runtime headers must travel with the call (carry build/trt-headers and
+# build/native/_deps/onnxruntime_headers: a CPU build fetches them there); without them the
+# TensorRT GPU tests and the ONNX Runtime tests skip with the reason.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"; export OUT
@@ -17,13 +18,15 @@ PY="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/nvidia_smi.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/nvidia_smi.txt"
 
-if [ -f build/trt-headers/NvInfer.h ]; then
-  start=$SECONDS
-  timeout "$BUILD_TIMEOUT" bash -c "cmake -S plugins -B build/gpu -DTQ_DEPLOY_ORT=OFF -DTQ_DEPLOY_TRT=ON \
-      -DTRT_INCLUDE_DIR='$PWD/build/trt-headers' -DTQ_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release \
-      && cmake --build build/gpu -j 16" > "$OUT/build.log" 2>&1
-  echo "TensorRT plugin build: exit $? in $((SECONDS - start)) s (log: build.log)"
-fi
+ORT_HEADERS="$PWD/build/native/_deps/onnxruntime_headers"
+ort=OFF; [ -f "$ORT_HEADERS/onnxruntime_cxx_api.h" ] && ort=ON
+trt=OFF; [ -f build/trt-headers/NvInfer.h ] && trt=ON
+start=$SECONDS
+timeout "$BUILD_TIMEOUT" bash -c "cmake -S plugins -B build/gpu -DTQ_DEPLOY_ORT=$ort -DTQ_DEPLOY_TRT=$trt \
+    -DORT_INCLUDE_DIR='$ORT_HEADERS' -DTRT_INCLUDE_DIR='$PWD/build/trt-headers' -DTQ_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_BUILD_TYPE=Release && cmake --build build/gpu -j 16" > "$OUT/build.log" 2>&1
+echo "native build (ORT $ort, TensorRT $trt): exit $? in $((SECONDS - start)) s (log: build.log)"
+[ -f build/gpu/ort/libtq_deploy_ort.so ] && export TQ_DEPLOY_ORT_LIBRARY="$PWD/build/gpu/ort/libtq_deploy_ort.so"
 
 xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 12"   # Triton compiles ~100 kernel variants
 # GPU-marked tests first, then the rest; -v names every test as it ends, so a run cut short by

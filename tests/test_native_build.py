@@ -54,8 +54,9 @@ def test_library_loads_in_installed_onnxruntime():
     ort = pytest.importorskip("onnxruntime")
     from tq_deploy.export.single_op import make_op_model
 
+    path = built_library()
     options = ort.SessionOptions()
-    assert library.register_library(options) == built_library()
+    assert library.register_library(options) == path
     for op, kwargs in [("TQEncode", {"bits": 3}), ("TQDecode", {"bits": 1}),
                        ("TQCacheUpdate", {"bits": 2}), ("TQPagedAttention", {"k_bits": 4, "v_bits": 2})]:
         for dtype in (["float32"] if op == "TQDecode" else ["float32", "float16"]):

@@ -126,7 +126,7 @@ def test_retype_keeps_the_original_model():
     assert retyped.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT8
 
 
-def test_stage_reports_a_missing_plugin_library(tmp_path, monkeypatch):
+def test_stage_reports_a_missing_plugin_library(trt, tmp_path, monkeypatch):
     path = tmp_path / "enc.onnx"
     onnx.save(make_op_model("TQEncode", head_dim=16, bits=2), path)
     monkeypatch.setenv(rt.ENV_LIBRARY, str(tmp_path / "nowhere.so"))

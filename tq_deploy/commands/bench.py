@@ -53,6 +53,6 @@ def run(args) -> int:
         t_enc = _median_seconds(lambda: q.encode(x), args.repeat, sync)
         t_dec = _median_seconds(lambda: q.decode(codes, norms), args.repeat, sync)
         v = q.validate(num_vectors=8192)
-        print(f"{bits:>4} {args.num_vectors / t_enc / 1e6:>14.2f} {args.num_vectors / t_dec / 1e6:>14.2f} "
+        print(f"{bits:>4} {args.num_vectors / t_enc / 1e6:>14.3g} {args.num_vectors / t_dec / 1e6:>14.3g} "
               f"{v['mse']:>10.5f} {v['theory']:>9.5f} {q.compression_ratio():>14.2f}")
     return 0
