@@ -2,9 +2,12 @@
 
 On CUDA tensors the reference's public functions (encode, decode,
 cache_update, paged_attention) run the Triton kernels of
-:mod:`tq_deploy.triton`; everywhere else they run the PyTorch reference. One
-switch forces the reference: the environment variable
-``TQ_DEPLOY_BACKEND=reference`` or the :func:`force_reference` context manager.
+:mod:`tq_deploy.triton`, except paged_attention, which first tries the
+tensor-core CUDA kernel of :mod:`tq_deploy.cuda` (when libtq_deploy_cuda.so is
+built and takes the shape); everywhere else they run the PyTorch reference.
+``TQ_DEPLOY_BACKEND=reference`` (or the :func:`force_reference` context
+manager) forces the reference; ``TQ_DEPLOY_BACKEND=triton`` skips the CUDA
+library and keeps the Triton kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import torch
 
 ENV_VAR = "TQ_DEPLOY_BACKEND"
-_BACKENDS = ("auto", "reference")
+_BACKENDS = ("auto", "triton", "reference")
 _forced_depth = 0
 
 
@@ -50,6 +53,17 @@ def use_triton(*tensors: torch.Tensor, head_dim: int | None = None, bits: tuple[
     from tq_deploy import triton as tq_triton
 
     return tq_triton.supports(head_dim, *bits)
+
+
+def use_cuda_library(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is on a CUDA device, libtq_deploy_cuda.so loads and the backend is "auto"."""
+    if selected() != "auto":
+        return False
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+        return False
+    from tq_deploy import cuda as tq_cuda
+
+    return tq_cuda.available()
 
 
 @contextlib.contextmanager

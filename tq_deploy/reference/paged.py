@@ -235,7 +235,14 @@ def cache_update(key, value, slot_mapping, k_codes, k_norms, v_codes, v_norms,
 
 def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
                     rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0):
-    """Paged TurboQuant decode attention; Triton on CUDA tensors, the reference elsewhere."""
+    """Paged TurboQuant decode attention: on CUDA tensors the tensor-core CUDA kernel where it takes
+    the shape, else Triton; the reference elsewhere (see tq_deploy.backend)."""
+    if backend.use_cuda_library(query, k_codes):
+        from tq_deploy import cuda as tq_cuda
+
+        if tq_cuda.supports_paged_attention(query, k_codes, k_bits, v_bits):
+            return tq_cuda.paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
+                                           rotation, k_codebook, v_codebook, k_bits, v_bits, scale)
     if _triton_paged_shapes(query, k_codes) and backend.use_triton(query, k_codes, head_dim=query.shape[-1],
                                                                       bits=(k_bits, v_bits)):
         from tq_deploy import triton as tq_triton

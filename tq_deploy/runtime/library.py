@@ -64,18 +64,23 @@ def _installed_candidates(name: str) -> list[Path]:
     return found
 
 
-def _build_tree_candidates(name: str) -> list[Path]:
+def _build_tree_candidates(name: str, subdir: str = "ort") -> list[Path]:
     build = _SOURCE_ROOT / "build"
     if not build.is_dir():
         return []
-    hits = [p for p in build.glob(f"*/ort/{name}") if p.is_file()]
+    hits = [p for p in build.glob(f"*/{subdir}/{name}") if p.is_file()]
     return sorted(hits, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def native_candidates(name: str, build_subdir: str) -> list[Path]:
+    """Where a native library of this package is searched, in order: tq_deploy/lib, the installed
+    distribution's files, then build/*/<build_subdir>/ of a source checkout (newest first)."""
+    return [_PACKAGE_DIR / "lib" / name, *_installed_candidates(name), *_build_tree_candidates(name, build_subdir)]
 
 
 def candidate_paths() -> list[Path]:
     """Every place searched (after the environment variable), in order."""
-    name = library_filename()
-    return [_PACKAGE_DIR / "lib" / name, *_installed_candidates(name), *_build_tree_candidates(name)]
+    return native_candidates(library_filename(), "ort")
 
 
 def ort_library_path() -> str:

@@ -1,7 +1,9 @@
-"""Benchmark the Triton TurboQuant kernels on a CUDA GPU (the H200 anchors of DESIGN.md).
+"""Benchmark the TurboQuant GPU kernels on a CUDA GPU (the H200 anchors of DESIGN.md).
 
 For B x S in {8x32768, 1x131072, 64x2048, 1x32768}, Hq=32, Hkv=8, D=128, block size 16:
-  - our paged decode attention at 4, 3 and 2 bits (k_bits = v_bits),
+  - our paged decode attention at 4, 3 and 2 bits (k_bits = v_bits): the Triton kernel and,
+    where libtq_deploy_cuda.so is built and takes the bits (2, 4), the tensor-core CUDA kernel
+    (each checked against the reference on a small case first),
   - torch fp16 F.scaled_dot_product_attention(q, k, v, enable_gqa=True) on the same logical
     KV, dense and contiguous,
   - speedup, achieved bandwidth (bytes the kernel must read / time) against a measured
@@ -89,9 +91,31 @@ def tq_bytes(batch, seq, hkv, dim, bits):
     return batch * seq * hkv * per_token_head
 
 
+def check_small(impl, bits, hq, hkv, dim, page, rot, cb):
+    """Relative error of impl against the reference on 2 sequences (3000 and 1777 tokens)."""
+    from tq_deploy.reference.paged import paged_attention_reference
+
+    check = make_tq_inputs(2, 3000, hq, hkv, dim, page, bits, seed=99)
+    check[-1][1] = 1777  # context_lens: a partial last block in the second sequence
+    want = paged_attention_reference(*check, rot, cb, cb, bits, bits).float()
+    got = impl(*check, rot, cb, cb, bits, bits).float()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def implementations(bits, knobs, query, k_codes):
+    """name -> paged attention callable, for the kernels that take this case."""
+    from tq_deploy import cuda as tq_cuda
+    from tq_deploy.triton import paged_attention
+
+    impls = {"tq": lambda *a: paged_attention(*a, **(knobs or {}))}
+    if tq_cuda.supports_paged_attention(query, k_codes, bits, bits):
+        impls["cu"] = tq_cuda.paged_attention
+    return impls
+
+
 def bench_attention(shapes, bits_list, hq, hkv, dim, page, l2, quick, knobs=None):
     from tq_deploy.reference import lloyd_max_codebook, make_rotation
-    from tq_deploy.triton import choose_splits, paged_attention
+    from tq_deploy.triton import choose_splits
 
     rot = make_rotation(dim, "haar", seed=0).cuda()
     rows = []
@@ -123,20 +147,26 @@ def bench_attention(shapes, bits_list, hq, hkv, dim, page, l2, quick, knobs=None
             cb = lloyd_max_codebook(dim, bits).cuda()
             nbytes = tq_bytes(batch, seq, hkv, dim, bits)
             sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, bits, seed=i), nbytes, l2)
+            first = sets.items[0]
+            for name, impl in implementations(bits, knobs, first[0], first[1]).items():
+                err = check_small(impl, bits, hq, hkv, dim, page, rot, cb)
+                row[f"{name}{bits}_check_err"] = err
+                if not err < 5e-3:
+                    print(f"  {name} {bits}-bit: WRONG (relative error {err:.2e} on the check case): not timed")
+                    continue
 
-            def ours():
-                q, kc, kn, vc, vn, bt, ctx = sets.next()
-                return paged_attention(q, kc, kn, vc, vn, bt, ctx, rot, cb, cb, bits, bits, **(knobs or {}))
+                def ours(impl=impl):
+                    q, kc, kn, vc, vn, bt, ctx = sets.next()
+                    return impl(q, kc, kn, vc, vn, bt, ctx, rot, cb, cb, bits, bits)
 
-            ours()
-            ms = _median_ms(ours)
-            gms = float("nan") if quick else _graph_ms(ours)
-            splits, per = choose_splits(batch * hkv, seq, (knobs or {}).get("block_n", 64), torch.cuda.get_device_properties(0).multi_processor_count)
-            row[f"tq{bits}_ms"] = ms
-            row[f"tq{bits}_graph_ms"] = gms
-            row[f"tq{bits}_TBps"] = nbytes / (ms * 1e-3) / 1e12
-            row[f"tq{bits}_speedup"] = row["sdpa_ms"] / ms
-            row[f"tq{bits}_splits"] = splits
+                ours()
+                ms = _median_ms(ours)
+                row[f"{name}{bits}_ms"] = ms
+                row[f"{name}{bits}_graph_ms"] = float("nan") if quick else _graph_ms(ours)
+                row[f"{name}{bits}_TBps"] = nbytes / (ms * 1e-3) / 1e12
+                row[f"{name}{bits}_speedup"] = row["sdpa_ms"] / ms
+            row[f"tq{bits}_splits"] = choose_splits(batch * hkv, seq, (knobs or {}).get("block_n", 64),
+                                                    torch.cuda.get_device_properties(0).multi_processor_count)[0]
             del sets
             torch.cuda.empty_cache()
         rows.append(row)
@@ -145,24 +175,23 @@ def bench_attention(shapes, bits_list, hq, hkv, dim, page, l2, quick, knobs=None
 
 
 def sweep_attention(batch, seq, bits, hq, hkv, dim, page, l2, variants):
-    """Time paged attention under explicit kernel knobs (lookup, block_n, num_warps, num_stages, splits)."""
+    """Time paged attention under explicit knobs: Triton's (layout, lookup, block_n, num_warps,
+    num_stages) or, with impl="cu", the CUDA kernel's tokens_per_split."""
+    from tq_deploy import cuda as tq_cuda
     from tq_deploy.reference import lloyd_max_codebook, make_rotation
-    from tq_deploy.triton import paged_attention
+    from tq_deploy.triton import paged_attention as triton_paged_attention
+
+    def paged_attention(*args, impl="tq", **knobs):
+        return (tq_cuda.paged_attention if impl == "cu" else triton_paged_attention)(*args, **knobs)
 
     rot = make_rotation(dim, "haar", seed=0).cuda()
     cb = lloyd_max_codebook(dim, bits).cuda()
     nbytes = tq_bytes(batch, seq, hkv, dim, bits)
     sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, bits, seed=i), nbytes, l2)
-    check = make_tq_inputs(2, 3000, hq, hkv, dim, page, bits, seed=99)
-    check[-1][1] = 1777  # context_lens: a partial last block in the second sequence
-    from tq_deploy.reference.paged import paged_attention_reference
-
-    want = paged_attention_reference(*check, rot, cb, cb, bits, bits).float()
     out = []
     for knobs in variants:
         try:
-            got = paged_attention(*check, rot, cb, cb, bits, bits, **knobs).float()
-            err = ((got - want).norm() / want.norm()).item()
+            err = check_small(lambda *a: paged_attention(*a, **knobs), bits, hq, hkv, dim, page, rot, cb)
         except Exception as exc:
             print(f"  sweep {knobs}: failed {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
@@ -224,16 +253,12 @@ def main(argv=None) -> int:
     sweep = []
     for spec in filter(None, args.sweep.split(",")):
         batch, seq = (int(v) for v in spec.split("x"))
-        variants = [dict(layout=0, lookup=0, block_n=64, num_warps=2, num_stages=2)]  # best of the last sweep
-        variants += [dict(layout=lay, block_n=64, num_warps=nw, num_stages=ns)
-                     for lay in (2, 3) for nw in (2, 4) for ns in (1, 2)]
+        variants = [dict(impl="cu", tokens_per_split=t) for t in (0, 64, 128, 256, 512, 1024, 2048, 4096)]
         sweep += sweep_attention(batch, seq, 4, 32, 8, 128, 16, l2, variants)
-    knobs = {}
+    knobs = {}  # the Triton kernel's defaults (its knob sweeps: docs/performance.md)
     if sweep:
         best = sorted(sweep, key=lambda r: r["ms"])[:5]
         print("sweep best:", *[json.dumps(b) for b in best], sep="\n  ")
-        knobs = {k: best[0][k] for k in ("layout", "lookup", "block_n", "num_warps", "num_stages") if k in best[0]}
-        print(f"attention table below uses the sweep's best knobs {knobs}", flush=True)
     att = bench_attention(shapes, bits_list, hq=32, hkv=8, dim=128, page=16, l2=l2, quick=args.quick, knobs=knobs)
     enc = bench_encode(1 << 20, 128, bits_list)
     result = {"knobs": knobs, "device": props.name, "copy_TBps": copy_bw / 1e12, "attention": att, "encode": enc, "sweep": sweep,
@@ -246,17 +271,22 @@ def main(argv=None) -> int:
     cb = copy_bw / 1e12
     print()
     print(f"paged decode attention, Hq=32 Hkv=8 D=128 block 16, median us (copy BW {cb:.2f} TB/s)")
-    hdr = f"{'B x S':>10} {'SDPA fp16':>10} " + " ".join(f"{'TQ' + str(b) + 'b':>8} {'x':>5} {'TB/s':>5}" for b in bits_list)
-    print(hdr)
+    print("(tq = Triton kernel, cu = tensor-core CUDA kernel; x = SDPA time / ours; TB/s = packed bytes / time)")
+    cols = [(name, b) for b in bits_list for name in ("tq", "cu")]
+    print(f"{'B x S':>10} {'SDPA fp16':>10} " + " ".join(f"{n + str(b) + 'b':>8} {'x':>5} {'TB/s':>5}" for n, b in cols))
+
+    def cell(r, n, b):
+        if f"{n}{b}_ms" not in r:
+            return f"{'-':>8} {'-':>5} {'-':>5}"
+        return f"{r[f'{n}{b}_ms'] * 1e3:8.1f} {r[f'{n}{b}_speedup']:5.2f} {r[f'{n}{b}_TBps']:5.2f}"
+
     for r in att:
-        line = f"{str(r['B']) + 'x' + str(r['S']):>10} {r['sdpa_ms'] * 1e3:10.1f} "
-        line += " ".join(f"{r[f'tq{b}_ms'] * 1e3:8.1f} {r[f'tq{b}_speedup']:5.2f} {r[f'tq{b}_TBps']:5.2f}"
-                         for b in bits_list)
-        print(line)
+        print(f"{str(r['B']) + 'x' + str(r['S']):>10} {r['sdpa_ms'] * 1e3:10.1f} " + " ".join(cell(r, n, b) for n, b in cols))
     if not args.quick:
         print("cuda-graph replay medians, us: " + "; ".join(
             f"{r['B']}x{r['S']}: sdpa {r['sdpa_graph_ms'] * 1e3:.1f} "
-            + " ".join(f"tq{b} {r[f'tq{b}_graph_ms'] * 1e3:.1f}" for b in bits_list) for r in att))
+            + " ".join(f"{n}{b} {r[f'{n}{b}_graph_ms'] * 1e3:.1f}" for b in bits_list for n in ("tq", "cu")
+                       if f"{n}{b}_graph_ms" in r) for r in att))
     print("encode 1M x 128 fp16: " + "; ".join(
         f"{e['bits']}b {e['ms'] * 1e3:.1f} us {e['TBps']:.2f} TB/s ({100 * e['TBps'] / cb:.0f}% of copy)" for e in enc))
     return 0

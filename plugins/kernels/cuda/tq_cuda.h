@@ -66,6 +66,26 @@ int tq_cuda_paged_attention(const void* query, tq_cuda_dtype q_type, int64_t num
                             const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits,
                             int v_bits, float scale, void* out, cudaStream_t stream);
 
+/* The tensor-core path of tq_cuda_paged_attention (tq_paged_attention_mma.cu): same math and
+ * layouts, fp16 operands with fp32 accumulation (centroids rounded to fp16, P * v_norm rounded to
+ * fp16), split-K over the context. Needs compute capability >= 8.0 and a supported shape:
+ * k_bits, v_bits in {2, 4}, head_dim in {64, 128, 256}, num_q_heads / num_kv_heads <= 8,
+ * block_size a multiple of 16; codes rows 4-byte aligned (the base pointer 16-byte aligned).
+ * tokens_per_split = 0 picks the split from the shapes and the device's SM count; the caller
+ * provides a device workspace of tq_cuda_paged_attention_mma_workspace(...) bytes. */
+int tq_cuda_paged_attention_mma_supported(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                          int64_t block_size, int k_bits, int v_bits);
+size_t tq_cuda_paged_attention_mma_workspace(int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
+                                             int64_t head_dim, int64_t max_blocks, int64_t block_size,
+                                             int64_t tokens_per_split);
+int tq_cuda_paged_attention_mma(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t num_q_heads,
+                                int64_t num_kv_heads, int64_t head_dim, const uint8_t* k_codes, const float* k_norms,
+                                const uint8_t* v_codes, const float* v_norms, int64_t num_blocks, int64_t block_size,
+                                const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
+                                const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits,
+                                int v_bits, float scale, int64_t tokens_per_split, void* workspace,
+                                size_t workspace_bytes, void* out, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,526 @@
+// TQPagedAttention on the tensor cores (flash-decoding in the rotated domain), for 2- and 4-bit
+// keys and values, D in {64, 128, 256}, up to 8 query heads per KV head, blocks of 16k tokens.
+//
+// Three launches:
+//   rotate_query   q_rot = (Pi q) * scale * log2(e), float32 [S*Hq, D]
+//   split          one warp per (sequence, KV head, split of the context), 16 tokens per step:
+//                    S^T[16 tok x 8 heads] = K[16 tok x D] . q_rot^T      (K is the A operand)
+//                    online softmax (base 2) per head;  P' = P * ||v||
+//                    O^T[D x 8 heads]     += V^T[D x 16 tok] . P'^T       (V^T is the A operand)
+//                  K and V are dequantized from the packed cache straight into A fragments
+//                  (tq_mma_fragments.cuh); P' reaches the B layout with movmatrix.
+//                  Writes the split's running max m, sum l and accumulator acc.
+//   merge_rotate   merges the splits and rotates back: out = Pi^T (acc / l).
+//
+// With the query group as the mma's N (8 columns) instead of its M (16 rows) the tensor cores do
+// half the padded work of a q-as-A layout, and each lane owns whole 4..32-byte runs of a row.
+#include <math.h>
+
+#include <algorithm>
+
+#include "tq_cuda_common.cuh"
+#include "tq_mma_fragments.cuh"
+
+namespace tq_cuda {
+namespace mma {
+namespace {
+
+constexpr int kTile = 16;              // tokens per step
+constexpr int kWarpsPerCta = 4;
+constexpr int kMaxGroup = 8;           // the mma's N
+constexpr int kMaxSplits = 1024;
+constexpr int kTargetWarpsPerSm = 32;  // split the context until about this many warps exist
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNoScore = -1.0e30f;   // running max before any token (finite: no inf - inf)
+
+template <int D, int KBITS, int VBITS>
+struct Layout {
+  static constexpr int kSteps = D / 16;                // k-steps of K.q^T, m-tiles of V^T.P^T
+  static constexpr int kKeyRowBytes = D * KBITS / 8;
+  static constexpr int kValueRowBytes = D * VBITS / 8;
+  static constexpr int kKeyBytes = kKeyRowBytes / 4;   // a lane's quarter of a key row
+  static constexpr int kKeyWords = kKeyBytes / 4;
+  static constexpr int kValueBytes = kValueRowBytes / 8;  // a lane's eighth of a value row
+  static constexpr int kValueWords = kValueBytes >= 4 ? kValueBytes / 4 : 1;
+  static constexpr int kValueWordBytes = kValueBytes >= 4 ? 4 : kValueBytes;  // bytes used per word
+  static_assert(kKeyBytes >= 4 && kValueBytes >= 2, "D * bits too small for the fragment layout");
+
+  // Coordinates (within the lane's quarter of the row) of q's k-step `step` slots: pair 0 holds
+  // k = 2tig, 2tig+1, pair 1 holds k = 2tig+8, 2tig+9 (Codebook<BITS>::pairs decides the order).
+  __device__ static constexpr int key_coord(int step, int pair, int elem) {
+    return KBITS == 4 ? 4 * step + 2 * pair + elem : 4 * step + pair + 2 * elem;
+  }
+  // Coordinate (within the lane's eighth of the row) of accumulator m-tile `mt`, row gid (+8 if hi).
+  __device__ static constexpr int value_coord(int mt, int hi) {
+    if (VBITS == 4) return 8 * (mt / 4) + 2 * (mt % 4) + hi;
+    constexpr int j = kValueWordBytes;  // 2-bit: bytes per word, tiles = 2 * j per word
+    return 16 * (mt / (2 * j)) + 4 * (mt % j) + 2 * ((mt % (2 * j)) / j) + hi;
+  }
+};
+
+template <int D, int KBITS, int VBITS>
+struct Tile {
+  using L = Layout<D, KBITS, VBITS>;
+  uint32_t k[2][L::kKeyWords];    // rows gid, gid+8: the lane's quarter
+  uint32_t v[4][L::kValueWords];  // tokens 2tig, 2tig+1, 2tig+8, 2tig+9: the lane's eighth
+  float k_norm[2], v_norm[2];     // tokens gid, gid+8
+  bool in_table;                  // block-table entry in [0, num_blocks)
+};
+
+struct SplitArgs {
+  const float* q_rot;
+  const uint8_t* k_codes;
+  const float* k_norms;
+  const uint8_t* v_codes;
+  const float* v_norms;
+  const int32_t* block_tables;
+  const int32_t* context_lens;
+  const float* k_codebook;
+  const float* v_codebook;
+  int num_pairs, num_kv_heads, group, block_size, max_blocks, num_blocks, tokens_per_split, num_splits;
+  float* part_m;    // [pairs, splits, group]
+  float* part_l;    // [pairs, splits, group]
+  float* part_acc;  // [pairs, splits, group, D]
+};
+
+template <int D, int KBITS, int VBITS>
+__device__ __forceinline__ void load_tile(const SplitArgs& a, const int32_t* table, int h, int t0, int gid, int tig,
+                                          Tile<D, KBITS, VBITS>& tile) {
+  using L = Layout<D, KBITS, VBITS>;
+  int block = __ldg(table + t0 / a.block_size);
+  tile.in_table = block >= 0 && block < a.num_blocks;
+  if (!tile.in_table) block = 0;  // a readable block; its scores are masked
+  const int64_t first = (static_cast<int64_t>(block) * a.block_size + t0 % a.block_size) * a.num_kv_heads + h;
+  const int64_t stride = a.num_kv_heads;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t cell = first + (gid + 8 * r) * stride;
+    load_packed<L::kKeyBytes>(a.k_codes + cell * L::kKeyRowBytes + tig * L::kKeyBytes, tile.k[r]);
+    tile.k_norm[r] = __ldg(a.k_norms + cell);
+    tile.v_norm[r] = __ldg(a.v_norms + cell);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t cell = first + (2 * tig + (r & 1) + 8 * (r >> 1)) * stride;
+    load_packed<L::kValueBytes>(a.v_codes + cell * L::kValueRowBytes + gid * L::kValueBytes, tile.v[r]);
+  }
+}
+
+// S^T (tokens gid, gid+8 x heads 2tig, 2tig+1) of one tile: K rows from the cache, q^T from qb.
+template <int D, int KBITS, int VBITS>
+__device__ __forceinline__ void key_scores(const Tile<D, KBITS, VBITS>& tile, const Codebook<KBITS>& cb,
+                                           const uint32_t (&qb)[D / 16][2], float (&s)[4]) {
+  using L = Layout<D, KBITS, VBITS>;
+#pragma unroll
+  for (int w = 0; w < L::kKeyWords; ++w) {
+    if constexpr (KBITS == 4) {
+      uint32_t r0[4], r1[4];
+      cb.pairs(tile.k[0][w], r0);
+      cb.pairs(tile.k[1][w], r1);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t frag[4] = {r0[2 * j], r1[2 * j], r0[2 * j + 1], r1[2 * j + 1]};
+        mma_16816(s, frag, qb[2 * w + j][0], qb[2 * w + j][1]);
+      }
+    } else {
+      uint32_t e0[4], o0[4], e1[4], o1[4];
+      cb.pairs(tile.k[0][w], e0, o0);
+      cb.pairs(tile.k[1][w], e1, o1);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t frag[4] = {e0[j], e1[j], o0[j], o1[j]};
+        mma_16816(s, frag, qb[4 * w + j][0], qb[4 * w + j][1]);
+      }
+    }
+  }
+}
+
+// acc (m-tiles of O^T) += V^T . P'^T for one tile; p0/p1 = P'^T B fragments (tokens 0-7 / 8-15).
+template <int D, int KBITS, int VBITS>
+__device__ __forceinline__ void accumulate_values(const Tile<D, KBITS, VBITS>& tile, const Codebook<VBITS>& cb,
+                                                  uint32_t p0, uint32_t p1, float (&acc)[D / 16][4]) {
+  using L = Layout<D, KBITS, VBITS>;
+#pragma unroll
+  for (int w = 0; w < L::kValueWords; ++w) {
+    if constexpr (VBITS == 4) {
+      uint32_t ea[4], oa[4], eb[4], ob[4];
+      cb.pairs(interleave_even(tile.v[0][w], tile.v[1][w]), ea);
+      cb.pairs(interleave_odd(tile.v[0][w], tile.v[1][w]), oa);
+      cb.pairs(interleave_even(tile.v[2][w], tile.v[3][w]), eb);
+      cb.pairs(interleave_odd(tile.v[2][w], tile.v[3][w]), ob);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t frag[4] = {ea[j], oa[j], eb[j], ob[j]};
+        mma_16816(acc[4 * w + j], frag, p0, p1);
+      }
+    } else {
+      constexpr int J = L::kValueWordBytes;
+#pragma unroll
+      for (int ui = 0; ui < 2; ++ui) {
+        const uint32_t ua = ui ? interleave_odd(tile.v[0][w], tile.v[1][w]) : interleave_even(tile.v[0][w], tile.v[1][w]);
+        const uint32_t ub = ui ? interleave_odd(tile.v[2][w], tile.v[3][w]) : interleave_even(tile.v[2][w], tile.v[3][w]);
+        uint32_t ea[4], oa[4], eb[4], ob[4];
+        cb.pairs(ua, ea, oa);
+        cb.pairs(ub, eb, ob);
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const uint32_t frag[4] = {ea[j], oa[j], eb[j], ob[j]};
+          mma_16816(acc[2 * J * w + J * ui + j], frag, p0, p1);
+        }
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float group_max(float v) {  // over the 8 lanes of one tig
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+}
+__device__ __forceinline__ float group_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  return v + __shfl_xor_sync(0xffffffffu, v, 16);
+}
+
+template <int D, int KBITS, int VBITS>
+__global__ void __launch_bounds__(kWarpsPerCta * 32) split_kernel(const SplitArgs a) {
+  using L = Layout<D, KBITS, VBITS>;
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int work = blockIdx.x * kWarpsPerCta + (threadIdx.x >> 5);
+  if (work >= a.num_pairs * a.num_splits) return;  // whole warps only
+  const int pair = work / a.num_splits, split = work % a.num_splits;
+  const int seq = pair / a.num_kv_heads, h = pair % a.num_kv_heads;
+
+  Codebook<KBITS> kcb;
+  Codebook<VBITS> vcb;
+  kcb.load(a.k_codebook);
+  vcb.load(a.v_codebook);
+
+  // q^T B fragments: column gid = query head gid of the group, rows = this lane's key coordinates.
+  uint32_t qb[L::kSteps][2];
+  {
+    const bool head = gid < a.group;
+    const float* q = a.q_rot + (static_cast<int64_t>(pair) * a.group + (head ? gid : 0)) * D + tig * (D / 4);
+#pragma unroll
+    for (int st = 0; st < L::kSteps; ++st)
+#pragma unroll
+      for (int p = 0; p < 2; ++p)
+        qb[st][p] = head ? half2_bits(q[L::key_coord(st, p, 0)], q[L::key_coord(st, p, 1)]) : 0u;
+  }
+
+  float acc[L::kSteps][4];
+#pragma unroll
+  for (int mt = 0; mt < L::kSteps; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  float m[2] = {kNoScore, kNoScore}, l[2] = {0.f, 0.f};  // heads 2tig, 2tig+1
+
+  int ctx = __ldg(a.context_lens + seq);
+  ctx = max(0, min(ctx, a.max_blocks * a.block_size));
+  const int start = split * a.tokens_per_split;
+  const int end = min(start + a.tokens_per_split, ctx);
+  const int32_t* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+
+  Tile<D, KBITS, VBITS> cur, next;
+  if (start < end) load_tile(a, table, h, start, gid, tig, cur);
+  for (int t0 = start; t0 < end; t0 += kTile) {
+    const bool more = t0 + kTile < end;
+    if (more) load_tile(a, table, h, t0 + kTile, gid, tig, next);  // in flight during this tile
+
+    float s[4] = {0.f, 0.f, 0.f, 0.f};  // (tok gid: heads 2tig, 2tig+1), (tok gid+8: same)
+    key_scores(cur, kcb, qb, s);
+    const bool live0 = cur.in_table && t0 + gid < end, live1 = cur.in_table && t0 + gid + 8 < end;
+    s[0] = live0 ? s[0] * cur.k_norm[0] : -INFINITY;
+    s[1] = live0 ? s[1] * cur.k_norm[0] : -INFINITY;
+    s[2] = live1 ? s[2] * cur.k_norm[1] : -INFINITY;
+    s[3] = live1 ? s[3] * cur.k_norm[1] : -INFINITY;
+    float p[4], alpha[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float m_new = fmaxf(m[c], group_max(fmaxf(s[c], s[c + 2])));
+      alpha[c] = fast_exp2(m[c] - m_new);
+      p[c] = fast_exp2(s[c] - m_new);
+      p[c + 2] = fast_exp2(s[c + 2] - m_new);
+      l[c] = l[c] * alpha[c] + p[c] + p[c + 2];
+      m[c] = m_new;
+    }
+#pragma unroll
+    for (int mt = 0; mt < L::kSteps; ++mt) {
+      acc[mt][0] *= alpha[0];
+      acc[mt][1] *= alpha[1];
+      acc[mt][2] *= alpha[0];
+      acc[mt][3] *= alpha[1];
+    }
+    const float vn0 = live0 ? cur.v_norm[0] : 0.f, vn1 = live1 ? cur.v_norm[1] : 0.f;
+    const uint32_t p0 = transpose_8x8(half2_bits(p[0] * vn0, p[1] * vn0));
+    const uint32_t p1 = transpose_8x8(half2_bits(p[2] * vn1, p[3] * vn1));
+    accumulate_values(cur, vcb, p0, p1, acc);
+    if (more) cur = next;
+  }
+
+  const int64_t part = static_cast<int64_t>(pair) * a.num_splits + split;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const float total = group_sum(l[c]);
+    const int head = 2 * tig + c;
+    if (gid == 0 && head < a.group) {
+      a.part_m[part * a.group + head] = m[c];
+      a.part_l[part * a.group + head] = total;
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < L::kSteps; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int head = 2 * tig + (e & 1);
+      if (head < a.group)
+        a.part_acc[(part * a.group + head) * D + gid * (D / 8) + L::value_coord(mt, e >> 1)] = acc[mt][e];
+    }
+}
+
+// q_rot[r, j] = scale * sum_i Pi[j, i] q[r, i] for 8 rows per CTA; Pi goes through shared memory in
+// [D x 32] slices (padded rows: thread j reads row j without bank conflicts).
+constexpr int kRotateRows = 8;
+template <typename T>
+__global__ void rotate_query_kernel(const T* __restrict__ query, const float* __restrict__ rotation, int rows,
+                                    int dim, float scale, float* __restrict__ q_rot) {
+  extern __shared__ float smem[];
+  float* q = smem;                          // [kRotateRows, dim]
+  float* slice = smem + kRotateRows * dim;  // [dim, 33]
+  const int r0 = blockIdx.x * kRotateRows, j = threadIdx.x;
+  for (int e = j; e < kRotateRows * dim; e += blockDim.x) {
+    const int r = r0 + e / dim;
+    q[e] = r < rows ? to_float(query[static_cast<int64_t>(r) * dim + e % dim]) : 0.f;
+  }
+  float y[kRotateRows] = {};
+  for (int i0 = 0; i0 < dim; i0 += 32) {
+    __syncthreads();
+    for (int e = j; e < dim * 32; e += blockDim.x) slice[(e / 32) * 33 + e % 32] = rotation[(e / 32) * dim + i0 + e % 32];
+    __syncthreads();
+    for (int ii = 0; ii < 32; ++ii) {
+      const float pij = slice[j * 33 + ii];
+#pragma unroll
+      for (int r = 0; r < kRotateRows; ++r) y[r] = fmaf(pij, q[r * dim + i0 + ii], y[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRotateRows; ++r)
+    if (r0 + r < rows) q_rot[static_cast<int64_t>(r0 + r) * dim + j] = y[r] * scale;
+}
+
+// One output row (sequence, query head): M = max m_s, w_s = 2^(m_s - M), L = sum w_s l_s,
+// a = sum w_s acc_s / L, out = Pi^T a. 8 warps share the splits; lanes take 4 coordinates each.
+constexpr int kMergeThreads = 256;
+template <typename T>
+__global__ void __launch_bounds__(kMergeThreads) merge_rotate_kernel(const float* __restrict__ part_m,
+                                                                     const float* __restrict__ part_l,
+                                                                     const float* __restrict__ part_acc,
+                                                                     const float* __restrict__ rotation, int group,
+                                                                     int splits, int dim, T* __restrict__ out) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float partial[kMergeThreads / 32][256];
+  __shared__ float merged[256];
+  __shared__ float scratch[kMergeThreads / 32];
+  const int row = blockIdx.x, pair = row / group, head = row % group;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t first = static_cast<int64_t>(pair) * splits;
+
+  float big = kNoScore;
+  for (int sp = threadIdx.x; sp < splits; sp += blockDim.x) big = fmaxf(big, part_m[(first + sp) * group + head]);
+  for (int o = 16; o > 0; o >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, o));
+  if (lane == 0) scratch[warp] = big;
+  __syncthreads();
+  big = scratch[0];
+  for (int w = 1; w < kMergeThreads / 32; ++w) big = fmaxf(big, scratch[w]);
+  __syncthreads();
+
+  float total = 0.f;
+  for (int sp = threadIdx.x; sp < splits; sp += blockDim.x) {
+    const int64_t idx = (first + sp) * group + head;
+    const float w = exp2f(part_m[idx] - big);
+    weight[sp] = w;
+    total += w * part_l[idx];
+  }
+  total = warp_sum(total);
+  if (lane == 0) scratch[warp] = total;
+  __syncthreads();
+  total = 0.f;
+  for (int w = 0; w < kMergeThreads / 32; ++w) total += scratch[w];
+
+  for (int d0 = 4 * lane; d0 < dim; d0 += 128) {
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int sp = warp; sp < splits; sp += kMergeThreads / 32) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(part_acc + ((first + sp) * group + head) * dim + d0));
+      const float w = weight[sp];
+      sum.x = fmaf(w, v.x, sum.x);
+      sum.y = fmaf(w, v.y, sum.y);
+      sum.z = fmaf(w, v.z, sum.z);
+      sum.w = fmaf(w, v.w, sum.w);
+    }
+    partial[warp][d0] = sum.x;
+    partial[warp][d0 + 1] = sum.y;
+    partial[warp][d0 + 2] = sum.z;
+    partial[warp][d0 + 3] = sum.w;
+  }
+  __syncthreads();
+  const float inv = total > 0.f ? 1.f / total : 0.f;  // an empty context gives zeros
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < kMergeThreads / 32; ++w) s += partial[w][d];
+    merged[d] = s * inv;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+    float y = 0.f;
+    for (int i = 0; i < dim; ++i) y = fmaf(merged[i], rotation[static_cast<int64_t>(i) * dim + j], y);
+    out[static_cast<int64_t>(row) * dim + j] = from_float<T>(y);
+  }
+}
+
+int num_sms() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 132;
+  return sms;
+}
+
+struct Plan {
+  int splits, tokens_per_split;
+  size_t q_rot_offset, m_offset, l_offset, acc_offset, bytes;
+};
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+Plan make_plan(int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t max_blocks, int64_t block_size,
+               int64_t tokens_per_split) {
+  const int64_t pairs = num_seqs * hkv, group = hq / hkv;
+  const int64_t tiles = std::max<int64_t>(1, (max_blocks * block_size + kTile - 1) / kTile);
+  int64_t tiles_per_split;
+  if (tokens_per_split > 0) {
+    tiles_per_split = (tokens_per_split + kTile - 1) / kTile;
+  } else {
+    const int64_t want = std::max<int64_t>(1, static_cast<int64_t>(num_sms()) * kTargetWarpsPerSm / std::max<int64_t>(pairs, 1));
+    tiles_per_split = (tiles + std::min(want, tiles) - 1) / std::min(want, tiles);
+  }
+  tiles_per_split = std::max(tiles_per_split, (tiles + kMaxSplits - 1) / kMaxSplits);
+  Plan p;
+  p.splits = static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);
+  p.tokens_per_split = static_cast<int>(tiles_per_split * kTile);
+  const size_t parts = static_cast<size_t>(pairs) * p.splits * group;
+  p.q_rot_offset = 0;
+  p.m_offset = align256(static_cast<size_t>(num_seqs * hq * dim) * sizeof(float));
+  p.l_offset = p.m_offset + align256(parts * sizeof(float));
+  p.acc_offset = p.l_offset + align256(parts * sizeof(float));
+  p.bytes = p.acc_offset + align256(parts * dim * sizeof(float));
+  return p;
+}
+
+template <int D, int KBITS, int VBITS>
+void launch_split(const SplitArgs& args, cudaStream_t stream) {
+  const int warps = args.num_pairs * args.num_splits;
+  split_kernel<D, KBITS, VBITS><<<(warps + kWarpsPerCta - 1) / kWarpsPerCta, kWarpsPerCta * 32, 0, stream>>>(args);
+}
+
+template <int D>
+int launch_split_bits(const SplitArgs& args, int k_bits, int v_bits, cudaStream_t stream) {
+  if (k_bits == 4 && v_bits == 4) launch_split<D, 4, 4>(args, stream);
+  else if (k_bits == 4 && v_bits == 2) launch_split<D, 4, 2>(args, stream);
+  else if (k_bits == 2 && v_bits == 4) launch_split<D, 2, 4>(args, stream);
+  else if (k_bits == 2 && v_bits == 2) launch_split<D, 2, 2>(args, stream);
+  else return TQ_CUDA_BAD_ARGUMENT;
+  return 0;
+}
+
+bool supported(int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, int k_bits, int v_bits) {
+  return hkv >= 1 && hq >= hkv && hq % hkv == 0 && hq / hkv <= kMaxGroup && (dim == 64 || dim == 128 || dim == 256) &&
+         block_size >= kTile && block_size % kTile == 0 && (k_bits == 2 || k_bits == 4) && (v_bits == 2 || v_bits == 4);
+}
+
+}  // namespace
+}  // namespace mma
+}  // namespace tq_cuda
+
+using namespace tq_cuda;
+
+extern "C" int tq_cuda_paged_attention_mma_supported(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                                     int64_t block_size, int k_bits, int v_bits) {
+  return mma::supported(num_q_heads, num_kv_heads, head_dim, block_size, k_bits, v_bits) ? 1 : 0;
+}
+
+extern "C" size_t tq_cuda_paged_attention_mma_workspace(int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
+                                                        int64_t head_dim, int64_t max_blocks, int64_t block_size,
+                                                        int64_t tokens_per_split) {
+  if (num_seqs < 1 || num_kv_heads < 1 || num_q_heads % num_kv_heads != 0 || max_blocks < 0 || block_size < 1) return 0;
+  return mma::make_plan(num_seqs, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size, tokens_per_split).bytes;
+}
+
+extern "C" int tq_cuda_paged_attention_mma(const void* query, tq_cuda_dtype q_type, int64_t num_seqs,
+                                           int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                           const uint8_t* k_codes, const float* k_norms, const uint8_t* v_codes,
+                                           const float* v_norms, int64_t num_blocks, int64_t block_size,
+                                           const int32_t* block_tables, int64_t max_blocks,
+                                           const int32_t* context_lens, const float* rotation,
+                                           const float* k_codebook, const float* v_codebook, int k_bits, int v_bits,
+                                           float scale, int64_t tokens_per_split, void* workspace,
+                                           size_t workspace_bytes, void* out, cudaStream_t stream) {
+  if (!mma::supported(num_q_heads, num_kv_heads, head_dim, block_size, k_bits, v_bits) || num_seqs < 0 ||
+      num_seqs * num_kv_heads > (int64_t{1} << 24) || num_blocks < 0 || num_blocks > (int64_t{1} << 31) - 1 ||
+      max_blocks < 0 || max_blocks * block_size > (int64_t{1} << 30) || tokens_per_split < 0)
+    return TQ_CUDA_BAD_ARGUMENT;
+  if (num_seqs == 0) return 0;
+  const mma::Plan plan = mma::make_plan(num_seqs, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size,
+                                        tokens_per_split);
+  if (workspace == nullptr || workspace_bytes < plan.bytes) return TQ_CUDA_BAD_ARGUMENT;
+  if (!(scale > 0.f)) scale = 1.0f / sqrtf(static_cast<float>(head_dim));
+  char* ws = static_cast<char*>(workspace);
+  float* q_rot = reinterpret_cast<float*>(ws + plan.q_rot_offset);
+  const int rows = static_cast<int>(num_seqs * num_q_heads), dim = static_cast<int>(head_dim);
+  const size_t rotate_shared = (mma::kRotateRows * dim + dim * 33) * sizeof(float);
+  const unsigned rotate_ctas = static_cast<unsigned>((rows + mma::kRotateRows - 1) / mma::kRotateRows);
+  if (q_type == TQ_CUDA_FLOAT16) {
+    if (int rc = reserve_shared(mma::rotate_query_kernel<__half>, rotate_shared)) return rc;
+    mma::rotate_query_kernel<__half><<<rotate_ctas, dim, rotate_shared, stream>>>(
+        static_cast<const __half*>(query), rotation, rows, dim, scale * mma::kLog2e, q_rot);
+  } else if (q_type == TQ_CUDA_FLOAT32) {
+    if (int rc = reserve_shared(mma::rotate_query_kernel<float>, rotate_shared)) return rc;
+    mma::rotate_query_kernel<float><<<rotate_ctas, dim, rotate_shared, stream>>>(
+        static_cast<const float*>(query), rotation, rows, dim, scale * mma::kLog2e, q_rot);
+  } else {
+    return TQ_CUDA_BAD_ARGUMENT;
+  }
+
+  mma::SplitArgs args;
+  args.q_rot = q_rot;
+  args.k_codes = k_codes;
+  args.k_norms = k_norms;
+  args.v_codes = v_codes;
+  args.v_norms = v_norms;
+  args.block_tables = block_tables;
+  args.context_lens = context_lens;
+  args.k_codebook = k_codebook;
+  args.v_codebook = v_codebook;
+  args.num_pairs = static_cast<int>(num_seqs * num_kv_heads);
+  args.num_kv_heads = static_cast<int>(num_kv_heads);
+  args.group = static_cast<int>(num_q_heads / num_kv_heads);
+  args.block_size = static_cast<int>(block_size);
+  args.max_blocks = static_cast<int>(max_blocks);
+  args.num_blocks = static_cast<int>(num_blocks);
+  args.tokens_per_split = plan.tokens_per_split;
+  args.num_splits = plan.splits;
+  args.part_m = reinterpret_cast<float*>(ws + plan.m_offset);
+  args.part_l = reinterpret_cast<float*>(ws + plan.l_offset);
+  args.part_acc = reinterpret_cast<float*>(ws + plan.acc_offset);
+  int rc = TQ_CUDA_BAD_ARGUMENT;
+  if (dim == 64) rc = mma::launch_split_bits<64>(args, k_bits, v_bits, stream);
+  else if (dim == 128) rc = mma::launch_split_bits<128>(args, k_bits, v_bits, stream);
+  else if (dim == 256) rc = mma::launch_split_bits<256>(args, k_bits, v_bits, stream);
+  if (rc) return rc;
+
+  if (q_type == TQ_CUDA_FLOAT16)
+    mma::merge_rotate_kernel<__half><<<rows, mma::kMergeThreads, 0, stream>>>(
+        args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.splits, dim, static_cast<__half*>(out));
+  else
+    mma::merge_rotate_kernel<float><<<rows, mma::kMergeThreads, 0, stream>>>(
+        args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.splits, dim, static_cast<float*>(out));
+  return launch_status();
+}
