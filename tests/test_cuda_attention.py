@@ -105,7 +105,7 @@ def test_shapes_it_does_not_take_go_elsewhere(gen, dim, hq, hkv, block, kb, vb):
     case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=[20], k_bits=kb, v_bits=vb)
     args = on_cuda(case, torch.float16)
     assert not tq_cuda.supports_paged_attention(args[0], args[1], kb, vb)
-    with pytest.raises(ValueError, match="expected CUDA tensors"):
+    with pytest.raises(ValueError, match="expected"):
         tq_cuda.paged_attention(*args)
     assert relative_error(paged_attention(*args).cpu(), sdpa_oracle(case)) < 1.5e-2  # Triton or reference
 

@@ -27,6 +27,7 @@ namespace {
 
 constexpr int kTile = 16;              // tokens per step
 constexpr int kWarpsPerCta = 4;
+constexpr int kStages = 4;             // tiles in a warp's shared-memory ring (3 in flight)
 constexpr int kMaxGroup = 8;           // the mma's N
 constexpr int kMaxSplits = 1024;
 constexpr int kTargetWarpsPerSm = 32;  // split the context until about this many warps exist
@@ -58,15 +59,6 @@ struct Layout {
   }
 };
 
-template <int D, int KBITS, int VBITS>
-struct Tile {
-  using L = Layout<D, KBITS, VBITS>;
-  uint32_t k[2][L::kKeyWords];    // rows gid, gid+8: the lane's quarter
-  uint32_t v[4][L::kValueWords];  // tokens 2tig, 2tig+1, 2tig+8, 2tig+9: the lane's eighth
-  float k_norm[2], v_norm[2];     // tokens gid, gid+8
-  bool in_table;                  // block-table entry in [0, num_blocks)
-};
-
 struct SplitArgs {
   const float* q_rot;
   const uint8_t* k_codes;
@@ -83,28 +75,119 @@ struct SplitArgs {
   float* part_acc;  // [pairs, splits, group, D]
 };
 
+// One tile as it sits in a warp's shared-memory stage: key rows in token order, value rows in the
+// order tig + 4r for token 2tig + (r & 1) + 8 (r >> 1) (the 8 lanes of one r then read 4 contiguous
+// rows: no bank conflicts), then the 16 key norms and the 16 value norms.
 template <int D, int KBITS, int VBITS>
-__device__ __forceinline__ void load_tile(const SplitArgs& a, const int32_t* table, int h, int t0, int gid, int tig,
-                                          Tile<D, KBITS, VBITS>& tile) {
+struct Stage {
   using L = Layout<D, KBITS, VBITS>;
-  int block = __ldg(table + t0 / a.block_size);
-  tile.in_table = block >= 0 && block < a.num_blocks;
-  if (!tile.in_table) block = 0;  // a readable block; its scores are masked
-  const int64_t first = (static_cast<int64_t>(block) * a.block_size + t0 % a.block_size) * a.num_kv_heads + h;
-  const int64_t stride = a.num_kv_heads;
+  static constexpr int kKey = 0;
+  static constexpr int kValue = kTile * L::kKeyRowBytes;
+  static constexpr int kKeyNorm = kValue + kTile * L::kValueRowBytes;
+  static constexpr int kValueNorm = kKeyNorm + kTile * 4;
+  static constexpr int kBytes = kValueNorm + kTile * 4;
+  static_assert(kValue % 16 == 0 && kKeyNorm % 16 == 0 && kBytes % 16 == 0, "16-byte aligned parts");
+  __device__ static constexpr int value_row(int token) { return (token & 8) | ((token & 1) << 2) | ((token >> 1) & 3); }
+};
+
+__device__ __forceinline__ void copy_async_16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void copy_async_4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// A lane's part in copying a tile into a stage: which 16-byte chunks of which rows (offsets from the
+// tile's first cell, fixed for the whole loop) and one norm (lanes 0-15 key norms, 16-31 value norms).
+template <int D, int KBITS, int VBITS>
+struct TileCopy {
+  using L = Layout<D, KBITS, VBITS>;
+  using S = Stage<D, KBITS, VBITS>;
+  static constexpr int kKeyChunks = kTile * L::kKeyRowBytes / 16, kValueChunks = kTile * L::kValueRowBytes / 16;
+  static constexpr int kKeyPerLane = (kKeyChunks + 31) / 32, kValuePerLane = (kValueChunks + 31) / 32;
+  int64_t key_src[kKeyPerLane], value_src[kValuePerLane], norm_src;
+  uint32_t key_dst[kKeyPerLane], value_dst[kValuePerLane], norm_dst;
+  bool key_lane[kKeyPerLane], value_lane[kValuePerLane], key_norm;
+
+  __device__ __forceinline__ TileCopy(int lane, int64_t kv_heads) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t cell = first + (gid + 8 * r) * stride;
-    load_packed<L::kKeyBytes>(a.k_codes + cell * L::kKeyRowBytes + tig * L::kKeyBytes, tile.k[r]);
-    tile.k_norm[r] = __ldg(a.k_norms + cell);
-    tile.v_norm[r] = __ldg(a.v_norms + cell);
+    for (int i = 0; i < kKeyPerLane; ++i) {
+      const int c = lane + 32 * i, t = c / (L::kKeyRowBytes / 16), part = c % (L::kKeyRowBytes / 16);
+      key_lane[i] = c < kKeyChunks;
+      key_src[i] = t * kv_heads * L::kKeyRowBytes + part * 16;
+      key_dst[i] = S::kKey + t * L::kKeyRowBytes + part * 16;
+    }
+#pragma unroll
+    for (int i = 0; i < kValuePerLane; ++i) {
+      const int c = lane + 32 * i, t = c / (L::kValueRowBytes / 16), part = c % (L::kValueRowBytes / 16);
+      value_lane[i] = c < kValueChunks;
+      value_src[i] = t * kv_heads * L::kValueRowBytes + part * 16;
+      value_dst[i] = S::kValue + S::value_row(t) * L::kValueRowBytes + part * 16;
+    }
+    key_norm = lane < 16;
+    norm_src = (lane & 15) * kv_heads;
+    norm_dst = (key_norm ? S::kKeyNorm : S::kValueNorm) + 4 * (lane & 15);
   }
+
+  // The whole warp copies the 16 tokens starting at cache cell `first` (of a KV head) into `stage`.
+  __device__ __forceinline__ void issue(const SplitArgs& a, int64_t first, uint32_t stage) const {
+    const uint8_t* k = a.k_codes + first * L::kKeyRowBytes;
+    const uint8_t* v = a.v_codes + first * L::kValueRowBytes;
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int64_t cell = first + (2 * tig + (r & 1) + 8 * (r >> 1)) * stride;
-    load_packed<L::kValueBytes>(a.v_codes + cell * L::kValueRowBytes + gid * L::kValueBytes, tile.v[r]);
+    for (int i = 0; i < kKeyPerLane; ++i)
+      if (key_lane[i]) copy_async_16(stage + key_dst[i], k + key_src[i]);
+#pragma unroll
+    for (int i = 0; i < kValuePerLane; ++i)
+      if (value_lane[i]) copy_async_16(stage + value_dst[i], v + value_src[i]);
+    copy_async_4(stage + norm_dst, (key_norm ? a.k_norms : a.v_norms) + first + norm_src);
+  }
+};
+
+template <int BYTES>
+__device__ __forceinline__ void load_shared(const uint8_t* p, uint32_t* w) {
+  if constexpr (BYTES >= 16) {
+#pragma unroll
+    for (int i = 0; i < BYTES / 16; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = v.x;
+      w[4 * i + 1] = v.y;
+      w[4 * i + 2] = v.z;
+      w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (BYTES == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else if constexpr (BYTES == 4) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else {
+    static_assert(BYTES == 2, "2, 4, 8, 16 or 32 bytes");
+    w[0] = *reinterpret_cast<const unsigned short*>(p);
   }
 }
+
+// A lane's share of one tile, read from its stage.
+template <int D, int KBITS, int VBITS>
+struct Tile {
+  using L = Layout<D, KBITS, VBITS>;
+  uint32_t k[2][L::kKeyWords];    // rows gid, gid+8: the lane's quarter
+  uint32_t v[4][L::kValueWords];  // tokens 2tig, 2tig+1, 2tig+8, 2tig+9: the lane's eighth
+
+  __device__ __forceinline__ void read(const uint8_t* stage, int gid, int tig) {
+    using S = Stage<D, KBITS, VBITS>;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      load_shared<L::kKeyBytes>(stage + S::kKey + (gid + 8 * r) * L::kKeyRowBytes + tig * L::kKeyBytes, k[r]);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      load_shared<L::kValueBytes>(stage + S::kValue + (tig + 4 * r) * L::kValueRowBytes + gid * L::kValueBytes, v[r]);
+  }
+};
 
 // S^T (tokens gid, gid+8 x heads 2tig, 2tig+1) of one tile: K rows from the cache, q^T from qb.
 template <int D, int KBITS, int VBITS>
@@ -186,11 +269,51 @@ __device__ __forceinline__ float group_sum(float v) {
 template <int D, int KBITS, int VBITS>
 __global__ void __launch_bounds__(kWarpsPerCta * 32) split_kernel(const SplitArgs a) {
   using L = Layout<D, KBITS, VBITS>;
-  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  const int work = blockIdx.x * kWarpsPerCta + (threadIdx.x >> 5);
-  if (work >= a.num_pairs * a.num_splits) return;  // whole warps only
+  using S = Stage<D, KBITS, VBITS>;
+  extern __shared__ float4 split_smem[];  // the warps' rings
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3, warp = threadIdx.x >> 5;
+  const int work = blockIdx.x * kWarpsPerCta + warp;
+  if (work >= a.num_pairs * a.num_splits) return;  // whole warps only; no CTA barrier below
   const int pair = work / a.num_splits, split = work % a.num_splits;
   const int seq = pair / a.num_kv_heads, h = pair % a.num_kv_heads;
+  const uint8_t* ring = reinterpret_cast<const uint8_t*>(split_smem) + warp * kStages * S::kBytes;
+  const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+
+  int ctx = __ldg(a.context_lens + seq);
+  ctx = max(0, min(ctx, a.max_blocks * a.block_size));
+  const int start = split * a.tokens_per_split;
+  const int end = min(start + a.tokens_per_split, ctx);
+  const int tiles = start < end ? (end - start + kTile - 1) / kTile : 0;
+  const int32_t* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+
+  // Block-table entries of 32 tiles at a time (lane l: tile 32k + l), the next 32 loaded early;
+  // the issuing position (entry, offset in the block) advances by 16 tokens without a division.
+  auto table_chunk = [&](int k) {
+    const int tile = 32 * k + lane;
+    return tile < tiles ? __ldg(table + (start + kTile * tile) / a.block_size) : 0;
+  };
+  int blocks = table_chunk(0), blocks_next = table_chunk(1);
+  int offset = start % a.block_size;
+  uint32_t listed = 0;  // bit (tile & 31): the tile's block-table entry is in [0, num_blocks)
+  const TileCopy<D, KBITS, VBITS> copy(lane, a.num_kv_heads);
+  auto issue = [&](int tile) {
+    if (tile > 0 && (tile & 31) == 0) {
+      blocks = blocks_next;
+      blocks_next = table_chunk((tile >> 5) + 1);
+    }
+    const int block = __shfl_sync(0xffffffffu, blocks, tile & 31);
+    const bool ok = block >= 0 && block < a.num_blocks;
+    listed = ok ? listed | (1u << (tile & 31)) : listed & ~(1u << (tile & 31));
+    const int64_t first = (static_cast<int64_t>(ok ? block : 0) * a.block_size + offset) * a.num_kv_heads + h;
+    copy.issue(a, first, ring_addr + (tile % kStages) * S::kBytes);
+    offset += kTile;
+    if (offset == a.block_size) offset = 0;
+  };
+#pragma unroll
+  for (int j = 0; j < kStages - 1; ++j) {
+    if (j < tiles) issue(j);
+    commit_copies();
+  }
 
   Codebook<KBITS> kcb;
   Codebook<VBITS> vcb;
@@ -214,48 +337,53 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32) split_kernel(const SplitArg
   for (int mt = 0; mt < L::kSteps; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
   float m[2] = {kNoScore, kNoScore}, l[2] = {0.f, 0.f};  // heads 2tig, 2tig+1
 
-  int ctx = __ldg(a.context_lens + seq);
-  ctx = max(0, min(ctx, a.max_blocks * a.block_size));
-  const int start = split * a.tokens_per_split;
-  const int end = min(start + a.tokens_per_split, ctx);
-  const int32_t* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
-
-  Tile<D, KBITS, VBITS> cur, next;
-  if (start < end) load_tile(a, table, h, start, gid, tig, cur);
-  for (int t0 = start; t0 < end; t0 += kTile) {
-    const bool more = t0 + kTile < end;
-    if (more) load_tile(a, table, h, t0 + kTile, gid, tig, next);  // in flight during this tile
+  for (int i = 0; i < tiles; ++i) {
+    if (i + kStages - 1 < tiles) issue(i + kStages - 1);
+    commit_copies();
+    wait_copies<kStages - 1>();  // tile i has landed
+    __syncwarp();
+    const uint8_t* stage = ring + (i % kStages) * S::kBytes;
+    Tile<D, KBITS, VBITS> tile;
+    tile.read(stage, gid, tig);
+    const float* k_norm = reinterpret_cast<const float*>(stage + S::kKeyNorm);
+    const float* v_norm = reinterpret_cast<const float*>(stage + S::kValueNorm);
+    const int t0 = start + kTile * i;
+    const bool in_table = (listed >> (i & 31)) & 1u;
+    const bool live0 = in_table && t0 + gid < end, live1 = in_table && t0 + gid + 8 < end;
 
     float s[4] = {0.f, 0.f, 0.f, 0.f};  // (tok gid: heads 2tig, 2tig+1), (tok gid+8: same)
-    key_scores(cur, kcb, qb, s);
-    const bool live0 = cur.in_table && t0 + gid < end, live1 = cur.in_table && t0 + gid + 8 < end;
-    s[0] = live0 ? s[0] * cur.k_norm[0] : -INFINITY;
-    s[1] = live0 ? s[1] * cur.k_norm[0] : -INFINITY;
-    s[2] = live1 ? s[2] * cur.k_norm[1] : -INFINITY;
-    s[3] = live1 ? s[3] * cur.k_norm[1] : -INFINITY;
+    key_scores(tile, kcb, qb, s);
+    const float kn0 = k_norm[gid], kn1 = k_norm[gid + 8];
+    s[0] = live0 ? s[0] * kn0 : -INFINITY;
+    s[1] = live0 ? s[1] * kn0 : -INFINITY;
+    s[2] = live1 ? s[2] * kn1 : -INFINITY;
+    s[3] = live1 ? s[3] * kn1 : -INFINITY;
     float p[4], alpha[2];
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const float m_new = fmaxf(m[c], group_max(fmaxf(s[c], s[c + 2])));
-      alpha[c] = fast_exp2(m[c] - m_new);
+      alpha[c] = fast_exp2(m[c] - m_new);  // exactly 1 while the max stands
       p[c] = fast_exp2(s[c] - m_new);
       p[c + 2] = fast_exp2(s[c + 2] - m_new);
       l[c] = l[c] * alpha[c] + p[c] + p[c + 2];
       m[c] = m_new;
     }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int mt = 0; mt < L::kSteps; ++mt) {
-      acc[mt][0] *= alpha[0];
-      acc[mt][1] *= alpha[1];
-      acc[mt][2] *= alpha[0];
-      acc[mt][3] *= alpha[1];
+      for (int mt = 0; mt < L::kSteps; ++mt) {
+        acc[mt][0] *= alpha[0];
+        acc[mt][1] *= alpha[1];
+        acc[mt][2] *= alpha[0];
+        acc[mt][3] *= alpha[1];
+      }
     }
-    const float vn0 = live0 ? cur.v_norm[0] : 0.f, vn1 = live1 ? cur.v_norm[1] : 0.f;
+    const float vn0 = live0 ? v_norm[gid] : 0.f, vn1 = live1 ? v_norm[gid + 8] : 0.f;
     const uint32_t p0 = transpose_8x8(half2_bits(p[0] * vn0, p[1] * vn0));
     const uint32_t p1 = transpose_8x8(half2_bits(p[2] * vn1, p[3] * vn1));
-    accumulate_values(cur, vcb, p0, p1, acc);
-    if (more) cur = next;
+    accumulate_values(tile, vcb, p0, p1, acc);
+    __syncwarp();  // every lane is done with this stage before it is refilled
   }
+  wait_copies<0>();
 
   const int64_t part = static_cast<int64_t>(pair) * a.num_splits + split;
 #pragma unroll
@@ -416,19 +544,21 @@ Plan make_plan(int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t m
 }
 
 template <int D, int KBITS, int VBITS>
-void launch_split(const SplitArgs& args, cudaStream_t stream) {
+int launch_split(const SplitArgs& args, cudaStream_t stream) {
   const int warps = args.num_pairs * args.num_splits;
-  split_kernel<D, KBITS, VBITS><<<(warps + kWarpsPerCta - 1) / kWarpsPerCta, kWarpsPerCta * 32, 0, stream>>>(args);
+  const size_t shared = static_cast<size_t>(kWarpsPerCta) * kStages * Stage<D, KBITS, VBITS>::kBytes;
+  if (int rc = reserve_shared(split_kernel<D, KBITS, VBITS>, shared)) return rc;
+  split_kernel<D, KBITS, VBITS><<<(warps + kWarpsPerCta - 1) / kWarpsPerCta, kWarpsPerCta * 32, shared, stream>>>(args);
+  return 0;
 }
 
 template <int D>
 int launch_split_bits(const SplitArgs& args, int k_bits, int v_bits, cudaStream_t stream) {
-  if (k_bits == 4 && v_bits == 4) launch_split<D, 4, 4>(args, stream);
-  else if (k_bits == 4 && v_bits == 2) launch_split<D, 4, 2>(args, stream);
-  else if (k_bits == 2 && v_bits == 4) launch_split<D, 2, 4>(args, stream);
-  else if (k_bits == 2 && v_bits == 2) launch_split<D, 2, 2>(args, stream);
-  else return TQ_CUDA_BAD_ARGUMENT;
-  return 0;
+  if (k_bits == 4 && v_bits == 4) return launch_split<D, 4, 4>(args, stream);
+  if (k_bits == 4 && v_bits == 2) return launch_split<D, 4, 2>(args, stream);
+  if (k_bits == 2 && v_bits == 4) return launch_split<D, 2, 4>(args, stream);
+  if (k_bits == 2 && v_bits == 2) return launch_split<D, 2, 2>(args, stream);
+  return TQ_CUDA_BAD_ARGUMENT;
 }
 
 bool supported(int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, int k_bits, int v_bits) {
