@@ -13,6 +13,7 @@ nvcc is present (plugins/kernels/cuda).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -90,6 +91,15 @@ def supports_paged_attention(query, k_codes, k_bits: int, v_bits: int) -> bool:
     return bool(_lib().tq_cuda_paged_attention_mma_supported(hq, hkv, dim, block_size, k_bits, v_bits))
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=1024)
+def _workspace_bytes(s, hq, hkv, dim, max_blocks, page, tokens_per_split, device) -> int:
+    with torch.cuda.device(device):  # the split depends on the device's SM count
+        return _lib().tq_cuda_paged_attention_mma_workspace(s, hq, hkv, dim, max_blocks, page, tokens_per_split)
+
+
 def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
                     k_codebook, v_codebook, k_bits, v_bits, scale=0.0, *, tokens_per_split: int = 0):
     """out [S, Hq, D] in query's dtype (see the reference paged_attention); tokens_per_split = 0
@@ -121,10 +131,12 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     vcb = C.codebook_as(v_codebook, torch.float32, dev)
     lib = _lib()
     max_blocks = bt.shape[1]
-    nbytes = lib.tq_cuda_paged_attention_mma_workspace(s, hq, hkv, dim, max_blocks, page, tokens_per_split)
+    nbytes = _workspace_bytes(s, hq, hkv, dim, max_blocks, page, tokens_per_split, dev)
     workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=dev)
     sm_scale = scale if scale > 0 else 1.0 / math.sqrt(dim)
-    with torch.cuda.device(dev):
+    # the library launches on the current device: switch only when the tensors live elsewhere
+    guard = torch.cuda.device(dev) if dev.index not in (None, torch.cuda.current_device()) else _NO_GUARD
+    with guard:
         stream = torch.cuda.current_stream(dev).cuda_stream
         rc = lib.tq_cuda_paged_attention_mma(
             q.data_ptr(), _QUERY_TYPES[q.dtype], s, hq, hkv, dim, kc.data_ptr(), kn.data_ptr(), vc.data_ptr(),

@@ -126,6 +126,33 @@ struct Codebook<2> {
   }
 };
 
+// 4-bit codes through shared memory: for every byte b, the fp16 pair (c[b & 15], c[b >> 4]) (low
+// nibble = even coordinate), one copy of the 256 entries per lane (word 32 b + lane), so the 32 lanes'
+// lookups always fall in 32 different banks. One lookup dequantizes two codes: a byte extract (ALU),
+// an address (FMA pipe) and a shared load, instead of ~5 ALU byte permutes per pair.
+constexpr int kPairTableWords = 256 * 32;
+
+struct PairTable {
+  uint32_t lane_base;  // shared-window address of this lane's entry 0
+  __device__ __forceinline__ uint32_t operator()(uint32_t byte) const {
+    // not volatile: the table is constant once filled, so the compiler may schedule these freely
+    uint32_t v;
+    asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(byte * 128u + lane_base));
+    return v;
+  }
+};
+
+// Cooperative fill by the whole CTA (the caller synchronizes before use).
+__device__ __forceinline__ void fill_pair_table(uint32_t* table, const float* codebook) {
+  for (int w = threadIdx.x; w < kPairTableWords; w += blockDim.x) {
+    const int b = w >> 5;
+    table[w] = half2_bits(__ldg(codebook + (b & 15)), __ldg(codebook + (b >> 4)));
+  }
+}
+
+// Byte k (0..3) of w, zero-extended.
+__device__ __forceinline__ uint32_t byte_of(uint32_t w, int k) { return prmt(w, 0u, 0x4440u | static_cast<uint32_t>(k)); }
+
 // Two tokens' packed words x, y -> one word whose byte k holds x's then y's low (even) or high
 // (odd) nibble of byte k: dequantizing it pairs the two tokens at one coordinate.
 __device__ __forceinline__ uint32_t interleave_even(uint32_t x, uint32_t y) {

@@ -17,6 +17,7 @@
 #include <math.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "tq_cuda_common.cuh"
 #include "tq_mma_fragments.cuh"
@@ -26,8 +27,6 @@ namespace mma {
 namespace {
 
 constexpr int kTile = 16;              // tokens per step
-constexpr int kWarpsPerCta = 4;
-constexpr int kStages = 4;             // tiles in a warp's shared-memory ring (3 in flight)
 constexpr int kMaxGroup = 8;           // the mma's N
 constexpr int kMaxSplits = 1024;
 constexpr int kTargetWarpsPerSm = 32;  // split the context until about this many warps exist
@@ -37,6 +36,8 @@ constexpr float kNoScore = -1.0e30f;   // running max before any token (finite: 
 template <int D, int KBITS, int VBITS>
 struct Layout {
   static constexpr int kSteps = D / 16;                // k-steps of K.q^T, m-tiles of V^T.P^T
+  static constexpr int kWarps = D <= 128 ? 16 : 8;     // per CTA (one CTA per SM at 128 registers)
+  static constexpr int kStages = D <= 128 ? 4 : 3;     // tiles in a warp's shared-memory ring
   static constexpr int kKeyRowBytes = D * KBITS / 8;
   static constexpr int kValueRowBytes = D * VBITS / 8;
   static constexpr int kKeyBytes = kKeyRowBytes / 4;   // a lane's quarter of a key row
@@ -59,6 +60,11 @@ struct Layout {
   }
 };
 
+// How a lane turns packed codes into fp16 pairs: a shared-memory pair table for 4 bits, byte
+// permutes over a register codebook for 2 bits.
+template <int BITS>
+using Dequant = typename std::conditional<BITS == 4, PairTable, Codebook<2>>::type;
+
 struct SplitArgs {
   const float* q_rot;
   const uint8_t* k_codes;
@@ -70,6 +76,8 @@ struct SplitArgs {
   const float* k_codebook;
   const float* v_codebook;
   int num_pairs, num_kv_heads, group, block_size, max_blocks, num_blocks, tokens_per_split, num_splits;
+  int shared_codebook;  // k_codebook == v_codebook: one pair table serves both
+  int table_bytes;      // pair tables at the front of the dynamic shared memory
   float* part_m;    // [pairs, splits, group]
   float* part_l;    // [pairs, splits, group]
   float* part_acc;  // [pairs, splits, group, D]
@@ -191,24 +199,23 @@ struct Tile {
 
 // S^T (tokens gid, gid+8 x heads 2tig, 2tig+1) of one tile: K rows from the cache, q^T from qb.
 template <int D, int KBITS, int VBITS>
-__device__ __forceinline__ void key_scores(const Tile<D, KBITS, VBITS>& tile, const Codebook<KBITS>& cb,
+__device__ __forceinline__ void key_scores(const Tile<D, KBITS, VBITS>& tile, const Dequant<KBITS>& dq,
                                            const uint32_t (&qb)[D / 16][2], float (&s)[4]) {
   using L = Layout<D, KBITS, VBITS>;
 #pragma unroll
   for (int w = 0; w < L::kKeyWords; ++w) {
     if constexpr (KBITS == 4) {
-      uint32_t r0[4], r1[4];
-      cb.pairs(tile.k[0][w], r0);
-      cb.pairs(tile.k[1][w], r1);
+      // byte b of the quarter = coordinates (2b, 2b+1); k-step st takes bytes 2st, 2st+1
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const uint32_t frag[4] = {r0[2 * j], r1[2 * j], r0[2 * j + 1], r1[2 * j + 1]};
+        const uint32_t frag[4] = {dq(byte_of(tile.k[0][w], 2 * j)), dq(byte_of(tile.k[1][w], 2 * j)),
+                                  dq(byte_of(tile.k[0][w], 2 * j + 1)), dq(byte_of(tile.k[1][w], 2 * j + 1))};
         mma_16816(s, frag, qb[2 * w + j][0], qb[2 * w + j][1]);
       }
     } else {
       uint32_t e0[4], o0[4], e1[4], o1[4];
-      cb.pairs(tile.k[0][w], e0, o0);
-      cb.pairs(tile.k[1][w], e1, o1);
+      dq.pairs(tile.k[0][w], e0, o0);
+      dq.pairs(tile.k[1][w], e1, o1);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const uint32_t frag[4] = {e0[j], e1[j], o0[j], o1[j]};
@@ -220,21 +227,20 @@ __device__ __forceinline__ void key_scores(const Tile<D, KBITS, VBITS>& tile, co
 
 // acc (m-tiles of O^T) += V^T . P'^T for one tile; p0/p1 = P'^T B fragments (tokens 0-7 / 8-15).
 template <int D, int KBITS, int VBITS>
-__device__ __forceinline__ void accumulate_values(const Tile<D, KBITS, VBITS>& tile, const Codebook<VBITS>& cb,
+__device__ __forceinline__ void accumulate_values(const Tile<D, KBITS, VBITS>& tile, const Dequant<VBITS>& dq,
                                                   uint32_t p0, uint32_t p1, float (&acc)[D / 16][4]) {
   using L = Layout<D, KBITS, VBITS>;
 #pragma unroll
   for (int w = 0; w < L::kValueWords; ++w) {
     if constexpr (VBITS == 4) {
-      uint32_t ea[4], oa[4], eb[4], ob[4];
-      cb.pairs(interleave_even(tile.v[0][w], tile.v[1][w]), ea);
-      cb.pairs(interleave_odd(tile.v[0][w], tile.v[1][w]), oa);
-      cb.pairs(interleave_even(tile.v[2][w], tile.v[3][w]), eb);
-      cb.pairs(interleave_odd(tile.v[2][w], tile.v[3][w]), ob);
+      // interleaving two tokens' words first makes byte b = (token x, token y) codes of one coordinate,
+      // so each lookup is a whole A-fragment register: m-tile b of the word takes coordinates 2b, 2b+1
+      const uint32_t ex = interleave_even(tile.v[0][w], tile.v[1][w]), ox = interleave_odd(tile.v[0][w], tile.v[1][w]);
+      const uint32_t e8 = interleave_even(tile.v[2][w], tile.v[3][w]), o8 = interleave_odd(tile.v[2][w], tile.v[3][w]);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t frag[4] = {ea[j], oa[j], eb[j], ob[j]};
-        mma_16816(acc[4 * w + j], frag, p0, p1);
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t frag[4] = {dq(byte_of(ex, b)), dq(byte_of(ox, b)), dq(byte_of(e8, b)), dq(byte_of(o8, b))};
+        mma_16816(acc[4 * w + b], frag, p0, p1);
       }
     } else {
       constexpr int J = L::kValueWordBytes;
@@ -243,8 +249,8 @@ __device__ __forceinline__ void accumulate_values(const Tile<D, KBITS, VBITS>& t
         const uint32_t ua = ui ? interleave_odd(tile.v[0][w], tile.v[1][w]) : interleave_even(tile.v[0][w], tile.v[1][w]);
         const uint32_t ub = ui ? interleave_odd(tile.v[2][w], tile.v[3][w]) : interleave_even(tile.v[2][w], tile.v[3][w]);
         uint32_t ea[4], oa[4], eb[4], ob[4];
-        cb.pairs(ua, ea, oa);
-        cb.pairs(ub, eb, ob);
+        dq.pairs(ua, ea, oa);
+        dq.pairs(ub, eb, ob);
 #pragma unroll
         for (int j = 0; j < J; ++j) {
           const uint32_t frag[4] = {ea[j], oa[j], eb[j], ob[j]};
@@ -267,16 +273,24 @@ __device__ __forceinline__ float group_sum(float v) {
 }
 
 template <int D, int KBITS, int VBITS>
-__global__ void __launch_bounds__(kWarpsPerCta * 32) split_kernel(const SplitArgs a) {
+__global__ void __launch_bounds__(Layout<D, KBITS, VBITS>::kWarps * 32) split_kernel(const SplitArgs a) {
   using L = Layout<D, KBITS, VBITS>;
   using S = Stage<D, KBITS, VBITS>;
-  extern __shared__ float4 split_smem[];  // the warps' rings
+  constexpr int kStages = L::kStages;
+  extern __shared__ float4 split_smem[];  // pair tables, then the warps' rings
+  uint32_t* tables = reinterpret_cast<uint32_t*>(split_smem);
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3, warp = threadIdx.x >> 5;
-  const int work = blockIdx.x * kWarpsPerCta + warp;
-  if (work >= a.num_pairs * a.num_splits) return;  // whole warps only; no CTA barrier below
+  const bool own_value_table = VBITS == 4 && !(KBITS == 4 && a.shared_codebook);
+  uint32_t* value_table = tables + (KBITS == 4 && own_value_table ? kPairTableWords : 0);
+  if constexpr (KBITS == 4) fill_pair_table(tables, a.k_codebook);
+  if (own_value_table) fill_pair_table(value_table, a.v_codebook);
+  __syncthreads();  // the only CTA barrier
+
+  const int work = blockIdx.x * L::kWarps + warp;
+  if (work >= a.num_pairs * a.num_splits) return;  // whole warps only
   const int pair = work / a.num_splits, split = work % a.num_splits;
   const int seq = pair / a.num_kv_heads, h = pair % a.num_kv_heads;
-  const uint8_t* ring = reinterpret_cast<const uint8_t*>(split_smem) + warp * kStages * S::kBytes;
+  const uint8_t* ring = reinterpret_cast<const uint8_t*>(split_smem) + a.table_bytes + warp * kStages * S::kBytes;
   const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
 
   int ctx = __ldg(a.context_lens + seq);
@@ -315,10 +329,12 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32) split_kernel(const SplitArg
     commit_copies();
   }
 
-  Codebook<KBITS> kcb;
-  Codebook<VBITS> vcb;
-  kcb.load(a.k_codebook);
-  vcb.load(a.v_codebook);
+  Dequant<KBITS> kcb;
+  Dequant<VBITS> vcb;
+  if constexpr (KBITS == 4) kcb.lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(tables + lane));
+  else kcb.load(a.k_codebook);
+  if constexpr (VBITS == 4) vcb.lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(value_table + lane));
+  else vcb.load(a.v_codebook);
 
   // q^T B fragments: column gid = query head gid of the group, rows = this lane's key coordinates.
   uint32_t qb[L::kSteps][2];
@@ -405,45 +421,42 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32) split_kernel(const SplitArg
     }
 }
 
-// q_rot[r, j] = scale * sum_i Pi[j, i] q[r, i] for 8 rows per CTA; Pi goes through shared memory in
-// [D x 32] slices (padded rows: thread j reads row j without bank conflicts).
+// q_rot[r, j] = scale * sum_i Pi[j, i] q[r, i] for 8 rows per CTA; thread j streams row j of Pi with
+// 16-byte loads, 8 in flight.
 constexpr int kRotateRows = 8;
-template <typename T>
-__global__ void rotate_query_kernel(const T* __restrict__ query, const float* __restrict__ rotation, int rows,
-                                    int dim, float scale, float* __restrict__ q_rot) {
-  extern __shared__ float smem[];
-  float* q = smem;                          // [kRotateRows, dim]
-  float* slice = smem + kRotateRows * dim;  // [dim, 33]
+template <typename T, int D>
+__global__ void __launch_bounds__(D) rotate_query_kernel(const T* __restrict__ query, const float* __restrict__ rotation,
+                                                         int rows, float scale, float* __restrict__ q_rot) {
+  __shared__ float q[kRotateRows][D];
   const int r0 = blockIdx.x * kRotateRows, j = threadIdx.x;
-  for (int e = j; e < kRotateRows * dim; e += blockDim.x) {
-    const int r = r0 + e / dim;
-    q[e] = r < rows ? to_float(query[static_cast<int64_t>(r) * dim + e % dim]) : 0.f;
-  }
-  float y[kRotateRows] = {};
-  for (int i0 = 0; i0 < dim; i0 += 32) {
-    __syncthreads();
-    for (int e = j; e < dim * 32; e += blockDim.x) slice[(e / 32) * 33 + e % 32] = rotation[(e / 32) * dim + i0 + e % 32];
-    __syncthreads();
-    for (int ii = 0; ii < 32; ++ii) {
-      const float pij = slice[j * 33 + ii];
 #pragma unroll
-      for (int r = 0; r < kRotateRows; ++r) y[r] = fmaf(pij, q[r * dim + i0 + ii], y[r]);
-    }
+  for (int r = 0; r < kRotateRows; ++r)
+    q[r][j] = r0 + r < rows ? to_float(query[static_cast<int64_t>(r0 + r) * D + j]) : 0.f;
+  __syncthreads();
+  float y[kRotateRows] = {};
+  const float4* row = reinterpret_cast<const float4*>(rotation + static_cast<int64_t>(j) * D);
+#pragma unroll 8
+  for (int i4 = 0; i4 < D / 4; ++i4) {
+    const float4 p = __ldg(row + i4);
+#pragma unroll
+    for (int r = 0; r < kRotateRows; ++r)
+      y[r] = fmaf(p.x, q[r][4 * i4], fmaf(p.y, q[r][4 * i4 + 1], fmaf(p.z, q[r][4 * i4 + 2], fmaf(p.w, q[r][4 * i4 + 3], y[r]))));
   }
 #pragma unroll
   for (int r = 0; r < kRotateRows; ++r)
-    if (r0 + r < rows) q_rot[static_cast<int64_t>(r0 + r) * dim + j] = y[r] * scale;
+    if (r0 + r < rows) q_rot[static_cast<int64_t>(r0 + r) * D + j] = y[r] * scale;
 }
 
 // One output row (sequence, query head): M = max m_s, w_s = 2^(m_s - M), L = sum w_s l_s,
 // a = sum w_s acc_s / L, out = Pi^T a. 8 warps share the splits; lanes take 4 coordinates each.
 constexpr int kMergeThreads = 256;
-template <typename T>
+template <typename T, int D>
 __global__ void __launch_bounds__(kMergeThreads) merge_rotate_kernel(const float* __restrict__ part_m,
                                                                      const float* __restrict__ part_l,
                                                                      const float* __restrict__ part_acc,
                                                                      const float* __restrict__ rotation, int group,
-                                                                     int splits, int dim, T* __restrict__ out) {
+                                                                     int splits, T* __restrict__ out) {
+  constexpr int dim = D;
   __shared__ float weight[kMaxSplits];
   __shared__ float partial[kMergeThreads / 32][256];
   __shared__ float merged[256];
@@ -500,7 +513,8 @@ __global__ void __launch_bounds__(kMergeThreads) merge_rotate_kernel(const float
   __syncthreads();
   for (int j = threadIdx.x; j < dim; j += blockDim.x) {
     float y = 0.f;
-    for (int i = 0; i < dim; ++i) y = fmaf(merged[i], rotation[static_cast<int64_t>(i) * dim + j], y);
+#pragma unroll 16
+    for (int i = 0; i < dim; ++i) y = fmaf(merged[i], __ldg(rotation + i * dim + j), y);
     out[static_cast<int64_t>(row) * dim + j] = from_float<T>(y);
   }
 }
@@ -544,11 +558,14 @@ Plan make_plan(int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t m
 }
 
 template <int D, int KBITS, int VBITS>
-int launch_split(const SplitArgs& args, cudaStream_t stream) {
+int launch_split(SplitArgs args, cudaStream_t stream) {
+  using L = Layout<D, KBITS, VBITS>;
+  const int tables = (KBITS == 4) + (VBITS == 4 && !(KBITS == 4 && args.shared_codebook));
+  args.table_bytes = tables * kPairTableWords * 4;
   const int warps = args.num_pairs * args.num_splits;
-  const size_t shared = static_cast<size_t>(kWarpsPerCta) * kStages * Stage<D, KBITS, VBITS>::kBytes;
+  const size_t shared = args.table_bytes + static_cast<size_t>(L::kWarps) * L::kStages * Stage<D, KBITS, VBITS>::kBytes;
   if (int rc = reserve_shared(split_kernel<D, KBITS, VBITS>, shared)) return rc;
-  split_kernel<D, KBITS, VBITS><<<(warps + kWarpsPerCta - 1) / kWarpsPerCta, kWarpsPerCta * 32, shared, stream>>>(args);
+  split_kernel<D, KBITS, VBITS><<<(warps + L::kWarps - 1) / L::kWarps, L::kWarps * 32, shared, stream>>>(args);
   return 0;
 }
 
@@ -559,6 +576,14 @@ int launch_split_bits(const SplitArgs& args, int k_bits, int v_bits, cudaStream_
   if (k_bits == 2 && v_bits == 4) return launch_split<D, 2, 4>(args, stream);
   if (k_bits == 2 && v_bits == 2) return launch_split<D, 2, 2>(args, stream);
   return TQ_CUDA_BAD_ARGUMENT;
+}
+
+// f(std::integral_constant<int, D>) for the supported head dimensions (callers checked supported()).
+template <typename F>
+void dispatch_dim(int dim, F&& f) {
+  if (dim == 64) f(std::integral_constant<int, 64>{});
+  else if (dim == 128) f(std::integral_constant<int, 128>{});
+  else if (dim == 256) f(std::integral_constant<int, 256>{});
 }
 
 bool supported(int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, int k_bits, int v_bits) {
@@ -605,19 +630,18 @@ extern "C" int tq_cuda_paged_attention_mma(const void* query, tq_cuda_dtype q_ty
   char* ws = static_cast<char*>(workspace);
   float* q_rot = reinterpret_cast<float*>(ws + plan.q_rot_offset);
   const int rows = static_cast<int>(num_seqs * num_q_heads), dim = static_cast<int>(head_dim);
-  const size_t rotate_shared = (mma::kRotateRows * dim + dim * 33) * sizeof(float);
   const unsigned rotate_ctas = static_cast<unsigned>((rows + mma::kRotateRows - 1) / mma::kRotateRows);
-  if (q_type == TQ_CUDA_FLOAT16) {
-    if (int rc = reserve_shared(mma::rotate_query_kernel<__half>, rotate_shared)) return rc;
-    mma::rotate_query_kernel<__half><<<rotate_ctas, dim, rotate_shared, stream>>>(
-        static_cast<const __half*>(query), rotation, rows, dim, scale * mma::kLog2e, q_rot);
-  } else if (q_type == TQ_CUDA_FLOAT32) {
-    if (int rc = reserve_shared(mma::rotate_query_kernel<float>, rotate_shared)) return rc;
-    mma::rotate_query_kernel<float><<<rotate_ctas, dim, rotate_shared, stream>>>(
-        static_cast<const float*>(query), rotation, rows, dim, scale * mma::kLog2e, q_rot);
-  } else {
-    return TQ_CUDA_BAD_ARGUMENT;
-  }
+  const float q_scale = scale * mma::kLog2e;
+  if (q_type != TQ_CUDA_FLOAT16 && q_type != TQ_CUDA_FLOAT32) return TQ_CUDA_BAD_ARGUMENT;
+  mma::dispatch_dim(dim, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    if (q_type == TQ_CUDA_FLOAT16)
+      mma::rotate_query_kernel<__half, D><<<rotate_ctas, D, 0, stream>>>(static_cast<const __half*>(query), rotation,
+                                                                         rows, q_scale, q_rot);
+    else
+      mma::rotate_query_kernel<float, D><<<rotate_ctas, D, 0, stream>>>(static_cast<const float*>(query), rotation,
+                                                                        rows, q_scale, q_rot);
+  });
 
   mma::SplitArgs args;
   args.q_rot = q_rot;
@@ -637,20 +661,22 @@ extern "C" int tq_cuda_paged_attention_mma(const void* query, tq_cuda_dtype q_ty
   args.num_blocks = static_cast<int>(num_blocks);
   args.tokens_per_split = plan.tokens_per_split;
   args.num_splits = plan.splits;
+  args.shared_codebook = k_codebook == v_codebook;
   args.part_m = reinterpret_cast<float*>(ws + plan.m_offset);
   args.part_l = reinterpret_cast<float*>(ws + plan.l_offset);
   args.part_acc = reinterpret_cast<float*>(ws + plan.acc_offset);
   int rc = TQ_CUDA_BAD_ARGUMENT;
-  if (dim == 64) rc = mma::launch_split_bits<64>(args, k_bits, v_bits, stream);
-  else if (dim == 128) rc = mma::launch_split_bits<128>(args, k_bits, v_bits, stream);
-  else if (dim == 256) rc = mma::launch_split_bits<256>(args, k_bits, v_bits, stream);
+  mma::dispatch_dim(dim, [&](auto d) { rc = mma::launch_split_bits<decltype(d)::value>(args, k_bits, v_bits, stream); });
   if (rc) return rc;
 
-  if (q_type == TQ_CUDA_FLOAT16)
-    mma::merge_rotate_kernel<__half><<<rows, mma::kMergeThreads, 0, stream>>>(
-        args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.splits, dim, static_cast<__half*>(out));
-  else
-    mma::merge_rotate_kernel<float><<<rows, mma::kMergeThreads, 0, stream>>>(
-        args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.splits, dim, static_cast<float*>(out));
+  mma::dispatch_dim(dim, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    if (q_type == TQ_CUDA_FLOAT16)
+      mma::merge_rotate_kernel<__half, D><<<rows, mma::kMergeThreads, 0, stream>>>(
+          args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.splits, static_cast<__half*>(out));
+    else
+      mma::merge_rotate_kernel<float, D><<<rows, mma::kMergeThreads, 0, stream>>>(
+          args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.splits, static_cast<float*>(out));
+  });
   return launch_status();
 }
