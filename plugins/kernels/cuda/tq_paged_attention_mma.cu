@@ -202,6 +202,7 @@ template <int D, int KBITS, int VBITS>
 __device__ __forceinline__ void key_scores(const Tile<D, KBITS, VBITS>& tile, const Dequant<KBITS>& dq,
                                            const uint32_t (&qb)[D / 16][2], float (&s)[4]) {
   using L = Layout<D, KBITS, VBITS>;
+  float s2[4] = {0.f, 0.f, 0.f, 0.f};  // odd k-steps: two dependent mma chains of half the length
 #pragma unroll
   for (int w = 0; w < L::kKeyWords; ++w) {
     if constexpr (KBITS == 4) {
@@ -210,7 +211,7 @@ __device__ __forceinline__ void key_scores(const Tile<D, KBITS, VBITS>& tile, co
       for (int j = 0; j < 2; ++j) {
         const uint32_t frag[4] = {dq(byte_of(tile.k[0][w], 2 * j)), dq(byte_of(tile.k[1][w], 2 * j)),
                                   dq(byte_of(tile.k[0][w], 2 * j + 1)), dq(byte_of(tile.k[1][w], 2 * j + 1))};
-        mma_16816(s, frag, qb[2 * w + j][0], qb[2 * w + j][1]);
+        mma_16816(j ? s2 : s, frag, qb[2 * w + j][0], qb[2 * w + j][1]);
       }
     } else {
       uint32_t e0[4], o0[4], e1[4], o1[4];
@@ -219,10 +220,12 @@ __device__ __forceinline__ void key_scores(const Tile<D, KBITS, VBITS>& tile, co
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const uint32_t frag[4] = {e0[j], e1[j], o0[j], o1[j]};
-        mma_16816(s, frag, qb[4 * w + j][0], qb[4 * w + j][1]);
+        mma_16816(j & 1 ? s2 : s, frag, qb[4 * w + j][0], qb[4 * w + j][1]);
       }
     }
   }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) s[e] += s2[e];
 }
 
 // acc (m-tiles of O^T) += V^T . P'^T for one tile; p0/p1 = P'^T B fragments (tokens 0-7 / 8-15).
@@ -272,6 +275,33 @@ __device__ __forceinline__ float group_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 16);
 }
 
+// A warp's running (m, l) per head (l already summed over the warp) and its accumulator, written
+// as m_out[head], l_out[head] (stride `row` between heads) and acc_out[head * row + d].
+template <int D, int KBITS, int VBITS>
+__device__ __forceinline__ void store_partial(const SplitArgs& a, int64_t part, const float (&m)[2], const float (&l)[2],
+                                              const float (&acc)[D / 16][4], int gid, int tig, float* m_out,
+                                              float* l_out, float* acc_out, int row = -1) {
+  using L = Layout<D, KBITS, VBITS>;
+  const int stride = row < 0 ? D : row;
+  const int64_t ml = row < 0 ? part * a.group : 0;
+  const int ml_stride = row < 0 ? 1 : row;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int head = 2 * tig + c;
+    if (gid == 0 && head < a.group) {
+      m_out[ml + head * ml_stride] = m[c];
+      l_out[ml + head * ml_stride] = l[c];
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < L::kSteps; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int head = 2 * tig + (e & 1);
+      if (head < a.group) acc_out[head * stride + gid * (D / 8) + L::value_coord(mt, e >> 1)] = acc[mt][e];
+    }
+}
+
 template <int D, int KBITS, int VBITS>
 __global__ void __launch_bounds__(Layout<D, KBITS, VBITS>::kWarps * 32) split_kernel(const SplitArgs a) {
   using L = Layout<D, KBITS, VBITS>;
@@ -287,7 +317,9 @@ __global__ void __launch_bounds__(Layout<D, KBITS, VBITS>::kWarps * 32) split_ke
   __syncthreads();  // the only CTA barrier
 
   const int work = blockIdx.x * L::kWarps + warp;
-  if (work >= a.num_pairs * a.num_splits) return;  // whole warps only
+  // num_splits a multiple of kWarps: a CTA holds kWarps splits of one pair and merges them itself
+  const bool cta_merge = a.num_splits % L::kWarps == 0;
+  if (work >= a.num_pairs * a.num_splits) return;  // whole warps only (never with cta_merge)
   const int pair = work / a.num_splits, split = work % a.num_splits;
   const int seq = pair / a.num_kv_heads, h = pair % a.num_kv_heads;
   const uint8_t* ring = reinterpret_cast<const uint8_t*>(split_smem) + a.table_bytes + warp * kStages * S::kBytes;
@@ -400,25 +432,42 @@ __global__ void __launch_bounds__(Layout<D, KBITS, VBITS>::kWarps * 32) split_ke
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   wait_copies<0>();
+  l[0] = group_sum(l[0]);
+  l[1] = group_sum(l[1]);
 
-  const int64_t part = static_cast<int64_t>(pair) * a.num_splits + split;
+  if (!cta_merge) {
+    const int64_t part = static_cast<int64_t>(pair) * a.num_splits + split;
+    store_partial<D, KBITS, VBITS>(a, part, m, l, acc, gid, tig, a.part_m, a.part_l, a.part_acc + part * a.group * D);
+    return;
+  }
+  // Each warp's (m, l, acc) into shared memory (over the rings), then the CTA merges its splits:
+  // M = max_w m_w, L = sum_w l_w 2^(m_w - M), acc = sum_w acc_w 2^(m_w - M).
+  __syncthreads();
+  float* scratch = reinterpret_cast<float*>(split_smem) + a.table_bytes / 4;  // [warps][group][D + 2]
+  const int row = D + 2;
+  float* mine = scratch + warp * a.group * row;
+  store_partial<D, KBITS, VBITS>(a, 0, m, l, acc, gid, tig, mine + D, mine + D + 1, mine, row);
+  __syncthreads();
+  const int64_t part = static_cast<int64_t>(pair) * (a.num_splits / L::kWarps) + split / L::kWarps;
+  for (int e = threadIdx.x; e < a.group * D; e += blockDim.x) {
+    const int head = e / D, d = e % D;
+    float big = kNoScore;
 #pragma unroll
-  for (int c = 0; c < 2; ++c) {
-    const float total = group_sum(l[c]);
-    const int head = 2 * tig + c;
-    if (gid == 0 && head < a.group) {
-      a.part_m[part * a.group + head] = m[c];
+    for (int w = 0; w < L::kWarps; ++w) big = fmaxf(big, scratch[(w * a.group + head) * row + D]);
+    float total = 0.f, sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < L::kWarps; ++w) {
+      const float* r = scratch + (w * a.group + head) * row;
+      const float f = fast_exp2(r[D] - big);
+      total += f * r[D + 1];
+      sum += f * r[d];
+    }
+    a.part_acc[(part * a.group + head) * D + d] = sum;
+    if (d == 0) {
+      a.part_m[part * a.group + head] = big;
       a.part_l[part * a.group + head] = total;
     }
   }
-#pragma unroll
-  for (int mt = 0; mt < L::kSteps; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int head = 2 * tig + (e & 1);
-      if (head < a.group)
-        a.part_acc[(part * a.group + head) * D + gid * (D / 8) + L::value_coord(mt, e >> 1)] = acc[mt][e];
-    }
 }
 
 // q_rot[r, j] = scale * sum_i Pi[j, i] q[r, i] for 8 rows per CTA; thread j streams row j of Pi with
@@ -527,7 +576,7 @@ int num_sms() {
 }
 
 struct Plan {
-  int splits, tokens_per_split;
+  int splits, tokens_per_split, warps_per_cta, merged_splits;
   size_t q_rot_offset, m_offset, l_offset, acc_offset, bytes;
 };
 
@@ -548,6 +597,11 @@ Plan make_plan(int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t m
   Plan p;
   p.splits = static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);
   p.tokens_per_split = static_cast<int>(tiles_per_split * kTile);
+  // many splits: round up to whole CTAs of one pair (the split kernel then merges per CTA, and the
+  // trailing splits of a sequence are empty)
+  p.warps_per_cta = dim <= 128 ? 16 : 8;
+  if (p.splits >= p.warps_per_cta) p.splits = (p.splits + p.warps_per_cta - 1) / p.warps_per_cta * p.warps_per_cta;
+  p.merged_splits = p.splits % p.warps_per_cta == 0 ? p.splits / p.warps_per_cta : p.splits;
   const size_t parts = static_cast<size_t>(pairs) * p.splits * group;
   p.q_rot_offset = 0;
   p.m_offset = align256(static_cast<size_t>(num_seqs * hq * dim) * sizeof(float));
@@ -563,7 +617,9 @@ int launch_split(SplitArgs args, cudaStream_t stream) {
   const int tables = (KBITS == 4) + (VBITS == 4 && !(KBITS == 4 && args.shared_codebook));
   args.table_bytes = tables * kPairTableWords * 4;
   const int warps = args.num_pairs * args.num_splits;
-  const size_t shared = args.table_bytes + static_cast<size_t>(L::kWarps) * L::kStages * Stage<D, KBITS, VBITS>::kBytes;
+  const size_t rings = static_cast<size_t>(L::kWarps) * L::kStages * Stage<D, KBITS, VBITS>::kBytes;
+  const size_t merge_scratch = static_cast<size_t>(L::kWarps) * args.group * (D + 2) * sizeof(float);
+  const size_t shared = args.table_bytes + std::max(rings, merge_scratch);
   if (int rc = reserve_shared(split_kernel<D, KBITS, VBITS>, shared)) return rc;
   split_kernel<D, KBITS, VBITS><<<(warps + L::kWarps - 1) / L::kWarps, L::kWarps * 32, shared, stream>>>(args);
   return 0;
@@ -673,10 +729,10 @@ extern "C" int tq_cuda_paged_attention_mma(const void* query, tq_cuda_dtype q_ty
     constexpr int D = decltype(d)::value;
     if (q_type == TQ_CUDA_FLOAT16)
       mma::merge_rotate_kernel<__half, D><<<rows, mma::kMergeThreads, 0, stream>>>(
-          args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.splits, static_cast<__half*>(out));
+          args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.merged_splits, static_cast<__half*>(out));
     else
       mma::merge_rotate_kernel<float, D><<<rows, mma::kMergeThreads, 0, stream>>>(
-          args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.splits, static_cast<float*>(out));
+          args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.merged_splits, static_cast<float*>(out));
   });
   return launch_status();
 }
