@@ -1,7 +1,7 @@
 // TQPagedAttention on the tensor cores (flash-decoding in the rotated domain), for 2- and 4-bit
 // keys and values, D in {64, 128, 256}, up to 8 query heads per KV head, blocks of 16k tokens.
 //
-// Four launches:
+// Three launches:
 //   rotate_query   q_rot = (Pi q) * scale * log2(e), float32 [S*Hq, D]
 //   split          one warp per (sequence, KV head, split of the context), 16 tokens per step:
 //                    S^T[16 tok x 8 heads] = K[16 tok x D] . q_rot^T      (K is the A operand)
@@ -10,8 +10,7 @@
 //                  K and V are dequantized from the packed cache straight into A fragments
 //                  (tq_mma_fragments.cuh); P' reaches the B layout with movmatrix.
 //                  Writes the split's running max m, sum l and accumulator acc.
-//   merge          merges the splits: a = sum_s 2^(m_s - M) acc_s / L
-//   rotate_back    out = Pi^T a, 8 rows per pass over Pi
+//   merge_rotate   merges the splits and rotates back: out = Pi^T (acc / l).
 //
 // With the query group as the mma's N (8 columns) instead of its M (16 rows) the tensor cores do
 // half the padded work of a q-as-A layout, and each lane owns whole 4..32-byte runs of a row.
@@ -471,52 +470,45 @@ __global__ void __launch_bounds__(Layout<D, KBITS, VBITS>::kWarps * 32) split_ke
   }
 }
 
-// q_rot[r, j] = scale * sum_i Pi[j, i] q[r, i] for 8 rows per CTA, thread j = output coordinate.
-// Pi goes through shared memory in [D x 32] slices (coalesced, all 32 loads of a thread in flight;
-// rows padded to 33 so that thread j reads row j without bank conflicts).
+// q_rot[r, j] = scale * sum_i Pi[j, i] q[r, i] for 8 rows per CTA; thread j streams row j of Pi with
+// 16-byte loads, 8 in flight.
 constexpr int kRotateRows = 8;
 template <typename T, int D>
 __global__ void __launch_bounds__(D) rotate_query_kernel(const T* __restrict__ query, const float* __restrict__ rotation,
                                                          int rows, float scale, float* __restrict__ q_rot) {
   __shared__ float q[kRotateRows][D];
-  __shared__ float slice[D][33];
   const int r0 = blockIdx.x * kRotateRows, j = threadIdx.x;
 #pragma unroll
   for (int r = 0; r < kRotateRows; ++r)
     q[r][j] = r0 + r < rows ? to_float(query[static_cast<int64_t>(r0 + r) * D + j]) : 0.f;
+  __syncthreads();
   float y[kRotateRows] = {};
-#pragma unroll 1
-  for (int i0 = 0; i0 < D; i0 += 32) {
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < 32; ++k) {
-      const int e = k * D + j;
-      slice[e / 32][e % 32] = __ldg(rotation + (e / 32) * D + i0 + e % 32);
-    }
-    __syncthreads();
+  const float4* row = reinterpret_cast<const float4*>(rotation + static_cast<int64_t>(j) * D);
 #pragma unroll 8
-    for (int ii = 0; ii < 32; ++ii) {
-      const float pji = slice[j][ii];
+  for (int i4 = 0; i4 < D / 4; ++i4) {
+    const float4 p = __ldg(row + i4);
 #pragma unroll
-      for (int r = 0; r < kRotateRows; ++r) y[r] = fmaf(pji, q[r][i0 + ii], y[r]);
-    }
+    for (int r = 0; r < kRotateRows; ++r)
+      y[r] = fmaf(p.x, q[r][4 * i4], fmaf(p.y, q[r][4 * i4 + 1], fmaf(p.z, q[r][4 * i4 + 2], fmaf(p.w, q[r][4 * i4 + 3], y[r]))));
   }
 #pragma unroll
   for (int r = 0; r < kRotateRows; ++r)
     if (r0 + r < rows) q_rot[static_cast<int64_t>(r0 + r) * D + j] = y[r] * scale;
 }
 
-// One row (sequence, query head) of the merge: M = max m_s, w_s = 2^(m_s - M), L = sum w_s l_s,
-// merged = sum w_s acc_s / L (zeros for an empty context). 8 warps share the splits; lanes take 4
-// coordinates each.
+// One output row (sequence, query head): M = max m_s, w_s = 2^(m_s - M), L = sum w_s l_s,
+// a = sum w_s acc_s / L, out = Pi^T a. 8 warps share the splits; lanes take 4 coordinates each.
 constexpr int kMergeThreads = 256;
-template <int D>
-__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const float* __restrict__ part_m,
-                                                              const float* __restrict__ part_l,
-                                                              const float* __restrict__ part_acc, int group,
-                                                              int splits, float* __restrict__ merged) {
+template <typename T, int D>
+__global__ void __launch_bounds__(kMergeThreads) merge_rotate_kernel(const float* __restrict__ part_m,
+                                                                     const float* __restrict__ part_l,
+                                                                     const float* __restrict__ part_acc,
+                                                                     const float* __restrict__ rotation, int group,
+                                                                     int splits, T* __restrict__ out) {
+  constexpr int dim = D;
   __shared__ float weight[kMaxSplits];
-  __shared__ float partial[kMergeThreads / 32][D];
+  __shared__ float partial[kMergeThreads / 32][256];
+  __shared__ float merged[256];
   __shared__ float scratch[kMergeThreads / 32];
   const int row = blockIdx.x, pair = row / group, head = row % group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -544,12 +536,11 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const float* __res
   total = 0.f;
   for (int w = 0; w < kMergeThreads / 32; ++w) total += scratch[w];
 
-#pragma unroll
-  for (int d0 = 4 * lane; d0 < D; d0 += 128) {
+  for (int d0 = 4 * lane; d0 < dim; d0 += 128) {
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
+#pragma unroll 4
     for (int sp = warp; sp < splits; sp += kMergeThreads / 32) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(part_acc + ((first + sp) * group + head) * D + d0));
+      const float4 v = __ldg(reinterpret_cast<const float4*>(part_acc + ((first + sp) * group + head) * dim + d0));
       const float w = weight[sp];
       sum.x = fmaf(w, v.x, sum.x);
       sum.y = fmaf(w, v.y, sum.y);
@@ -562,35 +553,19 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const float* __res
     partial[warp][d0 + 3] = sum.w;
   }
   __syncthreads();
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kMergeThreads / 32; ++w) sum += partial[w][d];
-    merged[static_cast<int64_t>(row) * D + d] = sum * inv;
+  const float inv = total > 0.f ? 1.f / total : 0.f;  // an empty context gives zeros
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < kMergeThreads / 32; ++w) s += partial[w][d];
+    merged[d] = s * inv;
   }
-}
-
-// out[r, j] = sum_i merged[r, i] Pi[i, j] for 8 rows per CTA (one pass over Pi, coalesced over j).
-template <typename T, int D>
-__global__ void __launch_bounds__(D) rotate_back_kernel(const float* __restrict__ merged,
-                                                        const float* __restrict__ rotation, int rows,
-                                                        T* __restrict__ out) {
-  __shared__ float m[kRotateRows][D];
-  const int r0 = blockIdx.x * kRotateRows, j = threadIdx.x;
-#pragma unroll
-  for (int r = 0; r < kRotateRows; ++r) m[r][j] = r0 + r < rows ? merged[static_cast<int64_t>(r0 + r) * D + j] : 0.f;
   __syncthreads();
-  float y[kRotateRows] = {};
+  for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+    float y = 0.f;
 #pragma unroll 16
-  for (int i = 0; i < D; ++i) {
-    const float pij = __ldg(rotation + i * D + j);
-#pragma unroll
-    for (int r = 0; r < kRotateRows; ++r) y[r] = fmaf(m[r][i], pij, y[r]);
+    for (int i = 0; i < dim; ++i) y = fmaf(merged[i], __ldg(rotation + i * dim + j), y);
+    out[static_cast<int64_t>(row) * dim + j] = from_float<T>(y);
   }
-#pragma unroll
-  for (int r = 0; r < kRotateRows; ++r)
-    if (r0 + r < rows) out[static_cast<int64_t>(r0 + r) * D + j] = from_float<T>(y[r]);
 }
 
 int num_sms() {
@@ -750,15 +725,14 @@ extern "C" int tq_cuda_paged_attention_mma(const void* query, tq_cuda_dtype q_ty
   mma::dispatch_dim(dim, [&](auto d) { rc = mma::launch_split_bits<decltype(d)::value>(args, k_bits, v_bits, stream); });
   if (rc) return rc;
 
-  // the merged rows reuse q_rot's space (the split kernel is done with it: same stream)
   mma::dispatch_dim(dim, [&](auto d) {
     constexpr int D = decltype(d)::value;
-    mma::merge_kernel<D><<<rows, mma::kMergeThreads, 0, stream>>>(args.part_m, args.part_l, args.part_acc, args.group,
-                                                                   plan.merged_splits, q_rot);
     if (q_type == TQ_CUDA_FLOAT16)
-      mma::rotate_back_kernel<__half, D><<<rotate_ctas, D, 0, stream>>>(q_rot, rotation, rows, static_cast<__half*>(out));
+      mma::merge_rotate_kernel<__half, D><<<rows, mma::kMergeThreads, 0, stream>>>(
+          args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.merged_splits, static_cast<__half*>(out));
     else
-      mma::rotate_back_kernel<float, D><<<rotate_ctas, D, 0, stream>>>(q_rot, rotation, rows, static_cast<float*>(out));
+      mma::merge_rotate_kernel<float, D><<<rows, mma::kMergeThreads, 0, stream>>>(
+          args.part_m, args.part_l, args.part_acc, rotation, args.group, plan.merged_splits, static_cast<float*>(out));
   });
   return launch_status();
 }
