@@ -1,6 +1,6 @@
 """tq-deploy bench: encode/decode throughput of the reference path and the MSE table.
 
-``--gpu`` runs the GPU benchmark (Triton kernels against torch SDPA), which
+``--gpu`` runs the GPU benchmark (Triton and CUDA kernels against torch SDPA), which
 needs a CUDA device.
 """
 
