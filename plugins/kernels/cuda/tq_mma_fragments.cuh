@@ -1,9 +1,9 @@
 // Dequantizing packed 2- and 4-bit codes straight into mma.sync operand registers.
 //
 // The fast decode attention (tq_paged_attention_mma.cu) never writes a dequantized tile to shared
-// memory: each lane loads exactly the packed bytes whose centroids it holds in its
-// m16n8k16 fragments and turns them into fp16 pairs with byte permutes (prmt) over a codebook held
-// in registers. A dot product does not care in which order it visits its terms, so the kernel
+// memory: each lane reads exactly the packed bytes whose centroids it holds in its m16n8k16
+// fragments and turns them into fp16 pairs: 4-bit codes through a shared-memory pair table,
+// 2-bit codes with byte permutes (prmt) over a codebook held in registers. A dot product does not care in which order it visits its terms, so the kernel
 // picks the order of the head dimension that makes each lane's bytes contiguous, and permutes the
 // query (and un-permutes the output) to match.
 //
@@ -25,9 +25,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t select
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
   return r;
 }
-
-// Bytes of `b` where `mask` is 0xFF, of `a` elsewhere (one LOP3).
-__device__ __forceinline__ uint32_t blend(uint32_t a, uint32_t b, uint32_t mask) { return (a & ~mask) | (b & mask); }
 
 __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
@@ -69,36 +66,6 @@ __device__ __forceinline__ uint32_t centroid_bytes(const float* codebook, int fi
 
 template <int BITS>
 struct Codebook;
-
-// 16 fp16 centroids as byte tables: lo_a/hi_a = low/high bytes of codes 0..7, lo_b/hi_b of 8..15.
-template <>
-struct Codebook<4> {
-  uint32_t lo_a[2], lo_b[2], hi_a[2], hi_b[2];
-  __device__ __forceinline__ void load(const float* codebook) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      lo_a[i] = centroid_bytes(codebook, 4 * i, 0);
-      hi_a[i] = centroid_bytes(codebook, 4 * i, 1);
-      lo_b[i] = centroid_bytes(codebook, 8 + 4 * i, 0);
-      hi_b[i] = centroid_bytes(codebook, 8 + 4 * i, 1);
-    }
-  }
-  // Eight 4-bit codes (nibble i = code i) -> four fp16 pairs: out[j] = (c[nib 2j], c[nib 2j+1]).
-  __device__ __forceinline__ void pairs(uint32_t w, uint32_t (&out)[4]) const {
-    const uint32_t index = w & 0x77777777u;  // prmt reads 3-bit selectors; bit 3 picks the table
-    const uint32_t shifted = w << 4;         // puts bit 3 of even nibbles on a byte's sign bit
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const uint32_t sel = half ? index >> 16 : index;
-      // byte i = 0xFF where code i of this half is >= 8 (prmt sign-replicate mode)
-      const uint32_t upper = prmt(shifted, w, half ? 0xFBEAu : 0xD9C8u);
-      const uint32_t lo = blend(prmt(lo_a[0], lo_a[1], sel), prmt(lo_b[0], lo_b[1], sel), upper);
-      const uint32_t hi = blend(prmt(hi_a[0], hi_a[1], sel), prmt(hi_b[0], hi_b[1], sel), upper);
-      out[2 * half] = prmt(lo, hi, 0x5140u);
-      out[2 * half + 1] = prmt(lo, hi, 0x7362u);
-    }
-  }
-};
 
 // 4 fp16 centroids: lo/hi = low/high bytes of codes 0..3.
 template <>
@@ -160,31 +127,6 @@ __device__ __forceinline__ uint32_t interleave_even(uint32_t x, uint32_t y) {
 }
 __device__ __forceinline__ uint32_t interleave_odd(uint32_t x, uint32_t y) {
   return ((x >> 4) & 0x0F0F0F0Fu) | (y & 0xF0F0F0F0u);
-}
-
-// Read-only vector load of BYTES (2..32) packed bytes into 32-bit words (a 2-byte load fills the
-// low half of word 0).
-template <int BYTES>
-__device__ __forceinline__ void load_packed(const uint8_t* p, uint32_t* w) {
-  if constexpr (BYTES >= 16) {
-#pragma unroll
-    for (int i = 0; i < BYTES / 16; ++i) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
-      w[4 * i] = v.x;
-      w[4 * i + 1] = v.y;
-      w[4 * i + 2] = v.z;
-      w[4 * i + 3] = v.w;
-    }
-  } else if constexpr (BYTES == 8) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-    w[0] = v.x;
-    w[1] = v.y;
-  } else if constexpr (BYTES == 4) {
-    w[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
-  } else {
-    static_assert(BYTES == 2, "2, 4, 8, 16 or 32 bytes");
-    w[0] = __ldg(reinterpret_cast<const unsigned short*>(p));
-  }
 }
 
 }  // namespace mma
