@@ -110,6 +110,21 @@ def test_shapes_it_does_not_take_go_elsewhere(gen, dim, hq, hkv, block, kb, vb):
     assert relative_error(paged_attention(*args).cpu(), sdpa_oracle(case)) < 1.5e-2  # Triton or reference
 
 
+@gpu
+def test_misaligned_codes_go_to_triton(gen):
+    needs_library()
+    case = make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[40], k_bits=4, v_bits=4)
+    args = on_cuda(case, torch.float16)
+    flat = torch.empty(args[1].numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted = flat[1:].view(args[1].shape)  # contiguous, one byte past an aligned start
+    shifted.copy_(args[1])
+    args[1] = shifted
+    assert not tq_cuda.supports_paged_attention(args[0], args[1], 4, 4)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        tq_cuda.paged_attention(*args)
+    assert relative_error(paged_attention(*args).cpu(), sdpa_oracle(case)) < TOL
+
+
 def test_cpu_tensors_are_not_taken(gen):
     case = make_case(gen, dim=64, hq=4, hkv=1, block_size=16, ctx_lens=[5], k_bits=4, v_bits=4)
     assert not tq_cuda.supports_paged_attention(case.query, case.caches[0], 4, 4)

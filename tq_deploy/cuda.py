@@ -78,9 +78,12 @@ def available() -> bool:
     return all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count()))
 
 
-def supports_paged_attention(query, k_codes, k_bits: int, v_bits: int) -> bool:
-    """True when the tensor-core kernel takes this call (shapes, dtypes, alignment, device)."""
+def supports_paged_attention(query, k_codes, k_bits: int, v_bits: int, v_codes=None) -> bool:
+    """True when the tensor-core kernel takes this call (shapes, dtypes, device, and 16-byte aligned
+    codes where they are contiguous already: other layouts are copied to fresh tensors)."""
     if query.dim() != 3 or k_codes.dim() != 4 or query.dtype not in _QUERY_TYPES:
+        return False
+    if any(c is not None and c.is_contiguous() and c.data_ptr() % 16 for c in (k_codes, v_codes)):
         return False
     if not (query.is_cuda and k_codes.is_cuda) or not available():
         return False
@@ -109,7 +112,11 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
 
     s, hq, dim, n, page, hkv = _check(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
                                       rotation, k_codebook, v_codebook, k_bits, v_bits)
-    if not supports_paged_attention(query, k_codes, k_bits, v_bits):
+    kc, vc = k_codes.contiguous(), v_codes.contiguous()
+    for name, t in (("k_codes", kc), ("v_codes", vc)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}: data pointer {t.data_ptr():#x} is not 16-byte aligned (expected a fresh tensor)")
+    if not supports_paged_attention(query, kc, k_bits, v_bits):
         raise ValueError(
             f"query {query.dtype} {tuple(query.shape)}, k_codes {tuple(k_codes.shape)}, bits {k_bits}/{v_bits}: "
             "expected CUDA tensors, fp16/fp32 query, k/v bits in {2, 4}, head dim 64/128/256, <= 8 query heads "
@@ -120,12 +127,8 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     if s == 0:
         return out
     q = query.contiguous()
-    kc, vc = k_codes.contiguous(), v_codes.contiguous()
     kn, vn = k_norms.contiguous(), v_norms.contiguous()
     bt, ctx = block_tables.contiguous(), context_lens.contiguous()
-    for name, t in (("k_codes", kc), ("v_codes", vc)):
-        if t.data_ptr() % 16:
-            raise ValueError(f"{name}: data pointer {t.data_ptr():#x} is not 16-byte aligned (expected a fresh tensor)")
     rot = C.float_matrix(rotation, dev, transpose=False)
     kcb = C.codebook_as(k_codebook, torch.float32, dev)
     vcb = C.codebook_as(v_codebook, torch.float32, dev)

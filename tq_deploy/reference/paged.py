@@ -240,7 +240,7 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     if backend.use_cuda_library(query, k_codes):
         from tq_deploy import cuda as tq_cuda
 
-        if tq_cuda.supports_paged_attention(query, k_codes, k_bits, v_bits):
+        if tq_cuda.supports_paged_attention(query, k_codes, k_bits, v_bits, v_codes):
             return tq_cuda.paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
                                            rotation, k_codebook, v_codebook, k_bits, v_bits, scale)
     if _triton_paged_shapes(query, k_codes) and backend.use_triton(query, k_codes, head_dim=query.shape[-1],

@@ -70,7 +70,7 @@ int tq_cuda_paged_attention(const void* query, tq_cuda_dtype q_type, int64_t num
  * layouts, fp16 operands with fp32 accumulation (centroids rounded to fp16, P * v_norm rounded to
  * fp16), split-K over the context. Needs compute capability >= 8.0 and a supported shape:
  * k_bits, v_bits in {2, 4}, head_dim in {64, 128, 256}, num_q_heads / num_kv_heads <= 8,
- * block_size a multiple of 16; codes rows 4-byte aligned (the base pointer 16-byte aligned).
+ * block_size a multiple of 16; k_codes and v_codes 16-byte aligned (else TQ_CUDA_BAD_ARGUMENT).
  * tokens_per_split = 0 picks the split from the shapes and the device's SM count; the caller
  * provides a device workspace of tq_cuda_paged_attention_mma_workspace(...) bytes. */
 int tq_cuda_paged_attention_mma_supported(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,

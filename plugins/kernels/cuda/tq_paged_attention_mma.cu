@@ -682,6 +682,8 @@ extern "C" int tq_cuda_paged_attention_mma(const void* query, tq_cuda_dtype q_ty
   const mma::Plan plan = mma::make_plan(num_seqs, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size,
                                         tokens_per_split);
   if (workspace == nullptr || workspace_bytes < plan.bytes) return TQ_CUDA_BAD_ARGUMENT;
+  // whole rows move with 16-byte cp.async (rows are multiples of 16 bytes for supported shapes)
+  if (reinterpret_cast<uintptr_t>(k_codes) % 16 || reinterpret_cast<uintptr_t>(v_codes) % 16) return TQ_CUDA_BAD_ARGUMENT;
   if (!(scale > 0.f)) scale = 1.0f / sqrtf(static_cast<float>(head_dim));
   char* ws = static_cast<char*>(workspace);
   float* q_rot = reinterpret_cast<float*>(ws + plan.q_rot_offset);
