@@ -17,8 +17,6 @@ import contextlib
 import ctypes
 import functools
 import math
-import os
-from pathlib import Path
 
 import torch
 
@@ -36,18 +34,11 @@ class CudaLibraryNotFoundError(FileNotFoundError):
 
 
 def library_path() -> str:
-    given = os.environ.get(ENV_VAR)
-    if given:
-        if not Path(given).is_file():
-            raise CudaLibraryNotFoundError(f"{ENV_VAR}={given!r} is not a file; expected the path of {LIBRARY_NAME}")
-        return str(Path(given).resolve())
-    searched = _library.native_candidates(LIBRARY_NAME, "kernels/cuda")
-    for path in searched:
-        if path.is_file():
-            return str(path)
-    raise CudaLibraryNotFoundError(
-        f"{LIBRARY_NAME} is not built (looked in {', '.join(map(str, searched))}); it is built by "
-        "`pip install .` when nvcc is present, or by `cmake -S plugins -B build/native && cmake --build build/native`"
+    return _library.locate_native(
+        LIBRARY_NAME, "CUDA kernel library", ENV_VAR, _library.native_candidates(LIBRARY_NAME, "kernels/cuda"),
+        CudaLibraryNotFoundError,
+        "It is built by `pip install .` when nvcc is present, or by "
+        "`cmake -S plugins -B build/native && cmake --build build/native`.",
     )
 
 

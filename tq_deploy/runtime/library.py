@@ -83,26 +83,28 @@ def candidate_paths() -> list[Path]:
     return native_candidates(library_filename(), "ort")
 
 
-def ort_library_path() -> str:
-    """Absolute path of the built custom-op library; raises OrtLibraryNotFoundError with build steps."""
-    name = library_filename()
-    given = os.environ.get(ENV_VAR)
+def locate_native(name: str, what: str, env_var: str, candidates: list[Path], error: type[Exception],
+                  build_help: str) -> str:
+    """Absolute path of native library `name`: the file `env_var` names, else the first of
+    `candidates` that exists; raises `error` saying where it looked and how to build it."""
+    given = os.environ.get(env_var)
     if given:
         path = Path(given).expanduser()
         if not path.is_file():
-            raise OrtLibraryNotFoundError(
-                f"{ENV_VAR}={given!r} is not a file; expected the path of {name}. " + BUILD_HELP.format(name=name)
-            )
+            raise error(f"{env_var}={given!r} is not a file; expected the path of {name}. " + build_help)
         return str(path.resolve())
-    searched = candidate_paths()
-    for path in searched:
+    for path in candidates:
         if path.is_file():
             return str(path)
-    looked = ", ".join(str(p) for p in searched) or "(nowhere)"
-    raise OrtLibraryNotFoundError(
-        f"the TurboQuant ONNX Runtime library {name} is not built (looked in {looked}). "
-        + BUILD_HELP.format(name=name)
-    )
+    looked = ", ".join(str(p) for p in candidates) or "(nowhere)"
+    raise error(f"the TurboQuant {what} {name} is not built (looked in {looked}). " + build_help)
+
+
+def ort_library_path() -> str:
+    """Absolute path of the built custom-op library; raises OrtLibraryNotFoundError with build steps."""
+    name = library_filename()
+    return locate_native(name, "ONNX Runtime library", ENV_VAR, candidate_paths(), OrtLibraryNotFoundError,
+                         BUILD_HELP.format(name=name))
 
 
 def register_library(session_options) -> str:
