@@ -82,6 +82,12 @@ def supports_paged_attention(query, k_codes, k_bits: int, v_bits: int, v_codes=N
     _, block_size, hkv, _ = k_codes.shape
     if hkv == 0 or hq % hkv:
         return False
+    return _shape_supported(hq, hkv, dim, block_size, k_bits, v_bits)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_supported(hq, hkv, dim, block_size, k_bits, v_bits) -> bool:
+    # asked by the dispatcher and again by paged_attention on every call: one ctypes call per shape
     return bool(_lib().tq_cuda_paged_attention_mma_supported(hq, hkv, dim, block_size, k_bits, v_bits))
 
 
