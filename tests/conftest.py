@@ -63,9 +63,9 @@ def single_thread():
 @pytest.fixture(scope="module")
 def trt_libraries():
     """The TensorRT plugin library and its enqueue harness; skips (with the reason) where they are not built."""
-    from tq_deploy.runtime import tensorrt as rt
+    from tq_deploy.runtime import library
 
     try:
-        return rt.trt_plugin_library_path(), rt.trt_harness_library_path()
-    except rt.TrtPluginLibraryNotFoundError as err:
+        return library.locate("trt"), library.locate("trt_harness")
+    except library.NativeLibraryNotFoundError as err:
         pytest.skip(f"TensorRT plugin library not built: {err}")

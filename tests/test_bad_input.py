@@ -8,12 +8,11 @@ import torch
 from tq_deploy.reference.codebook import lloyd_max_codebook, paper_bounds
 from tq_deploy.reference.model import TQDecodeModel, TQModelConfig, example_inputs
 from tq_deploy.reference.packing import pack_codes, unpack_codes
+from tq_deploy.dispatch import cache_update, paged_attention
 from tq_deploy.reference.paged import (
     allocate_cache,
-    cache_update,
     cache_update_reference,
     dense_attention_reference,
-    paged_attention,
     paged_attention_reference,
 )
 from tq_deploy.reference.quantizer import (

@@ -1,4 +1,5 @@
-"""The reference CLI commands (issue item 10): ``tq-deploy validate`` and ``tq-deploy bench``."""
+"""The reference CLI commands: ``tq-deploy bounds`` (the quantizer against the paper's bounds) and
+``tq-deploy bench quantizer``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tq_deploy.cli import main
+from tq_deploy.ops import SUPPORTED_BITS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,17 +30,17 @@ def check_rows(rows: list[dict], head_dim: int, bits: list[int]) -> None:
         assert abs(r["mse"] - r["theory"]) < 6 * r["mse_stderr"] + 1e-3 * r["theory"]
 
 
-def test_validate_json_in_process(capsys):
-    rc = main(["validate", "--head-dim", "128", "--bits", "1", "2", "3", "4", "--json"])
+def test_bounds_json_in_process(capsys):
+    rc = main(["bounds", "--head-dim", "128", "--bits", "1", "2", "3", "4", "--json"])
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)
     check_rows(rows, 128, [1, 2, 3, 4])
 
 
-def test_validate_json_as_a_module_subprocess():
+def test_bounds_json_as_a_module_subprocess():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
-        [sys.executable, "-m", "tq_deploy.cli", "validate", "--head-dim", "128", "--bits", "1", "2", "3", "4",
+        [sys.executable, "-m", "tq_deploy.cli", "bounds", "--head-dim", "128", "--bits", "1", "2", "3", "4",
          "--json", "--num-vectors", "5000"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -46,8 +48,8 @@ def test_validate_json_as_a_module_subprocess():
     check_rows(json.loads(done.stdout), 128, [1, 2, 3, 4])
 
 
-def test_validate_table_hadamard(capsys):
-    rc = main(["validate", "--head-dim", "64", "--bits", "2", "3", "--rotation", "hadamard", "--seed", "7",
+def test_bounds_table_hadamard(capsys):
+    rc = main(["bounds", "--head-dim", "64", "--bits", "2", "3", "--rotation", "hadamard", "--seed", "7",
                "--num-vectors", "3000"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
@@ -57,7 +59,7 @@ def test_validate_table_hadamard(capsys):
 
 
 def test_bench_prints_the_table(capsys):
-    rc = main(["bench", "--head-dim", "64", "--bits", "2", "3", "--num-vectors", "256", "--repeat", "1"])
+    rc = main(["bench", "quantizer", "--head-dim", "64", "--bits", "2", "3", "--num-vectors", "256", "--repeat", "1"])
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
     assert "vectors=256" in lines[0] and "D=64" in lines[0]
@@ -74,8 +76,8 @@ def test_bench_prints_the_table(capsys):
 
 
 def test_bad_bits_is_one_error_line_and_exit_code_2(capsys):
-    rc = main(["validate", "--bits", "5", "--num-vectors", "10"])
+    rc = main(["bounds", "--bits", "9", "--num-vectors", "10"])
     captured = capsys.readouterr()
     assert rc == 2
-    assert "bits=5" in captured.err and "expected one of (1, 2, 3, 4)" in captured.err
+    assert "bits=9" in captured.err and f"expected one of {SUPPORTED_BITS}" in captured.err
     assert len(captured.err.strip().splitlines()) == 1

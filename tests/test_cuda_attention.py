@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from test_paged import make_case, sdpa_oracle
-from tq_deploy import backend
 from tq_deploy import cuda as tq_cuda
-from tq_deploy.reference.paged import paged_attention
+from tq_deploy import dispatch
+from tq_deploy.dispatch import paged_attention
+from tq_deploy.reference.checks import check_paged_attention
+from tq_deploy.runtime import library
 
 gpu = pytest.mark.gpu
 TOL = 5e-3
@@ -26,11 +28,16 @@ TOL = 5e-3
 
 def needs_library():
     if not tq_cuda.available():
-        try:
-            tq_cuda.library_path()
-        except tq_cuda.CudaLibraryNotFoundError as err:
-            pytest.skip(str(err))
-        pytest.skip("no CUDA device of compute capability >= 8.0")
+        pytest.skip(tq_cuda.unavailable_reason())
+
+
+def cuda_attention(*args, **knobs):
+    """The CUDA backend on checked arguments (the dispatcher's route, without the dispatch)."""
+    return tq_cuda.paged_attention(check_paged_attention(*args, check_data=False), **knobs)
+
+
+def supported(args) -> bool:
+    return tq_cuda.supports_paged_attention(check_paged_attention(*args, check_data=False))
 
 
 def on_cuda(case, dtype):
@@ -65,7 +72,7 @@ def test_matches_the_float64_oracle(gen, name, dtype, tokens_per_split):
     case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=ctx, k_bits=kb, v_bits=vb)
     case.query = case.query.to(dtype)
     want = sdpa_oracle(case)
-    got = tq_cuda.paged_attention(*on_cuda(case, dtype), tokens_per_split=tokens_per_split)
+    got = cuda_attention(*on_cuda(case, dtype), tokens_per_split=tokens_per_split)
     assert got.dtype == dtype and got.shape == case.query.shape
     got = got.cpu()
     assert torch.isfinite(got).all()
@@ -79,21 +86,23 @@ def test_long_context_and_explicit_scale(gen):
     needs_library()
     case = make_case(gen, dim=128, hq=32, hkv=8, block_size=16, ctx_lens=[5000, 4097], k_bits=4, v_bits=4)
     want = sdpa_oracle(case, scale=0.05)
-    got = tq_cuda.paged_attention(*on_cuda(case, torch.float16)[:-2], 4, 4, 0.05).cpu()
+    got = cuda_attention(*on_cuda(case, torch.float16)[:-2], 4, 4, 0.05).cpu()
     assert relative_error(got, want) < TOL
 
 
 @gpu
-def test_public_paged_attention_takes_it_and_triton_switch_skips_it(gen, monkeypatch):
+def test_public_paged_attention_takes_it_and_triton_switch_skips_it(gen):
     needs_library()
     case = make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[77, 300], k_bits=4, v_bits=4)
     args = on_cuda(case, torch.float16)
-    direct = tq_cuda.paged_attention(*args)
-    assert backend.use_cuda_library(args[0])
-    assert torch.equal(paged_attention(*args), direct)
-    monkeypatch.setenv(backend.ENV_VAR, "triton")
-    assert not backend.use_cuda_library(args[0])
-    via_triton = paged_attention(*args).cpu()
+    direct = cuda_attention(*args)
+    checked = check_paged_attention(*args, check_data=False)
+    with dispatch.use_backend("auto"):
+        assert dispatch.backend_for("paged_attention", checked) == "cuda"
+        assert torch.equal(paged_attention(*args), direct)
+    with dispatch.use_backend("triton"):
+        assert dispatch.backend_for("paged_attention", checked) == "triton"
+        via_triton = paged_attention(*args).cpu()
     assert relative_error(via_triton, sdpa_oracle(case)) < TOL
 
 
@@ -104,14 +113,14 @@ def test_shapes_it_does_not_take_go_elsewhere(gen, dim, hq, hkv, block, kb, vb):
     needs_library()
     case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=[20], k_bits=kb, v_bits=vb)
     args = on_cuda(case, torch.float16)
-    assert not tq_cuda.supports_paged_attention(args[0], args[1], kb, vb)
+    assert not supported(args)
     with pytest.raises(ValueError, match="expected"):
-        tq_cuda.paged_attention(*args)
+        cuda_attention(*args)
     assert relative_error(paged_attention(*args).cpu(), sdpa_oracle(case)) < 1.5e-2  # Triton or reference
 
 
 @gpu
-def test_misaligned_codes_go_to_triton(gen):
+def test_misaligned_codes_go_elsewhere(gen):
     needs_library()
     case = make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[40], k_bits=4, v_bits=4)
     args = on_cuda(case, torch.float16)
@@ -119,19 +128,20 @@ def test_misaligned_codes_go_to_triton(gen):
     shifted = flat[1:].view(args[1].shape)  # contiguous, one byte past an aligned start
     shifted.copy_(args[1])
     args[1] = shifted
-    assert not tq_cuda.supports_paged_attention(args[0], args[1], 4, 4)
+    assert not supported(args)
     with pytest.raises(ValueError, match="16-byte aligned"):
-        tq_cuda.paged_attention(*args)
+        cuda_attention(*args)
     assert relative_error(paged_attention(*args).cpu(), sdpa_oracle(case)) < TOL
 
 
 def test_cpu_tensors_are_not_taken(gen):
     case = make_case(gen, dim=64, hq=4, hkv=1, block_size=16, ctx_lens=[5], k_bits=4, v_bits=4)
-    assert not tq_cuda.supports_paged_attention(case.query, case.caches[0], 4, 4)
-    assert not backend.use_cuda_library(case.query)
+    checked = check_paged_attention(*case.args())
+    assert not tq_cuda.supports_paged_attention(checked)
+    assert dispatch.backend_for("paged_attention", checked) == "reference"
 
 
 def test_library_env_var_must_name_a_file(monkeypatch, tmp_path):
-    monkeypatch.setenv(tq_cuda.ENV_VAR, str(tmp_path / "nowhere.so"))
-    with pytest.raises(tq_cuda.CudaLibraryNotFoundError, match="TQ_DEPLOY_CUDA_LIBRARY.*nowhere.so"):
+    monkeypatch.setenv("TQ_DEPLOY_CUDA_LIBRARY", str(tmp_path / "nowhere.so"))
+    with pytest.raises(library.NativeLibraryNotFoundError, match="TQ_DEPLOY_CUDA_LIBRARY.*nowhere.so"):
         tq_cuda.library_path()

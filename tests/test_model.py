@@ -171,7 +171,7 @@ def test_config_round_trips_through_a_dict():
 
 @pytest.mark.gpu
 def test_model_runs_on_cuda_like_on_cpu(seed):
-    from tq_deploy.backend import force_reference
+    from tq_deploy.dispatch import force_reference
 
     config, ctx = CONFIGS["default"]
     model = TQDecodeModel(config)

@@ -23,31 +23,39 @@ PLUGINS = ROOT / "plugins"
 
 def built_library() -> str:
     try:
-        return library.ort_library_path()
-    except library.OrtLibraryNotFoundError as err:
+        return library.locate("ort")
+    except library.NativeLibraryNotFoundError as err:
         pytest.skip(f"custom-op library not built: {err}")
 
 
-def test_missing_library_error_says_how_to_build(monkeypatch, tmp_path):
-    monkeypatch.delenv(library.ENV_VAR, raising=False)
-    monkeypatch.setattr(library, "candidate_paths", lambda: [tmp_path / library.library_filename()])
-    with pytest.raises(library.OrtLibraryNotFoundError) as info:
-        library.ort_library_path()
+@pytest.mark.parametrize("kind", sorted(library.LIBRARIES))
+def test_missing_library_error_says_how_to_build(monkeypatch, tmp_path, kind):
+    lib = library.LIBRARIES[kind]
+    monkeypatch.delenv(lib.env_var, raising=False)
+    monkeypatch.setattr(library, "candidates", lambda k: [tmp_path / library.LIBRARIES[k].filename])
+    with pytest.raises(library.NativeLibraryNotFoundError) as info:
+        library.locate(kind)
     message = str(info.value)
-    for fragment in ("pip install -e .", "cmake -S plugins", "npm", "ORT_INCLUDE_DIR", library.ENV_VAR):
+    for fragment in ("pip install -e .", "cmake -S plugins", lib.env_var, lib.filename, str(tmp_path)):
         assert fragment in message
+    if kind == "ort":
+        assert "npm" in message and "ORT_INCLUDE_DIR" in message
+    if kind == "trt":
+        assert "kernel-lens" in message and "TRT_INCLUDE_DIR" in message
 
 
-def test_env_var_must_name_a_file(monkeypatch, tmp_path):
-    monkeypatch.setenv(library.ENV_VAR, str(tmp_path / "nope.so"))
-    with pytest.raises(library.OrtLibraryNotFoundError, match=library.ENV_VAR):
-        library.ort_library_path()
+@pytest.mark.parametrize("kind", sorted(library.LIBRARIES))
+def test_env_var_must_name_a_file(monkeypatch, tmp_path, kind):
+    env_var = library.LIBRARIES[kind].env_var
+    monkeypatch.setenv(env_var, str(tmp_path / "nope.so"))
+    with pytest.raises(library.NativeLibraryNotFoundError, match=env_var):
+        library.locate(kind)
 
 
 def test_env_var_wins(monkeypatch):
     path = built_library()
-    monkeypatch.setenv(library.ENV_VAR, path)
-    assert library.ort_library_path() == str(Path(path).resolve())
+    monkeypatch.setenv("TQ_DEPLOY_ORT_LIBRARY", path)
+    assert library.locate("ort") == str(Path(path).resolve())
 
 
 def test_library_loads_in_installed_onnxruntime():
@@ -120,7 +128,7 @@ def test_cmake_build_with_given_headers_runs_in_onnxruntime(tmp_path):
     build = subprocess.run([shutil.which("cmake"), "--build", str(tmp_path / "build"), "-j", "2"],
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    fresh = tmp_path / "build" / "ort" / library.library_filename()
+    fresh = tmp_path / "build" / "ort" / library.LIBRARIES["ort"].filename
     assert fresh.is_file()
 
     import numpy as np

@@ -33,11 +33,11 @@ from tq_deploy.reference.paged import (  # noqa: E402
     paged_attention_reference,
 )
 from tq_deploy.reference.quantizer import decode_reference, encode_reference  # noqa: E402
-from tq_deploy.runtime.library import OrtLibraryNotFoundError, ort_library_path  # noqa: E402
+from tq_deploy.runtime.library import NativeLibraryNotFoundError, ort_library_path  # noqa: E402
 
 try:
     LIBRARY = ort_library_path()
-except OrtLibraryNotFoundError as err:  # pragma: no cover - depends on the build
+except NativeLibraryNotFoundError as err:  # pragma: no cover - depends on the build
     pytest.skip(f"custom-op library not built: {err}", allow_module_level=True)
 
 MAX_CODE_MISMATCH = 1e-4

@@ -22,12 +22,11 @@ from tq_deploy.ops import packed_size
 from tq_deploy.reference import paged as paged_module
 from tq_deploy.reference.codebook import lloyd_max_codebook
 from tq_deploy.reference.packing import unpack_codes
+from tq_deploy.dispatch import cache_update, force_reference, paged_attention
 from tq_deploy.reference.paged import (
     allocate_cache,
-    cache_update,
     cache_update_reference,
     dense_attention_reference,
-    paged_attention,
     paged_attention_reference,
 )
 from tq_deploy.reference.quantizer import encode_reference
@@ -328,8 +327,6 @@ def test_allocate_cache_shapes():
 
 @pytest.mark.gpu
 def test_reference_attention_on_cuda_matches_cpu(gen):
-    from tq_deploy.backend import force_reference
-
     case = make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[100, 1, 17], k_bits=3, v_bits=4)
     cpu = paged_attention_reference(*case.args())
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in case.args()]

@@ -10,13 +10,8 @@ import torch
 from tq_deploy.ops import packed_size
 from tq_deploy.reference.codebook import expected_mse, lloyd_max_codebook, paper_bounds
 from tq_deploy.reference.packing import unpack_codes
-from tq_deploy.reference.quantizer import (
-    TurboQuantMSE,
-    decode,
-    decode_reference,
-    encode,
-    encode_reference,
-)
+from tq_deploy.dispatch import decode, encode
+from tq_deploy.reference.quantizer import TurboQuantMSE, decode_reference, encode_reference
 from tq_deploy.reference.rotation import make_rotation
 
 BITS = (1, 2, 3, 4)
@@ -181,7 +176,7 @@ def test_quantizer_is_deterministic_from_its_seed(gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
 def test_reference_on_cuda_matches_cpu(bits, gen):
-    from tq_deploy.backend import force_reference
+    from tq_deploy.dispatch import force_reference
 
     q = TurboQuantMSE(128, bits, seed=6)
     x = torch.randn(32, 128, generator=gen)

@@ -27,7 +27,7 @@ try:
 except RuntimeError as exc:  # triton already imported in compiled mode by an earlier module
     pytest.skip(str(exc), allow_module_level=True)
 
-from tq_deploy.reference import lloyd_max_codebook, make_rotation  # noqa: E402
+from tq_deploy.reference import checks, lloyd_max_codebook, make_rotation  # noqa: E402
 from tq_deploy.reference.paged import (  # noqa: E402
     allocate_cache,
     cache_update_reference,
@@ -70,11 +70,16 @@ def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_bl
     return query, cache, tables, ctx, rot, kcb, vcb
 
 
-def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_splits=None, scale=0.0, layout=None):
+def attention(*args, **knobs):
+    """The Triton paged attention on checked arguments (the dispatcher's route, without the dispatch)."""
+    return tqt.paged_attention.paged_attention(checks.check_paged_attention(*args, check_data=False), **knobs)
+
+
+def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_splits=None, scale=0.0):
     query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed)
     want = paged_attention_reference(query, *cache.tensors(), tables, ctx, rot, kcb, vcb, k_bits, v_bits, scale)
     dev = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
-    got = tqt.paged_attention(*dev, k_bits, v_bits, scale, num_splits=num_splits, layout=layout)
+    got = attention(*dev, k_bits, v_bits, scale, num_splits=num_splits)
     assert got.dtype == query.dtype and got.shape == query.shape
     got = got.cpu().float()
     assert torch.isfinite(got).all()
@@ -99,11 +104,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("layout", [0, 1, 2, 3])  # 1: unit fields; 2, 3: pair table (4-bit K and V)
 @pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits", CASES)
-def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits, layout):
-    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=sum(ctxs) + dim + k_bits, num_splits=splits,
-             layout=layout)
+def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits):
+    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=sum(ctxs) + dim + k_bits, num_splits=splits)
 
 
 def test_explicit_scale_and_dense_oracle():
@@ -111,26 +114,26 @@ def test_explicit_scale_and_dense_oracle():
     query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, bits, bits, torch.float32, 7)
     dense = dense_attention_reference(query, *cache.tensors(), tables, ctx, rot, kcb, vcb, bits, bits, 0.3)
     dev = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
-    got = tqt.paged_attention(*dev, bits, bits, 0.3).cpu()
+    got = attention(*dev, bits, bits, 0.3).cpu()
     err = ((got - dense).norm() / dense.norm()).item()
     assert err < 5e-3, f"relative error against the dense oracle {err:.2e}"
 
 
 def test_split_heuristic_covers_context():
     for pairs, tokens in [(64, 32768), (8, 131072), (512, 2048), (8, 32768), (1, 1), (3, 100)]:
-        splits, per = tqt.choose_splits(pairs, tokens, 64, 132)
+        splits, per = tqt.paged_attention.choose_splits(pairs, tokens, 64, 132)
         assert splits >= 1 and per % 64 == 0 and splits * per >= tokens and (splits - 1) * per < tokens
-    assert tqt.choose_splits(8, 131072, 64, 132)[0] > 1  # few sequences, long context: split-K
-    assert tqt.choose_splits(512, 2048, 64, 132)[0] == 1
+    assert tqt.paged_attention.choose_splits(8, 131072, 64, 132)[0] > 1  # few sequences, long context: split-K
+    assert tqt.paged_attention.choose_splits(512, 2048, 64, 132)[0] == 1
 
 
 def test_bad_arguments_name_the_argument():
     query, cache, tables, ctx, rot, kcb, vcb = make_case([5], 1, 2, 64, 16, 4, 4, torch.float16, 1)
     args = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
     with pytest.raises(ValueError, match="k_bits"):
-        tqt.paged_attention(*args, 7, 4)
+        attention(*args, 7, 4)
     with pytest.raises(ValueError, match="context_lens"):
-        tqt.paged_attention(*args[:6], args[6].long(), *args[7:], 4, 4)
+        attention(*args[:6], args[6].long(), *args[7:], 4, 4)
 
 
 @gpu

@@ -24,9 +24,25 @@ try:
 except RuntimeError as exc:  # triton already imported in compiled mode by an earlier module
     pytest.skip(str(exc), allow_module_level=True)
 
+from tq_deploy.reference import checks  # noqa: E402
 from tq_deploy.reference import codebook_boundaries, lloyd_max_codebook, make_rotation, unpack_codes  # noqa: E402
 from tq_deploy.reference.paged import allocate_cache, cache_update_reference  # noqa: E402
 from tq_deploy.reference.quantizer import decode_reference, encode_reference  # noqa: E402
+
+
+
+def encode(x, rot, cb, bits):
+    """The Triton encode on checked arguments (the dispatcher's route, without the dispatch)."""
+    return tqt.encode.encode(checks.check_encode(x, rot, cb, bits))
+
+
+def decode(codes, norms, rot, cb, bits, dtype=torch.float32):
+    return tqt.decode.decode(checks.check_decode(codes, norms, rot, cb, bits, dtype))
+
+
+def cache_update(*args):
+    return tqt.encode.cache_update(checks.check_cache_update(*args))
+
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -69,7 +85,7 @@ def test_encode_matches_reference(dim, bits, dtype):
     g, rot, cb = _setup(dim, bits, seed=dim * 10 + bits)
     x = (torch.randn(37, dim, generator=g) * 3).to(dtype).to(DEV)
     x[5] = 0  # zero vector: norm 0, y = 0
-    codes, norms = tqt.encode(x, rot, cb, bits)
+    codes, norms = encode(x, rot, cb, bits)
     want_codes, want_norms = encode_reference(x.cpu(), rot.cpu(), cb.cpu(), bits)
     assert codes.dtype == torch.uint8 and codes.shape == want_codes.shape
     assert_codes_match(codes, want_codes, bits, dim, x=x, rot=rot, cb=cb)
@@ -81,7 +97,7 @@ def test_encode_leading_dims_and_strided_input():
     g, rot, cb = _setup(dim, bits, seed=3)
     base = torch.randn(2, 3, 5, 2 * dim, generator=g).half().to(DEV)
     x = base[..., ::2]  # non-contiguous last dim
-    codes, norms = tqt.encode(x, rot, cb, bits)
+    codes, norms = encode(x, rot, cb, bits)
     want_codes, want_norms = encode_reference(x.cpu(), rot.cpu(), cb.cpu(), bits)
     assert codes.shape == (2, 3, 5, 32) and norms.shape == (2, 3, 5)
     assert_codes_match(codes, want_codes, bits, dim, x=x, rot=rot, cb=cb)
@@ -96,11 +112,11 @@ def test_decode_matches_reference(dim, bits):
     codes = torch.randint(0, 256, (3, 7, p), generator=g, dtype=torch.uint8)
     norms = torch.rand(3, 7, generator=g) * 5
     want = decode_reference(codes, norms, rot.cpu(), cb.cpu(), bits)
-    got = tqt.decode(codes.to(DEV), norms.to(DEV), rot, cb, bits)
+    got = decode(codes.to(DEV), norms.to(DEV), rot, cb, bits)
     assert got.dtype == torch.float32 and got.shape == (3, 7, dim)
     err = (got.cpu() - want).norm() / want.norm()
     assert err < 1e-5, f"decode relative error {err:.2e}"
-    half = tqt.decode(codes.to(DEV), norms.to(DEV), rot, cb, bits, dtype=torch.float16)
+    half = decode(codes.to(DEV), norms.to(DEV), rot, cb, bits, dtype=torch.float16)
     assert half.dtype == torch.float16
 
 
@@ -123,7 +139,7 @@ def test_cache_update_matches_reference(dim, k_bits, v_bits, page, dtype):
     key = torch.randn(t, hkv, dim, generator=g).to(dtype)
     value = (torch.randn(t, hkv, dim, generator=g) * 4).to(dtype)
     cache_update_reference(key, value, slots, *ref.tensors(), rot.cpu(), kcb, vcb, k_bits, v_bits)
-    out = tqt.cache_update(key.to(DEV), value.to(DEV), slots.to(DEV), *ours, rot, kcb.to(DEV), vcb.to(DEV),
+    out = cache_update(key.to(DEV), value.to(DEV), slots.to(DEV), *ours, rot, kcb.to(DEV), vcb.to(DEV),
                            k_bits, v_bits)
     assert all(a is b for a, b in zip(out, ours)), "cache_update must return the tensors it updated in place"
     kc, kn, vc, vn = (x.cpu() for x in ours)
@@ -138,11 +154,18 @@ def test_bad_arguments_name_the_argument():
     cb = lloyd_max_codebook(64, 4).to(DEV)
     x = torch.randn(4, 64, device=DEV)
     with pytest.raises(ValueError, match="bits"):
-        tqt.encode(x, rot, cb, 5)
+        encode(x, rot, cb, 9)
     with pytest.raises(ValueError, match="codebook"):
-        tqt.encode(x, rot, cb, 3)
-    with pytest.raises(ValueError, match="head dimension 48"):
-        tqt.encode(torch.randn(4, 48, device=DEV), make_rotation(48).to(DEV), lloyd_max_codebook(48, 4).to(DEV), 4)
+        encode(x, rot, cb, 3)
+
+
+def test_shapes_the_kernels_do_not_take_are_refused_by_supports():
+    x48 = torch.randn(4, 48, device=DEV)
+    args = checks.check_encode(x48, make_rotation(48).to(DEV), lloyd_max_codebook(48, 4).to(DEV), 4)
+    assert tqt.encode.supports_encode(args) is False  # head dim 48: the dispatcher runs the reference
+    ok = checks.check_encode(torch.randn(4, 64, device=DEV), make_rotation(64).to(DEV),
+                             lloyd_max_codebook(64, 4).to(DEV), 4)
+    assert tqt.encode.supports_encode(ok) is True
 
 
 @gpu
@@ -153,10 +176,10 @@ def test_encode_large_on_gpu(bits, dtype):
     dim = 128
     g, rot, cb = _setup(dim, bits, seed=bits)
     x = torch.randn(200_003, dim, generator=g).to(dtype).to(DEV)
-    codes, norms = tqt.encode(x, rot, cb, bits)
+    codes, norms = encode(x, rot, cb, bits)
     want_codes, want_norms = encode_reference(x.float(), rot, cb, bits)  # reference on the GPU, fp32
     assert_codes_match(codes, want_codes, bits, dim, x=x, rot=rot, cb=cb)
     torch.testing.assert_close(norms, want_norms, rtol=1e-5, atol=1e-5)
-    back = tqt.decode(codes, norms, rot, cb, bits)
+    back = decode(codes, norms, rot, cb, bits)
     want_back = decode_reference(codes, norms, rot, cb, bits)
     assert ((back - want_back).norm() / want_back.norm()) < 1e-5

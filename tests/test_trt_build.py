@@ -26,7 +26,7 @@ def trt():
         pytest.skip(f"TensorRT-RTX is not installed (pip install tq-deploy[rtx]): {err}")
     try:
         rt.load_plugins(module)
-    except rt.TrtPluginLibraryNotFoundError as err:
+    except rt.native.NativeLibraryNotFoundError as err:
         pytest.skip(f"libtq_deploy_trt.so is not built: {err}")
     return module
 
@@ -129,21 +129,19 @@ def test_retype_keeps_the_original_model():
 def test_stage_reports_a_missing_plugin_library(trt, tmp_path, monkeypatch):
     path = tmp_path / "enc.onnx"
     onnx.save(make_op_model("TQEncode", head_dim=16, bits=2), path)
-    monkeypatch.setenv(rt.ENV_LIBRARY, str(tmp_path / "nowhere.so"))
+    monkeypatch.setenv("TQ_DEPLOY_TRT_LIBRARY", str(tmp_path / "nowhere.so"))
     stage = rt.tensorrt_stage(path, tmp_path / "out")
     assert stage["status"] == "skipped"
     assert "nowhere.so" in stage["reason"]
     assert not (tmp_path / "out" / "enc.engine").exists()
 
 
-def test_build_engine_script_exports_builds_and_reports(trt, tmp_path):
+def test_engine_verb_exports_builds_and_reports(trt, tmp_path):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "build_engine.py"
-    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--op", "TQPagedAttention",
+    proc = subprocess.run([sys.executable, "-m", "tq_deploy.cli", "engine", "--out", str(tmp_path), "--op", "TQPagedAttention",
                            "--bits", "2", "--head-dim", "40", "--num-q-heads", "4", "--num-kv-heads", "2",
                            "--dim", "batch=1,2,8"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

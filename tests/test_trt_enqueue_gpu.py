@@ -17,7 +17,7 @@ from tq_deploy.reference.codebook import lloyd_max_codebook
 from tq_deploy.reference.paged import cache_update_reference, paged_attention_reference
 from tq_deploy.reference.quantizer import decode_reference, encode_reference
 from tq_deploy.reference.rotation import make_rotation
-from tq_deploy.runtime import tensorrt as rt
+from tq_deploy.runtime.trt_harness import harness_enqueue
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +32,7 @@ def cuda(t):
 
 
 def enqueue(op, attrs, inputs, outputs):
-    rt.harness_enqueue(op, attrs, [cuda(t) if not t.is_cuda else t for t in inputs], outputs,
+    harness_enqueue(op, attrs, [cuda(t) if not t.is_cuda else t for t in inputs], outputs,
                        stream=torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
 

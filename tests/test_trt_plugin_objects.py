@@ -14,6 +14,7 @@ import torch
 
 from tq_deploy import ops
 from tq_deploy.runtime import tensorrt as rt
+from tq_deploy.runtime.trt_harness import harness_enqueue
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,7 +32,7 @@ def attention_tensors(s=3, hq=8, hkv=2, dim=64, k_bits=3, v_bits=2, n=5, b=16, m
 
 
 def dry(op, attrs, inputs, outputs):
-    rt.harness_enqueue(op, attrs, inputs, outputs, dry_run=True)
+    harness_enqueue(op, attrs, inputs, outputs, dry_run=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

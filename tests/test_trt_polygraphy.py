@@ -39,9 +39,9 @@ def test_ort_matches_reference_through_polygraphy(tmp_path, op, kwargs, seed):
     path = tmp_path / f"{op}.onnx"
     onnx.save(make_op_model(op, **kwargs), path)
     result = compare_with_polygraphy(path, seed=seed % 1000)
-    assert result["runners"][:2] == ["tq-reference", "onnxrt-turboquant"]
+    assert result["runners"][:2] == ["tq-reference", "onnxrt-cpu"]
     assert result["passed"], result["text"]
-    assert result["reports"]["onnxrt-turboquant"]["outputs"]
+    assert result["reports"]["onnxrt-cpu"]["outputs"]
 
 
 def test_comparison_detects_a_wrong_runtime_result(tmp_path):
@@ -64,8 +64,8 @@ def test_network_script_builds_an_engine_with_tensorrt_rtx(tmp_path):
     from tq_deploy.runtime import tensorrt as rt
 
     try:
-        rt.trt_plugin_library_path()
-    except rt.TrtPluginLibraryNotFoundError as err:
+        rt.plugin_library_path()
+    except rt.native.NativeLibraryNotFoundError as err:
         pytest.skip(str(err))
     exe = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
     if exe is None:

@@ -1,58 +1,27 @@
-"""tq-deploy bench: encode/decode throughput of the reference path and the MSE table.
+"""tq-deploy bench WHAT: the benchmarks of tq_deploy.bench, each printing a table.
 
-``--gpu`` runs the GPU benchmark (Triton and CUDA kernels against torch SDPA), which
-needs a CUDA device.
+    tq-deploy bench quantizer              # encode/decode throughput and the MSE table (CPU)
+    tq-deploy bench gpu [--quick]          # GPU kernels (CUDA, Triton) vs torch SDPA (needs a CUDA GPU)
+    tq-deploy bench ort [--provider cuda]  # TQPagedAttention in ONNX Runtime vs the reference
+    tq-deploy bench profile 8x32768        # calls for a profiler, host time per call
+    tq-deploy bench sass                   # loop instruction counts of the CUDA kernels (no GPU)
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import importlib
 
-from tq_deploy.ops import SUPPORTED_BITS
+from tq_deploy.bench import MODULES
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--bits", type=int, nargs="+", default=list(SUPPORTED_BITS))
-    parser.add_argument("--num-vectors", type=int, default=65536, help="vectors per encode/decode call")
-    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
-    parser.add_argument("--device", default="cpu", help="torch device for the throughput runs")
-    parser.add_argument("--gpu", action="store_true", help="run the H200-style GPU benchmark instead")
-
-
-def _median_seconds(fn, repeat: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name, module in MODULES.items():
+        doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()[0]
+        cmd = sub.add_parser(name, help=doc, description=doc)
+        cmd.set_defaults(_bench_module=module)
+        importlib.import_module(module).add_arguments(cmd)
 
 
 def run(args) -> int:
-    if args.gpu:
-        from tq_deploy.triton.bench import main as gpu_bench
-
-        return gpu_bench([])
-    import torch
-
-    from tq_deploy.reference.quantizer import TurboQuantMSE
-
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    x = torch.randn(args.num_vectors, args.head_dim, device=device, dtype=torch.float16)
-    print(f"device={device} vectors={args.num_vectors} D={args.head_dim} input fp16, median of {args.repeat}")
-    print(f"{'bits':>4} {'encode Mvec/s':>14} {'decode Mvec/s':>14} {'MSE(unit)':>10} {'theory':>9} {'ratio vs fp16':>14}")
-    for bits in args.bits:
-        q = TurboQuantMSE(args.head_dim, bits, device=device)
-        codes, norms = q.encode(x)
-        t_enc = _median_seconds(lambda: q.encode(x), args.repeat, sync)
-        t_dec = _median_seconds(lambda: q.decode(codes, norms), args.repeat, sync)
-        v = q.validate(num_vectors=8192)
-        print(f"{bits:>4} {args.num_vectors / t_enc / 1e6:>14.3g} {args.num_vectors / t_dec / 1e6:>14.3g} "
-              f"{v['mse']:>10.5f} {v['theory']:>9.5f} {q.compression_ratio():>14.2f}")
-    return 0
+    return importlib.import_module(args._bench_module).run(args)

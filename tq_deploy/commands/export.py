@@ -59,11 +59,23 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
 
 
-def export_single_op(args):
-    from tq_deploy.export.single_op import make_op_model
+def model_from_args(args):
+    """The ONNX model the options describe: one op (``--op``) or the decode model, in memory.
+
+    The op's bit attributes come from its spec: ``bits`` for the codec ops, ``k_bits``/``v_bits``
+    for the cache ops."""
+    from tq_deploy import ops
 
     config = config_from_args(args)
-    bits = {"bits": args.bits if args.bits is not None else config.k_bits} if args.op in ("TQEncode", "TQDecode") \
+    if not args.op:
+        from tq_deploy.export.model import export_model
+
+        return export_model(config)
+    from tq_deploy.export.single_op import make_op_model
+
+    spec = ops.OPS_BY_NAME[args.op]
+    names = {a.name for a in spec.attributes}
+    bits = {"bits": args.bits if args.bits is not None else config.k_bits} if "bits" in names \
         else {"k_bits": config.k_bits, "v_bits": config.v_bits}
     return make_op_model(args.op, head_dim=config.head_dim, dtype=args.dtype, seed=config.seed,
                          rotation_kind=config.rotation, num_q_heads=config.num_q_heads,
@@ -84,18 +96,13 @@ def describe(model) -> str:
 
 
 def run(args) -> int:
-    import onnx
+    from tq_deploy import files
+    from tq_deploy.export.common import read_metadata, save_model
 
-    from tq_deploy.export.common import read_metadata
-
-    if args.op:
-        model = export_single_op(args)
-        onnx.save(model, args.out)
-    else:
-        from tq_deploy.export.model import export_model
-
-        model = export_model(config_from_args(args), args.out)
-    kind, config = read_metadata(model)
+    files.check_writable(args.out, "--out")
+    model = model_from_args(args)
+    save_model(model, args.out)
+    kind, _ = read_metadata(model)
     custom = sorted({n.op_type for n in model.graph.node if n.domain == "turboquant"})
     opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
     print(f"wrote {args.out}: {kind} {args.op or 'TQDecodeModel'}, IR {model.ir_version}, opsets {opsets}, "

@@ -3,6 +3,7 @@
     tq-deploy run model.onnx                       # valid random inputs from the model's stored config
     tq-deploy run model.onnx --inputs x.npz        # given inputs (npz keys = graph input names)
     tq-deploy run model.onnx --repeat 50 --compare # timing, then a comparison with the PyTorch reference
+    tq-deploy run model.onnx --provider cuda       # the CUDA EP (onnxruntime-gpu)
 
 Prints every output's shape and dtype and the run time; with --compare also the
 comparison table, and exits 1 when outside tolerance.
@@ -16,8 +17,8 @@ import json
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="the .onnx file (exported by tq-deploy export)")
     parser.add_argument("--inputs", help=".npz file with one array per graph input (default: random valid inputs)")
-    parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
-                        help="ONNX Runtime execution providers, in order (default CPUExecutionProvider)")
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                        help="ONNX Runtime execution provider: cpu, or cuda (CUDA EP, onnxruntime-gpu) (default cpu)")
     parser.add_argument("--library", help="custom-op library path (default: the built one, see runtime/library.py)")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs after one warm-up (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -33,21 +34,33 @@ def load_inputs(path: str) -> dict:
     import numpy as np
     import torch
 
-    with np.load(path) as data:
-        return {name: torch.from_numpy(data[name].copy()) for name in data.files}
+    try:
+        with np.load(path) as data:
+            return {name: torch.from_numpy(data[name].copy()) for name in data.files}
+    except FileNotFoundError:
+        raise ValueError(f"--inputs {path!r} does not exist, expected an .npz file") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--inputs {path!r} is not a readable .npz file ({err})") from None
 
 
 def run(args) -> int:
-    import numpy as np
-    import onnx
+    import io
 
+    import numpy as np
+
+    from tq_deploy import files
+    from tq_deploy.export.common import load_model
     from tq_deploy.runtime.session import make_session, time_runs
     from tq_deploy.validate.inputs import random_inputs
 
-    model = onnx.load(args.model)
+    if args.repeat < 1:
+        raise ValueError(f"--repeat={args.repeat}, expected >= 1")
+    if args.save_outputs:
+        files.check_writable(args.save_outputs, "--save-outputs")
+    model = load_model(args.model)
     inputs = load_inputs(args.inputs) if args.inputs else random_inputs(model, seed=args.seed,
                                                                          context_lens=args.context_lens)
-    session = make_session(args.model, providers=args.providers, library=args.library)
+    session = make_session(model.SerializeToString(), provider=args.provider, library=args.library)
     outputs, timing = time_runs(session, inputs, repeat=args.repeat)
     result = {
         "model": args.model,
@@ -57,7 +70,9 @@ def run(args) -> int:
         "timing_ms": {"mean": timing.mean_ms, "min": timing.min_ms, "max": timing.max_ms, "repeat": timing.repeat},
     }
     if args.save_outputs:
-        np.savez(args.save_outputs, **outputs)
+        buffer = io.BytesIO()
+        np.savez(buffer, **outputs)
+        files.write_bytes(args.save_outputs, buffer.getvalue())
     status = 0
     report = None
     if args.compare:

@@ -76,6 +76,31 @@ def set_metadata(model: onnx.ModelProto, kind: str, config: dict) -> None:
     helper.set_model_props(model, props)
 
 
+def save_model(model: onnx.ModelProto, path) -> None:
+    """Write ``model`` to ``path`` whole or not at all (tq_deploy.files)."""
+    from tq_deploy import files
+
+    files.write_bytes(path, model.SerializeToString())
+
+
+def load_model(path) -> onnx.ModelProto:
+    """Read an .onnx file; a missing, unreadable or non-ONNX file is a ValueError naming it."""
+    import os
+
+    text = os.fspath(path)
+    if os.path.isdir(text):
+        raise ValueError(f"model {text!r} is a folder, expected an .onnx file")
+    if not os.path.isfile(text):
+        raise ValueError(f"model {text!r} does not exist, expected an .onnx file")
+    try:
+        model = onnx.load(text)
+    except Exception as err:  # noqa: BLE001 - protobuf's DecodeError and friends: one message for all
+        raise ValueError(f"model {text!r} is not a readable ONNX file ({type(err).__name__}: {err})") from None
+    if not model.graph.node and not model.graph.input:
+        raise ValueError(f"model {text!r} has an empty graph, expected an ONNX model")
+    return model
+
+
 def read_metadata(model: onnx.ModelProto | str) -> tuple[str, dict]:
     """(kind, config) stored by :func:`set_metadata`; accepts a model or a path."""
     if isinstance(model, str):

@@ -139,7 +139,7 @@ def export_model(config: TQModelConfig | dict | None = None, path: str | os.Path
         register_schemas()
         onnx.checker.check_model(model, full_check=True)
     if path is not None:
-        onnx.save(model, os.fspath(path))
+        common.save_model(model, path)
     return model
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from tq_deploy.reference.checks import check_bits, check_head_dim
 from tq_deploy.reference.codebook import lloyd_max_codebook
-from tq_deploy.reference.paged import allocate_cache, cache_update, cache_update_reference, paged_attention
+from tq_deploy.reference.paged import allocate_cache, cache_update_reference, paged_attention_reference
 from tq_deploy.reference.rotation import make_rotation
 
 
@@ -53,6 +53,8 @@ class TQModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}, expected an int >= 1")
+        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta={self.rope_theta!r}, expected a finite number > 0")
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(f"num_q_heads={self.num_q_heads}, expected a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -75,11 +77,23 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
-class TQDecodeModel(nn.Module):
-    """The decode step in the module docstring; forward returns (out, *updated caches)."""
+class ReferenceOps:
+    """The two cache ops of the decode step, as the reference computes them."""
 
-    def __init__(self, config: TQModelConfig = TQModelConfig()):
+    cache_update = staticmethod(cache_update_reference)
+    paged_attention = staticmethod(paged_attention_reference)
+
+
+class TQDecodeModel(nn.Module):
+    """The decode step in the module docstring; forward returns (out, *updated caches).
+
+    ``ops`` supplies ``cache_update`` and ``paged_attention`` with the reference's signatures:
+    the reference by default; ``tq_deploy.dispatch`` runs the fast backends on GPU tensors.
+    """
+
+    def __init__(self, config: TQModelConfig = TQModelConfig(), ops=ReferenceOps):
         super().__init__()
+        self.ops = ops
         self.config = c = config
         g = torch.Generator().manual_seed(c.seed)
         qkv_out = (c.num_q_heads + 2 * c.num_kv_heads) * c.head_dim
@@ -110,10 +124,10 @@ class TQDecodeModel(nn.Module):
         if hidden.dtype != self.qkv_proj.weight.dtype:
             raise ValueError(f"hidden.dtype={hidden.dtype}, expected the model's dtype {self.qkv_proj.weight.dtype}")
         q, k, v = self.project_qkv(hidden, positions)
-        caches = cache_update(k, v, slot_mapping, k_codes, k_norms, v_codes, v_norms,
-                              self.rotation, self.k_codebook, self.v_codebook, c.k_bits, c.v_bits)
-        attn = paged_attention(q, *caches, block_tables, context_lens,
-                               self.rotation, self.k_codebook, self.v_codebook, c.k_bits, c.v_bits)
+        caches = self.ops.cache_update(k, v, slot_mapping, k_codes, k_norms, v_codes, v_norms,
+                                       self.rotation, self.k_codebook, self.v_codebook, c.k_bits, c.v_bits)
+        attn = self.ops.paged_attention(q, *caches, block_tables, context_lens,
+                                        self.rotation, self.k_codebook, self.v_codebook, c.k_bits, c.v_bits)
         out = self.o_proj(attn.reshape(hidden.shape[0], c.num_q_heads * c.head_dim).to(hidden.dtype))
         return (out, *caches)
 

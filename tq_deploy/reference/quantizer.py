@@ -14,9 +14,9 @@ then one QJL bit per coordinate of the residual r = x - x_hat_mse:
     s = sign(S r),  S in R^{D x D} with i.i.d. N(0, 1) entries
     x_hat = x_hat_mse + sqrt(pi/2) / D * ||r|| S^T s,   E[<q, x_hat>] = <q, x>.
 
-The functional ``encode``/``decode`` take the rotation and codebook as tensors,
-exactly like the ONNX ops; on CUDA tensors they run the Triton kernels (see
-:mod:`tq_deploy.backend`), elsewhere the ``*_reference`` bodies below.
+The functional ``encode_reference``/``decode_reference`` take the rotation and
+codebook as tensors, exactly like the ONNX ops. The fast backends and the
+dispatcher that picks one live above this package (:mod:`tq_deploy.dispatch`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from tq_deploy import backend
 from tq_deploy.ops import packed_size
 from tq_deploy.reference.checks import (
     FLOAT_DTYPES,
+    DecodeArgs,
+    EncodeArgs,
     check_bits,
-    check_codebook,
+    check_decode,
+    check_encode,
     check_head_dim,
-    check_rotation,
-    check_shape,
     check_tensor,
 )
 from tq_deploy.reference.codebook import codebook_boundaries, expected_mse, lloyd_max_codebook, paper_bounds
@@ -42,31 +42,19 @@ from tq_deploy.reference.packing import pack_codes, unpack_codes
 from tq_deploy.reference.rotation import make_rotation
 
 
-def _check_encode_args(x, rotation, codebook, bits) -> int:
-    check_bits("bits", bits)
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_rank=1)
-    dim = x.shape[-1]
-    check_rotation("rotation", rotation, dim)
-    check_codebook("codebook", codebook, bits)
-    return dim
-
-
-def _check_decode_args(codes, norms, rotation, codebook, bits) -> int:
-    check_bits("bits", bits)
-    check_tensor("codes", codes, dtypes=(torch.uint8,), min_rank=1)
-    check_tensor("norms", norms, dtypes=(torch.float32,))
-    check_tensor("rotation", rotation, dtypes=(torch.float32,), rank=2)
-    dim = rotation.shape[0]
-    check_rotation("rotation", rotation, dim)
-    check_codebook("codebook", codebook, bits)
-    check_shape("codes", codes, (*norms.shape, packed_size(dim, bits)))
-    return dim
+def vector_norms(xf: torch.Tensor) -> torch.Tensor:
+    """||x||_2 of every row of float32 ``xf``, computed on x * 2^-e with 2^e the binade of max |x|:
+    the power-of-two scaling is exact, so the result is the plain float32 norm wherever that
+    neither overflows nor underflows, and finite and accurate where it would (1e20s, 1e-30s)."""
+    _, exponent = torch.frexp(xf.abs().amax(-1, keepdim=True))
+    scaled = torch.ldexp(xf, -exponent)
+    return torch.ldexp(torch.linalg.vector_norm(scaled, dim=-1, keepdim=True), exponent).squeeze(-1)
 
 
 def normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1: float32 norms and unit vectors (zero vectors stay zero)."""
     xf = x.float()
-    norms = torch.linalg.vector_norm(xf, dim=-1)
+    norms = vector_norms(xf)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     return xf / safe.unsqueeze(-1), norms
 
@@ -84,35 +72,24 @@ def quantize_coordinates(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tenso
 
 def encode_reference(x, rotation, codebook, bits):
     """x[..., D] -> (packed codes uint8 [..., ceil(D*bits/8)], norms float32 [...])."""
-    _check_encode_args(x, rotation, codebook, bits)
-    u, norms = normalize(x)
-    idx = quantize_coordinates(rotate(u, rotation.to(u.device)), codebook.to(u.device))
-    return pack_codes(idx, bits), norms
+    return encode_checked(check_encode(x, rotation, codebook, bits))
+
+
+def encode_checked(a: EncodeArgs):
+    u, norms = normalize(a.x)
+    idx = quantize_coordinates(rotate(u, a.rotation.to(u.device)), a.codebook.to(u.device))
+    return pack_codes(idx, a.bits), norms
 
 
 def decode_reference(codes, norms, rotation, codebook, bits, dtype=torch.float32):
     """(codes, norms) -> x_hat[..., D] = norm * Pi^T c[idx], in ``dtype``."""
-    dim = _check_decode_args(codes, norms, rotation, codebook, bits)
-    centroids = codebook.to(codes.device)[unpack_codes(codes, bits, dim).long()]
-    return ((centroids @ rotation.to(codes.device)) * norms.unsqueeze(-1)).to(dtype)
+    return decode_checked(check_decode(codes, norms, rotation, codebook, bits, dtype))
 
 
-def encode(x, rotation, codebook, bits):
-    """TurboQuant_mse encode; Triton on CUDA tensors, the reference elsewhere."""
-    if backend.use_triton(x, head_dim=x.shape[-1], bits=(bits,)):
-        from tq_deploy import triton as tq_triton
-
-        return tq_triton.encode(x, rotation, codebook, bits)
-    return encode_reference(x, rotation, codebook, bits)
-
-
-def decode(codes, norms, rotation, codebook, bits, dtype=torch.float32):
-    """TurboQuant_mse decode; Triton on CUDA tensors, the reference elsewhere."""
-    if backend.use_triton(codes, head_dim=rotation.shape[-1], bits=(bits,)):
-        from tq_deploy import triton as tq_triton
-
-        return tq_triton.decode(codes, norms, rotation, codebook, bits, dtype)
-    return decode_reference(codes, norms, rotation, codebook, bits, dtype)
+def decode_checked(a: DecodeArgs):
+    device = a.codes.device
+    centroids = a.codebook.to(device)[unpack_codes(a.codes, a.bits, a.head_dim).long()]
+    return ((centroids @ a.rotation.to(device)) * a.norms.unsqueeze(-1)).to(a.dtype)
 
 
 def random_unit_vectors(num: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -154,10 +131,11 @@ class TurboQuantMSE:
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_dim(x)
-        return encode(x, self.rotation.to(x.device), self.codebook.to(x.device), self.bits)
+        return encode_reference(x, self.rotation.to(x.device), self.codebook.to(x.device), self.bits)
 
     def decode(self, codes: torch.Tensor, norms: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        return decode(codes, norms, self.rotation.to(codes.device), self.codebook.to(codes.device), self.bits, dtype)
+        return decode_reference(codes, norms, self.rotation.to(codes.device), self.codebook.to(codes.device),
+                                self.bits, dtype)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Encode then decode; returns x_hat in x's dtype.

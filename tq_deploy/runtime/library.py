@@ -1,55 +1,65 @@
-"""Locate the native ONNX Runtime custom-op library (domain "turboquant").
+"""Locate the native libraries of tq-deploy: one locator, one not-found error, one env-var scheme.
 
-The library is built from ``plugins/`` by the package build (``pip install .`` or
-``pip install -e .``; scikit-build-core runs CMake) and installed as
-``tq_deploy/lib/libtq_deploy_ort.so``. Load it into a session with::
+    locate("ort")          libtq_deploy_ort.so   ONNX Runtime custom-op library (CPU + CUDA kernels)
+    locate("cuda")         libtq_deploy_cuda.so  the CUDA kernels' C API, for the PyTorch path
+    locate("trt")          libtq_deploy_trt.so   the TensorRT IPluginV3 plugins
+    locate("trt_harness")  libtq_trt_harness.so  drives a plugin's enqueue without TensorRT (GPU tests)
 
-    so = onnxruntime.SessionOptions()
-    so.register_custom_ops_library(ort_library_path())
-
-Search order (the first hit wins):
-    1. env TQ_DEPLOY_ORT_LIBRARY (a file path; an error if it does not exist)
+They are built from ``plugins/`` by the package build (``pip install .`` or ``pip install -e .``;
+scikit-build-core runs CMake) and installed in ``tq_deploy/lib/``. Search order (the first hit
+wins):
+    1. the environment variable of that library (TQ_DEPLOY_ORT_LIBRARY, TQ_DEPLOY_CUDA_LIBRARY,
+       TQ_DEPLOY_TRT_LIBRARY, TQ_DEPLOY_TRT_HARNESS_LIBRARY): a file path; an error if it does
+       not exist
     2. ``tq_deploy/lib/`` next to the imported package (regular installs)
-    3. the files recorded for the installed ``tq-deploy`` distribution (editable
-       installs place the library in site-packages while the package is imported
-       from the source tree)
-    4. ``build/*/ort/`` in the source checkout (a hand-run ``cmake -S plugins -B build/...``
-       or the scikit-build build directory), newest first
+    3. the files recorded for the installed ``tq-deploy`` distribution (editable installs place
+       the libraries in site-packages while the package is imported from the source tree)
+    4. ``build/*/<subdir>/`` in the source checkout (a hand-run ``cmake -S plugins -B build/...`` or
+       the scikit-build build folder), newest first
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-ENV_VAR = "TQ_DEPLOY_ORT_LIBRARY"
 DISTRIBUTION = "tq-deploy"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent  # tq_deploy/
 _SOURCE_ROOT = _PACKAGE_DIR.parent  # the checkout, when imported from source
 
-BUILD_HELP = (
-    "Build it with `pip install -e .` (or `pip install .`) in the tq-deploy checkout: that needs cmake >= 3.24, "
-    "a C++17 compiler and either npm (the build runs `npm pack com.github.asus4.onnxruntime@0.4.9` for the ONNX "
-    "Runtime headers) or ORT_INCLUDE_DIR pointing at an onnxruntime include/ folder. Without pip: "
-    "`cmake -S plugins -B build/native && cmake --build build/native`. "
-    f"Or set {ENV_VAR}=/path/to/{{name}}."
-)
+
+@dataclass(frozen=True)
+class NativeLibrary:
+    kind: str
+    filename: str
+    env_var: str
+    build_subdir: str
+    what: str
+    needs: str  # what its build needs beyond cmake and a C++17 compiler
 
 
-class OrtLibraryNotFoundError(FileNotFoundError):
-    """The custom-op library is not built or not where tq_deploy looks for it."""
+LIBRARIES = {
+    lib.kind: lib
+    for lib in (
+        NativeLibrary("ort", "libtq_deploy_ort.so", "TQ_DEPLOY_ORT_LIBRARY", "ort", "ONNX Runtime custom-op library",
+                      "npm (it runs `npm pack com.github.asus4.onnxruntime@0.4.9` for the ONNX Runtime headers) or "
+                      "ORT_INCLUDE_DIR pointing at an onnxruntime include/ folder; its CUDA kernels need nvcc"),
+        NativeLibrary("cuda", "libtq_deploy_cuda.so", "TQ_DEPLOY_CUDA_LIBRARY", "kernels/cuda", "CUDA kernel library",
+                      "nvcc (CUDA >= 12)"),
+        NativeLibrary("trt", "libtq_deploy_trt.so", "TQ_DEPLOY_TRT_LIBRARY", "trt", "TensorRT plugin library",
+                      "nvcc and the TensorRT headers (fetched with `pip download --no-deps kernel-lens==2.0.1`, "
+                      "or TRT_INCLUDE_DIR)"),
+        NativeLibrary("trt_harness", "libtq_trt_harness.so", "TQ_DEPLOY_TRT_HARNESS_LIBRARY", "trt",
+                      "TensorRT plugin test harness", "what the TensorRT plugin library needs"),
+    )
+}
 
 
-def library_filename() -> str:
-    """Platform file name of the custom-op library."""
-    if sys.platform == "win32":
-        return "tq_deploy_ort.dll"
-    if sys.platform == "darwin":
-        return "libtq_deploy_ort.dylib"
-    return "libtq_deploy_ort.so"
+class NativeLibraryNotFoundError(FileNotFoundError):
+    """A native library of tq-deploy is not built, or not where tq_deploy looks for it."""
 
 
 def _installed_candidates(name: str) -> list[Path]:
@@ -57,14 +67,10 @@ def _installed_candidates(name: str) -> list[Path]:
         dist = metadata.distribution(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return []
-    found = []
-    for file in dist.files or ():
-        if file.name == name and file.parent.name == "lib":
-            found.append(Path(dist.locate_file(file)).resolve())
-    return found
+    return [Path(dist.locate_file(f)).resolve() for f in dist.files or () if f.name == name and f.parent.name == "lib"]
 
 
-def _build_tree_candidates(name: str, subdir: str = "ort") -> list[Path]:
+def _build_tree_candidates(name: str, subdir: str) -> list[Path]:
     build = _SOURCE_ROOT / "build"
     if not build.is_dir():
         return []
@@ -72,43 +78,53 @@ def _build_tree_candidates(name: str, subdir: str = "ort") -> list[Path]:
     return sorted(hits, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def native_candidates(name: str, build_subdir: str) -> list[Path]:
-    """Where a native library of this package is searched, in order: tq_deploy/lib, the installed
-    distribution's files, then build/*/<build_subdir>/ of a source checkout (newest first)."""
-    return [_PACKAGE_DIR / "lib" / name, *_installed_candidates(name), *_build_tree_candidates(name, build_subdir)]
+def candidates(kind: str) -> list[Path]:
+    """Every place searched for library ``kind`` after its environment variable, in order."""
+    lib = _library(kind)
+    return [_PACKAGE_DIR / "lib" / lib.filename, *_installed_candidates(lib.filename),
+            *_build_tree_candidates(lib.filename, lib.build_subdir)]
 
 
-def candidate_paths() -> list[Path]:
-    """Every place searched (after the environment variable), in order."""
-    return native_candidates(library_filename(), "ort")
+def _library(kind: str) -> NativeLibrary:
+    if kind not in LIBRARIES:
+        raise ValueError(f"kind={kind!r}, expected one of {sorted(LIBRARIES)}")
+    return LIBRARIES[kind]
 
 
-def locate_native(name: str, what: str, env_var: str, candidates: list[Path], error: type[Exception],
-                  build_help: str) -> str:
-    """Absolute path of native library `name`: the file `env_var` names, else the first of
-    `candidates` that exists; raises `error` saying where it looked and how to build it."""
-    given = os.environ.get(env_var)
+def build_help(kind: str) -> str:
+    lib = _library(kind)
+    return (f"Build it with `pip install -e .` (or `pip install .`) in the tq-deploy checkout; that needs cmake >= 3.24, "
+            f"a C++17 compiler and {lib.needs}. Without pip: `cmake -S plugins -B build/native && cmake --build "
+            f"build/native`. Or set {lib.env_var}=/path/to/{lib.filename}.")
+
+
+def locate(kind: str) -> str:
+    """Absolute path of native library ``kind`` ("ort", "cuda", "trt", "trt_harness"); raises
+    NativeLibraryNotFoundError saying where it looked and how to build it."""
+    lib = _library(kind)
+    given = os.environ.get(lib.env_var)
     if given:
         path = Path(given).expanduser()
         if not path.is_file():
-            raise error(f"{env_var}={given!r} is not a file; expected the path of {name}. " + build_help)
+            raise NativeLibraryNotFoundError(f"{lib.env_var}={given!r} is not a file; expected the path of "
+                                             f"{lib.filename}. " + build_help(kind))
         return str(path.resolve())
-    for path in candidates:
+    places = candidates(kind)
+    for path in places:
         if path.is_file():
             return str(path)
-    looked = ", ".join(str(p) for p in candidates) or "(nowhere)"
-    raise error(f"the TurboQuant {what} {name} is not built (looked in {looked}). " + build_help)
+    looked = ", ".join(str(p) for p in places) or "(nowhere)"
+    raise NativeLibraryNotFoundError(f"the TurboQuant {lib.what} {lib.filename} is not built (looked in {looked}). "
+                                     + build_help(kind))
 
 
 def ort_library_path() -> str:
-    """Absolute path of the built custom-op library; raises OrtLibraryNotFoundError with build steps."""
-    name = library_filename()
-    return locate_native(name, "ONNX Runtime library", ENV_VAR, candidate_paths(), OrtLibraryNotFoundError,
-                         BUILD_HELP.format(name=name))
+    """Absolute path of the ONNX Runtime custom-op library (``locate("ort")``)."""
+    return locate("ort")
 
 
 def register_library(session_options) -> str:
     """Register the custom ops on an ``onnxruntime.SessionOptions``; returns the library path."""
-    path = ort_library_path()
+    path = locate("ort")
     session_options.register_custom_ops_library(path)
     return path

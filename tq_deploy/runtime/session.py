@@ -1,10 +1,12 @@
-"""ONNX Runtime sessions with the TurboQuant custom-op library.
+"""ONNX Runtime sessions with the TurboQuant custom-op library, on the CPU or the CUDA EP.
 
-    session = make_session("model.onnx")                 # CPU EP, library from ort_library_path()
+    session = make_session("model.onnx")                 # CPU EP, library from locate("ort")
+    session = make_session("model.onnx", provider="cuda")  # CUDA EP (onnxruntime-gpu), CPU EP for the rest
     outputs = run(session, inputs)                       # dict name -> numpy array
 
 The custom-op library (plugins/ort) registers the "turboquant" domain with
-ONNX Runtime; without it a session cannot even be created for our models.
+ONNX Runtime (CPU kernels always, CUDA kernels when it was built with nvcc);
+without it a session cannot even be created for our models.
 """
 
 from __future__ import annotations
@@ -17,53 +19,93 @@ from pathlib import Path
 
 import numpy as np
 
-
-class LibraryNotBuiltError(FileNotFoundError):
-    """The custom-op library is missing (not built, or the path given does not exist)."""
+from tq_deploy.runtime import library as native
 
 
 def custom_op_library(library: str | os.PathLike | None = None) -> Path:
-    """Path of the custom-op library: ``library`` if given, else ``ort_library_path()``."""
+    """Path of the custom-op library: ``library`` if given, else ``locate("ort")``."""
     if library is None:
-        try:
-            from tq_deploy.runtime.library import ort_library_path
-        except ImportError as err:
-            raise LibraryNotBuiltError(
-                f"tq_deploy.runtime.library is unavailable ({err}); pass library=PATH to the built custom-op library"
-            ) from None
-        try:
-            library = ort_library_path()
-        except FileNotFoundError as err:
-            raise LibraryNotBuiltError(str(err)) from None
+        return Path(native.locate("ort"))
     path = Path(library)
     if not path.is_file():
-        raise LibraryNotBuiltError(
-            f"custom-op library {str(path)!r} does not exist; build it first "
-            "(pip install -e . builds plugins/ with CMake) or pass library=PATH"
-        )
+        raise native.NativeLibraryNotFoundError(
+            f"library={str(path)!r} does not exist, expected the path of {native.LIBRARIES['ort'].filename}. "
+            + native.build_help("ort"))
     return path
 
 
-def make_session(model_path: str | os.PathLike | bytes, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 library: str | os.PathLike | None = None, *, session_options=None, threads: int | None = None):
+PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+
+
+def library_build_info(library: str | os.PathLike | None = None) -> dict:
+    """What the custom-op library was built with: {"providers": [...], "cuda_architectures": "..."}."""
+    import ctypes
+    import json
+
+    lib = ctypes.CDLL(str(custom_op_library(library)))
+    fn = lib.TQDeployOrtBuildInfo
+    fn.restype = ctypes.c_char_p
+    return json.loads(fn().decode())
+
+
+def cuda_unavailable_reason(library: str | os.PathLike | None = None) -> str:
+    """Why an ORT session on the CUDA EP cannot run the TurboQuant ops here ("" when it can)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        return f"onnxruntime does not import ({err})"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu: "
+                "pip install 'tq-deploy[gpu]')")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+    except ImportError:
+        pass
+    try:
+        info = library_build_info(library)
+    except (OSError, AttributeError, native.NativeLibraryNotFoundError) as err:
+        return f"the custom-op library does not say its build ({err})"
+    if "cuda" not in info.get("providers", []):
+        return "the custom-op library was built without CUDA kernels (no nvcc at build time)"
+    return ""
+
+
+def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", library: str | os.PathLike | None = None,
+                 *, providers: Sequence | None = None, device_id: int = 0, session_options=None,
+                 threads: int | None = None):
     """An ``onnxruntime.InferenceSession`` with the TurboQuant custom ops registered.
 
-    ``model_path`` is a path or serialized model bytes. ``providers`` are tried in order;
-    asking for one this onnxruntime build lacks is a ValueError naming what it has.
+    ``model`` is a path or serialized model bytes. ``provider`` "cpu" or "cuda" (the CUDA EP on
+    ``device_id``, the CPU EP for nodes it does not take); ``providers`` overrides it with an
+    explicit ONNX Runtime list. Asking for one this onnxruntime build lacks is a ValueError naming
+    what it has.
     """
     import onnxruntime as ort
 
+    if providers is None:
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider={provider!r}, expected one of {tuple(PROVIDERS)}")
+        providers = PROVIDERS[provider]
+    names = [p if isinstance(p, str) else p[0] for p in providers]
     available = ort.get_available_providers()
-    missing = [p for p in providers if p not in available]
+    missing = [p for p in names if p not in available]
     if missing:
-        raise ValueError(f"providers={list(providers)} includes {missing}, expected a subset of {available}")
+        hint = " (install onnxruntime-gpu: pip install 'tq-deploy[gpu]')" if "CUDAExecutionProvider" in missing else ""
+        raise ValueError(f"providers={names} includes {missing}, expected a subset of {available}{hint}")
+    listed = [("CUDAExecutionProvider", {"device_id": device_id}) if p == "CUDAExecutionProvider" else p
+              for p in providers]
     options = session_options or ort.SessionOptions()
     if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads={threads}, expected >= 1")
         options.intra_op_num_threads = threads
     options.register_custom_ops_library(str(custom_op_library(library)))
-    if isinstance(model_path, os.PathLike):
-        model_path = os.fspath(model_path)
-    return ort.InferenceSession(model_path, sess_options=options, providers=list(providers))
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    return ort.InferenceSession(model, sess_options=options, providers=listed)
 
 
 def to_numpy(value) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""TensorRT engines with the TurboQuant plugins (plugins/trt -> tq_deploy/lib/libtq_deploy_trt.so).
+"""TensorRT engines with the TurboQuant plugins (plugins/trt -> tq_deploy/lib/libtq_deploy_trt.so):
+build and run. (Driving one plugin's enqueue without TensorRT, for the GPU tests and the plugin
+benchmark, is :mod:`tq_deploy.runtime.trt_harness`.)
 
     build = build_engine("model.onnx", "model.engine")   # parse, map "turboquant" nodes, serialize
-    stage = tensorrt_stage("model.onnx", "out/")         # the same as a pipeline stage -> dict
+    stage = tensorrt_stage(model_proto, "out/")          # the same as a pipeline stage -> dict
 
 Backends (same Python API, chosen by ``backend=`` or env TQ_DEPLOY_TRT_BACKEND):
     "rtx"       TensorRT-RTX 1.7 (pip tensorrt-rtx-cu13-libs + tensorrt-rtx-cu13-bindings, module
@@ -27,7 +29,6 @@ plugin library is loaded into the plugin registry (``load_library``: it calls th
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import importlib.util
 import os
@@ -40,10 +41,9 @@ from pathlib import Path
 
 import onnx
 
-from tq_deploy import ops
+from tq_deploy import files, ops
+from tq_deploy.runtime import library as native
 
-ENV_LIBRARY = "TQ_DEPLOY_TRT_PLUGIN"
-ENV_HARNESS = "TQ_DEPLOY_TRT_HARNESS"
 ENV_BACKEND = "TQ_DEPLOY_TRT_BACKEND"
 BACKENDS = ("auto", "rtx", "tensorrt")
 PLUGIN_NAMESPACE = ops.DOMAIN
@@ -64,57 +64,13 @@ RUNTIME_NOTE = (
     "capabilities it supports (it refuses 9.0, i.e. H100/H200), full TensorRT 10/11 runs anywhere"
 )
 
-_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # tq_deploy/
-_SOURCE_ROOT = _PACKAGE_DIR.parent
-
-
-class TrtPluginLibraryNotFoundError(FileNotFoundError):
-    """libtq_deploy_trt.so (or the harness) is not built or not where tq_deploy looks."""
-
-
 class TensorRTUnavailableError(ImportError):
     """Neither TensorRT-RTX nor full TensorRT can be imported."""
 
 
-# ---------------------------------------------------------------- library location
-
-def _find_native(name: str, env_var: str) -> str:
-    given = os.environ.get(env_var)
-    if given:
-        path = Path(given).expanduser()
-        if not path.is_file():
-            raise TrtPluginLibraryNotFoundError(f"{env_var}={given!r} is not a file; expected the path of {name}")
-        return str(path.resolve())
-    candidates = [_PACKAGE_DIR / "lib" / name]
-    try:
-        dist = metadata.distribution("tq-deploy")
-        candidates += [Path(dist.locate_file(f)).resolve() for f in dist.files or () if f.name == name]
-    except metadata.PackageNotFoundError:
-        pass
-    build = _SOURCE_ROOT / "build"
-    if build.is_dir():
-        hits = [p for p in build.glob(f"*/trt/{name}") if p.is_file()]
-        candidates += sorted(hits, key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        if path.is_file():
-            return str(path)
-    looked = ", ".join(str(p) for p in candidates)
-    raise TrtPluginLibraryNotFoundError(
-        f"{name} is not built (looked in {looked}). It is built by the package build when nvcc is found and the "
-        "TensorRT headers can be fetched (`pip download --no-deps kernel-lens==2.0.1`, or TRT_INCLUDE_DIR): "
-        "`pip install -e .` (TQ_DEPLOY_TRT is ON by default), or by hand: `cmake -S plugins -B build/trt -DTQ_DEPLOY_TRT=ON "
-        f"-DTQ_DEPLOY_ORT=OFF && cmake --build build/trt`. Or set {env_var}=/path/to/{name}."
-    )
-
-
-def trt_plugin_library_path() -> str:
-    """Absolute path of libtq_deploy_trt.so (env TQ_DEPLOY_TRT_PLUGIN, tq_deploy/lib, build/*/trt)."""
-    return _find_native("libtq_deploy_trt.so", ENV_LIBRARY)
-
-
-def trt_harness_library_path() -> str:
-    """Absolute path of libtq_trt_harness.so (the plugin enqueue driver used by the GPU tests)."""
-    return _find_native("libtq_trt_harness.so", ENV_HARNESS)
+def plugin_library_path() -> str:
+    """Absolute path of libtq_deploy_trt.so (``tq_deploy.runtime.library.locate("trt")``)."""
+    return native.locate("trt")
 
 
 # ---------------------------------------------------------------- TensorRT modules
@@ -182,7 +138,7 @@ _LOADED: dict[tuple[str, str], object] = {}
 def load_plugins(trt, library: str | os.PathLike | None = None) -> list[str]:
     """Load the plugin library into ``trt``'s plugin registry (once per process); returns the
     "turboquant" plugin names the registry then holds. Raises RuntimeError if any op is missing."""
-    path = str(Path(library).resolve()) if library is not None else trt_plugin_library_path()
+    path = str(Path(library).resolve()) if library is not None else plugin_library_path()
     registry = trt.get_plugin_registry()
     key = (trt.__name__, path)
     if key not in _LOADED:
@@ -326,7 +282,9 @@ def build_engine(onnx_path: str | os.PathLike | onnx.ModelProto, engine_path: st
     :func:`profile_shapes` from the inputs' dim names and ``dims``. ``aliased_plugin_io`` turns on
     the preview feature that lets TQCacheUpdate write its caches in place (else the plugin copies).
     """
-    model = onnx_path if isinstance(onnx_path, onnx.ModelProto) else onnx.load(os.fspath(onnx_path))
+    from tq_deploy.export.common import load_model
+
+    model = onnx_path if isinstance(onnx_path, onnx.ModelProto) else load_model(onnx_path)
     trt = import_tensorrt(backend)
     plugins = load_plugins(trt, library)
     logger = make_logger(trt, log_level)
@@ -353,7 +311,7 @@ def build_engine(onnx_path: str | os.PathLike | onnx.ModelProto, engine_path: st
     data = bytes(serialized)
     if engine_path is not None:
         Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(engine_path).write_bytes(data)
+        files.write_bytes(engine_path, data)
 
     def describe(tensor) -> list:
         return [str(tensor.dtype).split(".")[-1].lower(), list(tensor.shape)]
@@ -368,17 +326,63 @@ def build_engine(onnx_path: str | os.PathLike | onnx.ModelProto, engine_path: st
     )
 
 
-def tensorrt_stage(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, **build_kwargs) -> dict:
-    """The pipeline's TensorRT stage: build ``out_dir/<model stem>.engine``; never raises for a
-    missing TensorRT or plugin library (status "skipped" with the reason), does raise for a
-    model TensorRT rejects (status would be meaningless)."""
-    onnx_path = Path(onnx_path)
-    engine_path = Path(out_dir) / f"{onnx_path.stem}.engine"
+def tensorrt_stage(model: str | os.PathLike | onnx.ModelProto, out_dir: str | os.PathLike, *, name: str | None = None,
+                   **build_kwargs) -> dict:
+    """The pipeline's TensorRT stage: build ``out_dir/<name>.engine`` (name: the model file's stem, or
+    "model"); never raises for a missing TensorRT or plugin library (status "skipped" with the
+    reason), does raise for a model TensorRT rejects (status would be meaningless)."""
+    if name is None:
+        name = "model" if isinstance(model, onnx.ModelProto) else Path(model).stem
+    source = "(in memory)" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    engine_path = Path(out_dir) / f"{name}.engine"
     try:
-        build = build_engine(onnx_path, engine_path, **build_kwargs)
-    except (TensorRTUnavailableError, TrtPluginLibraryNotFoundError) as err:
-        return {"stage": "tensorrt", "status": "skipped", "reason": str(err), "onnx": str(onnx_path)}
-    return {"stage": "tensorrt", "status": "built", "onnx": str(onnx_path), **build.to_dict()}
+        build = build_engine(model, engine_path, **build_kwargs)
+    except (TensorRTUnavailableError, native.NativeLibraryNotFoundError) as err:
+        return {"stage": "tensorrt", "status": "skipped", "reason": str(err), "onnx": source}
+    return {"stage": "tensorrt", "status": "built", "onnx": source, **build.to_dict()}
+
+
+def network_from_onnx(onnx_path: str | os.PathLike | onnx.ModelProto, trt=None):
+    """(builder, network, parser) for a model with the TurboQuant plugins loaded; codes tensors
+    retyped uint8 -> int8 (see the module docstring)."""
+    trt = trt or import_tensorrt()
+    load_plugins(trt)
+    logger = make_logger(trt, "error")
+    builder = trt.Builder(logger)
+    if not isinstance(onnx_path, onnx.ModelProto):
+        from tq_deploy.export.common import load_model
+
+        onnx_path = load_model(onnx_path)
+    network, parser = parse_network(trt, builder, logger, retype_codes_for_tensorrt(onnx_path))
+    return builder, network, parser
+
+
+def polygraphy_tensorrt():
+    """The TensorRT module polygraphy uses (tensorrt_rtx with POLYGRAPHY_USE_TENSORRT_RTX=1)."""
+    from polygraphy import config
+
+    if config.USE_TENSORRT_RTX:
+        ensure_rtx_parser_link()
+        import tensorrt_rtx as trt  # the wrapper polygraphy imports; same classes as tensorrt_rtx_bindings
+    else:
+        import tensorrt as trt
+    return trt
+
+
+def tensorrt_usable() -> tuple[bool, str]:
+    """Whether an engine can run here, and why not."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA device: TensorRT engines build here but cannot run"
+        trt = import_tensorrt()
+        load_plugins(trt)
+        if backend_name(trt) == "rtx" and torch.cuda.get_device_capability() == (9, 0):
+            return False, "TensorRT-RTX refuses compute capability 9.0 (H100/H200); full TensorRT is needed"
+        return True, f"{trt.__name__} {trt.__version__}"
+    except Exception as err:  # noqa: BLE001 - any failure means not usable, with the reason
+        return False, f"{type(err).__name__}: {err}"
 
 
 # ---------------------------------------------------------------- running an engine (GPU)
@@ -420,58 +424,3 @@ def run_engine(engine_path: str | os.PathLike, inputs: Mapping[str, object], *, 
         raise RuntimeError(f"execute_async_v3 failed: {_errors(logger)}")
     stream.synchronize()
     return {k: (v.view(torch.uint8) if v.dtype == torch.int8 else v) for k, v in outputs.items()}
-
-
-# ---------------------------------------------------------------- plugin enqueue without TensorRT
-
-# nvinfer1::DataType values (NvInferRuntimeBase.h)
-_TRT_DTYPE = {"float32": 0, "float16": 1, "int8": 2, "int32": 3, "uint8": 5, "int64": 8}
-
-
-def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, outputs: Sequence, *,
-                    stream: int = 0, library: str | os.PathLike | None = None,
-                    harness: str | os.PathLike | None = None, dry_run: bool = False) -> None:
-    """Drive plugin ``op_name`` as TensorRT would (creator -> createPlugin(build) -> configure ->
-    serialize fields -> createPlugin(runtime) -> attachToContext -> onShapeChange -> enqueue) on
-    torch CUDA tensors, writing into ``outputs``. Codes tensors travel as int8 (see module doc).
-    Raises RuntimeError with the harness's message on any refusal. Does not synchronize.
-    ``dry_run=True`` stops before enqueue: then CPU tensors are fine (no pointer is read), which
-    checks attribute parsing, dtypes, formats, shape checks and field serialization without a GPU.
-    """
-    if op_name not in ops.OPS_BY_NAME:
-        raise ValueError(f"op_name={op_name!r}, expected one of {sorted(ops.OPS_BY_NAME)}")
-    spec = ops.OPS_BY_NAME[op_name]
-    if len(inputs) != len(spec.inputs) or len(outputs) != len(spec.outputs):
-        raise ValueError(f"{op_name}: {len(inputs)} inputs / {len(outputs)} outputs, expected "
-                         f"{len(spec.inputs)} / {len(spec.outputs)}")
-    lib = ctypes.CDLL(os.fspath(harness) if harness else trt_harness_library_path())
-    plugin = os.fspath(library) if library else trt_plugin_library_path()
-
-    def describe(tensors):
-        types, ranks, dims, ptrs = [], [], [], []
-        for t in tensors:
-            if not (t.is_cuda or dry_run) or not t.is_contiguous():
-                raise ValueError(f"{op_name}: tensors must be contiguous CUDA tensors, got device={t.device}")
-            dtype = str(t.dtype).replace("torch.", "")
-            types.append(_TRT_DTYPE["int8" if dtype == "uint8" else dtype])
-            ranks.append(t.dim())
-            dims.extend(list(t.shape) + [0] * (8 - t.dim()))
-            ptrs.append(t.data_ptr())
-        n = len(tensors)
-        return ((ctypes.c_int * n)(*types), (ctypes.c_int * n)(*ranks), (ctypes.c_int64 * (8 * n))(*dims),
-                (ctypes.c_void_p * n)(*ptrs))
-
-    names = list(attrs)
-    field_names = (ctypes.c_char_p * len(names))(*[n.encode() for n in names])
-    values = (ctypes.c_double * len(names))(*[float(attrs[n]) for n in names])
-    is_float = (ctypes.c_int * len(names))(*[spec.attribute(n).kind == "float" for n in names])
-    in_t, in_r, in_d, in_p = describe(inputs)
-    out_t, out_r, out_d, out_p = describe(outputs)
-    message = ctypes.create_string_buffer(1024)
-    fn = lib.tq_trt_harness_enqueue
-    fn.restype = ctypes.c_int
-    rc = fn(plugin.encode(), op_name.encode(), len(names), field_names, values, is_float,
-            len(inputs), in_t, in_r, in_d, in_p, len(outputs), out_t, out_r, out_d, out_p,
-            ctypes.c_void_p(stream), int(dry_run), message, len(message))
-    if rc != 0:
-        raise RuntimeError(f"{op_name} plugin harness: {message.value.decode(errors='replace')}")

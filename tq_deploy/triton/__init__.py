@@ -1,21 +1,28 @@
-"""Triton kernels for every TurboQuant op (encode, decode, cache update, paged attention).
+"""The Triton backend: a kernel for every TurboQuant op.
 
-Same signatures as the reference functions in :mod:`tq_deploy.reference.quantizer`
-and :mod:`tq_deploy.reference.paged`; those call into here for CUDA tensors (see
-:mod:`tq_deploy.backend`). Supported: bits 1-4, head dim 32/64/128/256, any GQA
-group up to 64, any block size (power of two), fp16/bf16/fp32 inputs. On a machine
-without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 set
-before this package is imported) on CPU tensors; that is what the CPU tests do.
+One module per op stem (``encode`` also holds the cache update, an encode into
+slots; ``decode``; ``paged_attention``), each with ``supports_<op>(args)`` and
+``<op>(args)`` on the checked arguments of :mod:`tq_deploy.reference.checks`;
+:data:`OPS` lists them for the dispatcher (:mod:`tq_deploy.dispatch`), which
+checks a call once, asks the backends in order which takes it, and runs that
+one. Supported: bits 1-4, head dim 32/64/128/256, GQA groups up to 64,
+power-of-two block sizes, fp16/bf16/fp32 inputs. On a machine without a GPU the
+kernels run under the Triton interpreter (TRITON_INTERPRET=1 set before triton
+is imported) on CPU tensors; that is what the CPU tests do
+(:mod:`tq_deploy.triton.interpret`).
 """
 
+from tq_deploy.triton import decode, encode, paged_attention
 from tq_deploy.triton._common import SUPPORTED_BITS, SUPPORTED_DIMS
-from tq_deploy.triton.attention import choose_splits, paged_attention
-from tq_deploy.triton.quantizer import cache_update, decode, encode
 
+NAME = "triton"
 
-def supports(head_dim: int, *bits: int) -> bool:
-    """True when the kernels handle this head dimension and these bit widths."""
-    return head_dim in SUPPORTED_DIMS and all(b in SUPPORTED_BITS for b in bits)
+# op -> (supports(args) -> bool, run(args))
+OPS = {
+    "encode": (encode.supports_encode, encode.encode),
+    "decode": (decode.supports_decode, decode.decode),
+    "cache_update": (encode.supports_cache_update, encode.cache_update),
+    "paged_attention": (paged_attention.supports_paged_attention, paged_attention.paged_attention),
+}
 
-
-__all__ = ["encode", "decode", "cache_update", "paged_attention", "choose_splits", "supports"]
+__all__ = ["NAME", "OPS", "SUPPORTED_BITS", "SUPPORTED_DIMS", "encode", "decode", "paged_attention"]

@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-_MODULES = ("_dot", "_bits", "_quant_kernels", "_attention_kernels", "quantizer", "attention")
+_MODULES = ("_dot", "_bits", "_common", "encode", "decode", "paged_attention")
 
 
 def _is_interpreted(fn) -> bool:
@@ -40,7 +40,7 @@ def load_kernels(interpret: bool | None = None):
             f"{'1' if interpret else '0'} before the first import of triton in this process"
         )
     pkg = importlib.import_module("tq_deploy.triton")
-    kernel = importlib.import_module("tq_deploy.triton._quant_kernels").encode_kernel
+    kernel = importlib.import_module("tq_deploy.triton.encode").encode_kernel
     if _is_interpreted(kernel) != interpret:
         for name in _MODULES:
             mod = sys.modules.get(f"tq_deploy.triton.{name}")

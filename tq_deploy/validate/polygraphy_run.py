@@ -1,4 +1,5 @@
-"""polygraphy runs of models with TurboQuant ops: ONNX Runtime, the PyTorch reference, TensorRT.
+"""polygraphy runs of models with TurboQuant ops: the PyTorch reference, ONNX Runtime (CPU and CUDA EP)
+and TensorRT, through polygraphy's Comparator.
 
 1. TensorRT through the polygraphy CLI (a network script: ``--plugins`` only ctypes-loads a file,
    it does not register a V3 plugin library, and RTX's network has no add_plugin_v3)::
@@ -9,16 +10,16 @@
            --trt-min-shapes query:[1,8,64] ... --trt-opt-shapes ... --trt-max-shapes ...
 
    (``POLYGRAPHY_USE_TENSORRT_RTX=1`` needs the wrapper package tensorrt-rtx-cu13==1.7.1.116;
-   without it polygraphy imports full TensorRT.) On a machine without a usable GPU, add
-   ``--no-infer`` ... polygraphy 0.53 has no such flag for ``run``: use ``polygraphy convert``
-   with the same script and ``-o model.engine`` to only build.
+   without it polygraphy imports full TensorRT.) To only build, use ``polygraphy convert`` with
+   the same script and ``-o model.engine``.
 
-2. Python, :func:`compare_with_polygraphy`: polygraphy's Comparator over
-       * ``OnnxrtRunner`` with a session made by tq_deploy.runtime.session.make_session
-         (polygraphy's own SessionFromOnnx cannot register a custom-op library),
+2. Python, :func:`compare_with_polygraphy` (what ``tq-deploy validate`` and the pipeline run):
        * :class:`ReferenceRunner`, a polygraphy BaseRunner that runs tq_deploy.reference,
-       * ``TrtRunner`` on an engine built with the TurboQuant plugins, only when a GPU that the
-         TensorRT backend can run on is present (TensorRT-RTX refuses compute capability 9.0).
+       * ``OnnxrtRunner`` with sessions made by tq_deploy.runtime.session.make_session on the CPU EP
+         and, where onnxruntime-gpu and a CUDA device are present, on the CUDA EP (polygraphy's own
+         SessionFromOnnx cannot register a custom-op library),
+       * ``TrtRunner`` on an engine (given, or built with the TurboQuant plugins) where TensorRT can
+         run it (TensorRT-RTX refuses compute capability 9.0).
    Outputs are compared with tq_deploy.validate.compare (packed codes compared per code).
 """
 
@@ -37,40 +38,14 @@ ENV_MODEL = "TQ_ONNX_MODEL"
 
 # ---------------------------------------------------------------- network script (CLI)
 
-def _polygraphy_trt():
-    """The TensorRT module polygraphy uses (tensorrt_rtx with POLYGRAPHY_USE_TENSORRT_RTX=1)."""
-    from polygraphy import config
-
-    from tq_deploy.runtime import tensorrt as rt
-
-    if config.USE_TENSORRT_RTX:
-        rt.ensure_rtx_parser_link()
-        import tensorrt_rtx as trt  # the wrapper polygraphy imports; same classes as tensorrt_rtx_bindings
-    else:
-        import tensorrt as trt
-    return trt
-
-
-def network_from_onnx(onnx_path: str | os.PathLike, trt=None):
-    """(builder, network, parser) for ``onnx_path`` with the TurboQuant plugins loaded; codes
-    tensors retyped uint8 -> int8 (see tq_deploy.runtime.tensorrt)."""
-    from tq_deploy.runtime import tensorrt as rt
-
-    trt = trt or _polygraphy_trt()
-    rt.load_plugins(trt)
-    logger = rt.make_logger(trt, "error")
-    builder = trt.Builder(logger)
-    model = rt.retype_codes_for_tensorrt(onnx.load(os.fspath(onnx_path)))
-    network, parser = rt.parse_network(trt, builder, logger, model)
-    return builder, network, parser
-
-
 def load_network():
     """polygraphy ``trt-network-script`` entry point: the model named by env TQ_ONNX_MODEL."""
+    from tq_deploy.runtime import tensorrt as rt
+
     path = os.environ.get(ENV_MODEL)
     if not path or not Path(path).is_file():
         raise ValueError(f"{ENV_MODEL}={path!r}, expected the path of an .onnx model with turboquant ops")
-    return network_from_onnx(path)
+    return rt.network_from_onnx(path, rt.polygraphy_tensorrt())
 
 
 # ---------------------------------------------------------------- runners
@@ -83,14 +58,18 @@ def _base_runner():
 
 class ReferenceRunner(_base_runner()):
     """A polygraphy runner whose 'inference' is tq_deploy.reference on the model's stored config
-    (tq_deploy.validate.reference.reference_outputs): the oracle every backend is compared with."""
+    (tq_deploy.validate.reference.reference_outputs): the oracle every backend is compared with.
 
-    def __init__(self, model_path: str | os.PathLike, name: str | None = None):
+    ``known`` holds (feeds, outputs) pairs already computed: a feed equal to one of them returns
+    its outputs instead of running the reference again."""
+
+    def __init__(self, model: onnx.ModelProto, name: str | None = None, known=()):
         super().__init__(name=name, prefix="tq-reference-runner")
-        self.model_path = os.fspath(model_path)
+        self.model = model
+        self.known = list(known)
 
     def activate_impl(self):
-        self.model = onnx.load(self.model_path)
+        pass
 
     def get_input_metadata_impl(self):
         from polygraphy.common import TensorMetadata
@@ -112,56 +91,48 @@ class ReferenceRunner(_base_runner()):
 
         from tq_deploy.validate.reference import reference_outputs
 
-        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()}
         start = time.perf_counter()
+        for feeds, outputs in self.known:
+            if feeds.keys() == feed_dict.keys() and all(np.array_equal(feeds[k], feed_dict[k]) for k in feeds):
+                self.inference_time = time.perf_counter() - start
+                return OrderedDict((k, np.asarray(v)) for k, v in outputs.items())
+        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()}
         outputs = reference_outputs(self.model, inputs)
         self.inference_time = time.perf_counter() - start
         return OrderedDict((k, v.detach().cpu().numpy()) for k, v in outputs.items())
 
     def deactivate_impl(self):
-        del self.model
+        pass
 
 
-def onnxrt_runner(model_path: str | os.PathLike, providers=("CPUExecutionProvider",)):
+def onnxrt_runner(model: onnx.ModelProto, provider: str = "cpu", library=None):
     """polygraphy's OnnxrtRunner on a session with our custom-op library registered."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     from tq_deploy.runtime.session import make_session
 
-    return OnnxrtRunner(lambda: make_session(os.fspath(model_path), providers=providers), name="onnxrt-turboquant")
+    data = model.SerializeToString()
+    return OnnxrtRunner(lambda: make_session(data, provider=provider, library=library), name=f"onnxrt-{provider}")
 
 
-def tensorrt_usable() -> tuple[bool, str]:
-    """Whether a TensorRT runner can run here, and why not."""
-    from tq_deploy.runtime import tensorrt as rt
+def trt_runner(model: onnx.ModelProto, engine: str | os.PathLike | None = None, dims=None):
+    """polygraphy TrtRunner on ``engine`` (else one built from the model), uint8 codes fed as int8 views.
 
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False, "no CUDA device: TensorRT engines build here but cannot run"
-        trt = rt.import_tensorrt()
-        rt.load_plugins(trt)
-        if rt.backend_name(trt) == "rtx" and torch.cuda.get_device_capability() == (9, 0):
-            return False, "TensorRT-RTX refuses compute capability 9.0 (H100/H200); full TensorRT is needed"
-        return True, f"{trt.__name__} {trt.__version__}"
-    except Exception as err:  # noqa: BLE001 - any failure means not usable, with the reason
-        return False, f"{type(err).__name__}: {err}"
-
-
-def trt_runner(model_path: str | os.PathLike, dims=None):
-    """polygraphy TrtRunner on an engine built with the plugins (uint8 codes fed as int8 views).
-
-    NOT RUN here: no GPU on the CPU machine, and TensorRT-RTX refuses the H200.
-    """
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, Profile, TrtRunner
+    Runs only where TensorRT accepts the GPU (TensorRT-RTX refuses the H200)."""
+    from polygraphy.backend.trt import BytesFromPath, CreateConfig, EngineFromBytes, EngineFromNetwork, Profile
+    from polygraphy.backend.trt import TrtRunner
 
     from tq_deploy.runtime import tensorrt as rt
 
-    profile = Profile()
-    for name, (lo, opt, hi) in rt.profile_shapes(onnx.load(os.fspath(model_path)), dims).items():
-        profile.add(name, min=lo, opt=opt, max=hi)
-    engine = EngineFromNetwork(lambda: network_from_onnx(model_path), config=CreateConfig(profiles=[profile]))
+    if engine is not None:
+        rt.load_plugins(rt.polygraphy_tensorrt())
+        loader = EngineFromBytes(BytesFromPath(os.fspath(engine)))
+    else:
+        profile = Profile()
+        for name, (lo, opt, hi) in rt.profile_shapes(model, dims).items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        loader = EngineFromNetwork(lambda: rt.network_from_onnx(model, rt.polygraphy_tensorrt()),
+                                   config=CreateConfig(profiles=[profile]))
 
     class CodesAsInt8TrtRunner(TrtRunner):
         def infer_impl(self, feed_dict, *args, **kwargs):
@@ -169,49 +140,63 @@ def trt_runner(model_path: str | os.PathLike, dims=None):
             out = super().infer_impl(feed, *args, **kwargs)
             return OrderedDict((k, v.view(np.uint8) if v.dtype == np.int8 else v) for k, v in out.items())
 
-    return CodesAsInt8TrtRunner(engine, name="trt-turboquant")
+    return CodesAsInt8TrtRunner(loader, name="trt-turboquant")
 
 
 # ---------------------------------------------------------------- comparison
 
-def compare_with_polygraphy(model_path: str | os.PathLike, *, seed: int = 0, with_tensorrt: bool | None = None,
-                            providers=("CPUExecutionProvider",), verbose: bool = False) -> dict:
-    """Run ORT, the reference and (when usable) TensorRT through polygraphy's Comparator on the
-    same random valid inputs; compare every runner with the reference.
+def compare_with_polygraphy(model: str | os.PathLike | onnx.ModelProto, *, feeds: dict | None = None,
+                            expected: dict | None = None, seed: int = 0, engine: str | os.PathLike | None = None,
+                            with_tensorrt: bool | None = None, library=None, verbose: bool = False) -> dict:
+    """Run the reference, ONNX Runtime (CPU, and CUDA where it runs) and TensorRT (where it runs)
+    through polygraphy's Comparator on the same inputs; compare every runner with the reference.
 
-    Returns {"runners": [...], "tensorrt": reason, "reports": {runner: ComparisonReport dict},
-    "passed": bool}. ``with_tensorrt=None`` adds TensorRT when :func:`tensorrt_usable`.
-    polygraphy's own log (inputs, per-runner timing) is shown only with ``verbose=True``.
-    """
+    ``feeds`` (torch tensors by input name; default: fresh random valid inputs from ``seed``) and
+    ``expected`` (the reference's outputs for them, when already computed) let a caller hand over
+    what it has. Returns {"runners": [...], "skipped": {runner: why}, "reports": {runner: report
+    dict}, "text": str, "passed": bool}."""
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
+    from tq_deploy.export.common import load_model
+    from tq_deploy.runtime.session import cuda_unavailable_reason
+    from tq_deploy.runtime.tensorrt import tensorrt_usable
     from tq_deploy.validate.compare import compare
     from tq_deploy.validate.inputs import random_inputs
     from tq_deploy.validate.reference import bits_of_outputs
 
-    model = onnx.load(os.fspath(model_path))
-    feeds = {k: v.detach().cpu().numpy() for k, v in random_inputs(model, seed=seed).items()}
+    if not isinstance(model, onnx.ModelProto):
+        model = load_model(model)
+    if feeds is None:
+        feeds = random_inputs(model, seed=seed)
+    arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
+    known = [] if expected is None else [(arrays, {k: v.detach().cpu().numpy() for k, v in expected.items()})]
+    reference = ReferenceRunner(model, name="tq-reference", known=known)
+    runners, skipped = [reference, onnxrt_runner(model, "cpu", library)], {}
+    why_not_cuda = cuda_unavailable_reason()
+    if why_not_cuda:
+        skipped["onnxrt-cuda"] = why_not_cuda
+    else:
+        runners.append(onnxrt_runner(model, "cuda", library))
     usable, why = tensorrt_usable()
-    reference = ReferenceRunner(model_path, name="tq-reference")
-    runners = [reference, onnxrt_runner(model_path, providers)]
     if with_tensorrt or (with_tensorrt is None and usable):
-        runners.append(trt_runner(model_path))
+        runners.append(trt_runner(model, engine))
+    else:
+        skipped["trt-turboquant"] = why if not usable else "not asked for"
     with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.ERROR):
-        results = Comparator.run(runners, data_loader=[feeds])
-    expected = dict(results[reference.name][0])
+        results = Comparator.run(runners, data_loader=[arrays])
+    expected_arrays = dict(results[reference.name][0])
     code_bits = bits_of_outputs(model)
     reports = {}
     for runner in runners[1:]:
         actual = dict(results[runner.name][0])
-        report = compare(actual, expected, title=f"{runner.name} vs {reference.name} ({Path(model_path).name})",
-                         code_bits=code_bits)
-        reports[runner.name] = report
+        reports[runner.name] = compare(actual, expected_arrays, title=f"{runner.name} vs {reference.name}",
+                                       code_bits=code_bits)
     return {
-        "model": os.fspath(model_path),
         "seed": seed,
         "runners": [r.name for r in runners],
-        "tensorrt": why if not any(r.name == "trt-turboquant" for r in runners) else "ran",
+        "skipped": skipped,
+        "tensorrt": why if "trt-turboquant" in skipped else "ran",
         "reports": {k: v.to_dict() for k, v in reports.items()},
         "text": "\n\n".join(v.to_text() for v in reports.values()),
         "passed": all(v.passed for v in reports.values()),

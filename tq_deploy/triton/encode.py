@@ -1,19 +1,26 @@
-"""Triton kernels for Encode (norm + rotation + quantize + pack, one pass) and Decode.
+"""TQEncode and TQCacheUpdate on Triton: norm + rotation + quantize + pack in one pass.
 
-Encode, per tile of BLOCK_R rows:
+Per tile of BLOCK_R rows:
     norm = ||x||_2 (fp32);  y = (x @ Pi^T) / norm  (0 where norm == 0)
     code = #{k : boundary_k < y}  (select-based binary search over the sorted midpoints)
 The product runs on the tensor cores in the input's half type against Pi^T
-split into parts (see _common.rotation_parts), which reproduces fp32.
-
-Decode: x_hat = norm * (c[code] @ Pi), fp32 product.
+split into parts (see _common.rotation_parts), which reproduces fp32. A cache
+update is the same kernel writing row r to the packed row of its slot.
 """
 
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
-from ._bits import store_codes, unpack_codes_masked
-from ._dot import half_dot
+from tq_deploy.device_constants import boundaries
+from tq_deploy.ops import packed_size
+from tq_deploy.reference.checks import CacheUpdateArgs, EncodeArgs
+
+from . import _common as C
+from ._bits import store_codes
+from ._dot import half_dot, interpreting
 
 
 @triton.jit
@@ -98,19 +105,69 @@ def encode_kernel(x_ptr, rot0_ptr, rot1_ptr, rot2_ptr, bnd_ptr, words_ptr, bytes
         store_codes(words_ptr, bytes_ptr, code, orow, omask, jc * BJ, BLOCK_R, BJ, D, BITS)
 
 
-@triton.jit
-def decode_kernel(words_ptr, bytes_ptr, norms_ptr, cb_ptr, rot_ptr, out_ptr, n_rows,
-                  D: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr, BJ: tl.constexpr):
-    """out[r] = norm[r] * (c[code[r]] @ Pi), Pi [D, D] fp32 row-major."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    codes = unpack_codes_masked(words_ptr, bytes_ptr, rows64, rmask, BLOCK_R, D, BITS)
-    vals = tl.load(cb_ptr + codes)
-    norm = tl.load(norms_ptr + rows64, mask=rmask, other=0.0)
-    for jc in tl.static_range(D // BJ):
-        cols = jc * BJ + tl.arange(0, BJ)
-        rot = tl.load(rot_ptr + tl.arange(0, D)[:, None] * D + cols[None, :])
-        acc = tl.dot(vals, rot, input_precision="ieee") * norm[:, None]
-        tl.store(out_ptr + rows64[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+_BLOCK_R = 64
+
+
+def _launch(x2, rotation, codebook, bits, codes, norms, slot_mapping=None, heads=1):
+    """x2 [R, D] (rows contiguous) -> codes rows / norms, optionally through slots."""
+    n_rows, dim = x2.shape
+    if n_rows == 0:
+        return
+    parts = C.rotation_parts(rotation, x2.dtype, x2.device)
+    padded = parts + (parts[0],) * (3 - len(parts))
+    block_r = _BLOCK_R if dim <= 128 else 32
+    encode_kernel[(C.cdiv(n_rows, block_r),)](
+        x2, *padded, boundaries(codebook, x2.device), C.as_words(codes), codes, norms,
+        slot_mapping if slot_mapping is not None else norms,
+        n_rows, x2.stride(0), heads,
+        D=dim, BITS=bits, BLOCK_R=block_r, BJ=min(dim, 64), NPARTS=len(parts),
+        PART_SCALE=C.PART_SCALE.get(x2.dtype, 1.0), FP32=x2.dtype == torch.float32,
+        USE_SLOTS=slot_mapping is not None, UPCAST=interpreting() and x2.dtype == torch.bfloat16, num_warps=4,
+    )
+
+
+def supports_encode(a: EncodeArgs) -> bool:
+    return C.runs_here(a.device) and a.head_dim in C.SUPPORTED_DIMS and a.bits in C.SUPPORTED_BITS
+
+
+def encode(a: EncodeArgs):
+    """(codes [..., P] uint8, norms [...] fp32) of x [..., D]; see the reference encode."""
+    lead = a.x.shape[:-1]
+    x2 = a.x.reshape(-1, a.head_dim)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    p = packed_size(a.head_dim, a.bits)
+    codes = torch.empty((x2.shape[0], p), dtype=torch.uint8, device=a.device)
+    norms = torch.empty((x2.shape[0],), dtype=torch.float32, device=a.device)
+    _launch(x2, a.rotation, a.codebook, a.bits, codes, norms)
+    return codes.reshape(*lead, p), norms.reshape(lead)
+
+
+def _word_aligned(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.storage_offset() % 4 == 0
+
+
+def supports_cache_update(a: CacheUpdateArgs) -> bool:
+    """Contiguous caches whose packed rows can be written as int32 words (in place: no copy)."""
+    return (C.runs_here(a.device) and a.head_dim in C.SUPPORTED_DIMS and a.k_bits in C.SUPPORTED_BITS
+            and a.v_bits in C.SUPPORTED_BITS and _word_aligned(a.k_codes) and _word_aligned(a.v_codes)
+            and a.k_norms.is_contiguous() and a.v_norms.is_contiguous())
+
+
+def cache_update(a: CacheUpdateArgs):
+    """Encode key/value [T, Hkv, D] into their paged slots, in place; slot < 0 skips the token and
+    a slot named twice keeps its last token (earlier ones are dropped here, on the device)."""
+    from tq_deploy.reference.paged import last_writer
+
+    t, heads, dim = a.num_tokens, a.num_kv_heads, a.head_dim
+    slots = a.slot_mapping.to(torch.int64)
+    if t > 1:
+        slots = torch.where(last_writer(slots), slots, -1)
+    slots = slots.contiguous()
+    for src, codes, norms, cb, bits in ((a.key, a.k_codes, a.k_norms, a.k_codebook, a.k_bits),
+                                         (a.value, a.v_codes, a.v_norms, a.v_codebook, a.v_bits)):
+        x2 = src.reshape(t * heads, dim)
+        if x2.stride(-1) != 1 or (t * heads > 1 and x2.stride(0) != dim):
+            x2 = x2.contiguous()
+        _launch(x2, a.rotation, cb, bits, codes, norms, slot_mapping=slots, heads=heads)
+    return a.k_codes, a.k_norms, a.v_codes, a.v_norms

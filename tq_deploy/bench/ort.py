@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
-"""Time TQPagedAttention on ONNX Runtime's CPU EP beside the PyTorch reference.
+"""TQPagedAttention in ONNX Runtime (CPU EP) beside the PyTorch reference.
 
-    python scripts/bench_ort.py                      # S=8, context 4096, Hq=32, Hkv=8, D=128, 4 bits
-    python scripts/bench_ort.py --context 1024 --runs 20 --threads 2
+    tq-deploy bench ort                         # S=8, context 4096, Hq=32, Hkv=8, D=128, 4 bits
+    tq-deploy bench ort --context 1024 --runs 20 --threads 2
 
 Both run on the same inputs (a random paged cache with shuffled block tables); the
 table shows the median and min over --runs timed runs after --warmup untimed ones,
@@ -12,24 +11,15 @@ difference between the two outputs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import time
 
-import numpy as np
-import onnxruntime as ort
-import torch
-
-from tq_deploy.export.single_op import initializer_arrays, make_op_model
 from tq_deploy.ops import packed_size
-from tq_deploy.reference.paged import paged_attention_reference
-from tq_deploy.runtime.library import register_library
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=8, help="sequences S (default 8)")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
     p.add_argument("--q-heads", type=int, default=32)
@@ -44,10 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads and torch threads (0: default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-reference", action="store_true", help="time only ORT")
-    return p.parse_args(argv)
 
 
-def make_inputs(a: argparse.Namespace, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def make_inputs(a, gen) -> dict:
+    import torch
+
     blocks_per_seq = -(-a.context // a.block_size)
     n = a.batch * blocks_per_seq
     shape = (n, a.block_size, a.kv_heads)
@@ -74,8 +65,15 @@ def time_it(fn, runs: int, warmup: int) -> tuple[list[float], object]:
     return times, out
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
+def run(a) -> int:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from tq_deploy.export.single_op import initializer_arrays, make_op_model
+    from tq_deploy.reference.paged import paged_attention_reference
+    from tq_deploy.runtime.library import register_library
+
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(a.seed)
@@ -128,6 +126,3 @@ def main(argv=None) -> int:
         print(f"\nmax |ORT - reference| = {max_diff:.3e}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

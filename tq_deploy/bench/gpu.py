@@ -1,4 +1,4 @@
-"""Benchmark the TurboQuant GPU kernels on a CUDA GPU (the H200 anchors of DESIGN.md).
+"""Decode attention and encode on a CUDA GPU: every backend against torch fp16 SDPA.
 
 For B x S in {8x32768, 1x131072, 64x2048, 1x32768}, Hq=32, Hkv=8, D=128, block size 16:
   - our paged decode attention at 4, 3 and 2 bits (k_bits = v_bits): the Triton kernel and,
@@ -15,13 +15,11 @@ inputs smaller than 3x the L2 cache are rotated among copies so repeats don't hi
 Also reports CUDA-graph replay medians (no launch gaps) for attention and SDPA.
 Writes JSON (--json, default $OUT/bench_gpu.json when $OUT is set) and prints a table last.
 
-    python3 scripts/bench_gpu.py [--quick] [--sweep 8x32768] [--json PATH]
-    tq-deploy bench --gpu
+    tq-deploy bench gpu [--quick] [--sweep 8x32768] [--json PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -102,20 +100,35 @@ def check_small(impl, bits, hq, hkv, dim, page, rot, cb):
     return ((got - want).norm() / want.norm()).item()
 
 
+def backend_call(run, **knobs):
+    """A paged attention callable with the reference's signature that runs backend function ``run``."""
+    from tq_deploy.reference.checks import check_paged_attention
+
+    return lambda *a: run(check_paged_attention(*a, check_data=False), **knobs)
+
+
 def implementations(bits, knobs, query, k_codes):
     """name -> paged attention callable, for the kernels that take this case."""
     from tq_deploy import cuda as tq_cuda
-    from tq_deploy.triton import paged_attention
+    from tq_deploy.reference.checks import check_paged_attention
+    from tq_deploy.triton import paged_attention as tq_triton
 
-    impls = {"tq": lambda *a: paged_attention(*a, **(knobs or {}))}
-    if tq_cuda.supports_paged_attention(query, k_codes, bits, bits):
-        impls["cu"] = tq_cuda.paged_attention
+    impls = {"tq": backend_call(tq_triton.paged_attention, **(knobs or {}))}
+    dim = query.shape[-1]
+    probe = (query, k_codes, k_codes.new_zeros(k_codes.shape[:3], dtype=torch.float32), k_codes,
+             k_codes.new_zeros(k_codes.shape[:3], dtype=torch.float32),
+             torch.zeros(query.shape[0], 1, dtype=torch.int32, device=query.device),
+             torch.zeros(query.shape[0], dtype=torch.int32, device=query.device),
+             torch.eye(dim, device=query.device), torch.zeros(2**bits, device=query.device),
+             torch.zeros(2**bits, device=query.device), bits, bits)
+    if tq_cuda.supports_paged_attention(check_paged_attention(*probe, check_data=False)):
+        impls["cu"] = backend_call(tq_cuda.paged_attention)
     return impls
 
 
 def bench_attention(shapes, bits_list, hq, hkv, dim, page, l2, quick, knobs=None):
     from tq_deploy.reference import lloyd_max_codebook, make_rotation
-    from tq_deploy.triton import choose_splits
+    from tq_deploy.triton.paged_attention import choose_splits
 
     rot = make_rotation(dim, "haar", seed=0).cuda()
     rows = []
@@ -179,10 +192,10 @@ def sweep_attention(batch, seq, bits, hq, hkv, dim, page, l2, variants):
     num_stages) or, with impl="cu", the CUDA kernel's tokens_per_split."""
     from tq_deploy import cuda as tq_cuda
     from tq_deploy.reference import lloyd_max_codebook, make_rotation
-    from tq_deploy.triton import paged_attention as triton_paged_attention
+    from tq_deploy.triton import paged_attention as tq_triton
 
     def paged_attention(*args, impl="tq", **knobs):
-        return (tq_cuda.paged_attention if impl == "cu" else triton_paged_attention)(*args, **knobs)
+        return backend_call(tq_cuda.paged_attention if impl == "cu" else tq_triton.paged_attention, **knobs)(*args)
 
     rot = make_rotation(dim, "haar", seed=0).cuda()
     cb = lloyd_max_codebook(dim, bits).cuda()
@@ -216,8 +229,8 @@ def sweep_attention(batch, seq, bits, hq, hkv, dim, page, l2, variants):
 
 
 def bench_encode(n, dim, bits_list, dtype=torch.float16):
+    from tq_deploy.dispatch import encode
     from tq_deploy.reference import lloyd_max_codebook, make_rotation
-    from tq_deploy.triton import encode
 
     rot = make_rotation(dim, "haar", seed=0).cuda()
     x = torch.randn(n, dim, device="cuda", dtype=dtype)
@@ -232,17 +245,17 @@ def bench_encode(n, dim, bits_list, dtype=torch.float16):
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap) -> None:
     ap.add_argument("--quick", action="store_true", help="skip CUDA-graph timings")
     ap.add_argument("--json", default=None, help="where to write the results (default $OUT/bench_gpu.json)")
     ap.add_argument("--shapes", default="8x32768,1x131072,64x2048,1x32768")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--sweep", default="", help="B x S to sweep kernel knobs on (4-bit), e.g. 8x32768")
-    args = ap.parse_args(argv)
+
+
+def run(args) -> int:
     if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device", file=sys.stderr)
-        return 2
+        raise ValueError("tq-deploy bench gpu needs a CUDA device")
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -291,6 +304,3 @@ def main(argv=None) -> int:
         f"{e['bits']}b {e['ms'] * 1e3:.1f} us {e['TBps']:.2f} TB/s ({100 * e['TBps'] / cb:.0f}% of copy)" for e in enc))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Drive one TensorRT plugin's enqueue without TensorRT (libtq_trt_harness.so), for the GPU tests.
+
+The harness does to a plugin what TensorRT does around an engine (creator -> createPlugin(build)
+-> configure -> serialize fields -> createPlugin(runtime) -> attachToContext -> onShapeChange ->
+enqueue), on caller-owned torch CUDA tensors. TensorRT-RTX refuses the H200, so this is how the
+plugins' runtime path runs there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Mapping, Sequence
+
+from tq_deploy import ops
+from tq_deploy.runtime import library as native
+
+
+# nvinfer1::DataType values (NvInferRuntimeBase.h)
+_TRT_DTYPE = {"float32": 0, "float16": 1, "int8": 2, "int32": 3, "uint8": 5, "int64": 8}
+
+
+def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, outputs: Sequence, *,
+                    stream: int = 0, library: str | os.PathLike | None = None,
+                    harness: str | os.PathLike | None = None, dry_run: bool = False) -> None:
+    """Drive plugin ``op_name`` as TensorRT would (creator -> createPlugin(build) -> configure ->
+    serialize fields -> createPlugin(runtime) -> attachToContext -> onShapeChange -> enqueue) on
+    torch CUDA tensors, writing into ``outputs``. Codes tensors travel as int8 (TensorRT has no uint8
+    plugin I/O: tq_deploy.runtime.tensorrt).
+    Raises RuntimeError with the harness's message on any refusal. Does not synchronize.
+    ``dry_run=True`` stops before enqueue: then CPU tensors are fine (no pointer is read), which
+    checks attribute parsing, dtypes, formats, shape checks and field serialization without a GPU.
+    """
+    if op_name not in ops.OPS_BY_NAME:
+        raise ValueError(f"op_name={op_name!r}, expected one of {sorted(ops.OPS_BY_NAME)}")
+    spec = ops.OPS_BY_NAME[op_name]
+    if len(inputs) != len(spec.inputs) or len(outputs) != len(spec.outputs):
+        raise ValueError(f"{op_name}: {len(inputs)} inputs / {len(outputs)} outputs, expected "
+                         f"{len(spec.inputs)} / {len(spec.outputs)}")
+    lib = ctypes.CDLL(os.fspath(harness) if harness else native.locate("trt_harness"))
+    plugin = os.fspath(library) if library else native.locate("trt")
+
+    def describe(tensors):
+        types, ranks, dims, ptrs = [], [], [], []
+        for t in tensors:
+            if not (t.is_cuda or dry_run) or not t.is_contiguous():
+                raise ValueError(f"{op_name}: tensors must be contiguous CUDA tensors, got device={t.device}")
+            dtype = str(t.dtype).replace("torch.", "")
+            types.append(_TRT_DTYPE["int8" if dtype == "uint8" else dtype])
+            ranks.append(t.dim())
+            dims.extend(list(t.shape) + [0] * (8 - t.dim()))
+            ptrs.append(t.data_ptr())
+        n = len(tensors)
+        return ((ctypes.c_int * n)(*types), (ctypes.c_int * n)(*ranks), (ctypes.c_int64 * (8 * n))(*dims),
+                (ctypes.c_void_p * n)(*ptrs))
+
+    names = list(attrs)
+    field_names = (ctypes.c_char_p * len(names))(*[n.encode() for n in names])
+    values = (ctypes.c_double * len(names))(*[float(attrs[n]) for n in names])
+    is_float = (ctypes.c_int * len(names))(*[spec.attribute(n).kind == "float" for n in names])
+    in_t, in_r, in_d, in_p = describe(inputs)
+    out_t, out_r, out_d, out_p = describe(outputs)
+    message = ctypes.create_string_buffer(1024)
+    fn = lib.tq_trt_harness_enqueue
+    fn.restype = ctypes.c_int
+    rc = fn(plugin.encode(), op_name.encode(), len(names), field_names, values, is_float,
+            len(inputs), in_t, in_r, in_d, in_p, len(outputs), out_t, out_r, out_d, out_p,
+            ctypes.c_void_p(stream), int(dry_run), message, len(message))
+    if rc != 0:
+        raise RuntimeError(f"{op_name} plugin harness: {message.value.decode(errors='replace')}")
