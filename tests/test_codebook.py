@@ -19,6 +19,7 @@ from tq_deploy.reference.codebook import codebook_boundaries, expected_mse, lloy
 from tq_deploy.reference.quantizer import TurboQuantMSE
 
 BITS = (1, 2, 3, 4)
+WIDE_BITS = (5, 6, 7, 8)  # key widths of the quality presets
 
 # Gaussian Lloyd-Max quantizer of N(0, 1) (Max 1960; Lloyd 1982): positive centroids and the
 # per-coordinate distortion. Literature constants, not outputs of the code under test.
@@ -39,8 +40,8 @@ def sample_sphere_coordinate(dim: int, num: int, seed: int) -> np.ndarray:
     return g / np.sqrt(g * g + rest)
 
 
-@pytest.mark.parametrize("dim", [2, 3, 5, 64, 128, 1000])
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dim,bits", [(d, b) for d in (2, 3, 5, 64, 128, 1000) for b in BITS]
+                         + [(d, b) for d in (64, 128) for b in WIDE_BITS])
 def test_codebook_shape_dtype_ascending_symmetric(dim, bits):
     c = lloyd_max_codebook(dim, bits)
     assert c.dtype == torch.float32 and c.device.type == "cpu"
@@ -72,7 +73,7 @@ def test_d2_is_the_arcsine_law():
     assert abs(c2[2] - (1 - math.sin(a)) / (math.pi / 2 - a)) < 1e-5
 
 
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("bits", BITS + WIDE_BITS)
 def test_d3_is_uniform_so_the_codebook_is_the_uniform_grid(bits):
     """At d = 3, f_3(x) = Gamma(3/2) / (sqrt(pi) Gamma(1)) (1 - x^2)^0 = 1/2 on [-1, 1]
     (Archimedes' hat-box theorem). For a uniform density the conditional mean of a
@@ -163,3 +164,22 @@ def test_codebook_depends_on_dim_and_bits():
 def test_unknown_distribution_rejected():
     with pytest.raises(ValueError, match=r"distribution='laplace'.*sphere.*gaussian"):
         lloyd_max_codebook(64, 2, "laplace")
+
+
+@pytest.mark.parametrize("bits", WIDE_BITS)
+def test_wide_codebooks_inside_paper_bounds_near_the_high_resolution_limit(bits, seed):
+    """5 to 8 bits (the presets' keys): the measured MSE of random unit vectors is inside the
+    paper's bounds, and, Lloyd-Max being asymptotically the Panter-Dite quantizer, close to the
+    upper bound (sqrt(3) pi / 2) 4^-b: within 15% at 5 bits and closer as the bits grow."""
+    result = TurboQuantMSE(128, bits, seed=seed % 1000).validate(num_vectors=8000, seed=seed)
+    lower, upper = paper_bounds(bits)
+    assert lower <= result["mse"] <= upper
+    assert result["mse"] > 0.85 * upper
+    assert abs(result["mse"] - result["theory"]) < 6 * result["mse_stderr"] + 1e-3 * result["theory"]
+
+
+def test_more_bits_always_lower_the_distortion():
+    mse = [expected_mse(128, b) for b in range(1, 9)]
+    assert all(b < a for a, b in zip(mse, mse[1:])), mse
+    ratios = [m / paper_bounds(b)[1] for b, m in zip(range(1, 9), mse)]
+    assert all(b > a for a, b in zip(ratios, ratios[1:])) and ratios[-1] < 1.0, ratios

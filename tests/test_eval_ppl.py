@@ -107,15 +107,18 @@ def test_non_identity_quantizer_changes_logits(loaded, ids, baseline):
     assert 0.05 < result.key_relative_mse < 0.2  # 2-bit TurboQuant: about 0.117 per unit vector
 
 
-def test_turboquant_4bit_within_margin_and_chunking_does_not_matter(loaded, ids, baseline, seed):
+def test_turboquant_4bit_within_margin_whatever_the_chunking(loaded, ids, baseline, seed):
     config = parse_config("mse-4")
     by_chunk = [perplexity(loaded.model, ids, build_kv_quantizer(config, 64, seed % 1000), chunk)
                 for chunk in (CHUNK, TOKENS)]
-    delta = 100 * (by_chunk[0].ppl / baseline.ppl - 1)
-    assert -10.0 < delta < MSE4_MARGIN_PCT, f"4-bit TurboQuant changed PPL by {delta:+.2f}%"
-    # per-vector quantization: the same codes whatever the chunking
-    assert by_chunk[1].ppl == pytest.approx(by_chunk[0].ppl, rel=1e-4)
-    assert 0.005 < by_chunk[0].key_relative_mse < 0.014  # theory at 4 bits: about 0.0095
+    # The two chunkings are not bit-identical runs: a 32-token and a 128-token forward round the
+    # K/V differently in the last float32 bits, the few coordinates on a codebook boundary flip,
+    # and every later layer sees a slightly different quantized history (like another seed).
+    # Per-vector invariance itself is tested on the quantizer (test_quantizer.py).
+    for chunk, result in zip((CHUNK, TOKENS), by_chunk):
+        delta = 100 * (result.ppl / baseline.ppl - 1)
+        assert -10.0 < delta < MSE4_MARGIN_PCT, f"4-bit TurboQuant, chunk {chunk}: PPL changed by {delta:+.2f}%"
+        assert 0.005 < result.key_relative_mse < 0.014  # theory at 4 bits: about 0.0095
 
 
 def test_naive_runs_through_the_same_path_and_loses_at_equal_bits(loaded, ids, baseline):

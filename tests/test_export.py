@@ -14,7 +14,7 @@ from tq_deploy import ops
 from tq_deploy.export import export_model, infer_shapes, make_op_model, read_metadata
 from tq_deploy.export.common import IR_VERSION
 from tq_deploy.export.model import DYNAMIC_AXES
-from tq_deploy.export.op_tables import splice
+from tq_deploy.export.op_tables import HEADER_COMMAND, render_header, splice
 from tq_deploy.reference.codebook import lloyd_max_codebook
 from tq_deploy.reference.model import MODEL_INPUT_NAMES, MODEL_OUTPUT_NAMES, TQDecodeModel, TQModelConfig
 from tq_deploy.reference.packing import pack_codes
@@ -169,8 +169,8 @@ def test_single_op_model(op_name, bits, seed):
 def test_single_op_errors_name_the_argument():
     with pytest.raises(ValueError, match="op_name='TQFoo'"):
         make_op_model("TQFoo", bits=2)
-    with pytest.raises(ValueError, match="bits=5"):
-        make_op_model("TQEncode", bits=5, head_dim=16)
+    with pytest.raises(ValueError, match="bits=9"):
+        make_op_model("TQEncode", bits=9, head_dim=16)
     with pytest.raises(ValueError, match=r"codebook.shape=\(4,\), expected \(8,\)"):
         make_op_model("TQEncode", bits=3, head_dim=16, codebooks=torch.tensor([-1.0, -0.5, 0.5, 1.0]))
     with pytest.raises(ValueError, match="strictly ascending"):
@@ -188,12 +188,21 @@ def test_docs_tables_in_sync_with_ops_py():
     assert splice(text) == text, "docs/ops.md is stale: python -m tq_deploy.export.op_tables --write docs/ops.md"
 
 
+def test_the_native_contract_header_is_current():
+    header = Path(__file__).resolve().parents[1] / "plugins" / "common" / "tq_ops.h"
+    assert header.read_text() == render_header(), f"{header} is stale: {HEADER_COMMAND}"
+
+
 @pytest.mark.parametrize("bits,codes", [
     (1, [1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0]),
     (2, [1, 2, 3, 0, 0, 3, 2, 1]),
     (3, [5, 3, 7, 0, 6, 1, 2, 4]),
     (3, [5, 3, 7]),
     (4, [10, 3, 15, 0]),
+    (5, [17, 3, 30, 0, 9, 21, 12, 31]),
+    (6, [45, 2, 63, 16]),
+    (7, [100, 5, 127, 64, 1, 77, 33, 90]),
+    (8, [200, 7, 255, 16]),
 ])
 def test_docs_worked_packing_examples(bits, codes):
     text = (ROOT / "docs" / "ops.md").read_text()

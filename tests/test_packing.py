@@ -10,7 +10,7 @@ import torch
 from tq_deploy.ops import packed_size
 from tq_deploy.reference.packing import pack_codes, unpack_codes
 
-BITS = (1, 2, 3, 4)
+BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 DIMS = (1, 5, 7, 63, 64, 100, 128, 256)
 
 

@@ -128,8 +128,8 @@ def test_contradictions_are_inference_errors():
     register_schemas()
     with pytest.raises(InferenceError, match="dimension D"):
         infer_shapes(_encode_graph(["n", 64], [128, 128]))
-    with pytest.raises(InferenceError, match="bits=5"):
-        infer_shapes(_encode_graph(["n", 64], [64, 64], bits=5))
+    with pytest.raises(InferenceError, match="bits=9"):
+        infer_shapes(_encode_graph(["n", 64], [64, 64], bits=9))
     with pytest.raises(InferenceError, match="rank"):
         infer_shapes(_encode_graph(["n", 64], [64, 64, 1]))
     # Codes whose last dim disagrees with ceil(D * bits / 8).

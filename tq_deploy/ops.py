@@ -18,17 +18,26 @@ Numerics shared by every backend (see tq_deploy.reference for the math):
             a value exactly on a boundary takes the lower code)
     x_hat = norm * Pi^T c[code]
 Packed codes are a little-endian bit stream: code i of a vector occupies bits
-[i*bits, (i+1)*bits) counting from bit 0 of byte 0 (3-bit: 8 codes in 3 bytes).
+[i*bits, (i+1)*bits) counting from bit 0 of byte 0 (b-bit codes: 8 codes in b bytes).
+
+Beside each spec, two entries name the pieces every backend's tests use (as
+"module:function", resolved on first use so this module imports nothing):
+``reference`` computes one node's outputs with the PyTorch reference
+(:mod:`tq_deploy.validate.reference`), ``make_inputs`` draws valid random
+inputs for a one-node model (:mod:`tq_deploy.validate.inputs`). Adding an op
+touches this file, one kernel per backend and one registration line per
+runtime.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 
 DOMAIN = "turboquant"
 DOMAIN_VERSION = 1
-SUPPORTED_BITS = (1, 2, 3, 4)
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 FLOAT = "tensor(float)"
 FLOAT16 = "tensor(float16)"
@@ -62,6 +71,11 @@ class AttrSpec:
 
     def check(self, value, op: str) -> None:
         """Raise ValueError naming the op, attribute, value seen and value expected."""
+        if self.kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{op}: attribute {self.name}={value!r}, expected an int")
+        if self.kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                     or not math.isfinite(value)):
+            raise ValueError(f"{op}: attribute {self.name}={value!r}, expected a finite float")
         if self.allowed is not None and value not in self.allowed:
             raise ValueError(f"{op}: attribute {self.name}={value!r}, expected one of {self.allowed}")
         if self.min_value is not None and value < self.min_value:
@@ -75,8 +89,19 @@ class OpSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     attributes: tuple[AttrSpec, ...] = field(default_factory=tuple)
+    reference: str = ""  # "module:function" (config, initializers, inputs) -> outputs by name
+    make_inputs: str = ""  # "module:function" (config, initializers, generator, **options) -> inputs by name
     domain: str = DOMAIN
     version: int = DOMAIN_VERSION
+
+    def entry(self, kind: str):
+        """The function an entry (``"reference"`` or ``"make_inputs"``) names."""
+        module, _, name = getattr(self, kind).partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def bit_attributes(self) -> tuple[str, ...]:
+        """Names of the attributes that are bit widths (``bits``, or ``k_bits`` and ``v_bits``)."""
+        return tuple(a.name for a in self.attributes if a.allowed == SUPPORTED_BITS)
 
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
@@ -130,6 +155,8 @@ ENCODE = OpSpec(
         TensorSpec("norms", (FLOAT,), ("...",), "L2 norm of each input vector"),
     ),
     attributes=(_bits_attr("bits", "the codes"),),
+    reference="tq_deploy.validate.reference:encode_node",
+    make_inputs="tq_deploy.validate.inputs:encode_inputs",
 )
 
 DECODE = OpSpec(
@@ -143,6 +170,8 @@ DECODE = OpSpec(
     ),
     outputs=(TensorSpec("x_hat", (FLOAT,), ("...", "D"), "reconstructed vectors"),),
     attributes=(_bits_attr("bits", "the codes"),),
+    reference="tq_deploy.validate.reference:decode_node",
+    make_inputs="tq_deploy.validate.inputs:decode_inputs",
 )
 
 _CACHE_INPUTS = (
@@ -156,8 +185,8 @@ CACHE_UPDATE = OpSpec(
     name="TQCacheUpdate",
     doc=(
         "Encode new keys and values into their paged slots. slot = block * B + offset; "
-        "a negative slot skips that token (padding). Outputs are the updated caches "
-        "(written in place where the runtime aliases them, else a copy)."
+        "a negative slot skips that token (padding); when several tokens name one slot the last one is kept. "
+        "Outputs are the updated caches (written in place where the runtime aliases them, else a copy)."
     ),
     inputs=(
         TensorSpec("key", (FLOAT, FLOAT16), ("T", "Hkv", "D"), "new keys", "T"),
@@ -172,6 +201,8 @@ CACHE_UPDATE = OpSpec(
         TensorSpec(f"{t.name}_out", t.types, t.shape, f"updated {t.doc}") for t in _CACHE_INPUTS
     ),
     attributes=(_bits_attr("k_bits", "keys"), _bits_attr("v_bits", "values")),
+    reference="tq_deploy.validate.reference:cache_update_node",
+    make_inputs="tq_deploy.validate.inputs:cache_update_inputs",
 )
 
 PAGED_ATTENTION = OpSpec(
@@ -180,7 +211,8 @@ PAGED_ATTENTION = OpSpec(
         "Decode attention over a TurboQuant paged cache, in the rotated domain: "
         "q_rot = Pi q; s_i = ||k_i|| <q_rot, c_k[idx_k_i]> * scale; p = softmax(s) over "
         "the first context_lens[s] tokens; out = Pi^T sum_i p_i ||v_i|| c_v[idx_v_i]. "
-        "Query head h reads KV head h // (Hq / Hkv). context_lens 0 gives zeros."
+        "Query head h reads KV head h // (Hq / Hkv). context_lens 0 gives zeros; a NaN or overflowing score "
+        "gives NaN, never zeros."
     ),
     inputs=(
         TensorSpec("query", (FLOAT, FLOAT16), ("S", "Hq", "D"), "one query token per sequence", "T"),
@@ -195,8 +227,10 @@ PAGED_ATTENTION = OpSpec(
     attributes=(
         _bits_attr("k_bits", "keys"),
         _bits_attr("v_bits", "values"),
-        AttrSpec("scale", "float", 0.0, None, "softmax scale; 0 means 1/sqrt(D)", min_value=0.0),
+        AttrSpec("scale", "float", 0.0, None, "softmax scale, finite; 0 means 1/sqrt(D)", min_value=0.0),
     ),
+    reference="tq_deploy.validate.reference:paged_attention_node",
+    make_inputs="tq_deploy.validate.inputs:paged_attention_inputs",
 )
 
 ALL_OPS: tuple[OpSpec, ...] = (ENCODE, DECODE, CACHE_UPDATE, PAGED_ATTENTION)

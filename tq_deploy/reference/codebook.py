@@ -28,7 +28,7 @@ from tq_deploy.reference.checks import check_bits, check_head_dim
 
 DISTRIBUTIONS = ("sphere", "gaussian")
 _GRID_POINTS = 1 << 18
-_MAX_ITERATIONS = 5000
+_MAX_ITERATIONS = 20000
 _TOLERANCE = 1e-12
 
 
@@ -57,6 +57,12 @@ class _SphereCoordinate:
         moment2 = np.concatenate([[0.0], np.cumsum((x2w[1:] + x2w[:-1]) * 0.5 * dtheta)])
         total = mass[-1]
         self.mass, self.moment1, self.second_moment = mass / total, moment1 / total, moment2[-1] / total
+        # f^(1/3) in x is (1 - x^2)^((dim-3)/6); in theta that is sin^((dim-3)/3 + 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_c = ((dim - 3) / 3 + 1) * np.log(np.sin(theta))
+        c = np.exp(np.where(np.isfinite(log_c), log_c - log_c[np.isfinite(log_c)].max(), -np.inf))[::-1]
+        companded = np.concatenate([[0.0], np.cumsum((c[1:] + c[:-1]) * 0.5 * dtheta)])
+        self.companded_mass = companded / companded[-1]
 
     def cumulative(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = np.clip(t, -1.0, 1.0)
@@ -64,6 +70,11 @@ class _SphereCoordinate:
 
     def quantile(self, p: np.ndarray) -> np.ndarray:
         return np.interp(p, self.mass, self.x)
+
+    def companded_quantile(self, p: np.ndarray) -> np.ndarray:
+        """Quantiles of the density proportional to f^(1/3): the asymptotically optimal placement
+        of many cells (Panter-Dite), a starting point from which Lloyd's iteration converges fast."""
+        return np.interp(p, self.companded_mass, self.x)
 
 
 class _Gaussian:
@@ -80,14 +91,20 @@ class _Gaussian:
         pdf = np.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * self.sigma)
         return mass, -(self.sigma**2) * pdf
 
-    def quantile(self, p: np.ndarray) -> np.ndarray:
+    def quantile(self, p: np.ndarray, sigma: float | None = None) -> np.ndarray:
         # Bisection on the CDF is plenty for an initial guess.
-        lo, hi = np.full_like(p, -10 * self.sigma), np.full_like(p, 10 * self.sigma)
+        sigma = sigma or self.sigma
+        lo, hi = np.full_like(p, -10 * sigma), np.full_like(p, 10 * sigma)
         for _ in range(80):
             mid = 0.5 * (lo + hi)
-            below = self.cumulative(mid)[0] < p
+            z = mid / sigma
+            below = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0))) < p
             lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
         return 0.5 * (lo + hi)
+
+    def companded_quantile(self, p: np.ndarray) -> np.ndarray:
+        """Quantiles of f^(1/3), for a Gaussian N(0, 3 sigma^2) (see _SphereCoordinate)."""
+        return self.quantile(p, math.sqrt(3.0) * self.sigma)
 
 
 def _distribution(dim: int, distribution: str):
@@ -109,7 +126,7 @@ def _cell_statistics(dist, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def _lloyd_max(dim: int, bits: int, distribution: str) -> tuple[tuple[float, ...], float]:
     dist = _distribution(dim, distribution)
     levels = 2**bits
-    centroids = dist.quantile((np.arange(levels) + 0.5) / levels)
+    centroids = dist.companded_quantile((np.arange(levels) + 0.5) / levels)
     for _ in range(_MAX_ITERATIONS):
         mass, moment1 = _cell_statistics(dist, centroids)
         updated = moment1 / np.maximum(mass, 1e-300)
