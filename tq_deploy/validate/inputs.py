@@ -6,8 +6,9 @@ So inputs are built from the config stored in ``metadata_props``:
 
 * a decode model gets :func:`tq_deploy.reference.model.example_inputs`
   (prior tokens encoded into random blocks, one new token per sequence);
-* a single-op model gets inputs made with the reference encoder and the
-  model's own rotation/codebook initializers (so codes have valid padding bits).
+* a single-op model gets the inputs its op's ``make_inputs`` entry draws
+  (:mod:`tq_deploy.ops`), made with the reference encoder and the model's own
+  rotation/codebook initializers (so codes have valid padding bits).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tq_deploy.reference.paged import allocate_cache, cache_update_reference
 from tq_deploy.reference.quantizer import encode_reference
 
 DEFAULT_CONTEXT_LENS = (1, 7, 40)  # one token, a partial block, several blocks (block size 16)
+CACHE_NAMES = ("k_codes", "k_norms", "v_codes", "v_norms")
 
 
 def model_initializers(model: onnx.ModelProto) -> dict[str, torch.Tensor]:
@@ -47,55 +49,73 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, context_lens=None, num_
         return example_inputs(cfg, lens, seed=seed)
     if kind != "op":
         raise ValueError(f"model metadata kind={kind!r}, expected 'model' or 'op'")
-    return _op_inputs(config, model_initializers(model), seed, context_lens, num_tokens, leading_sizes)
+    if config.get("op") not in ops.OPS_BY_NAME:
+        raise ValueError(f"op={config.get('op')!r} in the model's metadata, expected one of {sorted(ops.OPS_BY_NAME)}")
+    make = ops.OPS_BY_NAME[config["op"]].entry("make_inputs")
+    return make(config, model_initializers(model), torch.Generator().manual_seed(seed), context_lens=context_lens,
+                num_tokens=num_tokens, leading_sizes=leading_sizes)
 
 
-def _op_inputs(config: dict, inits: dict, seed: int, context_lens, num_tokens: int, leading_sizes) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    op = config["op"]
-    dim = config["head_dim"]
-    dtype = torch.float16 if config["dtype"] == "float16" else torch.float32
-    rotation = inits["rotation"]
-    if op in ("TQEncode", "TQDecode"):
-        leading = leading_sizes or [d if isinstance(d, int) else 5 + i for i, d in enumerate(config["leading_dims"])]
-        x = torch.randn(*leading, dim, generator=g)
-        if op == "TQEncode":
-            return {"x": x.to(dtype)}
-        codes, norms = encode_reference(x, rotation, inits["codebook"], config["bits"])
-        return {"codes": codes, "norms": norms}
+def _dtype(config: dict) -> torch.dtype:
+    return torch.float16 if config["dtype"] == "float16" else torch.float32
 
-    k_bits, v_bits = config["k_bits"], config["v_bits"]
-    block = config["block_size"]
-    hkv = config["num_kv_heads"] or 2
-    lens = list(context_lens) if context_lens is not None else [0, 1, block + 3, 2 * block]
+
+def _vectors(config: dict, gen, leading_sizes) -> torch.Tensor:
+    leading = leading_sizes or [d if isinstance(d, int) else 5 + i for i, d in enumerate(config["leading_dims"])]
+    return torch.randn(*leading, config["head_dim"], generator=gen)
+
+
+def encode_inputs(config: dict, inits: dict, gen, *, leading_sizes=None, **_) -> dict:
+    return {"x": _vectors(config, gen, leading_sizes).to(_dtype(config))}
+
+
+def decode_inputs(config: dict, inits: dict, gen, *, leading_sizes=None, **_) -> dict:
+    codes, norms = encode_reference(_vectors(config, gen, leading_sizes), inits["rotation"], inits["codebook"],
+                                    config["bits"])
+    return {"codes": codes, "norms": norms}
+
+
+def _filled_cache(config: dict, inits: dict, gen, lens: list[int]):
+    """A cache with room for ``lens`` plus two spare blocks, every slot holding an encoded random
+    vector (so stale slots are realistic too); returns (cache tensors by name, blocks per sequence)."""
+    block, dim, hkv = config["block_size"], config["head_dim"], config["num_kv_heads"] or 2
     blocks_per_seq = [-(-n // block) for n in lens]
     num_blocks = sum(blocks_per_seq) + 2  # spare blocks the tables never use
-    cache = allocate_cache(num_blocks, block, hkv, dim, k_bits, v_bits)
-    # Every slot holds an encoded random vector, so stale slots are realistic too.
+    cache = allocate_cache(num_blocks, block, hkv, dim, config["k_bits"], config["v_bits"])
     slots_total = num_blocks * block
-    fill = torch.arange(slots_total, dtype=torch.int64)
     kv_shape = (slots_total, hkv, dim)
-    cache_update_reference(torch.randn(kv_shape, generator=g), torch.randn(kv_shape, generator=g), fill,
-                           *cache.tensors(), rotation, inits["k_codebook"], inits["v_codebook"], k_bits, v_bits)
-    caches = dict(zip(("k_codes", "k_norms", "v_codes", "v_norms"), cache.tensors()))
-    if op == "TQCacheUpdate":
-        slots = torch.randperm(slots_total, generator=g)[:num_tokens]
-        slots[num_tokens // 2] = -1  # one padding token
-        shape = (num_tokens, hkv, dim)
-        return {"key": torch.randn(shape, generator=g).to(dtype), "value": torch.randn(shape, generator=g).to(dtype),
-                "slot_mapping": slots, **caches}
-    if op == "TQPagedAttention":
-        hq = config["num_q_heads"] or 2 * hkv
-        order = torch.randperm(num_blocks, generator=g)
-        width = max(max(blocks_per_seq), 1) + 1  # one unused column: its entries must not be read
-        tables = torch.full((len(lens), width), 10**6, dtype=torch.int32)  # junk where unused
-        start = 0
-        for s, n in enumerate(blocks_per_seq):
-            tables[s, :n] = order[start:start + n].int()
-            start += n
-        return {"query": torch.randn(len(lens), hq, dim, generator=g).to(dtype), **caches, "block_tables": tables,
-                "context_lens": torch.tensor(lens, dtype=torch.int32)}
-    raise ValueError(f"op={op!r}, expected one of {sorted(ops.OPS_BY_NAME)}")
+    cache_update_reference(torch.randn(kv_shape, generator=gen), torch.randn(kv_shape, generator=gen),
+                           torch.arange(slots_total, dtype=torch.int64), *cache.tensors(), inits["rotation"],
+                           inits["k_codebook"], inits["v_codebook"], config["k_bits"], config["v_bits"])
+    return dict(zip(CACHE_NAMES, cache.tensors())), blocks_per_seq
+
+
+def cache_update_inputs(config: dict, inits: dict, gen, *, context_lens=None, num_tokens: int = 6, **_) -> dict:
+    lens = list(context_lens) if context_lens is not None else [0, 1, config["block_size"] + 3, 2 * config["block_size"]]
+    caches, _ = _filled_cache(config, inits, gen, lens)
+    slots_total = caches["k_codes"].shape[0] * config["block_size"]
+    slots = torch.randperm(slots_total, generator=gen)[:num_tokens]
+    slots[num_tokens // 2] = -1  # one padding token
+    shape = (num_tokens, caches["k_codes"].shape[2], config["head_dim"])
+    dtype = _dtype(config)
+    return {"key": torch.randn(shape, generator=gen).to(dtype), "value": torch.randn(shape, generator=gen).to(dtype),
+            "slot_mapping": slots, **caches}
+
+
+def paged_attention_inputs(config: dict, inits: dict, gen, *, context_lens=None, **_) -> dict:
+    lens = list(context_lens) if context_lens is not None else [0, 1, config["block_size"] + 3, 2 * config["block_size"]]
+    caches, blocks_per_seq = _filled_cache(config, inits, gen, lens)
+    hkv = caches["k_codes"].shape[2]
+    hq = config["num_q_heads"] or 2 * hkv
+    order = torch.randperm(caches["k_codes"].shape[0], generator=gen)
+    width = max(max(blocks_per_seq), 1) + 1  # one unused column: its entries must not be read
+    tables = torch.full((len(lens), width), 10**6, dtype=torch.int32)  # junk where unused
+    start = 0
+    for s, n in enumerate(blocks_per_seq):
+        tables[s, :n] = order[start:start + n].int()
+        start += n
+    query = torch.randn(len(lens), hq, config["head_dim"], generator=gen).to(_dtype(config))
+    return {"query": query, **caches, "block_tables": tables, "context_lens": torch.tensor(lens, dtype=torch.int32)}
 
 
 def as_numpy(inputs: dict) -> dict[str, np.ndarray]:

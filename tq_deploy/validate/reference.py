@@ -11,13 +11,12 @@ import numpy as np
 import onnx
 import torch
 
+from tq_deploy import ops
 from tq_deploy.export.common import read_metadata
 from tq_deploy.reference.model import MODEL_INPUT_NAMES, MODEL_OUTPUT_NAMES, TQDecodeModel, TQModelConfig
 from tq_deploy.reference.paged import cache_update_reference, paged_attention_reference
 from tq_deploy.reference.quantizer import decode_reference, encode_reference
-from tq_deploy.validate.inputs import model_initializers
-
-CACHE_NAMES = ("k_codes", "k_norms", "v_codes", "v_norms")
+from tq_deploy.validate.inputs import CACHE_NAMES, model_initializers
 
 
 def reference_model(config: TQModelConfig, model: onnx.ModelProto | None = None) -> TQDecodeModel:
@@ -44,24 +43,33 @@ def reference_outputs(model: onnx.ModelProto, inputs: dict) -> dict[str, torch.T
         with torch.no_grad():
             values = module(*(inputs[n] for n in MODEL_INPUT_NAMES))
         return dict(zip(MODEL_OUTPUT_NAMES, values))
-    inits = model_initializers(model)
-    rotation = inits["rotation"]
-    op = config["op"]
-    if op == "TQEncode":
-        codes, norms = encode_reference(inputs["x"], rotation, inits["codebook"], config["bits"])
-        return {"codes": codes, "norms": norms}
-    if op == "TQDecode":
-        return {"x_hat": decode_reference(inputs["codes"], inputs["norms"], rotation, inits["codebook"], config["bits"])}
+    if config.get("op") not in ops.OPS_BY_NAME:
+        raise ValueError(f"op={config.get('op')!r} in the model's metadata, expected a TurboQuant op")
+    return ops.OPS_BY_NAME[config["op"]].entry("reference")(config, model_initializers(model), inputs)
+
+
+def encode_node(config: dict, inits: dict, inputs: dict) -> dict:
+    codes, norms = encode_reference(inputs["x"], inits["rotation"], inits["codebook"], config["bits"])
+    return {"codes": codes, "norms": norms}
+
+
+def decode_node(config: dict, inits: dict, inputs: dict) -> dict:
+    return {"x_hat": decode_reference(inputs["codes"], inputs["norms"], inits["rotation"], inits["codebook"],
+                                      config["bits"])}
+
+
+def cache_update_node(config: dict, inits: dict, inputs: dict) -> dict:
     cache = [inputs[n] for n in CACHE_NAMES]
-    books = (inits["k_codebook"], inits["v_codebook"], config["k_bits"], config["v_bits"])
-    if op == "TQCacheUpdate":
-        cache_update_reference(inputs["key"], inputs["value"], inputs["slot_mapping"], *cache, rotation, *books)
-        return {f"{n}_out": t for n, t in zip(CACHE_NAMES, cache)}
-    if op == "TQPagedAttention":
-        out = paged_attention_reference(inputs["query"], *cache, inputs["block_tables"], inputs["context_lens"],
-                                        rotation, *books, config.get("scale", 0.0))
-        return {"out": out}
-    raise ValueError(f"op={op!r} in the model's metadata, expected a TurboQuant op")
+    cache_update_reference(inputs["key"], inputs["value"], inputs["slot_mapping"], *cache, inits["rotation"],
+                           inits["k_codebook"], inits["v_codebook"], config["k_bits"], config["v_bits"])
+    return {f"{n}_out": t for n, t in zip(CACHE_NAMES, cache)}
+
+
+def paged_attention_node(config: dict, inits: dict, inputs: dict) -> dict:
+    out = paged_attention_reference(inputs["query"], *(inputs[n] for n in CACHE_NAMES), inputs["block_tables"],
+                                    inputs["context_lens"], inits["rotation"], inits["k_codebook"],
+                                    inits["v_codebook"], config["k_bits"], config["v_bits"], config.get("scale", 0.0))
+    return {"out": out}
 
 
 def bits_of_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:

@@ -8,8 +8,11 @@
 
 namespace tq {
 
-// bits in {1, 2, 3, 4}; `name` is the attribute name (bits, k_bits, v_bits).
+// bits in [tq_ops::kMinBits, tq_ops::kMaxBits] (1..8); `name` is the attribute name (bits, k_bits, v_bits).
 std::string check_bits(const char* name, int64_t bits);
+
+// The softmax scale: finite and >= 0 (0 means 1/sqrt(D)).
+std::string check_scale(double scale);
 
 // context_lens[s] in [0, M*B]; block_tables[s, j] in [0, N) for every j < ceil(ctx_s / B)
 // (entries past a sequence's context are never read and may hold anything, e.g. -1).

@@ -1,8 +1,11 @@
 // Internal: scalar quantization to codes, bit packing, and unpacking straight to centroids.
 // Packed layout: a little-endian bit stream, code i at bits [i*bits, (i+1)*bits) counting from
-// bit 0 of byte 0; a 3-bit code may straddle two bytes (8 codes fill 3 bytes).
+// bit 0 of byte 0; 8 codes of b bits fill exactly b bytes (codes may straddle two bytes when b is
+// 3, 5, 6 or 7).
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -12,6 +15,21 @@
 
 namespace tq {
 namespace detail {
+
+// ||x * 2^-e||_2, 2^e the binade of max |x| (e = 0 for a zero or non-finite maximum); `x` is
+// overwritten with x * 2^-e. The power-of-two scaling is exact, so ldexp(result, e) is the plain
+// float32 norm wherever that neither overflows nor underflows, and stays finite and accurate for
+// vectors of 1e20s or 1e-30s.
+TQ_INLINE float scaled_norm(float* x, int64_t d, int* exponent) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));
+  int e = 0;
+  if (amax > 0.f && std::isfinite(amax)) std::frexp(amax, &e);
+  const float s = std::ldexp(1.f, -e);
+  for (int64_t i = 0; i < d; ++i) x[i] *= s;
+  *exponent = e;
+  return std::sqrt(dot(x, x, d));
+}
 
 // Nearest centroid = number of midpoints strictly below the value (ties take the lower code).
 struct Quantizer {
@@ -27,37 +45,42 @@ struct Quantizer {
     for (int i = 0; i + 1 < k; ++i) boundaries[i] = (codebook[i + 1] + codebook[i]) * 0.5f;
   }
 
-  TQ_INLINE uint8_t code_of(float y) const {
-    uint8_t code = 0;
-    for (float b : boundaries) code += static_cast<uint8_t>(b < y);
-    return code;
+  TQ_INLINE uint32_t code_of(float y) const {
+    if (bits <= 4) {  // up to 15 boundaries: a branch-free count
+      uint32_t code = 0;
+      for (float b : boundaries) code += static_cast<uint32_t>(b < y);
+      return code;
+    }
+    // lower_bound = the first boundary >= y = the count of boundaries < y (NaN counts none)
+    return static_cast<uint32_t>(std::lower_bound(boundaries.begin(), boundaries.end(), y) - boundaries.begin());
   }
 
   TQ_INLINE void pack(const float* y, uint8_t* out) const {
     std::memset(out, 0, static_cast<size_t>(packed));
     for (int64_t i = 0; i < dim; ++i) {
       const int64_t bit = i * bits;
-      const uint32_t v = static_cast<uint32_t>(code_of(y[i])) << (bit & 7);
+      const uint32_t v = code_of(y[i]) << (bit & 7);
       out[bit >> 3] |= static_cast<uint8_t>(v & 0xffu);
       if ((bit & 7) + bits > 8) out[(bit >> 3) + 1] |= static_cast<uint8_t>(v >> 8);
     }
   }
 };
 
-// Packed bytes -> centroid values. For 1, 2 and 4 bits a byte holds 8/bits whole codes, so a
-// 256-entry table of centroid tuples turns each byte into floats with one copy; 3-bit codes
-// are decoded 8 at a time from 3-byte groups.
+// Packed bytes -> centroid values. For 1, 2, 4 and 8 bits a byte holds 8/bits whole codes, so a
+// 256-entry table of centroid tuples turns each byte into floats with one copy; 3, 5, 6 and
+// 7-bit codes are decoded 8 at a time from groups of `bits` bytes.
 struct Dequantizer {
   int bits;
   int64_t dim;
   int64_t packed;
-  int per_byte;
+  int per_byte;  // 0 for the grouped widths
   const float* codebook;
-  std::vector<float> byte_table;  // [256][per_byte], bits in {1, 2, 4}
+  std::vector<float> byte_table;  // [256][per_byte]
 
   Dequantizer(const float* codebook_, int bits_, int64_t dim_)
-      : bits(bits_), dim(dim_), packed(packed_size(dim_, bits_)), per_byte(8 / bits_), codebook(codebook_) {
-    if (bits != 3) {
+      : bits(bits_), dim(dim_), packed(packed_size(dim_, bits_)), per_byte(8 % bits_ == 0 ? 8 / bits_ : 0),
+        codebook(codebook_) {
+    if (per_byte) {
       byte_table.resize(256 * static_cast<size_t>(per_byte));
       const unsigned mask = (1u << bits) - 1u;
       for (unsigned b = 0; b < 256; ++b) {
@@ -66,21 +89,17 @@ struct Dequantizer {
     }
   }
 
-  // Floats unpack() writes: dim rounded up to whole bytes (1/2/4 bits) or 3-byte groups.
-  int64_t padded_dim() const { return bits == 3 ? (packed + 2) / 3 * 8 : packed * per_byte; }
+  // Floats unpack() writes: dim rounded up to whole bytes (1/2/4/8 bits) or whole groups.
+  int64_t padded_dim() const { return per_byte ? packed * per_byte : (packed + bits - 1) / bits * 8; }
 
   TQ_INLINE void unpack(const uint8_t* p, float* out) const {
-    if (bits == 3) {
-      const int64_t full = packed / 3;
-      for (int64_t g = 0; g < full; ++g, p += 3, out += 8) {
-        const uint32_t w = p[0] | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16);
-        for (int k = 0; k < 8; ++k) out[k] = codebook[(w >> (3 * k)) & 7u];
-      }
-      const int64_t rest = packed - full * 3;
-      if (rest > 0) {
-        uint32_t w = p[0];
-        if (rest > 1) w |= static_cast<uint32_t>(p[1]) << 8;
-        for (int k = 0; k < 8; ++k) out[k] = codebook[(w >> (3 * k)) & 7u];
+    if (!per_byte) {
+      const uint64_t mask = (uint64_t{1} << bits) - 1u;
+      for (int64_t at = 0; at < packed; at += bits, p += bits, out += 8) {
+        const int64_t n = std::min<int64_t>(bits, packed - at);
+        uint64_t w = 0;
+        for (int64_t b = 0; b < n; ++b) w |= static_cast<uint64_t>(p[b]) << (8 * b);
+        for (int k = 0; k < 8; ++k) out[k] = codebook[(w >> (bits * k)) & mask];
       }
       return;
     }
@@ -107,18 +126,18 @@ struct Dequantizer {
 #define TQ_HAVE_VECTOR_UNPACK 1
 typedef uint32_t U8 __attribute__((vector_size(32)));
 
-// Vector unpacking: 8 codes of BITS bits fill exactly BITS bytes, so a group is one small
-// little-endian word w with code k = (w >> (BITS * k)) & mask; the centroids come from a
-// variable lane permutation of the (zero-padded) 16-entry codebook held in two registers
+// Vector unpacking for up to 4 bits: 8 codes of BITS bits fill exactly BITS bytes, so a group is
+// one small little-endian word w with code k = (w >> (BITS * k)) & mask; the centroids come from
+// a variable lane permutation of the (zero-padded) 16-entry codebook held in two registers
 // (vpermps on AVX2). Only worth it where the permutation is one instruction: callers use it in
-// their AVX2 code path.
+// their AVX2 code path. Wider codes take the Dequantizer's tables.
 struct VectorUnpacker {
   const Dequantizer* dq;
   F8 cb_lo, cb_hi;
 
   explicit VectorUnpacker(const Dequantizer& d) : dq(&d) {
     float padded[16] = {};
-    for (int i = 0; i < (1 << d.bits); ++i) padded[i] = d.codebook[i];
+    for (int i = 0; i < (1 << std::min(d.bits, 4)); ++i) padded[i] = d.codebook[i];
     cb_lo = f8_load(padded);
     cb_hi = f8_load(padded + 8);
   }
@@ -139,8 +158,13 @@ struct VectorUnpacker {
     }
   }
 
-  // Writes dim floats (no padding beyond dim).
+  // Writes dim floats (no padding beyond dim) for up to 4 bits; the padded row of
+  // Dequantizer::unpack for wider codes.
   TQ_INLINE void unpack(const uint8_t* p, float* out) const {
+    if (dq->bits > 4) {
+      dq->unpack(p, out);
+      return;
+    }
     const int64_t full = dq->dim / 8;
     switch (dq->bits) {
       case 1: groups<1>(p, out, full); break;

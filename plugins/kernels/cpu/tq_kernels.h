@@ -1,14 +1,16 @@
 // TurboQuant CPU kernels on raw pointers: no ONNX Runtime / TensorRT dependency,
 // so every runtime's glue (plugins/ort, plugins/trt) calls the same code.
 //
-// Math (identical to tq_deploy.reference, float32 compute):
-//   encode:  norm = ||x||_2;  y = (Pi x) / norm (y = 0 where norm == 0);
+// Math (identical to tq_deploy.reference, float32 compute), bits 1..8:
+//   encode:  norm = ||x||_2, computed on x scaled by a power of two (finite for 1e20s, nonzero for
+//            1e-30s);  y = (Pi x) / norm (y = 0 where norm == 0);
 //            code_j = #{ boundaries b_k : b_k < y_j }, b_k = (c_k + c_{k+1}) / 2;
 //            codes packed as a little-endian bit stream (code i at bits [i*bits, (i+1)*bits)).
 //   decode:  x_hat = norm * Pi^T c[code]
 //   paged attention (per sequence s, query head h, KV head h / (Hq/Hkv)):
 //            q_rot = Pi q;  s_t = k_norm_t <q_rot, c_k[idx_k_t]> * scale;
 //            p = softmax(s);  out = Pi^T sum_t p_t v_norm_t c_v[idx_v_t]
+//            (a context of 0 tokens gives zeros; a NaN or overflowing score gives NaN, never zeros)
 //
 // Callers validate shapes and data first (tq_checks.h); these functions trust their
 // arguments. Work is spread over threads through a caller-supplied Parallel.
