@@ -25,7 +25,7 @@ from tq_deploy.reference.quantizer import (
 from tq_deploy.reference.rotation import make_rotation
 
 D, HKV, HQ, B, N, M = 64, 2, 4, 16, 4, 4
-BAD_BITS = [0, 5, 2.5, True, "2"]
+BAD_BITS = [0, 9, 2.5, True, "2"]
 
 
 def expect_error(fn, *parts: str) -> str:
@@ -73,8 +73,8 @@ def update(s, fn=cache_update_reference, **override):
 
 
 @pytest.mark.parametrize("bits", BAD_BITS)
-def test_bits_outside_1_to_4(bits, setup):
-    seen, expected = f"bits={bits!r}", "expected one of (1, 2, 3, 4)"
+def test_bits_outside_1_to_8(bits, setup):
+    seen, expected = f"bits={bits!r}", "expected one of (1, 2, 3, 4, 5, 6, 7, 8)"
     x = torch.randn(2, D)
     expect_error(lambda: TurboQuantMSE(D, bits), seen, expected)
     expect_error(lambda: TurboQuantProd(D, bits), seen, expected)

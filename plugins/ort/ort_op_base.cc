@@ -1,6 +1,12 @@
 #include "ort_op_base.h"
 
+#include <cmath>
+
 #include "tq_checks.h"
+
+#ifdef TQ_DEPLOY_ORT_CUDA
+#include "tq_cuda.h"
+#endif
 
 namespace tq_ort {
 
@@ -27,6 +33,17 @@ const char* type_name(ONNXTensorElementDataType type) {
   }
 }
 
+ONNXTensorElementDataType element_type(tq_ops::Type type, ONNXTensorElementDataType float_type) {
+  switch (type) {
+    case tq_ops::Type::kT: return float_type;
+    case tq_ops::Type::kFloat32: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    case tq_ops::Type::kUint8: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    case tq_ops::Type::kInt32: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    case tq_ops::Type::kInt64: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
 int64_t DimTable::bind(const std::string& symbol, int64_t value, const std::string& input, size_t axis) {
   const std::string where = input + ".shape[" + std::to_string(axis) + "]";
   auto found = dims_.find(symbol);
@@ -43,22 +60,21 @@ int64_t DimTable::bind(const std::string& symbol, int64_t value, const std::stri
   return value;
 }
 
-KernelIo::KernelIo(OrtKernelContext* context, std::string op, const std::vector<IoSpec>& inputs,
-                   ONNXTensorElementDataType float_type)
-    : context_(context), op_(std::move(op)), specs_(inputs), float_type_(float_type), dims_(op_) {}
+KernelIo::KernelIo(OrtKernelContext* context, const tq_ops::Op& op, ONNXTensorElementDataType float_type)
+    : context_(context), op_(op), float_type_(float_type), dims_(op.name) {}
 
-Input KernelIo::input(size_t index, std::initializer_list<const char*> dims, bool check_rank) {
-  const IoSpec& spec = specs_.at(index);
+Input KernelIo::input(size_t index, std::initializer_list<const char*> dims) {
+  const tq_ops::Tensor& spec = op_.inputs[index];
   Ort::ConstValue value = context_.GetInput(index);
-  if (value == nullptr) fail(op_, std::string("input ") + spec.name + " is missing");
+  if (value == nullptr) fail(op_.name, std::string("input ") + spec.name + " is missing");
   auto info = value.GetTensorTypeAndShapeInfo();
-  const ONNXTensorElementDataType expected = spec.type == kTypeT ? float_type_ : spec.type;
+  const ONNXTensorElementDataType expected = element_type(spec.type, float_type_);
   if (info.GetElementType() != expected) {
-    fail(op_, std::string("input ") + spec.name + " has element type " + type_name(info.GetElementType()) +
-                  ", expected " + type_name(expected));
+    fail(op_.name, std::string("input ") + spec.name + " has element type " + type_name(info.GetElementType()) +
+                       ", expected " + type_name(expected));
   }
   Input in{value, info.GetShape(), &spec};
-  if (check_rank && dims.size() > 0) {
+  if (dims.size() > 0) {
     if (in.shape.size() != dims.size()) {
       std::ostringstream msg;
       msg << "input " << spec.name << " has shape " << shape_str(in.shape) << " (rank " << in.shape.size()
@@ -66,7 +82,7 @@ Input KernelIo::input(size_t index, std::initializer_list<const char*> dims, boo
       size_t i = 0;
       for (const char* d : dims) msg << (i++ ? ", " : "") << d;
       msg << "]";
-      fail(op_, msg.str());
+      fail(op_.name, msg.str());
     }
     size_t axis = 0;
     for (const char* d : dims) {
@@ -112,35 +128,93 @@ void check_rotation(KernelIo& io, const Input& rotation) {
   io.dims().bind("D", rotation.shape[0], "rotation", 0);
 }
 
-int64_t required_int_attribute(const OrtKernelInfo* info, const char* op, const char* name) {
-  int64_t value = 0;
-  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
-  if (status != nullptr) {
-    Ort::GetApi().ReleaseStatus(status);
-    fail(op, std::string("attribute ") + name + " (int) is required");
-  }
-  return value;
+namespace {
+
+enum class Found { kMissing, kPresent, kOtherType };
+
+Found read_int(const OrtKernelInfo* info, const char* name, int64_t* value) {
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, value);
+  if (status == nullptr) return Found::kPresent;
+  Ort::GetApi().ReleaseStatus(status);
+  float other = 0.f;
+  status = Ort::GetApi().KernelInfoGetAttribute_float(info, name, &other);
+  if (status == nullptr) return Found::kOtherType;
+  Ort::GetApi().ReleaseStatus(status);
+  return Found::kMissing;
 }
 
-int64_t checked_bits(const OrtKernelInfo* info, const char* op, const char* name) {
-  const int64_t bits = required_int_attribute(info, op, name);
-  const std::string problem = tq::check_bits(name, bits);
-  if (!problem.empty()) fail(op, problem);
-  return bits;
+Found read_float(const OrtKernelInfo* info, const char* name, float* value) {
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_float(info, name, value);
+  if (status == nullptr) return Found::kPresent;
+  Ort::GetApi().ReleaseStatus(status);
+  int64_t other = 0;
+  status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &other);
+  if (status == nullptr) return Found::kOtherType;
+  Ort::GetApi().ReleaseStatus(status);
+  return Found::kMissing;
 }
 
-float float_attribute(const OrtKernelInfo* info, const char* name, float fallback) {
-  float value = fallback;
-  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_float(info, name, &value);
-  if (status != nullptr) {
-    Ort::GetApi().ReleaseStatus(status);
-    return fallback;
+}  // namespace
+
+Attributes::Attributes(const OrtKernelInfo* info, const tq_ops::Op& op) {
+  for (int i = 0; i < op.num_attrs; ++i) {
+    const tq_ops::Attr& a = op.attrs[i];
+    const bool is_int = a.kind == tq_ops::AttrKind::kInt;
+    int64_t int_value = 0;
+    float float_value = 0.f;
+    const Found found = is_int ? read_int(info, a.name, &int_value) : read_float(info, a.name, &float_value);
+    if (found == Found::kOtherType) {
+      fail(op.name, std::string("attribute ") + a.name + " has type " + (is_int ? "float" : "int") + ", expected " +
+                        (is_int ? "int" : "float") + " (see docs/ops.md)");
+    }
+    if (found == Found::kMissing) {
+      if (a.required) fail(op.name, std::string("attribute ") + a.name + " (" + (is_int ? "int" : "float") + ") is required");
+      values_.push_back(a.default_value);
+      continue;
+    }
+    const double value = is_int ? static_cast<double>(int_value) : static_cast<double>(float_value);
+    std::string problem;
+    if (a.is_bits) {
+      problem = tq::check_bits(a.name, int_value);
+    } else if (!is_int && !(std::isfinite(value) && value >= a.min_value)) {
+      std::ostringstream msg;
+      msg << "attribute " << a.name << "=" << float_value << ", expected a finite number >= " << a.min_value;
+      problem = msg.str();
+    }
+    if (!problem.empty()) fail(op.name, problem);
+    values_.push_back(value);
   }
-  return value;
 }
 
 tq::DType to_dtype(ONNXTensorElementDataType type) {
   return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? tq::DType::kFloat16 : tq::DType::kFloat32;
 }
+
+#ifdef TQ_DEPLOY_ORT_CUDA
+CudaLaunch::CudaLaunch(KernelIo& io, const Input& any_device_input) : op_(io.op()) {
+  stream_ = io.context().GetGPUComputeStream();
+  const int device = any_device_input.value.GetTensorMemoryInfo().GetDeviceId();
+  Ort::MemoryInfo memory("Cuda", OrtDeviceAllocator, device, OrtMemTypeDefault);
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_GetAllocator(io.context().GetOrtKernelContext(), memory, &allocator_));
+}
+
+CudaLaunch::~CudaLaunch() {
+  for (void* p : buffers_) allocator_->Free(allocator_, p);
+  if (allocator_ != nullptr) Ort::GetApi().ReleaseAllocator(allocator_);
+}
+
+void* CudaLaunch::scratch(size_t bytes) {
+  void* p = allocator_->Alloc(allocator_, bytes > 0 ? bytes : 1);
+  if (p == nullptr) fail(op_, "the CUDA allocator returned no memory for " + std::to_string(bytes) + " bytes of scratch");
+  buffers_.push_back(p);
+  return p;
+}
+
+void CudaLaunch::check(int rc, const char* what) const {
+  if (rc == 0) return;
+  if (rc == TQ_CUDA_BAD_ARGUMENT) fail(op_, std::string(what) + " refused its arguments (a shape outside its limits)");
+  throw Ort::Exception(std::string(op_) + ": " + what + " failed: " + tq_cuda_error_string(rc), ORT_EP_FAIL);
+}
+#endif
 
 }  // namespace tq_ort

@@ -1,6 +1,7 @@
-// Shared ORT glue: a declarative op description (inputs/outputs named as in tq_deploy/ops.py),
-// the OrtCustomOp adapter, input fetching with shape/type checks that name the offending input,
-// and a tq::Parallel over ONNX Runtime's intra-op thread pool.
+// Shared ORT glue: the OrtCustomOp adapter built from the contract tables (plugins/common/tq_ops.h),
+// attribute reading that refuses wrong types, input fetching with shape/type checks that name the
+// offending input, a tq::Parallel over ONNX Runtime's intra-op thread pool, and (with CUDA) the
+// compute stream and scratch memory of the CUDA EP.
 #pragma once
 
 #include <cstdint>
@@ -12,24 +13,23 @@
 
 #include "ort_api.h"
 #include "tq_kernels.h"
+#include "tq_ops.h"
+
+#ifdef TQ_DEPLOY_ORT_CUDA
+#include "tq_cuda.h"
+#endif
 
 namespace tq_ort {
 
-constexpr const char* kDomain = "turboquant";
-
-// Stands for the op's float type parameter "T" (float or float16) in an IoSpec.
-constexpr ONNXTensorElementDataType kTypeT = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-
-struct IoSpec {
-  const char* name;
-  ONNXTensorElementDataType type;  // kTypeT: the op instance's float type
-};
+constexpr const char* kCpuProvider = "CPUExecutionProvider";
+constexpr const char* kCudaProvider = "CUDAExecutionProvider";
 
 // Thrown by kernels for invalid inputs; turned into an ORT_INVALID_ARGUMENT status.
 [[noreturn]] void fail(const std::string& op, const std::string& message);
 
 std::string shape_str(const std::vector<int64_t>& shape);
 const char* type_name(ONNXTensorElementDataType type);
+ONNXTensorElementDataType element_type(tq_ops::Type type, ONNXTensorElementDataType float_type);
 
 // Binds symbolic dimensions (D, N, B, ...) to the first input that shows them and reports
 // any later input that disagrees, naming both.
@@ -54,31 +54,31 @@ class DimTable {
 struct Input {
   Ort::ConstValue value;
   std::vector<int64_t> shape;
-  const IoSpec* spec;
+  const tq_ops::Tensor* spec;
   template <typename T>
   const T* data() const {
     return value.GetTensorData<T>();
   }
+  const void* raw() const { return value.GetTensorRawData(); }
 };
 
 class KernelIo {
  public:
-  KernelIo(OrtKernelContext* context, std::string op, const std::vector<IoSpec>& inputs,
-           ONNXTensorElementDataType float_type);
+  KernelIo(OrtKernelContext* context, const tq_ops::Op& op, ONNXTensorElementDataType float_type);
 
   // Input `index` checked for its element type and, when given, its rank and symbolic dims
   // ("..." is not supported here; callers handle leading dims themselves).
-  Input input(size_t index, std::initializer_list<const char*> dims = {}, bool check_rank = true);
+  Input input(size_t index, std::initializer_list<const char*> dims = {});
   Ort::UnownedValue output(size_t index, const std::vector<int64_t>& shape);
   DimTable& dims() { return dims_; }
-  const std::string& op() const { return op_; }
+  const char* op() const { return op_.name; }
+  const tq_ops::Op& op_spec() const { return op_; }
   tq::Parallel parallel() const;
   Ort::KernelContext& context() { return context_; }
 
  private:
   Ort::KernelContext context_;
-  std::string op_;
-  const std::vector<IoSpec>& specs_;
+  const tq_ops::Op& op_;
   ONNXTensorElementDataType float_type_;
   DimTable dims_;
 };
@@ -88,19 +88,32 @@ void check_codebook(KernelIo& io, const Input& codebook, int64_t bits, const cha
 // Checks the rotation input: square [D, D] with D bound in io.dims().
 void check_rotation(KernelIo& io, const Input& rotation);
 
-int64_t required_int_attribute(const OrtKernelInfo* info, const char* op, const char* name);
-// A bits attribute (required) checked against the supported widths; fails the op naming it.
-int64_t checked_bits(const OrtKernelInfo* info, const char* op, const char* name);
-float float_attribute(const OrtKernelInfo* info, const char* name, float fallback);
+// The node's attributes, read once when the kernel is created and checked against the contract:
+// a required one missing, one of the wrong type (an int `scale`, a float `bits`), a bit width
+// outside 1..8 or a negative or non-finite scale fails the session creation, naming it.
+class Attributes {
+ public:
+  Attributes(const OrtKernelInfo* info, const tq_ops::Op& op);
+  int bits(int index) const { return static_cast<int>(values_[index]); }
+  float real(int index) const { return static_cast<float>(values_[index]); }
+
+ private:
+  std::vector<double> values_;
+};
 
 tq::DType to_dtype(ONNXTensorElementDataType type);
 
-// OrtCustomOp adapter: Kernel provides kName, kInputs, kOutputs (IoSpec lists), a constructor
+// OrtCustomOp adapter: Kernel provides kOp (a tq_ops::Op table), kProvider, a constructor
 // Kernel(const OrtKernelInfo*, ONNXTensorElementDataType float_type) that reads and checks
-// attributes (throwing Ort::Exception), and Compute(OrtKernelContext*).
+// attributes (throwing Ort::Exception), and Compute(OrtKernelContext*). Only opset version
+// tq_ops::kDomainVersion of the domain is served: a model importing another version of
+// "turboquant" finds no kernel and fails at session creation.
 template <typename Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
-  explicit Op(ONNXTensorElementDataType float_type) : float_type_(float_type) {}
+  explicit Op(ONNXTensorElementDataType float_type) : float_type_(float_type) {
+    this->start_ver_ = tq_ops::kDomainVersion;
+    this->end_ver_ = tq_ops::kDomainVersion;
+  }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {
@@ -113,14 +126,16 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
     }
   }
 
-  const char* GetName() const { return Kernel::kName; }
-  size_t GetInputTypeCount() const { return Kernel::inputs().size(); }
-  size_t GetOutputTypeCount() const { return Kernel::outputs().size(); }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return resolve(Kernel::inputs()[i].type); }
-  ONNXTensorElementDataType GetOutputType(size_t i) const { return resolve(Kernel::outputs()[i].type); }
+  const char* GetName() const { return Kernel::kOp.name; }
+  const char* GetExecutionProviderType() const { return Kernel::kProvider; }
+  size_t GetInputTypeCount() const { return static_cast<size_t>(Kernel::kOp.num_inputs); }
+  size_t GetOutputTypeCount() const { return static_cast<size_t>(Kernel::kOp.num_outputs); }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return element_type(Kernel::kOp.inputs[i].type, float_type_); }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return element_type(Kernel::kOp.outputs[i].type, float_type_);
+  }
 
  private:
-  ONNXTensorElementDataType resolve(ONNXTensorElementDataType t) const { return t == kTypeT ? float_type_ : t; }
   ONNXTensorElementDataType float_type_;
 };
 
@@ -139,13 +154,40 @@ struct KernelBase {
   }
 };
 
+#ifdef TQ_DEPLOY_ORT_CUDA
+inline tq_cuda_dtype to_cuda_dtype(ONNXTensorElementDataType type) {
+  return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? TQ_CUDA_FLOAT16 : TQ_CUDA_FLOAT32;
+}
+
+// What a CUDA EP kernel launches with: ORT's compute stream for this node, and scratch memory
+// from ORT's allocator for that device (released when this object goes; the kernels that use it
+// run on the same stream, so a later allocation of the same bytes is ordered after them).
+class CudaLaunch {
+ public:
+  CudaLaunch(KernelIo& io, const Input& any_device_input);
+  ~CudaLaunch();
+  void* stream() const { return stream_; }
+  void* scratch(size_t bytes);
+  // Turns a launcher's return code into an ORT error naming the op (nothing was launched for
+  // TQ_CUDA_BAD_ARGUMENT).
+  void check(int rc, const char* what) const;
+
+ private:
+  const char* op_;
+  void* stream_ = nullptr;
+  OrtAllocator* allocator_ = nullptr;
+  std::vector<void*> buffers_;
+};
+#endif
+
 // The registration point: every op of the library, as OrtCustomOp objects that live for the
-// whole process (one per float type where the contract allows float and float16).
+// whole process (one per provider and float type where the contract allows float and float16).
 std::vector<const OrtCustomOp*> all_ops();
 
-const OrtCustomOp* make_encode_op(ONNXTensorElementDataType float_type);
-const OrtCustomOp* make_decode_op();
-const OrtCustomOp* make_cache_update_op(ONNXTensorElementDataType float_type);
-const OrtCustomOp* make_paged_attention_op(ONNXTensorElementDataType float_type);
+enum class Provider { kCpu, kCuda };
+const OrtCustomOp* make_encode_op(Provider provider, ONNXTensorElementDataType float_type);
+const OrtCustomOp* make_decode_op(Provider provider, ONNXTensorElementDataType float_type);
+const OrtCustomOp* make_cache_update_op(Provider provider, ONNXTensorElementDataType float_type);
+const OrtCustomOp* make_paged_attention_op(Provider provider, ONNXTensorElementDataType float_type);
 
 }  // namespace tq_ort

@@ -1,21 +1,46 @@
 // The library's single entry point: onnxruntime calls RegisterCustomOps when a session is
-// created with SessionOptions.register_custom_ops_library(path).
+// created with SessionOptions.register_custom_ops_library(path). One table per provider: an op is
+// one line in each (onnxruntime-extensions style); ORT picks the kernel by the node's provider.
 #include <mutex>
 
 #include "ort_op_base.h"
 
+#define TQ_STRINGIFY_(x) #x
+#define TQ_STRINGIFY(x) TQ_STRINGIFY_(x)
+
 namespace tq_ort {
+namespace {
+
+using Factory = const OrtCustomOp* (*)(Provider, ONNXTensorElementDataType);
+constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+
+struct Entry {
+  Factory make;
+  ONNXTensorElementDataType float_type;
+};
+
+// Ops with a float type parameter get one kernel per type; TQDecode has none (float32 output).
+constexpr Entry kOps[] = {
+    {make_encode_op, kF32},         {make_encode_op, kF16},          {make_decode_op, kF32},
+    {make_cache_update_op, kF32},   {make_cache_update_op, kF16},    {make_paged_attention_op, kF32},
+    {make_paged_attention_op, kF16},
+};
+
+#ifdef TQ_DEPLOY_ORT_CUDA
+constexpr Provider kProviders[] = {Provider::kCpu, Provider::kCuda};
+#else
+constexpr Provider kProviders[] = {Provider::kCpu};
+#endif
+
+}  // namespace
 
 std::vector<const OrtCustomOp*> all_ops() {
   // Created once and never freed: sessions keep pointers to them for the process lifetime.
   static const std::vector<const OrtCustomOp*> ops = [] {
     std::vector<const OrtCustomOp*> v;
-    for (auto t : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16}) {
-      v.push_back(make_encode_op(t));
-      v.push_back(make_cache_update_op(t));
-      v.push_back(make_paged_attention_op(t));
-    }
-    v.push_back(make_decode_op());
+    for (Provider provider : kProviders)
+      for (const Entry& e : kOps) v.push_back(e.make(provider, e.float_type));
     return v;
   }();
   return ops;
@@ -43,7 +68,7 @@ extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
   static std::mutex mutex;
   static std::vector<Ort::CustomOpDomain> domains;
   try {
-    Ort::CustomOpDomain domain(tq_ort::kDomain);
+    Ort::CustomOpDomain domain(tq_ops::kDomain);
     for (const OrtCustomOp* op : tq_ort::all_ops()) domain.Add(op);
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
@@ -55,4 +80,13 @@ extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
     return api->CreateStatus(ORT_FAIL, e.what());
   }
   return nullptr;
+}
+
+// What this build registers, as JSON (tq-deploy info and tq_deploy.runtime.session read it).
+extern "C" ORT_EXPORT const char* TQDeployOrtBuildInfo() {
+#ifdef TQ_DEPLOY_ORT_CUDA
+  return "{\"providers\": [\"cpu\", \"cuda\"], \"ort_api_version\": " TQ_STRINGIFY(ORT_API_VERSION) "}";
+#else
+  return "{\"providers\": [\"cpu\"], \"ort_api_version\": " TQ_STRINGIFY(ORT_API_VERSION) "}";
+#endif
 }

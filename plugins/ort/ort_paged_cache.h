@@ -1,0 +1,41 @@
+// The paged cache as ORT inputs: the four tensors (codes and norms of keys and values), their
+// shape checks against each other and the bit widths, and the in-place aliasing rule of
+// TQCacheUpdate's outputs. Shared by the cache-update and attention ops of both providers.
+#pragma once
+
+#include "ort_op_base.h"
+
+namespace tq_ort {
+
+// k_codes, k_norms, v_codes, v_norms starting at input `first` (binding N, B, Hkv, Pk, Pv).
+struct CacheInputs {
+  Input k_codes, k_norms, v_codes, v_norms;
+  CacheInputs(KernelIo& io, size_t first)
+      : k_codes(io.input(first, {"N", "B", "Hkv", "Pk"})),
+        k_norms(io.input(first + 1, {"N", "B", "Hkv"})),
+        v_codes(io.input(first + 2, {"N", "B", "Hkv", "Pv"})),
+        v_norms(io.input(first + 3, {"N", "B", "Hkv"})),
+        first_(first) {}
+  const Input& at(int i) const { return i == 0 ? k_codes : i == 1 ? k_norms : i == 2 ? v_codes : v_norms; }
+  size_t first() const { return first_; }
+
+ private:
+  size_t first_;
+};
+
+// Packed sizes against D (bound) and the bit widths; B >= 1 and Hkv >= 1.
+void check_cache(KernelIo& io, const CacheInputs& cache, int k_bits, int v_bits);
+
+// A tq::PagedCache with the bound sizes (pointers unset).
+tq::PagedCache paged_cache(const DimTable& dims, int k_bits, int v_bits);
+
+// Points `cache` at the four buffers (codes, norms, codes, norms).
+void set_cache_pointers(tq::PagedCache& cache, void* const (&buffers)[4]);
+
+// Output `index` of TQCacheUpdate may share its own cache input's buffer (in place), and no other
+// input's bytes: an output bound over another input (k_codes_out over v_codes, say) would corrupt
+// it silently, so it is refused, naming both.
+void refuse_foreign_alias(KernelIo& io, int index, const void* output, const CacheInputs& cache,
+                          size_t first_cache_input);
+
+}  // namespace tq_ort
