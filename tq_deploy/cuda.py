@@ -5,6 +5,8 @@ called with ctypes on the caller's current stream. :data:`OPS` lists what this b
 the dispatcher (:mod:`tq_deploy.dispatch`), as ``supports_<op>(args)`` and ``<op>(args)`` on the
 checked arguments of :mod:`tq_deploy.reference.checks`. Nothing here imports Triton.
 
+Every op takes bits 1-8 and fp32/fp16/bf16 inputs; the paged attention runs the tensor-core
+kernel where the shapes allow (:func:`paged_attention_path`) and the generic kernel elsewhere.
 The library is found by :func:`tq_deploy.runtime.library.locate` (env ``TQ_DEPLOY_CUDA_LIBRARY``,
 then tq_deploy/lib/, the installed distribution, build/*/ of a source checkout); it is built with
 the package when nvcc is present (plugins/kernels/cuda).
@@ -12,20 +14,35 @@ the package when nvcc is present (plugins/kernels/cuda).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
 import torch
 
 from tq_deploy.device_constants import codebook_as, float_matrix
-from tq_deploy.reference.checks import PagedAttentionArgs
+from tq_deploy.reference.checks import CacheUpdateArgs, DecodeArgs, EncodeArgs, PagedAttentionArgs
 from tq_deploy.runtime import library as _library
 
 NAME = "cuda"
-_FLOAT32, _FLOAT16 = 0, 1
-_QUERY_TYPES = {torch.float32: _FLOAT32, torch.float16: _FLOAT16}
-_i64, _p = ctypes.c_int64, ctypes.c_void_p
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # tq_cuda_dtype of tq_cuda.h
 _BAD_ARGUMENT = 10001  # TQ_CUDA_BAD_ARGUMENT of tq_cuda.h
+_MAX_DIM = {"encode": 8192, "decode": 8192, "cache_update": 8192, "paged_attention": 512}
+_i64, _int, _p, _size = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
+
+_SIGNATURES = {  # name: (restype, argtypes), as declared in tq_cuda.h
+    "tq_cuda_build_info": (ctypes.c_char_p, []),
+    "tq_cuda_error_string": (ctypes.c_char_p, [_int]),
+    "tq_cuda_encode": (_int, [_p, _int, _i64, _i64, _p, _p, _int, _p, _p, _p]),
+    "tq_cuda_decode": (_int, [_p, _p, _i64, _i64, _p, _p, _int, _p, _p]),
+    "tq_cuda_cache_update_workspace": (_size, [_i64]),
+    "tq_cuda_cache_update": (_int, [_p, _p, _int, _p, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p, _p, _p,
+                                    _int, _int, _p, _size, _p]),
+    "tq_cuda_paged_attention_workspace": (_size, [_i64] * 6 + [_int, _int, _i64]),
+    "tq_cuda_paged_attention": (_int, [_p, _int, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p, _i64, _p,
+                                       _p, _p, _p, _int, _int, ctypes.c_float, _i64, _p, _size, _p, _p]),
+    "tq_cuda_paged_attention_path": (_int, [_i64, _i64, _i64, _i64, _int, _int]),
+}
 
 
 def library_path() -> str:
@@ -35,15 +52,9 @@ def library_path() -> str:
 @functools.lru_cache(maxsize=None)
 def _lib() -> ctypes.CDLL:
     lib = ctypes.CDLL(library_path())
-    lib.tq_cuda_paged_attention_mma_supported.argtypes = [_i64, _i64, _i64, _i64, ctypes.c_int, ctypes.c_int]
-    lib.tq_cuda_paged_attention_mma_supported.restype = ctypes.c_int
-    lib.tq_cuda_paged_attention_mma_workspace.argtypes = [_i64] * 7
-    lib.tq_cuda_paged_attention_mma_workspace.restype = ctypes.c_size_t
-    lib.tq_cuda_paged_attention_mma.argtypes = (
-        [_p, ctypes.c_int, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p, _i64, _p, _p, _p, _p,
-         ctypes.c_int, ctypes.c_int, ctypes.c_float, _i64, _p, ctypes.c_size_t, _p, _p]
-    )
-    lib.tq_cuda_paged_attention_mma.restype = ctypes.c_int
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
@@ -55,7 +66,7 @@ def unavailable_reason() -> str:
         return "no CUDA device"
     try:
         _lib()
-    except (OSError, _library.NativeLibraryNotFoundError) as err:
+    except (OSError, AttributeError, _library.NativeLibraryNotFoundError) as err:
         return f"libtq_deploy_cuda.so does not load: {err}"
     old = [i for i in range(torch.cuda.device_count()) if torch.cuda.get_device_capability(i)[0] < 8]
     return f"CUDA devices {old} have compute capability < 8.0" if old else ""
@@ -65,27 +76,38 @@ def available() -> bool:
     return not unavailable_reason()
 
 
-@functools.lru_cache(maxsize=1024)
-def _shape_supported(hq, hkv, dim, block_size, k_bits, v_bits) -> bool:
-    return bool(_lib().tq_cuda_paged_attention_mma_supported(hq, hkv, dim, block_size, k_bits, v_bits))
+def build_info() -> str:
+    return _lib().tq_cuda_build_info().decode()
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.data_ptr() % 16 == 0
+def _runs(device: torch.device, op: str, head_dim: int, *dtypes: torch.dtype) -> bool:
+    return (device.type == "cuda" and head_dim <= _MAX_DIM[op] and all(d in _DTYPES for d in dtypes)
+            and available())
 
 
-def supports_paged_attention(a: PagedAttentionArgs) -> bool:
-    """The tensor-core kernel's shapes (tq_cuda.h): fp16/fp32 queries, contiguous 16-byte aligned caches."""
-    return (a.device.type == "cuda" and a.query.dtype in _QUERY_TYPES and available()
-            and _shape_supported(a.num_q_heads, a.num_kv_heads, a.head_dim, a.block_size, a.k_bits, a.v_bits)
-            and _aligned(a.k_codes) and _aligned(a.v_codes) and a.k_norms.is_contiguous()
-            and a.v_norms.is_contiguous())
+def _dense(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() for t in tensors)
 
 
-@functools.lru_cache(maxsize=1024)
-def _workspace_bytes(s, hq, hkv, dim, max_blocks, page, tokens_per_split, device) -> int:
-    with torch.cuda.device(device):  # the split depends on the device's SM count
-        return _lib().tq_cuda_paged_attention_mma_workspace(s, hq, hkv, dim, max_blocks, page, tokens_per_split)
+def _check(rc: int, what: str, describe) -> None:
+    if rc == _BAD_ARGUMENT:
+        raise ValueError(f"the CUDA {what} refused {describe()}: outside the kernel's limits (tq_cuda.h)")
+    if rc:
+        raise RuntimeError(f"the CUDA {what} failed: {_lib().tq_cuda_error_string(rc).decode()} (error {rc})")
+
+
+@contextlib.contextmanager
+def _on(device: torch.device):
+    """The library launches on the current device: make it the tensors' device for the call."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        yield
+    else:
+        with torch.cuda.device(device):
+            yield
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 # One workspace per (device, stream), grown when a call needs more: kernels on one stream run in
@@ -102,6 +124,104 @@ def _workspace(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
     return ws
 
 
+# --- encode / decode ----------------------------------------------------------------------------
+
+def supports_encode(a: EncodeArgs) -> bool:
+    return _runs(a.device, "encode", a.head_dim, a.x.dtype)
+
+
+def encode(a: EncodeArgs):
+    """(codes [..., P] uint8, norms [...] fp32) of x [..., D]; see the reference encode."""
+    lead, dev = a.x.shape[:-1], a.device
+    x2 = a.x.reshape(-1, a.head_dim).contiguous()
+    p = (a.head_dim * a.bits + 7) // 8
+    codes = torch.empty((x2.shape[0], p), dtype=torch.uint8, device=dev)
+    norms = torch.empty((x2.shape[0],), dtype=torch.float32, device=dev)
+    with _on(dev):
+        rc = _lib().tq_cuda_encode(x2.data_ptr(), _DTYPES[x2.dtype], x2.shape[0], a.head_dim,
+                                   float_matrix(a.rotation, dev).data_ptr(),
+                                   codebook_as(a.codebook, torch.float32, dev).data_ptr(), a.bits, codes.data_ptr(),
+                                   norms.data_ptr(), _stream(dev))
+    _check(rc, "encode", lambda: f"x {tuple(a.x.shape)} {a.x.dtype}, bits {a.bits}")
+    return codes.reshape(*lead, p), norms.reshape(lead)
+
+
+def supports_decode(a: DecodeArgs) -> bool:
+    return _runs(a.device, "decode", a.head_dim, a.dtype)
+
+
+def decode(a: DecodeArgs) -> torch.Tensor:
+    """x_hat [..., D] in ``a.dtype``; see the reference decode."""
+    lead, dev = a.codes.shape[:-1], a.device
+    c2 = a.codes.reshape(-1, a.codes.shape[-1]).contiguous()
+    n2 = a.norms.reshape(-1).contiguous()
+    out = torch.empty((c2.shape[0], a.head_dim), dtype=torch.float32, device=dev)
+    with _on(dev):
+        rc = _lib().tq_cuda_decode(c2.data_ptr(), n2.data_ptr(), c2.shape[0], a.head_dim,
+                                   float_matrix(a.rotation, dev).data_ptr(),
+                                   codebook_as(a.codebook, torch.float32, dev).data_ptr(), a.bits, out.data_ptr(),
+                                   _stream(dev))
+    _check(rc, "decode", lambda: f"codes {tuple(a.codes.shape)}, bits {a.bits}")
+    return out.reshape(*lead, a.head_dim).to(a.dtype)
+
+
+# --- cache update -------------------------------------------------------------------------------
+
+def supports_cache_update(a: CacheUpdateArgs) -> bool:
+    """In place into the caller's caches, so they must be dense (no copy could be written back)."""
+    return (_runs(a.device, "cache_update", a.head_dim, a.key.dtype) and a.value.dtype == a.key.dtype
+            and _dense(a.k_codes, a.k_norms, a.v_codes, a.v_norms))
+
+
+def cache_update(a: CacheUpdateArgs):
+    """Encode key/value [T, Hkv, D] into their paged slots, in place; slot < 0 skips the token and
+    a slot named twice keeps its last token."""
+    dev = a.device
+    key, value = a.key.contiguous(), a.value.contiguous()
+    slots = a.slot_mapping.to(torch.int64).contiguous()
+    rot = float_matrix(a.rotation, dev)
+    kcb = codebook_as(a.k_codebook, torch.float32, dev)
+    vcb = kcb if a.v_codebook is a.k_codebook else codebook_as(a.v_codebook, torch.float32, dev)
+    with _on(dev):
+        lib, stream = _lib(), _stream(dev)
+        nbytes = lib.tq_cuda_cache_update_workspace(a.num_tokens)
+        workspace = _workspace(dev, stream, nbytes) if nbytes else None
+        rc = lib.tq_cuda_cache_update(
+            key.data_ptr(), value.data_ptr(), _DTYPES[key.dtype], slots.data_ptr(), a.num_tokens, a.num_kv_heads,
+            a.head_dim, a.k_codes.data_ptr(), a.k_norms.data_ptr(), a.v_codes.data_ptr(), a.v_norms.data_ptr(),
+            a.num_blocks, a.block_size, rot.data_ptr(), kcb.data_ptr(), vcb.data_ptr(), a.k_bits, a.v_bits,
+            workspace.data_ptr() if workspace is not None else None, workspace.numel() if workspace is not None else 0,
+            stream)
+    _check(rc, "cache update", lambda: f"key {tuple(a.key.shape)}, k_codes {tuple(a.k_codes.shape)}, "
+                                       f"bits {a.k_bits}/{a.v_bits}")
+    return a.k_codes, a.k_norms, a.v_codes, a.v_norms
+
+
+# --- paged attention ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1024)
+def _path(hq, hkv, dim, block_size, k_bits, v_bits) -> int:
+    return _lib().tq_cuda_paged_attention_path(hq, hkv, dim, block_size, k_bits, v_bits)
+
+
+def paged_attention_path(a: PagedAttentionArgs) -> str:
+    """"tensor-core" or "generic": the kernel these shapes run (16-byte aligned caches assumed)."""
+    fast = _path(a.num_q_heads, a.num_kv_heads, a.head_dim, a.block_size, a.k_bits, a.v_bits)
+    return "tensor-core" if fast else "generic"
+
+
+def supports_paged_attention(a: PagedAttentionArgs) -> bool:
+    return (_runs(a.device, "paged_attention", a.head_dim, a.query.dtype)
+            and _dense(a.k_codes, a.k_norms, a.v_codes, a.v_norms))
+
+
+@functools.lru_cache(maxsize=1024)
+def _attention_workspace_bytes(s, hq, hkv, dim, max_blocks, page, k_bits, v_bits, tokens_per_split, device) -> int:
+    with torch.cuda.device(device):  # the split depends on the device's SM count
+        return _lib().tq_cuda_paged_attention_workspace(s, hq, hkv, dim, max_blocks, page, k_bits, v_bits,
+                                                        tokens_per_split)
+
+
 def paged_attention(a: PagedAttentionArgs, *, tokens_per_split: int = 0) -> torch.Tensor:
     """out [S, Hq, D] in the query's dtype (see the reference paged attention); tokens_per_split = 0
     lets the library pick the split-K from the shapes (a knob for the benchmark)."""
@@ -114,35 +234,26 @@ def paged_attention(a: PagedAttentionArgs, *, tokens_per_split: int = 0) -> torc
     rot = float_matrix(a.rotation, dev)
     kcb = codebook_as(a.k_codebook, torch.float32, dev)
     vcb = kcb if a.v_codebook is a.k_codebook else codebook_as(a.v_codebook, torch.float32, dev)
-    nbytes = _workspace_bytes(a.num_seqs, a.num_q_heads, a.num_kv_heads, a.head_dim, a.max_blocks, a.block_size,
-                              tokens_per_split, dev)
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    workspace = _workspace(dev, stream, nbytes)
-    if dev.index not in (None, torch.cuda.current_device()):  # the library launches on the current device
-        with torch.cuda.device(dev):
-            return _launch(a, q, bt, ctx, rot, kcb, vcb, tokens_per_split, workspace, out, stream)
-    return _launch(a, q, bt, ctx, rot, kcb, vcb, tokens_per_split, workspace, out, stream)
-
-
-def _launch(a, q, bt, ctx, rot, kcb, vcb, tokens_per_split, workspace, out, stream):
-    rc = _lib().tq_cuda_paged_attention_mma(
-        q.data_ptr(), _QUERY_TYPES[q.dtype], a.num_seqs, a.num_q_heads, a.num_kv_heads, a.head_dim,
-        a.k_codes.data_ptr(), a.k_norms.data_ptr(), a.v_codes.data_ptr(), a.v_norms.data_ptr(), a.num_blocks,
-        a.block_size, bt.data_ptr(), a.max_blocks, ctx.data_ptr(), rot.data_ptr(), kcb.data_ptr(), vcb.data_ptr(),
-        a.k_bits, a.v_bits, a.scale, tokens_per_split, workspace.data_ptr(), workspace.numel(), out.data_ptr(),
-        stream)
-    if rc == _BAD_ARGUMENT:
-        raise ValueError(
-            f"the CUDA decode attention refused query {q.dtype} {tuple(q.shape)}, k_codes {tuple(a.k_codes.shape)}, "
-            f"bits {a.k_bits}/{a.v_bits}: expected fp16/fp32 queries, k/v bits in (2, 4), head dim 64/128/256, "
-            "<= 8 query heads per KV head, block size a multiple of 16, 16-byte aligned contiguous codes "
-            "(supports_paged_attention says which calls it takes)")
-    if rc:
-        raise RuntimeError(f"tq_cuda_paged_attention_mma failed with CUDA error {rc}")
+    nbytes = _attention_workspace_bytes(a.num_seqs, a.num_q_heads, a.num_kv_heads, a.head_dim, a.max_blocks,
+                                        a.block_size, a.k_bits, a.v_bits, tokens_per_split, dev)
+    with _on(dev):
+        stream = _stream(dev)
+        workspace = _workspace(dev, stream, nbytes)
+        rc = _lib().tq_cuda_paged_attention(
+            q.data_ptr(), _DTYPES[q.dtype], a.num_seqs, a.num_q_heads, a.num_kv_heads, a.head_dim,
+            a.k_codes.data_ptr(), a.k_norms.data_ptr(), a.v_codes.data_ptr(), a.v_norms.data_ptr(), a.num_blocks,
+            a.block_size, bt.data_ptr(), a.max_blocks, ctx.data_ptr(), rot.data_ptr(), kcb.data_ptr(),
+            vcb.data_ptr(), a.k_bits, a.v_bits, a.scale, tokens_per_split, workspace.data_ptr(), workspace.numel(),
+            out.data_ptr(), stream)
+    _check(rc, "paged attention", lambda: f"query {tuple(q.shape)} {q.dtype}, k_codes {tuple(a.k_codes.shape)}, "
+                                          f"bits {a.k_bits}/{a.v_bits}, tokens_per_split {tokens_per_split}")
     return out
 
 
 # op -> (supports(args) -> bool, run(args))
 OPS = {
+    "encode": (supports_encode, encode),
+    "decode": (supports_decode, decode),
+    "cache_update": (supports_cache_update, cache_update),
     "paged_attention": (supports_paged_attention, paged_attention),
 }

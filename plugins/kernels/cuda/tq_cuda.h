@@ -1,32 +1,38 @@
 /* TurboQuant CUDA kernels behind a C launcher API on raw device pointers.
  *
- * Shared by the TensorRT plugins (plugins/trt) and a future ONNX Runtime CUDA EP: no TensorRT or
- * ONNX Runtime type appears here. Every pointer is a device pointer; every launcher only enqueues
- * work on `stream` and returns cudaGetLastError() of the launch (0 = success), or
- * TQ_CUDA_BAD_ARGUMENT when a size argument is out of range (nothing is launched then).
+ * One launcher per op, called alike by the PyTorch path (libtq_deploy_cuda.so, tq_deploy.cuda),
+ * the ONNX Runtime CUDA EP kernels (plugins/ort) and the TensorRT plugins (plugins/trt): no
+ * TensorRT or ONNX Runtime type appears here. Every pointer is a device pointer; every launcher
+ * only enqueues work on `stream` (never allocates, never synchronizes) and returns
+ * cudaGetLastError() of its launches (0 = success), or TQ_CUDA_BAD_ARGUMENT when a size argument
+ * is out of range (nothing is launched then).
  *
- * Math (identical to tq_deploy.reference, float32 compute):
- *   encode:  norm = ||x||_2;  y = (Pi x) / norm  (y = 0 where norm == 0);
+ * Math (identical to tq_deploy.reference, float32 compute), bits 1..8:
+ *   encode:  norm = ||x||_2 (computed on x scaled by a power of two: finite for 1e20s, nonzero for
+ *            1e-30s);  y = (Pi x) / norm  (y = 0 where norm == 0);
  *            code_j = #{ k : b_k < y_j },  b_k = (c_k + c_{k+1}) / 2;
  *            codes packed as a little-endian bit stream, code i at bits [i*bits, (i+1)*bits).
  *   decode:  x_hat = norm * Pi^T c[code]
  *   paged attention (sequence s, query head h, KV head h / (Hq/Hkv)):
  *            q_rot = Pi q;  s_t = k_norm_t <q_rot, c_k[idx_k_t]> * scale;
  *            p = softmax(s) over t < context_lens[s];  out = Pi^T sum_t p_t v_norm_t c_v[idx_v_t]
+ *            (a context of 0 tokens gives zeros; a NaN or overflowing score gives NaN)
  *
  * Layouts: rotation [D, D] row-major float32 (y = rotation @ x); codebooks [2**bits] ascending
  * float32; paged cache codes [N, B, Hkv, P] uint8 and norms [N, B, Hkv] float32 with
  * P = ceil(D * bits / 8); slot = block * B + offset.
  *
- * Device-side data the host cannot see (slots, block-table entries, context lengths) is not
- * checked by raising: a slot outside [0, N*B) skips that token, a block-table entry outside
- * [0, N) skips its tokens, a context length above M*B is clamped to M*B. Callers that need
- * errors validate on the host first (as the ONNX Runtime CPU kernels do).
+ * Device-side data the host cannot see without a synchronization (slots, block-table entries,
+ * context lengths) is never read out of bounds and never raises: a slot outside [0, N*B) skips
+ * its token, a block-table entry outside [0, N) skips that block's tokens, a context length is
+ * clamped to [0, M*B]. Callers that need errors validate on the host first (as the ONNX Runtime
+ * CPU kernels do). docs/ops.md ("Bad input") states the rule for every backend.
  */
 #ifndef TQ_CUDA_H_
 #define TQ_CUDA_H_
 
 #include <cuda_runtime_api.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -35,12 +41,17 @@ extern "C" {
 
 #define TQ_CUDA_BAD_ARGUMENT 10001
 
-typedef enum { TQ_CUDA_FLOAT32 = 0, TQ_CUDA_FLOAT16 = 1 } tq_cuda_dtype;
+typedef enum { TQ_CUDA_FLOAT32 = 0, TQ_CUDA_FLOAT16 = 1, TQ_CUDA_BFLOAT16 = 2 } tq_cuda_dtype;
 
 /* Bytes of one packed vector: ceil(dim * bits / 8). */
 static inline int64_t tq_cuda_packed_size(int64_t dim, int bits) { return (dim * bits + 7) / 8; }
 
-/* x [rows, dim] (float32/float16) -> codes [rows, P] uint8, norms [rows] float32. */
+/* JSON describing the build: CUDA version, architectures. */
+const char* tq_cuda_build_info(void);
+/* A launcher's return code in words. */
+const char* tq_cuda_error_string(int code);
+
+/* x [rows, dim] (float32/float16/bfloat16) -> codes [rows, P] uint8, norms [rows] float32. */
 int tq_cuda_encode(const void* x, tq_cuda_dtype x_type, int64_t rows, int64_t dim, const float* rotation,
                    const float* codebook, int bits, uint8_t* codes, float* norms, cudaStream_t stream);
 
@@ -48,43 +59,39 @@ int tq_cuda_encode(const void* x, tq_cuda_dtype x_type, int64_t rows, int64_t di
 int tq_cuda_decode(const uint8_t* codes, const float* norms, int64_t rows, int64_t dim, const float* rotation,
                    const float* codebook, int bits, float* x_hat, cudaStream_t stream);
 
-/* key/value [T, Hkv, D] (float32/float16) encoded into the paged cache, in place.
+/* key/value [T, Hkv, D] (float32/float16/bfloat16) encoded into the paged cache, in place.
  * slot_mapping [T] int64; negative slots skip the token; when several tokens name one slot the
- * last of them wins (as in the reference). */
+ * last of them wins (as in the reference). The caller provides a device workspace of
+ * tq_cuda_cache_update_workspace(T) bytes (0 for a single token) for that bookkeeping. */
+size_t tq_cuda_cache_update_workspace(int64_t num_tokens);
 int tq_cuda_cache_update(const void* key, const void* value, tq_cuda_dtype kv_type, const int64_t* slot_mapping,
                          int64_t num_tokens, int64_t num_kv_heads, int64_t head_dim, uint8_t* k_codes,
                          float* k_norms, uint8_t* v_codes, float* v_norms, int64_t num_blocks, int64_t block_size,
                          const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits,
-                         int v_bits, cudaStream_t stream);
+                         int v_bits, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-/* query [S, Hq, D] (float32/float16) -> out [S, Hq, D] of the same dtype.
- * block_tables [S, M] int32, context_lens [S] int32; scale <= 0 means 1/sqrt(D). */
+/* Decode attention. The caller provides a device workspace of at least
+ * tq_cuda_paged_attention_workspace(...) bytes (the same shapes and tokens_per_split as the call;
+ * the size only grows with num_seqs and max_blocks, so a workspace sized for the largest shapes
+ * serves every smaller call). query [S, Hq, D] (float32/float16/bfloat16) -> out [S, Hq, D] of the
+ * same dtype; block_tables [S, M] int32, context_lens [S] int32; scale <= 0 means 1/sqrt(D).
+ * tokens_per_split = 0 picks the split-K from the shapes and the device's SM count.
+ * Shapes the tensor-core kernel takes (tq_cuda_paged_attention_path == 1) run on it; every other
+ * shape runs the generic kernel. */
+size_t tq_cuda_paged_attention_workspace(int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
+                                         int64_t head_dim, int64_t max_blocks, int64_t block_size, int k_bits,
+                                         int v_bits, int64_t tokens_per_split);
 int tq_cuda_paged_attention(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t num_q_heads,
                             int64_t num_kv_heads, int64_t head_dim, const uint8_t* k_codes, const float* k_norms,
                             const uint8_t* v_codes, const float* v_norms, int64_t num_blocks, int64_t block_size,
                             const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
                             const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits,
-                            int v_bits, float scale, void* out, cudaStream_t stream);
-
-/* The tensor-core path of tq_cuda_paged_attention (tq_paged_attention_mma.cu): same math and
- * layouts, fp16 operands with fp32 accumulation (centroids rounded to fp16, P * v_norm rounded to
- * fp16), split-K over the context. Needs compute capability >= 8.0 and a supported shape:
- * k_bits, v_bits in {2, 4}, head_dim in {64, 128, 256}, num_q_heads / num_kv_heads <= 8,
- * block_size a multiple of 16; k_codes and v_codes 16-byte aligned (else TQ_CUDA_BAD_ARGUMENT).
- * tokens_per_split = 0 picks the split from the shapes and the device's SM count; the caller
- * provides a device workspace of tq_cuda_paged_attention_mma_workspace(...) bytes. */
-int tq_cuda_paged_attention_mma_supported(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                          int64_t block_size, int k_bits, int v_bits);
-size_t tq_cuda_paged_attention_mma_workspace(int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
-                                             int64_t head_dim, int64_t max_blocks, int64_t block_size,
-                                             int64_t tokens_per_split);
-int tq_cuda_paged_attention_mma(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t num_q_heads,
-                                int64_t num_kv_heads, int64_t head_dim, const uint8_t* k_codes, const float* k_norms,
-                                const uint8_t* v_codes, const float* v_norms, int64_t num_blocks, int64_t block_size,
-                                const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
-                                const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits,
-                                int v_bits, float scale, int64_t tokens_per_split, void* workspace,
-                                size_t workspace_bytes, void* out, cudaStream_t stream);
+                            int v_bits, float scale, int64_t tokens_per_split, void* workspace,
+                            size_t workspace_bytes, void* out, cudaStream_t stream);
+/* 1 when these shapes take the tensor-core kernel (head_dim 64/128/256, <= 8 query heads per KV
+ * head, block size a multiple of 16, the bit widths it is built for), 0 for the generic kernel. */
+int tq_cuda_paged_attention_path(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                                 int k_bits, int v_bits);
 
 #ifdef __cplusplus
 }

@@ -1,7 +1,8 @@
-// Device helpers shared by the TurboQuant CUDA kernels: dtype loads/stores, bit packing, block
-// reductions and the one-vector encoder used by both TQEncode and TQCacheUpdate.
+// Device helpers shared by the TurboQuant CUDA kernels: dtype loads/stores, warp reductions,
+// the scaled vector norm, bit-field extraction from packed codes, and launch bookkeeping.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -10,20 +11,52 @@
 
 namespace tq_cuda {
 
-constexpr int kThreads = 128;  // every kernel runs 4 warps per CTA
-constexpr int kWarps = kThreads / 32;
-constexpr int kMaxCodebook = 16;  // 2**4
+constexpr int kMinBits = 1;
+constexpr int kMaxBits = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__host__ __device__ inline bool valid_bits(int bits) { return bits >= kMinBits && bits <= kMaxBits; }
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
 __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Code i of a little-endian bit stream of `bits`-bit codes (a 3-bit code may straddle two bytes).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// 2^e with e the binade exponent of `amax` (amax = m * 2^e, m in [0.5, 1)); 1 for 0, inf or NaN.
+// Scaling by its reciprocal is exact, so norms of scaled vectors are the plain norms scaled.
+__device__ __forceinline__ int binade(float amax) {
+  int e = 0;
+  if (amax > 0.f && amax <= 3.402823466e38f) frexpf(amax, &e);
+  return e;
+}
+
+// Bits [first, first + count) of a little-endian bit stream held in 32-bit words (count <= 25:
+// the field lies within two consecutive words).
+__device__ __forceinline__ uint32_t stream_bits(const uint32_t* words, int first, int count) {
+  const int w = first >> 5, s = first & 31;
+  const uint32_t lo = words[w];
+  const uint32_t both = s + count > 32 ? __funnelshift_r(lo, words[w + 1], s) : lo >> s;
+  return both & ((1u << count) - 1u);
+}
+
+// Code i of a little-endian bit stream of `bits`-bit codes in global or shared bytes.
 __device__ __forceinline__ int unpack_code(const uint8_t* packed, int64_t i, int bits) {
   const int64_t bit = i * bits;
   const int64_t byte = bit >> 3;
@@ -33,74 +66,17 @@ __device__ __forceinline__ int unpack_code(const uint8_t* packed, int64_t i, int
   return static_cast<int>((v >> shift) & ((1u << bits) - 1u));
 }
 
-// Byte p of the packed stream of `dim` codes held one per byte in `codes`.
-__device__ __forceinline__ uint8_t pack_byte(const uint8_t* codes, int64_t dim, int bits, int64_t p) {
-  unsigned byte = 0;
-  for (int b = 0; b < 8; ++b) {
-    const int64_t bit = p * 8 + b;
-    const int64_t i = bit / bits;
-    if (i >= dim) break;
-    byte |= ((static_cast<unsigned>(codes[i]) >> (bit % bits)) & 1u) << b;
-  }
-  return static_cast<uint8_t>(byte);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the CTA; every thread gets the result. `scratch` holds kWarps floats.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // scratch may still be read by a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < kWarps; ++w) total += scratch[w];
-  return total;
-}
-
-// Decision boundaries b_k = (c_{k+1} + c_k) / 2 into shared memory (2**bits - 1 of them).
-__device__ __forceinline__ void load_boundaries(const float* codebook, int bits, float* bounds) {
-  const int nb = (1 << bits) - 1;
-  for (int k = threadIdx.x; k < nb; k += blockDim.x) bounds[k] = (codebook[k + 1] + codebook[k]) * 0.5f;
-}
-
-// Encodes one vector x[dim] with the whole CTA. Shared scratch: xs[dim] floats, codes[dim] bytes,
-// red[kWarps] floats; bounds[2**bits - 1] must be loaded (and synchronized) by the caller.
-template <typename T>
-__device__ void encode_vector(const T* __restrict__ x, int64_t dim, const float* __restrict__ rotation,
-                              const float* bounds, int bits, float* xs, uint8_t* codes, float* red,
-                              uint8_t* __restrict__ out_codes, float* __restrict__ out_norm) {
-  float sq = 0.f;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-    const float v = to_float(x[j]);
-    xs[j] = v;
-    sq += v * v;
-  }
-  const float norm = sqrtf(block_sum(sq, red));  // block_sum synchronizes: xs is complete
-  const int nb = (1 << bits) - 1;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-    const float* row = rotation + j * dim;
-    float dot = 0.f;
-    for (int64_t i = 0; i < dim; ++i) dot = fmaf(row[i], xs[i], dot);
-    const float y = norm > 0.f ? dot / norm : 0.f;
-    int code = 0;
-    for (int k = 0; k < nb; ++k) code += bounds[k] < y;  // on a boundary: the lower code
-    codes[j] = static_cast<uint8_t>(code);
-  }
-  __syncthreads();
-  const int64_t packed = (dim * bits + 7) / 8;
-  for (int64_t p = threadIdx.x; p < packed; p += blockDim.x) out_codes[p] = pack_byte(codes, dim, bits, p);
-  if (threadIdx.x == 0) *out_norm = norm;
-  __syncthreads();  // the caller may reuse xs/codes for the next vector
+// Nearest centroid: the number of the 2**bits - 1 ascending boundaries strictly below y (a
+// binary search; NaN counts none).
+__device__ __forceinline__ int quantize(float y, const float* bounds, int bits) {
+  int code = 0;
+  for (int step = 1 << (bits - 1); step > 0; step >>= 1) code += bounds[code + step - 1] < y ? step : 0;
+  return code;
 }
 
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
-inline bool valid_bits(int bits) { return bits >= 1 && bits <= 4; }
+int num_sms();
 
 // Opts a kernel into more than 48 KiB of dynamic shared memory when it needs it.
 template <typename Kernel>
@@ -109,5 +85,7 @@ inline int reserve_shared(Kernel kernel, size_t bytes) {
   return static_cast<int>(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
+
+inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 }  // namespace tq_cuda

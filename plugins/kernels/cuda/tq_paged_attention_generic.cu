@@ -1,0 +1,402 @@
+// TQPagedAttention for every shape the tensor-core kernel does not take (any head dim up to 512,
+// any bit widths 1..8, any block size, any number of query heads per KV head), on CUDA cores.
+//
+// Three launches:
+//   rotate   q_rot = Pi q * scale * log2(e), float32, into the workspace
+//   split    one warp per (sequence, KV head, chunk of <= 8 query heads, split of the context),
+//            32 tokens per step. The step's packed key and value rows are copied into the warp's
+//            shared memory (a row per load instruction, coalesced); then
+//              scores   lane = token: codes unpacked from its row, centroids from a shared
+//                       codebook, dotted with the chunk's q_rot (float4 broadcasts)
+//              softmax  online, base 2, the running max shared by the warp
+//              values   lane = coordinates lane, lane + 32, ...: sum over the step's tokens of
+//                       p * ||v|| * c_v[code]
+//            and writes the split's (max, sum, acc) to the workspace
+//   merge    per query head: the splits merged, then out = Pi^T (acc / sum) in the query's dtype
+// float32 throughout (no fp16 rounding of P * ||v||).
+#include <math.h>
+
+#include <algorithm>
+
+#include "tq_cuda_common.cuh"
+#include "tq_paged_attention_plan.h"
+
+namespace tq_cuda {
+namespace generic {
+namespace {
+
+constexpr int kStep = 32;        // tokens per step: one per lane
+constexpr int kWarps = 4;        // splits per CTA
+constexpr int kHeadChunk = 8;    // query heads per warp
+constexpr float kNoScore = -1.0e30f;
+
+struct SplitArgs {
+  const float* q_rot;  // [S * Hq, D]
+  const uint8_t* k_codes;
+  const float* k_norms;
+  const uint8_t* v_codes;
+  const float* v_norms;
+  const int32_t* block_tables;
+  const int32_t* context_lens;
+  const float* k_codebook;
+  const float* v_codebook;
+  int dim, k_bits, v_bits, num_kv_heads, num_q_heads, group, block_size, max_blocks, num_blocks;
+  int tokens_per_split, splits, head_chunks;
+  int k_row_words, v_row_words;  // shared-memory stride of a staged row, in words (odd: no conflicts)
+  float* partial;                // [pairs, head_chunks, splits, kHeadChunk, D + 2]
+};
+
+// Copies `bytes` of a packed row into shared words, the warp's lanes taking consecutive words
+// (or bytes, where the row is not a whole number of aligned words).
+__device__ __forceinline__ void copy_row(const uint8_t* src, int bytes, bool words, uint32_t* dst, int lane) {
+  if (words) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(src);
+    for (int i = lane; i < bytes / 4; i += 32) dst[i] = __ldg(w + i);
+    return;
+  }
+  uint8_t* d = reinterpret_cast<uint8_t*>(dst);
+  for (int b = lane; b < bytes; b += 32) d[b] = src[b];
+}
+
+// A lane's sequential reader of its staged row's codes.
+struct CodeReader {
+  const uint32_t* words;
+  uint64_t buffer;
+  int have, next;
+  __device__ __forceinline__ CodeReader(const uint32_t* w) : words(w), buffer(0), have(0), next(0) {}
+  __device__ __forceinline__ uint32_t take(int bits) {
+    if (have < bits) {
+      buffer |= static_cast<uint64_t>(words[next++]) << have;
+      have += 32;
+    }
+    const uint32_t code = static_cast<uint32_t>(buffer) & ((1u << bits) - 1u);
+    buffer >>= bits;
+    have -= bits;
+    return code;
+  }
+};
+
+template <int KC, int GH>
+__global__ void __launch_bounds__(kWarps * 32) split_kernel(const SplitArgs a) {
+  extern __shared__ float4 generic_smem[];
+  float* smem = reinterpret_cast<float*>(generic_smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int pair = blockIdx.x, chunk = blockIdx.y, split = blockIdx.z * kWarps + warp;
+  const int seq = pair / a.num_kv_heads, h = pair % a.num_kv_heads;
+  const int heads = min(GH, a.group - chunk * GH);  // query heads of this chunk
+  const int d = a.dim;
+  // shared: codebooks, the chunk's q_rot, then per warp: key rows, value rows, weights
+  float* kcb = smem;
+  float* vcb = kcb + 256;
+  float* q = vcb + 256;  // [GH][dim rounded up to 4]
+  const int qd = (d + 3) & ~3;
+  uint32_t* warp_base = reinterpret_cast<uint32_t*>(q + GH * qd) +
+                        warp * (kStep * (a.k_row_words + a.v_row_words) + GH * kStep);
+  uint32_t* k_rows = warp_base;
+  uint32_t* v_rows = k_rows + kStep * a.k_row_words;
+  float* weights = reinterpret_cast<float*>(v_rows + kStep * a.v_row_words);  // [GH][32]: p * ||v||
+
+  for (int i = threadIdx.x; i < (1 << a.k_bits); i += blockDim.x) kcb[i] = __ldg(a.k_codebook + i);
+  for (int i = threadIdx.x; i < (1 << a.v_bits); i += blockDim.x) vcb[i] = __ldg(a.v_codebook + i);
+  const int64_t q_row0 = (static_cast<int64_t>(seq) * a.num_q_heads + static_cast<int64_t>(h) * a.group + chunk * GH);
+  for (int i = threadIdx.x; i < GH * qd; i += blockDim.x) {
+    const int hh = i / qd, j = i % qd;
+    q[i] = hh < heads && j < d ? a.q_rot[(q_row0 + hh) * d + j] : 0.f;
+  }
+  __syncthreads();
+  if (split >= a.splits) return;
+
+  int ctx = __ldg(a.context_lens + seq);
+  ctx = max(0, min(ctx, a.max_blocks * a.block_size));
+  const int start = split * a.tokens_per_split;
+  const int end = min(start + a.tokens_per_split, ctx);
+  const int32_t* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+  const int k_bytes = (d * a.k_bits + 7) / 8, v_bytes = (d * a.v_bits + 7) / 8;
+  const bool k_words = (k_bytes & 3) == 0 && (reinterpret_cast<uintptr_t>(a.k_codes) & 3) == 0;
+  const bool v_words = (v_bytes & 3) == 0 && (reinterpret_cast<uintptr_t>(a.v_codes) & 3) == 0;
+
+  float m[GH], l[GH], acc[GH][KC];
+#pragma unroll
+  for (int g = 0; g < GH; ++g) {
+    m[g] = kNoScore;
+    l[g] = 0.f;
+#pragma unroll
+    for (int k = 0; k < KC; ++k) acc[g][k] = 0.f;
+  }
+
+  for (int t0 = start; t0 < end; t0 += kStep) {
+    // the step's cache cells (lane = token); a block-table entry outside [0, N) skips its token
+    const int t = t0 + lane;
+    int64_t cell = -1;
+    if (t < end) {
+      const int block = __ldg(table + t / a.block_size);
+      if (block >= 0 && block < a.num_blocks)
+        cell = (static_cast<int64_t>(block) * a.block_size + t % a.block_size) * a.num_kv_heads + h;
+    }
+    __syncwarp();
+    for (int r = 0; r < kStep; ++r) {
+      const int64_t c = __shfl_sync(0xffffffffu, cell, r);
+      if (c < 0) continue;
+      copy_row(a.k_codes + c * k_bytes, k_bytes, k_words, k_rows + r * a.k_row_words, lane);
+      copy_row(a.v_codes + c * v_bytes, v_bytes, v_words, v_rows + r * a.v_row_words, lane);
+    }
+    const float kn = cell >= 0 ? __ldg(a.k_norms + cell) : 0.f;
+    const float vn = cell >= 0 ? __ldg(a.v_norms + cell) : 0.f;
+    __syncwarp();
+
+    // scores of the lane's token
+    float s[GH];
+#pragma unroll
+    for (int g = 0; g < GH; ++g) s[g] = 0.f;
+    if (cell >= 0) {
+      CodeReader codes(k_rows + lane * a.k_row_words);
+      for (int i = 0; i < d; i += 4) {
+        float c[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) c[k] = i + k < d ? kcb[codes.take(a.k_bits)] : 0.f;
+#pragma unroll
+        for (int g = 0; g < GH; ++g) {
+          const float4 qv = *reinterpret_cast<const float4*>(q + g * qd + i);
+          s[g] = fmaf(c[0], qv.x, fmaf(c[1], qv.y, fmaf(c[2], qv.z, fmaf(c[3], qv.w, s[g]))));
+        }
+      }
+    }
+    // online softmax over the warp's 32 tokens; weights p * ||v|| for the value pass
+#pragma unroll
+    for (int g = 0; g < GH; ++g) {
+      const float score = cell >= 0 && g < heads ? s[g] * kn : -INFINITY;
+      const float m_new = fmaxf(m[g], warp_max(score));
+      const float alpha = exp2f(m[g] - m_new);
+      const float p = exp2f(score - m_new);
+      l[g] = l[g] * alpha + p;  // per lane; summed over the warp at the end
+      m[g] = m_new;
+#pragma unroll
+      for (int k = 0; k < KC; ++k) acc[g][k] *= alpha;
+      weights[g * kStep + lane] = p * vn;
+    }
+    __syncwarp();
+    // values: lane = coordinates lane + 32 k
+    const int n = min(kStep, end - t0);
+    for (int r = 0; r < n; ++r) {
+      const uint8_t* row = reinterpret_cast<const uint8_t*>(v_rows + r * a.v_row_words);
+      float c[KC];
+#pragma unroll
+      for (int k = 0; k < KC; ++k) {
+        const int j = lane + 32 * k;
+        c[k] = j < d ? vcb[unpack_code(row, j, a.v_bits)] : 0.f;
+      }
+#pragma unroll
+      for (int g = 0; g < GH; ++g) {
+        const float w = weights[g * kStep + r];
+#pragma unroll
+        for (int k = 0; k < KC; ++k) acc[g][k] = fmaf(w, c[k], acc[g][k]);
+      }
+    }
+    __syncwarp();
+  }
+
+  const int64_t row = d + 2;
+  float* out = a.partial + ((static_cast<int64_t>(pair) * a.head_chunks + chunk) * a.splits + split) * GH * row;
+#pragma unroll
+  for (int g = 0; g < GH; ++g) {
+    const float total = warp_sum(l[g]);
+    if (g >= heads) continue;
+#pragma unroll
+    for (int k = 0; k < KC; ++k) {
+      const int j = lane + 32 * k;
+      if (j < d) out[g * row + j] = acc[g][k];
+    }
+    if (lane == 0) {
+      out[g * row + d] = m[g];
+      out[g * row + d + 1] = total;
+    }
+  }
+}
+
+// q_rot[r] = Pi q[r] * scale for 8 rows per CTA.
+constexpr int kRotateRows = 8;
+template <typename T>
+__global__ void __launch_bounds__(128) rotate_kernel(const T* query, const float* rotation, int rows, int dim,
+                                                     float scale, float* q_rot) {
+  extern __shared__ float rotate_smem[];  // [8][dim]
+  const int r0 = blockIdx.x * kRotateRows;
+  for (int i = threadIdx.x; i < kRotateRows * dim; i += blockDim.x) {
+    const int r = i / dim;
+    rotate_smem[i] = r0 + r < rows ? to_float(query[static_cast<int64_t>(r0) * dim + i]) : 0.f;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+    float y[kRotateRows] = {};
+    const float* pi = rotation + static_cast<int64_t>(j) * dim;
+    for (int i = 0; i < dim; ++i) {
+      const float p = __ldg(pi + i);
+#pragma unroll
+      for (int r = 0; r < kRotateRows; ++r) y[r] = fmaf(p, rotate_smem[r * dim + i], y[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < kRotateRows; ++r)
+      if (r0 + r < rows) q_rot[static_cast<int64_t>(r0 + r) * dim + j] = y[r] * scale;
+  }
+}
+
+// One output row (sequence, query head): merge the splits, out = Pi^T (acc / sum); zeros for an
+// empty context (sum 0), NaN stays NaN.
+template <typename T>
+__global__ void __launch_bounds__(128) merge_kernel(const float* partial, const float* rotation, int dim, int group,
+                                                    int head_chunks, int splits, T* out) {
+  extern __shared__ float merge_smem[];  // [dim] merged accumulator, [2] max and 1 / sum
+  const int row = blockIdx.x;  // = pair * group + g
+  const int pair = row / group, g = row % group, chunk = g / kHeadChunk, gh = g % kHeadChunk;
+  const int64_t stride = dim + 2;
+  const float* base = partial + (static_cast<int64_t>(pair) * head_chunks + chunk) * splits * kHeadChunk * stride +
+                      gh * stride;
+  float* merged = merge_smem;
+  if (threadIdx.x == 0) {
+    float big = kNoScore, total = 0.f;
+    for (int s = 0; s < splits; ++s) big = fmaxf(big, base[s * kHeadChunk * stride + dim]);
+    for (int s = 0; s < splits; ++s)
+      total += exp2f(base[s * kHeadChunk * stride + dim] - big) * base[s * kHeadChunk * stride + dim + 1];
+    merged[dim] = big;
+    merged[dim + 1] = total != 0.f ? 1.f / total : 0.f;
+  }
+  __syncthreads();
+  const float big = merged[dim], inv = merged[dim + 1];
+  for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+    float sum = 0.f;
+    for (int s = 0; s < splits; ++s)
+      sum = fmaf(exp2f(base[s * kHeadChunk * stride + dim] - big), base[s * kHeadChunk * stride + j], sum);
+    merged[j] = sum * inv;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+    float y = 0.f;
+    for (int i = 0; i < dim; ++i) y = fmaf(merged[i], __ldg(rotation + static_cast<int64_t>(i) * dim + j), y);
+    out[static_cast<int64_t>(row) * dim + j] = from_float<T>(y);
+  }
+}
+
+int odd_words(int bytes) {
+  const int words = (bytes + 3) / 4;
+  return words | 1;
+}
+
+template <int KC, int GH>
+int launch_split(const SplitArgs& args, unsigned pairs, cudaStream_t stream) {
+  const int qd = (args.dim + 3) & ~3;
+  const size_t shared = (512 + GH * qd) * sizeof(float) +
+                        kWarps * (kStep * (args.k_row_words + args.v_row_words) + GH * kStep) * sizeof(uint32_t);
+  if (int rc = reserve_shared(split_kernel<KC, GH>, shared)) return rc;
+  const dim3 grid(pairs, args.head_chunks, (args.splits + kWarps - 1) / kWarps);
+  split_kernel<KC, GH><<<grid, kWarps * 32, shared, stream>>>(args);
+  return launch_status();
+}
+
+template <typename T>
+int rotate_and_merge_launch(bool rotate, const T* query, const float* rotation, int rows, int dim, float scale,
+                            float* q_rot, const float* partial, int group, int head_chunks, int splits, T* out,
+                            cudaStream_t stream) {
+  if (rotate) {
+    const size_t shared = kRotateRows * static_cast<size_t>(dim) * sizeof(float);
+    if (int rc = reserve_shared(rotate_kernel<T>, shared)) return rc;
+    rotate_kernel<T><<<(rows + kRotateRows - 1) / kRotateRows, 128, shared, stream>>>(query, rotation, rows, dim, scale,
+                                                                                     q_rot);
+    return launch_status();
+  }
+  const size_t shared = (static_cast<size_t>(dim) + 2) * sizeof(float);
+  if (int rc = reserve_shared(merge_kernel<T>, shared)) return rc;
+  merge_kernel<T><<<rows, 128, shared, stream>>>(partial, rotation, dim, group, head_chunks, splits, out);
+  return launch_status();
+}
+
+int rotate_or_merge(bool rotate, tq_cuda_dtype type, const void* query, const float* rotation, int rows, int dim,
+                    float scale, float* q_rot, const float* partial, int group, int head_chunks, int splits, void* out,
+                    cudaStream_t stream) {
+  switch (type) {
+    case TQ_CUDA_FLOAT32:
+      return rotate_and_merge_launch(rotate, static_cast<const float*>(query), rotation, rows, dim, scale, q_rot,
+                                     partial, group, head_chunks, splits, static_cast<float*>(out), stream);
+    case TQ_CUDA_FLOAT16:
+      return rotate_and_merge_launch(rotate, static_cast<const __half*>(query), rotation, rows, dim, scale, q_rot,
+                                     partial, group, head_chunks, splits, static_cast<__half*>(out), stream);
+    case TQ_CUDA_BFLOAT16:
+      return rotate_and_merge_launch(rotate, static_cast<const __nv_bfloat16*>(query), rotation, rows, dim, scale,
+                                     q_rot, partial, group, head_chunks, splits, static_cast<__nv_bfloat16*>(out),
+                                     stream);
+  }
+  return TQ_CUDA_BAD_ARGUMENT;
+}
+
+}  // namespace
+
+Plan make_plan(int64_t num_seqs, int64_t hkv, int64_t hq, int64_t dim, int64_t max_blocks, int64_t block_size,
+               int64_t tokens_per_split, int sms) {
+  const int64_t group = hq / hkv, pairs = num_seqs * hkv;
+  Plan p{};
+  p.head_chunks = static_cast<int>((group + kHeadChunk - 1) / kHeadChunk);
+  const int64_t tokens = std::max<int64_t>(1, max_blocks * block_size);
+  int64_t per_split = tokens_per_split;
+  if (per_split <= 0) {
+    // about 16 warps per SM, at least 4 steps per split
+    const int64_t want = std::max<int64_t>(1, 16 * static_cast<int64_t>(sms) / std::max<int64_t>(pairs * p.head_chunks, 1));
+    per_split = std::max<int64_t>((tokens + want - 1) / want, 4 * kStep);
+  }
+  per_split = (per_split + kStep - 1) / kStep * kStep;
+  p.tokens_per_split = static_cast<int>(std::min<int64_t>(per_split, tokens));
+  p.splits = static_cast<int>((tokens + p.tokens_per_split - 1) / p.tokens_per_split);
+  const size_t parts = static_cast<size_t>(pairs) * p.head_chunks * p.splits * kHeadChunk * (dim + 2);
+  p.q_offset = 0;
+  p.acc_offset = align256(static_cast<size_t>(num_seqs * hq * dim) * sizeof(float));
+  p.bytes = p.acc_offset + align256(parts * sizeof(float));
+  return p;
+}
+
+int run(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim,
+        const uint8_t* k_codes, const float* k_norms, const uint8_t* v_codes, const float* v_norms, int64_t num_blocks,
+        int64_t block_size, const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
+        const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits, int v_bits, float scale,
+        const Plan& plan, void* workspace, void* out, cudaStream_t stream) {
+  char* ws = static_cast<char*>(workspace);
+  float* q_rot = reinterpret_cast<float*>(ws + plan.q_offset);
+  float* partial = reinterpret_cast<float*>(ws + plan.acc_offset);
+  const int rows = static_cast<int>(num_seqs * hq), d = static_cast<int>(dim);
+  if (int rc = rotate_or_merge(true, q_type, query, rotation, rows, d, scale * kLog2e, q_rot, nullptr, 0, 0, 0,
+                               nullptr, stream))
+    return rc;
+  SplitArgs args{};
+  args.q_rot = q_rot;
+  args.k_codes = k_codes;
+  args.k_norms = k_norms;
+  args.v_codes = v_codes;
+  args.v_norms = v_norms;
+  args.block_tables = block_tables;
+  args.context_lens = context_lens;
+  args.k_codebook = k_codebook;
+  args.v_codebook = v_codebook;
+  args.dim = d;
+  args.k_bits = k_bits;
+  args.v_bits = v_bits;
+  args.num_kv_heads = static_cast<int>(hkv);
+  args.num_q_heads = static_cast<int>(hq);
+  args.group = static_cast<int>(hq / hkv);
+  args.block_size = static_cast<int>(block_size);
+  args.max_blocks = static_cast<int>(max_blocks);
+  args.num_blocks = static_cast<int>(num_blocks);
+  args.tokens_per_split = plan.tokens_per_split;
+  args.splits = plan.splits;
+  args.head_chunks = plan.head_chunks;
+  args.k_row_words = odd_words((d * k_bits + 7) / 8);
+  args.v_row_words = odd_words((d * v_bits + 7) / 8);
+  args.partial = partial;
+  const unsigned pairs = static_cast<unsigned>(num_seqs * hkv);
+  int rc;
+  if (d <= 64) rc = launch_split<2, kHeadChunk>(args, pairs, stream);
+  else if (d <= 128) rc = launch_split<4, kHeadChunk>(args, pairs, stream);
+  else if (d <= 256) rc = launch_split<8, kHeadChunk>(args, pairs, stream);
+  else rc = launch_split<16, kHeadChunk>(args, pairs, stream);
+  if (rc) return rc;
+  return rotate_or_merge(false, q_type, query, rotation, rows, d, 0.f, nullptr, partial, args.group, plan.head_chunks,
+                         plan.splits, out, stream);
+}
+
+}  // namespace generic
+}  // namespace tq_cuda
