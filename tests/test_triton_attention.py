@@ -131,7 +131,7 @@ def test_bad_arguments_name_the_argument():
     query, cache, tables, ctx, rot, kcb, vcb = make_case([5], 1, 2, 64, 16, 4, 4, torch.float16, 1)
     args = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
     with pytest.raises(ValueError, match="k_bits"):
-        attention(*args, 7, 4)
+        attention(*args, 9, 4)
     with pytest.raises(ValueError, match="context_lens"):
         attention(*args[:6], args[6].long(), *args[7:], 4, 4)
 

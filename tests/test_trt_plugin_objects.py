@@ -51,7 +51,7 @@ def test_output_dtype_follows_the_query():
 @pytest.mark.parametrize("attrs,match", [
     ({"k_bits": 3}, "createPlugin"),                               # v_bits missing
     ({"k_bits": 3, "v_bits": 0}, "createPlugin"),
-    ({"k_bits": 5, "v_bits": 2}, "createPlugin"),
+    ({"k_bits": 9, "v_bits": 2}, "createPlugin"),
     ({"k_bits": 3, "v_bits": 2, "scale": -1.0}, "createPlugin"),
     ({"k_bits": 4, "v_bits": 2}, "configurePlugin rejected"),       # k_codes rows are 3-bit sized
 ])

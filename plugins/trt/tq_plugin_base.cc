@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include "tq_cuda.h"
 #include "tq_trt_log.h"
 
 namespace tq_trt {
@@ -19,6 +20,28 @@ std::string expect_dim(const char* tensor, const Dims& d, int32_t axis, int64_t 
   if (seen < 0 || expected < 0 || seen == expected) return "";
   return std::string(tensor) + ".shape[" + std::to_string(axis) + "]=" + std::to_string(seen) + ", expected " +
          std::to_string(expected) + " (" + expected_what + ")";
+}
+
+OpDef op_def(const tq_ops::Op& op) {
+  auto rule = [](tq_ops::Type t) -> TypeRule {
+    switch (t) {
+      case tq_ops::Type::kT: return kT;
+      case tq_ops::Type::kFloat32: return kF32;
+      case tq_ops::Type::kUint8: return kU8;
+      case tq_ops::Type::kInt32: return kI32;
+      case tq_ops::Type::kInt64: return kI64;
+    }
+    return kF32;
+  };
+  OpDef def{op.name, {}, {}, {}};
+  for (int i = 0; i < op.num_attrs; ++i) {
+    const tq_ops::Attr& a = op.attrs[i];
+    def.attrs.push_back({a.name, a.kind == tq_ops::AttrKind::kFloat, a.required, static_cast<float>(a.default_value),
+                         a.is_bits, static_cast<float>(a.min_value)});
+  }
+  for (int i = 0; i < op.num_inputs; ++i) def.inputs.push_back(rule(op.inputs[i].type));
+  for (int i = 0; i < op.num_outputs; ++i) def.outputs.push_back(rule(op.outputs[i].type));
+  return def;
 }
 
 int64_t volume(const Dims& d) {
@@ -134,10 +157,10 @@ bool TQPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPlu
 }
 
 int32_t TQPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc*,
-                          const void* const* inputs, void* const* outputs, void*, cudaStream_t stream) noexcept {
-  const int rc = run(input_desc, inputs, outputs, stream);
+                          const void* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
+  const int rc = run(input_desc, inputs, outputs, workspace, stream);
   if (rc != 0) {
-    log_error(std::string(def_.name) + ": CUDA launch failed with code " + std::to_string(rc));
+    log_error(std::string(def_.name) + ": launch failed: " + tq_cuda_error_string(rc));
     return -1;
   }
   return 0;

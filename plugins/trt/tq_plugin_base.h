@@ -11,11 +11,13 @@
 #include <vector>
 
 #include "NvInferRuntime.h"
+#include "tq_ops.h"
 
 namespace tq_trt {
 
-constexpr const char* kNamespace = "turboquant";
-constexpr const char* kVersion = "1";
+constexpr const char* kNamespace = tq_ops::kDomain;
+constexpr const char* kVersion = "1";  // tq_ops::kDomainVersion as the plugin version string
+static_assert(tq_ops::kDomainVersion == 1, "the plugin version string follows the domain version");
 
 // The dtype a tensor position accepts: one fixed type, or the op's float type "T"
 // (float32 or float16, the same at every T position).
@@ -33,6 +35,9 @@ struct AttrDef {
   const char* name;
   bool is_float;
   bool required;
+  float default_value;
+  bool is_bits;     // an int in [tq_ops::kMinBits, tq_ops::kMaxBits]
+  float min_value;  // floats: inclusive lower bound (and finite)
 };
 
 struct OpDef {
@@ -41,6 +46,10 @@ struct OpDef {
   std::vector<TypeRule> inputs;
   std::vector<TypeRule> outputs;
 };
+
+// An op's description from the contract tables (plugins/common/tq_ops.h, generated from
+// tq_deploy/ops.py): names, the dtype rule of each input and output, attributes.
+OpDef op_def(const tq_ops::Op& op);
 
 // Attribute values by the OpDef's attribute order (ints are stored as float exactly).
 struct Attrs {
@@ -76,9 +85,9 @@ class TQPlugin : public nvinfer1::IPluginV3,
                           nvinfer1::IExprBuilder& expr_builder) noexcept override;
   bool supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out, int32_t nb_inputs,
                                  int32_t nb_outputs) noexcept override;
-  size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc*, int32_t, const nvinfer1::DynamicPluginTensorDesc*,
-                          int32_t) const noexcept override {
-    return 0;
+  size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
+                          const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept override {
+    return nb_inputs == static_cast<int32_t>(def_.inputs.size()) ? workspace_bytes(inputs) : 0;
   }
   int32_t getAliasedInput(int32_t output_index) noexcept override { return aliased_input(output_index); }
 
@@ -99,7 +108,9 @@ class TQPlugin : public nvinfer1::IPluginV3,
   // Returns an empty string when consistent, else the first problem found.
   virtual std::string check_shapes(const nvinfer1::Dims* inputs) const = 0;
   virtual int run(const nvinfer1::PluginTensorDesc* input_desc, const void* const* inputs, void* const* outputs,
-                  cudaStream_t stream) = 0;
+                  void* workspace, cudaStream_t stream) = 0;
+  // Device scratch the op needs for the largest shapes of the profile (in[i].max).
+  virtual size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc*) const { return 0; }
   // The input an output aliases (read-modify-write), -1 for none.
   virtual int32_t aliased_input(int32_t) const { return -1; }
 

@@ -16,6 +16,11 @@
 namespace tq_trt {
 namespace {
 
+bool is_int_field(nvinfer1::PluginFieldType t) {
+  return t == nvinfer1::PluginFieldType::kINT32 || t == nvinfer1::PluginFieldType::kINT64 ||
+         t == nvinfer1::PluginFieldType::kINT16 || t == nvinfer1::PluginFieldType::kINT8;
+}
+
 bool read_number(const nvinfer1::PluginField& f, double& value) {
   if (f.data == nullptr || f.length < 1) return false;
   switch (f.type) {
@@ -29,39 +34,54 @@ bool read_number(const nvinfer1::PluginField& f, double& value) {
   }
 }
 
-// Attributes from a field collection; on a bad or missing one, logs why and returns false.
+// Attributes from a field collection, checked against the contract; on a bad, missing, unknown or
+// wrongly typed one, logs why (naming it) and returns false, so the engine build stops there.
 bool parse_attrs(const OpDef& def, const nvinfer1::PluginFieldCollection* fc, Attrs& attrs) {
   attrs.values.assign(def.attrs.size(), 0.f);
   std::vector<bool> seen(def.attrs.size(), false);
   for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
     const nvinfer1::PluginField& f = fc->fields[i];
     if (f.name == nullptr) continue;
-    for (size_t a = 0; a < def.attrs.size(); ++a) {
-      if (std::string(f.name) != def.attrs[a].name) continue;
-      double v = 0;
-      if (!read_number(f, v)) {
-        log_error(std::string(def.name) + ": attribute " + f.name + " has an unsupported field type " +
-                  std::to_string(static_cast<int>(f.type)) + ", expected an int or float scalar");
-        return false;
-      }
-      attrs.values[a] = static_cast<float>(v);
-      seen[a] = true;
+    size_t a = 0;
+    while (a < def.attrs.size() && std::string(f.name) != def.attrs[a].name) ++a;
+    if (a == def.attrs.size()) {
+      std::string known;
+      for (const AttrDef& d : def.attrs) known += (known.empty() ? "" : ", ") + std::string(d.name);
+      log_error(std::string(def.name) + ": unknown attribute " + f.name + ", expected one of " + known);
+      return false;
     }
+    double v = 0;
+    if (!read_number(f, v)) {
+      log_error(std::string(def.name) + ": attribute " + f.name + " has an unsupported field type " +
+                std::to_string(static_cast<int>(f.type)) + ", expected an int or float scalar");
+      return false;
+    }
+    if (def.attrs[a].is_float == is_int_field(f.type)) {
+      log_error(std::string(def.name) + ": attribute " + f.name + " has type " + (def.attrs[a].is_float ? "int" : "float") +
+                ", expected " + (def.attrs[a].is_float ? "float" : "int"));
+      return false;
+    }
+    attrs.values[a] = static_cast<float>(v);
+    seen[a] = true;
   }
   for (size_t a = 0; a < def.attrs.size(); ++a) {
     const AttrDef& d = def.attrs[a];
+    if (!seen[a]) {
+      if (d.required) {
+        log_error(std::string(def.name) + ": attribute " + d.name + " is required");
+        return false;
+      }
+      attrs.values[a] = d.default_value;
+    }
     const float v = attrs.values[a];
-    if (d.required && !seen[a]) {
-      log_error(std::string(def.name) + ": attribute " + d.name + " is required");
+    if (d.is_bits && (v < tq_ops::kMinBits || v > tq_ops::kMaxBits || v != std::floor(v))) {
+      log_error(std::string(def.name) + ": attribute " + d.name + "=" + std::to_string(v) + ", expected an int in " +
+                std::to_string(tq_ops::kMinBits) + ".." + std::to_string(tq_ops::kMaxBits));
       return false;
     }
-    if (!d.is_float && (v < 1.f || v > 4.f || v != std::floor(v))) {
+    if (d.is_float && !(std::isfinite(v) && v >= d.min_value)) {
       log_error(std::string(def.name) + ": attribute " + d.name + "=" + std::to_string(v) +
-                ", expected one of 1, 2, 3, 4");
-      return false;
-    }
-    if (d.is_float && !(v >= 0.f)) {
-      log_error(std::string(def.name) + ": attribute " + d.name + "=" + std::to_string(v) + ", expected >= 0");
+                ", expected a finite number >= " + std::to_string(d.min_value));
       return false;
     }
   }
@@ -114,6 +134,9 @@ TQ_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbC
   static tq_trt::Creator<tq_trt::EncodePlugin> encode(tq_trt::kEncodeDef);
   static tq_trt::Creator<tq_trt::DecodePlugin> decode(tq_trt::kDecodeDef);
   static nvinfer1::IPluginCreatorInterface* const creators[] = {&paged_attention, &cache_update, &encode, &decode};
+  // one creator per op of the contract
+  static_assert(sizeof(creators) / sizeof(creators[0]) == sizeof(tq_ops::kAllOps) / sizeof(tq_ops::kAllOps[0]),
+                "a creator for every op of plugins/common/tq_ops.h");
   nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
   return creators;
 }

@@ -24,15 +24,17 @@ extern const OpDef kPagedAttentionDef;
                        nvinfer1::IExprBuilder& builder) const override;                                  \
     std::string check_shapes(const nvinfer1::Dims* inputs) const override;                               \
     int run(const nvinfer1::PluginTensorDesc* input_desc, const void* const* inputs, void* const* outputs, \
-            cudaStream_t stream) override;
+            void* workspace, cudaStream_t stream) override;
 
 TQ_TRT_PLUGIN(EncodePlugin, kEncodeDef)
 };
 TQ_TRT_PLUGIN(DecodePlugin, kDecodeDef)
 };
 TQ_TRT_PLUGIN(PagedAttentionPlugin, kPagedAttentionDef)
+  size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc* inputs) const override;
 };
 TQ_TRT_PLUGIN(CacheUpdatePlugin, kCacheUpdateDef)
+  size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc* inputs) const override;
   // Output o (k_codes, k_norms, v_codes, v_norms) is read-modify-write of input 3 + o.
   int32_t aliased_input(int32_t output_index) const override {
     return output_index >= 0 && output_index < 4 ? 3 + output_index : -1;

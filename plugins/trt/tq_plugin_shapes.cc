@@ -1,0 +1,60 @@
+#include "tq_plugin_shapes.h"
+
+#include "tq_cuda.h"
+
+namespace tq_trt {
+
+using nvinfer1::DataType;
+using nvinfer1::Dims;
+using nvinfer1::DimsExprs;
+
+std::string first_problem(std::initializer_list<std::string> checks) {
+  for (const std::string& c : checks)
+    if (!c.empty()) return c;
+  return "";
+}
+
+// The first known value among dims (-1 when all are unknown).
+int64_t known(std::initializer_list<int64_t> dims) {
+  for (int64_t d : dims)
+    if (d >= 0) return d;
+  return -1;
+}
+
+std::string check_rotation_codebook(const Dims& rotation, int64_t dim, const Dims& codebook, const char* codebook_name,
+                                    int bits) {
+  return first_problem({expect_rank("rotation", rotation, 2), expect_rank(codebook_name, codebook, 1),
+                        expect_dim("rotation", rotation, 0, dim, "head_dim"),
+                        expect_dim("rotation", rotation, 1, dim, "head_dim"),
+                        expect_dim(codebook_name, codebook, 0, int64_t{1} << bits, "2**bits")});
+}
+
+// Checks a paged cache (codes [N, B, Hkv, P], norms [N, B, Hkv]) of `what` ("k" or "v").
+std::string check_cache(const Dims& codes, const Dims& norms, const Dims& ref_codes, int64_t hkv, int64_t dim,
+                        int bits, const std::string& what) {
+  const std::string c = what + "_codes", n = what + "_norms";
+  return first_problem({expect_rank(c.c_str(), codes, 4), expect_rank(n.c_str(), norms, 3),
+                        expect_dim(c.c_str(), codes, 0, ref_codes.d[0], "num_blocks of k_codes"),
+                        expect_dim(c.c_str(), codes, 1, ref_codes.d[1], "block_size of k_codes"),
+                        expect_dim(c.c_str(), codes, 2, hkv, "num_kv_heads"),
+                        expect_dim(c.c_str(), codes, 3, packed(dim, bits), "ceil(head_dim * bits / 8)"),
+                        expect_dim(n.c_str(), norms, 0, ref_codes.d[0], "num_blocks"),
+                        expect_dim(n.c_str(), norms, 1, ref_codes.d[1], "block_size"),
+                        expect_dim(n.c_str(), norms, 2, hkv, "num_kv_heads")});
+}
+
+tq_cuda_dtype float_type(DataType t) { return t == DataType::kHALF ? TQ_CUDA_FLOAT16 : TQ_CUDA_FLOAT32; }
+
+// codes-like dims: leading dims of `src` then `last`.
+void leading_then(const DimsExprs& src, const nvinfer1::IDimensionExpr* last, DimsExprs& out) {
+  out.nbDims = src.nbDims;
+  for (int32_t i = 0; i + 1 < src.nbDims; ++i) out.d[i] = src.d[i];
+  out.d[src.nbDims - 1] = last;
+}
+
+void leading_only(const DimsExprs& src, DimsExprs& out) {
+  out.nbDims = src.nbDims - 1;
+  for (int32_t i = 0; i + 1 < src.nbDims; ++i) out.d[i] = src.d[i];
+}
+
+}  // namespace tq_trt
