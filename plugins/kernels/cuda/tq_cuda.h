@@ -88,6 +88,33 @@ int tq_cuda_paged_attention(const void* query, tq_cuda_dtype q_type, int64_t num
                             const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits,
                             int v_bits, float scale, int64_t tokens_per_split, void* workspace,
                             size_t workspace_bytes, void* out, cudaStream_t stream);
+/* The same call with its arguments in one struct: a caller that repeats a call (a decode loop
+ * through a language binding) fills it once and changes only the per-step fields. */
+typedef struct {
+  const void* query;
+  int32_t q_type; /* tq_cuda_dtype */
+  int32_t k_bits, v_bits;
+  float scale;
+  int64_t num_seqs, num_q_heads, num_kv_heads, head_dim;
+  const uint8_t* k_codes;
+  const float* k_norms;
+  const uint8_t* v_codes;
+  const float* v_norms;
+  int64_t num_blocks, block_size;
+  const int32_t* block_tables;
+  int64_t max_blocks;
+  const int32_t* context_lens;
+  const float* rotation;
+  const float* k_codebook;
+  const float* v_codebook;
+  int64_t tokens_per_split;
+  void* workspace;
+  size_t workspace_bytes;
+  void* out;
+  cudaStream_t stream;
+} tq_cuda_paged_attention_call;
+int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_call* call);
+
 /* 1 when these shapes take the tensor-core kernel (head_dim 64/128/256, <= 8 query heads per KV
  * head, block size a multiple of 16, the bit widths it is built for), 0 for the generic kernel. */
 int tq_cuda_paged_attention_path(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,

@@ -82,8 +82,10 @@ int num_sms();
 template <typename Kernel>
 inline int reserve_shared(Kernel kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return 0;
-  return static_cast<int>(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  const cudaError_t rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(bytes));
+  if (rc != cudaSuccess) cudaGetLastError();  // reported here: leave no stale error for a later launch
+  return static_cast<int>(rc);
 }
 
 inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }

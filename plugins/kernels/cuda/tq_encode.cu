@@ -137,12 +137,14 @@ __device__ __forceinline__ void pack_words(const uint8_t* codes, int bits, uint3
   }
 }
 
-constexpr int kEncodeWarps = 8;
 constexpr int kRowsPerWarp = 32;  // four 8-vector N blocks
 constexpr int kChunk = 64;        // output coordinates per accumulation pass (4 m-tiles)
 
-template <int D, typename T>
-struct EncodeSmem {
+constexpr size_t kMaxSharedBytes = 227 * 1024;  // sm_90's opt-in limit per block
+
+template <int D, typename T, int W>
+struct EncodeSmemOf {
+  static constexpr int kWarps = W;
   static constexpr int kStride = D + 8;  // halves per row: +16 bytes keeps ldmatrix rows in distinct banks
   static constexpr int kParts = InputType<T>::kTwoParts ? 2 : 1;
   static constexpr size_t kPi = size_t{2} * D * kStride * 2;                   // hi, lo
@@ -152,12 +154,33 @@ struct EncodeSmem {
   static constexpr size_t kRowInfo = kRowsPerWarp * 8;                         // inverse scaled norm, norm
   static constexpr size_t kWarp = kX + kCodes + kRowInfo;
   static constexpr size_t kBounds = 256 * 4;
-  static constexpr size_t kBytes = kPi + kEncodeWarps * kWarp + kBounds;
+  static constexpr size_t kBytes = kPi + W * kWarp + kBounds;
 };
 
+// 8 warps per CTA where they fit in shared memory (fp16/bf16 rows), else 4 (fp32 rows at D = 128
+// are two fp16 parts each: eight warps' rows and Pi would exceed the 227 KiB a block may have).
 template <int D, typename T>
-__global__ void __launch_bounds__(kEncodeWarps * 32) encode_mma_kernel(const EncodeArgs a) {
+using EncodeSmem = std::conditional_t<EncodeSmemOf<D, T, 8>::kBytes <= kMaxSharedBytes, EncodeSmemOf<D, T, 8>,
+                                      EncodeSmemOf<D, T, 4>>;
+
+// The nearest centroid by binary search over the midpoints; BITS known at compile time unrolls
+// it, so the independent searches of a thread overlap their shared-memory latencies.
+template <int BITS>
+__device__ __forceinline__ int quantize_bits(float y, const float* bounds, int bits) {
+  if constexpr (BITS == 0) {
+    return quantize(y, bounds, bits);
+  } else {
+    int code = 0;
+#pragma unroll
+    for (int step = 1 << (BITS - 1); step > 0; step >>= 1) code += bounds[code + step - 1] < y ? step : 0;
+    return code;
+  }
+}
+
+template <int D, typename T, int BITS>
+__global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32) encode_mma_kernel(const EncodeArgs a) {
   using S = EncodeSmem<D, T>;
+  constexpr int kEncodeWarps = S::kWarps;
   extern __shared__ float4 encode_smem[];
   char* smem = reinterpret_cast<char*>(encode_smem);
   __half* pi_hi = reinterpret_cast<__half*>(smem);
@@ -286,7 +309,7 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) encode_mma_kernel(const Enc
 #pragma unroll
           for (int m = 0; m < 4; ++m) {
             const int coord = c0 + 16 * m + gid + 8 * (c >> 1);
-            staged[v * S::kCodeStride + coord] = static_cast<uint8_t>(quantize(acc[m][j][c] * inv, bounds, a.bits));
+            staged[v * S::kCodeStride + coord] = static_cast<uint8_t>(quantize_bits<BITS>(acc[m][j][c] * inv, bounds, a.bits));
           }
         }
       }
@@ -363,11 +386,21 @@ int launch_encode(const EncodeArgs& a, int64_t dim, cudaStream_t stream) {
   auto mma = [&](auto d) {
     constexpr int D = decltype(d)::value;
     using S = EncodeSmem<D, T>;
-    if (int rc = reserve_shared(encode_mma_kernel<D, T>, S::kBytes)) return rc;
-    const int64_t tiles = (a.rows + kRowsPerWarp * kEncodeWarps - 1) / (kRowsPerWarp * kEncodeWarps);
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
-    encode_mma_kernel<D, T><<<grid, kEncodeWarps * 32, S::kBytes, stream>>>(a);
-    return launch_status();
+    auto launch = [&](auto kernel) {
+      if (int rc = reserve_shared(kernel, S::kBytes)) return rc;
+      const int64_t tiles = (a.rows + kRowsPerWarp * S::kWarps - 1) / (kRowsPerWarp * S::kWarps);
+      const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
+      kernel<<<grid, S::kWarps * 32, S::kBytes, stream>>>(a);
+      return launch_status();
+    };
+    switch (a.bits) {  // the common widths unrolled, the others searched with a runtime width
+      case 2: return launch(encode_mma_kernel<D, T, 2>);
+      case 3: return launch(encode_mma_kernel<D, T, 3>);
+      case 4: return launch(encode_mma_kernel<D, T, 4>);
+      case 6: return launch(encode_mma_kernel<D, T, 6>);
+      case 8: return launch(encode_mma_kernel<D, T, 8>);
+      default: return launch(encode_mma_kernel<D, T, 0>);
+    }
   };
   // the tensor-core path loads rows with 16-byte loads and stores codes as 32-bit words
   const bool aligned = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && reinterpret_cast<uintptr_t>(a.codes) % 4 == 0;
@@ -392,8 +425,14 @@ int launch_encode_any(const EncodeArgs& a, tq_cuda_dtype type, int64_t dim, cuda
 }
 
 // keep[t] = 1 when no later token names slot_mapping[t] (the last writer of a slot wins).
-// Each CTA compares its 256 tokens with every later token, 256 at a time through shared memory.
+// Few tokens (a decode step): each CTA compares its 256 tokens with every later token, 256 at a
+// time through shared memory. Many tokens (a prefill): an open-addressing table keyed by slot
+// keeps the largest token index of each slot (atomicMax), then each token checks it is that one:
+// linear in the tokens, where the pairwise comparison is quadratic.
 constexpr int kDedupThreads = 256;
+constexpr int64_t kPairwiseTokens = 4096;
+constexpr unsigned long long kEmptySlot = ~0ull;
+
 __global__ void __launch_bounds__(kDedupThreads) last_writer_kernel(const int64_t* slots, int64_t tokens,
                                                                     uint8_t* keep) {
   __shared__ int64_t later[kDedupThreads];
@@ -410,6 +449,77 @@ __global__ void __launch_bounds__(kDedupThreads) last_writer_kernel(const int64_
   if (t < tokens) keep[t] = !overridden;
 }
 
+struct SlotTable {
+  unsigned long long* keys;  // slot, or kEmptySlot
+  int* last;                 // the largest token index that names keys[h]
+  uint32_t mask;             // capacity - 1 (a power of two >= 2 * tokens)
+  __device__ __forceinline__ uint32_t home(int64_t slot) const {
+    return static_cast<uint32_t>((static_cast<uint64_t>(slot) * 0x9E3779B97F4A7C15ull) >> 32) & mask;
+  }
+};
+
+__global__ void __launch_bounds__(kDedupThreads) slot_table_insert(const int64_t* slots, int64_t tokens,
+                                                                   SlotTable table) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kDedupThreads + threadIdx.x;
+  if (t >= tokens) return;
+  const int64_t slot = slots[t];
+  if (slot < 0) return;  // skipped tokens need no entry
+  for (uint32_t h = table.home(slot);; h = (h + 1) & table.mask) {
+    const unsigned long long prev = atomicCAS(table.keys + h, kEmptySlot, static_cast<unsigned long long>(slot));
+    if (prev == kEmptySlot || prev == static_cast<unsigned long long>(slot)) {
+      atomicMax(table.last + h, static_cast<int>(t));
+      return;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kDedupThreads) slot_table_keep(const int64_t* slots, int64_t tokens,
+                                                                 SlotTable table, uint8_t* keep) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kDedupThreads + threadIdx.x;
+  if (t >= tokens) return;
+  const int64_t slot = slots[t];
+  if (slot < 0) {
+    keep[t] = 0;
+    return;
+  }
+  uint32_t h = table.home(slot);
+  while (table.keys[h] != static_cast<unsigned long long>(slot)) h = (h + 1) & table.mask;
+  keep[t] = table.last[h] == static_cast<int>(t);
+}
+
+uint32_t table_capacity(int64_t tokens) {
+  uint32_t capacity = 1;
+  while (capacity < 2 * tokens) capacity <<= 1;
+  return capacity;
+}
+
+size_t dedupe_bytes(int64_t tokens) {
+  if (tokens <= 1) return 0;
+  size_t bytes = align256(static_cast<size_t>(tokens));
+  if (tokens > kPairwiseTokens) bytes += align256(size_t{table_capacity(tokens)} * 12);
+  return bytes;
+}
+
+// Fills keep[0, tokens) (workspace of dedupe_bytes(tokens)); returns the launches' status.
+int last_writers(const int64_t* slots, int64_t tokens, void* workspace, uint8_t* keep_out[1], cudaStream_t stream) {
+  uint8_t* keep = static_cast<uint8_t*>(workspace);
+  *keep_out = keep;
+  const unsigned grid = static_cast<unsigned>((tokens + kDedupThreads - 1) / kDedupThreads);
+  if (tokens <= kPairwiseTokens) {
+    last_writer_kernel<<<grid, kDedupThreads, 0, stream>>>(slots, tokens, keep);
+    return launch_status();
+  }
+  const uint32_t capacity = table_capacity(tokens);
+  char* base = static_cast<char*>(workspace) + align256(static_cast<size_t>(tokens));
+  SlotTable table{reinterpret_cast<unsigned long long*>(base), reinterpret_cast<int*>(base + size_t{capacity} * 8),
+                  capacity - 1};
+  // keys all kEmptySlot and last all -1: both are the all-ones bytes
+  if (cudaError_t rc = cudaMemsetAsync(base, 0xff, size_t{capacity} * 12, stream)) return static_cast<int>(rc);
+  slot_table_insert<<<grid, kDedupThreads, 0, stream>>>(slots, tokens, table);
+  slot_table_keep<<<grid, kDedupThreads, 0, stream>>>(slots, tokens, table, keep);
+  return launch_status();
+}
+
 }  // namespace
 }  // namespace tq_cuda
 
@@ -422,9 +532,7 @@ extern "C" int tq_cuda_encode(const void* x, tq_cuda_dtype x_type, int64_t rows,
   return launch_encode_any(a, x_type, dim, stream);
 }
 
-extern "C" size_t tq_cuda_cache_update_workspace(int64_t num_tokens) {
-  return num_tokens > 1 ? align256(static_cast<size_t>(num_tokens)) : 0;
-}
+extern "C" size_t tq_cuda_cache_update_workspace(int64_t num_tokens) { return dedupe_bytes(num_tokens); }
 
 extern "C" int tq_cuda_cache_update(const void* key, const void* value, tq_cuda_dtype kv_type,
                                     const int64_t* slot_mapping, int64_t num_tokens, int64_t num_kv_heads,
@@ -432,17 +540,14 @@ extern "C" int tq_cuda_cache_update(const void* key, const void* value, tq_cuda_
                                     float* v_norms, int64_t num_blocks, int64_t block_size, const float* rotation,
                                     const float* k_codebook, const float* v_codebook, int k_bits, int v_bits,
                                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  if (num_tokens < 0 || num_kv_heads < 1 || head_dim < 1 || head_dim > 8192 || num_blocks < 0 || block_size < 1 ||
-      !valid_bits(k_bits) || !valid_bits(v_bits))
+  if (num_tokens < 0 || num_tokens > (int64_t{1} << 30) || num_kv_heads < 1 || head_dim < 1 || head_dim > 8192 ||
+      num_blocks < 0 || block_size < 1 || !valid_bits(k_bits) || !valid_bits(v_bits))
     return TQ_CUDA_BAD_ARGUMENT;
   if (num_tokens == 0) return 0;
   uint8_t* keep = nullptr;
   if (num_tokens > 1) {
-    if (workspace == nullptr || workspace_bytes < tq_cuda_cache_update_workspace(num_tokens)) return TQ_CUDA_BAD_ARGUMENT;
-    keep = static_cast<uint8_t*>(workspace);
-    const unsigned grid = static_cast<unsigned>((num_tokens + kDedupThreads - 1) / kDedupThreads);
-    last_writer_kernel<<<grid, kDedupThreads, 0, stream>>>(slot_mapping, num_tokens, keep);
-    if (int rc = launch_status()) return rc;
+    if (workspace == nullptr || workspace_bytes < dedupe_bytes(num_tokens)) return TQ_CUDA_BAD_ARGUMENT;
+    if (int rc = last_writers(slot_mapping, num_tokens, workspace, &keep, stream)) return rc;
   }
   const Rows dest{slot_mapping, keep, num_kv_heads, num_blocks * block_size};
   const int64_t rows = num_tokens * num_kv_heads;

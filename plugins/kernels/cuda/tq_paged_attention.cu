@@ -107,3 +107,12 @@ extern "C" int tq_cuda_paged_attention(const void* query, tq_cuda_dtype q_type, 
                       v_norms, num_blocks, block_size, block_tables, max_blocks, context_lens, rotation, k_codebook,
                       v_codebook, k_bits, v_bits, scale, plan, workspace, out, stream);
 }
+
+extern "C" int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_call* c) {
+  if (c == nullptr) return TQ_CUDA_BAD_ARGUMENT;
+  return tq_cuda_paged_attention(c->query, static_cast<tq_cuda_dtype>(c->q_type), c->num_seqs, c->num_q_heads,
+                                 c->num_kv_heads, c->head_dim, c->k_codes, c->k_norms, c->v_codes, c->v_norms,
+                                 c->num_blocks, c->block_size, c->block_tables, c->max_blocks, c->context_lens,
+                                 c->rotation, c->k_codebook, c->v_codebook, c->k_bits, c->v_bits, c->scale,
+                                 c->tokens_per_split, c->workspace, c->workspace_bytes, c->out, c->stream);
+}
