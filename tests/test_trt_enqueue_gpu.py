@@ -44,8 +44,9 @@ def unpacked_mismatch(a: torch.Tensor, b: torch.Tensor, bits: int, dim: int) -> 
     return (ua != ub).float().mean().item()
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
-@pytest.mark.parametrize("dim,dtype", [(128, torch.float32), (72, torch.float16), (37, torch.float32)])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("dim,dtype", [(128, torch.float32), (72, torch.float16), (37, torch.float32),
+                                       (64, torch.float16)])
 def test_encode_decode_match_reference(bits, dim, dtype, gen):
     rows = 301
     rotation = make_rotation(dim, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
@@ -79,7 +80,8 @@ def make_cache(n, b, hkv, dim, k_bits, v_bits, gen):
 
 @pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("k_bits,v_bits,dim,dtype", [(4, 4, 128, torch.float16), (3, 2, 72, torch.float32),
-                                                     (1, 3, 40, torch.float32)])
+                                                     (1, 3, 40, torch.float32), (8, 4, 128, torch.float16),
+                                                     (6, 5, 64, torch.float16)])
 def test_cache_update_matches_reference(k_bits, v_bits, dim, dtype, in_place, gen):
     n, b, hkv, t = 9, 16, 3, 37
     rotation = make_rotation(dim, seed=3)
@@ -111,6 +113,9 @@ def test_cache_update_matches_reference(k_bits, v_bits, dim, dtype, in_place, ge
     (3, 2, 8, 2, 64, torch.float32),
     (2, 4, 12, 1, 80, torch.float32),   # group of 12: two passes over the 8-head chunk
     (1, 3, 5, 5, 40, torch.float16),    # no GQA, 3-bit values straddling bytes
+    (8, 4, 32, 8, 128, torch.float16),  # 8-bit keys
+    (6, 3, 16, 2, 64, torch.float16),
+    (3, 3, 8, 8, 256, torch.float32),
 ])
 def test_paged_attention_matches_reference(k_bits, v_bits, hq, hkv, dim, dtype, gen):
     b, m = 16, 9
@@ -129,7 +134,11 @@ def test_paged_attention_matches_reference(k_bits, v_bits, hq, hkv, dim, dtype, 
     out = torch.empty(s, hq, dim, dtype=dtype, device="cuda")
     enqueue("TQPagedAttention", {"k_bits": k_bits, "v_bits": v_bits, "scale": scale},
             [query, *cache, tables, lens, rotation, kcb, vcb], [out])
-    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
+    # the tensor-core kernel takes q_rot and the centroids in fp16 whatever the query's type
+    from tq_deploy import cuda as tq_cuda
+
+    fp16_math = dtype == torch.float16 or tq_cuda._path(hq, hkv, dim, b, k_bits, v_bits)
+    tol = dict(rtol=2e-3, atol=2e-3) if fp16_math else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.cpu(), expected, **tol)
     assert torch.count_nonzero(out[0]) == 0  # empty context -> zeros
 
@@ -144,4 +153,29 @@ def test_plugin_rejects_inconsistent_shapes(gen):
     with pytest.raises(RuntimeError, match="rejected the shapes|codebook"):
         enqueue("TQEncode", {"bits": bits}, [x, rotation, codebook[:4]], [codes, norms])
     with pytest.raises(RuntimeError, match="createPlugin"):
-        enqueue("TQEncode", {"bits": 5}, [x, rotation, codebook], [codes, norms])
+        enqueue("TQEncode", {"bits": 9}, [x, rotation, codebook], [codes, norms])
+
+
+def test_attention_plugin_runs_the_pytorch_paths_kernel_with_its_workspace(gen):
+    """The plugin reports the split-K workspace and calls the same launcher as tq_deploy.cuda:
+    on the same inputs the outputs are bit-identical (tensor-core shapes, long context)."""
+    from tq_deploy import cuda as tq_cuda
+    from tq_deploy.reference.checks import check_paged_attention
+
+    if not tq_cuda.available():
+        pytest.skip(tq_cuda.unavailable_reason())
+    b, n, hq, hkv, dim = 16, 600, 32, 8, 128
+    rotation = make_rotation(dim, seed=11)
+    cb = lloyd_max_codebook(dim, 4)
+    cache = [cuda(c) for c in make_cache(n, b, hkv, dim, 4, 4, gen)]
+    tables = cuda(torch.stack([torch.randperm(n, generator=gen)[:300] for _ in range(2)]).int())
+    lens = cuda(torch.tensor([4800, 3001], dtype=torch.int32))
+    query = cuda(torch.randn(2, hq, dim, generator=gen).half())
+    args = [query, *cache, tables, lens, cuda(rotation), cuda(cb), cuda(cb)]
+    out = torch.empty_like(query)
+    nbytes = harness_enqueue("TQPagedAttention", {"k_bits": 4, "v_bits": 4, "scale": 0.0}, args, [out],
+                             stream=torch.cuda.current_stream().cuda_stream)
+    assert nbytes > 0, "the attention plugin must ask for its split-K workspace"
+    direct = tq_cuda.paged_attention(check_paged_attention(*args, 4, 4, check_data=False))
+    torch.cuda.synchronize()
+    assert torch.equal(out, direct)

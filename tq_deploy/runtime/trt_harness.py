@@ -22,15 +22,19 @@ _TRT_DTYPE = {"float32": 0, "float16": 1, "int8": 2, "int32": 3, "uint8": 5, "in
 
 def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, outputs: Sequence, *,
                     stream: int = 0, library: str | os.PathLike | None = None,
-                    harness: str | os.PathLike | None = None, dry_run: bool = False) -> None:
+                    harness: str | os.PathLike | None = None, dry_run: bool = False, repeat: int = 1) -> int:
     """Drive plugin ``op_name`` as TensorRT would (creator -> createPlugin(build) -> configure ->
     serialize fields -> createPlugin(runtime) -> attachToContext -> onShapeChange -> enqueue) on
     torch CUDA tensors, writing into ``outputs``. Codes tensors travel as int8 (TensorRT has no uint8
     plugin I/O: tq_deploy.runtime.tensorrt).
+    The workspace is allocated here, as TensorRT would, from the plugin's getWorkspaceSize;
+    ``repeat`` enqueues that many times back to back (for timing). Returns the workspace bytes.
     Raises RuntimeError with the harness's message on any refusal. Does not synchronize.
     ``dry_run=True`` stops before enqueue: then CPU tensors are fine (no pointer is read), which
     checks attribute parsing, dtypes, formats, shape checks and field serialization without a GPU.
     """
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat={repeat!r}, expected an int >= 1")
     if op_name not in ops.OPS_BY_NAME:
         raise ValueError(f"op_name={op_name!r}, expected one of {sorted(ops.OPS_BY_NAME)}")
     spec = ops.OPS_BY_NAME[op_name]
@@ -60,11 +64,31 @@ def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, 
     is_float = (ctypes.c_int * len(names))(*[spec.attribute(n).kind == "float" for n in names])
     in_t, in_r, in_d, in_p = describe(inputs)
     out_t, out_r, out_d, out_p = describe(outputs)
-    message = ctypes.create_string_buffer(1024)
     fn = lib.tq_trt_harness_enqueue
     fn.restype = ctypes.c_int
-    rc = fn(plugin.encode(), op_name.encode(), len(names), field_names, values, is_float,
-            len(inputs), in_t, in_r, in_d, in_p, len(outputs), out_t, out_r, out_d, out_p,
-            ctypes.c_void_p(stream), int(dry_run), message, len(message))
-    if rc != 0:
-        raise RuntimeError(f"{op_name} plugin harness: {message.value.decode(errors='replace')}")
+
+    def call(workspace, workspace_bytes, skip):
+        message = ctypes.create_string_buffer(1024)
+        needed = ctypes.c_size_t(0)
+        rc = fn(plugin.encode(), op_name.encode(), len(names), field_names, values, is_float,
+                len(inputs), in_t, in_r, in_d, in_p, len(outputs), out_t, out_r, out_d, out_p,
+                ctypes.c_void_p(stream), ctypes.c_void_p(workspace), ctypes.c_size_t(workspace_bytes), repeat,
+                ctypes.byref(needed), int(skip), message, len(message))
+        if rc != 0:
+            raise RuntimeError(f"{op_name} plugin harness: {message.value.decode(errors='replace')}")
+        return needed.value
+
+    needed = call(None, 0, skip=True)
+    if dry_run:
+        return needed
+    if not needed:
+        call(None, 0, skip=False)
+        return 0
+    import torch
+
+    workspace = torch.empty(needed, dtype=torch.uint8, device=outputs[0].device)
+    call(workspace.data_ptr(), needed, skip=False)
+    # the enqueued kernels (on ``stream``, maybe not torch's) read the workspace after this
+    # returns: keep it alive until they ran
+    torch.cuda.synchronize(workspace.device)
+    return needed

@@ -7,6 +7,9 @@
 //   runtime phase: getFieldsToSerialize -> createPlugin(kRUNTIME) from those fields (as engine
 //                  deserialization does) -> attachToContext -> onShapeChange -> enqueue(stream)
 //
+// The workspace is the caller's, as TensorRT's is: getWorkspaceSize is reported through
+// workspace_needed and enqueue refuses a smaller one. repeat > 1 enqueues that many times
+// back to back (what a benchmark times, minus the setup above).
 // Shape expressions (getOutputShapes) need TensorRT's IExprBuilder and are exercised by the
 // engine builds in tests/test_trt_build.py instead. C API for ctypes (tq_deploy.runtime.tensorrt).
 // With skip_enqueue != 0 it stops before enqueue, so every refusal path runs without a GPU.
@@ -49,7 +52,8 @@ extern "C" __attribute__((visibility("default"))) int tq_trt_harness_enqueue(
     const double* field_values, const int* field_is_float, int nb_inputs, const int* input_types,
     const int* input_ranks, const int64_t* input_dims, const void* const* inputs, int nb_outputs,
     const int* output_types, const int* output_ranks, const int64_t* output_dims, void* const* outputs, void* stream,
-    int skip_enqueue, char* message, int message_len) {
+    void* workspace, size_t workspace_bytes, int repeat, size_t* workspace_needed, int skip_enqueue, char* message,
+    int message_len) {
   void* handle = dlopen(plugin_library, RTLD_NOW | RTLD_LOCAL);
   if (!handle) return fail(message, message_len, std::string("dlopen failed: ") + dlerror());
   auto get_creators = reinterpret_cast<GetCreators>(dlsym(handle, "getCreators"));
@@ -120,6 +124,9 @@ extern "C" __attribute__((visibility("default"))) int tq_trt_harness_enqueue(
   if (b->configurePlugin(dyn.data(), nb_inputs, dyn.data() + nb_inputs, nb_outputs) != 0)
     return fail(message, message_len, "configurePlugin rejected the shapes (see the plugin's log on stderr)");
 
+  const size_t needed = b->getWorkspaceSize(dyn.data(), nb_inputs, dyn.data() + nb_inputs, nb_outputs);
+  if (workspace_needed) *workspace_needed = needed;
+
   // Runtime phase: a fresh plugin from the serialized fields, as engine deserialization makes it.
   auto* build_rt = static_cast<IPluginV3OneRuntime*>(build->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
   const PluginFieldCollection* saved = build_rt->getFieldsToSerialize();
@@ -132,7 +139,12 @@ extern "C" __attribute__((visibility("default"))) int tq_trt_harness_enqueue(
   if (rt->onShapeChange(desc.data(), nb_inputs, desc.data() + nb_inputs, nb_outputs) != 0)
     return fail(message, message_len, "onShapeChange rejected the shapes (see the plugin's log on stderr)");
   if (skip_enqueue) return 0;  // everything but the launch: needs no GPU
-  if (rt->enqueue(desc.data(), desc.data() + nb_inputs, inputs, outputs, nullptr, static_cast<cudaStream_t>(stream)) != 0)
-    return fail(message, message_len, "enqueue failed (see the plugin's log on stderr)");
+  if (workspace_bytes < needed)
+    return fail(message, message_len, "workspace of " + std::to_string(workspace_bytes) + " bytes, getWorkspaceSize asks " +
+                                          std::to_string(needed));
+  for (int i = 0; i < (repeat > 1 ? repeat : 1); ++i)
+    if (rt->enqueue(desc.data(), desc.data() + nb_inputs, inputs, outputs, needed ? workspace : nullptr,
+                    static_cast<cudaStream_t>(stream)) != 0)
+      return fail(message, message_len, "enqueue failed (see the plugin's log on stderr)");
   return 0;
 }
