@@ -42,7 +42,28 @@ _SIGNATURES = {  # name: (restype, argtypes), as declared in tq_cuda.h
     "tq_cuda_paged_attention": (_int, [_p, _int, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p, _i64, _p,
                                        _p, _p, _p, _int, _int, ctypes.c_float, _i64, _p, _size, _p, _p]),
     "tq_cuda_paged_attention_path": (_int, [_i64, _i64, _i64, _i64, _int, _int]),
+    "tq_cuda_paged_attention_run": (_int, [_p]),
 }
+
+
+class _AttentionCall(ctypes.Structure):
+    """tq_cuda_paged_attention_call of tq_cuda.h (same fields, same order)."""
+
+    _fields_ = [("query", _p), ("q_type", ctypes.c_int32), ("k_bits", ctypes.c_int32), ("v_bits", ctypes.c_int32),
+                ("scale", ctypes.c_float), ("num_seqs", _i64), ("num_q_heads", _i64), ("num_kv_heads", _i64),
+                ("head_dim", _i64), ("k_codes", _p), ("k_norms", _p), ("v_codes", _p), ("v_norms", _p),
+                ("num_blocks", _i64), ("block_size", _i64), ("block_tables", _p), ("max_blocks", _i64),
+                ("context_lens", _p), ("rotation", _p), ("k_codebook", _p), ("v_codebook", _p),
+                ("tokens_per_split", _i64), ("workspace", _p), ("workspace_bytes", _size), ("out", _p),
+                ("stream", _p)]
+
+
+def _raw_stream(device: torch.device):
+    """The current CUDA stream's handle as an int (the cheap way when this torch has it)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return lambda: raw(device.index)
+    return lambda: torch.cuda.current_stream(device).cuda_stream
 
 
 def library_path() -> str:
@@ -248,6 +269,85 @@ def paged_attention(a: PagedAttentionArgs, *, tokens_per_split: int = 0) -> torc
     _check(rc, "paged attention", lambda: f"query {tuple(q.shape)} {q.dtype}, k_codes {tuple(a.k_codes.shape)}, "
                                           f"bits {a.k_bits}/{a.v_bits}, tokens_per_split {tokens_per_split}")
     return out
+
+
+class PagedAttentionPlan:
+    """The CUDA paged attention for one cache, checked once and run many times (a decode loop).
+
+    Everything that stays fixed over a serving loop (the cache tensors, rotation, codebooks, bits,
+    scale, head counts, query dtype) is checked and resolved here; :meth:`run` then only reads the
+    per-step tensors' pointers, after the few checks that keep the kernel inside them (query
+    [S, Hq, D] of the plan's dtype, int32 tables [S, M] and context lengths [S], contiguous, on the
+    plan's device). The launch allocates nothing but ``out`` and synchronizes nothing, so a CUDA
+    graph can capture it.
+    """
+
+    def __init__(self, a: PagedAttentionArgs, tokens_per_split: int = 0):
+        if not supports_paged_attention(a):
+            raise ValueError(f"the CUDA backend does not take this call: {unavailable_reason() or 'strided caches'}")
+        dev = a.device if a.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        self.device, self.dtype = dev, a.query.dtype
+        self.num_q_heads, self.head_dim = a.num_q_heads, a.head_dim
+        self.path = paged_attention_path(a)
+        rot = float_matrix(a.rotation, dev)
+        kcb = codebook_as(a.k_codebook, torch.float32, dev)
+        vcb = kcb if a.v_codebook is a.k_codebook else codebook_as(a.v_codebook, torch.float32, dev)
+        self._keep = (a.k_codes, a.k_norms, a.v_codes, a.v_norms, rot, kcb, vcb)  # alive while planned
+        self._call = _AttentionCall(
+            q_type=_DTYPES[self.dtype], k_bits=a.k_bits, v_bits=a.v_bits, scale=a.scale, num_q_heads=a.num_q_heads,
+            num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, k_codes=a.k_codes.data_ptr(),
+            k_norms=a.k_norms.data_ptr(), v_codes=a.v_codes.data_ptr(), v_norms=a.v_norms.data_ptr(),
+            num_blocks=a.num_blocks, block_size=a.block_size, rotation=rot.data_ptr(), k_codebook=kcb.data_ptr(),
+            v_codebook=vcb.data_ptr(), tokens_per_split=tokens_per_split)
+        self._call_ref = ctypes.byref(self._call)
+        self._fn = _lib().tq_cuda_paged_attention_run
+        self._stream = _raw_stream(dev)
+        self._tail = (a.num_q_heads, a.head_dim)
+        self._workspaces: dict = {}
+
+    def _workspace(self, num_seqs: int, max_blocks: int, stream: int) -> torch.Tensor:
+        key = (num_seqs, max_blocks, stream)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            c = self._call
+            nbytes = _attention_workspace_bytes(num_seqs, c.num_q_heads, c.num_kv_heads, c.head_dim, max_blocks,
+                                                c.block_size, c.k_bits, c.v_bits, c.tokens_per_split, self.device)
+            ws = self._workspaces[key] = _workspace(self.device, stream, nbytes)
+        return ws
+
+    def run(self, query: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """out [S, Hq, D] (written into ``out`` when given) for this step's queries and tables."""
+        s = query.shape[0]
+        device = self.device
+        if (query.dtype != self.dtype or query.device != device or query.shape[1:] != self._tail
+                or not query.is_contiguous() or block_tables.dtype != torch.int32 or block_tables.dim() != 2
+                or block_tables.shape[0] != s or not block_tables.is_contiguous() or block_tables.device != device
+                or context_lens.dtype != torch.int32 or context_lens.shape != (s,) or not context_lens.is_contiguous()
+                or context_lens.device != device or (out is not None and (out.shape != query.shape
+                                                                          or out.dtype != self.dtype
+                                                                          or out.device != device
+                                                                          or not out.is_contiguous()))):
+            raise ValueError(
+                f"query {query.dtype} {tuple(query.shape)} on {query.device}, block_tables {block_tables.dtype} "
+                f"{tuple(block_tables.shape)}, context_lens {context_lens.dtype} {tuple(context_lens.shape)}: "
+                f"expected contiguous query {self.dtype} [S, {self.num_q_heads}, {self.head_dim}] (and out alike), "
+                f"int32 [S, M] tables and int32 [S] context lengths on {device} (the plan's)")
+        if out is None:
+            out = torch.empty_like(query)
+        if s == 0:
+            return out
+        stream = self._stream()
+        m = block_tables.shape[1]
+        ws = self._workspace(s, m, stream)
+        c = self._call
+        c.query, c.num_seqs, c.block_tables, c.max_blocks = query.data_ptr(), s, block_tables.data_ptr(), m
+        c.context_lens, c.out, c.stream = context_lens.data_ptr(), out.data_ptr(), stream
+        c.workspace, c.workspace_bytes = ws.data_ptr(), ws.numel()
+        rc = self._fn(self._call_ref)
+        if rc:
+            _check(rc, "paged attention", lambda: f"query {tuple(query.shape)}, tables {tuple(block_tables.shape)}")
+        return out
 
 
 # op -> (supports(args) -> bool, run(args))

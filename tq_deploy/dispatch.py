@@ -16,6 +16,10 @@ Same signatures as the reference (:mod:`tq_deploy.reference`). Every call is che
     triton     triton, reference: an error when Triton is missing
     reference  reference only
 
+A serving loop that calls the attention with the same cache every step plans it once
+(:func:`plan_paged_attention`, FlashInfer-style): the checks and the backend choice happen
+there, and each step's ``run`` only launches.
+
 Values the host cannot see without a synchronization (context lengths, block-table entries,
 slots) are checked only when the reference runs; the GPU kernels never read out of bounds on
 them instead (docs/ops.md, "Bad input").
@@ -154,3 +158,36 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     args = checks.check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
                                         rotation, k_codebook, v_codebook, k_bits, v_bits, scale, check_data=False)
     return _choose("paged_attention", args)[1](args)
+
+
+def plan_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation, k_codebook,
+                         v_codebook, k_bits, v_bits, scale=0.0, *, tokens_per_split: int = 0):
+    """Check a paged attention call once and return a plan whose ``run(query, block_tables,
+    context_lens, out=None)`` computes it for any step over the same cache (the example arguments
+    fix everything but the batch and the table width). On the CUDA backend the run path is one
+    launch (:class:`tq_deploy.cuda.PagedAttentionPlan`, a few microseconds of host time); elsewhere
+    it is :func:`paged_attention` on the fixed arguments.
+    """
+    args = checks.check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
+                                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale, check_data=False)
+    name, _ = _choose("paged_attention", args)
+    if name == "cuda":
+        from tq_deploy import cuda
+
+        return cuda.PagedAttentionPlan(args, tokens_per_split)
+    return _CheckedEveryStep(k_codes, k_norms, v_codes, v_norms, rotation, k_codebook, v_codebook, k_bits, v_bits,
+                             scale)
+
+
+class _CheckedEveryStep:
+    """The plan of a backend without a launch-only path: every run is a full public call."""
+
+    def __init__(self, *fixed):
+        self._caches, self._rest = fixed[:4], fixed[4:]
+
+    def run(self, query, block_tables, context_lens, out=None):
+        result = paged_attention(query, *self._caches, block_tables, context_lens, *self._rest)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
