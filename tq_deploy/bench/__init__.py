@@ -1,8 +1,9 @@
 """Benchmarks, one module per target, each a ``tq-deploy bench`` verb that prints a table:
 
     quantizer  encode/decode throughput of the reference and the MSE table (CPU or any torch device)
-    gpu        decode attention and encode on a CUDA GPU: every backend against torch fp16 SDPA
-    ort        TQPagedAttention in ONNX Runtime (CPU or CUDA EP) beside the PyTorch reference
+    gpu        decode attention, encode and cache update on a CUDA GPU against the best torch fp16 SDPA
+    ort        TQPagedAttention in ONNX Runtime (CPU EP) beside the PyTorch reference
+    ort-cuda   ONNX Runtime on the CUDA EP: the node vs PyTorch, the decode step vs GroupQueryAttention
     profile    repeated calls of the CUDA attention for a profiler (ncu), with the host time per call
     sass       loop instruction counts of the CUDA kernels from their sm_90 SASS (no GPU needed)
 
@@ -13,6 +14,7 @@ MODULES = {
     "quantizer": "tq_deploy.bench.quantizer",
     "gpu": "tq_deploy.bench.gpu",
     "ort": "tq_deploy.bench.ort",
+    "ort-cuda": "tq_deploy.bench.ort_cuda",
     "profile": "tq_deploy.bench.profile",
     "sass": "tq_deploy.bench.sass",
 }

@@ -1,21 +1,28 @@
-"""Decode attention and encode on a CUDA GPU: every backend against torch fp16 SDPA.
+"""Decode attention, encode and cache update on a CUDA GPU against the best torch fp16 SDPA.
 
-For B x S in {8x32768, 1x131072, 64x2048, 1x32768}, Hq=32, Hkv=8, D=128, block size 16:
-  - our paged decode attention at 4, 3 and 2 bits (k_bits = v_bits): the Triton kernel and,
-    where libtq_deploy_cuda.so is built and takes the bits (2, 4), the tensor-core CUDA kernel
-    (each checked against the reference on a small case first),
-  - torch fp16 F.scaled_dot_product_attention(q, k, v, enable_gqa=True) on the same logical
-    KV, dense and contiguous,
-  - speedup, achieved bandwidth (bytes the kernel must read / time) against a measured
-    device-to-device copy bandwidth (bytes read + written / time).
-Encode throughput for 1M x 128 fp16 vectors (bits 4, 3, 2), bytes read + written / time.
+    tq-deploy bench gpu [--quick] [--shapes 8x32768,...] [--bits 4,3,2,k6v4,k8v4] [--json PATH]
+
+Attention, Hq=32, Hkv=8, D=128, block 16, for B x S in 8x32768, 32x8192, 1x131072, 64x2048,
+1x32768 and each bit configuration (k_bits = v_bits, or kXvY):
+  SDPA      the fastest torch fp16 F.scaled_dot_product_attention variant on the same logical KV,
+            dense and contiguous: GQA (enable_gqa=True) or the query heads folded per KV head
+            (q [B, Hkv, G, D] against k [B, Hkv, S, D]), each under the flash, efficient and cuDNN
+            backends torch offers here
+  eager     tq_deploy.cuda through a plan (tq_deploy.dispatch.plan_paged_attention): the launch
+            a decode loop makes, host time included
+  graph     the same launch replayed from a CUDA graph (no launch gaps)
+  TRT       the TensorRT plugin's enqueue (libtq_deploy_trt through the harness, the workspace
+            TensorRT would give it), back to back
+  x         SDPA time / ours;  TB/s: the bytes the kernel must read / time;  roof: the bytes
+            roofline of the speedup (fp16 KV bytes / TurboQuant bytes)
+Every kernel is checked against the reference on a small case first (relative error < 5e-3).
+Then: shapes the tensor-core kernel is not built for (the generic kernel) at 8x32768 against
+SDPA on the same shape; encode and cache update throughput as a fraction of the device-to-device
+copy bandwidth; host time per call of the public API, of the plan and of the raw backend call.
 
 Times are medians of CUDA-event timings (triton.testing.do_bench, return_mode="median");
-inputs smaller than 3x the L2 cache are rotated among copies so repeats don't hit L2.
-Also reports CUDA-graph replay medians (no launch gaps) for attention and SDPA.
-Writes JSON (--json, default $OUT/bench_gpu.json when $OUT is set) and prints a table last.
-
-    tq-deploy bench gpu [--quick] [--sweep 8x32768] [--json PATH]
+inputs smaller than 3x the L2 cache are rotated among copies so repeats do not hit L2.
+Writes JSON (--json, default $OUT/bench_gpu.json when $OUT is set); prints the tables last.
 """
 
 from __future__ import annotations
@@ -24,9 +31,13 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
+
+HQ, HKV, DIM, BLOCK = 32, 8, 128, 16
+CHECK_TOL = 5e-3
 
 
 def _median_ms(fn, warmup=25, rep=200):
@@ -40,8 +51,8 @@ def _graph_ms(fn, rep=200):
 
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
-    except Exception as exc:  # graph capture can fail for ops that sync
-        print(f"  (cuda graph timing failed: {exc})", file=sys.stderr)
+    except Exception as exc:  # a variant that cannot be captured is reported, not fatal
+        print(f"  (cuda graph timing failed: {type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         return float("nan")
 
 
@@ -55,7 +66,7 @@ def copy_bandwidth(nbytes=4 << 30):
 
 
 class Rotator:
-    """Cycle through copies of the inputs so that repeated timings don't hit the L2 cache."""
+    """Cycle through copies of the inputs so that repeated timings do not hit the L2 cache."""
 
     def __init__(self, make, nbytes, l2_bytes):
         self.copies = max(1, math.ceil(3 * l2_bytes / max(nbytes, 1)))
@@ -68,14 +79,36 @@ class Rotator:
         return item
 
 
-def make_tq_inputs(batch, seq, hq, hkv, dim, page, bits, seed):
-    """Random packed cache (codes uniform, norms positive) with shuffled block tables."""
+def parse_bits(spec: str) -> tuple[int, int]:
+    spec = spec.strip().lower()
+    if spec.startswith("k") and "v" in spec:
+        k, v = spec[1:].split("v")
+        return int(k), int(v)
+    return int(spec), int(spec)
+
+
+def bits_name(k: int, v: int) -> str:
+    return f"{k}b" if k == v else f"k{k}v{v}"
+
+
+def tq_bytes(batch, seq, hkv, dim, k_bits, v_bits):
+    """Bytes the attention must read: K and V codes plus one fp32 norm each, per token and KV head."""
+    return batch * seq * hkv * ((dim * k_bits + 7) // 8 + (dim * v_bits + 7) // 8 + 8)
+
+
+def fp16_bytes(batch, seq, hkv, dim):
+    return 2 * batch * hkv * seq * dim * 2
+
+
+def make_tq_inputs(batch, seq, hq, hkv, dim, page, k_bits, v_bits, seed):
+    """Random packed cache (codes uniform, norms positive), shuffled block tables, fp16 queries."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     blocks_per_seq = math.ceil(seq / page)
     n = batch * blocks_per_seq
-    p = (dim * bits + 7) // 8
-    k_codes = torch.randint(0, 256, (n, page, hkv, p), dtype=torch.uint8, device="cuda", generator=g)
-    v_codes = torch.randint(0, 256, (n, page, hkv, p), dtype=torch.uint8, device="cuda", generator=g)
+    k_codes = torch.randint(0, 256, (n, page, hkv, (dim * k_bits + 7) // 8), dtype=torch.uint8, device="cuda",
+                            generator=g)
+    v_codes = torch.randint(0, 256, (n, page, hkv, (dim * v_bits + 7) // 8), dtype=torch.uint8, device="cuda",
+                            generator=g)
     k_norms = torch.rand((n, page, hkv), device="cuda", generator=g) * 10 + 1
     v_norms = torch.rand((n, page, hkv), device="cuda", generator=g) * 10 + 1
     tables = torch.randperm(n, device="cuda", generator=g).reshape(batch, blocks_per_seq).int()
@@ -84,223 +117,352 @@ def make_tq_inputs(batch, seq, hq, hkv, dim, page, bits, seed):
     return query, k_codes, k_norms, v_codes, v_norms, tables, ctx
 
 
-def tq_bytes(batch, seq, hkv, dim, bits):
-    per_token_head = 2 * ((dim * bits + 7) // 8) + 8  # K codes + V codes + two fp32 norms
-    return batch * seq * hkv * per_token_head
+def constants(dim, k_bits, v_bits):
+    from tq_deploy.reference import lloyd_max_codebook, make_rotation
+
+    return (make_rotation(dim, "haar", seed=0).cuda(), lloyd_max_codebook(dim, k_bits).cuda(),
+            lloyd_max_codebook(dim, v_bits).cuda())
 
 
-def check_small(impl, bits, hq, hkv, dim, page, rot, cb):
-    """Relative error of impl against the reference on 2 sequences (3000 and 1777 tokens)."""
+def check_error(run, hq, hkv, dim, page, k_bits, v_bits):
+    """Relative error of run(*inputs, rot, kcb, vcb) against the reference on 2 sequences."""
     from tq_deploy.reference.paged import paged_attention_reference
 
-    check = make_tq_inputs(2, 3000, hq, hkv, dim, page, bits, seed=99)
-    check[-1][1] = 1777  # context_lens: a partial last block in the second sequence
-    want = paged_attention_reference(*check, rot, cb, cb, bits, bits).float()
-    got = impl(*check, rot, cb, cb, bits, bits).float()
+    rot, kcb, vcb = constants(dim, k_bits, v_bits)
+    case = list(make_tq_inputs(2, 3000, hq, hkv, dim, page, k_bits, v_bits, seed=99))
+    case[-1][1] = 1777  # a partial last block
+    want = paged_attention_reference(*case, rot, kcb, vcb, k_bits, v_bits).float()
+    got = run(*case, rot, kcb, vcb).float()
     return ((got - want).norm() / want.norm()).item()
 
 
-def backend_call(run, **knobs):
-    """A paged attention callable with the reference's signature that runs backend function ``run``."""
-    from tq_deploy.reference.checks import check_paged_attention
+# --- torch SDPA -------------------------------------------------------------------------------
 
-    return lambda *a: run(check_paged_attention(*a, check_data=False), **knobs)
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def implementations(bits, knobs, query, k_codes):
-    """name -> paged attention callable, for the kernels that take this case."""
+def best_sdpa(batch, seq, hq, hkv, dim, l2, quick):
+    """(best name, eager ms, graph ms, every variant's ms) of torch fp16 SDPA on this shape."""
+    from torch.nn.attention import sdpa_kernel
+
+    group = hq // hkv
+
+    def make_dense(i):
+        gen = torch.Generator(device="cuda").manual_seed(100 + i)
+        q = torch.randn(batch, hq, 1, dim, device="cuda", dtype=torch.float16, generator=gen)
+        k = torch.randn(batch, hkv, seq, dim, device="cuda", dtype=torch.float16, generator=gen)
+        v = torch.randn(batch, hkv, seq, dim, device="cuda", dtype=torch.float16, generator=gen)
+        return q, k, v
+
+    dense = Rotator(make_dense, fp16_bytes(batch, seq, hkv, dim), l2)
+    variants = {}
+    for layout in ("gqa", "folded"):
+        for name, backend in _sdpa_backends().items():
+            def call(layout=layout, backend=backend):
+                q, k, v = dense.next()
+                with sdpa_kernel(backend):
+                    if layout == "gqa":
+                        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                    return F.scaled_dot_product_attention(q.view(batch, hkv, group, dim), k, v)
+            try:
+                call()
+                variants[f"{layout}/{name}"] = (_median_ms(call), call)
+            except RuntimeError as exc:  # a backend that does not take this shape here
+                variants[f"{layout}/{name}"] = (float("nan"), None)
+                print(f"  sdpa {layout}/{name} {batch}x{seq}: not available ({str(exc).splitlines()[0][:120]})",
+                      file=sys.stderr)
+    timed = {k: v for k, v in variants.items() if v[1] is not None}
+    best = min(timed, key=lambda k: timed[k][0])
+    graph = float("nan") if quick else _graph_ms(timed[best][1])
+    result = (best, timed[best][0], graph, {k: v[0] for k, v in variants.items()})
+    del dense
+    torch.cuda.empty_cache()
+    return result
+
+
+# --- ours -------------------------------------------------------------------------------------
+
+def _trt_enqueue_ms(inputs, attrs, out, repeat=200):
+    """Median per-enqueue time of the TensorRT attention plugin through the harness: the
+    difference between repeat and 1 back-to-back enqueues (the harness's setup cancels out)."""
+    from tq_deploy.runtime.trt_harness import harness_enqueue
+
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def wall(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        harness_enqueue("TQPagedAttention", attrs, inputs, [out], stream=stream, repeat=n)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    wall(2)
+    samples = sorted((wall(repeat) - wall(1)) / (repeat - 1) for _ in range(5))
+    return samples[len(samples) // 2] * 1e3
+
+
+def _trt_available() -> bool:
+    from tq_deploy.runtime import library
+
+    try:
+        library.locate("trt")
+        library.locate("trt_harness")
+        return True
+    except library.NativeLibraryNotFoundError:
+        return False
+
+
+def bench_tq(batch, seq, hq, hkv, dim, page, k_bits, v_bits, l2, quick, trt):
+    """Our attention on one shape: eager (plan), graph and TRT-plugin medians, checked first."""
     from tq_deploy import cuda as tq_cuda
-    from tq_deploy.reference.checks import check_paged_attention
-    from tq_deploy.triton import paged_attention as tq_triton
+    from tq_deploy.dispatch import plan_paged_attention
 
-    impls = {"tq": backend_call(tq_triton.paged_attention, **(knobs or {}))}
-    dim = query.shape[-1]
-    probe = (query, k_codes, k_codes.new_zeros(k_codes.shape[:3], dtype=torch.float32), k_codes,
-             k_codes.new_zeros(k_codes.shape[:3], dtype=torch.float32),
-             torch.zeros(query.shape[0], 1, dtype=torch.int32, device=query.device),
-             torch.zeros(query.shape[0], dtype=torch.int32, device=query.device),
-             torch.eye(dim, device=query.device), torch.zeros(2**bits, device=query.device),
-             torch.zeros(2**bits, device=query.device), bits, bits)
-    if tq_cuda.supports_paged_attention(check_paged_attention(*probe, check_data=False)):
-        impls["cu"] = backend_call(tq_cuda.paged_attention)
-    return impls
+    rot, kcb, vcb = constants(dim, k_bits, v_bits)
+
+    def planned(*a):
+        return plan_paged_attention(*a, k_bits, v_bits).run(a[0], a[5], a[6])
+
+    err = check_error(planned, hq, hkv, dim, page, k_bits, v_bits)
+    cell = {"check_err": err}
+    if not err < CHECK_TOL:
+        print(f"  {bits_name(k_bits, v_bits)} {batch}x{seq}: WRONG (relative error {err:.2e}): not timed")
+        return cell
+    nbytes = tq_bytes(batch, seq, hkv, dim, k_bits, v_bits)
+    sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, k_bits, v_bits, seed=i), nbytes, l2)
+    plans = [(plan_paged_attention(*s, rot, kcb, vcb, k_bits, v_bits), s) for s in sets.items]
+    outs = [torch.empty_like(s[0]) for s in sets.items]
+    state = {"i": 0}
+
+    def ours():
+        i = state["i"] = (state["i"] + 1) % len(plans)
+        plan, s = plans[i]
+        return plan.run(s[0], s[5], s[6], outs[i])
+
+    ours()
+    cell["path"] = plans[0][0].path
+    cell["ms"] = _median_ms(ours)
+    cell["graph_ms"] = float("nan") if quick else _graph_ms(ours)
+    cell["TBps"] = nbytes / (cell["ms"] * 1e-3) / 1e12
+    if trt:
+        s = sets.items[0]
+        try:
+            cell["trt_ms"] = _trt_enqueue_ms([t.contiguous() for t in (*s, rot, kcb, vcb)], {"k_bits": k_bits, "v_bits": v_bits, "scale": 0.0},
+                                             torch.empty_like(s[0]))
+        except (RuntimeError, ValueError) as exc:
+            print(f"  TRT plugin {bits_name(k_bits, v_bits)} {batch}x{seq}: {exc}", file=sys.stderr)
+    del sets, plans, outs
+    torch.cuda.empty_cache()
+    assert tq_cuda.available()
+    return cell
 
 
-def bench_attention(shapes, bits_list, hq, hkv, dim, page, l2, quick, knobs=None):
-    from tq_deploy.reference import lloyd_max_codebook, make_rotation
-    from tq_deploy.triton.paged_attention import choose_splits
-
-    rot = make_rotation(dim, "haar", seed=0).cuda()
+def bench_attention(shapes, configs, l2, quick, trt):
     rows = []
     for batch, seq in shapes:
-        row = {"B": batch, "S": seq}
-        # --- torch fp16 SDPA on the dense KV -------------------------------------------------
-        kv_bytes = 2 * batch * hkv * seq * dim * 2
-
-        def make_dense(i):
-            gen = torch.Generator(device="cuda").manual_seed(100 + i)
-            q = torch.randn(batch, hq, 1, dim, device="cuda", dtype=torch.float16, generator=gen)
-            k = torch.randn(batch, hkv, seq, dim, device="cuda", dtype=torch.float16, generator=gen)
-            v = torch.randn(batch, hkv, seq, dim, device="cuda", dtype=torch.float16, generator=gen)
-            return q, k, v
-
-        dense = Rotator(make_dense, kv_bytes, l2)
-
-        def sdpa():
-            q, k, v = dense.next()
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-        row["sdpa_ms"] = _median_ms(sdpa)
-        row["sdpa_graph_ms"] = float("nan") if quick else _graph_ms(sdpa)
-        row["sdpa_TBps"] = kv_bytes / (row["sdpa_ms"] * 1e-3) / 1e12
-        del dense
-        torch.cuda.empty_cache()
-        # --- ours -------------------------------------------------------------------------
-        for bits in bits_list:
-            cb = lloyd_max_codebook(dim, bits).cuda()
-            nbytes = tq_bytes(batch, seq, hkv, dim, bits)
-            sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, bits, seed=i), nbytes, l2)
-            first = sets.items[0]
-            for name, impl in implementations(bits, knobs, first[0], first[1]).items():
-                err = check_small(impl, bits, hq, hkv, dim, page, rot, cb)
-                row[f"{name}{bits}_check_err"] = err
-                if not err < 5e-3:
-                    print(f"  {name} {bits}-bit: WRONG (relative error {err:.2e} on the check case): not timed")
-                    continue
-
-                def ours(impl=impl):
-                    q, kc, kn, vc, vn, bt, ctx = sets.next()
-                    return impl(q, kc, kn, vc, vn, bt, ctx, rot, cb, cb, bits, bits)
-
-                ours()
-                ms = _median_ms(ours)
-                row[f"{name}{bits}_ms"] = ms
-                row[f"{name}{bits}_graph_ms"] = float("nan") if quick else _graph_ms(ours)
-                row[f"{name}{bits}_TBps"] = nbytes / (ms * 1e-3) / 1e12
-                row[f"{name}{bits}_speedup"] = row["sdpa_ms"] / ms
-            row[f"tq{bits}_splits"] = choose_splits(batch * hkv, seq, (knobs or {}).get("block_n", 64),
-                                                    torch.cuda.get_device_properties(0).multi_processor_count)[0]
-            del sets
-            torch.cuda.empty_cache()
+        name, ms, graph, variants = best_sdpa(batch, seq, HQ, HKV, DIM, l2, quick)
+        row = {"B": batch, "S": seq, "sdpa": name, "sdpa_ms": ms, "sdpa_graph_ms": graph, "sdpa_variants": variants}
+        for k_bits, v_bits in configs:
+            row[bits_name(k_bits, v_bits)] = bench_tq(batch, seq, HQ, HKV, DIM, BLOCK, k_bits, v_bits, l2, quick, trt)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def sweep_attention(batch, seq, bits, hq, hkv, dim, page, l2, variants):
-    """Time paged attention under explicit knobs: Triton's (layout, lookup, block_n, num_warps,
-    num_stages) or, with impl="cu", the CUDA kernel's tokens_per_split."""
+# shapes the tensor-core kernel is not built for, at one long-context batch
+OTHER_SHAPES = [
+    # label, hq, hkv, dim, block, k_bits, v_bits
+    ("k5v3", 32, 8, 128, 16, 5, 3),
+    ("k8v8", 32, 8, 128, 16, 8, 8),
+    ("group 16", 128, 8, 128, 16, 4, 4),
+    ("block 8", 32, 8, 128, 8, 4, 4),
+    ("D 96", 32, 8, 96, 16, 4, 4),
+    ("D 64 (tensor cores)", 32, 8, 64, 16, 4, 4),
+]
+
+
+def bench_other_shapes(batch, seq, l2, quick):
+    rows = []
+    for label, hq, hkv, dim, block, kb, vb in OTHER_SHAPES:
+        name, ms, _, _ = best_sdpa(batch, seq, hq, hkv, dim, l2, True)
+        cell = bench_tq(batch, seq, hq, hkv, dim, block, kb, vb, l2, True, False)
+        rows.append({"label": label, "B": batch, "S": seq, "sdpa": name, "sdpa_ms": ms, **cell})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# --- encode, cache update, host cost ------------------------------------------------------------
+
+def bench_encode(n, dim, configs, dtypes=(torch.float16, torch.bfloat16)):
     from tq_deploy import cuda as tq_cuda
-    from tq_deploy.reference import lloyd_max_codebook, make_rotation
-    from tq_deploy.triton import paged_attention as tq_triton
+    from tq_deploy.reference.checks import check_encode
 
-    def paged_attention(*args, impl="tq", **knobs):
-        return backend_call(tq_cuda.paged_attention if impl == "cu" else tq_triton.paged_attention, **knobs)(*args)
-
-    rot = make_rotation(dim, "haar", seed=0).cuda()
-    cb = lloyd_max_codebook(dim, bits).cuda()
-    nbytes = tq_bytes(batch, seq, hkv, dim, bits)
-    sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, bits, seed=i), nbytes, l2)
+    rot = constants(dim, 4, 4)[0]
     out = []
-    for knobs in variants:
-        try:
-            err = check_small(lambda *a: paged_attention(*a, **knobs), bits, hq, hkv, dim, page, rot, cb)
-        except Exception as exc:
-            print(f"  sweep {knobs}: failed {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            continue
-        if not err < 5e-3:
-            print(f"  sweep {knobs}: WRONG, relative error {err:.2e}", flush=True)
-            continue
-
-        def ours():
-            q, kc, kn, vc, vn, bt, ctx = sets.next()
-            return paged_attention(q, kc, kn, vc, vn, bt, ctx, rot, cb, cb, bits, bits, **knobs)
-
-        try:
-            ours()
-            ms = _median_ms(ours, warmup=10, rep=60)
-        except Exception as exc:
-            print(f"  sweep {knobs}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-            continue
-        out.append({"B": batch, "S": seq, "bits": bits, **knobs, "ms": ms, "TBps": nbytes / (ms * 1e-3) / 1e12,
-                    "check_err": err})
-        print(json.dumps(out[-1]), flush=True)
+    for dtype in dtypes:
+        x = torch.randn(n, dim, device="cuda", dtype=dtype)
+        for bits in sorted({b for kv in configs for b in kv}):
+            cb = constants(dim, bits, bits)[1]
+            a = check_encode(x, rot, cb, bits, check_data=False)
+            tq_cuda.encode(a)
+            ms = _median_ms(lambda: tq_cuda.encode(a))
+            nbytes = x.numel() * x.element_size() + n * ((dim * bits + 7) // 8) + n * 4
+            out.append({"what": "encode", "dtype": str(dtype).replace("torch.", ""), "bits": bits, "N": n, "D": dim,
+                        "ms": ms, "TBps": nbytes / (ms * 1e-3) / 1e12})
+            print(json.dumps(out[-1]), flush=True)
     return out
 
 
-def bench_encode(n, dim, bits_list, dtype=torch.float16):
-    from tq_deploy.dispatch import encode
-    from tq_deploy.reference import lloyd_max_codebook, make_rotation
+def bench_cache_update(tokens, hkv, dim, configs, dtypes=(torch.float16, torch.bfloat16)):
+    """Prefill-sized cache update: ``tokens`` new tokens into a shuffled paged cache."""
+    from tq_deploy import cuda as tq_cuda
+    from tq_deploy.reference.checks import check_cache_update
 
-    rot = make_rotation(dim, "haar", seed=0).cuda()
-    x = torch.randn(n, dim, device="cuda", dtype=dtype)
     out = []
-    for bits in bits_list:
-        cb = lloyd_max_codebook(dim, bits).cuda()
-        encode(x, rot, cb, bits)
-        ms = _median_ms(lambda: encode(x, rot, cb, bits))
-        nbytes = x.numel() * x.element_size() + n * ((dim * bits + 7) // 8) + n * 4
-        out.append({"bits": bits, "N": n, "D": dim, "ms": ms, "TBps": nbytes / (ms * 1e-3) / 1e12})
-        print(json.dumps(out[-1]), flush=True)
+    for dtype in dtypes:
+        key = torch.randn(tokens, hkv, dim, device="cuda", dtype=dtype)
+        value = torch.randn(tokens, hkv, dim, device="cuda", dtype=dtype)
+        for k_bits, v_bits in configs:
+            rot, kcb, vcb = constants(dim, k_bits, v_bits)
+            n = tokens // BLOCK + 1
+            caches = (torch.zeros(n, BLOCK, hkv, (dim * k_bits + 7) // 8, dtype=torch.uint8, device="cuda"),
+                      torch.zeros(n, BLOCK, hkv, device="cuda"),
+                      torch.zeros(n, BLOCK, hkv, (dim * v_bits + 7) // 8, dtype=torch.uint8, device="cuda"),
+                      torch.zeros(n, BLOCK, hkv, device="cuda"))
+            slots = torch.randperm(n * BLOCK, device="cuda")[:tokens]
+            a = check_cache_update(key, value, slots, *caches, rot, kcb, vcb, k_bits, v_bits, check_data=False)
+            tq_cuda.cache_update(a)
+            ms = _median_ms(lambda: tq_cuda.cache_update(a))
+            rows = tokens * hkv
+            nbytes = (2 * rows * dim * key.element_size() + tokens * 8
+                      + rows * ((dim * k_bits + 7) // 8 + (dim * v_bits + 7) // 8 + 8))
+            out.append({"what": "cache_update", "dtype": str(dtype).replace("torch.", ""),
+                        "bits": bits_name(k_bits, v_bits), "T": tokens, "ms": ms,
+                        "TBps": nbytes / (ms * 1e-3) / 1e12})
+            print(json.dumps(out[-1]), flush=True)
     return out
 
+
+def host_cost_us(calls=300):
+    """Host time per call (us) of the public API, the plan's run and the raw backend call, timed
+    as the issue rate of ``calls`` launches (fewer than the launch queue holds) on a small shape."""
+    from tq_deploy import cuda as tq_cuda
+    from tq_deploy.dispatch import paged_attention, plan_paged_attention
+    from tq_deploy.reference.checks import check_paged_attention
+
+    rot, kcb, vcb = constants(DIM, 4, 4)
+    s = make_tq_inputs(1, 256, HQ, HKV, DIM, BLOCK, 4, 4, seed=5)
+    args = (*s, rot, kcb, vcb, 4, 4)
+    plan = plan_paged_attention(*args)
+    out = torch.empty_like(s[0])
+    checked = check_paged_attention(*args, check_data=False)
+    ways = {"public paged_attention": lambda: paged_attention(*args),
+            "plan.run": lambda: plan.run(s[0], s[5], s[6], out),
+            "tq_deploy.cuda on checked args": lambda: tq_cuda.paged_attention(checked)}
+    result = {}
+    for name, fn in ways.items():
+        fn()
+        samples = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+        result[name] = sorted(samples)[2]
+    return result
+
+
+# --- report -----------------------------------------------------------------------------------
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--quick", action="store_true", help="skip CUDA-graph timings")
+    ap.add_argument("--quick", action="store_true", help="skip CUDA-graph timings and the other-shapes table")
     ap.add_argument("--json", default=None, help="where to write the results (default $OUT/bench_gpu.json)")
-    ap.add_argument("--shapes", default="8x32768,1x131072,64x2048,1x32768")
-    ap.add_argument("--bits", default="4,3,2")
-    ap.add_argument("--sweep", default="", help="B x S to sweep kernel knobs on (4-bit), e.g. 8x32768")
+    ap.add_argument("--shapes", default="8x32768,32x8192,1x131072,64x2048,1x32768")
+    ap.add_argument("--bits", default="4,3,2,k6v4,k8v4", help="bit configurations: N (keys and values) or kXvY")
+    ap.add_argument("--no-trt", action="store_true", help="skip the TensorRT-plugin column")
+
+
+def _fmt(v, spec):
+    return format(v, spec) if isinstance(v, float) and not math.isnan(v) else "-"
+
+
+def print_tables(result, configs):
+    cb = result["copy_TBps"]
+    print()
+    print(f"device {result['device']}; copy bandwidth {cb:.2f} TB/s (read + write); Hq={HQ} Hkv={HKV} D={DIM} "
+          f"block {BLOCK}; median us")
+    print("SDPA = best torch fp16 variant (layout/backend); x = SDPA time / ours; TB/s = bytes read / time; "
+          "roof = fp16 bytes / our bytes")
+    for k, v in configs:
+        name = bits_name(k, v)
+        roof = fp16_bytes(1, 1, 1, DIM) / tq_bytes(1, 1, 1, DIM, k, v)
+        print(f"\n{name} (roof {roof:.2f}x)")
+        print(f"{'B x S':>9} {'SDPA':>7} {'variant':>15} {'eager':>7} {'x':>5} {'graph':>7} {'x':>5} "
+              f"{'TRT':>7} {'x':>5} {'TB/s':>5} {'%copy':>5} {'path':>11}")
+        for r in result["attention"]:
+            c = r.get(name, {})
+            if "ms" not in c:
+                print(f"{r['B']:>4}x{r['S']:<6} {r['sdpa_ms'] * 1e3:7.1f} {r['sdpa']:>15}   not timed "
+                      f"(check error {c.get('check_err', float('nan')):.2e})")
+                continue
+            sdpa_graph = r["sdpa_graph_ms"] if not math.isnan(r["sdpa_graph_ms"]) else r["sdpa_ms"]
+            trt = c.get("trt_ms", float("nan"))
+            print(f"{r['B']:>4}x{r['S']:<6} {r['sdpa_ms'] * 1e3:7.1f} {r['sdpa']:>15} {c['ms'] * 1e3:7.1f} "
+                  f"{r['sdpa_ms'] / c['ms']:5.2f} {_fmt(c['graph_ms'] * 1e3, '7.1f'):>7} "
+                  f"{_fmt(sdpa_graph / c['graph_ms'], '5.2f'):>5} {_fmt(trt * 1e3, '7.1f'):>7} "
+                  f"{_fmt(r['sdpa_ms'] / trt, '5.2f'):>5} {c['TBps']:5.2f} {100 * c['TBps'] / cb:5.0f} "
+                  f"{c['path']:>11}")
+    if result.get("other_shapes"):
+        print("\nother shapes at " + f"{result['other_shapes'][0]['B']}x{result['other_shapes'][0]['S']}" +
+              " (vs SDPA on the same shape)")
+        for r in result["other_shapes"]:
+            ms = r.get("ms", float("nan"))
+            print(f"  {r['label']:>20}: ours {_fmt(ms * 1e3, '.1f')} us ({r.get('path', '?')}), SDPA "
+                  f"{r['sdpa_ms'] * 1e3:.1f} us -> {_fmt(r['sdpa_ms'] / ms, '.2f')}x")
+    for e in result["encode"] + result["cache_update"]:
+        label = f"{e['what']} {e['dtype']} {e['bits']}"
+        size = f"{e['N']} x {e['D']}" if e["what"] == "encode" else f"{e['T']} tokens x {HKV} heads"
+        print(f"{label:>28} ({size}): {e['ms'] * 1e3:8.1f} us {e['TBps']:5.2f} TB/s "
+              f"({100 * e['TBps'] / cb:3.0f}% of copy)")
+    print("host time per call (us): " + "; ".join(f"{k} {v:.1f}" for k, v in result["host_us"].items()))
 
 
 def run(args) -> int:
     if not torch.cuda.is_available():
         raise ValueError("tq-deploy bench gpu needs a CUDA device")
+    from tq_deploy import cuda as tq_cuda
+
+    if not tq_cuda.available():
+        raise ValueError(f"tq-deploy bench gpu needs libtq_deploy_cuda.so: {tq_cuda.unavailable_reason()}")
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    bits_list = [int(b) for b in args.bits.split(",")]
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        configs = [parse_bits(b) for b in args.bits.split(",")]
+    except ValueError:
+        raise ValueError(f"--shapes {args.shapes!r} / --bits {args.bits!r}: expected e.g. 8x32768,1x131072 and "
+                         "4,3,k6v4") from None
+    trt = not args.no_trt and _trt_available()
     copy_bw = copy_bandwidth()
     print(f"device {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, "
           f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)", flush=True)
-    sweep = []
-    for spec in filter(None, args.sweep.split(",")):
-        batch, seq = (int(v) for v in spec.split("x"))
-        variants = [dict(impl="cu", tokens_per_split=t) for t in (0, 64, 128, 256, 512, 1024, 2048, 4096)]
-        sweep += sweep_attention(batch, seq, 4, 32, 8, 128, 16, l2, variants)
-    knobs = {}  # the Triton kernel's defaults (its knob sweeps: docs/performance.md)
-    if sweep:
-        best = sorted(sweep, key=lambda r: r["ms"])[:5]
-        print("sweep best:", *[json.dumps(b) for b in best], sep="\n  ")
-    att = bench_attention(shapes, bits_list, hq=32, hkv=8, dim=128, page=16, l2=l2, quick=args.quick, knobs=knobs)
-    enc = bench_encode(1 << 20, 128, bits_list)
-    result = {"knobs": knobs, "device": props.name, "copy_TBps": copy_bw / 1e12, "attention": att, "encode": enc, "sweep": sweep,
-              "config": {"Hq": 32, "Hkv": 8, "D": 128, "block_size": 16, "timing": "do_bench median"}}
+    result = {"device": props.name, "copy_TBps": copy_bw / 1e12,
+              "config": {"Hq": HQ, "Hkv": HKV, "D": DIM, "block_size": BLOCK, "timing": "do_bench median"},
+              "attention": bench_attention(shapes, configs, l2, args.quick, trt)}
+    result["other_shapes"] = [] if args.quick else bench_other_shapes(8, 32768, l2, True)
+    result["encode"] = bench_encode(1 << 20, DIM, configs)
+    result["cache_update"] = bench_cache_update(1 << 17, HKV, DIM, [c for c in configs if c in ((4, 4), (2, 2),
+                                                                                                 (3, 3), (6, 4))])
+    result["host_us"] = host_cost_us()
     path = args.json or (os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT") else None)
     if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-    # table last
-    cb = copy_bw / 1e12
-    print()
-    print(f"paged decode attention, Hq=32 Hkv=8 D=128 block 16, median us (copy BW {cb:.2f} TB/s)")
-    print("(tq = Triton kernel, cu = tensor-core CUDA kernel; x = SDPA time / ours; TB/s = packed bytes / time)")
-    cols = [(name, b) for b in bits_list for name in ("tq", "cu")]
-    print(f"{'B x S':>10} {'SDPA fp16':>10} " + " ".join(f"{n + str(b) + 'b':>8} {'x':>5} {'TB/s':>5}" for n, b in cols))
+        from tq_deploy.files import write_text
 
-    def cell(r, n, b):
-        if f"{n}{b}_ms" not in r:
-            return f"{'-':>8} {'-':>5} {'-':>5}"
-        return f"{r[f'{n}{b}_ms'] * 1e3:8.1f} {r[f'{n}{b}_speedup']:5.2f} {r[f'{n}{b}_TBps']:5.2f}"
-
-    for r in att:
-        print(f"{str(r['B']) + 'x' + str(r['S']):>10} {r['sdpa_ms'] * 1e3:10.1f} " + " ".join(cell(r, n, b) for n, b in cols))
-    if not args.quick:
-        print("cuda-graph replay medians, us: " + "; ".join(
-            f"{r['B']}x{r['S']}: sdpa {r['sdpa_graph_ms'] * 1e3:.1f} "
-            + " ".join(f"{n}{b} {r[f'{n}{b}_graph_ms'] * 1e3:.1f}" for b in bits_list for n in ("tq", "cu")
-                       if f"{n}{b}_graph_ms" in r) for r in att))
-    print("encode 1M x 128 fp16: " + "; ".join(
-        f"{e['bits']}b {e['ms'] * 1e3:.1f} us {e['TBps']:.2f} TB/s ({100 * e['TBps'] / cb:.0f}% of copy)" for e in enc))
+        write_text(path, json.dumps(result, indent=1))
+    print_tables(result, configs)
     return 0
-

@@ -42,7 +42,7 @@ def run(args) -> int:
         raise ValueError("tq-deploy bench profile needs a CUDA device")
     rot = make_rotation(128, "haar", seed=0).cuda()
     cb = lloyd_max_codebook(128, args.bits).cuda()
-    inputs = make_tq_inputs(batch, seq, 32, 8, 128, 16, args.bits, seed=1)
+    inputs = make_tq_inputs(batch, seq, 32, 8, 128, 16, args.bits, args.bits, seed=1)
     for _ in range(3):
         dispatch.paged_attention(*inputs, rot, cb, cb, args.bits, args.bits)
     torch.cuda.synchronize()

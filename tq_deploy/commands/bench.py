@@ -1,8 +1,9 @@
 """tq-deploy bench WHAT: the benchmarks of tq_deploy.bench, each printing a table.
 
     tq-deploy bench quantizer              # encode/decode throughput and the MSE table (CPU)
-    tq-deploy bench gpu [--quick]          # GPU kernels (CUDA, Triton) vs torch SDPA (needs a CUDA GPU)
-    tq-deploy bench ort [--provider cuda]  # TQPagedAttention in ONNX Runtime vs the reference
+    tq-deploy bench gpu [--quick]          # CUDA kernels vs the best torch SDPA (needs a CUDA GPU)
+    tq-deploy bench ort                    # TQPagedAttention in ONNX Runtime (CPU) vs the reference
+    tq-deploy bench ort-cuda               # ORT CUDA EP: node vs PyTorch, step vs GroupQueryAttention
     tq-deploy bench profile 8x32768        # calls for a profiler, host time per call
     tq-deploy bench sass                   # loop instruction counts of the CUDA kernels (no GPU)
 """

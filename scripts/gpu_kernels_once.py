@@ -1,0 +1,142 @@
+"""Every CUDA kernel of the project once, on small shapes, checked against the reference: the
+program the GPU visit runs under compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
+
+    python scripts/gpu_kernels_once.py [--only cuda|trt|ort]
+
+cuda  encode (tensor-core and generic), decode, cache update (with duplicate slots), the paged
+      attention on the tensor-core kernel (split-K merged by the last CTA) and the generic kernel
+trt   the TensorRT plugins' enqueue through the harness (libtq_trt_harness)
+ort   the ONNX Runtime CUDA EP kernels (onnxruntime-gpu and a CUDA build of the library)
+Exits non-zero when a result is wrong; prints one line per kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def rel(got, want) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def cuda_kernels(gen) -> list[str]:
+    from tq_deploy import cuda as tq_cuda
+    from tq_deploy.reference import checks, lloyd_max_codebook, make_rotation
+    from tq_deploy.reference.paged import allocate_cache, cache_update_reference, paged_attention_reference
+    from tq_deploy.reference.quantizer import decode_reference
+
+    problems = []
+    for dim, bits, dtype in ((128, 4, torch.float16), (128, 3, torch.bfloat16), (96, 6, torch.float32)):
+        rot, cb = make_rotation(dim, seed=1), lloyd_max_codebook(dim, bits)
+        x = torch.randn(300, dim, generator=gen).to(dtype)
+        codes, norms = tq_cuda.encode(checks.check_encode(x.cuda(), rot.cuda(), cb.cuda(), bits))
+        x_hat = tq_cuda.decode(checks.check_decode(codes, norms, rot.cuda(), cb.cuda(), bits))
+        err = rel(x_hat, decode_reference(codes.cpu(), norms.cpu(), rot, cb, bits))
+        print(f"encode+decode D={dim} {bits}-bit {dtype}: decode error {err:.1e}")
+        if err > 1e-5:
+            problems.append(f"decode D={dim}")
+    for dim, hq, hkv, block, kb, vb, ctx in ((128, 32, 8, 16, 4, 4, [700, 33]), (128, 8, 2, 16, 3, 2, [5, 90]),
+                                               (64, 8, 1, 8, 5, 3, [70, 1])):
+        rot = make_rotation(dim, seed=2)
+        kcb, vcb = lloyd_max_codebook(dim, kb), lloyd_max_codebook(dim, vb)
+        width = max(-(-c // block) for c in ctx)
+        n = len(ctx) * width + 2
+        cache = allocate_cache(n, block, hkv, dim, kb, vb)
+        slots = torch.randperm(n * block, generator=gen)[:n * block - 5]
+        slots[3] = slots[10]  # a duplicate slot
+        key = torch.randn(len(slots), hkv, dim, generator=gen).half()
+        value = (torch.randn(len(slots), hkv, dim, generator=gen) * 0.5).half()
+        cache_update_reference(key, value, slots, *cache.tensors(), rot, kcb, vcb, kb, vb)
+        ours = [t.cuda() for t in allocate_cache(n, block, hkv, dim, kb, vb).tensors()]
+        tq_cuda.cache_update(checks.check_cache_update(key.cuda(), value.cuda(), slots.cuda(), *ours, rot.cuda(),
+                                                       kcb.cuda(), vcb.cuda(), kb, vb, check_data=False))
+        err = rel(ours[1], cache.tensors()[1])
+        tables = torch.randperm(n, generator=gen)[: len(ctx) * width].reshape(len(ctx), width).int()
+        lens = torch.tensor(ctx, dtype=torch.int32)
+        q = torch.randn(len(ctx), hq, dim, generator=gen).half()
+        want = paged_attention_reference(q.float(), *cache.tensors(), tables, lens, rot, kcb, vcb, kb, vb)
+        a = checks.check_paged_attention(q.cuda(), *[t.cuda() for t in cache.tensors()], tables.cuda(), lens.cuda(),
+                                         rot.cuda(), kcb.cuda(), vcb.cuda(), kb, vb, check_data=False)
+        got = tq_cuda.paged_attention(a, tokens_per_split=32)
+        att = rel(got, want)
+        print(f"cache update + attention D={dim} G={hq // hkv} block {block} k{kb}v{vb} "
+              f"({tq_cuda.paged_attention_path(a)}): norms error {err:.1e}, attention error {att:.1e}")
+        if err > 1e-6 or att > 5e-3:
+            problems.append(f"attention D={dim} k{kb}v{vb}")
+    return problems
+
+
+def trt_plugins(gen) -> list[str]:
+    from tq_deploy.reference import lloyd_max_codebook, make_rotation
+    from tq_deploy.reference.paged import paged_attention_reference
+    from tq_deploy.runtime.trt_harness import harness_enqueue
+
+    dim, hq, hkv, block, bits = 128, 32, 8, 16, 4
+    rot, cb = make_rotation(dim, seed=3), lloyd_max_codebook(dim, bits)
+    n = 80
+    caches = [torch.randint(0, 256, (n, block, hkv, 64), dtype=torch.uint8, generator=gen),
+              torch.rand(n, block, hkv, generator=gen) + 0.5,
+              torch.randint(0, 256, (n, block, hkv, 64), dtype=torch.uint8, generator=gen),
+              torch.rand(n, block, hkv, generator=gen) + 0.5]
+    tables = torch.randperm(n, generator=gen)[:78].reshape(2, 39).int()
+    lens = torch.tensor([620, 17], dtype=torch.int32)
+    q = torch.randn(2, hq, dim, generator=gen).half()
+    out = torch.empty(2, hq, dim, dtype=torch.float16, device="cuda")
+    inputs = [t.cuda().contiguous() for t in (q, *caches, tables, lens, rot, cb, cb)]
+    harness_enqueue("TQPagedAttention", {"k_bits": bits, "v_bits": bits, "scale": 0.0}, inputs, [out],
+                    stream=torch.cuda.current_stream().cuda_stream)
+    err = rel(out, paged_attention_reference(q.float(), *caches, tables, lens, rot, cb, cb, bits, bits))
+    print(f"TensorRT plugin TQPagedAttention enqueue: error {err:.1e}")
+    return [] if err < 5e-3 else ["trt attention"]
+
+
+def ort_kernels(gen) -> list[str]:
+    import numpy as np
+
+    from tq_deploy.export.single_op import initializer_arrays, make_op_model
+    from tq_deploy.reference.paged import paged_attention_reference
+    from tq_deploy.runtime.session import make_session
+
+    model = make_op_model("TQPagedAttention", head_dim=128, bits=4, num_q_heads=8, num_kv_heads=2, dtype="float16")
+    init = {k: torch.from_numpy(v.copy()) for k, v in initializer_arrays(model).items()}
+    n, block = 40, 16
+    caches = [torch.randint(0, 256, (n, block, 2, 64), dtype=torch.uint8, generator=gen),
+              torch.rand(n, block, 2, generator=gen) + 0.5,
+              torch.randint(0, 256, (n, block, 2, 64), dtype=torch.uint8, generator=gen),
+              torch.rand(n, block, 2, generator=gen) + 0.5]
+    tables = torch.randperm(n, generator=gen)[:38].reshape(2, 19).int()
+    lens = torch.tensor([300, 1], dtype=torch.int32)
+    q = torch.randn(2, 8, 128, generator=gen).half()
+    session = make_session(model.SerializeToString(), provider="cuda")
+    names = ["query", "k_codes", "k_norms", "v_codes", "v_norms", "block_tables", "context_lens"]
+    (out,) = session.run(None, {k: v.numpy() for k, v in zip(names, (q, *caches, tables, lens))})
+    want = paged_attention_reference(q.float(), *caches, tables, lens, init["rotation"], init["k_codebook"],
+                                     init["v_codebook"], 4, 4)
+    err = rel(torch.from_numpy(np.asarray(out)), want)
+    print(f"ORT CUDA EP TQPagedAttention: error {err:.1e}")
+    return [] if err < 5e-3 else ["ort attention"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["cuda", "trt", "ort"])
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    parts = {"cuda": cuda_kernels, "trt": trt_plugins, "ort": ort_kernels}
+    problems = []
+    for name, fn in parts.items():
+        if args.only in (None, name):
+            problems += fn(gen)
+    torch.cuda.synchronize()
+    if problems:
+        print("WRONG: " + ", ".join(problems))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
