@@ -81,7 +81,7 @@ class DecodeSession:
         for name, value in self.caches.items():
             self.binding.bind_ortvalue_input(name, value)
             self.binding.bind_ortvalue_output(f"{name}_out", value)
-        self.binding.bind_output("out", self.device, device_id)
+        self.binding.bind_output("out", "cpu")
 
     def cache_bytes(self) -> int:
         """Bytes of the resident cache (codes and norms of keys and values)."""
@@ -92,10 +92,10 @@ class DecodeSession:
         """One decode step: encodes each sequence's new token into its slot and returns out [S, H]."""
         for name, value in zip(STEP_INPUTS, (hidden, positions, slot_mapping, block_tables, context_lens)):
             self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        self.binding.bind_output("out", self.device, self.device_id)
+        # "out" is bound on the host: ORT copies that one output back, never the bound caches
+        self.binding.bind_output("out", "cpu")
         self.session.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()[-1].numpy() if self.device == "cpu" else \
-            self.binding.copy_outputs_to_cpu()[-1]
+        return self.binding.get_outputs()[-1].numpy()
 
     def load_cache(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Replace the cache contents with host arrays (a copy to the device; tests and warm starts).
