@@ -1,0 +1,134 @@
+"""A decode step in ONNX Runtime with its paged KV cache kept by the session, in place, on the device.
+
+    step = DecodeSession("model.onnx", provider="cuda", num_blocks=4096)
+    out = step.run(hidden, positions, slot_mapping, block_tables, context_lens)   # numpy in, numpy out
+
+The exported decode model (tq-deploy export) takes the four cache tensors as inputs and returns
+them updated (``k_codes_out`` ...). A DecodeSession allocates them once as OrtValues on the
+session's device (GPU memory for "cuda", host memory for "cpu") and binds each as both the input
+and its ``*_out`` output with IO binding: TQCacheUpdate then writes the new tokens straight into
+them and TQPagedAttention reads them there, so a step moves no cache bytes between host and
+device and makes no copy of the cache (:meth:`copied_bytes_per_step` measures it from ONNX
+Runtime's profile). Only the step's small inputs (hidden state, positions, slots, block tables,
+context lengths) and the output cross the bus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from tq_deploy import ops
+from tq_deploy.runtime.session import make_session
+
+CACHE_NAMES = ("k_codes", "k_norms", "v_codes", "v_norms")
+STEP_INPUTS = ("hidden", "positions", "slot_mapping", "block_tables", "context_lens")
+
+
+def cache_shapes(config: Mapping, num_blocks: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of each cache tensor of a decode model's config for ``num_blocks`` blocks."""
+    b, hkv, d = config["block_size"], config["num_kv_heads"], config["head_dim"]
+    return {
+        "k_codes": ((num_blocks, b, hkv, ops.packed_size(d, config["k_bits"])), np.uint8),
+        "k_norms": ((num_blocks, b, hkv), np.float32),
+        "v_codes": ((num_blocks, b, hkv, ops.packed_size(d, config["v_bits"])), np.uint8),
+        "v_norms": ((num_blocks, b, hkv), np.float32),
+    }
+
+
+class DecodeSession:
+    """The decode step of an exported model with a resident, in-place paged cache (module docstring)."""
+
+    def __init__(self, model: str | os.PathLike | bytes | onnx.ModelProto, provider: str = "cpu",
+                 num_blocks: int | None = None, library=None, device_id: int = 0, profile: bool = False,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        from tq_deploy.export.common import load_model, read_metadata
+
+        if isinstance(model, (bytes, bytearray)):
+            proto = onnx.load_from_string(bytes(model))
+        elif isinstance(model, onnx.ModelProto):
+            proto = model
+        else:
+            proto = load_model(model)
+        kind, config = read_metadata(proto)
+        if kind != "model":
+            raise ValueError(f"model kind={kind!r}, expected a decode model exported by `tq-deploy export`")
+        self.config = config
+        self.num_blocks = int(num_blocks if num_blocks is not None else config["num_blocks"])
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks={self.num_blocks}, expected >= 1")
+        self.provider = provider
+        self.device = "cuda" if provider == "cuda" else "cpu"
+        self.device_id = device_id
+        options = ort.SessionOptions()
+        if profile:
+            options.enable_profiling = True
+        self.session = make_session(proto.SerializeToString(), provider=provider, library=library,
+                                    device_id=device_id, session_options=options, threads=threads)
+        self._ort = ort
+        self.caches = {}
+        for name, (shape, dtype) in cache_shapes(config, self.num_blocks).items():
+            self.caches[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, device_id)
+        self.binding = self.session.io_binding()
+        for name, value in self.caches.items():
+            self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_ortvalue_output(f"{name}_out", value)
+        self.binding.bind_output("out", self.device, device_id)
+
+    def cache_bytes(self) -> int:
+        """Bytes of the resident cache (codes and norms of keys and values)."""
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                   for shape, dtype in cache_shapes(self.config, self.num_blocks).values())
+
+    def run(self, hidden, positions, slot_mapping, block_tables, context_lens) -> np.ndarray:
+        """One decode step: encodes each sequence's new token into its slot and returns out [S, H]."""
+        # The binding may point at these arrays' memory: they must outlive the run, so a
+        # contiguous copy made here is held in a local list rather than dropped after binding.
+        arrays = [np.ascontiguousarray(v) for v in (hidden, positions, slot_mapping, block_tables, context_lens)]
+        for name, array in zip(STEP_INPUTS, arrays):
+            self.binding.bind_cpu_input(name, array)
+        self.binding.bind_output("out", self.device, self.device_id)
+        self.session.run_with_iobinding(self.binding)
+        del arrays
+        return self.binding.get_outputs()[-1].numpy() if self.device == "cpu" else \
+            self.binding.copy_outputs_to_cpu()[-1]
+
+    def load_cache(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace the cache contents with host arrays (a copy to the device; tests and warm starts)."""
+        for name in CACHE_NAMES:
+            expected, dtype = cache_shapes(self.config, self.num_blocks)[name]
+            array = np.ascontiguousarray(arrays[name], dtype=dtype)
+            if array.shape != expected:
+                raise ValueError(f"{name}.shape={array.shape}, expected {expected}")
+            self.caches[name].update_inplace(array)
+
+    def read_cache(self) -> dict[str, np.ndarray]:
+        """The cache contents as host arrays (a copy)."""
+        return {name: value.numpy() for name, value in self.caches.items()}
+
+    def end_profiling(self) -> str:
+        return self.session.end_profiling()
+
+
+def copied_bytes(profile_path: str | os.PathLike) -> dict:
+    """Bytes that ONNX Runtime's Memcpy nodes moved, by direction, from a session's profile JSON
+    (the nodes ORT inserts where a value crosses between host and device)."""
+    with open(profile_path) as f:
+        events = json.load(f)
+    moved = {"to_device": 0, "to_host": 0, "nodes": 0}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        op = e.get("args", {}).get("op_name", "")
+        if op not in ("MemcpyFromHost", "MemcpyToHost"):
+            continue
+        size = int(e["args"].get("output_size", 0))
+        moved["to_device" if op == "MemcpyFromHost" else "to_host"] += size
+        moved["nodes"] += 1
+    return moved
