@@ -12,8 +12,8 @@ configured for Triton's sequence batcher.
 
 The stub embeds the CPython it was built for and must load *this* interpreter's libpython (a
 libpython of another patch release crashes at import), and it must see this environment's
-packages: the process gets LD_LIBRARY_PATH with this Python's LIBDIR and PATH/PYTHONPATH
-pointing at this environment.
+packages: the process gets LD_LIBRARY_PATH with this Python's LIBDIR and PATH starting with this
+environment's bin/, and the model's entry file puts this tq_deploy first on sys.path.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 from tq_deploy import files
 from tq_deploy.serve.pbtxt import Enum, parse, to_pbtxt
@@ -177,7 +179,11 @@ def model_config(options: ServeOptions, model_config_values: dict, library: str)
 
 
 MODEL_PY = '''"""Triton Python-backend entry point written by tq-deploy serve: the model is tq_deploy.serve.triton_model."""
-from tq_deploy.serve.triton_model import TritonPythonModel  # noqa: F401
+import sys
+
+# The stub's interpreter ignores PYTHONPATH: import the tq_deploy that started this server.
+sys.path.insert(0, {package_parent!r})
+from tq_deploy.serve.triton_model import TritonPythonModel  # noqa: E402,F401
 '''
 
 
@@ -197,6 +203,13 @@ class TritonServer:
         self.log_path: Path | None = None
         self.config_text = ""
         self.model_config_values: dict = {}
+
+    def pool_bytes(self) -> int:
+        """Bytes of the server's cache pool (codes and norms of keys and values)."""
+        from tq_deploy.runtime.decode_session import cache_shapes
+
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                   for shape, dtype in cache_shapes(self.model_config_values, self.options.num_blocks).values())
 
     @property
     def http_url(self) -> str:
@@ -238,7 +251,10 @@ class TritonServer:
         model_dir = self.folder / "models" / MODEL_NAME
         (model_dir / "1").mkdir(parents=True)
         files.write_text(model_dir / "config.pbtxt", self.config_text)
-        files.write_text(model_dir / "1" / "model.py", MODEL_PY)
+        import tq_deploy
+
+        package_parent = str(Path(tq_deploy.__file__).resolve().parent.parent)
+        files.write_text(model_dir / "1" / "model.py", MODEL_PY.format(package_parent=package_parent))
         self.log_path = Path(self.options.log_path) if self.options.log_path else self.folder / "tritonserver.log"
         self._env = self._environment(triton, pythonlib)
         o = self.options
@@ -255,8 +271,6 @@ class TritonServer:
 
     @staticmethod
     def _environment(triton: BundledTriton, pythonlib: Path) -> dict:
-        import tq_deploy
-
         env = dict(os.environ)
 
         def prepend(key: str, *paths) -> None:
@@ -264,11 +278,9 @@ class TritonServer:
             env[key] = os.pathsep.join(parts)
 
         prepend("LD_LIBRARY_PATH", pythonlib, triton.libs)
-        # The stub's embedded interpreter finds its prefix from the python on PATH (this
-        # environment's), and imports this very tq_deploy first.
+        # The stub's embedded interpreter (run with -E: no PYTHONPATH) takes its prefix, hence
+        # its site-packages, from the python found on PATH: this environment's.
         prepend("PATH", Path(sys.executable).parent)
-        package_parent = Path(tq_deploy.__file__).resolve().parent.parent
-        prepend("PYTHONPATH", package_parent, *sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}))
         return env
 
     def start(self) -> "TritonServer":
@@ -288,10 +300,15 @@ class TritonServer:
         return self
 
     def log_tail(self, lines: int = 15) -> str:
+        """The server log's error lines (Triton prefixes them with E, the model's own tracebacks
+        follow them) and its last lines; the startup table in between is noise for a reader."""
         if self.log_path is None or not self.log_path.is_file():
             return "(no log)"
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        text = [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if not line.startswith(("+", "|")) and line.strip()]
+        errors = [line for line in text if line.startswith("E") or "Error" in line or "error:" in line]
+        tail = [line for line in text[-lines:] if line not in errors]
+        return "\n".join(errors[-lines:] + tail)
 
     def _wait_ready(self) -> None:
         url = f"http://{self.http_url}/v2/models/{MODEL_NAME}/ready"
