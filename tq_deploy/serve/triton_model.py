@@ -27,14 +27,23 @@ _capsule_set_destructor.argtypes = [ctypes.py_object, ctypes.c_void_p]
 _capsule_set_destructor.restype = ctypes.c_int
 
 
-def output_tensor(pb_utils, name: str, array: np.ndarray):
-    """A response tensor holding ``array``.
+# The Python-backend stub of Triton 2.51 (nvidia-pytriton 0.7.0) misreads numpy 2 arrays (it is
+# right with numpy 1.26): ``Tensor.as_numpy()`` repeats the first element and
+# ``pb_utils.Tensor(name, array)`` sends an empty tensor. Tensors cross in both directions through
+# DLPack instead, which is right with both.
 
-    Not ``pb_utils.Tensor(name, array)``: the stub of Triton 2.51 (nvidia-pytriton 0.7.0) reads a
-    numpy 2 array's item size from the numpy 1 struct layout and sends an empty tensor. It goes
-    through DLPack instead. The stub renames a consumed capsule "used_dlpack" where numpy's capsule
-    destructor expects "used_dltensor", so numpy's destructor would report an error on every
-    response; the stub calls the tensor's own deleter when it is done, so the capsule needs none.
+def input_array(pb_utils, request, name: str) -> np.ndarray | None:
+    """A copy of the request's input ``name`` (None when the request has none)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else np.from_dlpack(tensor).copy()
+
+
+def output_tensor(pb_utils, name: str, array: np.ndarray):
+    """A response tensor holding ``array`` (through DLPack, see above).
+
+    The stub renames a capsule it consumed "used_dlpack" where numpy's capsule destructor expects
+    "used_dltensor", so that destructor would print an error for every response; the stub calls
+    the tensor's own deleter when it is done, so the capsule goes without a destructor.
     """
     capsule = np.ascontiguousarray(array).__dlpack__()
     _capsule_set_destructor(capsule, None)
@@ -42,8 +51,8 @@ def output_tensor(pb_utils, name: str, array: np.ndarray):
 
 
 def _flag(request, pb_utils, name: str) -> bool:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return tensor is not None and bool(tensor.as_numpy().reshape(-1)[0])
+    array = input_array(pb_utils, request, name)
+    return array is not None and bool(array.reshape(-1)[0])
 
 
 class TritonPythonModel:
@@ -91,12 +100,9 @@ class TritonPythonModel:
         from tq_deploy.serve.decoder import StepRequest
 
         pb_utils = self.pb_utils
-        corrid = pb_utils.get_input_tensor_by_name(request, "CORRID")
-        sequence_id = int(corrid.as_numpy().reshape(-1)[0]) if corrid is not None else request.correlation_id()
-        tensors = {}
-        for name in ("hidden", "positions"):
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            tensors[name] = None if tensor is None else tensor.as_numpy()
+        corrid = input_array(pb_utils, request, "CORRID")
+        sequence_id = int(corrid.reshape(-1)[0]) if corrid is not None else request.correlation_id()
+        tensors = {name: input_array(pb_utils, request, name) for name in ("hidden", "positions")}
         error = None if sequence_id else "sequence_id is 0 or missing, expected a nonzero sequence_id on every request"
         return StepRequest(sequence_id, _flag(request, pb_utils, "START"), _flag(request, pb_utils, "END"),
                            tensors["hidden"], tensors["positions"], error=error)
