@@ -5,6 +5,7 @@
     ort        TQPagedAttention in ONNX Runtime (CPU or CUDA EP) beside the PyTorch reference
     profile    repeated calls of the CUDA attention for a profiler (ncu), with the host time per call
     sass       loop instruction counts of the CUDA kernels from their sm_90 SASS (no GPU needed)
+    serve      steps/s and latency of concurrent sequences through tq-deploy serve (tritonclient)
 
 Each module has ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -15,4 +16,5 @@ MODULES = {
     "ort": "tq_deploy.bench.ort",
     "profile": "tq_deploy.bench.profile",
     "sass": "tq_deploy.bench.sass",
+    "serve": "tq_deploy.bench.serve",
 }
