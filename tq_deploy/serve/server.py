@@ -18,7 +18,6 @@ environment's bin/, and the model's entry file puts this tq_deploy first on sys.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import shutil
@@ -343,12 +342,9 @@ class TritonServer:
                     process.kill()
                     process.wait()
             status = process.returncode
-        if self.folder is not None and self.options.log_path is None:
+        if self.folder is not None:  # the log stays when it was asked for: it lives elsewhere then
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
-        elif self.folder is not None:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(self.folder / "backends")
         return status
 
     def __enter__(self) -> "TritonServer":
