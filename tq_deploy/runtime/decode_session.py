@@ -8,8 +8,8 @@ them updated (``k_codes_out`` ...). A DecodeSession allocates them once as OrtVa
 session's device (GPU memory for "cuda", host memory for "cpu") and binds each as both the input
 and its ``*_out`` output with IO binding: TQCacheUpdate then writes the new tokens straight into
 them and TQPagedAttention reads them there, so a step moves no cache bytes between host and
-device and makes no copy of the cache (:meth:`copied_bytes_per_step` measures it from ONNX
-Runtime's profile). Only the step's small inputs (hidden state, positions, slots, block tables,
+device and makes no copy of the cache (:func:`copied_bytes` reads what ONNX Runtime's Memcpy
+nodes moved from its profile). Only the step's small inputs (hidden state, positions, slots, block tables,
 context lengths) and the output cross the bus.
 """
 
@@ -45,7 +45,7 @@ class DecodeSession:
 
     def __init__(self, model: str | os.PathLike | bytes | onnx.ModelProto, provider: str = "cpu",
                  num_blocks: int | None = None, library=None, device_id: int = 0, profile: bool = False,
-                 threads: int | None = None):
+                 profile_prefix: str | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         from tq_deploy.export.common import load_model, read_metadata
@@ -69,6 +69,8 @@ class DecodeSession:
         options = ort.SessionOptions()
         if profile:
             options.enable_profiling = True
+            if profile_prefix:
+                options.profile_file_prefix = profile_prefix
         self.session = make_session(proto.SerializeToString(), provider=provider, library=library,
                                     device_id=device_id, session_options=options, threads=threads)
         self._ort = ort
@@ -100,12 +102,20 @@ class DecodeSession:
             self.binding.copy_outputs_to_cpu()[-1]
 
     def load_cache(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Replace the cache contents with host arrays (a copy to the device; tests and warm starts)."""
+        """Replace the cache contents with host arrays (a copy to the device; tests and warm starts).
+        Every array is checked before any is written."""
+        shapes = cache_shapes(self.config, self.num_blocks)
+        missing = [n for n in CACHE_NAMES if n not in arrays]
+        if missing:
+            raise ValueError(f"arrays has {sorted(arrays)}, expected all of {list(CACHE_NAMES)} (missing {missing})")
+        checked = {}
         for name in CACHE_NAMES:
-            expected, dtype = cache_shapes(self.config, self.num_blocks)[name]
+            expected, dtype = shapes[name]
             array = np.ascontiguousarray(arrays[name], dtype=dtype)
             if array.shape != expected:
                 raise ValueError(f"{name}.shape={array.shape}, expected {expected}")
+            checked[name] = array
+        for name, array in checked.items():
             self.caches[name].update_inplace(array)
 
     def read_cache(self) -> dict[str, np.ndarray]:
