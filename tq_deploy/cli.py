@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bounds": ("tq_deploy.commands.bounds", "the quantizer's measured MSE against the paper's bounds"),
     "eval-ppl": ("tq_deploy.commands.eval_ppl", "perplexity of a real model with a TurboQuant KV cache"),
     "info": ("tq_deploy.commands.info", "what this install has: native libraries, providers, GPU backends"),
+    "serve": ("tq_deploy.commands.serve",
+              "serve the decode step in Triton Inference Server with the KV cache kept on the server"),
+    "triton-repo": ("tq_deploy.commands.triton_repo",
+                    "write a Triton model repository (onnxruntime and tensorrt backends) for the decode step"),
 }
 
 

@@ -6,6 +6,7 @@
     ort-cuda   ONNX Runtime on the CUDA EP: the node vs PyTorch, the decode step vs GroupQueryAttention
     profile    repeated calls of the CUDA attention for a profiler (ncu), with the host time per call
     sass       loop instruction counts of the CUDA kernels from their sm_90 SASS (no GPU needed)
+    serve      steps/s and latency of concurrent sequences through tq-deploy serve (tritonclient)
 
 Each module has ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -17,4 +18,5 @@ MODULES = {
     "ort-cuda": "tq_deploy.bench.ort_cuda",
     "profile": "tq_deploy.bench.profile",
     "sass": "tq_deploy.bench.sass",
+    "serve": "tq_deploy.bench.serve",
 }

@@ -6,6 +6,7 @@
     tq-deploy bench ort-cuda               # ORT CUDA EP: node vs PyTorch, step vs GroupQueryAttention
     tq-deploy bench profile 8x32768        # calls for a profiler, host time per call
     tq-deploy bench sass                   # loop instruction counts of the CUDA kernels (no GPU)
+    tq-deploy bench serve                  # steps/s, p50/p99 latency of 1/8/32 sequences via tq-deploy serve
 """
 
 from __future__ import annotations

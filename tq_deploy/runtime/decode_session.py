@@ -45,7 +45,7 @@ class DecodeSession:
 
     def __init__(self, model: str | os.PathLike | bytes | onnx.ModelProto, provider: str = "cpu",
                  num_blocks: int | None = None, library=None, device_id: int = 0, profile: bool = False,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         from tq_deploy.export.common import load_model, read_metadata
@@ -72,7 +72,7 @@ class DecodeSession:
             if profile_prefix:
                 options.profile_file_prefix = profile_prefix
         self.session = make_session(proto.SerializeToString(), provider=provider, library=library,
-                                    device_id=device_id, session_options=options)
+                                    device_id=device_id, session_options=options, threads=threads)
         self._ort = ort
         self.caches = {}
         for name, (shape, dtype) in cache_shapes(config, self.num_blocks).items():
@@ -90,11 +90,15 @@ class DecodeSession:
 
     def run(self, hidden, positions, slot_mapping, block_tables, context_lens) -> np.ndarray:
         """One decode step: encodes each sequence's new token into its slot and returns out [S, H]."""
-        for name, value in zip(STEP_INPUTS, (hidden, positions, slot_mapping, block_tables, context_lens)):
-            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        # The binding may point at these arrays' memory: they must outlive the run, so the
+        # contiguous copies made here are held until it returns.
+        arrays = [np.ascontiguousarray(v) for v in (hidden, positions, slot_mapping, block_tables, context_lens)]
+        for name, array in zip(STEP_INPUTS, arrays):
+            self.binding.bind_cpu_input(name, array)
         # "out" is bound on the host: ORT copies that one output back, never the bound caches
         self.binding.bind_output("out", "cpu")
         self.session.run_with_iobinding(self.binding)
+        del arrays
         return self.binding.get_outputs()[-1].numpy()
 
     def load_cache(self, arrays: Mapping[str, np.ndarray]) -> None:
