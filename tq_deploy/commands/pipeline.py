@@ -101,7 +101,7 @@ def run(args) -> int:
     c = config
     print(f"1. export   {path}: IR {model.ir_version}, {len(model.graph.node)} nodes, custom {', '.join(custom)}; "
           f"H={c.hidden_size} Hq={c.num_q_heads} Hkv={c.num_kv_heads} D={c.head_dim} "
-          f"k_bits={c.k_bits} v_bits={c.v_bits} B={c.block_size} ({steps['export_s']:.1f} s)")
+          f"{_widths(c)} B={c.block_size} ({steps['export_s']:.1f} s)")
     print(f"2. check    onnx.checker full_check ok; shape inference typed all {len(node_outputs)} node outputs")
     print(f"3. session  {', '.join(report.extra['providers'])} with the TurboQuant custom-op library")
     print(f"4. run      context_lens={context_lens}: ORT {report.extra['ort_ms_mean']:.3f} ms/step "
@@ -125,6 +125,13 @@ def run(args) -> int:
         print(f"7. polygraphy  skipped: {polygraphy['reason']}")
     print(f"report: {os.path.join(args.out_dir, 'report.json')}")
     return 0 if passed else 1
+
+
+def _widths(c) -> str:
+    if c.num_layers == 1:
+        return f"k_bits={c.k_bits} v_bits={c.v_bits}"
+    return f"{c.num_layers} layers, k/v bits " + " ".join(f"{k}/{v}" for k, v in (c.bits_of_layer(i)
+                                                                               for i in range(c.num_layers)))
 
 
 def _polygraphy_stage(model, feeds, expected, engine: dict, library) -> dict:

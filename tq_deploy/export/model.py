@@ -17,6 +17,12 @@ The resulting graph (inputs and outputs in MODEL_INPUT_NAMES / MODEL_OUTPUT_NAME
 
 rotation, k_codebook, v_codebook and the projection weights are initializers.
 Dynamic axes: S "batch", M "max_blocks" (block_tables' columns), N "num_blocks".
+
+A config of several layers (``num_layers``, a per-layer bit plan in ``layer_bits``) exports
+TQDecodeStack: the graph above once per layer, layer l's output feeding layer l+1, with the
+caches ``k_codes.l`` ... -> ``k_codes_out.l`` ... and, for the custom nodes of layer l, the
+initializers ``layers.l.rotation``, ``layers.l.k_codebook``, ``layers.l.v_codebook`` and the
+attributes ``k_bits``/``v_bits`` of that layer.
 """
 
 from __future__ import annotations
@@ -32,7 +38,15 @@ import torch
 
 from tq_deploy.export import common
 from tq_deploy.export.schemas import infer_shapes, register_schemas
-from tq_deploy.reference.model import MODEL_INPUT_NAMES, MODEL_OUTPUT_NAMES, TQDecodeModel, TQModelConfig, example_inputs
+from tq_deploy.reference.model import (
+    MODEL_INPUT_NAMES,
+    TQDecodeModel,
+    TQDecodeStack,
+    TQModelConfig,
+    example_inputs,
+    model_input_names,
+    model_output_names,
+)
 
 MODEL_OPSET = 18  # the lowest default-domain opset the torch.export-based exporter emits
 DYNAMIC_AXES = {
@@ -86,15 +100,27 @@ def _trace_inputs(config: TQModelConfig) -> tuple:
     b = config.block_size
     context_lens = [1, min(b + 1, max_blocks * b), max_blocks * b]
     inputs = example_inputs(trace_config, context_lens, seed=config.seed)
-    return tuple(inputs[name] for name in MODEL_INPUT_NAMES)
+    return tuple(inputs[name] for name in model_input_names(config))
 
 
-def _dynamic_shapes() -> dict:
-    dims = {}
+def _axes(config: TQModelConfig) -> dict:
+    """Dynamic axes of every graph input and output of ``config``'s model, by name."""
+    axes = {}
+    for names in (model_input_names(config), model_output_names(config)):
+        for name in names:
+            base = name.split(".")[0].removesuffix("_out")
+            axes[name] = DYNAMIC_AXES.get(base, {0: "batch"} if base == "out" else {})
+    return axes
+
+
+def _dynamic_shapes(config: TQModelConfig):
     named = {}
-    for input_name, axes in DYNAMIC_AXES.items():
-        dims[input_name] = {axis: named.setdefault(name, torch.export.Dim(name)) for axis, name in axes.items()}
-    return dims
+    axes = _axes(config)
+    dims = [{axis: named.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes[name].items()}
+            for name in model_input_names(config)]
+    if config.num_layers == 1:
+        return dict(zip(MODEL_INPUT_NAMES, dims))
+    return (*dims[:5], tuple(dims[5:]))  # positional; TQDecodeStack.forward takes the caches as *caches
 
 
 def export_model(config: TQModelConfig | dict | None = None, path: str | os.PathLike | None = None, *,
@@ -112,7 +138,10 @@ def export_model(config: TQModelConfig | dict | None = None, path: str | os.Path
         raise ValueError(f"config is a {type(config).__name__}, expected TQModelConfig, dict or None")
     from tq_deploy.export.torch_ops import translation_table
 
-    module = ExportableDecodeModel(config).eval()
+    if config.num_layers == 1:
+        module = ExportableDecodeModel(config).eval()
+    else:
+        module = TQDecodeStack(config, block=ExportableDecodeModel).eval()
     with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "torch.export", "torch._export"):
         warnings.simplefilter("ignore")  # the exporter's chatter (torchvision absent, deprecations) is noise here
         program = torch.onnx.export(
@@ -120,9 +149,9 @@ def export_model(config: TQModelConfig | dict | None = None, path: str | os.Path
             _trace_inputs(config),
             dynamo=True,
             opset_version=MODEL_OPSET,
-            input_names=list(MODEL_INPUT_NAMES),
-            output_names=list(MODEL_OUTPUT_NAMES),
-            dynamic_shapes=_dynamic_shapes(),
+            input_names=list(model_input_names(config)),
+            output_names=list(model_output_names(config)),
+            dynamic_shapes=_dynamic_shapes(config),
             custom_translation_table=translation_table(),
             external_data=False,
             verbose=False,
@@ -133,8 +162,8 @@ def export_model(config: TQModelConfig | dict | None = None, path: str | os.Path
     model.producer_name = common.PRODUCER
     model.doc_string = "TurboQuant decode step: QKV, rotary, TQCacheUpdate, TQPagedAttention, output projection"
     common.set_metadata(model, "model", config.to_dict())
-    _name_spec_initializers(model)
-    _name_dynamic_axes(model)
+    _name_spec_initializers(model, config)
+    _name_dynamic_axes(model, config)
     if check:
         register_schemas()
         onnx.checker.check_model(model, full_check=True)
@@ -156,46 +185,73 @@ def _quiet_loggers(*names: str):
             lg.setLevel(level)
 
 
-def _name_spec_initializers(model: onnx.ModelProto) -> None:
+def _node_layers(model: onnx.ModelProto, config: TQModelConfig) -> dict[int, int]:
+    """Index of each custom node -> its layer: a TQCacheUpdate reads its layer's k_codes input, a
+    TQPagedAttention the k_codes its layer's TQCacheUpdate wrote."""
+    from tq_deploy import ops
+
+    if config.num_layers == 1:
+        return {i: 0 for i, n in enumerate(model.graph.node) if n.domain == ops.DOMAIN}
+    layer_of_value = {f"k_codes.{i}": i for i in range(config.num_layers)}
+    layers = {}
+    for index, node in enumerate(model.graph.node):
+        if node.domain != ops.DOMAIN:
+            continue
+        spec_inputs = [t.name for t in ops.OPS_BY_NAME[node.op_type].inputs]
+        source = node.input[spec_inputs.index("k_codes")]
+        if source not in layer_of_value:
+            raise RuntimeError(f"{node.op_type} node {node.name!r} reads k_codes from {source!r}, "
+                               "expected a layer's cache input or its TQCacheUpdate output")
+        layers[index] = layer_of_value[source]
+        for out in node.output:
+            layer_of_value[out] = layers[index]
+    return layers
+
+
+def _name_spec_initializers(model: onnx.ModelProto, config: TQModelConfig) -> None:
     """Feed each custom node's rotation/codebook inputs from initializers named as in the spec.
 
     The exporter folds equal constants into one initializer (k_codebook == v_codebook when
     k_bits == v_bits); a copy under the spec's name keeps the file self-describing: a reader
-    finds "v_codebook" without tracing which initializer the node happens to share.
+    finds "v_codebook" without tracing which initializer the node happens to share. In a stack
+    the names carry the layer, as the reference module's buffers do: "layers.3.k_codebook".
     """
     from tq_deploy import ops
 
     inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
+    layers = _node_layers(model, config)
+    for index, node in enumerate(model.graph.node):
         if node.domain != ops.DOMAIN:
             continue
         spec = ops.OPS_BY_NAME[node.op_type]
+        prefix = "" if config.num_layers == 1 else f"layers.{layers[index]}."
         for i, t in enumerate(spec.inputs):
             if t.name not in ("rotation", "codebook", "k_codebook", "v_codebook") or i >= len(node.input):
                 continue
-            source = node.input[i]
-            if source == t.name or source not in inits:
+            source, name = node.input[i], prefix + t.name
+            if source == name or source not in inits:
                 continue
-            if t.name not in inits:
+            if name not in inits:
                 copy = onnx.TensorProto()
                 copy.CopyFrom(inits[source])
-                copy.name = t.name
+                copy.name = name
                 model.graph.initializer.append(copy)
-                inits[t.name] = copy
-            node.input[i] = t.name
+                inits[name] = copy
+            node.input[i] = name
+    used = {name for node in model.graph.node for name in node.input}
+    unused = [t for t in model.graph.initializer if t.name not in used]
+    for t in unused:  # the folded originals the renaming left without a reader
+        model.graph.initializer.remove(t)
 
 
-def _name_dynamic_axes(model: onnx.ModelProto) -> None:
+def _name_dynamic_axes(model: onnx.ModelProto, config: TQModelConfig) -> None:
     """Give the graph inputs' and outputs' dynamic dims the names in DYNAMIC_AXES.
 
     torch.export names dims after the Dim objects already; this makes sure the cache
     outputs carry "num_blocks" too (they inherit the inputs' symbols) and clears
     value_info so that shape inference recomputes it from our schemas.
     """
-    axes = dict(DYNAMIC_AXES)
-    for out_name, in_name in zip(MODEL_OUTPUT_NAMES[1:], MODEL_INPUT_NAMES[5:]):
-        axes[out_name] = DYNAMIC_AXES[in_name]
-    axes[MODEL_OUTPUT_NAMES[0]] = {0: "batch"}
+    axes = _axes(config)
     for value in (*model.graph.input, *model.graph.output):
         for axis, name in axes.get(value.name, {}).items():
             dim = value.type.tensor_type.shape.dim[axis]

@@ -11,7 +11,7 @@ it is the oracle. The fast paths on GPU tensors are :mod:`tq_deploy.dispatch`.
 """
 
 from tq_deploy.reference.codebook import codebook_boundaries, expected_mse, lloyd_max_codebook, paper_bounds
-from tq_deploy.reference.model import TQDecodeModel, TQModelConfig, example_inputs
+from tq_deploy.reference.model import TQDecodeModel, TQDecodeStack, TQModelConfig, decode_model, example_inputs
 from tq_deploy.reference.packing import pack_codes, unpack_codes
 from tq_deploy.reference.paged import (
     PagedTQCache,

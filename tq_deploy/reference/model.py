@@ -9,6 +9,11 @@ sequence:
     a       = TQPagedAttention(q, cache)  attention over the compressed cache
     out     = W_o a                       output projection
 
+A decode step of ``num_layers`` layers (TQDecodeStack) runs that block once
+per layer, each layer's output being the next layer's hidden state; every
+layer has its own paged cache, its own weights and rotation (seed + layer) and
+its own key/value widths (``layer_bits``: a per-layer bit plan).
+
 Weights, the rotation Pi and the codebooks are deterministic from the
 config's seed, so the exported ONNX model and this module agree bit for bit
 on their parameters.
@@ -17,7 +22,7 @@ on their parameters.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -42,11 +47,31 @@ class TQModelConfig:
     rope_theta: float = 10000.0
     seed: int = 0
     rotation: str = "haar"
+    num_layers: int = 1
+    # Per-layer (k_bits, v_bits), one pair per layer; None: every layer takes k_bits and v_bits.
+    layer_bits: tuple | None = None
 
     def __post_init__(self):
         check_head_dim("head_dim", self.head_dim)
         check_bits("k_bits", self.k_bits)
         check_bits("v_bits", self.v_bits)
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
+            raise ValueError(f"num_layers={self.num_layers!r}, expected an int >= 1")
+        if self.layer_bits is not None:
+            try:
+                pairs = tuple((k, v) for k, v in self.layer_bits)  # lists from JSON metadata become tuples
+            except (TypeError, ValueError):
+                raise ValueError(f"layer_bits={self.layer_bits!r}, expected one (k_bits, v_bits) pair per layer") from None
+            if len(pairs) != self.num_layers:
+                raise ValueError(f"layer_bits has {len(pairs)} entries, expected num_layers={self.num_layers}")
+            for i, (k, v) in enumerate(pairs):
+                check_bits(f"layer_bits[{i}] k_bits", k)
+                check_bits(f"layer_bits[{i}] v_bits", v)
+            object.__setattr__(self, "layer_bits", pairs)
+            if self.num_layers == 1:  # one layer: its widths are k_bits and v_bits (one canonical form)
+                object.__setattr__(self, "k_bits", pairs[0][0])
+                object.__setattr__(self, "v_bits", pairs[0][1])
+                object.__setattr__(self, "layer_bits", None)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim}, expected an even number for the rotary embedding")
         for name in ("hidden_size", "num_q_heads", "num_kv_heads", "block_size", "num_blocks", "max_blocks_per_seq"):
@@ -57,6 +82,15 @@ class TQModelConfig:
             raise ValueError(f"rope_theta={self.rope_theta!r}, expected a finite number > 0")
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(f"num_q_heads={self.num_q_heads}, expected a multiple of num_kv_heads={self.num_kv_heads}")
+
+    def bits_of_layer(self, layer: int) -> tuple[int, int]:
+        """(k_bits, v_bits) of ``layer``."""
+        return self.layer_bits[layer] if self.layer_bits is not None else (self.k_bits, self.v_bits)
+
+    def layer_config(self, layer: int) -> "TQModelConfig":
+        """The one-layer config of ``layer`` in a stack: its widths, weights and rotation from seed + layer."""
+        k_bits, v_bits = self.bits_of_layer(layer)
+        return replace(self, k_bits=k_bits, v_bits=v_bits, num_layers=1, layer_bits=None, seed=self.seed + layer)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +127,9 @@ class TQDecodeModel(nn.Module):
 
     def __init__(self, config: TQModelConfig = TQModelConfig(), ops=ReferenceOps):
         super().__init__()
+        if config.num_layers != 1:
+            raise ValueError(f"num_layers={config.num_layers}, expected 1 for TQDecodeModel "
+                             "(decode_model() builds a TQDecodeStack for more)")
         self.ops = ops
         self.config = c = config
         g = torch.Generator().manual_seed(c.seed)
@@ -132,13 +169,53 @@ class TQDecodeModel(nn.Module):
         return (out, *caches)
 
 
+class TQDecodeStack(nn.Module):
+    """``num_layers`` decode blocks in sequence: layer l's output is layer l+1's hidden state.
+
+    Layer l is ``block(config.layer_config(l))``: its own weights and rotation (seed + l), its own
+    key/value widths (a bit plan) and its own paged cache; all layers share positions, slots,
+    block tables and context lengths. forward(hidden, positions, slot_mapping, block_tables,
+    context_lens, *caches) takes the four cache tensors of every layer in order and returns
+    (out, *updated caches).
+    """
+
+    def __init__(self, config: TQModelConfig, ops=ReferenceOps, block=None):
+        super().__init__()
+        self.config = config
+        block = block or TQDecodeModel
+        self.layers = nn.ModuleList(block(config.layer_config(i), ops) for i in range(config.num_layers))
+
+    def forward(self, hidden, positions, slot_mapping, block_tables, context_lens, *caches):
+        if len(caches) != 4 * len(self.layers):
+            raise ValueError(f"{len(caches)} cache tensors, expected 4 per layer ({4 * len(self.layers)})")
+        updated = []
+        for i, layer in enumerate(self.layers):
+            hidden, *layer_caches = layer(hidden, positions, slot_mapping, block_tables, context_lens,
+                                          *caches[4 * i:4 * i + 4])
+            updated.extend(layer_caches)
+        return (hidden, *updated)
+
+
+def decode_model(config: TQModelConfig, ops=ReferenceOps) -> nn.Module:
+    """The reference decode step of ``config``: TQDecodeModel for one layer, TQDecodeStack for more."""
+    return TQDecodeModel(config, ops) if config.num_layers == 1 else TQDecodeStack(config, ops)
+
+
 def example_inputs(config: TQModelConfig, context_lens: list[int], seed: int = 0, device=None) -> dict:
     """Inputs for one decode step of ``len(context_lens)`` sequences.
 
     Sequence s already holds ``context_lens[s] - 1`` tokens (random keys and
     values encoded into the cache); the step adds its last token. Blocks are
     handed out in a random order, and unused block-table entries are 0.
+    In a stack every layer's cache holds the same random vectors, encoded with that
+    layer's rotation and widths, under the cache names of model_input_names.
     """
+    if config.num_layers > 1:
+        layers = [example_inputs(config.layer_config(i), context_lens, seed, device) for i in range(config.num_layers)]
+        inputs = {name: layers[0][name] for name in MODEL_INPUT_NAMES[:5]}
+        for i, layer in enumerate(layers):
+            inputs.update({f"{name}.{i}": layer[name] for name in MODEL_INPUT_NAMES[5:]})
+        return inputs
     c = config
     g = torch.Generator().manual_seed(seed)
     if any(ctx < 1 for ctx in context_lens):
@@ -186,3 +263,18 @@ def example_inputs(config: TQModelConfig, context_lens: list[int], seed: int = 0
 MODEL_INPUT_NAMES = ("hidden", "positions", "slot_mapping", "block_tables", "context_lens",
                      "k_codes", "k_norms", "v_codes", "v_norms")
 MODEL_OUTPUT_NAMES = ("out", "k_codes_out", "k_norms_out", "v_codes_out", "v_norms_out")
+
+
+def model_input_names(config: TQModelConfig) -> tuple[str, ...]:
+    """Graph inputs of the decode step: MODEL_INPUT_NAMES for one layer; the caches of layer l of a
+    stack are ``k_codes.l``, ``k_norms.l``, ``v_codes.l``, ``v_norms.l``."""
+    if config.num_layers == 1:
+        return MODEL_INPUT_NAMES
+    return MODEL_INPUT_NAMES[:5] + tuple(f"{n}.{i}" for i in range(config.num_layers) for n in MODEL_INPUT_NAMES[5:])
+
+
+def model_output_names(config: TQModelConfig) -> tuple[str, ...]:
+    """Graph outputs: MODEL_OUTPUT_NAMES for one layer; ``k_codes_out.l`` ... for layer l of a stack."""
+    if config.num_layers == 1:
+        return MODEL_OUTPUT_NAMES
+    return MODEL_OUTPUT_NAMES[:1] + tuple(f"{n}.{i}" for i in range(config.num_layers) for n in MODEL_OUTPUT_NAMES[1:])

@@ -13,15 +13,16 @@ import torch
 
 from tq_deploy import ops
 from tq_deploy.export.common import read_metadata
-from tq_deploy.reference.model import MODEL_INPUT_NAMES, MODEL_OUTPUT_NAMES, TQDecodeModel, TQModelConfig
+from tq_deploy.reference.model import TQModelConfig, decode_model, model_input_names, model_output_names
 from tq_deploy.reference.paged import cache_update_reference, paged_attention_reference
 from tq_deploy.reference.quantizer import decode_reference, encode_reference
 from tq_deploy.validate.inputs import CACHE_NAMES, model_initializers
 
 
-def reference_model(config: TQModelConfig, model: onnx.ModelProto | None = None) -> TQDecodeModel:
-    """TQDecodeModel(config); if ``model`` is given, check its initializers equal the module's tensors."""
-    module = TQDecodeModel(config).eval()
+def reference_model(config: TQModelConfig, model: onnx.ModelProto | None = None) -> torch.nn.Module:
+    """decode_model(config) (one layer or a stack); if ``model`` is given, check its initializers equal
+    the module's tensors."""
+    module = decode_model(config).eval()
     if model is not None:
         inits = model_initializers(model)
         for name, tensor in module.state_dict().items():
@@ -39,10 +40,11 @@ def reference_outputs(model: onnx.ModelProto, inputs: dict) -> dict[str, torch.T
     kind, config = read_metadata(model)
     inputs = {k: v.clone() for k, v in inputs.items()}  # the reference updates caches in place
     if kind == "model":
-        module = reference_model(TQModelConfig.from_dict(config), model)
+        cfg = TQModelConfig.from_dict(config)
+        module = reference_model(cfg, model)
         with torch.no_grad():
-            values = module(*(inputs[n] for n in MODEL_INPUT_NAMES))
-        return dict(zip(MODEL_OUTPUT_NAMES, values))
+            values = module(*(inputs[n] for n in model_input_names(cfg)))
+        return dict(zip(model_output_names(cfg), values))
     if config.get("op") not in ops.OPS_BY_NAME:
         raise ValueError(f"op={config.get('op')!r} in the model's metadata, expected a TurboQuant op")
     return ops.OPS_BY_NAME[config["op"]].entry("reference")(config, model_initializers(model), inputs)
@@ -78,6 +80,14 @@ def bits_of_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     dim = config["head_dim"]
     if kind == "op" and "bits" in config:
         return {"codes": (config["bits"], dim)}
+    if kind == "model":
+        cfg = TQModelConfig.from_dict(config)
+        if cfg.num_layers > 1:
+            out = {}
+            for i in range(cfg.num_layers):
+                k_bits, v_bits = cfg.bits_of_layer(i)
+                out.update({f"k_codes_out.{i}": (k_bits, dim), f"v_codes_out.{i}": (v_bits, dim)})
+            return out
     return {"k_codes_out": (config["k_bits"], dim), "v_codes_out": (config["v_bits"], dim)}
 
 
