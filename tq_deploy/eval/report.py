@@ -22,6 +22,8 @@ COLUMNS = (
 def _bits(row: dict) -> str:
     if row["method"] == "fp32":
         return "32/32"
+    if row["method"] == "plan":
+        return f"{row['k_bits']:.2g}/{row['v_bits']:.2g} (mean)"
     return f"{row['k_bits']:g}/{row['v_bits']:g}"
 
 
@@ -57,7 +59,9 @@ def format_markdown(rows: list[dict], show_spread: bool = False) -> str:
 
 
 def write_json(path: str | Path, rows: list[dict], meta: dict) -> None:
-    Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    from tq_deploy import files
+
+    files.write_text(path, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 def _family(row: dict) -> str:
@@ -73,46 +77,53 @@ def _family(row: dict) -> str:
 
 
 def plot(path: str | Path, rows: list[dict], title: str = "") -> None:
-    """PPL against effective bits, one line per method family, the fp32 baseline as a dashed line."""
+    """PPL delta against effective bits, one panel per text, one line per method family, +1%/+3% lines."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    baseline = next((r for r in rows if r["method"] == "fp32"), None)
-    # Clip the axis at 4x the baseline so that one collapsed configuration does not
-    # flatten the rest; clipped points sit on the top edge with their value written.
-    top = 4 * baseline["ppl"] if baseline is not None else max(r["ppl"] for r in rows)
-    families: dict[str, list[dict]] = {}
-    for row in rows:
-        if row["method"] != "fp32":
-            families.setdefault(_family(row), []).append(row)
+    from tq_deploy import files
+
+    texts = list(dict.fromkeys(r.get("text", "") for r in rows))
+    fig, axes = plt.subplots(1, len(texts), figsize=(7.0 * len(texts), 5.0), squeeze=False)
+    families_all = list(dict.fromkeys(_family(r) for r in rows if r["method"] != "fp32"))
     palette = plt.get_cmap("tab20").colors
-    for index, (family, members) in enumerate(families.items()):
-        members = sorted(members, key=lambda r: r["effective_bits"])
-        xs = [r["effective_bits"] for r in members]
-        ys = [min(r["ppl"], top) for r in members]
-        style = ("s" if "centered" in family else "o") + (":" if "k!=v" in family else "-")
-        (line,) = ax.plot(xs, ys, style, label=family, color=palette[(2 * index) % 20 + index // 10])
-        for r in members:
-            if r["ppl"] > top:
-                ax.annotate(f"{r['ppl']:.0f}", (r["effective_bits"], top), textcoords="offset points",
-                            xytext=(4, -10), fontsize=7, color=line.get_color())
-            elif "k!=v" in family:
-                ax.annotate(f"k{r['k_bits']:g}v{r['v_bits']:g}", (r["effective_bits"], r["ppl"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if baseline is not None:
-        ax.axhline(baseline["ppl"], color="k", linestyle="--", linewidth=1, label=f"fp32 cache ({baseline['ppl']:.3f})")
-        ax.axhline(baseline["ppl"] * 1.01, color="grey", linestyle=":", linewidth=0.8, label="+1%")
-        ax.axhline(baseline["ppl"] * 1.03, color="grey", linestyle="-.", linewidth=0.8, label="+3%")
-        ax.set_ylim(baseline["ppl"] * 0.97, top * 1.05)
-    ax.set_yscale("log")
-    ax.set_xlabel("effective bits per coordinate (codes + fp16 scales, K/V mean)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(title or "Perplexity with a quantized KV cache")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    color = {f: palette[(2 * i) % 20 + (i // 10) % 2] for i, f in enumerate(families_all)}
+    for ax, text in zip(axes[0], texts):
+        members_of_text = [r for r in rows if r.get("text", "") == text]
+        baseline = next((r for r in members_of_text if r["method"] == "fp32"), None)
+        top = 60.0  # percent; collapsed configurations sit on the top edge with their value written
+        families: dict[str, list[dict]] = {}
+        for row in members_of_text:
+            if row["method"] != "fp32":
+                families.setdefault(_family(row), []).append(row)
+        for family, members in families.items():
+            members = sorted(members, key=lambda r: r["effective_bits"])
+            xs = [r["effective_bits"] for r in members]
+            ys = [min(max(r["delta_pct"], 0.01), top) for r in members]
+            style = ("s" if "centered" in family else "o") + (":" if "k!=v" in family else "-")
+            ax.plot(xs, ys, style, label=family, color=color[family])
+            for r in members:
+                if r["delta_pct"] > top:
+                    ax.annotate(f"+{r['delta_pct']:.0f}%", (r["effective_bits"], top), textcoords="offset points",
+                                xytext=(4, -10), fontsize=7, color=color[family])
+                elif "k!=v" in family or r["method"] == "plan":
+                    ax.annotate(r["config"] if r["method"] == "plan" else f"k{r['k_bits']:g}v{r['v_bits']:g}",
+                                (r["effective_bits"], max(r["delta_pct"], 0.01)),
+                                textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(1.0, color="grey", linestyle=":", linewidth=0.8, label="+1%")
+        ax.axhline(3.0, color="grey", linestyle="-.", linewidth=0.8, label="+3%")
+        ax.set_yscale("log")
+        ax.set_ylim(0.05, top * 1.5)
+        ax.set_xlabel("effective bits per coordinate (codes + scales, K/V mean)")
+        ax.set_ylabel("PPL increase over the fp32 cache, % (log scale)")
+        fp32 = f"fp32 cache PPL {baseline['ppl']:.3f}" if baseline else ""
+        ax.set_title(f"{text}: {fp32}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title or "Perplexity with a quantized KV cache")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)

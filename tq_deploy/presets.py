@@ -1,0 +1,166 @@
+"""KV-cache presets a user picks by name, and per-layer bit plans.
+
+A preset is a pair of TurboQuant_mse widths, keys and values, with what it costs and what it
+was measured to do to perplexity. ``--kv-preset NAME`` takes it wherever the command line
+takes ``--k-bits/--v-bits`` (export, pipeline, engine, eval-ppl).
+
+Effective bits (the convention of every number here): the stored bits per cached coordinate,
+keys and values averaged, including the float32 norm that the project's paged cache keeps per
+vector (ops.py):
+
+    effective_bits(D) = (k_bits + v_bits) / 2 + 32 / D
+
+so keys 4 / values 4 is 4.5 at head_dim 64 and 4.25 at head_dim 128; keys 6 / values 4 is
+5.5 and 5.25.
+
+Measured deltas: perplexity of SmolLM2-135M-Instruct (head_dim 64, 30 layers) over 2,048
+tokens of each shipped text with every layer's cache quantized, relative to the fp32 cache,
+mean and sample standard deviation over rotation seeds (docs/quality.md has the command).
+
+A bit plan (``tq-deploy calibrate``) gives every layer its own widths; it is a JSON file:
+
+    {"format": "tq-deploy-bit-plan", "version": 1, "head_dim": 64, "num_layers": 30,
+     "layers": [{"k_bits": 6, "v_bits": 4}, ...], ...anything else (how it was made)}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NORM_BITS = 32  # float32 norm per cached vector (ops.py)
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+PLAN_FORMAT = "tq-deploy-bit-plan"
+PLAN_VERSION = 1
+
+
+def effective_bits(k_bits: float, v_bits: float, head_dim: int) -> float:
+    """Stored bits per cached coordinate, keys and values averaged, float32 norms included."""
+    return (k_bits + v_bits) / 2 + NORM_BITS / head_dim
+
+
+@dataclass(frozen=True)
+class Measured:
+    """PPL delta (%) of a preset on one text: mean and sample std over ``seeds`` rotation seeds."""
+
+    delta_pct: float
+    std_pct: float
+    seeds: int
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    k_bits: int
+    v_bits: int
+    summary: str
+    measured: dict = field(default_factory=dict)  # text name -> Measured
+
+    def effective_bits(self, head_dim: int) -> float:
+        return effective_bits(self.k_bits, self.v_bits, head_dim)
+
+    @property
+    def config_name(self) -> str:
+        """The eval configuration of this preset (tq_deploy.eval.configs)."""
+        return f"mse-k{self.k_bits}v{self.v_bits}"
+
+
+# Measured with (docs/quality.md, "Presets"; SmolLM2-135M-Instruct, 2,048 tokens, rotation seeds 0, 2, 4, 6):
+#   tq-deploy eval-ppl --text shipped --tokens 2048 --seeds 4 --configs mse-k8v4,mse-k6v4,mse-k5v3,...
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("quality", 8, 4, "within 1% of the fp32 cache on both shipped texts: keys 8 bits, values 4 bits",
+           {"austen": Measured(0.49, 0.30, 4), "darwin": Measured(0.67, 0.31, 4)}),
+    Preset("balanced", 6, 4, "5.25 effective bits at head_dim 128: within 1% on fiction, about 1% on "
+                             "scientific text",
+           {"austen": Measured(0.57, 0.35, 4), "darwin": Measured(1.06, 0.53, 4)}),
+    Preset("compact", 5, 3, "<= 4.25 effective bits at head_dim 128, the lowest delta measured there",
+           {"austen": Measured(3.30, 0.22, 4), "darwin": Measured(4.13, 1.09, 4)}),
+)}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str, what: str = "--kv-preset") -> Preset:
+    """The preset called ``name``; an unknown name is one error line that lists the known ones."""
+    key = str(name).strip().lower()
+    if key not in PRESETS:
+        raise ValueError(f"{what}={name!r}, expected one of {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+@dataclass(frozen=True)
+class BitPlan:
+    """Per-layer TurboQuant widths: ``layers[i] = (k_bits, v_bits)`` of layer i."""
+
+    layers: tuple
+    head_dim: int
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ValueError("plan layers=[], expected one (k_bits, v_bits) entry per layer")
+        for i, (k, v) in enumerate(self.layers):
+            for side, bits in (("k_bits", k), ("v_bits", v)):
+                if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+                    raise ValueError(f"plan layer {i} {side}={bits!r}, expected one of {SUPPORTED_BITS}")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 2:
+            raise ValueError(f"plan head_dim={self.head_dim!r}, expected an int >= 2")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def effective_bits(self, head_dim: int | None = None) -> float:
+        """Mean over layers of effective_bits (every layer caches the same number of vectors)."""
+        d = self.head_dim if head_dim is None else head_dim
+        return sum(effective_bits(k, v, d) for k, v in self.layers) / len(self.layers)
+
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "head_dim": self.head_dim,
+                "num_layers": self.num_layers,
+                "effective_bits": round(self.effective_bits(), 4),
+                "layers": [{"k_bits": k, "v_bits": v} for k, v in self.layers], **self.info}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "plan") -> "BitPlan":
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"{source}: format={data.get('format') if isinstance(data, dict) else None!r}, "
+                             f"expected {PLAN_FORMAT!r} (a file written by `tq-deploy calibrate`)")
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"{source}: version={data.get('version')!r}, expected {PLAN_VERSION}")
+        layers = data.get("layers")
+        if not isinstance(layers, list) or not all(isinstance(e, dict) for e in layers):
+            raise ValueError(f"{source}: layers={layers!r:.60}, expected a list of {{\"k_bits\": K, \"v_bits\": V}}")
+        try:
+            pairs = tuple((e["k_bits"], e["v_bits"]) for e in layers)
+        except KeyError as err:
+            raise ValueError(f"{source}: a layer has no {err.args[0]!r}, expected k_bits and v_bits in each") from None
+        if "num_layers" in data and data["num_layers"] != len(pairs):
+            raise ValueError(f"{source}: num_layers={data['num_layers']!r}, expected {len(pairs)} (the layers listed)")
+        info = {k: v for k, v in data.items()
+                if k not in ("format", "version", "head_dim", "num_layers", "effective_bits", "layers")}
+        try:
+            return cls(pairs, data.get("head_dim"), info)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+def load_plan(path: str | os.PathLike, what: str = "--plan") -> BitPlan:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what}={str(path)!r} does not exist, expected a bit-plan JSON file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what}={str(path)!r} is not JSON ({err}), expected a bit-plan JSON file") from None
+    return BitPlan.from_dict(data, f"{what}={str(path)!r}")
+
+
+def write_plan(path: str | os.PathLike, plan: BitPlan) -> None:
+    from tq_deploy import files
+
+    files.write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
