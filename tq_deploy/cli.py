@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("tq_deploy.commands.bench", "benchmarks: quantizer, gpu, ort, profile, sass"),
     "bounds": ("tq_deploy.commands.bounds", "the quantizer's measured MSE against the paper's bounds"),
     "eval-ppl": ("tq_deploy.commands.eval_ppl", "perplexity of a real model with a TurboQuant KV cache"),
+    "calibrate": ("tq_deploy.commands.calibrate",
+                  "per-layer key/value sensitivity on a text -> a per-layer bit plan (JSON) for a PPL or memory budget"),
     "info": ("tq_deploy.commands.info", "what this install has: native libraries, providers, GPU backends"),
     "serve": ("tq_deploy.commands.serve",
               "serve the decode step in Triton Inference Server with the KV cache kept on the server"),
