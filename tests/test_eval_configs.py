@@ -257,3 +257,17 @@ def test_shipped_texts_resolve():
         assert len(text) > 15000 and "Project Gutenberg" not in text
     with pytest.raises(ValueError, match="--text='nope.txt' is neither a file nor a shipped text"):
         resolve_texts(["nope.txt"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--kv-preset", "fast"], "--kv-preset='fast', expected one of quality, balanced, compact"),
+    (["--kv-preset", "quality", "--k-bits", "4"], "--kv-preset='quality' with --k-bits/--v-bits"),
+    (["--text", "missing.txt"], "--text='missing.txt' is neither a file nor a shipped text"),
+    (["--seeds", "0"], "--seeds=0, expected >= 1"),
+])
+def test_eval_ppl_bad_options_are_one_line(argv, fragment, capsys):
+    from tq_deploy.cli import main
+
+    assert main(["eval-ppl", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err

@@ -27,6 +27,14 @@ def _bits(row: dict) -> str:
     return f"{row['k_bits']:g}/{row['v_bits']:g}"
 
 
+def _cell(row: dict, key, fmt: str) -> str:
+    if key is None:
+        return _bits(row)
+    if key == "delta_pct_std" and len(row.get("ppl_by_seed", [])) <= 1:
+        return ""  # one run: nothing random (fp32, naive, KIVI, int8) or one seed
+    return fmt.format(row.get(key, 0.0))
+
+
 def _columns(show_spread: bool):
     if not show_spread:
         return COLUMNS
@@ -39,7 +47,7 @@ def format_table(rows: list[dict], show_spread: bool = False) -> str:
     columns = _columns(show_spread)
     cells = [[h for h, _, _ in columns]]
     for row in rows:
-        cells.append([_bits(row) if key is None else fmt.format(row.get(key, 0.0)) for _, key, fmt in columns])
+        cells.append([_cell(row, key, fmt) for _, key, fmt in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
              for line in cells]
@@ -53,8 +61,7 @@ def format_markdown(rows: list[dict], show_spread: bool = False) -> str:
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_bits(row) if key is None else fmt.format(row.get(key, 0.0))
-                                       for _, key, fmt in columns) + " |")
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for _, key, fmt in columns) + " |")
     return "\n".join(lines)
 
 
@@ -109,7 +116,8 @@ def plot(path: str | Path, rows: list[dict], title: str = "") -> None:
                     ax.annotate(f"+{r['delta_pct']:.0f}%", (r["effective_bits"], top), textcoords="offset points",
                                 xytext=(4, -10), fontsize=7, color=color[family])
                 elif "k!=v" in family or r["method"] == "plan":
-                    ax.annotate(r["config"] if r["method"] == "plan" else f"k{r['k_bits']:g}v{r['v_bits']:g}",
+                    label = f"k{r['k_bits']:g}v{r['v_bits']:g}" if r["method"] in ("mse", "kivi") else r["config"]
+                    ax.annotate(label,
                                 (r["effective_bits"], max(r["delta_pct"], 0.01)),
                                 textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=0.8, label="+1%")
