@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--k-bits", type=int, default=4)
     p.add_argument("--v-bits", type=int, default=4)
+    p.add_argument("--kv-preset", metavar="NAME", help="key/value widths of a preset (tq_deploy/presets.py), "
+                                                         "instead of --k-bits/--v-bits")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--runs", type=int, default=10, help="timed runs per backend (median reported)")
@@ -74,6 +76,11 @@ def run(a) -> int:
     from tq_deploy.reference.paged import paged_attention_reference
     from tq_deploy.runtime.library import register_library
 
+    if a.kv_preset is not None:
+        from tq_deploy.presets import get_preset
+
+        preset = get_preset(a.kv_preset)
+        a.k_bits, a.v_bits = preset.k_bits, preset.v_bits
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(a.seed)
