@@ -40,14 +40,14 @@ def test_memory_budget_gives_bits_to_the_sensitive_side():
 
     # layer 0 keys matter most, layer 2 not at all
     s = _sens([0.05, 0.01, 0.0], [0.005, 0.002, 0.0])
-    layers = allocate(s, max_effective_bits=4.5, min_bits=2, max_bits=8)
+    layers = allocate(s, max_effective_bits=4.0, min_bits=2, max_bits=6)
     mean = sum(effective_bits(k, v, 64) for k, v in layers) / 3
-    assert mean <= 4.5 + 1e-9 and mean > 4.5 - 1 / 6  # the budget is used up to the last bit
+    assert mean <= 4.0 + 1e-9 and mean > 4.0 - 1 / 6  # the budget is used up to the last bit
     assert layers[0][0] == max(k for k, _ in layers)  # the most sensitive side is widest
     assert layers[2] == (2, 2)  # insensitive layer stays at min_bits
     assert layers[0][0] > layers[1][0]
     # A bigger budget never lowers any width (greedy order).
-    wider = allocate(s, max_effective_bits=5.5, min_bits=2, max_bits=8)
+    wider = allocate(s, max_effective_bits=4.5, min_bits=2, max_bits=6)
     assert all(a >= b for pair_a, pair_b in zip(wider, layers) for a, b in zip(pair_a, pair_b))
     assert s.predicted_delta_pct(wider) < s.predicted_delta_pct(layers)
 
@@ -56,7 +56,7 @@ def test_ppl_budget_is_met_with_the_fewest_bits():
     from tq_deploy.eval.calibrate import allocate
 
     s = _sens([0.05, 0.01, 0.002], [0.005, 0.002, 0.001])
-    layers = allocate(s, max_delta_pct=1.0)
+    layers = allocate(s, max_delta_pct=1.0, max_bits=6)
     assert s.predicted_delta_pct(layers) <= 1.0
     # the last bit given was needed: the plan one bit smaller there (the side with the smallest
     # gain of its last bit) breaks the budget
@@ -87,6 +87,21 @@ def tiny():
     return LoadedModel(model, None, "tiny-llama", 3, 4, 2, 16)
 
 
+def test_evaluate_rows_for_presets_and_plans(tiny):
+    """evaluate() labels a preset's row and scores a uniform plan exactly as the configuration it spells out."""
+    from tq_deploy.eval.perplexity import evaluate
+
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(2))
+    plan = BitPlan(((5, 3),) * 3, 16, {"name": "uniform"})
+    rows = evaluate(["mse-k5v3", plan], tiny, ids, chunk_size=16, labels={"mse-k5v3": "compact (mse-k5v3)"})
+    assert [r["config"] for r in rows] == ["fp32", "compact (mse-k5v3)", "uniform"]
+    assert rows[2]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-6)
+    assert rows[2]["effective_bits"] == rows[1]["effective_bits"] == effective_bits(5, 3, 16)
+    assert rows[2]["kv_bytes_per_token"] == rows[1]["kv_bytes_per_token"] == 3 * 2 * (10 + 4 + 6 + 4)
+    with pytest.raises(ValueError, match="plan for head_dim 64, 1 layers; expected the model's head_dim 16 and 3"):
+        evaluate([BitPlan(((4, 4),), 64)], tiny, ids)
+
+
 def test_calibrate_on_a_tiny_model_and_the_plan_round_trip(tiny, tmp_path):
     from tq_deploy.eval.calibrate import allocate, make_plan, measure_sensitivity
     from tq_deploy.eval.kv_quantizers import LayerPlanKVQuantizer
@@ -108,7 +123,7 @@ def test_calibrate_on_a_tiny_model_and_the_plan_round_trip(tiny, tmp_path):
                                              log_target=True, reduction="sum") / 47
     assert sens.kl[(1, "v")] == pytest.approx(float(expected_kl), rel=1e-6)
     assert all(kl >= 0 for kl in sens.kl.values()) and max(sens.kl.values()) > 1e-6
-    layers = allocate(sens, max_effective_bits=5.0, head_dim=16)
+    layers = allocate(sens, max_effective_bits=4.5, head_dim=16, max_bits=5)
     bit_plan = make_plan(sens, layers, {"name": "tiny", "text": "random"})
     path = tmp_path / "plan.json"
     write_plan(path, bit_plan)

@@ -129,28 +129,18 @@ def test_naive_runs_through_the_same_path_and_loses_at_equal_bits(loaded, ids, b
     assert turbo.ppl < naive.ppl, f"TurboQuant 3-bit PPL {turbo.ppl:.3f} vs naive 3-bit {naive.ppl:.3f}"
 
 
-def test_quality_preset_and_the_same_widths_as_a_plan(loaded, ids, baseline):
-    """A uniform bit plan is the preset it spells out: same rotations, same PPL; the quality preset
-    stays close to the fp32 cache even on 128 tokens."""
-    from tq_deploy.eval.perplexity import evaluate
-    from tq_deploy.presets import BitPlan, get_preset
+def test_quality_preset_stays_close_to_the_fp32_cache(loaded, ids, baseline):
+    """`eval-ppl --kv-preset quality` in short: the preset's widths through the cache path."""
+    from tq_deploy.presets import get_preset
 
     quality = get_preset("quality")
-    plan = BitPlan(((quality.k_bits, quality.v_bits),) * loaded.num_layers, loaded.head_dim, {"name": "uniform"})
-    rows = evaluate([quality.config_name, plan], loaded, ids, CHUNK, seed=0,
-                    labels={quality.config_name: "quality"})
-    fp32, preset_row, plan_row = rows
-    assert [r["config"] for r in rows] == ["fp32", "quality", "uniform"]
-    assert fp32["ppl"] == pytest.approx(baseline.ppl, rel=1e-6)
-    assert plan_row["ppl"] == pytest.approx(preset_row["ppl"], rel=1e-6)
-    assert plan_row["effective_bits"] == preset_row["effective_bits"] == quality.effective_bits(64)
-    assert plan_row["kv_bytes_per_token"] == preset_row["kv_bytes_per_token"]
-    assert abs(preset_row["delta_pct"]) < 5.0  # 2,048 tokens: +0.5-0.7% (docs/quality.md)
+    result = perplexity(loaded.model, ids, build_kv_quantizer(parse_config(quality.config_name), 64), CHUNK)
+    delta = 100 * (result.ppl / baseline.ppl - 1)
+    assert abs(delta) < 5.0, f"quality preset: {delta:+.2f}% on 128 tokens"  # 2,048 tokens: +0.5-0.7%
+    assert result.key_relative_mse < 1e-4  # 8-bit keys
 
 
-def test_kivi_and_int8_run_through_the_same_path(loaded, ids, baseline):
-    int8 = perplexity(loaded.model, ids, build_kv_quantizer(parse_config("int8"), 64), CHUNK)
+def test_kivi_runs_through_the_same_path(loaded, ids, baseline):
     kivi2 = perplexity(loaded.model, ids, build_kv_quantizer(parse_config("kivi-2"), 64), CHUNK)
-    assert abs(int8.ppl / baseline.ppl - 1) < 0.01  # 8 bits: within noise of the fp32 cache
     assert kivi2.ppl > baseline.ppl * 1.1  # 2 bits hurt
-    assert 0 < int8.key_relative_mse < 1e-3
+    assert 0.01 < kivi2.key_relative_mse < 0.1  # per-channel keys: about 0.036 at 2 bits on 2,048 tokens
