@@ -121,6 +121,11 @@ void check_codebook(KernelIo& io, const Input& codebook, int64_t bits, const cha
   }
 }
 
+void check_codebook_values(KernelIo& io, const Input& codebook) {
+  const std::string problem = tq::check_codebook_values(codebook.spec->name, codebook.data<float>(), codebook.shape[0]);
+  if (!problem.empty()) fail(io.op(), "input " + problem);
+}
+
 void check_rotation(KernelIo& io, const Input& rotation) {
   if (rotation.shape.size() != 2 || rotation.shape[0] != rotation.shape[1] || rotation.shape[0] < 1) {
     fail(io.op(), "input rotation has shape " + shape_str(rotation.shape) + ", expected a square [D, D] with D >= 1");

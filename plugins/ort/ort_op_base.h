@@ -85,6 +85,8 @@ class KernelIo {
 
 // Checks a codebook input: rank 1 with 2**bits entries.
 void check_codebook(KernelIo& io, const Input& codebook, int64_t bits, const char* bits_name);
+// Checks a codebook's values (host memory: CPU kernels only): finite, strictly ascending.
+void check_codebook_values(KernelIo& io, const Input& codebook);
 // Checks the rotation input: square [D, D] with D bound in io.dims().
 void check_rotation(KernelIo& io, const Input& rotation);
 
@@ -105,9 +107,12 @@ tq::DType to_dtype(ONNXTensorElementDataType type);
 
 // OrtCustomOp adapter: Kernel provides kOp (a tq_ops::Op table), kProvider, a constructor
 // Kernel(const OrtKernelInfo*, ONNXTensorElementDataType float_type) that reads and checks
-// attributes (throwing Ort::Exception), and Compute(OrtKernelContext*). Only opset version
-// tq_ops::kDomainVersion of the domain is served: a model importing another version of
-// "turboquant" finds no kernel and fails at session creation.
+// attributes (throwing Ort::Exception), and Compute(OrtKernelContext*). The ops declare versions
+// tq_ops::kDomainVersion..kDomainVersion, but ONNX Runtime registers a custom domain for opset
+// versions 1..1000 with one schema per op name (since version = the first op's start version), so
+// a model importing "turboquant" version 2 still gets these kernels, and no kernel API shows the
+// model's opset version or a node's full attribute list: tq_deploy.runtime.session.check_custom_nodes
+// refuses other versions and unknown attributes before a session is made (docs/reliability.md).
 template <typename Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
   explicit Op(ONNXTensorElementDataType float_type) : float_type_(float_type) {

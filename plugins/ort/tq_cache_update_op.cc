@@ -58,6 +58,8 @@ struct CacheUpdateCpu : KernelBase<CacheUpdateCpu> {
     const int k_bits = attrs_.bits(op::kKBits), v_bits = attrs_.bits(op::kVBits);
     CacheUpdateInputs in(io);
     CacheUpdateShapes s = check_cache_update(io, in.cache, in.rotation, in.k_codebook, in.v_codebook, k_bits, v_bits);
+    check_codebook_values(io, in.k_codebook);
+    check_codebook_values(io, in.v_codebook);
     const std::string problem = tq::check_slot_mapping(in.slots.data<int64_t>(), s.num_tokens, s.num_slots);
     if (!problem.empty()) fail(kOp.name, "input " + problem);
     void* out[4];

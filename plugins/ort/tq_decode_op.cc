@@ -54,6 +54,7 @@ struct DecodeCpu : KernelBase<DecodeCpu> {
     Input codes = io.input(op::kCodes), norms = io.input(op::kNorms);
     Input rotation = io.input(op::kRotation), codebook = io.input(op::kCodebook);
     const DecodeShapes s = check_decode(io, codes, norms, rotation, codebook, bits);
+    check_codebook_values(io, codebook);
     auto x_hat = io.output(op::kXHat, out_shape(s));
     if (s.rows == 0) return;
     tq::decode(codes.data<uint8_t>(), norms.data<float>(), s.rows, s.dim, rotation.data<float>(),

@@ -43,6 +43,7 @@ struct EncodeCpu : KernelBase<EncodeCpu> {
     const int bits = attrs_.bits(op::kBits);
     Input x = io.input(op::kX), rotation = io.input(op::kRotation), codebook = io.input(op::kCodebook);
     const EncodeShapes s = check_encode(io, x, rotation, codebook, bits);
+    check_codebook_values(io, codebook);
     auto codes = io.output(op::kCodes, codes_shape(s, bits));
     auto norms = io.output(op::kNorms, s.lead);
     if (s.rows == 0) return;

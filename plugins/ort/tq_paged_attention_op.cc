@@ -60,6 +60,8 @@ struct PagedAttentionCpu : KernelBase<PagedAttentionCpu> {
     const int k_bits = attrs_.bits(op::kKBits), v_bits = attrs_.bits(op::kVBits);
     AttentionInputs in(io);
     const AttentionShapes s = check_paged_attention(io, in, k_bits, v_bits);
+    check_codebook_values(io, in.k_codebook);
+    check_codebook_values(io, in.v_codebook);
     const std::string problem =
         tq::check_block_tables(in.block_tables.data<int32_t>(), in.context_lens.data<int32_t>(), s.num_seqs,
                                s.max_blocks, s.cache.num_blocks, s.cache.block_size);

@@ -47,6 +47,19 @@ std::string check_block_tables(const int32_t* block_tables, const int32_t* conte
   return {};
 }
 
+std::string check_codebook_values(const char* name, const float* codebook, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const bool finite = std::isfinite(codebook[i]);
+    if (finite && (i == 0 || codebook[i] > codebook[i - 1])) continue;
+    std::ostringstream msg;
+    msg << name << "[" << i << "]=" << codebook[i];
+    if (finite) msg << " <= " << name << "[" << i - 1 << "]=" << codebook[i - 1];
+    msg << ", expected finite, strictly ascending centroids";
+    return msg.str();
+  }
+  return {};
+}
+
 std::string check_slot_mapping(const int64_t* slot_mapping, int64_t num_tokens, int64_t num_slots) {
   for (int64_t t = 0; t < num_tokens; ++t) {
     if (slot_mapping[t] >= num_slots) {

@@ -19,6 +19,11 @@ std::string check_scale(double scale);
 std::string check_block_tables(const int32_t* block_tables, const int32_t* context_lens, int64_t num_seqs,
                                int64_t max_blocks, int64_t num_blocks, int64_t block_size);
 
+// codebook[0 .. n) finite and strictly ascending: encode counts the midpoints of neighbours below a
+// value, which is the nearest centroid only for ascending centroids, and a NaN centroid would turn
+// every output that reads it into NaN without saying why. Host data only (the CPU providers).
+std::string check_codebook_values(const char* name, const float* codebook, int64_t n);
+
 // slot_mapping[t] < N*B (negative means skip).
 std::string check_slot_mapping(const int64_t* slot_mapping, int64_t num_tokens, int64_t num_slots);
 
