@@ -36,6 +36,52 @@ def custom_op_library(library: str | os.PathLike | None = None) -> Path:
 
 PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
 
+# ONNX Runtime's log severity for sessions made here when the caller's options leave it unset
+# (None: ORT's default, warnings and errors). The CLI sets 4 (fatal only) unless --debug: every ORT
+# error also comes back as the exception the CLI prints as its one error line.
+LOG_SEVERITY: int | None = None
+
+
+def check_custom_nodes(model) -> None:
+    """The model's ``turboquant`` opset version and every custom node's attributes against the op
+    contract (tq_deploy.ops): a ValueError naming the node, the attribute or version seen and what
+    is expected. ONNX Runtime's custom-op API shows a kernel neither the model's opset version of its
+    domain nor the list of a node's attributes, so the library alone cannot refuse an unknown
+    attribute or an opset it does not implement; this check does, for every session made here."""
+    import onnx
+
+    from tq_deploy import ops
+
+    for opset in model.opset_import:
+        if opset.domain == ops.DOMAIN and opset.version != ops.DOMAIN_VERSION:
+            raise ValueError(f"model imports opset {ops.DOMAIN!r} version {opset.version}, expected version "
+                             f"{ops.DOMAIN_VERSION} (the only one this tq_deploy implements)")
+    kinds = {"int": onnx.AttributeProto.INT, "float": onnx.AttributeProto.FLOAT}
+    for node in model.graph.node:
+        if node.domain != ops.DOMAIN:
+            continue
+        where = f"node {node.name or node.op_type!r}"
+        spec = ops.OPS_BY_NAME.get(node.op_type)
+        if spec is None:
+            raise ValueError(f"{where}: op {ops.DOMAIN}::{node.op_type} does not exist, expected one of "
+                             f"{sorted(ops.OPS_BY_NAME)}")
+        names = {a.name for a in spec.attributes}
+        given = {}
+        for attr in node.attribute:
+            if attr.name not in names:
+                raise ValueError(f"{where} ({spec.name}): attribute {attr.name!r} is unknown, expected a subset of "
+                                 f"{sorted(names)}")
+            kind = spec.attribute(attr.name).kind
+            if attr.type != kinds[kind]:
+                seen = onnx.AttributeProto.AttributeType.Name(attr.type)
+                raise ValueError(f"{where} ({spec.name}): attribute {attr.name} has type {seen}, expected "
+                                 f"{kind.upper()} (docs/ops.md)")
+            given[attr.name] = onnx.helper.get_attribute_value(attr)
+        try:
+            spec.resolve_attributes(**given)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
 
 def library_build_info(library: str | os.PathLike | None = None) -> dict:
     """What the custom-op library was built with: {"providers": [...], "cuda_architectures": "..."}."""
@@ -102,10 +148,29 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", librar
         if threads < 1:
             raise ValueError(f"threads={threads}, expected >= 1")
         options.intra_op_num_threads = threads
-    options.register_custom_ops_library(str(custom_op_library(library)))
+    if LOG_SEVERITY is not None and options.log_severity_level < 0:
+        options.log_severity_level = LOG_SEVERITY
+    path = custom_op_library(library)
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for a bad library
+        raise ValueError(
+            f"library={str(path)!r} does not load as the TurboQuant custom-op library ({' '.join(str(err).split())}); "
+            f"expected {native.LIBRARIES['ort'].filename} built for this onnxruntime"
+        ) from None
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
+    check_custom_nodes(_proto(model))
     return ort.InferenceSession(model, sess_options=options, providers=listed)
+
+
+def _proto(model: str | bytes):
+    """The ModelProto of a path or serialized bytes (external data left on disk: only the graph is read)."""
+    import onnx
+
+    if isinstance(model, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(model))
+    return onnx.load(model, load_external_data=False)
 
 
 def to_numpy(value) -> np.ndarray:
@@ -115,14 +180,33 @@ def to_numpy(value) -> np.ndarray:
     return np.ascontiguousarray(value)
 
 
+# ONNX Runtime's input type strings and the numpy dtypes they take.
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int32)": np.int32,
+               "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
 def feeds_for(session, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
-    """Numpy feeds for exactly the session's inputs; a missing or extra name is a ValueError."""
-    names = [i.name for i in session.get_inputs()]
+    """Numpy feeds for exactly the session's inputs; a missing or extra name, a wrong dtype, rank or
+    fixed size is a ValueError naming the input (ORT's own message names neither for a dtype)."""
+    specs = session.get_inputs()
+    names = [i.name for i in specs]
     missing = [n for n in names if n not in inputs]
     extra = [n for n in inputs if n not in names]
     if missing or extra:
         raise ValueError(f"inputs have names {sorted(inputs)}, expected {names} (missing {missing}, extra {extra})")
-    return {n: to_numpy(inputs[n]) for n in names}
+    feeds = {n: to_numpy(inputs[n]) for n in names}
+    for spec in specs:
+        array = feeds[spec.name]
+        want = _ORT_DTYPES.get(spec.type)
+        if want is not None and array.dtype != want:
+            raise ValueError(f"input {spec.name!r} has dtype {array.dtype}, expected {np.dtype(want)} ({spec.type})")
+        shape = spec.shape  # [] for a scalar and for an input of unknown shape alike: not checked then
+        if shape and (array.ndim != len(shape) or any(
+                isinstance(d, int) and d >= 0 and d != s for d, s in zip(shape, array.shape))):
+            shown = "[" + ", ".join(str(d) for d in shape) + "]"
+            raise ValueError(f"input {spec.name!r} has shape {list(array.shape)}, expected {shown}")
+    return feeds
 
 
 def run(session, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:

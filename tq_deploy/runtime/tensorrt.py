@@ -191,6 +191,11 @@ def profile_shapes(model: onnx.ModelProto, dims: Mapping[str, Sequence[int]] | N
             raise ValueError(f"dims[{name!r}]={triple}, expected (min, opt, max) with 1 <= min <= opt <= max")
         ranges[name] = triple
     initializers = {i.name for i in model.graph.initializer}
+    dynamic = {d for vi in model.graph.input if vi.name not in initializers for d in _dims_of(vi) if isinstance(d, str)}
+    for name in dims or {}:
+        if name not in dynamic:  # a typo would otherwise be ignored and the default range used
+            raise ValueError(f"dim {name!r} names no dynamic dim of the model's inputs, expected one of "
+                             f"{sorted(dynamic)}")
     shapes = {}
     for vi in model.graph.input:
         if vi.name in initializers:
@@ -284,16 +289,19 @@ def build_engine(onnx_path: str | os.PathLike | onnx.ModelProto, engine_path: st
     """
     from tq_deploy.export.common import load_model
 
+    from tq_deploy.runtime.session import check_custom_nodes
+
     model = onnx_path if isinstance(onnx_path, onnx.ModelProto) else load_model(onnx_path)
+    check_custom_nodes(model)  # the plugin creators cannot see the model's opset version
+    shapes = {k: tuple(tuple(int(v) for v in s) for s in triple) for k, triple in (profile or {}).items()}
+    if profile is None:
+        shapes = profile_shapes(model, dims)  # before TensorRT loads: a bad --dim is an error even without it
     trt = import_tensorrt(backend)
     plugins = load_plugins(trt, library)
     logger = make_logger(trt, log_level)
     builder = trt.Builder(logger)
     network, _parser = parse_network(trt, builder, logger, retype_codes_for_tensorrt(model))
     config = builder.create_builder_config()
-    shapes = {k: tuple(tuple(int(v) for v in s) for s in triple) for k, triple in (profile or {}).items()}
-    if profile is None:
-        shapes = profile_shapes(model, dims)
     if shapes:
         opt_profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():

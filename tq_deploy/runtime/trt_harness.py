@@ -22,7 +22,8 @@ _TRT_DTYPE = {"float32": 0, "float16": 1, "int8": 2, "int32": 3, "uint8": 5, "in
 
 def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, outputs: Sequence, *,
                     stream: int = 0, library: str | os.PathLike | None = None,
-                    harness: str | os.PathLike | None = None, dry_run: bool = False, repeat: int = 1) -> int:
+                    harness: str | os.PathLike | None = None, dry_run: bool = False, repeat: int = 1,
+                    attr_kinds: Mapping[str, str] | None = None) -> int:
     """Drive plugin ``op_name`` as TensorRT would (creator -> createPlugin(build) -> configure ->
     serialize fields -> createPlugin(runtime) -> attachToContext -> onShapeChange -> enqueue) on
     torch CUDA tensors, writing into ``outputs``. Codes tensors travel as int8 (TensorRT has no uint8
@@ -32,6 +33,8 @@ def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, 
     Raises RuntimeError with the harness's message on any refusal. Does not synchronize.
     ``dry_run=True`` stops before enqueue: then CPU tensors are fine (no pointer is read), which
     checks attribute parsing, dtypes, formats, shape checks and field serialization without a GPU.
+    ``attr_kinds`` ("int" or "float" by name) overrides the contract's field types, so a test can hand
+    the plugin what a bad model would: an unknown name, an INT where a FLOAT belongs.
     """
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat={repeat!r}, expected an int >= 1")
@@ -61,7 +64,8 @@ def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, 
     names = list(attrs)
     field_names = (ctypes.c_char_p * len(names))(*[n.encode() for n in names])
     values = (ctypes.c_double * len(names))(*[float(attrs[n]) for n in names])
-    is_float = (ctypes.c_int * len(names))(*[spec.attribute(n).kind == "float" for n in names])
+    kinds = {n: (attr_kinds or {}).get(n) or spec.attribute(n).kind for n in names}
+    is_float = (ctypes.c_int * len(names))(*[kinds[n] == "float" for n in names])
     in_t, in_r, in_d, in_p = describe(inputs)
     out_t, out_r, out_d, out_p = describe(outputs)
     fn = lib.tq_trt_harness_enqueue
