@@ -33,8 +33,53 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``tq-deploy CMD: error: ...`` and exit status 2, like every
+    other user error of the CLI (argparse would print the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def count(minimum: int = 1):
+    """An argparse type: an int >= ``minimum`` (counts: vectors, repeats, threads, tokens, ...)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int, expected an int >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}, expected an int >= {minimum}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def torch_device(text: str) -> str:
+    """An argparse type: a torch device this machine has ("cpu", "cuda", "cuda:N")."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}, expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return text
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r} is a {device.type} device, expected cpu, cuda or cuda:N")
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if devices == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}, but this machine has no CUDA device (torch "
+                                         f"{torch.__version__}): expected cpu")
+    if device.index is not None and device.index >= devices:
+        raise argparse.ArgumentTypeError(f"{text!r}, expected cuda:0 .. cuda:{devices - 1} ({devices} CUDA devices)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tq-deploy", description="TurboQuant KV-cache compression for ONNX Runtime and TensorRT deployment."
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -58,6 +103,10 @@ def error_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return text
+    if type(err).__module__.startswith("onnxruntime") and "[ONNXRuntimeError]" in text:
+        # "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Non-zero status code ... Status Message: <what>": keep <what>
+        what = text.split("Status Message: ", 1)[1] if "Status Message: " in text else text.split(" : ")[-1]
+        return f"ONNX Runtime: {what}"
     return f"{type(err).__name__}: {text}"
 
 
@@ -70,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         module.add_arguments(sub_action.choices[argv[at]])
     args = parser.parse_args(argv)
+    from tq_deploy.runtime import session
+
+    previous = session.LOG_SEVERITY
+    if not args.debug:
+        session.LOG_SEVERITY = 4  # ORT's own log line would repeat the one error line printed below
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
@@ -81,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tq-deploy {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        session.LOG_SEVERITY = previous
 
 
 if __name__ == "__main__":

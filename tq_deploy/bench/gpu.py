@@ -439,6 +439,11 @@ def run(args) -> int:
 
     if not tq_cuda.available():
         raise ValueError(f"tq-deploy bench gpu needs libtq_deploy_cuda.so: {tq_cuda.unavailable_reason()}")
+    path = args.json or (os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT") else None)
+    if path:
+        from tq_deploy.files import check_writable
+
+        check_writable(path, "--json")  # before the benchmarks, not after them
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     try:
@@ -459,7 +464,6 @@ def run(args) -> int:
     result["cache_update"] = bench_cache_update(1 << 17, HKV, DIM, [c for c in configs if c in ((4, 4), (2, 2),
                                                                                                  (3, 3), (6, 4))])
     result["host_us"] = host_cost_us()
-    path = args.json or (os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT") else None)
     if path:
         from tq_deploy.files import write_text
 

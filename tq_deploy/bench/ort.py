@@ -16,24 +16,25 @@ import platform
 import statistics
 import time
 
+from tq_deploy.cli import count
 from tq_deploy.ops import packed_size
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--batch", type=int, default=8, help="sequences S (default 8)")
-    p.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
-    p.add_argument("--q-heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=count(1), default=8, help="sequences S (default 8)")
+    p.add_argument("--context", type=count(1), default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--q-heads", type=count(1), default=32)
+    p.add_argument("--kv-heads", type=count(1), default=8)
+    p.add_argument("--head-dim", type=count(2), default=128)
     p.add_argument("--k-bits", type=int, default=4)
     p.add_argument("--v-bits", type=int, default=4)
     p.add_argument("--kv-preset", metavar="NAME", help="key/value widths of a preset (tq_deploy/presets.py), "
                                                          "instead of --k-bits/--v-bits")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=count(1), default=16)
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--runs", type=int, default=10, help="timed runs per backend (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads and torch threads (0: default)")
+    p.add_argument("--runs", type=count(1), default=10, help="timed runs per backend (median reported)")
+    p.add_argument("--warmup", type=count(0), default=2)
+    p.add_argument("--threads", type=count(0), default=0, help="ORT intra-op threads and torch threads (0: default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-reference", action="store_true", help="time only ORT")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+from tq_deploy.cli import count
+
 
 def _shape(text: str) -> tuple[int, int]:
     try:
@@ -24,7 +26,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("shape", help="B x S, e.g. 8x32768")
-    parser.add_argument("--calls", type=int, default=3, help="timed calls after 3 warm-up calls (default 3)")
+    parser.add_argument("--calls", type=count(1), default=3, help="timed calls after 3 warm-up calls (default 3)")
     parser.add_argument("--bits", type=int, default=4, help="k_bits = v_bits (default 4)")
 
 

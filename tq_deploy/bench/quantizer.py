@@ -5,15 +5,17 @@ from __future__ import annotations
 import statistics
 import time
 
+from tq_deploy.cli import count, torch_device
 from tq_deploy.ops import SUPPORTED_BITS
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--head-dim", type=count(2), default=128)
     parser.add_argument("--bits", type=int, nargs="+", default=list(SUPPORTED_BITS))
-    parser.add_argument("--num-vectors", type=int, default=65536, help="vectors per encode/decode call")
-    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
-    parser.add_argument("--device", default="cpu", help="torch device for the throughput runs")
+    parser.add_argument("--num-vectors", type=count(1), default=65536, help="vectors per encode/decode call")
+    parser.add_argument("--repeat", type=count(1), default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="torch device for the throughput runs "
+                        "(cpu, cuda, cuda:N)")
 
 
 def _median_seconds(fn, repeat: int, sync) -> float:

@@ -17,12 +17,14 @@ import re
 import shutil
 import subprocess
 
+from tq_deploy.cli import count
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--library", help="the .so or .cubin to read (default: the built libtq_deploy_cuda.so)")
     parser.add_argument("--arch", default="sm_90", help="the architecture's code to read (default sm_90)")
     parser.add_argument("--match", default="", help="only kernels whose mangled name contains this text")
-    parser.add_argument("--top", type=int, default=8, help="opcodes shown per kernel (default 8)")
+    parser.add_argument("--top", type=count(1), default=8, help="opcodes shown per kernel (default 8)")
 
 
 def cuobjdump() -> str:

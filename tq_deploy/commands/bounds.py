@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+from tq_deploy.cli import count
 from tq_deploy.ops import SUPPORTED_BITS
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--head-dim", type=int, default=128, help="vector dimension D (default 128)")
     parser.add_argument("--bits", type=int, nargs="+", default=list(SUPPORTED_BITS), help="bit widths (default 1 2 3 4)")
-    parser.add_argument("--num-vectors", type=int, default=20000, help="random unit vectors per bit width")
+    parser.add_argument("--num-vectors", type=count(1), default=20000, help="random unit vectors per bit width")
     parser.add_argument("--rotation", choices=("haar", "hadamard"), default="haar")
     parser.add_argument("--seed", type=int, default=0, help="rotation seed")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")

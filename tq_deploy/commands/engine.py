@@ -60,6 +60,7 @@ def run(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a file, expected a folder")
     os.makedirs(args.out, exist_ok=True)
+    files.check_writable(os.path.join(args.out, "engine_report.json"), "--out")
     if args.onnx:
         model, stem = load_model(args.onnx), os.path.splitext(os.path.basename(args.onnx))[0]
     else:

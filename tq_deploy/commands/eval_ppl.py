@@ -11,16 +11,19 @@ nothing is downloaded. See docs/quality.md for the measured tables.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+
+from tq_deploy.cli import count, torch_device
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--text", action="append", default=None, metavar="PATH|NAME",
                         help="text to score, repeatable: a UTF-8 file, a shipped text (austen: Pride and Prejudice "
                              "ch. 1-3; darwin: Origin of Species ch. 1) or 'shipped' for both (default: both)")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens of the text to score (default 2048)")
-    parser.add_argument("--chunk-size", type=int, default=256,
+    parser.add_argument("--tokens", type=count(2), default=2048, help="tokens of the text to score (default 2048)")
+    parser.add_argument("--chunk-size", type=count(1), default=256,
                         help="tokens per forward call through the cache (default 256)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated configurations, e.g. 'mse-4,mse-k4v3,mse-4-hadamard,mse-4-ck,mixed-3.5,prod-3,"
@@ -36,7 +39,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--v-bits", type=float, default=None,
                         help="value bit width for every selected configuration (default: from the config name)")
     parser.add_argument("--seed", type=int, default=0, help="rotation/codebook seed (keys seed, values seed+1)")
-    parser.add_argument("--seeds", type=int, default=1,
+    parser.add_argument("--seeds", type=count(1), default=1,
                         help="runs per quantized configuration with seeds seed, seed+2, ...: "
                              "report the mean PPL and the spread of the delta (default 1)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -47,8 +50,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gguf-file", default=None,
                         help="GGUF file inside --model-dir (default SmolLM2-135M-Instruct.Q4_1.gguf; "
                              "'none' for a transformers folder)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default=None, help="torch device of the model, e.g. cuda (default cpu)")
+    parser.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="torch device of the model, e.g. cuda (default cpu)")
 
 
 def _preset_names() -> list[str]:
@@ -117,6 +121,8 @@ def run(args) -> int:
     if args.kv_preset and (args.k_bits is not None or args.v_bits is not None):
         raise ValueError(f"--kv-preset={args.kv_preset[0]!r} with --k-bits/--v-bits, expected one or the other "
                          "(a preset fixes both widths)")
+    if args.model_dir is not None and not os.path.isdir(args.model_dir):
+        raise ValueError(f"--model-dir {args.model_dir!r} is not a folder, expected the model's folder")
     texts = resolve_texts(args.text)
     preset_configs, labels = select_presets(args.kv_preset)
     plans = [load_plan(path) for path in args.plan or []]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 
+from tq_deploy.cli import count
 from tq_deploy.commands.export import add_model_arguments, config_from_args
 
 
@@ -30,7 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input-seed", type=int, default=1, help="seed of the random inputs (default 1)")
     parser.add_argument("--context-lens", type=int, nargs="+",
                         help="tokens per sequence, new token included (default: 1, a partial block, a long one)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed ORT runs (default 5)")
+    parser.add_argument("--repeat", type=count(1), default=5, help="timed ORT runs (default 5)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     add_model_arguments(parser)
 

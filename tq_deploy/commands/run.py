@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+from tq_deploy.cli import count
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="the .onnx file (exported by tq-deploy export)")
@@ -20,7 +22,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                         help="ONNX Runtime execution provider: cpu, or cuda (CUDA EP, onnxruntime-gpu) (default cpu)")
     parser.add_argument("--library", help="custom-op library path (default: the built one, see runtime/library.py)")
-    parser.add_argument("--repeat", type=int, default=10, help="timed runs after one warm-up (default 10)")
+    parser.add_argument("--repeat", type=count(1), default=10, help="timed runs after one warm-up (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--context-lens", type=int, nargs="+",
                         help="decode model: tokens per sequence, new token included (default: 1, a partial "
