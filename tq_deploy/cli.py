@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "serve the decode step in Triton Inference Server with the KV cache kept on the server"),
     "triton-repo": ("tq_deploy.commands.triton_repo",
                     "write a Triton model repository (onnxruntime and tensorrt backends) for the decode step"),
+    "fuzz": ("tq_deploy.commands.fuzz", "seeded fuzzing of the ONNX Runtime ops and the PyTorch API against the "
+                                        "reference"),
 }
 
 
