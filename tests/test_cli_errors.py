@@ -151,6 +151,7 @@ def test_run_given_inputs_of_the_wrong_kind(models, capsys, tmp_path, edit, frag
     (["eval-ppl", "--seeds", "0"], ["--seeds", "expected an int >= 1"]),
     (["eval-ppl", "--device", "tpu:0"], ["--device", "expected cpu, cuda or cuda:N"]),
     (["fuzz", "--cases", "0"], ["--cases", "expected an int >= 1"]),
+    (["soak", "--steps", "0"], ["--steps", "expected an int >= 1"]),
     (["export", "--out", "x.onnx", "--bits", "9"], ["--bits", "invalid choice: 9"]),
     (["bounds", "--num-vectors", "many"], ["--num-vectors", "'many' is not an int"]),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) and v and v[0] in

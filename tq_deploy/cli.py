@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "write a Triton model repository (onnxruntime and tensorrt backends) for the decode step"),
     "fuzz": ("tq_deploy.commands.fuzz", "seeded fuzzing of the ONNX Runtime ops and the PyTorch API against the "
                                         "reference"),
+    "soak": ("tq_deploy.commands.soak", "a long decode loop in ONNX Runtime with IO binding: memory flat, "
+                                        "outputs equal to the reference"),
 }
 
 
