@@ -163,6 +163,14 @@ def all_finite(out, case):
         assert np.isfinite(a.astype(np.float64)).all(), f"{name} has non-finite values"
 
 
+def never_zeros(out, case):
+    """Rows of a context > 0 are finite or NaN, never silently all zeros."""
+    rows = out["out"].astype(np.float32)
+    for s, ctx in enumerate(case.inputs["context_lens"]):
+        if ctx > 0:
+            assert (rows[s] != 0).any(axis=-1).all(), f"sequence {s} (context {ctx}) has an all-zero row"
+
+
 def zero_row(seq):
     def check(out, case):
         assert not out["out"][seq].any(), f"sequence {seq} (context 0) gave a nonzero output"
@@ -320,6 +328,15 @@ ROWS = [
         {"reference": Agree(check=nan_rows((0, 2), (0, 3)))}),
     Row("nan-norm-unused", "NaN and inf norms in slots no sequence reads (block 5, block 0 past nothing)",
         changed(attention_case, inputs={"k_norms": setitem(5, np.nan), "v_norms": setitem((1, 10), np.inf)}),
+        {"reference": Agree(check=all_finite)}),
+    Row("query-huge", "a query of 1e38s: the scores of one row overflow, that row is NaN",
+        changed(attention_case, inputs={"query": lambda a: a * np.float32(1e38)}),
+        {"reference": Agree(check=nan_rows((0, 1))),
+         # the GPU kernels rotate the query in fp16/bf16 products: their overflow comes sooner, so
+         # more rows may be NaN; none may be zeros
+         **{g: Agree(check=never_zeros, compare=False) for g in GPU_BACKENDS}}),
+    Row("v-norm-above-fp16", "value norms of 1e5 (above fp16's 65504): the output is finite",
+        changed(attention_case, inputs={"v_norms": lambda a: a * np.float32(1e5)}),
         {"reference": Agree(check=all_finite)}),
     Row("context-zero", "context_lens[0]=0: the only input that gives zeros",
         changed(attention_case, inputs={"context_lens": setitem(0, 0)}), {"reference": Agree(check=zero_row(0))}),
@@ -543,6 +560,15 @@ def test_io_binding_an_output_over_another_input_is_refused(backend):
         with pytest.raises(Exception, match=f"output {wrong} shares memory with input {over}"):
             session.run_with_iobinding(binding)
     np.testing.assert_array_equal(values["v_codes"].numpy(), before)  # nothing was written before the refusal
+
+
+def test_a_model_config_that_would_hide_nan_is_refused():
+    """rope_theta=0 turned every query into NaN, which used to come out as zeros (issue item 3)."""
+    from tq_deploy.reference.model import TQModelConfig
+
+    for theta in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"rope_theta={theta!r}, expected a finite number > 0"):
+            TQModelConfig(rope_theta=theta)
 
 
 def test_meta_and_mixed_device_tensors_are_refused():
