@@ -570,3 +570,111 @@ def test_cache_update_in_place_with_io_binding(gen):
             np.testing.assert_allclose(got, want.numpy(), rtol=2e-6, err_msg=n)
         else:
             assert_codes_match(got, want, bits, dim, n)
+
+
+# --------------------------------------------------------------------------------------------
+# edges a mutation pass showed the tests above could not see (docs/reliability.md, "Mutation report")
+# --------------------------------------------------------------------------------------------
+
+def test_paged_attention_without_a_scale_attribute_uses_one_over_sqrt_d(gen):
+    """A node that omits `scale` (what other exporters write) must use 1/sqrt(D): the same output
+    as scale=1/sqrt(D) given explicitly, and not the output of another scale."""
+    dim, bits, hq, hkv, b = 100, 3, 4, 2, 16
+    model = make_op_model("TQPagedAttention", head_dim=dim, bits=bits, num_q_heads=hq, num_kv_heads=hkv,
+                          block_size=b)
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "scale"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    assert "scale" not in {a.name for a in model.graph.node[0].attribute}
+    init = initializers(model)
+    feeds = attention_inputs(gen, dim=dim, k_bits=bits, v_bits=bits, hq=hq, hkv=hkv, block_size=b,
+                             context_lens=[40, 7])
+    feeds["query"] = feeds["query"] * 3  # sharper softmax: the scale shows in the output
+    (out,) = run(model, feeds)
+    assert_attention_close(out, reference_attention(feeds, init, bits, bits, scale=1 / np.sqrt(dim)), "float32")
+    other = reference_attention(feeds, init, bits, bits, scale=1.0).numpy()
+    assert np.abs(out - other).max() > 1e-2 * np.abs(other).max(), "the output does not depend on the scale"
+
+
+@pytest.mark.parametrize("dim", [100, 36, 13])
+@pytest.mark.parametrize("k_bits,v_bits", [(1, 2), (2, 1), (3, 4), (4, 3)])
+def test_paged_attention_head_dim_not_a_multiple_of_8(dim, k_bits, v_bits, gen):
+    """The vectorized unpacking handles whole groups of 8 codes and a scalar tail: D % 8 != 0 runs
+    the tail for keys and values of every width it serves (1-4 bits)."""
+    hq, hkv, b = 4, 2, 16
+    model = make_op_model("TQPagedAttention", head_dim=dim, k_bits=k_bits, v_bits=v_bits, num_q_heads=hq,
+                          num_kv_heads=hkv, block_size=b)
+    init = initializers(model)
+    feeds = attention_inputs(gen, dim=dim, k_bits=k_bits, v_bits=v_bits, hq=hq, hkv=hkv, block_size=b,
+                             context_lens=[1, 33, 70])
+    (out,) = run(model, feeds)
+    assert_attention_close(out, reference_attention(feeds, init, k_bits, v_bits), "float32")
+
+
+def test_cache_update_writes_the_first_and_last_slot(gen):
+    """Slot 0 and slot N*B - 1 are slots like any other (negative slots skip, 0 does not)."""
+    dim, bits, hkv, b, n = 64, 4, 2, 16, 3
+    model = make_op_model("TQCacheUpdate", head_dim=dim, bits=bits, num_kv_heads=hkv, block_size=b)
+    init = initializers(model)
+    cache = random_cache(gen, n, b, hkv, dim, bits, bits)
+    slots = torch.tensor([0, -1, n * b - 1, 5], dtype=torch.int64)
+    key, value = torch.randn(4, hkv, dim, generator=gen), torch.randn(4, hkv, dim, generator=gen)
+    outs = run(model, {"key": key, "value": value, "slot_mapping": slots, **dict(zip(CACHE_NAMES, cache))})
+    ref = cache_update_reference(key, value, slots, *[c.clone() for c in cache], init["rotation"],
+                                 init["k_codebook"], init["v_codebook"], bits, bits)
+    for name, out, want, before in zip(CACHE_NAMES, outs, ref, cache):
+        flat_out, flat_want = out.reshape(n * b, hkv, -1), want.reshape(n * b, hkv, -1).numpy()
+        assert not np.array_equal(flat_want[0], before.reshape(n * b, hkv, -1)[0].numpy()), name
+        if name.endswith("norms"):
+            np.testing.assert_allclose(flat_out, flat_want, rtol=2e-6, err_msg=name)
+        else:
+            assert_codes_match(out, want, bits, dim, name)
+
+
+def _dyadic_codebook(bits: int) -> torch.Tensor:
+    """Centroids (2k + 1) / 2**bits - 1: boundaries k / 2**(bits - 1) - 1 are exact in float32."""
+    k = torch.arange(2**bits, dtype=torch.float64)
+    return ((2 * k + 1) / 2**bits - 1).float()
+
+
+# Unit vectors whose coordinates are exact boundaries of the dyadic codebooks (0 and +-0.5 from 2 bits,
+# +-0.25 and +-0.75 from 3 bits on): the norm is exactly 1 in float32, the identity rotation keeps them.
+_TIES = [[0.5, -0.5, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0],
+         [0.75, 0.5, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0],
+         [-0.75, -0.5, -0.25, -0.25, -0.25, 0.0, 0.0, 0.0],
+         [0.0] * 8]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+def test_encode_boundary_ties_take_the_lower_code(bits):
+    """A coordinate exactly on a boundary takes the lower code (docs/ops.md, tie rule), in TQEncode
+    and in TQCacheUpdate, for the counting (<= 4 bits) and the binary-search (> 4 bits) paths."""
+    dim = 8
+    rotation, codebook = torch.eye(dim), _dyadic_codebook(bits)
+    x = torch.tensor(_TIES) * torch.tensor([[1.0], [2.0], [0.5], [1.0]])  # scaled: y = x / ||x|| stays exact
+    want_codes, want_norms = encode_reference(x, rotation, codebook, bits)
+    boundaries = (codebook[1:] + codebook[:-1]) / 2
+    y = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    ties = int((y[..., None] == boundaries).any(-1).sum())
+    assert ties >= 8, f"only {ties} coordinates lie exactly on a boundary"
+    codes, norms = run(make_op_model("TQEncode", head_dim=dim, bits=bits, rotation=rotation, codebooks=codebook),
+                       {"x": x})
+    np.testing.assert_array_equal(unpack_codes(torch.from_numpy(codes), bits, dim),
+                                  unpack_codes(want_codes, bits, dim))
+    np.testing.assert_array_equal(norms, want_norms.numpy())
+
+    model = make_op_model("TQCacheUpdate", head_dim=dim, bits=bits, num_kv_heads=1, block_size=4,
+                          rotation=rotation, codebooks=[codebook, codebook])
+    cache = [np.zeros((2, 4, 1, ops_packed(dim, bits)), np.uint8), np.zeros((2, 4, 1), np.float32),
+             np.zeros((2, 4, 1, ops_packed(dim, bits)), np.uint8), np.zeros((2, 4, 1), np.float32)]
+    kv = x[:, None, :].numpy()
+    outs = run(model, {"key": kv, "value": kv, "slot_mapping": np.array([0, 3, 4, 7]),
+                       **dict(zip(CACHE_NAMES, cache))})
+    for name in ("k_codes", "v_codes"):
+        got = outs[CACHE_NAMES.index(name)].reshape(8, -1)[[0, 3, 4, 7]]
+        np.testing.assert_array_equal(got, want_codes.numpy(), err_msg=name)
+
+
+def ops_packed(dim: int, bits: int) -> int:
+    return packed_size(dim, bits)
