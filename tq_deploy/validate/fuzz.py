@@ -185,6 +185,9 @@ def _attention_case(rng, index, dim, dtype) -> Case:
     k_bits, v_bits = _bits(rng), _bits(rng)
     s, hkv, group = int(rng.integers(0, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 5))
     n, b, m = int(rng.integers(1, 7)), int(rng.integers(1, 6)), int(rng.integers(0, 5))
+    if rng.random() < 0.12:  # long contexts: many tiles of the online softmax, and split contexts merged
+        s, hkv, b, m = int(rng.integers(1, 3)), 1, 16, int(rng.integers(20, 70))
+        n = s * m + 2
     cache = _random_cache(rng, n, b, hkv, dim, k_bits, v_bits)
     ctx = rng.integers(0, m * b + 1, s).astype(np.int32)
     # used entries point into the cache; the others hold junk the kernels must never read
