@@ -29,7 +29,7 @@ import torch
 from tq_deploy import ops
 from tq_deploy.reference.codebook import lloyd_max_codebook
 from tq_deploy.reference.paged import cache_update_reference
-from tq_deploy.reference.quantizer import encode_reference
+from tq_deploy.reference.quantizer import decode_reference, encode_reference
 from tq_deploy.reference.rotation import make_rotation
 from tq_deploy.validate import fuzz
 from tq_deploy.validate.fuzz import Case, Refused
@@ -86,6 +86,22 @@ def attention_case() -> Case:
         {"k_bits": (BITS, "int"), "v_bits": (BITS, "int")})
 
 
+def lone_token_case() -> Case:
+    """Sequence 0 holds one token whose key norm is 1e33 and whose query heads point away from it:
+    every score of those rows is about -1e33 (finite). Softmax over one token is 1: the output is
+    that token's value, whatever its score."""
+    case = attention_case()
+    inp = case.inputs
+    inp["context_lens"] = np.array([1, 33], np.int32)
+    codes = torch.from_numpy(inp["k_codes"][0, 0].copy())  # block 0, slot 0: [Hkv, P]
+    keys = decode_reference(codes, torch.ones(HKV), torch.from_numpy(ROT), torch.from_numpy(CB), BITS).numpy()
+    inp["k_norms"] = inp["k_norms"].copy()
+    inp["k_norms"][0, 0] = 1e33
+    inp["query"] = inp["query"].copy()
+    inp["query"][0] = -np.repeat(keys, HQ // HKV, axis=0) * 4
+    return case
+
+
 def update_case() -> Case:
     rng = _rng()
     return Case(0, "TQCacheUpdate", {
@@ -133,6 +149,7 @@ class Agree:
     as_if: Callable[[Case], Case] | None = None  # the call whose reference outputs it must equal
     check: Callable[[dict, Case], None] | None = None  # a property of the outputs
     compare: bool = True  # False: only `check` (the result is unspecified but must not crash)
+    xfail: str = ""  # a known defect of this backend: the cell is expected to fail (strictly)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +320,10 @@ ROWS = [
         changed(update_case, inputs={"slot_mapping": setitem(1, N * B)}),
         {"reference": refuse("slot_mapping has slot 96", "< num_blocks*block_size = 96"),
          "ort_cpu": refuse("slot_mapping[1]=96", "< num_blocks * block_size = 96"),
-         **{g: Agree(as_if=slots_as([1, -1, 40])) for g in GPU_BACKENDS}}),
+         **{g: Agree(as_if=slots_as([1, -1, 40])) for g in GPU_BACKENDS},
+         # the store is masked by slot >= 0 only: it would write past this cache into whatever the
+         # allocator put there; test_triton_cache_update_never_writes_past_the_cache gives it a guard buffer
+         "triton": Skip("known out-of-bounds write: see test_triton_cache_update_never_writes_past_the_cache")}),
     Row("slot-negative", "a negative slot (padding token): skipped",
         changed(update_case, inputs={"slot_mapping": setitem(1, -1)}), {}),
     Row("slot-duplicate", "three tokens name one slot: the last one is kept",
@@ -335,6 +355,13 @@ ROWS = [
          # the GPU kernels rotate the query in fp16/bf16 products: their overflow comes sooner, so
          # more rows may be NaN; none may be zeros
          **{g: Agree(check=never_zeros, compare=False) for g in GPU_BACKENDS}}),
+    Row("score-below--1e30", "a lone token whose every score is about -1e33 (a finite score)", lone_token_case,
+        {"reference": Agree(check=lambda o, c: (all_finite(o, c), never_zeros(o, c))),
+         # the GPU kernels start the running max at -1e30, not -inf: exp(score - max) underflows to 0
+         # for every token and the row comes out as zeros (seen for Triton on the CPU interpreter;
+         # the CUDA kernels have the same start, kNoScore). xfail(strict): a fix turns them into failures.
+         **{g: Agree(xfail="running max starts at -1e30 (Triton m_i, CUDA kNoScore): zeros instead of the value")
+            for g in GPU_BACKENDS}}),
     Row("v-norm-above-fp16", "value norms of 1e5 (above fp16's 65504): the output is finite",
         changed(attention_case, inputs={"v_norms": lambda a: a * np.float32(1e5)}),
         {"reference": Agree(check=all_finite)}),
@@ -469,6 +496,8 @@ def _cells():
             if backend == "trt" and isinstance(expect, Refuse) and not expect.at_launch:
                 gpu = False  # refused before any launch: the harness's dry run needs no GPU
             marks = [pytest.mark.gpu] if gpu else []
+            if getattr(expect, "xfail", ""):
+                marks.append(pytest.mark.xfail(reason=expect.xfail, strict=True))
             out.append(pytest.param(row.id, backend, id=f"{row.id}-{backend}", marks=marks))
     return out
 
@@ -595,6 +624,8 @@ def test_cuda_codes_with_cpu_norms_are_refused():
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="tq_deploy/triton/encode.py masks the store by slot >= 0 only (seen with "
+                                       "the Triton interpreter on the CPU); strict: the fix makes this fail")
 def test_triton_cache_update_never_writes_past_the_cache():
     """A slot >= N * B must skip its token (the CUDA launcher's rule, tq_cuda.h), never write past the
     cache: here the cache is the first blocks of a larger buffer whose tail must stay zero."""
