@@ -25,13 +25,17 @@ import os
 import statistics
 import time
 
+from tq_deploy.cli import count
+from tq_deploy.ops import SUPPORTED_BITS
+
 HQ, HKV, DIM, BLOCK, HIDDEN = 32, 8, 128, 16, 4096
 
 
 def add_arguments(p) -> None:
     p.add_argument("--shapes", default="8x32768,1x131072,1x32768", help="B x S list")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per measurement (median reported)")
-    p.add_argument("--bits", type=int, default=4, help="k_bits = v_bits of the TurboQuant cache (default 4)")
+    p.add_argument("--runs", type=count(1), default=50, help="timed runs per measurement (median reported)")
+    p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4,
+                   help="k_bits = v_bits of the TurboQuant cache (default 4)")
     p.add_argument("--json", default=None, help="where to write the results (default $OUT/bench_ort_cuda.json)")
 
 
@@ -227,6 +231,11 @@ def run(a) -> int:
         shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     except ValueError:
         raise ValueError(f"--shapes {a.shapes!r}: expected e.g. 8x32768,1x131072") from None
+    path = a.json or (os.path.join(os.environ["OUT"], "bench_ort_cuda.json") if os.environ.get("OUT") else None)
+    if path:
+        from tq_deploy.files import check_writable
+
+        check_writable(path, "--json")  # before the benchmarks, not after them
     nodes, steps = [], []
     for batch, seq in shapes:
         nodes.append(bench_node(batch, seq, a.bits, a.runs))
@@ -237,7 +246,6 @@ def run(a) -> int:
         steps.append({"B": batch, "S": seq, "tq": tq, "gqa": gqa})
         print(json.dumps(steps[-1]), flush=True)
         torch.cuda.empty_cache()
-    path = a.json or (os.path.join(os.environ["OUT"], "bench_ort_cuda.json") if os.environ.get("OUT") else None)
     if path:
         from tq_deploy.files import write_text
 
