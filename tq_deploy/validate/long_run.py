@@ -122,8 +122,11 @@ class SoakReport:
 def soak(steps: int = 100_000, *, num_seqs: int = 2, num_q_heads: int = 4, num_kv_heads: int = 2,
          head_dim: int = 72, bits: int = 3, block_size: int = 4, blocks_per_seq: int = 3, spare_blocks: int = 2,
          provider: str = "cpu", library=None, seed: int = 0, warmup: int | None = None,
-         max_growth: float = 0.01, threads: int | None = 1, dtype: str = "float32") -> SoakReport:
-    """Run the decode loop of the module docstring for ``steps`` steps and check it."""
+         max_growth: float = 0.01, threads: int | None = 1, dtype: str = "float32",
+         leak_per_step: int = 0) -> SoakReport:
+    """Run the decode loop of the module docstring for ``steps`` steps and check it.
+    ``leak_per_step`` bytes are kept alive per step: a planted leak, for the test that shows the
+    measurement sees one."""
     import onnxruntime as ort
     import torch
 
@@ -179,8 +182,11 @@ def soak(steps: int = 100_000, *, num_seqs: int = 2, num_q_heads: int = 4, num_k
 
     rss = []
     device_warm = None
+    leaked = []
     start = time.perf_counter()
     for t in range(steps):
+        if leak_per_step:
+            leaked.append(bytearray(leak_per_step))  # zero-filled: its pages count in VmRSS
         i = t % pool
         step_inputs["key"].update_inplace(keys[i])
         step_inputs["value"].update_inplace(values[i])
@@ -197,6 +203,7 @@ def soak(steps: int = 100_000, *, num_seqs: int = 2, num_q_heads: int = 4, num_k
     binding.synchronize_outputs()
     seconds = time.perf_counter() - start
     rss.append((steps, rss_bytes()))
+    leaked.clear()
     samples, rss = rss, [r for _, r in rss]
     device_end = device_bytes_in_use()
 
