@@ -171,6 +171,11 @@ def test_export_output_checks(capsys, tmp_path):
     one_error(capsys, ["export", "--out", "/proc/x.onnx"], "folder '/proc' does not take new files")
 
 
+def test_validate_with_a_missing_engine(models, capsys):
+    one_error(capsys, ["validate", str(models / "good.onnx"), "--engine", "/nowhere/model.engine"],
+              "--engine '/nowhere/model.engine' is not a file")
+
+
 def test_engine_dim_names_must_exist(models, capsys, tmp_path):
     one_error(capsys, ["engine", "--onnx", str(models / "good.onnx"), "--out", str(tmp_path / "e"),
                        "--dim", "batchh=1,2,4"], "dim 'batchh' names no dynamic dim",

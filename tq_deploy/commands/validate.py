@@ -14,6 +14,7 @@ run here (a given --engine, else one built from the model). Each is compared wit
 from __future__ import annotations
 
 import json
+import os
 
 
 def add_arguments(parser) -> None:
@@ -33,6 +34,9 @@ def run(args) -> int:
     from tq_deploy.validate.polygraphy_run import compare_with_polygraphy
     from tq_deploy.validate.reference import reference_outputs
 
+    if args.engine is not None and not os.path.isfile(args.engine):
+        # on a machine where TensorRT cannot run the engine would be skipped silently
+        raise ValueError(f"--engine {args.engine!r} is not a file, expected a TensorRT engine of the model")
     model = load_model(args.model)
     feeds = random_inputs(model, seed=args.seed, context_lens=args.context_lens)
     expected = reference_outputs(model, feeds)
