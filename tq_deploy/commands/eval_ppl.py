@@ -22,8 +22,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", action="append", default=None, metavar="PATH|NAME",
                         help="text to score, repeatable: a UTF-8 file, a shipped text (austen: Pride and Prejudice "
                              "ch. 1-3; darwin: Origin of Species ch. 1) or 'shipped' for both (default: both)")
-    parser.add_argument("--tokens", type=count(2), default=2048, help="tokens of the text to score (default 2048)")
-    parser.add_argument("--chunk-size", type=count(1), default=256,
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens of the text to score (default 2048)")
+    parser.add_argument("--chunk-size", type=int, default=256,
                         help="tokens per forward call through the cache (default 256)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated configurations, e.g. 'mse-4,mse-k4v3,mse-4-hadamard,mse-4-ck,mixed-3.5,prod-3,"
@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--v-bits", type=float, default=None,
                         help="value bit width for every selected configuration (default: from the config name)")
     parser.add_argument("--seed", type=int, default=0, help="rotation/codebook seed (keys seed, values seed+1)")
-    parser.add_argument("--seeds", type=count(1), default=1,
+    parser.add_argument("--seeds", type=int, default=1,
                         help="runs per quantized configuration with seeds seed, seed+2, ...: "
                              "report the mean PPL and the spread of the delta (default 1)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
