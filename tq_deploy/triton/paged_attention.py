@@ -1,5 +1,6 @@
-"""TQPagedAttention on Triton: flash-decoding in the rotated domain, for every shape the CUDA
-tensor-core kernel does not take (bf16 queries, 3-bit codes, groups > 8, other block sizes).
+"""TQPagedAttention on Triton: flash-decoding in the rotated domain, bits 1-8 for keys and values
+independently. The dispatcher runs it where the CUDA library (tq_deploy.cuda) is not built, not
+chosen (TQ_DEPLOY_BACKEND=triton) or refuses the call (caches that are not dense).
 
 Three launches:
   qrot_kernel    q_rot = (q @ Pi^T) * scale * log2(e), stored in the compute half type
@@ -226,7 +227,8 @@ def _word_aligned(t: torch.Tensor) -> bool:
 
 
 def supports_paged_attention(a: PagedAttentionArgs) -> bool:
-    """Head dims 32/64/128/256, bits 1-4, power-of-two block sizes, groups of at most 64 query heads."""
+    """Head dims 32/64/128/256, bits 1-8 (any k_bits, v_bits), power-of-two block sizes, groups of at
+    most 64 query heads."""
     return (C.runs_here(a.device) and a.head_dim in C.SUPPORTED_DIMS and a.k_bits in C.SUPPORTED_BITS
             and a.v_bits in C.SUPPORTED_BITS and a.block_size & (a.block_size - 1) == 0 and a.group <= MAX_GROUP
             and _word_aligned(a.k_codes) and _word_aligned(a.v_codes))
