@@ -3,9 +3,10 @@
 Without CUDA the kernels run under the Triton interpreter on CPU tensors
 (small contexts); with CUDA the same cases run compiled, plus larger ones
 marked gpu. Odd shapes: context 0, 1, B-1, B+1, partial last blocks, shuffled
-block tables, GQA 1/4/8, D 64/128/256, block size 16/32, k_bits != v_bits,
-forced split counts (split-K with the reduction kernel) and the fused
-single-split path.
+block tables, GQA 1/2/4/6/8, D 64/128/256, block size 16/32/64, bits 1-8 with
+k_bits != v_bits, garbage in unused blocks, forced split counts (split-K with
+the reduction kernel) and the fused single-split path. Inputs are fresh random
+draws (the ``seed`` fixture of tests/conftest.py prints the seed of a failure).
 
 Tolerance (norm-wise relative error of the output against the reference,
 computed in float32): 5e-3 for fp16/fp32 queries, 1.5e-2 for bf16 (the kernel
@@ -101,12 +102,19 @@ CASES = [
     ([16, 50], 2, 4, 64, 16, 3, 4, torch.bfloat16, 4),
     ([100], 1, 8, 64, 16, 2, 2, torch.float16, 7),
     ([3, 47], 2, 4, 128, 16, 4, 4, torch.bfloat16, None),
+    # 5-8 bits (5, 6, 7 straddle bytes; 8 is a byte a code), each width as key and as value
+    ([0, 1, 33], 2, 4, 64, 16, 5, 7, torch.float16, None),
+    ([17], 1, 6, 128, 32, 6, 6, torch.bfloat16, None),
+    ([64, 2], 1, 1, 64, 64, 8, 5, torch.float32, 2),
+    ([9], 1, 8, 256, 16, 7, 8, torch.float16, None),
+    ([40, 31], 2, 2, 128, 16, 8, 3, torch.float16, 3),
+    ([15], 2, 4, 64, 32, 2, 6, torch.bfloat16, None),
 ]
 
 
 @pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits", CASES)
-def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits):
-    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=sum(ctxs) + dim + k_bits, num_splits=splits)
+def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits, seed):
+    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=seed, num_splits=splits)
 
 
 def test_explicit_scale_and_dense_oracle():
