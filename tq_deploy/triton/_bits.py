@@ -21,8 +21,7 @@ import triton.language as tl
 
 @triton.jit
 def _load(ptr, mask, MASKED: tl.constexpr):
-    """ptr [ROWS, n]; with MASKED, rows where ``mask`` [ROWS] is false read 0 (the mask is
-    expanded here only, so that unmasked loads compile exactly as plain loads)."""
+    """ptr [ROWS, n]; with MASKED, rows where ``mask`` [ROWS] is false read 0."""
     if MASKED:
         v = tl.load(ptr, mask=mask[:, None], other=0)
     else:
@@ -55,33 +54,21 @@ def _octet_shifts(BITS: tl.constexpr):
 
 
 @triton.jit
-def _unpack(words_ptr, bytes_ptr, row, mask, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-            MASKED: tl.constexpr):
-    cmask: tl.constexpr = (1 << BITS) - 1
-    if BITS == 3 or BITS == 6:
-        gc: tl.constexpr = 24 // BITS
-        p: tl.constexpr = D * BITS // 8
-        grp = row[:, None] * p + tl.arange(0, D // gc)[None, :] * 3
-        b0 = _load(bytes_ptr + grp, mask, MASKED).to(tl.int32)
-        b1 = _load(bytes_ptr + grp + 1, mask, MASKED).to(tl.int32)
-        b2 = _load(bytes_ptr + grp + 2, mask, MASKED).to(tl.int32)
-        g24 = b0 | (b1 << 8) | (b2 << 16)
-        shifts = tl.arange(0, gc) * BITS
-        codes = (g24[:, :, None] >> shifts[None, None, :]) & cmask
-    elif BITS == 5 or BITS == 7:
-        p: tl.constexpr = D * BITS // 8
-        grp = row[:, None] * p + tl.arange(0, D // 8)[None, :] * BITS
-        lo, hi = _octet_windows(bytes_ptr, grp, mask, MASKED, BITS)
-        in_lo, lo_shift, hi_shift = _octet_shifts(BITS)
-        codes = tl.where(in_lo[None, None, :], lo[:, :, None] >> lo_shift[None, None, :],
-                         hi[:, :, None] >> hi_shift[None, None, :]) & cmask
-    else:
-        cpw: tl.constexpr = 32 // BITS
-        nw: tl.constexpr = D // cpw
-        w = _load(words_ptr + row[:, None] * nw + tl.arange(0, nw)[None, :], mask, MASKED)
-        shifts = tl.arange(0, cpw) * BITS
-        codes = (w[:, :, None] >> shifts[None, None, :]) & cmask
+def _octet_codes(bytes_ptr, row, mask, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                 MASKED: tl.constexpr):
+    p: tl.constexpr = D * BITS // 8
+    grp = row[:, None] * p + tl.arange(0, D // 8)[None, :] * BITS
+    lo, hi = _octet_windows(bytes_ptr, grp, mask, MASKED, BITS)
+    in_lo, lo_shift, hi_shift = _octet_shifts(BITS)
+    codes = tl.where(in_lo[None, None, :], lo[:, :, None] >> lo_shift[None, None, :],
+                     hi[:, :, None] >> hi_shift[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(codes, [ROWS, D])
+
+
+# The word and triple paths are written out in both unpack functions rather than shared through
+# a helper: routing them through one more inlined call (which adds scope labels to the PTX)
+# changed ptxas's register allocation of the 1-4 bit attention kernel; written out, the 1-4 bit
+# paths compile to the same sm_90 SASS as before 5-8 bits existed.
 
 
 @triton.jit
@@ -93,13 +80,50 @@ def unpack_codes(words_ptr, bytes_ptr, row, ROWS: tl.constexpr, D: tl.constexpr,
     clamp invalid rows to a readable one instead of masking, so the word loads
     stay unmasked 16-byte loads).
     """
-    return _unpack(words_ptr, bytes_ptr, row, row, ROWS, D, BITS, False)
+    if BITS == 3 or BITS == 6:
+        gc: tl.constexpr = 24 // BITS
+        p: tl.constexpr = D * BITS // 8
+        grp = row[:, None] * p + tl.arange(0, D // gc)[None, :] * 3
+        b0 = tl.load(bytes_ptr + grp).to(tl.int32)
+        b1 = tl.load(bytes_ptr + grp + 1).to(tl.int32)
+        b2 = tl.load(bytes_ptr + grp + 2).to(tl.int32)
+        g24 = b0 | (b1 << 8) | (b2 << 16)
+        shifts = tl.arange(0, gc) * BITS
+        codes = tl.reshape((g24[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), [ROWS, D])
+    elif BITS == 5 or BITS == 7:
+        codes = _octet_codes(bytes_ptr, row, row, ROWS, D, BITS, False)
+    else:
+        cpw: tl.constexpr = 32 // BITS
+        nw: tl.constexpr = D // cpw
+        w = tl.load(words_ptr + row[:, None] * nw + tl.arange(0, nw)[None, :])
+        shifts = tl.arange(0, cpw) * BITS
+        codes = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), [ROWS, D])
+    return codes
 
 
 @triton.jit
 def unpack_codes_masked(words_ptr, bytes_ptr, row, mask, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
     """Like unpack_codes, rows where ``mask`` is false read as code 0."""
-    return _unpack(words_ptr, bytes_ptr, row, mask, ROWS, D, BITS, True)
+    if BITS == 3 or BITS == 6:
+        gc: tl.constexpr = 24 // BITS
+        p: tl.constexpr = D * BITS // 8
+        grp = row[:, None] * p + tl.arange(0, D // gc)[None, :] * 3
+        m = mask[:, None]
+        b0 = tl.load(bytes_ptr + grp, mask=m, other=0).to(tl.int32)
+        b1 = tl.load(bytes_ptr + grp + 1, mask=m, other=0).to(tl.int32)
+        b2 = tl.load(bytes_ptr + grp + 2, mask=m, other=0).to(tl.int32)
+        g24 = b0 | (b1 << 8) | (b2 << 16)
+        shifts = tl.arange(0, gc) * BITS
+        codes = tl.reshape((g24[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), [ROWS, D])
+    elif BITS == 5 or BITS == 7:
+        codes = _octet_codes(bytes_ptr, row, mask, ROWS, D, BITS, True)
+    else:
+        cpw: tl.constexpr = 32 // BITS
+        nw: tl.constexpr = D // cpw
+        w = tl.load(words_ptr + row[:, None] * nw + tl.arange(0, nw)[None, :], mask=mask[:, None], other=0)
+        shifts = tl.arange(0, cpw) * BITS
+        codes = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), [ROWS, D])
+    return codes
 
 
 @triton.jit
