@@ -247,7 +247,11 @@ def paged_attention(a: PagedAttentionArgs, *, block_n=None, num_splits=None, num
     half = torch.float16
     # defaults: the fastest validated knobs of the H200 sweep at D=128 (docs/performance.md)
     block_n = block_n or (64 if dim <= 128 else 32)
-    num_warps = num_warps or (2 if dim <= 128 else 4)
+    # 5-7 bit codes are read as 5-7 byte loads per 8 codes, a register each: at the 1-4 bit warp
+    # counts the split kernel spills on sm_90 (1.2 KB a thread for 5-bit K and V at D=128); twice
+    # the warps spill at most 56 bytes (offline compile statistics; not timed on a GPU yet)
+    bytewise = any(b in (5, 6, 7) for b in (a.k_bits, a.v_bits))
+    num_warps = num_warps or (2 if dim <= 128 else 4) * (2 if bytewise else 1)
     num_stages = num_stages or 2
     max_tokens = a.max_blocks * page
     if num_splits is None:
