@@ -12,6 +12,8 @@ rotated coordinate is within 1e-6 of that boundary. Norms to
 1e-6 relative; decode (fp32 product) to 1e-5 relative (norm-wise).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -171,6 +173,67 @@ def test_cache_update_matches_reference(dim, k_bits, v_bits, page, dtype, seed):
     _assert_cache_equal(ours, ref, dim, k_bits, v_bits)
 
 
+def test_cache_update_writes_the_first_and_last_slot(seed):
+    """Slot 0 (row 0 of every cache tensor) and slot N*B-1 are real slots; a random permutation
+    of the slots names slot 0 only now and then."""
+    dim, k_bits, v_bits, page, n, hkv = 64, 6, 3, 16, 3, 2
+    g, rot, _ = _setup(dim, k_bits, seed=seed)
+    kcb, vcb = lloyd_max_codebook(dim, k_bits), lloyd_max_codebook(dim, v_bits)
+    ref, ours = _garbage_cache(g, n, page, hkv, dim, k_bits, v_bits)
+    before = [x.clone() for x in ref.tensors()]
+    slots = torch.tensor([0, -1, n * page - 1, 5])
+    key = torch.randn(4, hkv, dim, generator=g)
+    value = torch.randn(4, hkv, dim, generator=g)
+    cache_update_reference(key, value, slots, *ref.tensors(), rot.cpu(), kcb, vcb, k_bits, v_bits)
+    assert not torch.equal(before[1][0, 0], ref.k_norms[0, 0]), "the case must overwrite slot 0"
+    cache_update(key.to(DEV), value.to(DEV), slots.to(DEV), *ours, rot, kcb.to(DEV), vcb.to(DEV), k_bits, v_bits)
+    _assert_cache_equal(ours, ref, dim, k_bits, v_bits)
+
+
+def _four_squares(m: int) -> tuple[int, int, int, int]:
+    """Non-negative a, b, c, d with a^2 + b^2 + c^2 + d^2 = m (Lagrange: one always exists)."""
+    for a in range(math.isqrt(m), -1, -1):
+        for b in range(math.isqrt(m - a * a), -1, -1):
+            for c in range(math.isqrt(m - a * a - b * b), -1, -1):
+                rest = m - a * a - b * b - c * c
+                d = math.isqrt(rest)
+                if d * d == rest:
+                    return a, b, c, d
+    raise AssertionError(m)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_encode_ties_take_the_lower_code(bits):
+    """A coordinate exactly on a boundary takes the lower code (docs/ops.md, "Tie rule").
+
+    Random inputs almost never land on a boundary, so this builds them: centroids at the odd
+    multiples of 1/K put every boundary on a multiple of 2/K, the identity rotation leaves y =
+    x / ||x||, and row i is (n_i, a, b, c, d, 0, ...) / K with n_i / K the i-th boundary and
+    n_i^2 + a^2 + b^2 + c^2 + d^2 = K^2, so that ||x|| = 1 and y is computed without rounding in
+    every input dtype (integers up to 256 over a power of two are exact in bf16 too). Every
+    boundary is hit once, so a comparison that lets a tie through at any level of the search
+    moves some code up."""
+    k, dim = 2**bits, 32
+    cb = ((torch.arange(k) * 2 - (k - 1)).double() / k).float().to(DEV)
+    rot = torch.eye(dim).to(DEV)
+    rows = torch.zeros(k - 1, dim, dtype=torch.float64)
+    for i in range(k - 1):
+        num = 2 * i + 2 - k  # boundary i = (c_i + c_{i+1}) / 2 = num / K
+        rows[i, 0] = num
+        rows[i, 1:5] = torch.tensor(_four_squares(k * k - num * num), dtype=torch.float64)
+    rows /= k
+    assert torch.equal(rows[:, 0].float(), codebook_boundaries(cb.cpu()))
+    for dtype in DTYPES:
+        x = rows.to(dtype)
+        assert torch.equal(x.double(), rows), "the inputs must be exact in the dtype"
+        codes, norms = encode(x.to(DEV), rot, cb, bits)
+        want_codes, want_norms = encode_reference(x, rot.cpu(), cb.cpu(), bits)
+        got = unpack_codes(codes.cpu(), bits, dim).long()
+        assert torch.equal(norms.cpu(), torch.ones(k - 1)) and torch.equal(want_norms, torch.ones(k - 1))
+        assert torch.equal(got[:, 0], torch.arange(k - 1)), f"{dtype}: a tie must take the lower code"
+        assert torch.equal(got, unpack_codes(want_codes, bits, dim).long()), f"{dtype}: codes differ from the reference"
+
+
 def test_bad_arguments_name_the_argument():
     rot = make_rotation(64).to(DEV)
     cb = lloyd_max_codebook(64, 4).to(DEV)
@@ -193,7 +256,7 @@ def test_shapes_the_kernels_do_not_take_are_refused_by_supports():
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_encode_large_on_gpu(bits, dtype):
     dim = 128
     g, rot, cb = _setup(dim, bits, seed=bits)
