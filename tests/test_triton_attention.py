@@ -3,9 +3,14 @@
 Without CUDA the kernels run under the Triton interpreter on CPU tensors
 (small contexts); with CUDA the same cases run compiled, plus larger ones
 marked gpu. Odd shapes: context 0, 1, B-1, B+1, partial last blocks, shuffled
-block tables, GQA 1/4/8, D 64/128/256, block size 16/32, k_bits != v_bits,
-forced split counts (split-K with the reduction kernel) and the fused
-single-split path.
+block tables, GQA 1/2/4/6/8, D 64/128/256, block size 16/32/64, bits 1-8 with
+k_bits != v_bits, garbage in unused blocks, forced split counts (split-K with
+the reduction kernels) and the fused single-split path. The control flow the
+small CPU shapes would never reach (one split over several tiles, more splits
+than the per-group reduction takes, a block table that is a strided view) is
+forced through the kernel's knobs and checked on its own. Inputs are fresh
+random draws (the ``seed`` fixture of tests/conftest.py prints the seed of a
+failure).
 
 Tolerance (norm-wise relative error of the output against the reference,
 computed in float32): 5e-3 for fp16/fp32 queries, 1.5e-2 for bf16 (the kernel
@@ -42,8 +47,10 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 TOL = {torch.float16: 5e-3, torch.float32: 5e-3, torch.bfloat16: 1.5e-2}
 
 
-def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_blocks=3, encode=True):
-    """Random cache filled through the reference cache update, shuffled block tables."""
+def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_blocks=3, key_fn=None, query_fn=None):
+    """Random cache filled through the reference cache update, shuffled block tables.
+    ``key_fn(key [c, Hkv, D], generator)`` and ``query_fn(query [S, Hq, D], generator)`` may reshape
+    the random keys and queries (fp32, before the query is cast to ``dtype``)."""
     g = torch.Generator().manual_seed(seed)
     rot = make_rotation(dim, "haar", seed=seed)
     kcb, vcb = lloyd_max_codebook(dim, k_bits), lloyd_max_codebook(dim, v_bits)
@@ -62,10 +69,15 @@ def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_bl
         t = torch.arange(c)
         slots = tables[i, t // page].long() * page + t % page
         key = torch.randn(c, hkv, dim, generator=g) * 2
+        if key_fn is not None:
+            key = key_fn(key, g)
         value = torch.randn(c, hkv, dim, generator=g)
         cache_update_reference(key, value, slots, *cache.tensors(), rot, kcb, vcb, k_bits, v_bits)
     tables[:, -1] = 10**6  # entries past the context are never read
-    query = torch.randn(s, hkv * group, dim, generator=g).to(dtype)
+    query = torch.randn(s, hkv * group, dim, generator=g)
+    if query_fn is not None:
+        query = query_fn(query, g)
+    query = query.to(dtype)
     ctx = torch.tensor(ctxs, dtype=torch.int32)
     return query, cache, tables, ctx, rot, kcb, vcb
 
@@ -75,11 +87,17 @@ def attention(*args, **knobs):
     return tqt.paged_attention.paged_attention(checks.check_paged_attention(*args, check_data=False), **knobs)
 
 
-def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_splits=None, scale=0.0):
-    query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed)
+def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_splits=None, scale=0.0, block_n=None,
+             key_fn=None, query_fn=None, table_fn=None):
+    """The Triton attention against the reference on one random case; ``table_fn(tables, num_blocks,
+    generator)`` may hand the kernel another view of the same block-table entries."""
+    query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed,
+                                                         key_fn=key_fn, query_fn=query_fn)
     want = paged_attention_reference(query, *cache.tensors(), tables, ctx, rot, kcb, vcb, k_bits, v_bits, scale)
+    if table_fn is not None:
+        tables = table_fn(tables, cache.num_blocks, torch.Generator().manual_seed(seed))
     dev = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
-    got = attention(*dev, k_bits, v_bits, scale, num_splits=num_splits)
+    got = attention(*dev, k_bits, v_bits, scale, num_splits=num_splits, block_n=block_n)
     assert got.dtype == query.dtype and got.shape == query.shape
     got = got.cpu().float()
     assert torch.isfinite(got).all()
@@ -101,12 +119,71 @@ CASES = [
     ([16, 50], 2, 4, 64, 16, 3, 4, torch.bfloat16, 4),
     ([100], 1, 8, 64, 16, 2, 2, torch.float16, 7),
     ([3, 47], 2, 4, 128, 16, 4, 4, torch.bfloat16, None),
+    # 5-8 bits (5, 6, 7 straddle bytes; 8 is a byte a code), each width as key and as value
+    ([0, 1, 33], 2, 4, 64, 16, 5, 7, torch.float16, None),
+    ([17], 1, 6, 128, 32, 6, 6, torch.bfloat16, None),
+    ([64, 2], 1, 1, 64, 64, 8, 5, torch.float32, 2),
+    ([9], 1, 8, 256, 16, 7, 8, torch.float16, None),
+    ([40, 31], 2, 2, 128, 16, 8, 3, torch.float16, 3),
+    ([15], 2, 4, 64, 32, 2, 6, torch.bfloat16, None),
 ]
 
 
 @pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits", CASES)
-def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits):
-    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=sum(ctxs) + dim + k_bits, num_splits=splits)
+def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits, seed):
+    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=seed, num_splits=splits)
+
+
+def _rising_keys(key, g):
+    """Key norms grow along the context, so each new tile raises the running max of the scores."""
+    ramp = torch.linspace(1.0, 4.0, key.shape[0])
+    return key * ramp[:, None, None]
+
+
+def test_one_split_over_many_tiles(seed):
+    """A split of several BLOCK_N tiles: the online softmax must rescale what earlier tiles summed
+    whenever a later tile raises the max (the CPU shapes are otherwise one tile per split)."""
+    for splits in (1, 2):
+        run_case([70, 40], 2, 2, 64, 16, 4, 3, torch.float16, seed=seed, num_splits=splits, block_n=16,
+                 key_fn=_rising_keys)
+
+
+@pytest.mark.parametrize("splits", [3, 8])
+def test_split_merge_rescales_to_the_max(splits, seed):
+    """Splits merged with weights 2^(m_split - m_max). Keys are 20 u + noise and queries 83 u +
+    noise along one direction u per KV head, so every score is about 300 (base 2) and spreads
+    by a few units: 2^m overflows float32, so the max cannot be left out, and the splits' maxima
+    differ, so the weights cannot either. The spread comes from the key norms (the keys' codes
+    barely differ), which keeps the kernel's half-precision operands from blurring it.
+    8 splits of one 16-token tile take the per-row merge (reduce_kernel, > 4 splits); 3 splits
+    of three tiles the per-group one."""
+    hkv, group, dim = 2, 3, 64
+    u = torch.randn(hkv, dim, generator=torch.Generator().manual_seed(seed + 1))
+    u /= u.norm(dim=-1, keepdim=True)
+
+    def keys(key, g):
+        return 20 * u + 0.1 * key
+
+    def queries(query, g):
+        return 83 * u.repeat_interleave(group, dim=0) + 0.5 * query
+
+    run_case([100, 37], hkv, group, dim, 16, 4, 4, torch.float16, seed=seed, num_splits=splits, block_n=16,
+             key_fn=keys, query_fn=queries)
+
+
+def _strided_view(tables, num_blocks, g):
+    """The same entries as a column slice of a wider table whose other columns hold other valid
+    blocks: row s starts at s * (2M + 1) + 1, not at s * M."""
+    s, m = tables.shape
+    wide = torch.randint(0, num_blocks, (s, 2 * m + 1), generator=g, dtype=torch.int32)
+    wide[:, 1 : m + 1] = tables
+    view = wide[:, 1 : m + 1]
+    assert not view.is_contiguous() and view.stride() == (2 * m + 1, 1)
+    return view
+
+
+def test_block_table_row_stride(seed):
+    run_case([20, 35, 7], 2, 2, 64, 16, 4, 2, torch.float16, seed=seed, table_fn=_strided_view)
 
 
 def test_explicit_scale_and_dense_oracle():
@@ -140,7 +217,7 @@ def test_bad_arguments_name_the_argument():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group,dim,page,k_bits,v_bits", [(4, 128, 16, 4, 4), (8, 128, 32, 3, 2), (1, 64, 16, 2, 4),
-                                                          (4, 256, 16, 4, 3)])
+                                                          (4, 256, 16, 4, 3), (4, 128, 16, 8, 5), (6, 64, 32, 7, 6)])
 def test_gpu_larger_contexts(group, dim, page, k_bits, v_bits, dtype):
     ctxs = [1, page - 1, page + 1, 777, 3000, 4096]
     run_case(ctxs, 2, group, dim, page, k_bits, v_bits, dtype, seed=group + dim + page)
@@ -148,7 +225,7 @@ def test_gpu_larger_contexts(group, dim, page, k_bits, v_bits, dtype):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
 def test_gpu_long_context_split_k(bits):
     got = run_case([50_000], 8, 4, 128, 16, bits, bits, torch.float16, seed=bits)
     assert torch.isfinite(got).all()

@@ -1,8 +1,9 @@
 """Triton Encode / Decode / CacheUpdate against the PyTorch reference.
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors (small
-shapes, every bit width, head dim and dtype); with CUDA the same tests run
-compiled on the GPU, plus the larger cases marked gpu.
+shapes, every bit width 1-8, head dim and dtype); with CUDA the same tests run
+compiled on the GPU, plus the larger cases marked gpu. Inputs are fresh random
+draws (the ``seed`` fixture of tests/conftest.py prints the seed of a failure).
 
 Tolerances: codes must equal the reference's except for rounding ties (a
 coordinate within float32 rounding of a boundary), which may take the
@@ -11,6 +12,7 @@ rotated coordinate is within 1e-6 of that boundary. Norms to
 1e-6 relative; decode (fp32 product) to 1e-5 relative (norm-wise).
 """
 
+import math
 
 import pytest
 import torch
@@ -78,11 +80,16 @@ def assert_codes_match(got, want, bits, dim, what="codes", x=None, rot=None, cb=
         assert dist.max().item() < TIE_DISTANCE, f"{what}: a differing code is {dist.max():.2e} from its boundary"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
-@pytest.mark.parametrize("dim", [32, 64, 128, 256])
-def test_encode_matches_reference(dim, bits, dtype):
-    g, rot, cb = _setup(dim, bits, seed=dim * 10 + bits)
+DIMS = (32, 64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# every (dim, dtype) at 1-4 bits; at 5-8 bits every dim and every dtype once per width
+ENCODE_CASES = ([(dim, bits, dtype) for dim in DIMS for bits in (1, 2, 3, 4) for dtype in DTYPES]
+                + [(dim, bits, DTYPES[(i + bits) % 3]) for bits in (5, 6, 7, 8) for i, dim in enumerate(DIMS)])
+
+
+@pytest.mark.parametrize("dim,bits,dtype", ENCODE_CASES)
+def test_encode_matches_reference(dim, bits, dtype, seed):
+    g, rot, cb = _setup(dim, bits, seed=seed)
     x = (torch.randn(37, dim, generator=g) * 3).to(dtype).to(DEV)
     x[5] = 0  # zero vector: norm 0, y = 0
     codes, norms = encode(x, rot, cb, bits)
@@ -104,10 +111,10 @@ def test_encode_leading_dims_and_strided_input():
     torch.testing.assert_close(norms.cpu(), want_norms, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
-@pytest.mark.parametrize("dim", [32, 64, 128, 256])
-def test_decode_matches_reference(dim, bits):
-    g, rot, cb = _setup(dim, bits, seed=dim + bits)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("dim", DIMS)
+def test_decode_matches_reference(dim, bits, seed):
+    g, rot, cb = _setup(dim, bits, seed=seed)
     p = (dim * bits + 7) // 8
     codes = torch.randint(0, 256, (3, 7, p), generator=g, dtype=torch.uint8)
     norms = torch.rand(3, 7, generator=g) * 5
@@ -120,20 +127,41 @@ def test_decode_matches_reference(dim, bits):
     assert half.dtype == torch.float16
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("dim,k_bits,v_bits,page", [(64, 4, 2, 16), (128, 3, 4, 32), (32, 2, 3, 16), (256, 4, 4, 16)])
-def test_cache_update_matches_reference(dim, k_bits, v_bits, page, dtype):
-    g, rot, _ = _setup(dim, k_bits, seed=dim + k_bits + v_bits)
-    kcb = lloyd_max_codebook(dim, k_bits)
-    vcb = lloyd_max_codebook(dim, v_bits)
-    n, hkv, t = 5, 2, 23
+CACHE_UPDATE_CASES = (
+    [(dim, kb, vb, page, dtype) for dim, kb, vb, page in [(64, 4, 2, 16), (128, 3, 4, 32), (32, 2, 3, 16), (256, 4, 4, 16)]
+     for dtype in DTYPES]
+    # 5-8 bits, keys and values of different widths, each width as key and as value
+    + [(64, 5, 8, 64, torch.float16), (128, 7, 6, 32, torch.bfloat16), (32, 8, 1, 16, torch.float32),
+       (256, 6, 5, 16, torch.float16), (64, 3, 7, 16, torch.float32)]
+)
+
+
+def _garbage_cache(g, n, page, hkv, dim, k_bits, v_bits):
+    """A reference cache full of garbage that slots not written must keep, and its device copy."""
     ref = allocate_cache(n, page, hkv, dim, k_bits, v_bits)
-    for tensor in ref.tensors():  # garbage that untouched slots must keep
+    for tensor in ref.tensors():
         if tensor.dtype == torch.uint8:
             tensor.copy_(torch.randint(0, 256, tensor.shape, generator=g, dtype=torch.uint8))
         else:
             tensor.copy_(torch.randn(tensor.shape, generator=g))
-    ours = [x.clone().to(DEV) for x in ref.tensors()]
+    return ref, [x.clone().to(DEV) for x in ref.tensors()]
+
+
+def _assert_cache_equal(ours, ref, dim, k_bits, v_bits):
+    kc, kn, vc, vn = (x.cpu() for x in ours)
+    assert_codes_match(kc.reshape(-1, kc.shape[-1]), ref.k_codes.reshape(-1, kc.shape[-1]), k_bits, dim, "k")
+    assert_codes_match(vc.reshape(-1, vc.shape[-1]), ref.v_codes.reshape(-1, vc.shape[-1]), v_bits, dim, "v")
+    torch.testing.assert_close(kn, ref.k_norms, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(vn, ref.v_norms, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim,k_bits,v_bits,page,dtype", CACHE_UPDATE_CASES)
+def test_cache_update_matches_reference(dim, k_bits, v_bits, page, dtype, seed):
+    g, rot, _ = _setup(dim, k_bits, seed=seed)
+    kcb = lloyd_max_codebook(dim, k_bits)
+    vcb = lloyd_max_codebook(dim, v_bits)
+    n, hkv, t = 5, 2, 23
+    ref, ours = _garbage_cache(g, n, page, hkv, dim, k_bits, v_bits)
     slots = torch.randperm(n * page, generator=g)[:t]
     slots[[2, 7, 11]] = -1  # padding tokens are skipped
     key = torch.randn(t, hkv, dim, generator=g).to(dtype)
@@ -142,11 +170,68 @@ def test_cache_update_matches_reference(dim, k_bits, v_bits, page, dtype):
     out = cache_update(key.to(DEV), value.to(DEV), slots.to(DEV), *ours, rot, kcb.to(DEV), vcb.to(DEV),
                            k_bits, v_bits)
     assert all(a is b for a, b in zip(out, ours)), "cache_update must return the tensors it updated in place"
-    kc, kn, vc, vn = (x.cpu() for x in ours)
-    assert_codes_match(kc.reshape(-1, kc.shape[-1]), ref.k_codes.reshape(-1, kc.shape[-1]), k_bits, dim, "k")
-    assert_codes_match(vc.reshape(-1, vc.shape[-1]), ref.v_codes.reshape(-1, vc.shape[-1]), v_bits, dim, "v")
-    torch.testing.assert_close(kn, ref.k_norms, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(vn, ref.v_norms, rtol=1e-6, atol=1e-6)
+    _assert_cache_equal(ours, ref, dim, k_bits, v_bits)
+
+
+def test_cache_update_writes_the_first_and_last_slot(seed):
+    """Slot 0 (row 0 of every cache tensor) and slot N*B-1 are real slots; a random permutation
+    of the slots names slot 0 only now and then."""
+    dim, k_bits, v_bits, page, n, hkv = 64, 6, 3, 16, 3, 2
+    g, rot, _ = _setup(dim, k_bits, seed=seed)
+    kcb, vcb = lloyd_max_codebook(dim, k_bits), lloyd_max_codebook(dim, v_bits)
+    ref, ours = _garbage_cache(g, n, page, hkv, dim, k_bits, v_bits)
+    before = [x.clone() for x in ref.tensors()]
+    slots = torch.tensor([0, -1, n * page - 1, 5])
+    key = torch.randn(4, hkv, dim, generator=g)
+    value = torch.randn(4, hkv, dim, generator=g)
+    cache_update_reference(key, value, slots, *ref.tensors(), rot.cpu(), kcb, vcb, k_bits, v_bits)
+    assert not torch.equal(before[1][0, 0], ref.k_norms[0, 0]), "the case must overwrite slot 0"
+    cache_update(key.to(DEV), value.to(DEV), slots.to(DEV), *ours, rot, kcb.to(DEV), vcb.to(DEV), k_bits, v_bits)
+    _assert_cache_equal(ours, ref, dim, k_bits, v_bits)
+
+
+def _four_squares(m: int) -> tuple[int, int, int, int]:
+    """Non-negative a, b, c, d with a^2 + b^2 + c^2 + d^2 = m (Lagrange: one always exists)."""
+    for a in range(math.isqrt(m), -1, -1):
+        for b in range(math.isqrt(m - a * a), -1, -1):
+            for c in range(math.isqrt(m - a * a - b * b), -1, -1):
+                rest = m - a * a - b * b - c * c
+                d = math.isqrt(rest)
+                if d * d == rest:
+                    return a, b, c, d
+    raise AssertionError(m)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_encode_ties_take_the_lower_code(bits):
+    """A coordinate exactly on a boundary takes the lower code (docs/ops.md, "Tie rule").
+
+    Random inputs almost never land on a boundary, so this builds them: centroids at the odd
+    multiples of 1/K put every boundary on a multiple of 2/K, the identity rotation leaves y =
+    x / ||x||, and row i is (n_i, a, b, c, d, 0, ...) / K with n_i / K the i-th boundary and
+    n_i^2 + a^2 + b^2 + c^2 + d^2 = K^2, so that ||x|| = 1 and y is computed without rounding in
+    every input dtype (integers up to 256 over a power of two are exact in bf16 too). Every
+    boundary is hit once, so a comparison that lets a tie through at any level of the search
+    moves some code up."""
+    k, dim = 2**bits, 32
+    cb = ((torch.arange(k) * 2 - (k - 1)).double() / k).float().to(DEV)
+    rot = torch.eye(dim).to(DEV)
+    rows = torch.zeros(k - 1, dim, dtype=torch.float64)
+    for i in range(k - 1):
+        num = 2 * i + 2 - k  # boundary i = (c_i + c_{i+1}) / 2 = num / K
+        rows[i, 0] = num
+        rows[i, 1:5] = torch.tensor(_four_squares(k * k - num * num), dtype=torch.float64)
+    rows /= k
+    assert torch.equal(rows[:, 0].float(), codebook_boundaries(cb.cpu()))
+    for dtype in DTYPES:
+        x = rows.to(dtype)
+        assert torch.equal(x.double(), rows), "the inputs must be exact in the dtype"
+        codes, norms = encode(x.to(DEV), rot, cb, bits)
+        want_codes, want_norms = encode_reference(x, rot.cpu(), cb.cpu(), bits)
+        got = unpack_codes(codes.cpu(), bits, dim).long()
+        assert torch.equal(norms.cpu(), torch.ones(k - 1)) and torch.equal(want_norms, torch.ones(k - 1))
+        assert torch.equal(got[:, 0], torch.arange(k - 1)), f"{dtype}: a tie must take the lower code"
+        assert torch.equal(got, unpack_codes(want_codes, bits, dim).long()), f"{dtype}: codes differ from the reference"
 
 
 def test_bad_arguments_name_the_argument():
@@ -171,7 +256,7 @@ def test_shapes_the_kernels_do_not_take_are_refused_by_supports():
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_encode_large_on_gpu(bits, dtype):
     dim = 128
     g, rot, cb = _setup(dim, bits, seed=bits)

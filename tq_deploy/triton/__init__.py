@@ -5,8 +5,9 @@ slots; ``decode``; ``paged_attention``), each with ``supports_<op>(args)`` and
 ``<op>(args)`` on the checked arguments of :mod:`tq_deploy.reference.checks`;
 :data:`OPS` lists them for the dispatcher (:mod:`tq_deploy.dispatch`), which
 checks a call once, asks the backends in order which takes it, and runs that
-one. Supported: bits 1-4, head dim 32/64/128/256, GQA groups up to 64,
-power-of-two block sizes, fp16/bf16/fp32 inputs. On a machine without a GPU the
+one. Supported: bits 1-8 (keys and values independently), head dim
+32/64/128/256, GQA groups up to 64, power-of-two block sizes, fp16/bf16/fp32
+inputs. On a machine without a GPU the
 kernels run under the Triton interpreter (TRITON_INTERPRET=1 set before triton
 is imported) on CPU tensors; that is what the CPU tests do
 (:mod:`tq_deploy.triton.interpret`).

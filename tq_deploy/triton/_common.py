@@ -12,7 +12,7 @@ import torch
 from tq_deploy.device_constants import cached
 
 SUPPORTED_DIMS = (32, 64, 128, 256)
-SUPPORTED_BITS = (1, 2, 3, 4)
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # Scale between consecutive rotation parts: a part holds the residual of the

@@ -2,7 +2,8 @@
 
 Per tile of BLOCK_R rows:
     norm = ||x||_2 (fp32);  y = (x @ Pi^T) / norm  (0 where norm == 0)
-    code = #{k : boundary_k < y}  (select-based binary search over the sorted midpoints)
+    code = #{k : boundary_k < y}  (binary search over the sorted midpoints: selects among
+                                   scalar boundaries for the first 4 levels, gathers below)
 The product runs on the tensor cores in the input's half type against Pi^T
 split into parts (see _common.rotation_parts), which reproduces fp32. A cache
 update is the same kernel writing row r to the packed row of its slot.
@@ -42,9 +43,30 @@ def _rotate_chunk(x, rot0_ptr, rot1_ptr, rot2_ptr, j0, D: tl.constexpr, BJ: tl.c
 
 
 @triton.jit
+def _top16(y, bnd_ptr, S: tl.constexpr):
+    """Which of 16 equal runs of S codes y falls in: a 4-level search among the 15 boundaries
+    that end the runs (boundary (k+1)*S - 1 ends run k), thresholds picked with selects among
+    scalar loads (no per-element gathers). With S = 1 this is the whole 4-bit quantizer."""
+    c3 = y > tl.load(bnd_ptr + (8 * S - 1))
+    c2 = y > tl.where(c3, tl.load(bnd_ptr + (12 * S - 1)), tl.load(bnd_ptr + (4 * S - 1)))
+    t1 = tl.where(c3, tl.where(c2, tl.load(bnd_ptr + (14 * S - 1)), tl.load(bnd_ptr + (10 * S - 1))),
+                  tl.where(c2, tl.load(bnd_ptr + (6 * S - 1)), tl.load(bnd_ptr + (2 * S - 1))))
+    c1 = y > t1
+    t0 = tl.where(c3,
+                  tl.where(c2, tl.where(c1, tl.load(bnd_ptr + (15 * S - 1)), tl.load(bnd_ptr + (13 * S - 1))),
+                           tl.where(c1, tl.load(bnd_ptr + (11 * S - 1)), tl.load(bnd_ptr + (9 * S - 1)))),
+                  tl.where(c2, tl.where(c1, tl.load(bnd_ptr + (7 * S - 1)), tl.load(bnd_ptr + (5 * S - 1))),
+                           tl.where(c1, tl.load(bnd_ptr + (3 * S - 1)), tl.load(bnd_ptr + (S - 1)))))
+    c0 = y > t0
+    return c3.to(tl.int32) * 8 + c2.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c0.to(tl.int32)
+
+
+@triton.jit
 def _quantize(y, bnd_ptr, BITS: tl.constexpr):
-    """Number of boundaries strictly below y: a branch-free binary search whose thresholds
-    are picked with selects among scalar boundaries (no per-element memory gathers)."""
+    """Number of boundaries strictly below y (a tie takes the lower code): a branch-free binary
+    search. Up to 4 bits its thresholds are picked with selects among scalar boundaries (no
+    per-element memory gathers); from 5 bits the first 4 levels still are, and each further
+    level gathers one boundary per element (the table is at most 1 KB and stays in L1)."""
     if BITS == 1:
         code = (y > tl.load(bnd_ptr)).to(tl.int32)
     elif BITS == 2:
@@ -58,19 +80,14 @@ def _quantize(y, bnd_ptr, BITS: tl.constexpr):
                       tl.where(c1, tl.load(bnd_ptr + 2), tl.load(bnd_ptr + 0)))
         c0 = y > t0
         code = c2.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c0.to(tl.int32)
+    elif BITS == 4:
+        code = _top16(y, bnd_ptr, 1)
     else:
-        c3 = y > tl.load(bnd_ptr + 7)
-        c2 = y > tl.where(c3, tl.load(bnd_ptr + 11), tl.load(bnd_ptr + 3))
-        t1 = tl.where(c3, tl.where(c2, tl.load(bnd_ptr + 13), tl.load(bnd_ptr + 9)),
-                      tl.where(c2, tl.load(bnd_ptr + 5), tl.load(bnd_ptr + 1)))
-        c1 = y > t1
-        t0 = tl.where(c3,
-                      tl.where(c2, tl.where(c1, tl.load(bnd_ptr + 14), tl.load(bnd_ptr + 12)),
-                               tl.where(c1, tl.load(bnd_ptr + 10), tl.load(bnd_ptr + 8))),
-                      tl.where(c2, tl.where(c1, tl.load(bnd_ptr + 6), tl.load(bnd_ptr + 4)),
-                               tl.where(c1, tl.load(bnd_ptr + 2), tl.load(bnd_ptr + 0))))
-        c0 = y > t0
-        code = c3.to(tl.int32) * 8 + c2.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c0.to(tl.int32)
+        # y lies in the run of 2**(BITS-4) codes starting at `code`, whose inner boundaries
+        # are code .. code + run - 2: each level halves the run
+        code = _top16(y, bnd_ptr, 1 << (BITS - 4)) << (BITS - 4)
+        for lvl in tl.static_range(BITS - 4):  # (a constexpr may not be reassigned in the loop: inlined)
+            code += tl.where(y > tl.load(bnd_ptr + code + ((1 << (BITS - 5 - lvl)) - 1)), 1 << (BITS - 5 - lvl), 0)
     return code
 
 

@@ -1,5 +1,6 @@
-"""TQPagedAttention on Triton: flash-decoding in the rotated domain, for every shape the CUDA
-tensor-core kernel does not take (bf16 queries, 3-bit codes, groups > 8, other block sizes).
+"""TQPagedAttention on Triton: flash-decoding in the rotated domain, bits 1-8 for keys and values
+independently. The dispatcher runs it where the CUDA library (tq_deploy.cuda) is not built, not
+chosen (TQ_DEPLOY_BACKEND=triton) or refuses the call (caches that are not dense).
 
 Three launches:
   qrot_kernel    q_rot = (q @ Pi^T) * scale * log2(e), stored in the compute half type
@@ -226,7 +227,8 @@ def _word_aligned(t: torch.Tensor) -> bool:
 
 
 def supports_paged_attention(a: PagedAttentionArgs) -> bool:
-    """Head dims 32/64/128/256, bits 1-4, power-of-two block sizes, groups of at most 64 query heads."""
+    """Head dims 32/64/128/256, bits 1-8 (any k_bits, v_bits), power-of-two block sizes, groups of at
+    most 64 query heads."""
     return (C.runs_here(a.device) and a.head_dim in C.SUPPORTED_DIMS and a.k_bits in C.SUPPORTED_BITS
             and a.v_bits in C.SUPPORTED_BITS and a.block_size & (a.block_size - 1) == 0 and a.group <= MAX_GROUP
             and _word_aligned(a.k_codes) and _word_aligned(a.v_codes))
@@ -245,7 +247,11 @@ def paged_attention(a: PagedAttentionArgs, *, block_n=None, num_splits=None, num
     half = torch.float16
     # defaults: the fastest validated knobs of the H200 sweep at D=128 (docs/performance.md)
     block_n = block_n or (64 if dim <= 128 else 32)
-    num_warps = num_warps or (2 if dim <= 128 else 4)
+    # 5-7 bit codes are read as 5-7 byte loads per 8 codes, a register each: at the 1-4 bit warp
+    # counts the split kernel spills on sm_90 (1.2 KB a thread for 5-bit K and V at D=128); twice
+    # the warps spill at most 56 bytes (offline compile statistics; not timed on a GPU yet)
+    bytewise = any(b in (5, 6, 7) for b in (a.k_bits, a.v_bits))
+    num_warps = num_warps or (2 if dim <= 128 else 4) * (2 if bytewise else 1)
     num_stages = num_stages or 2
     max_tokens = a.max_blocks * page
     if num_splits is None:
