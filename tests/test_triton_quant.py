@@ -99,6 +99,19 @@ def test_encode_matches_reference(dim, bits, dtype, seed):
     torch.testing.assert_close(norms.cpu(), want_norms, rtol=1e-6, atol=1e-6)
 
 
+def test_encode_extreme_norms(seed):
+    """fp32 rows of 1e20s and 1e-30s: their squares overflow and underflow fp32, their norms and
+    codes must not (the norm is taken of x / max|x|)."""
+    g, rot, cb = _setup(64, 4, seed=seed)
+    x = torch.randn(6, 64, generator=g)
+    x[:3] *= torch.tensor([1e20, 3e-30, 1e30])[:, None]
+    x = x.to(DEV)
+    codes, norms = encode(x, rot, cb, 4)
+    want_codes, want_norms = encode_reference(x.cpu(), rot.cpu(), cb.cpu(), 4)
+    torch.testing.assert_close(norms.cpu(), want_norms, rtol=1e-6, atol=0)
+    assert_codes_match(codes, want_codes, 4, 64, x=x, rot=rot, cb=cb)
+
+
 def test_encode_leading_dims_and_strided_input():
     dim, bits = 64, 4
     g, rot, cb = _setup(dim, bits, seed=3)

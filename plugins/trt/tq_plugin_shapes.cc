@@ -33,6 +33,9 @@ std::string check_rotation_codebook(const Dims& rotation, int64_t dim, const Dim
 std::string check_cache(const Dims& codes, const Dims& norms, const Dims& ref_codes, int64_t hkv, int64_t dim,
                         int bits, const std::string& what) {
   const std::string c = what + "_codes", n = what + "_norms";
+  // a known head count of 0 leaves nothing to attend or store: refused here, before any enqueue
+  if (codes.nbDims == 4 && codes.d[2] == 0)
+    return c + ".shape[2]=0 num_kv_heads, expected >= 1";
   return first_problem({expect_rank(c.c_str(), codes, 4), expect_rank(n.c_str(), norms, 3),
                         expect_dim(c.c_str(), codes, 0, ref_codes.d[0], "num_blocks of k_codes"),
                         expect_dim(c.c_str(), codes, 1, ref_codes.d[1], "block_size of k_codes"),

@@ -93,23 +93,28 @@ def _quantize(y, bnd_ptr, BITS: tl.constexpr):
 
 @triton.jit
 def encode_kernel(x_ptr, rot0_ptr, rot1_ptr, rot2_ptr, bnd_ptr, words_ptr, bytes_ptr, norms_ptr, slot_ptr,
-                  n_rows, x_row_stride, heads,
+                  n_rows, x_row_stride, heads, n_slots,
                   D: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr, BJ: tl.constexpr,
                   NPARTS: tl.constexpr, PART_SCALE: tl.constexpr, FP32: tl.constexpr, USE_SLOTS: tl.constexpr,
                   UPCAST: tl.constexpr):
     """Encode rows of x [n_rows, D]; with USE_SLOTS, row r = token r // heads, head r % heads
-    goes to packed row slot[token] * heads + head (slot < 0: skipped)."""
+    goes to packed row slot[token] * heads + head; a slot outside [0, n_slots) skips its token
+    (the rule of the CUDA launcher: checking the slots on the host would cost a device sync)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * x_row_stride + tl.arange(0, D)[None, :], mask=rmask[:, None], other=0.0)
     xf = x.to(tl.float32)
-    norm = tl.sqrt(tl.sum(xf * xf, axis=1))
+    # the norm of x / max|x|, scaled back: squares of fp32 inputs beyond 1e19 overflow and
+    # below 1e-19 underflow
+    amax = tl.max(tl.abs(xf), axis=1)
+    unit = xf / tl.where(amax > 0, amax, 1.0)[:, None]
+    norm = amax * tl.sqrt(tl.sum(unit * unit, axis=1))
     denom = tl.where(norm > 0, norm, 1.0)
     if USE_SLOTS:
         slot = tl.load(slot_ptr + rows64 // heads, mask=rmask, other=-1)
-        omask = rmask & (slot >= 0)
+        omask = rmask & (slot >= 0) & (slot < n_slots)
         orow = tl.where(omask, slot * heads + rows64 % heads, 0)
     else:
         omask = rmask
@@ -136,7 +141,7 @@ def _launch(x2, rotation, codebook, bits, codes, norms, slot_mapping=None, heads
     encode_kernel[(C.cdiv(n_rows, block_r),)](
         x2, *padded, boundaries(codebook, x2.device), C.as_words(codes), codes, norms,
         slot_mapping if slot_mapping is not None else norms,
-        n_rows, x2.stride(0), heads,
+        n_rows, x2.stride(0), heads, norms.numel() // heads,
         D=dim, BITS=bits, BLOCK_R=block_r, BJ=min(dim, 64), NPARTS=len(parts),
         PART_SCALE=C.PART_SCALE.get(x2.dtype, 1.0), FP32=x2.dtype == torch.float32,
         USE_SLOTS=slot_mapping is not None, UPCAST=interpreting() and x2.dtype == torch.bfloat16, num_warps=4,
@@ -172,8 +177,8 @@ def supports_cache_update(a: CacheUpdateArgs) -> bool:
 
 
 def cache_update(a: CacheUpdateArgs):
-    """Encode key/value [T, Hkv, D] into their paged slots, in place; slot < 0 skips the token and
-    a slot named twice keeps its last token (earlier ones are dropped here, on the device)."""
+    """Encode key/value [T, Hkv, D] into their paged slots, in place; a slot < 0 or >= N * B skips
+    the token and a slot named twice keeps its last token (earlier ones are dropped here, on the device)."""
     from tq_deploy.reference.paged import last_writer
 
     t, heads, dim = a.num_tokens, a.num_kv_heads, a.head_dim
