@@ -89,9 +89,6 @@ def test_the_decode_steps_turboquant_nodes_run_on_the_cuda_ep(exported_model, tm
     assert providers.get("TQPagedAttention") == "CUDAExecutionProvider", providers
 
 
-@pytest.mark.xfail(reason="seen on the H200 with onnxruntime-gpu 1.31.1: a one-node TQEncode graph was assigned "
-                          "to the CPU EP although the library registers a CUDA kernel for it; cause not found yet "
-                          "(the decode step's TQCacheUpdate and TQPagedAttention do run on the CUDA EP)", strict=False)
 def test_a_lone_encode_node_runs_on_the_cuda_ep(tmp_path):
     model = make_op_model("TQEncode", head_dim=128, bits=4)
     x = np.random.default_rng(0).standard_normal((64, 128), dtype=np.float32)

@@ -125,7 +125,7 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", librar
     """An ``onnxruntime.InferenceSession`` with the TurboQuant custom ops registered.
 
     ``model`` is a path or serialized model bytes. ``provider`` "cpu" or "cuda" (the CUDA EP on
-    ``device_id``, the CPU EP for nodes it does not take); ``providers`` overrides it with an
+    ``device_id`` with TF32 off, the CPU EP for nodes it does not take); ``providers`` overrides it with an
     explicit ONNX Runtime list. Asking for one this onnxruntime build lacks is a ValueError naming
     what it has.
     """
@@ -141,8 +141,11 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", librar
     if missing:
         hint = " (install onnxruntime-gpu: pip install 'tq-deploy[gpu]')" if "CUDAExecutionProvider" in missing else ""
         raise ValueError(f"providers={names} includes {missing}, expected a subset of {available}{hint}")
-    listed = [("CUDAExecutionProvider", {"device_id": device_id}) if p == "CUDAExecutionProvider" else p
-              for p in providers]
+    # IEEE fp32 in the CUDA EP's own MatMul nodes (use_tf32=0): with TF32 the projections round
+    # to 10-bit mantissas, keys move by ~1e-4 and the session no longer matches the CPU EP and the
+    # reference it is validated against; an explicit `providers` list keeps its own options
+    listed = [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}) if p == "CUDAExecutionProvider"
+              else p for p in providers]
     options = session_options or ort.SessionOptions()
     if threads is not None:
         if threads < 1:
