@@ -3,7 +3,7 @@
 # there from a registry). Logs and JSON go under $OUT (or ./gpu_out); a summary prints last.
 #
 #   bash scripts/gpu_visit.sh [--no-build] [--no-tests] [--no-bench] [--sanitize] [--ncu] [--ort-bench]
-#                             [--tests "pytest selection"] [--bench "tq-deploy bench gpu args"]
+#                             [--tests "pytest selection"] [--test-timeout SECONDS] [--bench "tq-deploy bench gpu args"]
 #
 # build     the native libraries for sm_90 with cmake into build/gpu (CUDA kernels, ORT library
 #           with CPU + CUDA kernels, TensorRT plugins + harness), headers from where the package
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"; export OUT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-build=1 tests=1 bench=1 sanitize=0 ncu=0 ort_bench=0
+build=1 tests=1 bench=1 sanitize=0 ncu=0 ort_bench=0 test_timeout=400
 test_args="-m gpu tests"
 bench_args=""
 while [ $# -gt 0 ]; do
@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0;; --no-tests) tests=0;; --no-bench) bench=0;; --sanitize) sanitize=1;; --ncu) ncu=1;;
     --ort-bench) ort_bench=1;;
     --tests) test_args="$2"; shift;;
+    --test-timeout) test_timeout="$2"; shift;;
     --bench) bench_args="$2"; shift;;
     *) echo "gpu_visit.sh: unknown argument $1 (see the header of this script)"; exit 2;;
   esac
@@ -63,7 +64,7 @@ done
 if [ $tests = 1 ]; then
   xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
   start=$SECONDS
-  timeout 400 $PY -m pytest -q -p no:cacheprovider $xdist -rfEs $test_args > "$OUT/tests.log" 2>&1
+  timeout "$test_timeout" $PY -m pytest -q -p no:cacheprovider $xdist -rfEs $test_args > "$OUT/tests.log" 2>&1
   note "tests ($test_args): exit $? in $((SECONDS - start)) s"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$summary"
   grep -E "SKIPPED" "$OUT/tests.log" | sed 's/^SKIPPED \[[0-9]*\] //' | sort | uniq -c | sort -rn | head -8 | tee -a "$summary"
