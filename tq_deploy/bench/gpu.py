@@ -1,6 +1,7 @@
 """Decode attention, encode and cache update on a CUDA GPU against the best torch fp16 SDPA.
 
     tq-deploy bench gpu [--quick] [--shapes 8x32768,...] [--bits 4,3,2,k6v4,k8v4] [--json PATH]
+    tq-deploy bench gpu --splits [--shapes ...] [--bits ...]     # split-size sweep only
 
 Attention, Hq=32, Hkv=8, D=128, block 16, for B x S in 8x32768, 32x8192, 1x131072, 64x2048,
 1x32768 and each bit configuration (k_bits = v_bits, or kXvY):
@@ -294,6 +295,52 @@ def bench_other_shapes(batch, seq, l2, quick):
     return rows
 
 
+SPLIT_CHOICES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def bench_splits(shapes, configs, l2):
+    """Eager medians (us) of the tensor-core attention at each tokens_per_split (0: the plan's own
+    choice) per shape and bit configuration: how the split-K size was chosen."""
+    from tq_deploy.dispatch import plan_paged_attention
+
+    rows = []
+    for k_bits, v_bits in configs:
+        rot, kcb, vcb = constants(DIM, k_bits, v_bits)
+        for batch, seq in shapes:
+            nbytes = tq_bytes(batch, seq, HKV, DIM, k_bits, v_bits)
+            sets = Rotator(lambda i: make_tq_inputs(batch, seq, HQ, HKV, DIM, BLOCK, k_bits, v_bits, seed=i), nbytes,
+                           l2)
+            row = {"bits": bits_name(k_bits, v_bits), "B": batch, "S": seq, "us": {}}
+            for tps in (0, *SPLIT_CHOICES):
+                if tps * 16 > 4 * seq:  # a CTA of 16 warps would be more than 3/4 idle
+                    continue
+                plans = [plan_paged_attention(*x, rot, kcb, vcb, k_bits, v_bits, tokens_per_split=tps)
+                         for x in sets.items]
+                outs = [torch.empty_like(x[0]) for x in sets.items]
+                state = {"i": 0}
+
+                def step():
+                    i = state["i"] = (state["i"] + 1) % len(plans)
+                    x = sets.items[i]
+                    return plans[i].run(x[0], x[5], x[6], outs[i])
+
+                step()
+                row["us"][tps] = _median_ms(step, rep=100) * 1e3
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del sets
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_splits(rows):
+    print("\ntensor-core attention by tokens per split (per warp; 0 = the plan's choice), eager median us")
+    print(f"{'bits':>5} {'B x S':>9} " + " ".join(f"{t:>7}" for t in (0, *SPLIT_CHOICES)))
+    for r in rows:
+        cells = " ".join(f"{r['us'][t]:7.1f}" if t in r["us"] else f"{'-':>7}" for t in (0, *SPLIT_CHOICES))
+        print(f"{r['bits']:>5} {r['B']:>4}x{r['S']:<6} {cells}")
+
+
 # --- encode, cache update, host cost ------------------------------------------------------------
 
 def bench_encode(n, dim, configs, dtypes=(torch.float16, torch.bfloat16)):
@@ -385,6 +432,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--shapes", default="8x32768,32x8192,1x131072,64x2048,1x32768")
     ap.add_argument("--bits", default="4,3,2,k6v4,k8v4", help="bit configurations: N (keys and values) or kXvY")
     ap.add_argument("--no-trt", action="store_true", help="skip the TensorRT-plugin column")
+    ap.add_argument("--splits", action="store_true",
+                    help="only the split-size sweep of the tensor-core attention (--shapes, --bits)")
 
 
 def _fmt(v, spec):
@@ -452,6 +501,14 @@ def run(args) -> int:
     except ValueError:
         raise ValueError(f"--shapes {args.shapes!r} / --bits {args.bits!r}: expected e.g. 8x32768,1x131072 and "
                          "4,3,k6v4") from None
+    if args.splits:
+        rows = bench_splits(shapes, configs, l2)
+        if path:
+            from tq_deploy.files import write_text
+
+            write_text(path, json.dumps({"device": props.name, "splits": rows}, indent=1))
+        print_splits(rows)
+        return 0
     trt = not args.no_trt and _trt_available()
     copy_bw = copy_bandwidth()
     print(f"device {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, "

@@ -633,8 +633,9 @@ Plan make_plan(int64_t num_seqs, int64_t hkv, int64_t group, int64_t dim, int64_
   if (tokens_per_split > 0) {
     per_warp = (tokens_per_split + kTile - 1) / kTile;
   } else {
-    // about two waves of one CTA per SM, whole CTAs of one pair
-    const int64_t ctas = std::max<int64_t>(1, (2 * static_cast<int64_t>(sms) + pairs / 2) / std::max<int64_t>(pairs, 1));
+    // one wave of one CTA per SM: a second wave of shorter CTAs pays the prologue (tables,
+    // query rotation) and the merge tail twice (docs/performance.md, split sweep)
+    const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(sms) / std::max<int64_t>(pairs, 1));
     per_warp = (tiles + ctas * warps - 1) / (ctas * warps);
   }
   per_warp = std::max<int64_t>(per_warp, 1);
