@@ -92,6 +92,12 @@ def _quantize(y, bnd_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _pow2(e):
+    """2.0^e for integer e in [-126, 127], built from its exponent bits."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def encode_kernel(x_ptr, rot0_ptr, rot1_ptr, rot2_ptr, bnd_ptr, words_ptr, bytes_ptr, norms_ptr, slot_ptr,
                   n_rows, x_row_stride, heads, n_slots,
                   D: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr, BJ: tl.constexpr,
@@ -106,11 +112,14 @@ def encode_kernel(x_ptr, rot0_ptr, rot1_ptr, rot2_ptr, bnd_ptr, words_ptr, bytes
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * x_row_stride + tl.arange(0, D)[None, :], mask=rmask[:, None], other=0.0)
     xf = x.to(tl.float32)
-    # the norm of x / max|x|, scaled back: squares of fp32 inputs beyond 1e19 overflow and
-    # below 1e-19 underflow
-    amax = tl.max(tl.abs(xf), axis=1)
-    unit = xf / tl.where(amax > 0, amax, 1.0)[:, None]
-    norm = amax * tl.sqrt(tl.sum(unit * unit, axis=1))
+    # the norm of x * 2^k with max|x * 2^k| in [1, 2), scaled back by 2^-k (exact, as the
+    # reference): squares of fp32 inputs beyond 1e19 overflow and below 1e-19 underflow
+    biased = (tl.max(tl.abs(xf), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    k = tl.where(biased == 0, 126, 127 - biased)
+    k1 = k // 2
+    k2 = k - k1  # two factors: 2^k alone is out of range for the largest and smallest x
+    unit = xf * (_pow2(k1) * _pow2(k2))[:, None]
+    norm = tl.sqrt(tl.sum(unit * unit, axis=1)) * _pow2(-k1) * _pow2(-k2)
     denom = tl.where(norm > 0, norm, 1.0)
     if USE_SLOTS:
         slot = tl.load(slot_ptr + rows64 // heads, mask=rmask, other=-1)
