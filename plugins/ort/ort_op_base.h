@@ -144,9 +144,14 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
   ONNXTensorElementDataType float_type_;
 };
 
-// Base for kernels: ComputeV2 converts exceptions into an OrtStatus.
+// Base for kernels: the float type the kernel was registered for and the node's attributes
+// (read once, when ORT creates the kernel, against Derived::kOp); ComputeV2 converts exceptions
+// into an OrtStatus.
 template <typename Derived>
 struct KernelBase {
+  KernelBase(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
+      : float_type_(float_type), attrs_(info, Derived::kOp) {}
+
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
       static_cast<Derived*>(this)->Compute(context);
@@ -157,6 +162,9 @@ struct KernelBase {
       return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
     }
   }
+
+  ONNXTensorElementDataType float_type_;
+  Attributes attrs_;
 };
 
 #ifdef TQ_DEPLOY_ORT_CUDA

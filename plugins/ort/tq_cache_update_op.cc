@@ -50,8 +50,7 @@ struct CacheUpdateInputs {
 struct CacheUpdateCpu : KernelBase<CacheUpdateCpu> {
   static constexpr const tq_ops::Op& kOp = op::kOp;
   static constexpr const char* kProvider = kCpuProvider;
-  CacheUpdateCpu(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, kOp) {}
+  using KernelBase::KernelBase;
 
   void Compute(OrtKernelContext* context) {
     KernelIo io(context, kOp, float_type_);
@@ -77,17 +76,13 @@ struct CacheUpdateCpu : KernelBase<CacheUpdateCpu> {
                      s.cache, in.rotation.data<float>(), in.k_codebook.data<float>(), in.v_codebook.data<float>(),
                      io.parallel());
   }
-
-  ONNXTensorElementDataType float_type_;
-  Attributes attrs_;
 };
 
 #ifdef TQ_DEPLOY_ORT_CUDA
 struct CacheUpdateCuda : KernelBase<CacheUpdateCuda> {
   static constexpr const tq_ops::Op& kOp = op::kOp;
   static constexpr const char* kProvider = kCudaProvider;
-  CacheUpdateCuda(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, kOp) {}
+  using KernelBase::KernelBase;
 
   void Compute(OrtKernelContext* context) {
     KernelIo io(context, kOp, float_type_);
@@ -120,9 +115,6 @@ struct CacheUpdateCuda : KernelBase<CacheUpdateCuda> {
                                       workspace, bytes, stream),
                  "tq_cuda_cache_update");
   }
-
-  ONNXTensorElementDataType float_type_;
-  Attributes attrs_;
 };
 #endif
 

@@ -45,8 +45,7 @@ std::vector<int64_t> out_shape(const DecodeShapes& s) {
 struct DecodeCpu : KernelBase<DecodeCpu> {
   static constexpr const tq_ops::Op& kOp = op::kOp;
   static constexpr const char* kProvider = kCpuProvider;
-  DecodeCpu(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, kOp) {}
+  using KernelBase::KernelBase;
 
   void Compute(OrtKernelContext* context) {
     KernelIo io(context, kOp, float_type_);
@@ -60,17 +59,13 @@ struct DecodeCpu : KernelBase<DecodeCpu> {
     tq::decode(codes.data<uint8_t>(), norms.data<float>(), s.rows, s.dim, rotation.data<float>(),
                codebook.data<float>(), bits, x_hat.GetTensorMutableData<float>(), io.parallel());
   }
-
-  ONNXTensorElementDataType float_type_;
-  Attributes attrs_;
 };
 
 #ifdef TQ_DEPLOY_ORT_CUDA
 struct DecodeCuda : KernelBase<DecodeCuda> {
   static constexpr const tq_ops::Op& kOp = op::kOp;
   static constexpr const char* kProvider = kCudaProvider;
-  DecodeCuda(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, kOp) {}
+  using KernelBase::KernelBase;
 
   void Compute(OrtKernelContext* context) {
     KernelIo io(context, kOp, float_type_);
@@ -86,9 +81,6 @@ struct DecodeCuda : KernelBase<DecodeCuda> {
                                 static_cast<cudaStream_t>(launch.stream())),
                  "tq_cuda_decode");
   }
-
-  ONNXTensorElementDataType float_type_;
-  Attributes attrs_;
 };
 #endif
 

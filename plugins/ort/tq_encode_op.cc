@@ -35,8 +35,7 @@ std::vector<int64_t> codes_shape(const EncodeShapes& s, int bits) {
 struct EncodeCpu : KernelBase<EncodeCpu> {
   static constexpr const tq_ops::Op& kOp = op::kOp;
   static constexpr const char* kProvider = kCpuProvider;
-  EncodeCpu(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, kOp) {}
+  using KernelBase::KernelBase;
 
   void Compute(OrtKernelContext* context) {
     KernelIo io(context, kOp, float_type_);
@@ -50,17 +49,13 @@ struct EncodeCpu : KernelBase<EncodeCpu> {
     tq::encode(x.raw(), to_dtype(float_type_), s.rows, s.dim, rotation.data<float>(), codebook.data<float>(), bits,
                codes.GetTensorMutableData<uint8_t>(), norms.GetTensorMutableData<float>(), io.parallel());
   }
-
-  ONNXTensorElementDataType float_type_;
-  Attributes attrs_;
 };
 
 #ifdef TQ_DEPLOY_ORT_CUDA
 struct EncodeCuda : KernelBase<EncodeCuda> {
   static constexpr const tq_ops::Op& kOp = op::kOp;
   static constexpr const char* kProvider = kCudaProvider;
-  EncodeCuda(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, kOp) {}
+  using KernelBase::KernelBase;
 
   void Compute(OrtKernelContext* context) {
     KernelIo io(context, kOp, float_type_);
@@ -76,9 +71,6 @@ struct EncodeCuda : KernelBase<EncodeCuda> {
                                 norms.GetTensorMutableData<float>(), static_cast<cudaStream_t>(launch.stream())),
                  "tq_cuda_encode");
   }
-
-  ONNXTensorElementDataType float_type_;
-  Attributes attrs_;
 };
 #endif
 

@@ -52,8 +52,7 @@ AttentionShapes check_paged_attention(KernelIo& io, const AttentionInputs& in, i
 struct PagedAttentionCpu : KernelBase<PagedAttentionCpu> {
   static constexpr const tq_ops::Op& kOp = op::kOp;
   static constexpr const char* kProvider = kCpuProvider;
-  PagedAttentionCpu(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, kOp) {}
+  using KernelBase::KernelBase;
 
   void Compute(OrtKernelContext* context) {
     KernelIo io(context, kOp, float_type_);
@@ -73,17 +72,13 @@ struct PagedAttentionCpu : KernelBase<PagedAttentionCpu> {
                         in.rotation.data<float>(), in.k_codebook.data<float>(), in.v_codebook.data<float>(),
                         attrs_.real(op::kScale), out.GetTensorMutableRawData(), io.parallel());
   }
-
-  ONNXTensorElementDataType float_type_;
-  Attributes attrs_;
 };
 
 #ifdef TQ_DEPLOY_ORT_CUDA
 struct PagedAttentionCuda : KernelBase<PagedAttentionCuda> {
   static constexpr const tq_ops::Op& kOp = op::kOp;
   static constexpr const char* kProvider = kCudaProvider;
-  PagedAttentionCuda(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, kOp) {}
+  using KernelBase::KernelBase;
 
   void Compute(OrtKernelContext* context) {
     KernelIo io(context, kOp, float_type_);
@@ -108,9 +103,6 @@ struct PagedAttentionCuda : KernelBase<PagedAttentionCuda> {
                                          static_cast<cudaStream_t>(launch.stream())),
                  "tq_cuda_paged_attention");
   }
-
-  ONNXTensorElementDataType float_type_;
-  Attributes attrs_;
 };
 #endif
 
