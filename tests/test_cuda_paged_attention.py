@@ -13,13 +13,10 @@ fp32 accumulation); 1e-2 for bf16 queries (the output is rounded to bf16).
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from test_paged import Case, decode_all, make_case, sdpa_oracle
+from test_paged import make_case, oracle_over_slots, sdpa_oracle
 from tq_deploy import cuda as tq_cuda
 from tq_deploy import dispatch
 from tq_deploy.dispatch import paged_attention
@@ -51,24 +48,6 @@ def on_cuda(case, dtype):
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm().clamp_min(1e-12)).item()
-
-
-def oracle_over_slots(case: Case, slots_of: list[list[int]], scale: float | None = None) -> torch.Tensor:
-    """SDPA in float64 over the given cache slots of every sequence (for tokens the kernel skips)."""
-    k_codes, k_norms, v_codes, v_norms = case.caches
-    n, b, hkv, _ = k_codes.shape
-    s_count, hq, dim = case.query.shape
-    keys = decode_all(k_codes, k_norms, case.k_codebook, case.k_bits, case.rotation).reshape(n * b, hkv, dim)
-    values = decode_all(v_codes, v_norms, case.v_codebook, case.v_bits, case.rotation).reshape(n * b, hkv, dim)
-    out = torch.zeros(s_count, hq, dim, dtype=torch.float64)
-    for s, slots in enumerate(slots_of):
-        if not slots:
-            continue
-        idx = torch.tensor(slots)
-        k = keys[idx].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
-        v = values[idx].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
-        out[s] = F.scaled_dot_product_attention(case.query[s].double().unsqueeze(1), k, v, scale=scale).squeeze(1)
-    return out
 
 
 CASES = {

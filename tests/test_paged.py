@@ -89,23 +89,31 @@ def decode_all(codes, norms, codebook, bits, rotation) -> torch.Tensor:
     return norms.double().unsqueeze(-1) * (codebook.double()[unpack_codes(codes, bits, dim).long()] @ rotation.double())
 
 
-def sdpa_oracle(case: Case, scale: float | None = None) -> torch.Tensor:
+def oracle_over_slots(case: Case, slots_of: list[list[int]], scale: float | None = None) -> torch.Tensor:
+    """SDPA in float64 over the given cache slots of every sequence (none: zeros)."""
     k_codes, k_norms, v_codes, v_norms = case.caches
     n, b, hkv, _ = k_codes.shape
     s_count, hq, dim = case.query.shape
     keys = decode_all(k_codes, k_norms, case.k_codebook, case.k_bits, case.rotation).reshape(n * b, hkv, dim)
     values = decode_all(v_codes, v_norms, case.v_codebook, case.v_bits, case.rotation).reshape(n * b, hkv, dim)
     out = torch.zeros(s_count, hq, dim, dtype=torch.float64)
-    for s in range(s_count):
-        ctx = int(case.context_lens[s])
-        if ctx == 0:
+    for s, slots in enumerate(slots_of):
+        if not slots:
             continue
-        slots = torch.tensor([int(case.block_tables[s, t // b]) * b + t % b for t in range(ctx)])
-        k = keys[slots].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)  # [Hq, L, D]
-        v = values[slots].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
+        idx = torch.tensor(slots)
+        k = keys[idx].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)  # [Hq, L, D]
+        v = values[idx].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
         q = case.query[s].double().unsqueeze(1)  # [Hq, 1, D]
         out[s] = F.scaled_dot_product_attention(q, k, v, scale=scale).squeeze(1)
     return out
+
+
+def sdpa_oracle(case: Case, scale: float | None = None) -> torch.Tensor:
+    """The oracle over each sequence's context, slot by slot through its block table."""
+    b = case.caches[0].shape[1]
+    slots_of = [[int(case.block_tables[s, t // b]) * b + t % b for t in range(int(case.context_lens[s]))]
+                for s in range(case.query.shape[0])]
+    return oracle_over_slots(case, slots_of, scale)
 
 
 def assert_close_to(out: torch.Tensor, expected: torch.Tensor, rel: float = 2e-5) -> None:

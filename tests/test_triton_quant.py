@@ -5,7 +5,7 @@ shapes, every bit width 1-8, head dim and dtype); with CUDA the same tests run
 compiled on the GPU, plus the larger cases marked gpu. Inputs are fresh random
 draws (the ``seed`` fixture of tests/conftest.py prints the seed of a failure).
 
-Tolerances: codes must equal the reference's except for rounding ties (a
+Tolerances (tests/codes_match.py): codes must equal the reference's except for rounding ties (a
 coordinate within float32 rounding of a boundary), which may take the
 adjacent code: at most 1e-3 of the codes, one step, and only where the float64
 rotated coordinate is within 1e-6 of that boundary. Norms to
@@ -26,6 +26,7 @@ try:
 except RuntimeError as exc:  # triton already imported in compiled mode by an earlier module
     pytest.skip(str(exc), allow_module_level=True)
 
+from codes_match import assert_codes_match  # noqa: E402
 from tq_deploy.reference import checks  # noqa: E402
 from tq_deploy.reference import codebook_boundaries, lloyd_max_codebook, make_rotation, unpack_codes  # noqa: E402
 from tq_deploy.reference.paged import allocate_cache, cache_update_reference  # noqa: E402
@@ -51,33 +52,12 @@ DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
-TIE_FRACTION = 1e-3
-TIE_DISTANCE = 1e-6
-
 
 def _setup(dim, bits, seed):
     g = torch.Generator().manual_seed(seed)
     rot = make_rotation(dim, "haar", seed=seed).to(DEV)
     cb = lloyd_max_codebook(dim, bits).to(DEV)
     return g, rot, cb
-
-
-def assert_codes_match(got, want, bits, dim, what="codes", x=None, rot=None, cb=None):
-    """Codes equal, except ties: adjacent codes, rare, and (given x) only where the float64
-    rotated coordinate lies within TIE_DISTANCE of the boundary between the two codes."""
-    a = unpack_codes(got.cpu(), bits, dim).long()
-    b = unpack_codes(want.cpu(), bits, dim).long()
-    diff = a != b
-    assert (a - b).abs().max().item() <= 1, f"{what}: a code differs by more than one step"
-    frac = diff.float().mean().item()
-    assert frac <= TIE_FRACTION, f"{what}: {frac:.2e} of codes differ (ties allowed up to {TIE_FRACTION})"
-    if x is not None and diff.any():
-        x64 = x.cpu().double().reshape(-1, dim)
-        y = (x64 / x64.norm(dim=-1, keepdim=True).clamp_min(1e-300)) @ rot.cpu().double().T
-        bounds = codebook_boundaries(cb.cpu().double())
-        lower = torch.minimum(a, b).reshape(-1, dim)[diff.reshape(-1, dim)]
-        dist = (y[diff.reshape(-1, dim)] - bounds[lower]).abs()
-        assert dist.max().item() < TIE_DISTANCE, f"{what}: a differing code is {dist.max():.2e} from its boundary"
 
 
 DIMS = (32, 64, 128, 256)
