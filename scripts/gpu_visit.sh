@@ -2,8 +2,8 @@
 # One GPU visit in one call (the device machine's python3 has torch + triton; nothing installs
 # there from a registry). Logs and JSON go under $OUT (or ./gpu_out); a summary prints last.
 #
-#   bash scripts/gpu_visit.sh [--no-build] [--no-tests] [--no-bench] [--sanitize] [--ncu] [--ort-bench]
-#                             [--tests "pytest selection"] [--test-timeout SECONDS] [--bench "tq-deploy bench gpu args"]
+#   bash scripts/gpu_visit.sh [--no-build] [--no-tests] [--no-bench] [--sanitize] [--ncu] [--ort-bench] [--soak]
+#                             [--sanitize-only cuda|trt|ort] [--tests "pytest selection"] [--test-timeout SECONDS] [--bench "tq-deploy bench gpu args"]
 #
 # build     the native libraries for sm_90 with cmake into build/gpu (CUDA kernels, ORT library
 #           with CPU + CUDA kernels, TensorRT plugins + harness), headers from where the package
@@ -13,6 +13,7 @@
 # bench     tq-deploy bench gpu (and bench ort-cuda with --ort-bench, needs onnxruntime-gpu)
 # sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck over
 #           scripts/gpu_kernels_once.py (every CUDA kernel, the TensorRT enqueue, the ORT CUDA ops)
+# soak      tq-deploy soak --steps 100000 --provider cuda (needs onnxruntime-gpu)
 # ncu       one Nsight Compute report of the attention kernels at 8x32768 (4-bit and 3-bit)
 # onnxruntime-gpu: carry it in parts (../shared/tools/gpu-wheels) and install it to /tmp/site
 # before this script; it is used when `import onnxruntime` finds the CUDA EP.
@@ -21,13 +22,14 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"; export OUT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-build=1 tests=1 bench=1 sanitize=0 ncu=0 ort_bench=0 test_timeout=400
+build=1 tests=1 bench=1 sanitize=0 ncu=0 ort_bench=0 soak=0 test_timeout=400 sanitize_only=""
 test_args="-m gpu tests"
 bench_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) build=0;; --no-tests) tests=0;; --no-bench) bench=0;; --sanitize) sanitize=1;; --ncu) ncu=1;;
-    --ort-bench) ort_bench=1;;
+    --ort-bench) ort_bench=1;; --soak) soak=1;;
+    --sanitize-only) sanitize=1; sanitize_only="--only $2"; shift;;
     --tests) test_args="$2"; shift;;
     --test-timeout) test_timeout="$2"; shift;;
     --bench) bench_args="$2"; shift;;
@@ -75,7 +77,7 @@ if [ $sanitize = 1 ]; then
   for tool in memcheck racecheck initcheck synccheck; do
     start=$SECONDS
     timeout 300 compute-sanitizer --tool $tool --target-processes all --print-limit 20 \
-      $PY scripts/gpu_kernels_once.py > "$OUT/sanitize_$tool.log" 2>&1
+      $PY scripts/gpu_kernels_once.py $sanitize_only > "$OUT/sanitize_$tool.log" 2>&1
     rc=$?
     note "compute-sanitizer $tool: exit $rc in $((SECONDS - start)) s; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
   done
@@ -90,6 +92,13 @@ if [ $ort_bench = 1 ]; then
   timeout 300 $PY -m tq_deploy.cli bench ort-cuda --json "$OUT/bench_ort_cuda.json" > "$OUT/bench_ort_cuda.log" 2>&1
   note "bench ort-cuda: exit $?"
   sed -n '/^ORT CUDA EP/,$p' "$OUT/bench_ort_cuda.log" >> "$summary"
+fi
+
+if [ $soak = 1 ]; then
+  start=$SECONDS
+  timeout 400 $PY -m tq_deploy.cli soak --steps 100000 --provider cuda --json "$OUT/soak_cuda.json" > "$OUT/soak_cuda.log" 2>&1
+  note "soak cuda: exit $? in $((SECONDS - start)) s"
+  tail -12 "$OUT/soak_cuda.log" >> "$summary"
 fi
 
 if [ $ncu = 1 ]; then

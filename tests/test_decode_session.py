@@ -76,3 +76,17 @@ def test_bad_construction_and_cache_shapes_are_named(exported):
         session.load_cache({"k_codes": np.zeros((3, 16, 2, 32), np.uint8), "k_norms": 0, "v_codes": 0, "v_norms": 0})
     with pytest.raises(ValueError, match=r"missing \[.v_norms.\]"):
         session.load_cache({"k_codes": 0, "k_norms": 0, "v_codes": 0})
+
+
+def test_step_inputs_of_the_wrong_dtype_and_graphs_off_the_gpu_are_refused(exported):
+    from tq_deploy.runtime.decode_session import DecodeSession
+
+    config, model = exported
+    with pytest.raises(ValueError, match="cuda_graph=True with provider='cpu', expected provider='cuda'"):
+        DecodeSession(model, provider="cpu", cuda_graph=True)
+    session = DecodeSession(model, num_blocks=4)
+    inputs = example_inputs(config, [3], seed=0)
+    feeds = [inputs[n].numpy() for n in STEP]
+    feeds[1] = feeds[1].astype(np.int32)
+    with pytest.raises(ValueError, match="positions.dtype=int32, expected int64"):
+        session.run(*feeds)

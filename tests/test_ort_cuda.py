@@ -327,3 +327,33 @@ def test_decode_session_keeps_the_cache_on_the_device(exported_model, seed, tmp_
         np.testing.assert_allclose(resident[name], caches[name].numpy(), rtol=1e-5)
     moved = copied_bytes(step.end_profiling())
     assert moved["to_device"] + moved["to_host"] < step.cache_bytes() // 100, moved
+
+
+def test_decode_session_as_cuda_graphs_equals_the_plain_session(exported_model, seed):
+    """cuda_graph=True: ONNX Runtime captures the step once per shape and replays it; every step,
+    including a change of batch and back (a second graph, then the first one replayed), gives the
+    outputs and caches of the same session without graphs, bit for bit."""
+    from tq_deploy.reference.model import example_inputs
+    from tq_deploy.runtime.decode_session import DecodeSession
+
+    config, model = exported_model
+    plain, graphed = DecodeSession(model, provider="cuda"), DecodeSession(model, provider="cuda", cuda_graph=True)
+    inputs = example_inputs(config, [5, 40, 70], seed=seed)
+    for s in (plain, graphed):
+        s.load_cache({n: inputs[n].numpy() for n in CACHE_NAMES})
+    names = ("hidden", "positions", "slot_mapping", "block_tables", "context_lens")
+    b = config.block_size
+    gen = torch.Generator().manual_seed(seed)
+    for k, batch in enumerate((3, 3, 3, 3, 1, 1, 1, 3, 3)):
+        feeds = [inputs[n][:batch].numpy() for n in names]
+        want, got = plain.run(*feeds), graphed.run(*feeds)
+        np.testing.assert_array_equal(got, want, err_msg=f"step {k} (batch {batch})")
+        advanced = inputs["positions"][:batch] + 1
+        inputs["positions"][:batch] = advanced
+        inputs["context_lens"][:batch] += 1
+        inputs["slot_mapping"][:batch] = torch.stack([inputs["block_tables"][s, int(p) // b].long() * b + int(p) % b
+                                                      for s, p in enumerate(advanced)])
+        inputs["hidden"] = torch.randn(inputs["hidden"].shape, generator=gen)
+    assert len(graphed._graphs) == 2
+    for name, value in plain.read_cache().items():
+        np.testing.assert_array_equal(graphed.read_cache()[name], value, err_msg=name)

@@ -5,13 +5,18 @@ user would run instead.
 
 node   TQPagedAttention alone in an ORT CUDA session (IO binding on device buffers, no copies)
        against the same kernel called from PyTorch (tq_deploy.dispatch.plan_paged_attention):
-       the ORT overhead per call.
+       the ORT overhead per call, with ORT running the node (Run -> Compute -> launch) and with
+       ORT replaying it as a captured CUDA graph (the CUDA EP's enable_cuda_graph).
 step   one decode step of a layer with Hq=32, Hkv=8, D=128, hidden 4096, fp32 projections:
        the model `tq-deploy export` writes (4-bit TurboQuant cache, TQCacheUpdate +
        TQPagedAttention) run as a DecodeSession (cache resident on the device, updated in place),
        against the same layer with an fp16 KV cache through ONNX Runtime's own
        com.microsoft.GroupQueryAttention (past and present key/value sharing one device buffer
        of the full context, rotary inside the op): step time and KV-cache bytes side by side.
+       Each as ORT runs it node by node and as a captured CUDA graph (DecodeSession(cuda_graph=True);
+       the GQA layer with enable_cuda_graph, reported n/a with ORT's reason if it refuses); the TQ
+       graph step also alone (DecodeSession.replay: inputs and output left on the device, as the
+       GQA step is timed).
 Wall time per call with the device synchronized (ORT's Run returns after its stream finished;
 the PyTorch side synchronizes the same way); medians over --runs after warm-up.
 """
@@ -99,8 +104,20 @@ def bench_node(batch, seq, bits, runs):
     ort_ms = _median_ms(lambda: session.run_with_iobinding(binding), runs)
     torch_ms = _median_ms(lambda: plan.run(q, bt, ctx, out_pt), runs)
     same = torch.equal(out_ort, out_pt)
-    return {"B": batch, "S": seq, "ort_ms": ort_ms, "torch_ms": torch_ms, "overhead_us": (ort_ms - torch_ms) * 1e3,
-            "overhead_pct": 100 * (ort_ms / torch_ms - 1), "identical_outputs": bool(same)}
+    # the same node in a session with the CUDA EP's graph capture: ORT replays the captured launch
+    graph_session = make_session(model.SerializeToString(), provider="cuda", cuda_graph=True)
+    graph_binding = graph_session.io_binding()
+    out_graph = torch.empty_like(q)
+    for name, t in (("query", q), ("k_codes", kc), ("k_norms", kn), ("v_codes", vc), ("v_norms", vn),
+                    ("block_tables", bt), ("context_lens", ctx)):
+        bind_input(graph_binding, name, t)
+    bind_output(graph_binding, "out", out_graph)
+    graph_ms = _median_ms(lambda: graph_session.run_with_iobinding(graph_binding), runs)
+    same = same and torch.equal(out_graph, out_pt)
+    return {"B": batch, "S": seq, "ort_ms": ort_ms, "ort_graph_ms": graph_ms, "torch_ms": torch_ms,
+            "overhead_us": (ort_ms - torch_ms) * 1e3, "overhead_pct": 100 * (ort_ms / torch_ms - 1),
+            "graph_overhead_us": (graph_ms - torch_ms) * 1e3, "graph_overhead_pct": 100 * (graph_ms / torch_ms - 1),
+            "identical_outputs": bool(same)}
 
 
 def _gqa_step_model(batch, max_seq):
@@ -153,13 +170,17 @@ def _gqa_step_model(batch, max_seq):
                              ir_version=10)
 
 
-def bench_gqa_step(batch, seq, runs):
+def bench_gqa_step(batch, seq, runs, cuda_graph=False):
     import numpy as np
     import onnxruntime as ort
     import torch
 
     model = _gqa_step_model(batch, seq)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+    options = {"use_tf32": 0, **({"enable_cuda_graph": 1} if cuda_graph else {})}
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=[("CUDAExecutionProvider", options)])
+    except Exception as err:  # noqa: BLE001 - ORT refuses graph capture for some graphs: report why
+        return {"ms": None, "why": " ".join(str(err).split())[:200]}
     hidden = torch.randn(batch, HIDDEN, device="cuda")
     past_k = torch.randn(batch, HKV, seq, DIM, device="cuda", dtype=torch.float16)
     past_v = torch.randn_like(past_k)
@@ -174,7 +195,10 @@ def bench_gqa_step(batch, seq, runs):
     bind_output(binding, "out", out)
     bind_output(binding, "present_key", past_k)  # the shared buffer: updated in place
     bind_output(binding, "present_value", past_v)
-    ms = _median_ms(lambda: session.run_with_iobinding(binding), runs)
+    try:
+        ms = _median_ms(lambda: session.run_with_iobinding(binding), runs)
+    except Exception as err:  # noqa: BLE001
+        return {"ms": None, "why": " ".join(str(err).split())[:200]}
     return {"ms": ms, "cache_bytes": 2 * past_k.numel() * 2}
 
 
@@ -190,7 +214,7 @@ def exported_layer(bits):
     return export_model(config), time.perf_counter() - start
 
 
-def bench_tq_step(batch, seq, bits, runs):
+def bench_tq_step(batch, seq, bits, runs, cuda_graph=False):
     import numpy as np
 
     from tq_deploy.ops import packed_size
@@ -199,7 +223,7 @@ def bench_tq_step(batch, seq, bits, runs):
     per_seq = -(-seq // BLOCK)
     blocks = batch * per_seq
     model, export_s = exported_layer(bits)
-    step = DecodeSession(model, provider="cuda", num_blocks=blocks)
+    step = DecodeSession(model, provider="cuda", num_blocks=blocks, cuda_graph=cuda_graph)
     rng = np.random.default_rng(1)
     shape = (blocks, BLOCK, HKV)
     step.load_cache({  # random codes and norms: timing on zeros would flatter the kernels
@@ -214,7 +238,10 @@ def bench_tq_step(batch, seq, bits, runs):
              (tables[:, last // BLOCK].astype(np.int64) * BLOCK + last % BLOCK), tables,
              np.full(batch, seq, np.int32)]
     ms = _median_ms(lambda: step.run(*feeds), runs)
-    return {"ms": ms, "cache_bytes": step.cache_bytes(), "export_s": export_s}
+    result = {"ms": ms, "cache_bytes": step.cache_bytes(), "export_s": export_s}
+    if cuda_graph:  # the step alone, inputs already on the device and out left there (as the GQA step runs)
+        result["device_ms"] = _median_ms(step.replay, runs)
+    return result
 
 
 def run(a) -> int:
@@ -242,9 +269,15 @@ def run(a) -> int:
         print(json.dumps(nodes[-1]), flush=True)
     for batch, seq in shapes:
         tq = bench_tq_step(batch, seq, a.bits, a.runs)
+        tq_graph = bench_tq_step(batch, seq, a.bits, a.runs, cuda_graph=True)
         gqa = bench_gqa_step(batch, seq, a.runs)
-        steps.append({"B": batch, "S": seq, "tq": tq, "gqa": gqa})
+        steps.append({"B": batch, "S": seq, "tq": tq, "tq_graph": tq_graph, "gqa": gqa})
         print(json.dumps(steps[-1]), flush=True)
+        torch.cuda.empty_cache()
+    # last: a refused or failed capture of ORT's own GQA graph must not disturb the rows above
+    for r in steps:
+        r["gqa_graph"] = bench_gqa_step(r["B"], r["S"], a.runs, cuda_graph=True)
+        print(json.dumps({"B": r["B"], "S": r["S"], "gqa_graph": r["gqa_graph"]}), flush=True)
         torch.cuda.empty_cache()
     if path:
         from tq_deploy.files import write_text
@@ -253,15 +286,29 @@ def run(a) -> int:
     print()
     print(f"ORT CUDA EP, {torch.cuda.get_device_name()}: Hq={HQ} Hkv={HKV} D={DIM} block {BLOCK}, {a.bits}-bit "
           f"TurboQuant, median ms over {a.runs} runs")
-    print(f"{'B x S':>10} {'ORT node':>9} {'PyTorch':>9} {'overhead':>13}  outputs")
+    print("TQPagedAttention node alone (device-bound IO) vs the same kernel from PyTorch:")
+    print(f"{'B x S':>10} {'PyTorch':>9} {'ORT node':>9} {'overhead':>13} {'ORT graph':>10} {'overhead':>13}  outputs")
     for r in nodes:
-        print(f"{r['B']:>4}x{r['S']:<5} {r['ort_ms']:9.3f} {r['torch_ms']:9.3f} {r['overhead_us']:6.1f} us "
-              f"{r['overhead_pct']:4.1f}%  {'identical' if r['identical_outputs'] else 'DIFFER'}")
-    print(f"\nwhole decode step, hidden {HIDDEN}:")
-    print(f"{'B x S':>10} {'TQ step':>9} {'GQA fp16':>9} {'speedup':>8} {'TQ cache':>10} {'fp16 cache':>11} {'ratio':>6}")
+        print(f"{r['B']:>4}x{r['S']:<5} {r['torch_ms']:9.3f} {r['ort_ms']:9.3f} {r['overhead_us']:6.1f} us "
+              f"{r['overhead_pct']:4.1f}% {r['ort_graph_ms']:10.3f} {r['graph_overhead_us']:6.1f} us "
+              f"{r['graph_overhead_pct']:4.1f}%  {'identical' if r['identical_outputs'] else 'DIFFER'}")
+
+    def ms(v):
+        return f"{v:.3f}" if v is not None else "n/a"
+
+    print(f"\nwhole decode step, hidden {HIDDEN} (ms; TQ run = DecodeSession.run, host inputs and output; "
+          "device = inputs and output on the device, as the GQA step):")
+    print(f"{'B x S':>10} {'TQ run':>8} {'TQ graph run':>13} {'TQ graph device':>16} {'GQA fp16':>9} "
+          f"{'GQA graph':>10} {'best/best':>10} {'TQ cache':>9} {'fp16 cache':>11} {'ratio':>6}")
     for r in steps:
-        tq, gqa = r["tq"], r["gqa"]
-        print(f"{r['B']:>4}x{r['S']:<5} {tq['ms']:9.3f} {gqa['ms']:9.3f} {gqa['ms'] / tq['ms']:7.2f}x "
-              f"{tq['cache_bytes'] / 2**30:8.2f} G {gqa['cache_bytes'] / 2**30:9.2f} G "
+        tq, tqg, gqa, gqag = r["tq"], r["tq_graph"], r["gqa"], r["gqa_graph"]
+        best_tq = min(v for v in (tq["ms"], tqg["ms"], tqg.get("device_ms")) if v is not None)
+        best_gqa = min(v for v in (gqa["ms"], gqag["ms"]) if v is not None)
+        print(f"{r['B']:>4}x{r['S']:<5} {ms(tq['ms']):>8} {ms(tqg['ms']):>13} {ms(tqg.get('device_ms')):>16} "
+              f"{ms(gqa['ms']):>9} {ms(gqag['ms']):>10} {best_gqa / best_tq:9.2f}x "
+              f"{tq['cache_bytes'] / 2**30:7.2f} G {gqa['cache_bytes'] / 2**30:9.2f} G "
               f"{gqa['cache_bytes'] / tq['cache_bytes']:5.2f}x")
+    for r in steps:
+        if r["gqa_graph"]["ms"] is None:
+            print(f"GQA graph {r['B']}x{r['S']}: {r['gqa_graph']['why']}")
     return 0

@@ -100,15 +100,25 @@ class TQModelConfig:
         return cls(**values)
 
 
+def rotate_half_matrix(dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """R [D, D] with x @ R = rotate_half(x) = (-x[D/2:], x[:D/2]): a signed permutation, so the
+    product is exact and exports as one MatMul."""
+    eye = torch.eye(dim // 2, dtype=dtype, device=device)
+    zero = torch.zeros_like(eye)
+    return torch.cat((torch.cat((zero, eye), 1), torch.cat((-eye, zero), 1)), 0)  # [[0, I], [-I, 0]]
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding, rotate-half form: x * cos + rotate_half(x) * sin; x [S, H, D]."""
-    half = x.shape[-1] // 2
+    """Rotary embedding, rotate-half form: x * cos + rotate_half(x) * sin; x [S, H, D].
+
+    Pair (x_i, x_{i+D/2}) turns by pos * theta^(-i/(D/2)); both halves of the angle row carry the
+    same rates, so cos and sin are taken once over [S, 1, D]."""
+    dim = x.shape[-1]
+    half = dim // 2
     inv_freq = theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [S, D/2]
-    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[:, None, :]
-    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[:, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    angles = positions.to(torch.float32)[:, None, None] * torch.cat((inv_freq, inv_freq))  # [S, 1, D]
+    rotated = x @ rotate_half_matrix(dim, x.dtype, x.device)
+    return (x * angles.cos() + rotated * angles.sin()).to(x.dtype)
 
 
 class ReferenceOps:
@@ -149,9 +159,10 @@ class TQDecodeModel(nn.Module):
         c = self.config
         s = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
-        q = rope(q.reshape(s, c.num_q_heads, c.head_dim), positions, c.rope_theta)
-        k = rope(k.reshape(s, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
+        # queries and keys take the rotary embedding together (one set of nodes in the exported graph)
+        qk, v = qkv.split([(c.num_q_heads + c.num_kv_heads) * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+        qk = rope(qk.reshape(s, c.num_q_heads + c.num_kv_heads, c.head_dim), positions, c.rope_theta)
+        q, k = qk.split([c.num_q_heads, c.num_kv_heads], 1)
         return q, k, v.reshape(s, c.num_kv_heads, c.head_dim)
 
     def forward(self, hidden, positions, slot_mapping, block_tables, context_lens, k_codes, k_norms, v_codes, v_norms):

@@ -11,6 +11,13 @@ them and TQPagedAttention reads them there, so a step moves no cache bytes betwe
 device and makes no copy of the cache (:func:`copied_bytes` reads what ONNX Runtime's Memcpy
 nodes moved from its profile). Only the step's small inputs (hidden state, positions, slots, block tables,
 context lengths) and the output cross the bus.
+
+With ``cuda_graph=True`` (provider "cuda") the step runs as a CUDA graph that ONNX Runtime
+captures (its CUDA EP's ``enable_cuda_graph``): one graph per distinct shape of the step inputs
+(batch S, block-table width M), each with its own device buffers for those inputs and for ``out``
+at fixed addresses, refilled in place every step. The first step of a shape runs the kernels
+normally, the second captures and replays them, later ones replay: one launch instead of one per
+node. Past MAX_GRAPHS shapes, new shapes run without a graph.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from tq_deploy.runtime.session import make_session
 
 CACHE_NAMES = ("k_codes", "k_norms", "v_codes", "v_norms")
 STEP_INPUTS = ("hidden", "positions", "slot_mapping", "block_tables", "context_lens")
+MAX_GRAPHS = 32  # captured step shapes per session (each holds its own device buffers)
 
 
 def cache_shapes(config: Mapping, num_blocks: int) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -45,7 +53,7 @@ class DecodeSession:
 
     def __init__(self, model: str | os.PathLike | bytes | onnx.ModelProto, provider: str = "cpu",
                  num_blocks: int | None = None, library=None, device_id: int = 0, profile: bool = False,
-                 profile_prefix: str | None = None, threads: int | None = None):
+                 profile_prefix: str | None = None, threads: int | None = None, cuda_graph: bool = False):
         import onnxruntime as ort
 
         from tq_deploy.export.common import load_model, read_metadata
@@ -63,7 +71,10 @@ class DecodeSession:
         self.num_blocks = int(num_blocks if num_blocks is not None else config["num_blocks"])
         if self.num_blocks < 1:
             raise ValueError(f"num_blocks={self.num_blocks}, expected >= 1")
+        if cuda_graph and provider != "cuda":
+            raise ValueError(f"cuda_graph=True with provider={provider!r}, expected provider='cuda'")
         self.provider = provider
+        self.cuda_graph = cuda_graph
         self.device = "cuda" if provider == "cuda" else "cpu"
         self.device_id = device_id
         options = ort.SessionOptions()
@@ -72,8 +83,14 @@ class DecodeSession:
             if profile_prefix:
                 options.profile_file_prefix = profile_prefix
         self.session = make_session(proto.SerializeToString(), provider=provider, library=library,
-                                    device_id=device_id, session_options=options, threads=threads)
+                                    device_id=device_id, session_options=options, threads=threads,
+                                    cuda_graph=cuda_graph)
         self._ort = ort
+        from tq_deploy.runtime.session import _ORT_DTYPES
+
+        self._dtypes = {i.name: np.dtype(_ORT_DTYPES[i.type]) for i in self.session.get_inputs()}
+        self._out_dtype = np.dtype(_ORT_DTYPES[self.session.get_outputs()[0].type])
+        self._graphs: dict[tuple, _GraphStep] = {}
         self.caches = {}
         for name, (shape, dtype) in cache_shapes(config, self.num_blocks).items():
             self.caches[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, device_id)
@@ -94,12 +111,45 @@ class DecodeSession:
         # contiguous copies made here are held until it returns.
         arrays = [np.ascontiguousarray(v) for v in (hidden, positions, slot_mapping, block_tables, context_lens)]
         for name, array in zip(STEP_INPUTS, arrays):
+            if array.dtype != self._dtypes[name]:
+                raise ValueError(f"{name}.dtype={array.dtype}, expected {self._dtypes[name]}")
+        key = tuple(a.shape for a in arrays)
+        if self.cuda_graph and (key in self._graphs or len(self._graphs) < MAX_GRAPHS):
+            return self._run_graph(key, arrays)
+        for name, array in zip(STEP_INPUTS, arrays):
             self.binding.bind_cpu_input(name, array)
         # "out" is bound on the host: ORT copies that one output back, never the bound caches
         self.binding.bind_output("out", "cpu")
-        self.session.run_with_iobinding(self.binding)
+        self.session.run_with_iobinding(self.binding, self._eager_run_options())
         del arrays
         return self.binding.get_outputs()[-1].numpy()
+
+    def _eager_run_options(self):
+        if not self.cuda_graph:
+            return None
+        options = self._ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", "-1")  # ORT: run the kernels, capture nothing
+        return options
+
+    def _run_graph(self, key: tuple, arrays: list[np.ndarray]) -> np.ndarray:
+        step = self._graphs.get(key)
+        if step is None:
+            step = self._graphs[key] = _GraphStep(self, arrays, graph_id=len(self._graphs))
+        else:
+            for value, array in zip(step.inputs, arrays):
+                value.update_inplace(array)
+        self._last = step
+        self.session.run_with_iobinding(step.binding, step.run_options)
+        return step.out.numpy()
+
+    def replay(self) -> None:
+        """(cuda_graph) The last step's graph again, on the step inputs its device buffers hold and
+        with ``out`` left on the device: the step alone, without the host copies around it
+        (benchmarks; the cache advances as in any step)."""
+        step = getattr(self, "_last", None)
+        if step is None:
+            raise ValueError("replay() needs a session made with cuda_graph=True that has run a step")
+        self.session.run_with_iobinding(step.binding, step.run_options)
 
     def load_cache(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Replace the cache contents with host arrays (a copy to the device; tests and warm starts).
@@ -124,6 +174,26 @@ class DecodeSession:
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()
+
+
+class _GraphStep:
+    """The bound buffers and run options of one captured step shape: device copies of the step
+    inputs and a device ``out``, bound with the session's resident caches."""
+
+    def __init__(self, owner: DecodeSession, arrays: list[np.ndarray], graph_id: int):
+        ort, device, device_id = owner._ort, owner.device, owner.device_id
+        self.inputs = [ort.OrtValue.ortvalue_from_numpy(a, device, device_id) for a in arrays]
+        shape = [arrays[0].shape[0], int(owner.config["hidden_size"])]
+        self.out = ort.OrtValue.ortvalue_from_shape_and_type(shape, owner._out_dtype.type, device, device_id)
+        self.binding = owner.session.io_binding()
+        for name, value in owner.caches.items():
+            self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_ortvalue_output(f"{name}_out", value)
+        for name, value in zip(STEP_INPUTS, self.inputs):
+            self.binding.bind_ortvalue_input(name, value)
+        self.binding.bind_ortvalue_output("out", self.out)
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
 
 def copied_bytes(profile_path: str | os.PathLike) -> dict:

@@ -121,16 +121,19 @@ def cuda_unavailable_reason(library: str | os.PathLike | None = None) -> str:
 
 def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", library: str | os.PathLike | None = None,
                  *, providers: Sequence | None = None, device_id: int = 0, session_options=None,
-                 threads: int | None = None):
+                 threads: int | None = None, cuda_graph: bool = False):
     """An ``onnxruntime.InferenceSession`` with the TurboQuant custom ops registered.
 
     ``model`` is a path or serialized model bytes. ``provider`` "cpu" or "cuda" (the CUDA EP on
     ``device_id`` with TF32 off, the CPU EP for nodes it does not take); ``providers`` overrides it with an
     explicit ONNX Runtime list. Asking for one this onnxruntime build lacks is a ValueError naming
-    what it has.
+    what it has. ``cuda_graph`` turns on the CUDA EP's graph capture (``enable_cuda_graph``): every
+    run must then go through IO binding with device buffers at fixed addresses (DecodeSession does).
     """
     import onnxruntime as ort
 
+    if cuda_graph and (providers is not None or provider != "cuda"):
+        raise ValueError(f"cuda_graph=True with provider={provider!r}, expected provider='cuda' (and no providers list)")
     if providers is None:
         if provider not in PROVIDERS:
             raise ValueError(f"provider={provider!r}, expected one of {tuple(PROVIDERS)}")
@@ -144,8 +147,8 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", librar
     # IEEE fp32 in the CUDA EP's own MatMul nodes (use_tf32=0): with TF32 the projections round
     # to 10-bit mantissas, keys move by ~1e-4 and the session no longer matches the CPU EP and the
     # reference it is validated against; an explicit `providers` list keeps its own options
-    listed = [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}) if p == "CUDAExecutionProvider"
-              else p for p in providers]
+    cuda_options = {"device_id": device_id, "use_tf32": 0, **({"enable_cuda_graph": 1} if cuda_graph else {})}
+    listed = [("CUDAExecutionProvider", cuda_options) if p == "CUDAExecutionProvider" else p for p in providers]
     options = session_options or ort.SessionOptions()
     if threads is not None:
         if threads < 1:
