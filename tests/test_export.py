@@ -76,8 +76,11 @@ def test_initializers_are_the_reference_tensors(exported):
     np.testing.assert_array_equal(inits["rotation"], make_rotation(config.head_dim, config.rotation, config.seed).numpy())
     np.testing.assert_array_equal(inits["k_codebook"], lloyd_max_codebook(config.head_dim, config.k_bits).numpy())
     np.testing.assert_array_equal(inits["v_codebook"], lloyd_max_codebook(config.head_dim, config.v_bits).numpy())
-    for name in ("qkv_proj.weight", "o_proj.weight", "rotation", "k_codebook", "v_codebook"):
+    for name in ("rotation", "k_codebook", "v_codebook"):
         np.testing.assert_array_equal(inits[name], reference[name].numpy(), err_msg=name)
+    for name in ("qkv_proj.weight", "o_proj.weight"):  # MatMul(x, W.T): the projections stored transposed
+        np.testing.assert_array_equal(inits[f"{name}.T"], reference[name].numpy().T, err_msg=name)
+    assert not [n for n in model.graph.node if n.op_type == "Gemm"]
     assert inits["k_codebook"].shape == (2**config.k_bits,) and inits["v_codebook"].shape == (2**config.v_bits,)
 
 
