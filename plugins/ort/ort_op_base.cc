@@ -1,6 +1,7 @@
 #include "ort_op_base.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "tq_checks.h"
 
@@ -44,19 +45,35 @@ ONNXTensorElementDataType element_type(tq_ops::Type type, ONNXTensorElementDataT
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 }
 
-int64_t DimTable::bind(const std::string& symbol, int64_t value, const std::string& input, size_t axis) {
-  const std::string where = input + ".shape[" + std::to_string(axis) + "]";
-  auto found = dims_.find(symbol);
-  if (found == dims_.end()) {
-    dims_.emplace(symbol, Bound{value, where});
+namespace {
+std::string where(const char* input, size_t axis) {
+  return std::string(input) + ".shape[" + std::to_string(axis) + "]";
+}
+}  // namespace
+
+const DimTable::Bound* DimTable::find(const char* symbol) const {
+  for (const Bound& b : dims_)
+    if (std::strcmp(b.symbol, symbol) == 0) return &b;
+  fail(op_, std::string("internal: dimension ") + symbol + " was never bound");
+}
+
+std::string DimTable::source(const char* symbol) const {
+  const Bound* b = find(symbol);
+  return where(b->input, b->axis);
+}
+
+int64_t DimTable::bind(const char* symbol, int64_t value, const char* input, size_t axis) {
+  for (const Bound& b : dims_) {
+    if (std::strcmp(b.symbol, symbol) != 0) continue;
+    if (b.value != value) {
+      std::ostringstream msg;
+      msg << "input " << input << " has " << where(input, axis) << "=" << value << " (" << symbol << "), expected "
+          << symbol << "=" << b.value << " as in " << where(b.input, b.axis);
+      fail(op_, msg.str());
+    }
     return value;
   }
-  if (found->second.value != value) {
-    std::ostringstream msg;
-    msg << "input " << input << " has " << where << "=" << value << " (" << symbol << "), expected " << symbol
-        << "=" << found->second.value << " as in " << found->second.where;
-    fail(op_, msg.str());
-  }
+  dims_.push_back(Bound{symbol, value, input, axis});
   return value;
 }
 

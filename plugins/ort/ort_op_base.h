@@ -32,22 +32,28 @@ const char* type_name(ONNXTensorElementDataType type);
 ONNXTensorElementDataType element_type(tq_ops::Type type, ONNXTensorElementDataType float_type);
 
 // Binds symbolic dimensions (D, N, B, ...) to the first input that shows them and reports
-// any later input that disagrees, naming both.
+// any later input that disagrees, naming both. Symbols and input names are the contract's
+// string literals (plugins/common/tq_ops.h), so a bind stores pointers and formats nothing
+// unless it fails: it runs for every input of every Compute.
 class DimTable {
  public:
-  explicit DimTable(std::string op) : op_(std::move(op)) {}
+  explicit DimTable(const char* op) : op_(op) {}
   // Records or checks `symbol` = shape[axis] of input `input`.
-  int64_t bind(const std::string& symbol, int64_t value, const std::string& input, size_t axis);
-  int64_t get(const std::string& symbol) const { return dims_.at(symbol).value; }
-  const std::string& source(const std::string& symbol) const { return dims_.at(symbol).where; }
+  int64_t bind(const char* symbol, int64_t value, const char* input, size_t axis);
+  int64_t get(const char* symbol) const { return find(symbol)->value; }
+  // "input.shape[axis]" of the input that bound `symbol`.
+  std::string source(const char* symbol) const;
 
  private:
   struct Bound {
+    const char* symbol;
     int64_t value;
-    std::string where;
+    const char* input;
+    size_t axis;
   };
-  std::string op_;
-  std::map<std::string, Bound> dims_;
+  const Bound* find(const char* symbol) const;
+  const char* op_;
+  std::vector<Bound> dims_;
 };
 
 // A fetched input: its ORT value, shape and spec.
