@@ -1,15 +1,22 @@
 // TQEncode and TQCacheUpdate on the GPU (a cache update is an encode whose rows land in slots).
 //
-// Tensor-core path (head dim 64 or 128): a persistent CTA of 8 warps keeps Pi in shared memory as
-// two fp16 parts (hi + lo * 2^-11, so that fp16 products accumulated in fp32 reproduce the fp32
-// rotation to ~2^-22), and each warp encodes 32 vectors at a time:
-//   load      each lane reads one vector, takes its norm (scaled by a power of two: finite for
-//             1e20s, nonzero for 1e-30s) and stores it, scaled into fp16 range, in shared memory
-//             (fp32 inputs as two fp16 parts, hi + lo * 2^-11)
-//   rotate    Y^T = Pi . X^T with mma.sync m16n8k16 (Pi tiles are the A operand, 8 vectors the N),
-//             64 output coordinates at a time
-//   quantize  y / norm against the codebook's midpoints (binary search in shared memory)
-//   pack      each lane packs one vector's codes (little-endian bit stream) and writes them
+// Tensor-core path (head dim 64 or 128): a persistent CTA of 8 warps (4 for fp32 rows at D = 128)
+// keeps Pi in shared memory as two fp16 parts (hi + lo * 2^-11, so that fp16 products accumulated
+// in fp32 reproduce the fp32 rotation to ~2^-22), and each warp encodes tiles of 32 vectors:
+//   load      the tile's rows, contiguous in memory, by coalesced 16-byte cp.async into one of
+//             two buffers (the next tile loads while this one is encoded)
+//   norm      each lane takes one row from shared memory: its norm (of x scaled by a power of two:
+//             finite for 1e20s, nonzero for 1e-30s), and the row scaled into fp16 range in place
+//             (fp32 rows as two fp16 parts, hi + lo * 2^-11)
+//   rotate    Y = X . Pi^T with mma.sync m16n8k16: X (two 16-vector m-tiles) is the A operand,
+//             loaded into registers once per tile, so each Pi fragment (the B operand, read by
+//             ldmatrix) serves all 32 vectors; 16 output coordinates at a time. Pi's rows are
+//             stored permuted so that each lane's accumulators are consecutive coordinates
+//   quantize  code = #{ midpoints < y / norm }: 2-3 bits by a branch-free search over midpoints in
+//             registers (D = 128, fp16/bf16), otherwise one lookup in a 1024-entry table of
+//             monotone buckets (exact: see encode_mma_kernel), the codes of 16 coordinates at once
+//   pack      each lane appends its codes to its quarter of its rows' bit streams in registers,
+//             stores whole words to a staging area, and the warp writes the packed rows coalesced
 // Other head dims take the generic kernel: one warp per vector, Pi read through L1.
 #include <math.h>
 
@@ -133,22 +140,59 @@ __device__ __forceinline__ int bucket_of(float y, float scale, float offset) {
 }
 
 // code = #{ midpoints < y }, the reference's rule (a y on a midpoint takes the lower code).
-template <int BITS>
+// 2-3 bits: the midpoints sit in registers and a branch-free binary search picks the next one
+// by selects (the count, for ascending midpoints). Wider codes: a lookup table (bucket_of).
+template <int BITS, bool kRegisters>
 struct Quantizer {
-  const float2* table;  // [bucket] = (the one midpoint in the bucket or +inf, midpoints below the bucket)
+  const float2* table;  // [bucket] = (its first midpoint or +inf, midpoints below | count in it << 16)
   const float* bounds;
   float scale, offset;
-  float m0, m1, m2;  // BITS == 2: the three midpoints, compared in registers
-  int bits;
-  bool multi;  // some bucket holds two midpoints: search instead (codebooks no table separates)
+  float m[kRegisters ? (1 << BITS) - 1 : 1];
 
-  __device__ __forceinline__ uint32_t operator()(float y) const {
+  __device__ __forceinline__ uint32_t search(float y) const {
     if constexpr (BITS == 2) {
-      return (m0 < y ? 1u : 0u) + (m1 < y ? 1u : 0u) + (m2 < y ? 1u : 0u);
+      return (m[0] < y ? 1u : 0u) + (m[1] < y ? 1u : 0u) + (m[2] < y ? 1u : 0u);
     } else {
-      if (multi) return static_cast<uint32_t>(quantize(y, bounds, bits));
-      const float2 e = table[bucket_of(y, scale, offset)];
-      return static_cast<uint32_t>(__float_as_int(e.y)) + (e.x < y ? 1u : 0u);
+      const bool p2 = m[3] < y;
+      const bool p1 = (p2 ? m[5] : m[1]) < y;
+      const bool p0 = (p2 ? (p1 ? m[6] : m[4]) : (p1 ? m[2] : m[0])) < y;
+      return (p2 ? 4u : 0u) + (p1 ? 2u : 0u) + (p0 ? 1u : 0u);
+    }
+  }
+
+  // codes of N coordinates at once: the table loads are independent, and the rare bucket
+  // holding more than one midpoint is finished by a search among its midpoints afterwards
+  template <int N>
+  __device__ __forceinline__ void operator()(const float (&y)[N], uint32_t (&code)[N]) const {
+    if constexpr (kRegisters) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) code[i] = search(y[i]);
+    } else {
+      uint32_t info[N], any = 0;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float2 e = table[bucket_of(y[i], scale, offset)];
+        info[i] = __float_as_uint(e.y);
+        code[i] = (info[i] & 0xffffu) + (e.x < y[i] ? 1u : 0u);
+        any |= info[i];
+      }
+      if (any >= (2u << 16)) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          if (info[i] < (2u << 16)) continue;
+          int first = static_cast<int>(info[i] & 0xffffu), n = static_cast<int>(info[i] >> 16);
+          while (n > 0) {  // #{ midpoints of the bucket < y }, added to those below it
+            const int half = n >> 1;
+            if (bounds[first + half] < y[i]) {
+              first += half + 1;
+              n -= half + 1;
+            } else {
+              n = half;
+            }
+          }
+          code[i] = static_cast<uint32_t>(first);
+        }
+      }
     }
   }
 };
@@ -234,10 +278,19 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
   // The quantizer table. With f = bucket_of (monotone), every midpoint m with f(m) < f(y) is
   // < y and every one with f(m) > f(y) is > y, so #{m < y} = #{m : f(m) < f(y)} plus the
   // comparisons of y with the midpoints in y's own bucket: exact, whatever the rounding in f.
-  // The scale spreads [first midpoint, last midpoint] over the table; when a bucket holds two
-  // midpoints (a codebook far from uniform) every coordinate takes the binary search instead.
-  Quantizer<BITS> quant;
-  {
+  // The scale spreads [first midpoint, last midpoint] over the table (the Lloyd-Max codebooks
+  // of D = 64 and 128 then put at most one midpoint in a bucket; more only cost a search).
+  // The register search leaves the rotation and quantization one block of straight-line code that
+  // the compiler interleaves across n-block pairs, at up to 255 registers: only where one block
+  // per SM runs anyway (D = 128) and fp16/bf16 rows (fp32 rows would spill).
+  constexpr bool kRegisters = (BITS == 2 || BITS == 3) && D == 128 && !kTwo;
+  Quantizer<BITS, kRegisters> quant;
+  quant.table = table;
+  quant.bounds = bounds;
+  if constexpr (kRegisters) {
+#pragma unroll
+    for (int i = 0; i < (1 << BITS) - 1; ++i) quant.m[i] = bounds[i];
+  } else {
     const float first = bounds[0], last = bounds[nb - 1];
     float scale = 1.f, offset = 0.f;
     if (last > first) {
@@ -257,19 +310,13 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
       }
       return lo;
     };
-    int multi = 0;
     for (int b = threadIdx.x; b < kBuckets; b += blockDim.x) {
       const int base = below(b), count = below(b + 1) - base;
-      table[b] = make_float2(count > 0 ? bounds[base] : INFINITY, __int_as_float(base));
-      multi |= count > 1;
+      table[b] = make_float2(count > 0 ? bounds[base] : INFINITY, __uint_as_float(base | count << 16));
     }
-    quant.multi = __syncthreads_or(multi) != 0;  // also the barrier before the table is read
-    quant.table = table;
-    quant.bounds = bounds;
     quant.scale = scale;
     quant.offset = offset;
-    quant.bits = bits;
-    if constexpr (BITS == 2) quant.m0 = bounds[0], quant.m1 = bounds[1], quant.m2 = bounds[2];
+    __syncthreads();
   }
 
   const uint32_t pi_hi_base = shared_address(pi_hi), pi_lo_base = shared_address(pi_lo);
@@ -384,11 +431,8 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
       for (int h = 0; h < 2; ++h) inv_row[mt][h] = __shfl_sync(0xffffffffu, inv, 16 * mt + 8 * h + gid);
     char* stage = S::kSeparateStage ? xbufs + 2 * S::kXBuf : buf;
     if constexpr (!S::kSeparateStage) __syncwarp();  // every lane has read X before codes overwrite it
-    char* seg[2][2];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) seg[mt][h] = stage + (16 * mt + 8 * h + gid) * S::kStageStride + tig * seg_bytes;
+    // row 16 mt + 8 h + gid's segment: seg + (16 mt + 8 h) * kStageStride (immediate offsets)
+    char* const seg = stage + gid * S::kStageStride + tig * seg_bytes;
     uint32_t cur[2][2] = {{0u, 0u}, {0u, 0u}};
 
     // rotate + quantize + pack, 16 output coordinates (two n-blocks) at a time: column n of
@@ -422,23 +466,32 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
           }
         }
       }
+      // codes by n-block halves at D = 64 (fewer live registers: two blocks of this kernel fit an SM)
+      constexpr int kBatch = D == 128 ? 16 : 8;
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
+      for (int i0 = 0; i0 < 16; i0 += kBatch) {
+        float y[kBatch];
+        uint32_t code[kBatch];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int i = 0; i < kBatch; ++i) {  // i0 + i = 8n + 4mt + c
+          const int n = (i0 + i) >> 3, mt = ((i0 + i) >> 2) & 1, c = (i0 + i) & 3;
+          y[i] = fmaf(lo[mt][n][c], 1.f / kPartScale, hi[mt][n][c]) * inv_row[mt][c >> 1];
+        }
+        quant(y, code);
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int h = c >> 1;
-            const float y = fmaf(lo[mt][n][c], 1.f / kPartScale, hi[mt][n][c]) * inv_row[mt][h];
-            append_code<D>(cur[mt][h], seg[mt][h], (4 * p + 2 * n + (c & 1)) * bits, quant(y), bits);
-          }
+        for (int i = 0; i < kBatch; ++i) {
+          const int n = (i0 + i) >> 3, mt = ((i0 + i) >> 2) & 1, c = (i0 + i) & 3;
+          append_code<D>(cur[mt][c >> 1], seg + (16 * mt + 8 * (c >> 1)) * S::kStageStride,
+                         (4 * p + 2 * n + (c & 1)) * bits, code[i], bits);
+        }
+      }
     }
     if ((Q * bits) & 31) {  // D = 64, odd bits: the segment ends on a halfword
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<uint16_t*>(seg[mt][h] + 4 * ((Q * bits) >> 5)) = static_cast<uint16_t>(cur[mt][h]);
+          *reinterpret_cast<uint16_t*>(seg + (16 * mt + 8 * h) * S::kStageStride + 4 * ((Q * bits) >> 5)) = static_cast<uint16_t>(cur[mt][h]);
     }
     __syncwarp();
 
