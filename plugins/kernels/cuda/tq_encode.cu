@@ -1,10 +1,11 @@
 // TQEncode and TQCacheUpdate on the GPU (a cache update is an encode whose rows land in slots).
 //
-// Tensor-core path (head dim 64 or 128): a persistent CTA of 8 warps (4 for fp32 rows at D = 128)
-// keeps Pi in shared memory as two fp16 parts (hi + lo * 2^-11, so that fp16 products accumulated
-// in fp32 reproduce the fp32 rotation to ~2^-22), and each warp encodes tiles of 32 vectors:
-//   load      the tile's rows, contiguous in memory, by coalesced 16-byte cp.async into one of
-//             two buffers (the next tile loads while this one is encoded)
+// Tensor-core path (head dim 64 or 128): persistent CTAs (EncodeSmem says how many warps: as many
+// as shared memory holds, up to 12) keep Pi in shared memory as two fp16 parts (hi + lo * 2^-11,
+// so that fp16 products accumulated in fp32 reproduce the fp32 rotation to ~2^-22), and each
+// warp encodes tiles of 32 vectors:
+//   load      the tile's rows, contiguous in memory, by coalesced 16-byte cp.async into the
+//             warp's buffer, issued as soon as the previous tile has left it (for its registers)
 //   norm      each lane takes one row from shared memory: its norm (of x scaled by a power of two:
 //             finite for 1e20s, nonzero for 1e-30s), and the row scaled into fp16 range in place
 //             (fp32 rows as two fp16 parts, hi + lo * 2^-11)
@@ -100,31 +101,44 @@ constexpr int kBucketRoundBits = 0x4B400000;
 constexpr size_t kMaxSharedBytes = 227 * 1024;  // sm_90's opt-in limit per block
 constexpr size_t kSharedPerSm = 228 * 1024;     // a block also takes 1 KiB reserved by the system
 
-template <int D, typename T, int W>
-struct EncodeSmemOf {
-  static constexpr int kWarps = W;
+// Codes of 2-3 bits at D = 128 from fp16/bf16 rows by the register search (Quantizer): it leaves
+// the rotation and quantization one block of straight-line code that the compiler interleaves
+// across n-block pairs at up to 255 registers, so such a CTA has 8 warps (elsewhere it spilled).
+template <int D, typename T, int BITS>
+__host__ __device__ constexpr bool register_quantizer() {
+  return (BITS == 2 || BITS == 3) && D == 128 && !InputType<T>::kTwoParts;
+}
+
+template <int D, typename T, bool kEightWarps>
+struct EncodeSmem {
   static constexpr int kPiStride = D + 8;  // halves per row: +16 bytes keeps ldmatrix rows in distinct banks
   static constexpr size_t kPi = size_t{2} * D * kPiStride * 2;  // hi, lo
   // A tile of raw rows as they arrive (cp.async), converted in place to the fp16 operand; +16
   // bytes per row keeps both ldmatrix rows and lane-per-row 16-byte accesses free of conflicts.
+  // One buffer per warp: once X sits in registers the next tile loads into it (fp32 rows, whose
+  // lo part is read from it throughout the rotation, only after the rotation).
   static constexpr int kXStride = D * static_cast<int>(sizeof(T)) + 16;
   static constexpr size_t kXBuf = size_t{kTileRows} * kXStride;
-  // Packed codes are staged in the tile's own buffer once X sits in registers; fp32 rows still
-  // read their lo part from the buffer while codes are produced, so they stage elsewhere.
-  static constexpr bool kSeparateStage = InputType<T>::kTwoParts;
-  static constexpr int kStageStride = kSeparateStage ? D + 16 : kXStride;
-  static constexpr size_t kStage = kSeparateStage ? size_t{kTileRows} * kStageStride : 0;
-  static constexpr size_t kWarp = 2 * kXBuf + kStage;  // double-buffered: the next tile loads meanwhile
+  static constexpr int kStageStride = D + 16;  // packed rows (<= D bytes) on their way out
+  static constexpr size_t kStage = size_t{kTileRows} * kStageStride;
+  static constexpr size_t kWarp = kXBuf + kStage;
   static constexpr size_t kTable = size_t{kBuckets} * 8;
   static constexpr size_t kBounds = 256 * 4;
-  static constexpr size_t kBytes = kPi + W * kWarp + kTable + kBounds;
-  static constexpr int kMinBlocks = 2 * (kBytes + 1024) <= kSharedPerSm ? 2 : 1;
+  static constexpr size_t bytes(int warps) { return kPi + warps * kWarp + kTable + kBounds; }
+  static constexpr bool two_fit(int warps) { return 2 * (bytes(warps) + 1024) <= kSharedPerSm; }
+  // Warps hide the latencies of mma.sync chains, table lookups and loads: two CTAs of 8 where
+  // they fit (D = 64, fp16/bf16), else one CTA of as many warps as shared memory holds (<= 12,
+  // at most 168 registers a thread), or of 8 for the register quantizer.
+  static constexpr int warps() {
+    if (kEightWarps || two_fit(8)) return 8;
+    int w = 12;
+    while (w > 1 && bytes(w) > kMaxSharedBytes) --w;
+    return w;
+  }
+  static constexpr int kWarps = warps();
+  static constexpr size_t kBytes = bytes(kWarps);
+  static constexpr int kMinBlocks = two_fit(kWarps) ? 2 : 1;
 };
-
-// 8 warps per CTA where they fit in shared memory, else 4 (fp32 rows at D = 128).
-template <int D, typename T>
-using EncodeSmem = std::conditional_t<EncodeSmemOf<D, T, 8>::kBytes <= kMaxSharedBytes, EncodeSmemOf<D, T, 8>,
-                                      EncodeSmemOf<D, T, 4>>;
 
 // 16 bytes global -> shared, or 16 zero bytes where src_bytes is 0 (rows past the end).
 __device__ __forceinline__ void copy_async_16_fill(uint32_t dst, const void* src, uint32_t src_bytes) {
@@ -220,9 +234,12 @@ __device__ __forceinline__ void append_code(uint32_t& cur, char* seg, int pos, u
 }
 
 template <int D, typename T, int BITS>
-__global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T>::kMinBlocks)
+using EncodeSmemFor = EncodeSmem<D, T, register_quantizer<D, T, BITS>()>;
+
+template <int D, typename T, int BITS>
+__global__ void __launch_bounds__(EncodeSmemFor<D, T, BITS>::kWarps * 32, EncodeSmemFor<D, T, BITS>::kMinBlocks)
     encode_mma_kernel(const EncodeArgs a) {
-  using S = EncodeSmem<D, T>;
+  using S = EncodeSmemFor<D, T, BITS>;
   constexpr int W = S::kWarps;
   constexpr int KS = D / 16;  // k steps of the mma
   constexpr int Q = D / 4;    // coordinates of a vector held by one lane of its quad
@@ -258,7 +275,6 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
   };
   int64_t tile = static_cast<int64_t>(blockIdx.x) * W + warp;
   fetch(tile, xbufs);
-  fetch(tile + tile_step, xbufs + S::kXBuf);
 
   // Pi as hi + lo * 2^-11 fp16 parts, once per CTA, its rows permuted so that smem row 8j + n
   // is the coordinate that n-block j's column n computes: (n / 2) * Q + 2j + n % 2. Lane tig of
@@ -280,10 +296,7 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
   // comparisons of y with the midpoints in y's own bucket: exact, whatever the rounding in f.
   // The scale spreads [first midpoint, last midpoint] over the table (the Lloyd-Max codebooks
   // of D = 64 and 128 then put at most one midpoint in a bucket; more only cost a search).
-  // The register search leaves the rotation and quantization one block of straight-line code that
-  // the compiler interleaves across n-block pairs, at up to 255 registers: only where one block
-  // per SM runs anyway (D = 128) and fp16/bf16 rows (fp32 rows would spill).
-  constexpr bool kRegisters = (BITS == 2 || BITS == 3) && D == 128 && !kTwo;
+  constexpr bool kRegisters = register_quantizer<D, T, BITS>();
   Quantizer<BITS, kRegisters> quant;
   quant.table = table;
   quant.bounds = bounds;
@@ -329,9 +342,10 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
   const int seg_bytes = Q * bits / 8;  // a lane's piece of a packed row
   const int packed = D * bits / 8;
 
-  for (int it = 0; tile < tiles; ++it, tile += tile_step) {
-    char* buf = xbufs + (it & 1) * S::kXBuf;
-    wait_copies<1>();
+  char* const buf = xbufs;
+  char* const stage = xbufs + S::kXBuf;
+  for (; tile < tiles; tile += tile_step) {
+    wait_copies<0>();
     __syncwarp();
 
     // per row (lane = row): norm of x scaled by 2^-e (exact), and x * 2^-e into fp16 in place
@@ -429,8 +443,10 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) inv_row[mt][h] = __shfl_sync(0xffffffffu, inv, 16 * mt + 8 * h + gid);
-    char* stage = S::kSeparateStage ? xbufs + 2 * S::kXBuf : buf;
-    if constexpr (!S::kSeparateStage) __syncwarp();  // every lane has read X before codes overwrite it
+    if constexpr (!kTwo) {  // X is in registers: the buffer takes the next tile
+      __syncwarp();
+      fetch(tile + tile_step, buf);
+    }
     // row 16 mt + 8 h + gid's segment: seg + (16 mt + 8 h) * kStageStride (immediate offsets)
     char* const seg = stage + gid * S::kStageStride + tig * seg_bytes;
     uint32_t cur[2][2] = {{0u, 0u}, {0u, 0u}};
@@ -486,6 +502,10 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
         }
       }
     }
+    if constexpr (kTwo) {
+      __syncwarp();
+      fetch(tile + tile_step, buf);
+    }
     if ((Q * bits) & 31) {  // D = 64, odd bits: the segment ends on a halfword
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
@@ -515,7 +535,6 @@ __global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32, EncodeSmem<D, T
     }
     if (dst >= 0) a.norms[dst] = norm;
     __syncwarp();
-    fetch(tile + 2 * tile_step, buf);  // this buffer is free again
   }
   wait_copies<0>();
 }
@@ -579,8 +598,10 @@ int launch_encode(const EncodeArgs& a, int64_t dim, cudaStream_t stream) {
   const int sms = num_sms();
   auto mma = [&](auto d) {
     constexpr int D = decltype(d)::value;
-    using S = EncodeSmem<D, T>;
-    auto launch = [&](auto kernel) {
+    auto launch = [&](auto bits) {
+      constexpr int BITS = decltype(bits)::value;
+      using S = EncodeSmemFor<D, T, BITS>;
+      const auto kernel = encode_mma_kernel<D, T, BITS>;
       if (int rc = reserve_shared(kernel, S::kBytes)) return rc;
       int per_sm = 0;
       if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, S::kWarps * 32, S::kBytes) != cudaSuccess ||
@@ -594,12 +615,12 @@ int launch_encode(const EncodeArgs& a, int64_t dim, cudaStream_t stream) {
       return launch_status();
     };
     switch (a.bits) {  // the common widths unrolled, the others with a runtime width
-      case 2: return launch(encode_mma_kernel<D, T, 2>);
-      case 3: return launch(encode_mma_kernel<D, T, 3>);
-      case 4: return launch(encode_mma_kernel<D, T, 4>);
-      case 6: return launch(encode_mma_kernel<D, T, 6>);
-      case 8: return launch(encode_mma_kernel<D, T, 8>);
-      default: return launch(encode_mma_kernel<D, T, 0>);
+      case 2: return launch(std::integral_constant<int, 2>{});
+      case 3: return launch(std::integral_constant<int, 3>{});
+      case 4: return launch(std::integral_constant<int, 4>{});
+      case 6: return launch(std::integral_constant<int, 6>{});
+      case 8: return launch(std::integral_constant<int, 8>{});
+      default: return launch(std::integral_constant<int, 0>{});
     }
   };
   // the tensor-core path loads rows with 16-byte loads and stores codes as 32-bit words
