@@ -68,6 +68,26 @@ def test_encode_extreme_norms_and_misaligned_rows(gen):
         torch.testing.assert_close(norms.cpu(), want_norms, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (4, 5, 8))
+@pytest.mark.parametrize("dim", [64, 128])
+def test_encode_crowded_codebook(gen, dim, bits, dtype):
+    """Midpoints closer than the tensor-core kernel's lookup-table buckets (outer centroids at
+    +-1 widen the table's range; three inner centroids 1e-5 apart put two midpoints in one
+    bucket): the coordinates that land in such a bucket take the search among its midpoints."""
+    rot, (cb,) = setup(gen, dim, bits)
+    cb = cb.clone()
+    cb[0], cb[-1] = -1.0, 1.0
+    k = len(cb) // 2
+    cb[k + 1], cb[k + 2] = cb[k] + 1e-5, cb[k] + 2e-5
+    assert (cb[1:] > cb[:-1]).all()
+    x = torch.randn(3000, dim, generator=gen).to(dtype)
+    codes, norms = tq_cuda.encode(checks.check_encode(x.cuda(), rot.cuda(), cb.cuda(), bits))
+    want_codes, want_norms = encode_reference(x, rot, cb, bits)
+    assert_codes_match(codes, want_codes, bits, dim, x=x.float(), rot=rot, cb=cb)
+    torch.testing.assert_close(norms.cpu(), want_norms, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("dim", [64, 128, 72])

@@ -1,15 +1,23 @@
 // TQEncode and TQCacheUpdate on the GPU (a cache update is an encode whose rows land in slots).
 //
-// Tensor-core path (head dim 64 or 128): a persistent CTA of 8 warps keeps Pi in shared memory as
-// two fp16 parts (hi + lo * 2^-11, so that fp16 products accumulated in fp32 reproduce the fp32
-// rotation to ~2^-22), and each warp encodes 32 vectors at a time:
-//   load      each lane reads one vector, takes its norm (scaled by a power of two: finite for
-//             1e20s, nonzero for 1e-30s) and stores it, scaled into fp16 range, in shared memory
-//             (fp32 inputs as two fp16 parts, hi + lo * 2^-11)
-//   rotate    Y^T = Pi . X^T with mma.sync m16n8k16 (Pi tiles are the A operand, 8 vectors the N),
-//             64 output coordinates at a time
-//   quantize  y / norm against the codebook's midpoints (binary search in shared memory)
-//   pack      each lane packs one vector's codes (little-endian bit stream) and writes them
+// Tensor-core path (head dim 64 or 128): persistent CTAs (EncodeSmem says how many warps: as many
+// as shared memory holds, up to 12) keep Pi in shared memory as two fp16 parts (hi + lo * 2^-11,
+// so that fp16 products accumulated in fp32 reproduce the fp32 rotation to ~2^-22), and each
+// warp encodes tiles of 32 vectors:
+//   load      the tile's rows, contiguous in memory, by coalesced 16-byte cp.async into the
+//             warp's buffer, issued as soon as the previous tile has left it (for its registers)
+//   norm      each lane takes one row from shared memory: its norm (of x scaled by a power of two:
+//             finite for 1e20s, nonzero for 1e-30s), and the row scaled into fp16 range in place
+//             (fp32 rows as two fp16 parts, hi + lo * 2^-11)
+//   rotate    Y = X . Pi^T with mma.sync m16n8k16: X (two 16-vector m-tiles) is the A operand,
+//             loaded into registers once per tile, so each Pi fragment (the B operand, read by
+//             ldmatrix) serves all 32 vectors; 16 output coordinates at a time. Pi's rows are
+//             stored permuted so that each lane's accumulators are consecutive coordinates
+//   quantize  code = #{ midpoints < y / norm }: 2-3 bits by a branch-free search over midpoints in
+//             registers (D = 128, fp16/bf16), otherwise one lookup in a 1024-entry table of
+//             monotone buckets (exact: see encode_mma_kernel), the codes of 16 coordinates at once
+//   pack      each lane appends its codes to its quarter of its rows' bit streams in registers,
+//             stores whole words to a staging area, and the warp writes the packed rows coalesced
 // Other head dims take the generic kernel: one warp per vector, Pi read through L1.
 #include <math.h>
 
@@ -85,245 +93,450 @@ __device__ __forceinline__ void pack_row(const uint8_t* codes, int dim, int bits
 
 // ---------------------------------------------------------------------------- tensor-core path
 
-// 16 bytes of T as floats.
-template <typename T>
-struct Vec16;
-template <>
-struct Vec16<float> {
-  static constexpr int kElems = 4;
-  __device__ __forceinline__ static void load(const float* p, float (&v)[4]) {
-    const float4 q = __ldg(reinterpret_cast<const float4*>(p));
-    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
-  }
-};
-template <typename H>
-struct Vec16Half {
-  static constexpr int kElems = 8;
-  __device__ __forceinline__ static void load(const H* p, float (&v)[8]) {
-    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
-    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const H* h = reinterpret_cast<const H*>(&w[i]);
-      v[2 * i] = to_float(h[0]);
-      v[2 * i + 1] = to_float(h[1]);
-    }
-  }
-};
-template <>
-struct Vec16<__half> : Vec16Half<__half> {};
-template <>
-struct Vec16<__nv_bfloat16> : Vec16Half<__nv_bfloat16> {};
-
-// Packs D one-byte codes (D * bits a multiple of 32) into 32-bit words of the little-endian bit
-// stream, written one word at a time.
-template <int D>
-__device__ __forceinline__ void pack_words(const uint8_t* codes, int bits, uint32_t* out) {
-  uint64_t acc = 0;
-  int have = 0, word = 0;
-#pragma unroll 8
-  for (int i = 0; i < D; i += 4) {
-    const uint32_t four = *reinterpret_cast<const uint32_t*>(codes + i);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      acc |= static_cast<uint64_t>((four >> (8 * k)) & 0xffu) << have;
-      have += bits;
-    }
-    while (have >= 32) {
-      out[word++] = static_cast<uint32_t>(acc);
-      acc >>= 32;
-      have -= 32;
-    }
-  }
-}
-
-constexpr int kRowsPerWarp = 32;  // four 8-vector N blocks
-constexpr int kChunk = 64;        // output coordinates per accumulation pass (4 m-tiles)
+constexpr int kTileRows = 32;   // vectors per warp tile: two 16-row m-tiles of X
+constexpr int kBuckets = 1024;  // quantizer lookup table entries
+constexpr float kBucketRound = 12582912.f;  // 1.5 * 2^23: adding it rounds [0, 2^22) to an integer
+constexpr int kBucketRoundBits = 0x4B400000;
 
 constexpr size_t kMaxSharedBytes = 227 * 1024;  // sm_90's opt-in limit per block
+constexpr size_t kSharedPerSm = 228 * 1024;     // a block also takes 1 KiB reserved by the system
 
-template <int D, typename T, int W>
-struct EncodeSmemOf {
-  static constexpr int kWarps = W;
-  static constexpr int kStride = D + 8;  // halves per row: +16 bytes keeps ldmatrix rows in distinct banks
-  static constexpr int kParts = InputType<T>::kTwoParts ? 2 : 1;
-  static constexpr size_t kPi = size_t{2} * D * kStride * 2;                   // hi, lo
-  static constexpr size_t kX = size_t{kRowsPerWarp} * kStride * 2 * kParts;    // per warp
-  static constexpr int kCodeStride = D + 16;  // bytes per staged row: +16 keeps lanes' rows in distinct banks
-  static constexpr size_t kCodes = size_t{kRowsPerWarp} * kCodeStride;         // per warp
-  static constexpr size_t kRowInfo = kRowsPerWarp * 8;                         // inverse scaled norm, norm
-  static constexpr size_t kWarp = kX + kCodes + kRowInfo;
+// Codes of 2-3 bits at D = 128 from fp16/bf16 rows by the register search (Quantizer): it leaves
+// the rotation and quantization one block of straight-line code that the compiler interleaves
+// across n-block pairs at up to 255 registers, so such a CTA has 8 warps (elsewhere it spilled).
+template <int D, typename T, int BITS>
+__host__ __device__ constexpr bool register_quantizer() {
+  return (BITS == 2 || BITS == 3) && D == 128 && !InputType<T>::kTwoParts;
+}
+
+template <int D, typename T, bool kEightWarps>
+struct EncodeSmem {
+  static constexpr int kPiStride = D + 8;  // halves per row: +16 bytes keeps ldmatrix rows in distinct banks
+  static constexpr size_t kPi = size_t{2} * D * kPiStride * 2;  // hi, lo
+  // A tile of raw rows as they arrive (cp.async), converted in place to the fp16 operand; +16
+  // bytes per row keeps both ldmatrix rows and lane-per-row 16-byte accesses free of conflicts.
+  // One buffer per warp: once X sits in registers the next tile loads into it (fp32 rows, whose
+  // lo part is read from it throughout the rotation, only after the rotation).
+  static constexpr int kXStride = D * static_cast<int>(sizeof(T)) + 16;
+  static constexpr size_t kXBuf = size_t{kTileRows} * kXStride;
+  static constexpr int kStageStride = D + 16;  // packed rows (<= D bytes) on their way out
+  static constexpr size_t kStage = size_t{kTileRows} * kStageStride;
+  static constexpr size_t kWarp = kXBuf + kStage;
+  static constexpr size_t kTable = size_t{kBuckets} * 8;
   static constexpr size_t kBounds = 256 * 4;
-  static constexpr size_t kBytes = kPi + W * kWarp + kBounds;
+  static constexpr size_t bytes(int warps) { return kPi + warps * kWarp + kTable + kBounds; }
+  static constexpr bool two_fit(int warps) { return 2 * (bytes(warps) + 1024) <= kSharedPerSm; }
+  // Warps hide the latencies of mma.sync chains, table lookups and loads: two CTAs of 8 where
+  // they fit (D = 64, fp16/bf16), else one CTA of as many warps as shared memory holds (<= 12,
+  // at most 168 registers a thread), or of 8 for the register quantizer.
+  static constexpr int warps() {
+    if (kEightWarps || two_fit(8)) return 8;
+    int w = 12;
+    while (w > 1 && bytes(w) > kMaxSharedBytes) --w;
+    return w;
+  }
+  static constexpr int kWarps = warps();
+  static constexpr size_t kBytes = bytes(kWarps);
+  static constexpr int kMinBlocks = two_fit(kWarps) ? 2 : 1;
 };
 
-// 8 warps per CTA where they fit in shared memory (fp16/bf16 rows), else 4 (fp32 rows at D = 128
-// are two fp16 parts each: eight warps' rows and Pi would exceed the 227 KiB a block may have).
-template <int D, typename T>
-using EncodeSmem = std::conditional_t<EncodeSmemOf<D, T, 8>::kBytes <= kMaxSharedBytes, EncodeSmemOf<D, T, 8>,
-                                      EncodeSmemOf<D, T, 4>>;
+// 16 bytes global -> shared, or 16 zero bytes where src_bytes is 0 (rows past the end).
+__device__ __forceinline__ void copy_async_16_fill(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
 
-// The nearest centroid by binary search over the midpoints; BITS known at compile time unrolls
-// it, so the independent searches of a thread overlap their shared-memory latencies.
-template <int BITS>
-__device__ __forceinline__ int quantize_bits(float y, const float* bounds, int bits) {
-  if constexpr (BITS == 0) {
-    return quantize(y, bounds, bits);
-  } else {
-    int code = 0;
+// The lookup table's bucket of y: a monotone (non-decreasing) function of y, NaN -> 0. The table
+// is built with this same function, which is all its exactness rests on (see encode_mma_kernel).
+__device__ __forceinline__ int bucket_of(float y, float scale, float offset) {
+  float u;
+  asm("fma.rn.sat.f32 %0, %1, %2, %3;" : "=f"(u) : "f"(y), "f"(scale), "f"(offset));
+  return __float_as_int(fmaf(u, static_cast<float>(kBuckets - 1), kBucketRound)) - kBucketRoundBits;
+}
+
+// code = #{ midpoints < y }, the reference's rule (a y on a midpoint takes the lower code).
+// 2-3 bits: the midpoints sit in registers and a branch-free binary search picks the next one
+// by selects (the count, for ascending midpoints). Wider codes: a lookup table (bucket_of).
+template <int BITS, bool kRegisters>
+struct Quantizer {
+  const float2* table;  // [bucket] = (its first midpoint or +inf, midpoints below | count in it << 16)
+  const float* bounds;
+  float scale, offset;
+  float m[kRegisters ? (1 << BITS) - 1 : 1];
+
+  __device__ __forceinline__ uint32_t search(float y) const {
+    if constexpr (BITS == 2) {
+      return (m[0] < y ? 1u : 0u) + (m[1] < y ? 1u : 0u) + (m[2] < y ? 1u : 0u);
+    } else {
+      const bool p2 = m[3] < y;
+      const bool p1 = (p2 ? m[5] : m[1]) < y;
+      const bool p0 = (p2 ? (p1 ? m[6] : m[4]) : (p1 ? m[2] : m[0])) < y;
+      return (p2 ? 4u : 0u) + (p1 ? 2u : 0u) + (p0 ? 1u : 0u);
+    }
+  }
+
+  // codes of N coordinates at once: the table loads are independent, and the rare bucket
+  // holding more than one midpoint is finished by a search among its midpoints afterwards
+  template <int N>
+  __device__ __forceinline__ void operator()(const float (&y)[N], uint32_t (&code)[N]) const {
+    if constexpr (kRegisters) {
 #pragma unroll
-    for (int step = 1 << (BITS - 1); step > 0; step >>= 1) code += bounds[code + step - 1] < y ? step : 0;
-    return code;
+      for (int i = 0; i < N; ++i) code[i] = search(y[i]);
+    } else {
+      uint32_t info[N], any = 0;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float2 e = table[bucket_of(y[i], scale, offset)];
+        info[i] = __float_as_uint(e.y);
+        code[i] = (info[i] & 0xffffu) + (e.x < y[i] ? 1u : 0u);
+        any |= info[i];
+      }
+      if (any >= (2u << 16)) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          if (info[i] < (2u << 16)) continue;
+          int first = static_cast<int>(info[i] & 0xffffu), n = static_cast<int>(info[i] >> 16);
+          while (n > 0) {  // #{ midpoints of the bucket < y }, added to those below it
+            const int half = n >> 1;
+            if (bounds[first + half] < y[i]) {
+              first += half + 1;
+              n -= half + 1;
+            } else {
+              n = half;
+            }
+          }
+          code[i] = static_cast<uint32_t>(first);
+        }
+      }
+    }
+  }
+};
+
+// A code's `bits` bits at bit `pos` of a lane's segment of a packed row (`cur` holds the word
+// being filled); D = 128 segments are whole words, D = 64 ones whole halfwords.
+template <int D>
+__device__ __forceinline__ void store_word(char* seg, int word, uint32_t w) {
+  if constexpr (D == 128) {
+    *reinterpret_cast<uint32_t*>(seg + 4 * word) = w;
+  } else {
+    uint16_t* h = reinterpret_cast<uint16_t*>(seg + 4 * word);
+    h[0] = static_cast<uint16_t>(w);
+    h[1] = static_cast<uint16_t>(w >> 16);
+  }
+}
+template <int D>
+__device__ __forceinline__ void append_code(uint32_t& cur, char* seg, int pos, uint32_t code, int bits) {
+  const int shift = pos & 31;
+  cur |= code << shift;
+  if (shift + bits >= 32) {  // the word is full (bits <= 8: shift >= 24 here)
+    store_word<D>(seg, pos >> 5, cur);
+    cur = code >> (32 - shift);
   }
 }
 
 template <int D, typename T, int BITS>
-__global__ void __launch_bounds__(EncodeSmem<D, T>::kWarps * 32) encode_mma_kernel(const EncodeArgs a) {
-  using S = EncodeSmem<D, T>;
-  constexpr int kEncodeWarps = S::kWarps;
+using EncodeSmemFor = EncodeSmem<D, T, register_quantizer<D, T, BITS>()>;
+
+template <int D, typename T, int BITS>
+__global__ void __launch_bounds__(EncodeSmemFor<D, T, BITS>::kWarps * 32, EncodeSmemFor<D, T, BITS>::kMinBlocks)
+    encode_mma_kernel(const EncodeArgs a) {
+  using S = EncodeSmemFor<D, T, BITS>;
+  constexpr int W = S::kWarps;
+  constexpr int KS = D / 16;  // k steps of the mma
+  constexpr int Q = D / 4;    // coordinates of a vector held by one lane of its quad
+  constexpr bool kTwo = InputType<T>::kTwoParts;
+  constexpr int kChunks = D * static_cast<int>(sizeof(T)) / 16;  // 16-byte pieces of a row
   extern __shared__ float4 encode_smem[];
   char* smem = reinterpret_cast<char*>(encode_smem);
   __half* pi_hi = reinterpret_cast<__half*>(smem);
-  __half* pi_lo = pi_hi + D * S::kStride;
+  __half* pi_lo = pi_hi + D * S::kPiStride;
+  float2* table = reinterpret_cast<float2*>(smem + S::kPi + W * S::kWarp);
+  float* bounds = reinterpret_cast<float*>(smem + S::kPi + W * S::kWarp + S::kTable);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  char* mine = smem + S::kPi + warp * S::kWarp;
-  __half* x_hi = reinterpret_cast<__half*>(mine);
-  __half* x_lo = x_hi + kRowsPerWarp * S::kStride;  // fp32 inputs only
-  uint8_t* staged = reinterpret_cast<uint8_t*>(mine + S::kX);
-  float* row_info = reinterpret_cast<float*>(mine + S::kX + S::kCodes);  // [32] 1/||x s||, [32] ||x||
-  float* bounds = reinterpret_cast<float*>(smem + S::kPi + kEncodeWarps * S::kWarp);
+  char* xbufs = smem + S::kPi + warp * S::kWarp;
+  const int bits = BITS ? BITS : a.bits;
 
-  // Pi as hi + lo * 2^-11 fp16 parts, and the codebook's midpoints, once per CTA.
+  const int64_t tiles = (a.rows + kTileRows - 1) / kTileRows;
+  const int64_t tile_step = static_cast<int64_t>(gridDim.x) * W;
+  // load: the whole tile (32 rows, contiguous in x) with coalesced 16-byte cp.async
+  auto fetch = [&](int64_t tile, char* buf) {
+    if (tile < tiles) {
+      const char* src = static_cast<const char*>(a.x) + tile * kTileRows * D * static_cast<int64_t>(sizeof(T));
+      const int64_t left = a.rows - tile * kTileRows;
+      const int valid = static_cast<int>(left < kTileRows ? left : kTileRows);
+#pragma unroll 4
+      for (int i = lane; i < kTileRows * kChunks; i += 32) {
+        const int r = i / kChunks, c = i % kChunks;
+        const bool ok = r < valid;
+        copy_async_16_fill(shared_address(buf + r * S::kXStride + c * 16), ok ? src + static_cast<size_t>(i) * 16 : a.x,
+                           ok ? 16u : 0u);
+      }
+    }
+    commit_copies();  // an empty group past the end keeps the wait count uniform
+  };
+  int64_t tile = static_cast<int64_t>(blockIdx.x) * W + warp;
+  fetch(tile, xbufs);
+
+  // Pi as hi + lo * 2^-11 fp16 parts, once per CTA, its rows permuted so that smem row 8j + n
+  // is the coordinate that n-block j's column n computes: (n / 2) * Q + 2j + n % 2. Lane tig of
+  // a quad then holds coordinates [tig * Q, tig * Q + Q) of its vectors, a contiguous piece of
+  // the packed row, and each 8-row ldmatrix matrix reads 8 consecutive (conflict-free) rows.
   for (int e = threadIdx.x; e < D * D; e += blockDim.x) {
-    const float p = __ldg(a.rotation + e);
+    const int s = e / D, k = e % D, j = s >> 3, n = s & 7;
+    const float p = __ldg(a.rotation + ((n >> 1) * Q + 2 * j + (n & 1)) * D + k);
     const __half hi = __float2half_rn(p);
-    pi_hi[(e / D) * S::kStride + e % D] = hi;
-    pi_lo[(e / D) * S::kStride + e % D] = __float2half_rn((p - __half2float(hi)) * kPartScale);
+    pi_hi[s * S::kPiStride + k] = hi;
+    pi_lo[s * S::kPiStride + k] = __float2half_rn((p - __half2float(hi)) * kPartScale);
   }
-  const int nb = (1 << a.bits) - 1;
+  const int nb = (1 << bits) - 1;
   for (int k = threadIdx.x; k < nb; k += blockDim.x) bounds[k] = (__ldg(a.codebook + k) + __ldg(a.codebook + k + 1)) * 0.5f;
   __syncthreads();
 
-  const T* x = static_cast<const T*>(a.x);
-  const int64_t tiles = (a.rows + kRowsPerWarp - 1) / kRowsPerWarp;
-  const int64_t packed = (static_cast<int64_t>(D) * a.bits + 7) / 8;
-  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kEncodeWarps + warp; tile < tiles;
-       tile += static_cast<int64_t>(gridDim.x) * kEncodeWarps) {
-    // load: lane = one vector (16-byte loads); norm of x scaled by 2^-e (exact), x * 2^-e into fp16
-    // (two parts for fp32). fp16 inputs need no scaling: their squares neither over- nor underflow.
-    const int64_t row = tile * kRowsPerWarp + lane;
-    const bool live = row < a.rows;
+  // The quantizer table. With f = bucket_of (monotone), every midpoint m with f(m) < f(y) is
+  // < y and every one with f(m) > f(y) is > y, so #{m < y} = #{m : f(m) < f(y)} plus the
+  // comparisons of y with the midpoints in y's own bucket: exact, whatever the rounding in f.
+  // The scale spreads [first midpoint, last midpoint] over the table (the Lloyd-Max codebooks
+  // of D = 64 and 128 then put at most one midpoint in a bucket; more only cost a search).
+  constexpr bool kRegisters = register_quantizer<D, T, BITS>();
+  Quantizer<BITS, kRegisters> quant;
+  quant.table = table;
+  quant.bounds = bounds;
+  if constexpr (kRegisters) {
+#pragma unroll
+    for (int i = 0; i < (1 << BITS) - 1; ++i) quant.m[i] = bounds[i];
+  } else {
+    const float first = bounds[0], last = bounds[nb - 1];
+    float scale = 1.f, offset = 0.f;
+    if (last > first) {
+      const float s = 1.f / (last - first), o = -first * s;
+      if (s <= 1e30f && fabsf(o) <= 1e30f) scale = s, offset = o;
+    }
+    auto below = [&](int b) {  // #{ m : f(m) < b }: f of the ascending midpoints is non-decreasing
+      int lo = 0, n = nb;
+      while (n > 0) {
+        const int half = n >> 1;
+        if (bucket_of(bounds[lo + half], scale, offset) < b) {
+          lo += half + 1;
+          n -= half + 1;
+        } else {
+          n = half;
+        }
+      }
+      return lo;
+    };
+    for (int b = threadIdx.x; b < kBuckets; b += blockDim.x) {
+      const int base = below(b), count = below(b + 1) - base;
+      table[b] = make_float2(count > 0 ? bounds[base] : INFINITY, __uint_as_float(base | count << 16));
+    }
+    quant.scale = scale;
+    quant.offset = offset;
+    __syncthreads();
+  }
+
+  const uint32_t pi_hi_base = shared_address(pi_hi), pi_lo_base = shared_address(pi_lo);
+  // ldmatrix row addresses. A (X, 16 vectors x 16 k): matrices (rows 0-7, k 0-7), (rows 8-15,
+  // k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3]. B (Pi, two n-blocks x 16 k):
+  // (block j, k 0-7), (block j, k 8-15), (block j+1, k 0-7), (block j+1, k 8-15) = b0, b1 of
+  // block j, b0, b1 of block j+1 (smem row 8j + n holds column n of block j).
+  const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_half = lane >> 4;
+  const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
+  const int seg_bytes = Q * bits / 8;  // a lane's piece of a packed row
+  const int packed = D * bits / 8;
+
+  char* const buf = xbufs;
+  char* const stage = xbufs + S::kXBuf;
+  for (; tile < tiles; tile += tile_step) {
+    wait_copies<0>();
+    __syncwarp();
+
+    // per row (lane = row): norm of x scaled by 2^-e (exact), and x * 2^-e into fp16 in place
+    // (fp32: each 32-byte piece of 8 floats becomes its 8 hi halves then its 8 lo halves). fp16
+    // rows need no scaling: their squares neither over- nor underflow in fp32.
+    float sq = 0.f;
+    int e = 0;
     {
-      using V = Vec16<T>;
-      const T* src = x + (live ? row : 0) * D;
-      int e = 0;
-      if constexpr (!std::is_same<T, __half>::value) {
+      char* row_bytes = buf + lane * S::kXStride;
+      if constexpr (std::is_same<T, __half>::value) {
+#pragma unroll 4
+        for (int i = 0; i < D / 8; ++i) {
+          const uint4 q = *reinterpret_cast<const uint4*>(row_bytes + 16 * i);
+          const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float2 v = half2_floats(w[k]);
+            sq = fmaf(v.x, v.x, fmaf(v.y, v.y, sq));
+          }
+        }
+      } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
         float amax = 0.f;
 #pragma unroll 4
-        for (int i = 0; i < D; i += V::kElems) {
-          float v[V::kElems];
-          V::load(src + i, v);
+        for (int i = 0; i < D / 8; ++i) {
+          const uint4 q = *reinterpret_cast<const uint4*>(row_bytes + 16 * i);
+          const uint32_t w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-          for (int k = 0; k < V::kElems; ++k) amax = fmaxf(amax, fabsf(v[k]));
+          for (int k = 0; k < 4; ++k)
+            amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(w[k] << 16)), fabsf(__uint_as_float(w[k] & 0xffff0000u))));
         }
         e = binade(amax);
-      }
-      const float s = ldexpf(1.f, -e);
-      float sq = 0.f;
-      __half* hi_row = x_hi + lane * S::kStride;
-      __half* lo_row = x_lo + lane * S::kStride;
+        const float s = ldexpf(1.f, -e);
 #pragma unroll 4
-      for (int i = 0; i < D; i += V::kElems) {
-        float v[V::kElems];
-        V::load(src + i, v);
+        for (int i = 0; i < D / 8; ++i) {
+          uint4 q = *reinterpret_cast<const uint4*>(row_bytes + 16 * i);
+          uint32_t w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-        for (int k = 0; k < V::kElems; k += 2) {
-          const float v0 = live ? v[k] * s : 0.f, v1 = live ? v[k + 1] * s : 0.f;
-          sq = fmaf(v0, v0, fmaf(v1, v1, sq));
-          const uint32_t h = half2_bits(v0, v1);
-          *reinterpret_cast<uint32_t*>(hi_row + i + k) = h;
-          if constexpr (S::kParts == 2) {
-            const float2 back = half2_floats(h);
-            *reinterpret_cast<uint32_t*>(lo_row + i + k) = half2_bits((v0 - back.x) * kPartScale, (v1 - back.y) * kPartScale);
+          for (int k = 0; k < 4; ++k) {
+            const float v0 = __uint_as_float(w[k] << 16) * s, v1 = __uint_as_float(w[k] & 0xffff0000u) * s;
+            sq = fmaf(v0, v0, fmaf(v1, v1, sq));
+            w[k] = half2_bits(v0, v1);
+          }
+          q = make_uint4(w[0], w[1], w[2], w[3]);
+          *reinterpret_cast<uint4*>(row_bytes + 16 * i) = q;
+        }
+      } else {
+        float amax = 0.f;
+#pragma unroll 4
+        for (int i = 0; i < D / 4; ++i) {
+          const float4 q = *reinterpret_cast<const float4*>(row_bytes + 16 * i);
+          amax = fmaxf(amax, fmaxf(fmaxf(fabsf(q.x), fabsf(q.y)), fmaxf(fabsf(q.z), fabsf(q.w))));
+        }
+        e = binade(amax);
+        const float s = ldexpf(1.f, -e);
+#pragma unroll 2
+        for (int i = 0; i < D / 8; ++i) {
+          const float4 q0 = *reinterpret_cast<const float4*>(row_bytes + 32 * i);
+          const float4 q1 = *reinterpret_cast<const float4*>(row_bytes + 32 * i + 16);
+          const float v[8] = {q0.x * s, q0.y * s, q0.z * s, q0.w * s, q1.x * s, q1.y * s, q1.z * s, q1.w * s};
+          uint32_t hi[4], lo[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            sq = fmaf(v[2 * k], v[2 * k], fmaf(v[2 * k + 1], v[2 * k + 1], sq));
+            hi[k] = half2_bits(v[2 * k], v[2 * k + 1]);
+            const float2 back = half2_floats(hi[k]);
+            lo[k] = half2_bits((v[2 * k] - back.x) * kPartScale, (v[2 * k + 1] - back.y) * kPartScale);
+          }
+          *reinterpret_cast<uint4*>(row_bytes + 32 * i) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+          *reinterpret_cast<uint4*>(row_bytes + 32 * i + 16) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+        }
+      }
+    }
+    const float scaled = sqrtf(sq);
+    const float inv = scaled > 0.f ? 1.f / scaled : 0.f;  // y = 0 for a zero vector
+    const float norm = ldexpf(scaled, e);
+    const int64_t row = tile * kTileRows + lane;
+    const int64_t dst = row < a.rows ? a.dest.destination(row) : -1;
+    __syncwarp();
+
+    // X (32 vectors x D) into registers as the A operand, held for the whole rotation: each Pi
+    // fragment read from shared memory then serves both m-tiles.
+    const uint32_t x_base = shared_address(buf);
+    auto a_offset = [&](int mt, int ks) -> uint32_t {
+      const int r = 16 * mt + a_row;
+      if constexpr (kTwo) return r * S::kXStride + (2 * ks + a_half) * 32;  // hi; lo at +16
+      else return r * S::kXStride + (16 * ks + 8 * a_half) * 2;
+    };
+    uint32_t xa[2][KS][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) ldmatrix_x4(xa[mt][ks], x_base + a_offset(mt, ks));
+    float inv_row[2][2];  // the rows this lane's accumulators hold: 16 mt + 8 h + gid
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) inv_row[mt][h] = __shfl_sync(0xffffffffu, inv, 16 * mt + 8 * h + gid);
+    if constexpr (!kTwo) {  // X is in registers: the buffer takes the next tile
+      __syncwarp();
+      fetch(tile + tile_step, buf);
+    }
+    // row 16 mt + 8 h + gid's segment: seg + (16 mt + 8 h) * kStageStride (immediate offsets)
+    char* const seg = stage + gid * S::kStageStride + tig * seg_bytes;
+    uint32_t cur[2][2] = {{0u, 0u}, {0u, 0u}};
+
+    // rotate + quantize + pack, 16 output coordinates (two n-blocks) at a time: column n of
+    // n-block j is coordinate (n / 2) * Q + 2j + n % 2, so this lane's accumulators c[0..1]
+    // (row gid, columns 2tig, 2tig+1) and c[2..3] (row gid+8) are its local coordinates 2j and
+    // 2j+1, appended in order to its segment of each row's bit stream.
+#pragma unroll
+    for (int p = 0; p < D / 16; ++p) {
+      float hi[2][2][4], lo[2][2][4];  // [m-tile][n-block][c]
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) hi[mt][n][c] = lo[mt][n][c] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const uint32_t off = ((16 * p + b_row) * S::kPiStride + 16 * ks + b_col) * 2;
+        uint32_t bh[4], bl[4];
+        ldmatrix_x4(bh, pi_hi_base + off);
+        ldmatrix_x4(bl, pi_lo_base + off);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          uint32_t xl[4];
+          if constexpr (kTwo) ldmatrix_x4(xl, x_base + a_offset(mt, ks) + 16);
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            mma_16816(hi[mt][n], xa[mt][ks], bh[2 * n], bh[2 * n + 1]);
+            mma_16816(lo[mt][n], xa[mt][ks], bl[2 * n], bl[2 * n + 1]);  // the 2^-11 products, scaled once
+            if constexpr (kTwo) mma_16816(lo[mt][n], xl, bh[2 * n], bh[2 * n + 1]);
           }
         }
       }
-      const float scaled = sqrtf(sq);
-      row_info[lane] = scaled > 0.f ? 1.f / scaled : 0.f;  // y = 0 for a zero vector
-      row_info[kRowsPerWarp + lane] = ldexpf(scaled, e);
+      // codes by n-block halves at D = 64 (fewer live registers: two blocks of this kernel fit an SM)
+      constexpr int kBatch = D == 128 ? 16 : 8;
+#pragma unroll
+      for (int i0 = 0; i0 < 16; i0 += kBatch) {
+        float y[kBatch];
+        uint32_t code[kBatch];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {  // i0 + i = 8n + 4mt + c
+          const int n = (i0 + i) >> 3, mt = ((i0 + i) >> 2) & 1, c = (i0 + i) & 3;
+          y[i] = fmaf(lo[mt][n][c], 1.f / kPartScale, hi[mt][n][c]) * inv_row[mt][c >> 1];
+        }
+        quant(y, code);
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const int n = (i0 + i) >> 3, mt = ((i0 + i) >> 2) & 1, c = (i0 + i) & 3;
+          append_code<D>(cur[mt][c >> 1], seg + (16 * mt + 8 * (c >> 1)) * S::kStageStride,
+                         (4 * p + 2 * n + (c & 1)) * bits, code[i], bits);
+        }
+      }
+    }
+    if constexpr (kTwo) {
+      __syncwarp();
+      fetch(tile + tile_step, buf);
+    }
+    if ((Q * bits) & 31) {  // D = 64, odd bits: the segment ends on a halfword
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          *reinterpret_cast<uint16_t*>(seg + (16 * mt + 8 * h) * S::kStageStride + 4 * ((Q * bits) >> 5)) = static_cast<uint16_t>(cur[mt][h]);
     }
     __syncwarp();
 
-    // rotate + quantize, kChunk output coordinates at a time
-    const uint32_t pi_hi_base = shared_address(pi_hi), pi_lo_base = shared_address(pi_lo);
-    const uint32_t x_hi_base = shared_address(x_hi), x_lo_base = shared_address(x_lo);
-    // ldmatrix row addresses: A (Pi, 16x16 tile) matrices = (rows 0-7, k 0-7), (rows 8-15, k 0-7),
-    // (rows 0-7, k 8-15), (rows 8-15, k 8-15); B (X, two 8-vector blocks x 16 k) matrices =
-    // (block j, k 0-7), (block j, k 8-15), (block j+1, k 0-7), (block j+1, k 8-15).
-    const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_col = 8 * (lane >> 4);
-    const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 8 * ((lane >> 3) & 1);
-#pragma unroll 1
-    for (int c0 = 0; c0 < D; c0 += kChunk) {
-      float acc[4][4][4];  // [m-tile][vector block][c]
-#pragma unroll
-      for (int m = 0; m < 4; ++m)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
-#pragma unroll 2
-      for (int k0 = 0; k0 < D; k0 += 16) {
-        uint32_t xb[2][4], xl[2][4];  // [block pair][b0/b1 of block 2p, b0/b1 of block 2p+1]
-#pragma unroll
-        for (int p = 0; p < 2; ++p) {
-          const uint32_t off = ((16 * p + b_row) * S::kStride + k0 + b_col) * 2;
-          ldmatrix_x4(xb[p], x_hi_base + off);
-          if constexpr (S::kParts == 2) ldmatrix_x4(xl[p], x_lo_base + off);
-        }
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          const uint32_t off = ((c0 + 16 * m + a_row) * S::kStride + k0 + a_col) * 2;
-          uint32_t ah[4], al[4];
-          ldmatrix_x4(ah, pi_hi_base + off);
-          ldmatrix_x4(al, pi_lo_base + off);
-          float lo_acc[4][4];  // the 2^-11 products, scaled once
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            lo_acc[j][0] = lo_acc[j][1] = lo_acc[j][2] = lo_acc[j][3] = 0.f;
-            const uint32_t b0 = xb[j >> 1][2 * (j & 1)], b1 = xb[j >> 1][2 * (j & 1) + 1];
-            mma_16816(acc[m][j], ah, b0, b1);
-            mma_16816(lo_acc[j], al, b0, b1);
-            if constexpr (S::kParts == 2) mma_16816(lo_acc[j], ah, xl[j >> 1][2 * (j & 1)], xl[j >> 1][2 * (j & 1) + 1]);
-          }
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[m][j][c] = fmaf(lo_acc[j][c], 1.f / kPartScale, acc[m][j][c]);
-        }
+    // write: the tile's packed rows, coalesced, each to its destination row (or skipped)
+    if (reinterpret_cast<uintptr_t>(a.codes) % 16 == 0 && packed % 16 == 0) {
+      const int per_row = packed / 16;
+      for (int i = lane; i < kTileRows * per_row; i += 32) {
+        const int r = i / per_row, c = i - r * per_row;
+        const int64_t d = __shfl_sync(0xffffffffu, dst, r);
+        const uint4 v = *reinterpret_cast<const uint4*>(stage + r * S::kStageStride + 16 * c);
+        if (d >= 0) *reinterpret_cast<uint4*>(a.codes + d * packed + 16 * c) = v;
       }
-      // acc[m][j][c]: coordinate c0 + 16m + gid (+8 for c >= 2), vector 8j + 2tig + (c & 1)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int v = 8 * j + 2 * tig + (c & 1);
-          const float inv = row_info[v];
-#pragma unroll
-          for (int m = 0; m < 4; ++m) {
-            const int coord = c0 + 16 * m + gid + 8 * (c >> 1);
-            staged[v * S::kCodeStride + coord] = static_cast<uint8_t>(quantize_bits<BITS>(acc[m][j][c] * inv, bounds, a.bits));
-          }
-        }
+    } else {
+      const int per_row = packed / 4;
+      for (int i = lane; i < kTileRows * per_row; i += 32) {
+        const int r = i / per_row, c = i - r * per_row;
+        const int64_t d = __shfl_sync(0xffffffffu, dst, r);
+        const uint32_t v = *reinterpret_cast<const uint32_t*>(stage + r * S::kStageStride + 4 * c);
+        if (d >= 0) *reinterpret_cast<uint32_t*>(a.codes + d * packed + 4 * c) = v;
       }
     }
-    __syncwarp();
-    // pack: lane = one vector, written as 32-bit words (a packed row of D = 64 or 128 codes is a
-    // whole number of words)
-    const int64_t dst = live ? a.dest.destination(row) : -1;
-    if (dst >= 0) {
-      pack_words<D>(staged + lane * S::kCodeStride, a.bits, reinterpret_cast<uint32_t*>(a.codes + dst * packed));
-      a.norms[dst] = row_info[kRowsPerWarp + lane];
-    }
+    if (dst >= 0) a.norms[dst] = norm;
     __syncwarp();
   }
+  wait_copies<0>();
 }
 
 // ---------------------------------------------------------------------------- generic path
@@ -385,21 +598,29 @@ int launch_encode(const EncodeArgs& a, int64_t dim, cudaStream_t stream) {
   const int sms = num_sms();
   auto mma = [&](auto d) {
     constexpr int D = decltype(d)::value;
-    using S = EncodeSmem<D, T>;
-    auto launch = [&](auto kernel) {
+    auto launch = [&](auto bits) {
+      constexpr int BITS = decltype(bits)::value;
+      using S = EncodeSmemFor<D, T, BITS>;
+      const auto kernel = encode_mma_kernel<D, T, BITS>;
       if (int rc = reserve_shared(kernel, S::kBytes)) return rc;
-      const int64_t tiles = (a.rows + kRowsPerWarp * S::kWarps - 1) / (kRowsPerWarp * S::kWarps);
-      const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
+      int per_sm = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, S::kWarps * 32, S::kBytes) != cudaSuccess ||
+          per_sm < 1) {
+        cudaGetLastError();
+        per_sm = 1;
+      }
+      const int64_t tiles = (a.rows + kTileRows * S::kWarps - 1) / (kTileRows * S::kWarps);
+      const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{sms} * per_sm));
       kernel<<<grid, S::kWarps * 32, S::kBytes, stream>>>(a);
       return launch_status();
     };
-    switch (a.bits) {  // the common widths unrolled, the others searched with a runtime width
-      case 2: return launch(encode_mma_kernel<D, T, 2>);
-      case 3: return launch(encode_mma_kernel<D, T, 3>);
-      case 4: return launch(encode_mma_kernel<D, T, 4>);
-      case 6: return launch(encode_mma_kernel<D, T, 6>);
-      case 8: return launch(encode_mma_kernel<D, T, 8>);
-      default: return launch(encode_mma_kernel<D, T, 0>);
+    switch (a.bits) {  // the common widths unrolled, the others with a runtime width
+      case 2: return launch(std::integral_constant<int, 2>{});
+      case 3: return launch(std::integral_constant<int, 3>{});
+      case 4: return launch(std::integral_constant<int, 4>{});
+      case 6: return launch(std::integral_constant<int, 6>{});
+      case 8: return launch(std::integral_constant<int, 8>{});
+      default: return launch(std::integral_constant<int, 0>{});
     }
   };
   // the tensor-core path loads rows with 16-byte loads and stores codes as 32-bit words
