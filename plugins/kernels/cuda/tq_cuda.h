@@ -62,7 +62,8 @@ int tq_cuda_decode(const uint8_t* codes, const float* norms, int64_t rows, int64
 /* key/value [T, Hkv, D] (float32/float16/bfloat16) encoded into the paged cache, in place.
  * slot_mapping [T] int64; negative slots skip the token; when several tokens name one slot the
  * last of them wins (as in the reference). The caller provides a device workspace of
- * tq_cuda_cache_update_workspace(T) bytes (0 for a single token) for that bookkeeping. */
+ * tq_cuda_cache_update_workspace(T) bytes (0 for up to 32 tokens, which are checked inline) for
+ * that bookkeeping. */
 size_t tq_cuda_cache_update_workspace(int64_t num_tokens);
 int tq_cuda_cache_update(const void* key, const void* value, tq_cuda_dtype kv_type, const int64_t* slot_mapping,
                          int64_t num_tokens, int64_t num_kv_heads, int64_t head_dim, uint8_t* k_codes,

@@ -50,15 +50,22 @@ struct InputType<__nv_bfloat16> {
 // Where encoded row r goes: row r itself (TQEncode), or row slot[t] * H + h of the cache for
 // r = t * H + h (TQCacheUpdate; skipped for a slot outside [0, N*B) and for a token that a later
 // token with the same slot overrides: keep[t] == 0).
+// A decode step's few tokens (<= kInlineTokens) need no keep[] pass: the row's lane compares its
+// token's slot with the later tokens' itself, which saves a launch per step.
+constexpr int64_t kInlineTokens = 32;
+
 struct Rows {
   const int64_t* slots;  // nullptr: identity
-  const uint8_t* keep;   // nullptr: every token writes
-  int64_t heads, num_slots;
+  const uint8_t* keep;   // nullptr: every token writes, or (tokens <= kInlineTokens) checked inline
+  int64_t heads, num_slots, tokens;
   __device__ __forceinline__ int64_t destination(int64_t r) const {
     if (slots == nullptr) return r;
     const int64_t t = r / heads;
     const int64_t slot = slots[t];
     if (slot < 0 || slot >= num_slots || (keep != nullptr && !keep[t])) return -1;
+    if (keep == nullptr && tokens <= kInlineTokens)
+      for (int64_t u = t + 1; u < tokens; ++u)
+        if (slots[u] == slot) return -1;  // a later token overrides this one
     return slot * heads + (r - t * heads);
   }
 };
@@ -280,12 +287,26 @@ __global__ void __launch_bounds__(EncodeSmemFor<D, T, BITS>::kWarps * 32, Encode
   // is the coordinate that n-block j's column n computes: (n / 2) * Q + 2j + n % 2. Lane tig of
   // a quad then holds coordinates [tig * Q, tig * Q + Q) of its vectors, a contiguous piece of
   // the packed row, and each 8-row ldmatrix matrix reads 8 consecutive (conflict-free) rows.
-  for (int e = threadIdx.x; e < D * D; e += blockDim.x) {
-    const int s = e / D, k = e % D, j = s >> 3, n = s & 7;
-    const float p = __ldg(a.rotation + ((n >> 1) * Q + 2 * j + (n & 1)) * D + k);
-    const __half hi = __float2half_rn(p);
-    pi_hi[s * S::kPiStride + k] = hi;
-    pi_lo[s * S::kPiStride + k] = __float2half_rn((p - __half2float(hi)) * kPartScale);
+  // Loads in batches of kPiBatch before their stores: one global latency per batch, not per
+  // element (a decode step's cache update is one CTA whose time is mostly this prologue).
+  constexpr int kPiBatch = 8;
+  for (int e0 = threadIdx.x; e0 < D * D; e0 += kPiBatch * blockDim.x) {
+    float p[kPiBatch];
+#pragma unroll
+    for (int u = 0; u < kPiBatch; ++u) {
+      const int e = e0 + u * blockDim.x;
+      const int s = e / D, k = e % D, j = s >> 3, n = s & 7;
+      p[u] = e < D * D ? __ldg(a.rotation + ((n >> 1) * Q + 2 * j + (n & 1)) * D + k) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kPiBatch; ++u) {
+      const int e = e0 + u * blockDim.x;
+      if (e >= D * D) break;
+      const int s = e / D, k = e % D;
+      const __half hi = __float2half_rn(p[u]);
+      pi_hi[s * S::kPiStride + k] = hi;
+      pi_lo[s * S::kPiStride + k] = __float2half_rn((p[u] - __half2float(hi)) * kPartScale);
+    }
   }
   const int nb = (1 << bits) - 1;
   for (int k = threadIdx.x; k < nb; k += blockDim.x) bounds[k] = (__ldg(a.codebook + k) + __ldg(a.codebook + k + 1)) * 0.5f;
@@ -715,7 +736,7 @@ uint32_t table_capacity(int64_t tokens) {
 }
 
 size_t dedupe_bytes(int64_t tokens) {
-  if (tokens <= 1) return 0;
+  if (tokens <= kInlineTokens) return 0;
   size_t bytes = align256(static_cast<size_t>(tokens));
   if (tokens > kPairwiseTokens) bytes += align256(size_t{table_capacity(tokens)} * 12);
   return bytes;
@@ -749,7 +770,7 @@ using namespace tq_cuda;
 extern "C" int tq_cuda_encode(const void* x, tq_cuda_dtype x_type, int64_t rows, int64_t dim, const float* rotation,
                               const float* codebook, int bits, uint8_t* codes, float* norms, cudaStream_t stream) {
   if (rows < 0 || dim < 1 || dim > 8192 || !valid_bits(bits)) return TQ_CUDA_BAD_ARGUMENT;
-  EncodeArgs a{x, rows, rotation, codebook, bits, codes, norms, Rows{nullptr, nullptr, 1, 0}};
+  EncodeArgs a{x, rows, rotation, codebook, bits, codes, norms, Rows{nullptr, nullptr, 1, 0, 0}};
   return launch_encode_any(a, x_type, dim, stream);
 }
 
@@ -766,11 +787,11 @@ extern "C" int tq_cuda_cache_update(const void* key, const void* value, tq_cuda_
     return TQ_CUDA_BAD_ARGUMENT;
   if (num_tokens == 0) return 0;
   uint8_t* keep = nullptr;
-  if (num_tokens > 1) {
+  if (num_tokens > kInlineTokens) {
     if (workspace == nullptr || workspace_bytes < dedupe_bytes(num_tokens)) return TQ_CUDA_BAD_ARGUMENT;
     if (int rc = last_writers(slot_mapping, num_tokens, workspace, &keep, stream)) return rc;
   }
-  const Rows dest{slot_mapping, keep, num_kv_heads, num_blocks * block_size};
+  const Rows dest{slot_mapping, keep, num_kv_heads, num_blocks * block_size, num_tokens};
   const int64_t rows = num_tokens * num_kv_heads;
   EncodeArgs k{key, rows, rotation, k_codebook, k_bits, k_codes, k_norms, dest};
   if (int rc = launch_encode_any(k, kv_type, head_dim, stream)) return rc;
