@@ -3,7 +3,8 @@ program the GPU visit runs under compute-sanitizer (memcheck, racecheck, initche
 
     python scripts/gpu_kernels_once.py [--only cuda|trt|ort]
 
-cuda  encode (tensor-core and generic), decode, cache update (with duplicate slots), the paged
+cuda  encode (tensor-core and generic), decode, cache update (with duplicate slots: a prefill's many
+      tokens and a decode step's few), the paged
       attention on the tensor-core kernel (split-K merged by the last CTA) and the generic kernel
 trt   the TensorRT plugins' enqueue through the harness (libtq_trt_harness)
 ort   the ONNX Runtime CUDA EP kernels (onnxruntime-gpu and a CUDA build of the library)
@@ -67,6 +68,19 @@ def cuda_kernels(gen) -> list[str]:
               f"({tq_cuda.paged_attention_path(a)}): norms error {err:.1e}, attention error {att:.1e}")
         if err > 1e-6 or att > 5e-3:
             problems.append(f"attention D={dim} k{kb}v{vb}")
+    # a decode step's cache update: few tokens, duplicates checked inline (no last-writer launch)
+    rot, cb = make_rotation(128, seed=3), lloyd_max_codebook(128, 4)
+    cache = allocate_cache(4, 16, 8, 128, 4, 4)
+    slots = torch.tensor([5, 17, 40, 5, 63, 2, 17, 30])  # slots 5 and 17 twice: the later token wins
+    key, value = torch.randn(8, 8, 128, generator=gen), torch.randn(8, 8, 128, generator=gen)
+    cache_update_reference(key, value, slots, *cache.tensors(), rot, cb, cb, 4, 4)
+    ours = [t.cuda() for t in allocate_cache(4, 16, 8, 128, 4, 4).tensors()]
+    tq_cuda.cache_update(checks.check_cache_update(key.cuda(), value.cuda(), slots.cuda(), *ours, rot.cuda(), cb.cuda(),
+                                                   cb.cuda(), 4, 4, check_data=False))
+    err = max(rel(ours[1], cache.tensors()[1]), rel(ours[3], cache.tensors()[3]))
+    print(f"decode-step cache update (8 tokens, 2 duplicates): norms error {err:.1e}")
+    if err > 1e-6:
+        problems.append("decode-step cache update")
     return problems
 
 
