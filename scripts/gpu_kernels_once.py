@@ -3,9 +3,9 @@ program the GPU visit runs under compute-sanitizer (memcheck, racecheck, initche
 
     python scripts/gpu_kernels_once.py [--only cuda|trt|ort]
 
-cuda  encode (tensor-core and generic), decode, cache update (with duplicate slots: a prefill's many
-      tokens and a decode step's few), the paged
-      attention on the tensor-core kernel (split-K merged by the last CTA) and the generic kernel
+cuda  encode (tensor-core and generic), decode, cache update (with duplicate slots: a prefill's
+      many tokens and a decode step's few), the paged attention on the tensor-core kernel (split-K
+      merged by the last CTA) and the generic kernel
 trt   the TensorRT plugins' enqueue through the harness (libtq_trt_harness)
 ort   the ONNX Runtime CUDA EP kernels (onnxruntime-gpu and a CUDA build of the library)
 Exits non-zero when a result is wrong; prints one line per kernel.
