@@ -60,6 +60,19 @@ def single_thread():
         torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session")
+def ort_library() -> str:
+    """Path of the ONNX Runtime custom-op library; skips (with the reason) without onnxruntime or
+    where the library is not built."""
+    pytest.importorskip("onnxruntime")
+    from tq_deploy.runtime import library
+
+    try:
+        return library.ort_library_path()
+    except library.NativeLibraryNotFoundError as err:
+        pytest.skip(f"custom-op library not built: {err}")
+
+
 @pytest.fixture(scope="module")
 def trt_libraries():
     """The TensorRT plugin library and its enqueue harness; skips (with the reason) where they are not built."""

@@ -12,19 +12,9 @@ from tq_deploy.validate import fuzz
 pytest.importorskip("onnxruntime")
 
 
-def _library_or_skip():
-    from tq_deploy.runtime.library import NativeLibraryNotFoundError, ort_library_path
-
-    try:
-        return ort_library_path()
-    except NativeLibraryNotFoundError as err:
-        pytest.skip(f"custom-op library not built: {err}")
-
-
-def test_short_run_finds_nothing(seed):
+def test_short_run_finds_nothing(seed, ort_library):
     """CI's share of the fuzzing: a fresh seed each run (printed; replay one case with
     `tq-deploy fuzz --seed SEED --first CASE --cases 1`)."""
-    _library_or_skip()
     report = fuzz.fuzz(seed, 200, batch=200, timeout=120)
     assert report.batches == 1 and report.valid > 90 and report.cases - report.valid > 40, report.to_text()
     assert report.passed, report.to_text()
@@ -37,10 +27,9 @@ def test_cases_replay_from_seed_and_index():
     assert fuzz.draw_case(5, 18).describe() != a.describe()
 
 
-def test_a_crashing_or_hanging_child_is_reported_and_the_run_goes_on(monkeypatch):
+def test_a_crashing_or_hanging_child_is_reported_and_the_run_goes_on(monkeypatch, ort_library):
     """Case 1 kills its child (abort, as a segfault would), case 3 never answers: one finding each,
     and the cases after the crash still run, in a new child."""
-    _library_or_skip()
     monkeypatch.setenv("TQ_DEPLOY_FUZZ_ABORT_AT", "1")
     monkeypatch.setenv("TQ_DEPLOY_FUZZ_HANG_AT", "3")
     report = fuzz.fuzz(11, 4, batch=4, timeout=6, op_names=("TQEncode",))

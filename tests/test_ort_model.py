@@ -20,15 +20,6 @@ from tq_deploy.validate.reference import bits_of_outputs, reference_outputs
 ort = pytest.importorskip("onnxruntime")
 
 
-def _library_or_skip() -> str:
-    from tq_deploy.runtime.library import ort_library_path
-
-    try:
-        return ort_library_path()
-    except FileNotFoundError as err:
-        pytest.skip(f"custom-op library not built: {err}")
-
-
 CONFIGS = {
     # name: (config, group size Hq/Hkv)
     "gqa1-d64-k4v4": TQModelConfig(hidden_size=128, num_q_heads=4, num_kv_heads=4, head_dim=64, k_bits=4, v_bits=4,
@@ -41,15 +32,14 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
-def exported(request, tmp_path_factory):
+def exported(request, tmp_path_factory, ort_library):
     from tq_deploy.export import export_model
     from tq_deploy.runtime.session import make_session
 
-    library = _library_or_skip()
     config = CONFIGS[request.param]
     path = tmp_path_factory.mktemp("ort_model") / f"{request.param}.onnx"
     model = export_model(config, path)
-    session = make_session(str(path), library=library)
+    session = make_session(str(path), library=ort_library)
     return config, model, session
 
 

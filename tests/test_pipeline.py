@@ -15,18 +15,7 @@ from tq_deploy.export.schemas import register_schemas
 from tq_deploy.validate.compare import Tolerance, compare
 
 
-def _library_or_skip() -> str:
-    pytest.importorskip("onnxruntime")
-    from tq_deploy.runtime.library import ort_library_path
-
-    try:
-        return ort_library_path()
-    except FileNotFoundError as err:
-        pytest.skip(f"custom-op library not built: {err}")
-
-
-def test_pipeline_runs_end_to_end_within_tolerance(tmp_path, capsys):
-    _library_or_skip()
+def test_pipeline_runs_end_to_end_within_tolerance(tmp_path, capsys, ort_library):
     status = main(["pipeline", "--out-dir", str(tmp_path), "--json", "--repeat", "1",
                    "--hidden-size", "96", "--num-q-heads", "6", "--num-kv-heads", "2", "--k-bits", "3",
                    "--v-bits", "2", "--block-size", "8", "--num-blocks", "24", "--max-blocks", "6"])
@@ -45,8 +34,7 @@ def test_pipeline_runs_end_to_end_within_tolerance(tmp_path, capsys):
     onnx.checker.check_model(onnx.load(tmp_path / "model.onnx"), full_check=True)
 
 
-def test_pipeline_text_report(tmp_path, capsys):
-    _library_or_skip()
+def test_pipeline_text_report(tmp_path, capsys, ort_library):
     assert main(["pipeline", "--out-dir", str(tmp_path), "--repeat", "1", "--hidden-size", "64",
                  "--num-q-heads", "2", "--num-kv-heads", "1", "--head-dim", "32", "--bits", "4"]) == 0
     text = capsys.readouterr().out
@@ -92,8 +80,7 @@ def test_export_cli_rejects_bad_options(capsys):
     assert "num_q_heads=6" in capsys.readouterr().err
 
 
-def test_run_cli_with_given_inputs_and_compare(tmp_path, capsys):
-    _library_or_skip()
+def test_run_cli_with_given_inputs_and_compare(tmp_path, capsys, ort_library):
     from tq_deploy.validate.inputs import as_numpy, random_inputs
 
     path = tmp_path / "attn.onnx"
@@ -112,8 +99,7 @@ def test_run_cli_with_given_inputs_and_compare(tmp_path, capsys):
         assert np.all(saved["out"][0] == 0)  # context length 0 gives zeros
 
 
-def test_run_cli_random_inputs_for_the_decode_model(tmp_path, capsys):
-    _library_or_skip()
+def test_run_cli_random_inputs_for_the_decode_model(tmp_path, capsys, ort_library):
     path = tmp_path / "model.onnx"
     assert main(["export", "--out", str(path), "--hidden-size", "64", "--num-q-heads", "4", "--num-kv-heads", "4",
                  "--head-dim", "16", "--bits", "2"]) == 0

@@ -95,19 +95,8 @@ def test_stack_is_its_layers_in_sequence(seed):
         TQModelConfig(num_layers=2, layer_bits=((4, 4), (4, 9)))
 
 
-def _library_or_skip():
-    pytest.importorskip("onnxruntime")
-    from tq_deploy.runtime.library import ort_library_path
-
-    try:
-        return ort_library_path()
-    except FileNotFoundError as err:
-        pytest.skip(f"custom-op library not built: {err}")
-
-
-def test_presets_as_a_plan_export_and_match_the_reference_in_ort(tmp_path, capsys):
+def test_presets_as_a_plan_export_and_match_the_reference_in_ort(tmp_path, capsys, ort_library):
     """`tq-deploy export --plan` with one layer per preset, then `tq-deploy run --compare` (ORT CPU)."""
-    _library_or_skip()
     from tq_deploy.cli import main
 
     names = list(PRESETS)

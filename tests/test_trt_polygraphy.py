@@ -17,15 +17,7 @@ from tq_deploy.export.single_op import make_op_model
 polygraphy = pytest.importorskip("polygraphy", reason="polygraphy is not installed (pip install tq-deploy[rtx])")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ort_library():
-    pytest.importorskip("onnxruntime")
-    from tq_deploy.runtime.library import ort_library_path
-
-    try:
-        ort_library_path()
-    except FileNotFoundError as err:
-        pytest.skip(f"ORT custom-op library not built: {err}")
+pytestmark = pytest.mark.usefixtures("ort_library")
 
 
 @pytest.mark.parametrize("op,kwargs", [
