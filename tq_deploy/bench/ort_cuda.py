@@ -94,26 +94,25 @@ def bench_node(batch, seq, bits, runs):
                           codebooks=[kcb.cpu().numpy(), vcb.cpu().numpy()])
     session = make_session(model.SerializeToString(), provider="cuda")
     q, kc, kn, vc, vn, bt, ctx = make_tq_inputs(batch, seq, HQ, HKV, DIM, BLOCK, bits, bits, seed=3)
-    out_ort, out_pt = torch.empty_like(q), torch.empty_like(q)
-    binding = session.io_binding()
-    for name, t in (("query", q), ("k_codes", kc), ("k_norms", kn), ("v_codes", vc), ("v_norms", vn),
-                    ("block_tables", bt), ("context_lens", ctx)):
-        bind_input(binding, name, t)
-    bind_output(binding, "out", out_ort)
+    out_ort, out_pt, out_graph = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+
+    def bound(session, out):
+        binding = session.io_binding()
+        for name, t in (("query", q), ("k_codes", kc), ("k_norms", kn), ("v_codes", vc), ("v_norms", vn),
+                        ("block_tables", bt), ("context_lens", ctx)):
+            bind_input(binding, name, t)
+        bind_output(binding, "out", out)
+        return binding
+
+    binding = bound(session, out_ort)
     plan = plan_paged_attention(q, kc, kn, vc, vn, bt, ctx, rot, kcb, vcb, bits, bits)
     ort_ms = _median_ms(lambda: session.run_with_iobinding(binding), runs)
     torch_ms = _median_ms(lambda: plan.run(q, bt, ctx, out_pt), runs)
-    same = torch.equal(out_ort, out_pt)
     # the same node in a session with the CUDA EP's graph capture: ORT replays the captured launch
     graph_session = make_session(model.SerializeToString(), provider="cuda", cuda_graph=True)
-    graph_binding = graph_session.io_binding()
-    out_graph = torch.empty_like(q)
-    for name, t in (("query", q), ("k_codes", kc), ("k_norms", kn), ("v_codes", vc), ("v_norms", vn),
-                    ("block_tables", bt), ("context_lens", ctx)):
-        bind_input(graph_binding, name, t)
-    bind_output(graph_binding, "out", out_graph)
+    graph_binding = bound(graph_session, out_graph)
     graph_ms = _median_ms(lambda: graph_session.run_with_iobinding(graph_binding), runs)
-    same = same and torch.equal(out_graph, out_pt)
+    same = torch.equal(out_ort, out_pt) and torch.equal(out_graph, out_pt)
     return {"B": batch, "S": seq, "ort_ms": ort_ms, "ort_graph_ms": graph_ms, "torch_ms": torch_ms,
             "overhead_us": (ort_ms - torch_ms) * 1e3, "overhead_pct": 100 * (ort_ms / torch_ms - 1),
             "graph_overhead_us": (graph_ms - torch_ms) * 1e3, "graph_overhead_pct": 100 * (graph_ms / torch_ms - 1),
@@ -175,12 +174,17 @@ def bench_gqa_step(batch, seq, runs, cuda_graph=False):
     import onnxruntime as ort
     import torch
 
+    cache_bytes = 2 * batch * HKV * seq * DIM * 2  # fp16 past key and value
+
+    def failed(err):
+        return {"ms": None, "why": " ".join(str(err).split())[:200], "cache_bytes": cache_bytes}
+
     model = _gqa_step_model(batch, seq)
     options = {"use_tf32": 0, **({"enable_cuda_graph": 1} if cuda_graph else {})}
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=[("CUDAExecutionProvider", options)])
     except Exception as err:  # noqa: BLE001 - ORT refuses graph capture for some graphs: report why
-        return {"ms": None, "why": " ".join(str(err).split())[:200]}
+        return failed(err)
     hidden = torch.randn(batch, HIDDEN, device="cuda")
     past_k = torch.randn(batch, HKV, seq, DIM, device="cuda", dtype=torch.float16)
     past_v = torch.randn_like(past_k)
@@ -198,8 +202,8 @@ def bench_gqa_step(batch, seq, runs, cuda_graph=False):
     try:
         ms = _median_ms(lambda: session.run_with_iobinding(binding), runs)
     except Exception as err:  # noqa: BLE001
-        return {"ms": None, "why": " ".join(str(err).split())[:200]}
-    return {"ms": ms, "cache_bytes": 2 * past_k.numel() * 2}
+        return failed(err)
+    return {"ms": ms, "cache_bytes": cache_bytes}
 
 
 @functools.lru_cache(maxsize=None)
@@ -303,12 +307,14 @@ def run(a) -> int:
     for r in steps:
         tq, tqg, gqa, gqag = r["tq"], r["tq_graph"], r["gqa"], r["gqa_graph"]
         best_tq = min(v for v in (tq["ms"], tqg["ms"], tqg.get("device_ms")) if v is not None)
-        best_gqa = min(v for v in (gqa["ms"], gqag["ms"]) if v is not None)
+        best_gqa = min((v for v in (gqa["ms"], gqag["ms"]) if v is not None), default=None)
+        ratio = f"{best_gqa / best_tq:9.2f}x" if best_gqa is not None else f"{'n/a':>10}"
         print(f"{r['B']:>4}x{r['S']:<5} {ms(tq['ms']):>8} {ms(tqg['ms']):>13} {ms(tqg.get('device_ms')):>16} "
-              f"{ms(gqa['ms']):>9} {ms(gqag['ms']):>10} {best_gqa / best_tq:9.2f}x "
+              f"{ms(gqa['ms']):>9} {ms(gqag['ms']):>10} {ratio} "
               f"{tq['cache_bytes'] / 2**30:7.2f} G {gqa['cache_bytes'] / 2**30:9.2f} G "
               f"{gqa['cache_bytes'] / tq['cache_bytes']:5.2f}x")
     for r in steps:
-        if r["gqa_graph"]["ms"] is None:
-            print(f"GQA graph {r['B']}x{r['S']}: {r['gqa_graph']['why']}")
+        for key, label in (("gqa", "GQA"), ("gqa_graph", "GQA graph")):
+            if r[key]["ms"] is None:
+                print(f"{label} {r['B']}x{r['S']}: {r[key]['why']}")
     return 0

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from tq_deploy import ops
-from tq_deploy.runtime.session import make_session
+from tq_deploy.runtime.session import _ORT_DTYPES, make_session
 
 CACHE_NAMES = ("k_codes", "k_norms", "v_codes", "v_norms")
 STEP_INPUTS = ("hidden", "positions", "slot_mapping", "block_tables", "context_lens")
@@ -71,8 +71,6 @@ class DecodeSession:
         self.num_blocks = int(num_blocks if num_blocks is not None else config["num_blocks"])
         if self.num_blocks < 1:
             raise ValueError(f"num_blocks={self.num_blocks}, expected >= 1")
-        if cuda_graph and provider != "cuda":
-            raise ValueError(f"cuda_graph=True with provider={provider!r}, expected provider='cuda'")
         self.provider = provider
         self.cuda_graph = cuda_graph
         self.device = "cuda" if provider == "cuda" else "cpu"
@@ -86,11 +84,15 @@ class DecodeSession:
                                     device_id=device_id, session_options=options, threads=threads,
                                     cuda_graph=cuda_graph)
         self._ort = ort
-        from tq_deploy.runtime.session import _ORT_DTYPES
-
         self._dtypes = {i.name: np.dtype(_ORT_DTYPES[i.type]) for i in self.session.get_inputs()}
         self._out_dtype = np.dtype(_ORT_DTYPES[self.session.get_outputs()[0].type])
         self._graphs: dict[tuple, _GraphStep] = {}
+        self._last: _GraphStep | None = None
+        # a graph session's runs past MAX_GRAPHS shapes: ORT runs the kernels and captures nothing
+        self._eager_options = None
+        if cuda_graph:
+            self._eager_options = ort.RunOptions()
+            self._eager_options.add_run_config_entry("gpu_graph_id", "-1")
         self.caches = {}
         for name, (shape, dtype) in cache_shapes(config, self.num_blocks).items():
             self.caches[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, device_id)
@@ -120,16 +122,9 @@ class DecodeSession:
             self.binding.bind_cpu_input(name, array)
         # "out" is bound on the host: ORT copies that one output back, never the bound caches
         self.binding.bind_output("out", "cpu")
-        self.session.run_with_iobinding(self.binding, self._eager_run_options())
+        self.session.run_with_iobinding(self.binding, self._eager_options)
         del arrays
         return self.binding.get_outputs()[-1].numpy()
-
-    def _eager_run_options(self):
-        if not self.cuda_graph:
-            return None
-        options = self._ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", "-1")  # ORT: run the kernels, capture nothing
-        return options
 
     def _run_graph(self, key: tuple, arrays: list[np.ndarray]) -> np.ndarray:
         step = self._graphs.get(key)
@@ -146,10 +141,9 @@ class DecodeSession:
         """(cuda_graph) The last step's graph again, on the step inputs its device buffers hold and
         with ``out`` left on the device: the step alone, without the host copies around it
         (benchmarks; the cache advances as in any step)."""
-        step = getattr(self, "_last", None)
-        if step is None:
+        if self._last is None:
             raise ValueError("replay() needs a session made with cuda_graph=True that has run a step")
-        self.session.run_with_iobinding(step.binding, step.run_options)
+        self.session.run_with_iobinding(self._last.binding, self._last.run_options)
 
     def load_cache(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Replace the cache contents with host arrays (a copy to the device; tests and warm starts).
