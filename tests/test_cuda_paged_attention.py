@@ -3,9 +3,10 @@ oracle (tests/test_paged.py: every cached vector decoded as norm * (c[idx] @ Pi)
 sequence).
 
 Fresh random caches each run (every slot holds some vector, unused table entries hold garbage);
-odd shapes: context 0/1, partial last blocks, exactly one block, GQA 1/4/6/8 and 32, D 64/100/128/256,
-blocks 8/16/32/64, k_bits != v_bits over 1-8 bits, fp32/fp16/bf16 queries, forced tiny splits (many
-partials through the merge). Both kernels: the tensor-core one (its shapes) and the generic one.
+odd shapes: context 0/1, partial last blocks, exactly one block, GQA 1/4/6/8 and 12/16/32 (query
+heads in chunks of 8), D 64/72/96/100/128/256, blocks 1/8/16/24/32/40/64 (tiles across blocks),
+k_bits != v_bits over 1-8 bits, fp32/fp16/bf16 queries, forced tiny splits (many partials through
+the merge). Both kernels: the tensor-core one (D 64/128/256) and the generic one (other D).
 
 Tolerance: norm-wise relative error 5e-3 (fp16 centroids and q_rot in the tensor-core kernel,
 fp32 accumulation); 1e-2 for bf16 queries (the output is rounded to bf16).
@@ -61,13 +62,21 @@ CASES = {
     "gqa8-d128-b32-k8v4": (128, 32, 4, 32, [513, 7], 8, 4),
     "gqa1-d256-b32-k8v3": (256, 2, 2, 32, [65, 1], 8, 3),
     "gqa2-d64-b16-k6v2": (64, 4, 2, 16, [48, 3], 6, 2),
-    # generic kernel: bit widths, head dims, groups and blocks the tensor-core kernel is not built for
+    # every bit width pair, query heads in chunks of 8, blocks that are not a multiple of 16
     "gqa4-d128-b16-k5v3": (128, 8, 2, 16, [300, 1], 5, 3),
-    "gqa1-d100-b16-k4v4": (100, 4, 4, 16, [77, 16], 4, 4),
     "gqa32-d64-b16-k4v4": (64, 32, 1, 16, [90, 2], 4, 4),
     "gqa4-d64-b8-k2v2": (64, 8, 2, 8, [41, 8, 0], 2, 2),
     "gqa1-d128-b16-k1v8": (128, 2, 2, 16, [200], 1, 8),
     "gqa2-d256-b32-k7v5": (256, 4, 2, 32, [97, 33], 7, 5),
+    "gqa12-d128-b24-k4v4": (128, 24, 2, 24, [333, 17, 0, 24], 4, 4),
+    "gqa16-d256-b1-k3v3": (256, 16, 1, 1, [70, 5, 1], 3, 3),
+    "gqa1-d128-b40-k8v8": (128, 3, 3, 40, [121, 40, 39], 8, 8),
+    "gqa6-d64-b8-k5v6": (64, 12, 2, 8, [257, 3], 5, 6),
+    "gqa16-d128-b64-k7v1": (128, 32, 2, 64, [130, 64], 7, 1),
+    # generic kernel: head dims the tensor-core kernel is not built for
+    "gqa1-d100-b16-k4v4": (100, 4, 4, 16, [77, 16], 4, 4),
+    "gqa16-d96-b8-k5v3": (96, 32, 2, 8, [150, 9, 0], 5, 3),
+    "gqa3-d72-b24-k3v6": (72, 6, 2, 24, [49, 24], 3, 6),
 }
 
 
@@ -98,9 +107,7 @@ def test_the_shapes_it_is_built_for_take_the_tensor_core_kernel(gen):
     for name, (dim, hq, hkv, block, ctx, kb, vb) in CASES.items():
         case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=[1], k_bits=kb, v_bits=vb)
         path = tq_cuda.paged_attention_path(checked(on_cuda(case, torch.float16)))
-        generic = name in ("gqa4-d128-b16-k5v3", "gqa1-d100-b16-k4v4", "gqa32-d64-b16-k4v4", "gqa4-d64-b8-k2v2",
-                           "gqa1-d128-b16-k1v8", "gqa2-d256-b32-k7v5")
-        assert path == ("generic" if generic else "tensor-core"), name
+        assert path == ("tensor-core" if dim in (64, 128, 256) else "generic"), name
 
 
 @gpu

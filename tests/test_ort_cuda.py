@@ -156,8 +156,9 @@ ATTENTION_CASES = [
     (128, 6, 4, 32, 8, 16, "float16"),  # k6v4
     (128, 8, 4, 32, 8, 16, "float16"),  # k8v4
     (72, 3, 2, 6, 3, 16, "float32"),    # odd D: the generic kernel
-    (64, 5, 3, 8, 1, 32, "float16"),    # 5-bit keys: the generic kernel
+    (64, 5, 3, 8, 1, 32, "float16"),    # 5-bit keys, 8 query heads per KV head
     (128, 4, 4, 8, 2, 16, "float16"),
+    (128, 4, 4, 32, 2, 8, "float16"),   # 16 query heads per KV head (two chunks), block 8
 ]
 
 

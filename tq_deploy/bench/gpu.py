@@ -17,8 +17,8 @@ Attention, Hq=32, Hkv=8, D=128, block 16, for B x S in 8x32768, 32x8192, 1x13107
   x         SDPA time / ours;  TB/s: the bytes the kernel must read / time;  roof: the bytes
             roofline of the speedup (fp16 KV bytes / TurboQuant bytes)
 Every kernel is checked against the reference on a small case first (relative error < 5e-3).
-Then: shapes the tensor-core kernel is not built for (the generic kernel) at 8x32768 against
-SDPA on the same shape; encode and cache update throughput as a fraction of the device-to-device
+Then: other bit widths, query groups, block sizes and head dims at 8x32768 against SDPA on the
+same shape (and the kernel each takes); encode and cache update throughput as a fraction of the device-to-device
 copy bandwidth; host time per call of the public API, of the plan and of the raw backend call.
 
 Times are medians of CUDA-event timings (triton.testing.do_bench, return_mode="median");
@@ -273,15 +273,20 @@ def bench_attention(shapes, configs, l2, quick, trt):
     return rows
 
 
-# shapes the tensor-core kernel is not built for, at one long-context batch
+# other bit widths, query groups, block sizes and head dims, at one long-context batch
 OTHER_SHAPES = [
     # label, hq, hkv, dim, block, k_bits, v_bits
     ("k5v3", 32, 8, 128, 16, 5, 3),
     ("k8v8", 32, 8, 128, 16, 8, 8),
+    ("k1v1", 32, 8, 128, 16, 1, 1),
     ("group 16", 128, 8, 128, 16, 4, 4),
+    ("group 12", 96, 8, 128, 16, 4, 4),
     ("block 8", 32, 8, 128, 8, 4, 4),
+    ("block 24", 32, 8, 128, 24, 4, 4),
+    ("block 1", 32, 8, 128, 1, 4, 4),
+    ("D 64", 32, 8, 64, 16, 4, 4),
+    ("D 256", 32, 8, 256, 16, 4, 4),
     ("D 96", 32, 8, 96, 16, 4, 4),
-    ("D 64 (tensor cores)", 32, 8, 64, 16, 4, 4),
 ]
 
 

@@ -116,8 +116,8 @@ typedef struct {
 } tq_cuda_paged_attention_call;
 int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_call* call);
 
-/* 1 when these shapes take the tensor-core kernel (head_dim 64/128/256, <= 8 query heads per KV
- * head, block size a multiple of 16, the bit widths it is built for), 0 for the generic kernel. */
+/* 1 when these shapes take the tensor-core kernel (head_dim 64/128/256; any bit widths, block size
+ * and number of query heads per KV head), 0 for the generic kernel (every other head dim). */
 int tq_cuda_paged_attention_path(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                                  int k_bits, int v_bits);
 

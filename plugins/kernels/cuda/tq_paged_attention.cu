@@ -48,7 +48,7 @@ using namespace tq_cuda;
 extern "C" const char* tq_cuda_build_info(void) {
   return "{\"cuda\": \"" TQ_STR(__CUDACC_VER_MAJOR__) "." TQ_STR(__CUDACC_VER_MINOR__)
          "\", \"architectures\": \"" TQ_CUDA_ARCHITECTURES "\", \"bits\": \"1-8\", "
-         "\"tensor_core_attention\": \"head dim 64/128/256, keys 2/3/4/6/8 bits, values 2/3/4 bits\"}";
+         "\"tensor_core_attention\": \"head dim 64/128/256\"}";
 }
 
 extern "C" const char* tq_cuda_error_string(int code) {

@@ -1,5 +1,5 @@
 // The two decode-attention kernels behind tq_cuda_paged_attention (tq_paged_attention.cu): the
-// tensor-core kernel (tq_paged_attention_mma.cu) for the shapes it is built for, the generic
+// tensor-core kernel (tq_paged_attention_mma.cuh) for the head dims it is built for, the generic
 // kernel (tq_paged_attention_generic.cu) for every other. A Plan says how a call is split and
 // where its parts sit in the caller's workspace; it depends on the shapes only.
 #pragma once
@@ -14,7 +14,7 @@ namespace tq_cuda {
 struct Plan {
   int tensor_cores;    // 1: the mma kernel
   int tiles_per_warp;  // mma: 16-token tiles per warp (split)
-  int ctas_per_pair;   // mma: CTAs per (sequence, KV head)
+  int ctas_per_pair;   // mma: CTAs per (sequence, KV head, chunk of <= 8 query heads)
   int splits;          // generic: splits of the context per (sequence, KV head, head chunk)
   int tokens_per_split;
   int head_chunks;     // generic: query-head chunks of at most 8 heads per KV head
