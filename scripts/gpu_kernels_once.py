@@ -5,8 +5,8 @@ program the GPU visit runs under compute-sanitizer (memcheck, racecheck, initche
 
 cuda  encode (tensor-core and generic), decode, cache update (with duplicate slots: a prefill's
       many tokens and a decode step's few), the paged attention on the tensor-core kernel (split-K
-      merged by the last CTA; blocks of 8 and 24 tokens, 16 query heads per KV head) and the
-      generic kernel (D 96)
+      merged by the last CTA; blocks of 8 and 24 tokens, 16 query heads per KV head; D 96 and 80
+      with codes widened from 5 and 3 bits) and the generic kernel (D 320)
 trt   the TensorRT plugins' enqueue through the harness (libtq_trt_harness)
 ort   the ONNX Runtime CUDA EP kernels (onnxruntime-gpu and a CUDA build of the library)
 Exits non-zero when a result is wrong; prints one line per kernel.
@@ -43,7 +43,8 @@ def cuda_kernels(gen) -> list[str]:
             problems.append(f"decode D={dim}")
     for dim, hq, hkv, block, kb, vb, ctx in ((128, 32, 8, 16, 4, 4, [700, 33]), (128, 8, 2, 16, 3, 2, [5, 90]),
                                                (64, 8, 1, 8, 5, 3, [70, 1]), (128, 32, 2, 24, 4, 4, [300, 5]),
-                                               (96, 16, 1, 16, 5, 3, [70, 1])):
+                                               (96, 16, 1, 16, 5, 3, [70, 1]), (80, 8, 2, 24, 3, 5, [90, 7]),
+                                               (320, 4, 2, 16, 4, 3, [50, 2])):
         rot = make_rotation(dim, seed=2)
         kcb, vcb = lloyd_max_codebook(dim, kb), lloyd_max_codebook(dim, vb)
         width = max(-(-c // block) for c in ctx)

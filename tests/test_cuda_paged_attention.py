@@ -4,9 +4,11 @@ sequence).
 
 Fresh random caches each run (every slot holds some vector, unused table entries hold garbage);
 odd shapes: context 0/1, partial last blocks, exactly one block, GQA 1/4/6/8 and 12/16/32 (query
-heads in chunks of 8), D 64/72/96/100/128/256, blocks 1/8/16/24/32/40/64 (tiles across blocks),
-k_bits != v_bits over 1-8 bits, fp32/fp16/bf16 queries, forced tiny splits (many partials through
-the merge). Both kernels: the tensor-core one (D 64/128/256) and the generic one (other D).
+heads in chunks of 8), D 33/50/64/72/80/96/100/128/256/320, blocks 1/8/16/24/32/40/64 (tiles
+across blocks), k_bits != v_bits over 1-8 bits (packed rows that start inside a word), fp32/fp16/
+bf16 queries, forced tiny splits (many partials through the merge). Both kernels: the tensor-core
+one (packed layout for D 64/128/256, widened from any width for other D up to 256) and the generic
+one (larger D, misaligned codes).
 
 Tolerance: norm-wise relative error 5e-3 (fp16 centroids and q_rot in the tensor-core kernel,
 fp32 accumulation); 1e-2 for bf16 queries (the output is rounded to bf16).
@@ -73,10 +75,15 @@ CASES = {
     "gqa1-d128-b40-k8v8": (128, 3, 3, 40, [121, 40, 39], 8, 8),
     "gqa6-d64-b8-k5v6": (64, 12, 2, 8, [257, 3], 5, 6),
     "gqa16-d128-b64-k7v1": (128, 32, 2, 64, [130, 64], 7, 1),
-    # generic kernel: head dims the tensor-core kernel is not built for
+    # other head dims: the tensor-core kernel of the dim padded to a multiple of 32, codes widened
     "gqa1-d100-b16-k4v4": (100, 4, 4, 16, [77, 16], 4, 4),
     "gqa16-d96-b8-k5v3": (96, 32, 2, 8, [150, 9, 0], 5, 3),
     "gqa3-d72-b24-k3v6": (72, 6, 2, 24, [49, 24], 3, 6),
+    "gqa2-d80-b16-k3v5": (80, 4, 2, 16, [200, 31], 3, 5),
+    "gqa5-d50-b8-k7v1": (50, 10, 2, 8, [77, 8], 7, 1),
+    "gqa1-d33-b16-k3v2": (33, 2, 2, 16, [40, 1, 0], 3, 2),
+    # generic kernel: head dims past 256
+    "gqa2-d320-b16-k4v3": (320, 4, 2, 16, [70, 3], 4, 3),
 }
 
 
@@ -107,7 +114,7 @@ def test_the_shapes_it_is_built_for_take_the_tensor_core_kernel(gen):
     for name, (dim, hq, hkv, block, ctx, kb, vb) in CASES.items():
         case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=[1], k_bits=kb, v_bits=vb)
         path = tq_cuda.paged_attention_path(checked(on_cuda(case, torch.float16)))
-        assert path == ("tensor-core" if dim in (64, 128, 256) else "generic"), name
+        assert path == ("tensor-core" if dim <= 256 else "generic"), name
 
 
 @gpu
@@ -170,9 +177,12 @@ def test_value_norms_past_fp16_range_stay_finite(gen):
 
 
 @gpu
-def test_non_contiguous_tables_and_misaligned_codes(gen):
+@pytest.mark.parametrize("dim", [128, 96])
+def test_non_contiguous_tables_and_misaligned_codes(gen, dim):
+    """Codes one byte past an aligned start: the generic kernel takes them (the tensor-core kernel
+    copies whole 16-byte / 4-byte words)."""
     needs_library()
-    case = make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[40, 70], k_bits=4, v_bits=4)
+    case = make_case(gen, dim=dim, hq=8, hkv=2, block_size=16, ctx_lens=[40, 70], k_bits=4, v_bits=4)
     want = sdpa_oracle(case)
     args = on_cuda(case, torch.float16)
     wide = torch.full((2, 2 * args[5].shape[1]), -3, dtype=torch.int32, device="cuda")

@@ -116,8 +116,9 @@ typedef struct {
 } tq_cuda_paged_attention_call;
 int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_call* call);
 
-/* 1 when these shapes take the tensor-core kernel (head_dim 64/128/256; any bit widths, block size
- * and number of query heads per KV head), 0 for the generic kernel (every other head dim). */
+/* 1 when these shapes take the tensor-core kernel (head_dim up to 256 -- 64/128/256 on the packed
+ * layout, other dims with codes widened to 8 bits -- any bit widths, block size and number of query
+ * heads per KV head), 0 for the generic kernel (larger head dims). */
 int tq_cuda_paged_attention_path(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                                  int k_bits, int v_bits);
 

@@ -70,6 +70,10 @@ __device__ __forceinline__ void copy_async_8(uint32_t dst, const void* src) {
 __device__ __forceinline__ void copy_async_4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
 }
+// 4 bytes into shared memory, the first `bytes` (1..4) of them from global memory, the rest zero.
+__device__ __forceinline__ void copy_async_4_partial(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
 template <int BYTES>
 __device__ __forceinline__ void copy_async(uint32_t dst, const void* src) {
   if constexpr (BYTES == 16) copy_async_16(dst, src);

@@ -1,6 +1,6 @@
-// tq_cuda_paged_attention: one entry, two kernels. Shapes the tensor-core kernel is built for
-// (tq_paged_attention_mma.cu) run on it when the codes' base pointers have the alignment its
-// cp.async copies need; every other call runs the generic kernel (tq_paged_attention_generic.cu).
+// tq_cuda_paged_attention: one entry, two kernels. Head dims up to 256 run on the tensor-core
+// kernel (tq_paged_attention_mma.cu) when the codes' base pointers have the alignment its cp.async
+// copies need; every other call runs the generic kernel (tq_paged_attention_generic.cu).
 // The choice and the split depend on the shapes only, so the workspace size does too.
 #include <math.h>
 
@@ -30,7 +30,8 @@ bool shapes_ok(int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t m
 Plan plan_for(int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t max_blocks, int64_t block_size,
               int k_bits, int v_bits, int64_t tokens_per_split, bool aligned) {
   if (aligned && mma::supported(hq, hkv, dim, block_size, k_bits, v_bits))
-    return mma::make_plan(num_seqs, hkv, hq / hkv, dim, max_blocks, block_size, tokens_per_split, num_sms());
+    return mma::make_plan(num_seqs, hkv, hq / hkv, mma::kernel_dim(dim, k_bits, v_bits), max_blocks, block_size,
+                          tokens_per_split, num_sms());
   return generic::make_plan(num_seqs, hkv, hq, dim, max_blocks, block_size, tokens_per_split, num_sms());
 }
 
@@ -48,7 +49,7 @@ using namespace tq_cuda;
 extern "C" const char* tq_cuda_build_info(void) {
   return "{\"cuda\": \"" TQ_STR(__CUDACC_VER_MAJOR__) "." TQ_STR(__CUDACC_VER_MINOR__)
          "\", \"architectures\": \"" TQ_CUDA_ARCHITECTURES "\", \"bits\": \"1-8\", "
-         "\"tensor_core_attention\": \"head dim 64/128/256\"}";
+         "\"tensor_core_attention\": \"head dim <= 256\"}";
 }
 
 extern "C" const char* tq_cuda_error_string(int code) {

@@ -1,6 +1,6 @@
-// TQPagedAttention for every shape the tensor-core kernel does not take (head dims other than
-// 64/128/256, up to 512; codes whose base pointers miss its copy alignment), on CUDA cores; any bit
-// widths 1..8, block size and number of query heads per KV head.
+// TQPagedAttention for every shape the tensor-core kernel does not take (head dims past 256, up to
+// 512; codes whose base pointers miss its copy alignment), on CUDA cores; any bit widths 1..8,
+// block size and number of query heads per KV head.
 //
 // Three launches:
 //   rotate   q_rot = Pi q * scale * log2(e), float32, into the workspace

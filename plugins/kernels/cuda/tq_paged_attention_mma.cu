@@ -10,12 +10,33 @@
 namespace tq_cuda {
 namespace mma {
 
+namespace {
+bool packed_layout(int64_t dim) { return dim == 64 || dim == 128 || dim == 256; }
+int64_t row_bytes(int64_t dim, int bits) { return (dim * bits + 7) / 8; }
+// 4-byte words the raw path copies per row: a row of whole words starts on one (the codes' base
+// is 4-byte aligned); any other may start up to 3 bytes into its first word
+int64_t raw_words(int64_t dim, int bits) {
+  const int64_t bytes = row_bytes(dim, bits);
+  return bytes % 4 == 0 ? bytes / 4 : (bytes + 6) / 4;
+}
+}  // namespace
+
+int64_t kernel_dim(int64_t dim, int k_bits, int v_bits) {
+  if (packed_layout(dim)) return dim;
+  if (dim < 2 || !valid_bits(k_bits) || !valid_bits(v_bits)) return 0;
+  const int64_t bytes = 4 * std::max(raw_words(dim, k_bits), raw_words(dim, v_bits));
+  for (int64_t padded = 32; padded <= 256; padded += 32)
+    if (padded >= dim && padded >= bytes) return padded;
+  return 0;
+}
+
 bool supported(int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, int k_bits, int v_bits) {
-  return hkv >= 1 && hq >= hkv && hq % hkv == 0 && (dim == 64 || dim == 128 || dim == 256) && block_size >= 1 &&
-         valid_bits(k_bits) && valid_bits(v_bits);
+  return hkv >= 1 && hq >= hkv && hq % hkv == 0 && block_size >= 1 && valid_bits(k_bits) && valid_bits(v_bits) &&
+         kernel_dim(dim, k_bits, v_bits) > 0;
 }
 
 int chunk_alignment(int64_t dim, int k_bits, int v_bits) {
+  if (!packed_layout(dim)) return 4;  // the raw path copies whole words
   const int k = min_int(16, lowest_bit(static_cast<int>(dim * k_bits / 8)));
   const int v = min_int(16, lowest_bit(static_cast<int>(dim * v_bits / 8)));
   return k > v ? k : v;
@@ -75,6 +96,15 @@ int run(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t hq, i
   args.block_size = static_cast<int>(block_size);
   args.max_blocks = static_cast<int>(max_blocks);
   args.num_blocks = static_cast<int>(num_blocks);
+  args.dim = static_cast<int>(dim);
+  args.k_bits = k_bits;
+  args.v_bits = v_bits;
+  args.k_row = static_cast<int>(row_bytes(dim, k_bits));
+  args.v_row = static_cast<int>(row_bytes(dim, v_bits));
+  args.k_words = static_cast<int>(raw_words(dim, k_bits));
+  args.v_words = static_cast<int>(raw_words(dim, v_bits));
+  args.per_k_words = FastDiv::of(static_cast<uint32_t>(args.k_words));
+  args.per_v_words = FastDiv::of(static_cast<uint32_t>(args.v_words));
   args.chunks = static_cast<int>((args.group + kMaxGroup - 1) / kMaxGroup);
   args.chunk_heads = std::min(args.group, kMaxGroup);
   args.per_block = FastDiv::of(static_cast<uint32_t>(block_size));
@@ -94,7 +124,7 @@ int run(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t hq, i
     case 128: return launch_bits<128>(args, plan, units, k_bits, v_bits, stream);
     case 256: return launch_bits<256>(args, plan, units, k_bits, v_bits, stream);
   }
-  return TQ_CUDA_BAD_ARGUMENT;
+  return launch_raw(args, plan, units, static_cast<int>(kernel_dim(dim, k_bits, v_bits)), stream);
 }
 
 }  // namespace mma

@@ -62,12 +62,13 @@ struct Table {
     return v;
   }
   // Cooperative fill by the whole CTA (the caller synchronizes before use): a pair entry holds
-  // (c[e & mask], c[e >> B]), a single entry (c[e], c[e]).
-  __device__ static void fill(uint32_t* table, const float* codebook) {
+  // (c[e & mask], c[e >> B]), a single entry (c[e & codes], c[e & codes]); `codes` = 2^bits - 1
+  // of a narrower codebook (the raw path's 8-bit table).
+  __device__ static void fill(uint32_t* table, const float* codebook, int codes = (1 << B) - 1) {
     constexpr int mask = (1 << B) - 1;
     for (int w = threadIdx.x; w < kEntries * 32; w += blockDim.x) {
       const int e = w >> 5;
-      const float lo = __ldg(codebook + (e & mask)), hi = kPairs ? __ldg(codebook + (e >> B)) : lo;
+      const float lo = __ldg(codebook + (e & (kPairs ? mask : codes))), hi = kPairs ? __ldg(codebook + (e >> B)) : lo;
       table[w] = half2_bits(lo, hi);
     }
   }
@@ -111,7 +112,8 @@ struct Stage {
   static constexpr int kValue = kTile * L::kKeyRow;
   static constexpr int kKeyNorm = kValue + kTile * L::kValueRow;
   static constexpr int kValueNorm = kKeyNorm + kTile * 4;
-  static constexpr int kLive = kValueNorm + kTile * 4;  // bit t: token t counts (in the table and context)
+  // bit t: token t counts (in the table and context); the raw path's row offsets at +8 and +12
+  static constexpr int kLive = kValueNorm + kTile * 4;
   __device__ static constexpr int value_row(int token) { return (token & 8) | ((token & 1) << 2) | ((token >> 1) & 3); }
 };
 
@@ -250,6 +252,24 @@ __device__ __forceinline__ void load_run(const uint8_t* p, uint32_t* w) {
   }
 }
 
+// N codes of `bits` bits from bit `first` of a staged row, one per byte into out[0 .. N/4) (and a
+// zero pad word). Four codes (at most 32 bits) come out of one funnel-shifted window. Codes past
+// the true head dim decode whatever bits follow: finite table values that meet zeros in the query
+// (keys) or land in output coordinates that are never read (values).
+template <int N>
+__device__ __forceinline__ void widen_codes(const uint8_t* row, int first, int bits, uint32_t* out) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(row);
+  const uint32_t mask = (1u << bits) - 1u;
+#pragma unroll
+  for (int g = 0; g < N / 4; ++g) {
+    const int pos = first + 4 * g * bits;
+    const uint32_t v = __funnelshift_r(w[pos >> 5], w[(pos >> 5) + 1], pos);  // shifts by pos & 31
+    out[g] = (v & mask) | ((v >> bits) & mask) << 8 | ((v >> (2 * bits)) & mask) << 16 |
+             ((v >> (3 * bits)) & mask) << 24;
+  }
+  out[N / 4] = 0;
+}
+
 // A lane's share of one tile, read from its stage.
 template <int D, int KB, int VB>
 struct Tile {
@@ -268,6 +288,32 @@ struct Tile {
     for (int r = 0; r < 4; ++r) {
       load_run<L::kValueRun>(stage + S::kValue + (tig + 4 * r) * L::kValueRow + gid * L::kValueRun, v[r]);
       v[r][L::kValueWords] = 0;
+    }
+  }
+
+  // The raw path (KB = VB = 8 layout): the same shares, widened from rows of the true widths,
+  // keys and values apart (each just before its use: fewer live registers).
+  // byte offset of token t's key (which 0) or value (which 1) row in its first word
+  static __device__ __forceinline__ int raw_offset(const uint8_t* stage, int which, int t) {
+    const uint32_t bits = *reinterpret_cast<const uint32_t*>(stage + Stage<D, KB, VB>::kLive + 8 + 4 * which);
+    return static_cast<int>(((bits >> t) & 1u) | (((bits >> (16 + t)) & 1u) << 1));
+  }
+  __device__ __forceinline__ void read_raw_keys(const uint8_t* stage, int gid, int tig, int k_bits) {
+    using S = Stage<D, KB, VB>;
+    static_assert(KB == 8 && VB == 8, "the raw path widens to 8-bit codes");
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int t = gid + 8 * r, j0 = tig * (D / 4);
+      widen_codes<D / 4>(stage + S::kKey + t * D, 8 * raw_offset(stage, 0, t) + j0 * k_bits, k_bits, k[r]);
+    }
+  }
+  __device__ __forceinline__ void read_raw_values(const uint8_t* stage, int gid, int tig, int v_bits) {
+    using S = Stage<D, KB, VB>;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int t = 2 * tig + (r & 1) + 8 * (r >> 1), j0 = gid * (D / 8);  // stage row tig + 4r
+      widen_codes<D / 8>(stage + S::kValue + (tig + 4 * r) * D, 8 * raw_offset(stage, 1, t) + j0 * v_bits, v_bits,
+                         v[r]);
     }
   }
 };
@@ -355,20 +401,25 @@ struct SplitArgs {
   float* part_ml;   // [units, ctas, chunk_heads, 2]
   float* part_acc;  // [units, ctas, chunk_heads, D]
   void* out;
+  // raw path (head dims other than 64/128/256): the true head dim, widths, packed row bytes, the
+  // 4-byte words copied per row. Last: fields ahead of the others changed the packed-path
+  // instances' register allocation (spills at k6v4, k8v4).
+  int dim, k_bits, v_bits, k_row, v_row, k_words, v_words;
+  FastDiv per_k_words, per_v_words;
 };
 
 // out[row0 + h][j] = sum_i Pi[i][j] acc[h][i] * inv[h] for the CTA's heads, by the whole CTA.
-template <int D>
-__device__ void rotate_back(const SplitArgs& a, int64_t row0, int heads, const float* acc, int acc_stride,
+// dim: the true head dim (D, or less on the raw path).
+__device__ __forceinline__ void rotate_back(const SplitArgs& a, int64_t row0, int heads, int dim, const float* acc, int acc_stride,
                             const float* inv) {
-  for (int e = threadIdx.x; e < heads * D; e += blockDim.x) {
-    const int h = e / D, j = e % D;
+  for (int e = threadIdx.x; e < heads * dim; e += blockDim.x) {
+    const int h = e / dim, j = e % dim;
     const float* r = acc + h * acc_stride;
     float y = 0.f;
 #pragma unroll 8
-    for (int i = 0; i < D; ++i) y = fmaf(r[i], __ldg(a.rotation + i * D + j), y);
+    for (int i = 0; i < dim; ++i) y = fmaf(r[i], __ldg(a.rotation + i * dim + j), y);
     y *= inv[h];
-    const int64_t o = (row0 + h) * D + j;
+    const int64_t o = (row0 + h) * dim + j;
     if (a.q_type == TQ_CUDA_FLOAT16) static_cast<__half*>(a.out)[o] = __float2half_rn(y);
     else if (a.q_type == TQ_CUDA_BFLOAT16) static_cast<__nv_bfloat16*>(a.out)[o] = __float2bfloat16_rn(y);
     else static_cast<float*>(a.out)[o] = y;
@@ -378,7 +429,44 @@ __device__ void rotate_back(const SplitArgs& a, int64_t row0, int heads, const f
 // 1 / sum for a merged head: 0 for an empty context (sum 0: zeros out), NaN stays NaN.
 __device__ __forceinline__ float inverse_sum(float l) { return l != 0.f ? 1.f / l : 0.f; }
 
-template <int D, int KB, int VB>
+// The raw path (head dims other than 64/128/256, any widths): the kernel of the padded head dim D
+// with 8-bit codes, fed from packed rows of the true width. A tile's rows are copied as the
+// 4-byte words that cover them (the last one cut at the row's end), each row at its 8-bit row's
+// place in the stage; the byte offset (0..3) of each row's first code goes into the stage next
+// to the live-token word. A lane widens its share to one code per byte when it reads the tile
+// (widen_codes).
+template <int D>
+__device__ __forceinline__ uint32_t issue_raw(const SplitArgs& a, const RowFinder& rows, int t0, uint32_t stage,
+                                              int lane) {
+  using S = Stage<D, 8, 8>;
+  const int64_t row = rows(t0 + (lane & 15));  // lanes l and l + 16: the same token
+  if (row >= 0) copy_async_4(stage + (lane < 16 ? S::kKeyNorm : S::kValueNorm) + 4 * (lane & 15),
+                             (lane < 16 ? a.k_norms : a.v_norms) + row);
+  auto copy_rows = [&](const uint8_t* codes, int row_bytes, int words, const FastDiv& per_row, bool values) {
+    const int items = kTile * words;
+    for (int i0 = 0; i0 < items; i0 += 32) {  // uniform trip count: every lane takes part in the shuffle
+      const int idx = min(i0 + lane, items - 1);
+      const int t = per_row(idx), w = idx - t * words;
+      const int64_t r = __shfl_sync(0xffffffffu, row, t);
+      if (i0 + lane >= items || r < 0) continue;
+      const int64_t start = r * row_bytes, at = (start & ~int64_t{3}) + 4 * w;
+      const int64_t left = start + row_bytes - at;
+      const uint32_t dst = stage + (values ? S::kValue + S::value_row(t) * D : S::kKey + t * D) + 4 * w;
+      if (left > 0) copy_async_4_partial(dst, codes + at, left < 4 ? static_cast<int>(left) : 4);
+    }
+  };
+  copy_rows(a.k_codes, a.k_row, a.k_words, a.per_k_words, false);
+  copy_rows(a.v_codes, a.v_row, a.v_words, a.per_v_words, true);
+  const int64_t k_at = row * a.k_row, v_at = row * a.v_row;
+  const uint32_t live = __ballot_sync(0xffffffffu, row >= 0) & 0xffffu;
+  const uint32_t k_off = (__ballot_sync(0xffffffffu, k_at & 1) & 0xffffu) | (__ballot_sync(0xffffffffu, k_at & 2) << 16);
+  const uint32_t v_off = (__ballot_sync(0xffffffffu, v_at & 1) & 0xffffu) | (__ballot_sync(0xffffffffu, v_at & 2) << 16);
+  if (lane == 0)
+    asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(stage + S::kLive + 8), "r"(k_off), "r"(v_off) : "memory");
+  return live;
+}
+
+template <int D, int KB, int VB, bool kRaw>
 __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kernel(const SplitArgs a) {
   using L = Layout<D, KB, VB>;
   using S = Stage<D, KB, VB>;
@@ -397,6 +485,7 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
   const int pair = unit / a.chunks, head0 = (unit - pair * a.chunks) * kMaxGroup;
   const int seq = pair / a.num_kv_heads, h = pair % a.num_kv_heads;
   const int heads = min(kMaxGroup, a.group - head0);  // query heads of this CTA
+  const int dim = kRaw ? a.dim : D;                    // the true head dim
   const int64_t q_row0 = static_cast<int64_t>(seq) * a.num_q_heads + static_cast<int64_t>(h) * a.group + head0;
   const int split = cta * L::kWarps + warp;
   const uint8_t* ring = rings + warp * kStages * L::kStage;
@@ -412,7 +501,7 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
   // Whole tiles (block size a multiple of 16): block-table entries of 32 tiles at a time (lane l:
   // tile 32k + l), the next 32 loaded early; the issuing position (entry, offset in the block)
   // advances by 16 tokens without a division. Other block sizes: a RowFinder per copied row.
-  const bool whole_tiles = a.block_size % kTile == 0;
+  const bool whole_tiles = !kRaw && a.block_size % kTile == 0;
   auto table_chunk = [&](int k) {
     const int tile = 32 * k + lane;
     return whole_tiles && tile < tiles ? __ldg(table + (start + kTile * tile) / a.block_size) : 0;
@@ -425,7 +514,9 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
     const int t0 = start + kTile * tile;
     const uint32_t stage = ring_addr + (tile % kStages) * L::kStage;
     uint32_t live;
-    if (whole_tiles) {
+    if constexpr (kRaw) {
+      live = issue_raw<D>(a, rows, t0, stage, lane);
+    } else if (whole_tiles) {
       if (tile > 0 && (tile & 31) == 0) {
         blocks = blocks_next;
         blocks_next = table_chunk((tile >> 5) + 1);
@@ -450,15 +541,24 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
   }
 
   // While the first tiles are in flight: the tables and the pair's rotated query.
-  Table<KB>::fill(k_table, a.k_codebook);
-  const bool own_value_table = !(L::kShareTable && a.k_codebook == a.v_codebook);
-  if (own_value_table) Table<VB>::fill(v_table, a.v_codebook);
-  {
-    for (int e = threadIdx.x; e < heads * D; e += blockDim.x) {
-      const int hh = e / D, j = e % D;
-      const int64_t q = (q_row0 + hh) * D;
+  Table<KB>::fill(k_table, a.k_codebook, kRaw ? (1 << a.k_bits) - 1 : (1 << KB) - 1);
+  const bool own_value_table = !(L::kShareTable && a.k_codebook == a.v_codebook && (!kRaw || a.k_bits == a.v_bits));
+  if (own_value_table) Table<VB>::fill(v_table, a.v_codebook, kRaw ? (1 << a.v_bits) - 1 : (1 << VB) - 1);
+  auto query_at = [&](int64_t at) {
+    return a.q_type == TQ_CUDA_FLOAT16    ? __half2float(static_cast<const __half*>(a.query)[at])
+           : a.q_type == TQ_CUDA_BFLOAT16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(a.query)[at])
+                                          : static_cast<const float*>(a.query)[at];
+  };
+  for (int e = threadIdx.x; e < heads * D; e += blockDim.x) {
+    const int hh = e / D, j = e % D;
+    const int64_t q = (q_row0 + hh) * dim;
+    float y = 0.f;
+    if constexpr (kRaw) {  // zero past the true dim
+      const float* pi = a.rotation + static_cast<int64_t>(j) * dim;
+      if (j < dim)
+        for (int i = 0; i < dim; ++i) y = fmaf(__ldg(pi + i), query_at(q + i), y);
+    } else {
       const float4* pi = reinterpret_cast<const float4*>(a.rotation + j * D);
-      float y = 0.f;
 #pragma unroll 8
       for (int i4 = 0; i4 < D / 4; ++i4) {
         const float4 p = __ldg(pi + i4);
@@ -472,8 +572,8 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
         }
         y = fmaf(p.x, x[0], fmaf(p.y, x[1], fmaf(p.z, x[2], fmaf(p.w, x[3], y))));
       }
-      q_rot[hh * D + j] = y * a.q_scale;
     }
+    q_rot[hh * D + j] = y * a.q_scale;
   }
   __syncthreads();
   if (warp < heads) {  // head `warp`: scale by 2^-e, e its largest magnitude's binade
@@ -516,7 +616,8 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
     __syncwarp();
     const uint8_t* stage = ring + (i % kStages) * L::kStage;
     Tile<D, KB, VB> tile;
-    tile.read(stage, gid, tig);
+    if constexpr (kRaw) tile.read_raw_keys(stage, gid, tig, a.k_bits);
+    else tile.read(stage, gid, tig);
     const float* k_norm = reinterpret_cast<const float*>(stage + S::kKeyNorm);
     const float* v_norm = reinterpret_cast<const float*>(stage + S::kValueNorm);
     const uint32_t live = *reinterpret_cast<const uint32_t*>(stage + S::kLive);
@@ -559,6 +660,7 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
     const float w0 = vn0 * inv_sigma, w1 = vn1 * inv_sigma;
     const uint32_t p0 = transpose_8x8(half2_bits(p[0] * w0, p[1] * w0));
     const uint32_t p1 = transpose_8x8(half2_bits(p[2] * w1, p[3] * w1));
+    if constexpr (kRaw) tile.read_raw_values(stage, gid, tig, a.v_bits);
     accumulate_values(tile, vt, p0, p1, acc);
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
@@ -615,7 +717,7 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
   if (a.ctas_per_pair == 1) {
     if (threadIdx.x < heads) head_inv[threadIdx.x] = inverse_sum(head_ml[2 * threadIdx.x + 1]);
     __syncthreads();
-    rotate_back<D>(a, q_row0, heads, merged, D, head_inv);
+    rotate_back(a, q_row0, heads, dim, merged, D, head_inv);
     return;
   }
   // Several CTAs per unit: publish this CTA's partial; the last CTA of the unit merges them all.
@@ -655,16 +757,19 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
     merged[e] = sum;
   }
   __syncthreads();
-  rotate_back<D>(a, q_row0, heads, merged, D, head_inv);
+  rotate_back(a, q_row0, heads, dim, merged, D, head_inv);
 }
 
-template <int D, int KB, int VB>
+template <int D, int KB, int VB, bool kRaw = false>
 int launch(const SplitArgs& args, const Plan& plan, unsigned units, cudaStream_t stream) {
   using L = Layout<D, KB, VB>;
-  if (int rc = reserve_shared(split_kernel<D, KB, VB>, L::kShared)) return rc;
-  split_kernel<D, KB, VB><<<dim3(units, plan.ctas_per_pair), L::kWarps * 32, L::kShared, stream>>>(args);
+  if (int rc = reserve_shared(split_kernel<D, KB, VB, kRaw>, L::kShared)) return rc;
+  split_kernel<D, KB, VB, kRaw><<<dim3(units, plan.ctas_per_pair), L::kWarps * 32, L::kShared, stream>>>(args);
   return launch_status();
 }
+
+// The raw path's instances (tq_paged_attention_mma_raw.cu): padded head dims 32, 64, ..., 256.
+int launch_raw(const SplitArgs& args, const Plan& plan, unsigned units, int padded_dim, cudaStream_t stream);
 
 // Every pair of widths 1..8 has an instance; each head dim's 64 are compiled in their own
 // translation unit (tq_paged_attention_mma_d<D>.cu), declared here.

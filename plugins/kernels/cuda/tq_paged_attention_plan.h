@@ -1,5 +1,5 @@
 // The two decode-attention kernels behind tq_cuda_paged_attention (tq_paged_attention.cu): the
-// tensor-core kernel (tq_paged_attention_mma.cuh) for the head dims it is built for, the generic
+// tensor-core kernel (tq_paged_attention_mma.cuh) for head dims up to 256, the generic
 // kernel (tq_paged_attention_generic.cu) for every other. A Plan says how a call is split and
 // where its parts sit in the caller's workspace; it depends on the shapes only.
 #pragma once
@@ -22,6 +22,9 @@ struct Plan {
 };
 
 namespace mma {
+// The head dim the kernel runs at: 64/128/256 themselves (the packed layout); other dims up to 256
+// on the raw path, padded to a multiple of 32; 0 when the kernel cannot take it.
+int64_t kernel_dim(int64_t dim, int k_bits, int v_bits);
 bool supported(int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, int k_bits, int v_bits);
 // The alignment (bytes) the kernel's cp.async copies need of the codes' base pointers.
 int chunk_alignment(int64_t dim, int k_bits, int v_bits);
