@@ -25,7 +25,7 @@ int64_t kernel_dim(int64_t dim, int k_bits, int v_bits) {
   if (packed_layout(dim)) return dim;
   if (dim < 2 || !valid_bits(k_bits) || !valid_bits(v_bits)) return 0;
   const int64_t bytes = 4 * std::max(raw_words(dim, k_bits), raw_words(dim, v_bits));
-  for (int64_t padded = 32; padded <= 256; padded += 32)
+  for (int64_t padded = 32; padded <= 256; padded += 16)
     if (padded >= dim && padded >= bytes) return padded;
   return 0;
 }

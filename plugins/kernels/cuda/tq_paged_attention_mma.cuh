@@ -252,8 +252,9 @@ __device__ __forceinline__ void load_run(const uint8_t* p, uint32_t* w) {
   }
 }
 
-// N codes of `bits` bits from bit `first` of a staged row, one per byte into out[0 .. N/4) (and a
-// zero pad word). Four codes (at most 32 bits) come out of one funnel-shifted window. Codes past
+// N codes of `bits` bits from bit `first` of a staged row, one per byte into out[0 .. ceil(N/4))
+// (and a zero pad word); a last partial word takes the codes that follow too. Four codes (at most
+// 32 bits) come out of one funnel-shifted window. Codes past
 // the true head dim decode whatever bits follow: finite table values that meet zeros in the query
 // (keys) or land in output coordinates that are never read (values).
 template <int N>
@@ -261,13 +262,13 @@ __device__ __forceinline__ void widen_codes(const uint8_t* row, int first, int b
   const uint32_t* w = reinterpret_cast<const uint32_t*>(row);
   const uint32_t mask = (1u << bits) - 1u;
 #pragma unroll
-  for (int g = 0; g < N / 4; ++g) {
+  for (int g = 0; g < (N + 3) / 4; ++g) {
     const int pos = first + 4 * g * bits;
     const uint32_t v = __funnelshift_r(w[pos >> 5], w[(pos >> 5) + 1], pos);  // shifts by pos & 31
     out[g] = (v & mask) | ((v >> bits) & mask) << 8 | ((v >> (2 * bits)) & mask) << 16 |
              ((v >> (3 * bits)) & mask) << 24;
   }
-  out[N / 4] = 0;
+  out[(N + 3) / 4] = 0;
 }
 
 // A lane's share of one tile, read from its stage.
@@ -768,7 +769,7 @@ int launch(const SplitArgs& args, const Plan& plan, unsigned units, cudaStream_t
   return launch_status();
 }
 
-// The raw path's instances (tq_paged_attention_mma_raw.cu): padded head dims 32, 64, ..., 256.
+// The raw path's instances (tq_paged_attention_mma_raw.cu): padded head dims 32, 48, ..., 256.
 int launch_raw(const SplitArgs& args, const Plan& plan, unsigned units, int padded_dim, cudaStream_t stream);
 
 // Every pair of widths 1..8 has an instance; each head dim's 64 are compiled in their own

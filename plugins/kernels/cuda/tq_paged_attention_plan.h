@@ -23,7 +23,7 @@ struct Plan {
 
 namespace mma {
 // The head dim the kernel runs at: 64/128/256 themselves (the packed layout); other dims up to 256
-// on the raw path, padded to a multiple of 32; 0 when the kernel cannot take it.
+// on the raw path, padded to a multiple of 16 (at least 32); 0 when the kernel cannot take it.
 int64_t kernel_dim(int64_t dim, int k_bits, int v_bits);
 bool supported(int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, int k_bits, int v_bits);
 // The alignment (bytes) the kernel's cp.async copies need of the codes' base pointers.
