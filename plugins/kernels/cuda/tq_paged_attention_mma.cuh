@@ -5,7 +5,7 @@
 //   of the context. A tile is 16 rows of one cache block when the block size is a multiple of 16;
 //   for any other block size each lane looks up the block of every row it copies.
 //   prologue   each warp starts its cp.async ring (the first tiles' packed bytes), then the CTA
-//              fills the dequantization tables and rotates the query of its pair:
+//              fills the dequantization tables and rotates the query heads of its unit:
 //              q_rot = Pi q * scale * log2(e), each head scaled by a power of two into fp16 range
 //   loop       per tile:  S^T[16 tok x 8 heads] = K[16 tok x D] . q_rot^T      (K is the A operand)
 //                         online softmax (base 2) per head; P' = P * ||v|| / sigma
@@ -23,6 +23,9 @@
 // pairing into the fp16 pairs of its A fragments; the query's B fragments follow the same order.
 // For V^T it holds the eighth gid of each value row (coordinates gid*D/8 ...), code 2mt + hi of
 // that run in m-tile mt, row gid + 8 hi; the output is un-permuted when the accumulator is stored.
+//
+// Head dims other than 64/128/256 take the raw path (kRaw): the 8-bit instance of the dim padded to
+// a multiple of 16, fed packed rows of any width (issue_raw, widen_codes below).
 #include <math.h>
 
 #include <algorithm>
