@@ -414,8 +414,8 @@ struct SplitArgs {
 
 // out[row0 + h][j] = sum_i Pi[i][j] acc[h][i] * inv[h] for the CTA's heads, by the whole CTA.
 // dim: the true head dim (D, or less on the raw path).
-__device__ __forceinline__ void rotate_back(const SplitArgs& a, int64_t row0, int heads, int dim, const float* acc, int acc_stride,
-                            const float* inv) {
+__device__ __forceinline__ void rotate_back(const SplitArgs& a, int64_t row0, int heads, int dim, const float* acc,
+                                            int acc_stride, const float* inv) {
   for (int e = threadIdx.x; e < heads * dim; e += blockDim.x) {
     const int h = e / dim, j = e % dim;
     const float* r = acc + h * acc_stride;
@@ -568,12 +568,7 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
         const float4 p = __ldg(pi + i4);
         float x[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int64_t at = q + 4 * i4 + k;
-          x[k] = a.q_type == TQ_CUDA_FLOAT16    ? __half2float(static_cast<const __half*>(a.query)[at])
-                 : a.q_type == TQ_CUDA_BFLOAT16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(a.query)[at])
-                                                : static_cast<const float*>(a.query)[at];
-        }
+        for (int k = 0; k < 4; ++k) x[k] = query_at(q + 4 * i4 + k);
         y = fmaf(p.x, x[0], fmaf(p.y, x[1], fmaf(p.z, x[2], fmaf(p.w, x[3], y))));
       }
     }
