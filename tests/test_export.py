@@ -14,7 +14,7 @@ from tq_deploy import ops
 from tq_deploy.export import export_model, infer_shapes, make_op_model, read_metadata
 from tq_deploy.export.common import IR_VERSION
 from tq_deploy.export.model import DYNAMIC_AXES
-from tq_deploy.export.op_tables import HEADER_COMMAND, render_header, splice
+from tq_deploy.export.op_tables import HEADER_COMMAND, NATIVE_FILES, splice
 from tq_deploy.reference.codebook import lloyd_max_codebook
 from tq_deploy.reference.model import MODEL_INPUT_NAMES, MODEL_OUTPUT_NAMES, TQDecodeModel, TQModelConfig
 from tq_deploy.reference.packing import pack_codes
@@ -164,7 +164,7 @@ def test_single_op_model(op_name, bits, seed):
         np.testing.assert_array_equal(inits[name], lloyd_max_codebook(head_dim, bits).numpy())
     assert {v.name for v in model.graph.input} == set(spec.input_names()) - set(inits)
     all_dims = {d for v in (*model.graph.input, *model.graph.output) for d in dims(v) if isinstance(d, str)}
-    assert all_dims <= {"n", "num_blocks", "batch", "num_tokens", "max_blocks"}
+    assert all_dims <= {"n", "num_blocks", "batch", "batch+1", "num_tokens", "max_blocks"}
     kind, config = read_metadata(model)
     assert kind == "op" and config["op"] == op_name and config["head_dim"] == head_dim
 
@@ -191,9 +191,10 @@ def test_docs_tables_in_sync_with_ops_py():
     assert splice(text) == text, "docs/ops.md is stale: python -m tq_deploy.export.op_tables --write docs/ops.md"
 
 
-def test_the_native_contract_header_is_current():
-    header = Path(__file__).resolve().parents[1] / "plugins" / "common" / "tq_ops.h"
-    assert header.read_text() == render_header(), f"{header} is stale: {HEADER_COMMAND}"
+@pytest.mark.parametrize("name", sorted(NATIVE_FILES))
+def test_the_generated_native_headers_are_current(name):
+    header = Path(__file__).resolve().parents[1] / "plugins" / "common" / name
+    assert header.read_text() == NATIVE_FILES[name](), f"{header} is stale: {HEADER_COMMAND}"
 
 
 @pytest.mark.parametrize("bits,codes", [
@@ -213,3 +214,55 @@ def test_docs_worked_packing_examples(bits, codes):
     shown = " ".join(f"{b:02x}" for b in packed)
     # Each example's bytes appear in the doc, as hex pairs or per byte.
     assert shown in text or all(f"{b:02x}`" in text or f"0x{b:02x}`" in text for b in packed), (bits, codes, shown)
+
+
+class _PrefillStep(torch.nn.Module):
+    """The smallest module that calls the prefill torch op, as a real model's attention would."""
+
+    def __init__(self, config: dict, inits: dict):
+        super().__init__()
+        self.config = config
+        for name in ("rotation", "k_codebook", "v_codebook"):
+            self.register_buffer(name, inits[name])
+
+    def forward(self, query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start):
+        from tq_deploy.export import torch_ops  # noqa: F401  (registers torch.ops.tq_export)
+
+        c = self.config
+        return torch.ops.tq_export.paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables,
+                                                 context_lens, query_start, self.rotation, self.k_codebook,
+                                                 self.v_codebook, c["k_bits"], c["v_bits"], 0.5)
+
+
+def test_prefill_torch_op_exports_as_one_node(seed):
+    """torch.ops.tq_export.paged_prefill: its eager body is the reference, and the dynamo exporter
+    turns it into one TQPagedPrefill node whose query_start is one longer than the batch."""
+    from tq_deploy.export.torch_ops import translation_table
+    from tq_deploy.validate.inputs import model_initializers, random_inputs
+    from tq_deploy.validate.reference import reference_outputs
+
+    op_model = make_op_model("TQPagedPrefill", head_dim=32, k_bits=3, v_bits=2, num_q_heads=4, num_kv_heads=2,
+                             block_size=8, scale=0.5)
+    inputs = random_inputs(op_model, seed=seed)
+    names = [v.name for v in op_model.graph.input]
+    module = _PrefillStep(read_metadata(op_model)[1], model_initializers(op_model)).eval()
+    expected = reference_outputs(op_model, inputs)["out"]
+    torch.testing.assert_close(module(*(inputs[n] for n in names)), expected, rtol=0, atol=0)
+
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("num_tokens")
+    blocks, width = torch.export.Dim("num_blocks"), torch.export.Dim("max_blocks")
+    shapes = {"query": {0: tokens}, "k_codes": {0: blocks}, "k_norms": {0: blocks}, "v_codes": {0: blocks},
+              "v_norms": {0: blocks}, "block_tables": {0: batch, 1: width}, "context_lens": {0: batch},
+              "query_start": {0: batch + 1}}
+    program = torch.onnx.export(module, tuple(inputs[n] for n in names), dynamo=True, input_names=names,
+                                output_names=["out"], dynamic_shapes=shapes, custom_translation_table=translation_table(),
+                                external_data=False, verbose=False)
+    model = program.model_proto
+    (node,) = [n for n in model.graph.node if n.domain == ops.DOMAIN]
+    assert node.op_type == "TQPagedPrefill"
+    assert list(node.input[:8]) == names
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs == {"k_bits": 3, "v_bits": 2, "scale": 0.5}
+    graph_inputs = {v.name: dims(v) for v in model.graph.input}
+    assert graph_inputs["query_start"][0] != graph_inputs["context_lens"][0]
+    assert isinstance(graph_inputs["query_start"][0], str)

@@ -67,3 +67,44 @@ def test_agreement_flags_a_code_that_is_not_a_tie():
     got = {"norms": want["norms"], "codes": want["codes"].copy()}
     got["codes"].reshape(-1)[0] ^= 1 << (bits - 1) if bits > 1 else 1  # a code far from any tie
     assert "code" in fuzz.agree(case, got, want)
+
+
+def test_every_op_of_the_contract_is_fuzzed_or_said_why_not():
+    """The fuzzer's op list is the contract's: each op is drawn, or left out with a reason."""
+    from tq_deploy import ops
+
+    runnable, left_out = fuzz.coverage()
+    assert set(runnable) | set(left_out) == {spec.name for spec in ops.ALL_OPS}
+    assert all(why for why in left_out.values())
+    for op in runnable:
+        case = fuzz.draw_case(3, 0, (op,))
+        assert case.op == op and list(case.inputs) == ops.OPS_BY_NAME[op].input_names()
+        assert fuzz.defects_of(ops.OPS_BY_NAME[op])
+
+
+def test_an_op_onnx_runtime_lacks_is_skipped_and_named(ort_library, tmp_path):
+    """A runner that skips an op (its library has no kernel) runs nothing for it, and the report
+    says so instead of listing every case as refused."""
+    case = _valid_case("TQEncode")
+    broken = fuzz.OrtRunner(library=tmp_path / "missing.so")  # every session fails to build
+    assert fuzz.check_case(case, broken), "a runner that cannot build a session must be a finding"
+    assert fuzz.check_case(case, fuzz.OrtRunner(library=tmp_path / "missing.so", skip=("TQEncode",))) == []
+    report = fuzz.FuzzReport(0, 0, 1, ort_skipped={"TQEncode": "not a registered function/op"})
+    assert "TQEncode: ONNX Runtime not run" in report.to_text()
+    assert fuzz.ort_kernels_missing(None, ("TQEncode", "TQPagedAttention")) == {}
+
+
+def test_an_op_without_a_drawer_is_fuzzed_from_its_make_inputs_entry(ort_library):
+    """The fallback drawer of a new op: valid calls built by the op's make_inputs entry pass every
+    runner that has the op (this holds for every op of the contract, drawer or not)."""
+    from tq_deploy import ops
+    from tq_deploy.validate.fuzz import draw
+
+    ops_here = fuzz.coverage()[0]
+    ort = fuzz.OrtRunner(skip=fuzz.ort_kernels_missing(None, ops_here))
+    for op in ops_here:
+        for index in range(6):
+            rng = np.random.default_rng([9, index])
+            case = draw.contract_case(rng, index, int(rng.choice(draw.DIMS)), np.float32, op)
+            assert list(case.inputs) == ops.OPS_BY_NAME[op].input_names()
+            assert fuzz.check_case(case, ort) == [], case.describe()

@@ -97,6 +97,39 @@ def test_paged_attention_output_follows_query(dtype, elem, heads):
     assert dims_of(out) == ["batch", hq if hq else "num_q_heads", 64]
 
 
+@pytest.mark.parametrize("dtype,elem", [("float32", TensorProto.FLOAT), ("float16", TensorProto.FLOAT16)])
+def test_paged_prefill_output_follows_query_rows(dtype, elem):
+    model = make_op_model("TQPagedPrefill", k_bits=2, v_bits=5, head_dim=128, num_q_heads=12, num_kv_heads=4,
+                          block_size=32, dtype=dtype)
+    onnx.checker.check_model(model, full_check=True)
+    assert dims_of(next(v for v in model.graph.input if v.name == "query_start")) == ["batch+1"]
+    out = inferred_outputs(model)["out"]
+    assert out.type.tensor_type.elem_type == elem
+    assert dims_of(out) == ["num_tokens", 12, 128]
+
+
+def _with_dims(model: onnx.ModelProto, **sizes) -> onnx.ModelProto:
+    """A copy whose named graph inputs have dimension 0 set to a concrete size."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value in copy.graph.input:
+        if value.name in sizes:
+            value.type.tensor_type.shape.dim[0].dim_value = sizes[value.name]
+    return copy
+
+
+def test_paged_prefill_query_start_is_one_longer_than_the_batch():
+    model = make_op_model("TQPagedPrefill", bits=4, head_dim=64, num_q_heads=8, num_kv_heads=8)
+    infer_shapes(_with_dims(model, block_tables=3, query_start=4))
+    infer_shapes(_with_dims(model, query_start=4))  # S follows from S+1
+    with pytest.raises(InferenceError, match=r"dimension S of input query_start \(S\+1 = 3\) is 2, expected 3"):
+        infer_shapes(_with_dims(model, block_tables=3, query_start=3))
+    with pytest.raises(InferenceError, match=r"dimension S of input query_start \(S\+1 = 5\) is 4, expected 2"):
+        infer_shapes(_with_dims(model, query_start=5, context_lens=2))
+    with pytest.raises(InferenceError, match=r"dimension S\+1 of input query_start is 0, expected >= 1"):
+        infer_shapes(_with_dims(model, query_start=0))
+
+
 def _encode_graph(x_shape, rotation_shape, codes_shape=("n", "p"), bits=3):
     node = helper.make_node("TQEncode", ["x", "rotation", "codebook"], ["codes", "norms"], domain=ops.DOMAIN, bits=bits)
     graph = helper.make_graph(

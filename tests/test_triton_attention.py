@@ -7,8 +7,9 @@ block tables, GQA 1/2/4/6/8, D 64/128/256, block size 16/32/64, bits 1-8 with
 k_bits != v_bits, garbage in unused blocks, forced split counts (split-K with
 the reduction kernels) and the fused single-split path. The control flow the
 small CPU shapes would never reach (one split over several tiles, more splits
-than the per-group reduction takes, a block table that is a strided view) is
-forced through the kernel's knobs and checked on its own. Inputs are fresh
+than the per-group reduction takes, a last split with live tokens, a block table
+that is a strided view, value norms past fp16's range) is forced through the
+kernel's knobs and checked on its own. Inputs are fresh
 random draws (the ``seed`` fixture of tests/conftest.py prints the seed of a
 failure).
 
@@ -47,10 +48,12 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 TOL = {torch.float16: 5e-3, torch.float32: 5e-3, torch.bfloat16: 1.5e-2}
 
 
-def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_blocks=3, key_fn=None, query_fn=None):
+def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_blocks=3, key_fn=None, query_fn=None,
+              value_fn=None):
     """Random cache filled through the reference cache update, shuffled block tables.
-    ``key_fn(key [c, Hkv, D], generator)`` and ``query_fn(query [S, Hq, D], generator)`` may reshape
-    the random keys and queries (fp32, before the query is cast to ``dtype``)."""
+    ``key_fn(key [c, Hkv, D], generator)``, ``value_fn`` (the same for values) and
+    ``query_fn(query [S, Hq, D], generator)`` may reshape the random keys, values and queries
+    (fp32, before the query is cast to ``dtype``)."""
     g = torch.Generator().manual_seed(seed)
     rot = make_rotation(dim, "haar", seed=seed)
     kcb, vcb = lloyd_max_codebook(dim, k_bits), lloyd_max_codebook(dim, v_bits)
@@ -72,6 +75,8 @@ def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_bl
         if key_fn is not None:
             key = key_fn(key, g)
         value = torch.randn(c, hkv, dim, generator=g)
+        if value_fn is not None:
+            value = value_fn(value, g)
         cache_update_reference(key, value, slots, *cache.tensors(), rot, kcb, vcb, k_bits, v_bits)
     tables[:, -1] = 10**6  # entries past the context are never read
     query = torch.randn(s, hkv * group, dim, generator=g)
@@ -88,11 +93,11 @@ def attention(*args, **knobs):
 
 
 def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_splits=None, scale=0.0, block_n=None,
-             key_fn=None, query_fn=None, table_fn=None):
+             key_fn=None, query_fn=None, table_fn=None, value_fn=None):
     """The Triton attention against the reference on one random case; ``table_fn(tables, num_blocks,
     generator)`` may hand the kernel another view of the same block-table entries."""
     query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed,
-                                                         key_fn=key_fn, query_fn=query_fn)
+                                                         key_fn=key_fn, query_fn=query_fn, value_fn=value_fn)
     want = paged_attention_reference(query, *cache.tensors(), tables, ctx, rot, kcb, vcb, k_bits, v_bits, scale)
     if table_fn is not None:
         tables = table_fn(tables, cache.num_blocks, torch.Generator().manual_seed(seed))
@@ -184,6 +189,30 @@ def _strided_view(tables, num_blocks, g):
 
 def test_block_table_row_stride(seed):
     run_case([20, 35, 7], 2, 2, 64, 16, 4, 2, torch.float16, seed=seed, table_fn=_strided_view)
+
+
+def _without_the_spare_column(tables, num_blocks, g):
+    """The table with no column past the longest context: its last split is live, not empty."""
+    return tables[:, :-1].contiguous()
+
+
+@pytest.mark.parametrize("splits", [3, 6])
+def test_the_last_split_holds_live_tokens(splits, seed):
+    """make_case's spare table column makes the last split of every other test empty, so a merge
+    that dropped the last split would pass them. Here the longest context fills the table (96 =
+    6 blocks of 16) and the keys rise along it, so the last split holds the largest scores:
+    6 splits take the per-row merge (> 4 splits), 3 the per-group one."""
+    run_case([96, 81], 2, 2, 64, 16, 4, 3, torch.float16, seed=seed, num_splits=splits, block_n=16,
+             key_fn=_rising_keys, table_fn=_without_the_spare_column)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_norms_above_the_half_range(dtype, seed):
+    """Value norms of 1e5-1e6 (beyond fp16's 65504): the kernel rounds P * ||v|| to fp16 for the
+    P.V product, so it divides by the tile's largest norm first; without that the product is inf.
+    The output stays in float32 / bfloat16 range."""
+    run_case([40, 7], 1, 4, 64, 16, 4, 4, dtype, seed=seed, num_splits=2, block_n=16,
+             value_fn=lambda value, g: value * (2e4 + 1e5 * torch.rand(value.shape[0], 1, 1, generator=g)))
 
 
 def test_explicit_scale_and_dense_oracle():

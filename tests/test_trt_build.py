@@ -53,6 +53,17 @@ def test_paged_attention_engine_builds(trt, tmp_path, k_bits, v_bits, hq, hkv, d
     assert build.profile["query"] == [[1, hq, dim], [4, hq, dim], [32, hq, dim]]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_paged_prefill_engine_builds(trt, tmp_path, dtype):
+    """The prefill plugin (T query rows, query_start [S+1]) takes part in an engine build."""
+    model = make_op_model("TQPagedPrefill", head_dim=72, k_bits=3, v_bits=2, num_q_heads=6, num_kv_heads=3,
+                          dtype=dtype)
+    build = rt.build_engine(model, tmp_path / "pp.engine")
+    assert (tmp_path / "pp.engine").stat().st_size == build.engine_bytes > 0
+    assert "TQPagedPrefill" in build.plugins
+    assert build.outputs == {"out": ["half" if dtype == "float16" else "float", [-1, 6, 72]]}
+
+
 @pytest.mark.parametrize("bits,dim", [(3, 72), (4, 128), (1, 37)])
 def test_codec_shape_expressions(trt, bits, dim):
     """Encode's packed size comes from the plugin's IExprBuilder expression (static and dynamic D)."""

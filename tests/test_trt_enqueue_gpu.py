@@ -134,10 +134,9 @@ def test_paged_attention_matches_reference(k_bits, v_bits, hq, hkv, dim, dtype, 
     out = torch.empty(s, hq, dim, dtype=dtype, device="cuda")
     enqueue("TQPagedAttention", {"k_bits": k_bits, "v_bits": v_bits, "scale": scale},
             [query, *cache, tables, lens, rotation, kcb, vcb], [out])
-    # the tensor-core kernel takes q_rot and the centroids in fp16 whatever the query's type
-    from tq_deploy import cuda as tq_cuda
-
-    fp16_math = dtype == torch.float16 or tq_cuda._path(hq, hkv, dim, b, k_bits, v_bits)
+    # fp16 queries: fp16 output (and the tensor-core kernel's fp16 q_rot and centroids); float32 queries
+    # run the float32 kernel, held to float32 tolerances
+    fp16_math = dtype != torch.float32
     tol = dict(rtol=2e-3, atol=2e-3) if fp16_math else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.cpu(), expected, **tol)
     assert torch.count_nonzero(out[0]) == 0  # empty context -> zeros

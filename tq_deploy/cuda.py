@@ -20,6 +20,7 @@ import functools
 
 import torch
 
+from tq_deploy import abi, ops
 from tq_deploy.device_constants import codebook_as, float_matrix
 from tq_deploy.reference.checks import CacheUpdateArgs, DecodeArgs, EncodeArgs, PagedAttentionArgs
 from tq_deploy.runtime import library as _library
@@ -30,32 +31,36 @@ _BAD_ARGUMENT = 10001  # TQ_CUDA_BAD_ARGUMENT of tq_cuda.h
 _MAX_DIM = {"encode": 8192, "decode": 8192, "cache_update": 8192, "paged_attention": 512}
 _i64, _int, _p, _size = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
 
+# the op's call struct of tq_calls.h, built from the same field list (tq_deploy/abi.py)
+_EncodeCall = abi.ctypes_struct(ops.ENCODE)
+_DecodeCall = abi.ctypes_struct(ops.DECODE)
+_CacheUpdateCall = abi.ctypes_struct(ops.CACHE_UPDATE)
+_AttentionCall = abi.ctypes_struct(ops.PAGED_ATTENTION)
+
+
+class _AttentionPlan(ctypes.Structure):
+    """tq_cuda_paged_attention_plan_t of tq_cuda.h (same fields, same order)."""
+
+    _fields_ = [(name, ctypes.c_int32) for name in ("tensor_cores", "tiles_per_warp", "ctas_per_pair", "splits",
+                                                    "tokens_per_split", "head_chunks", "code_alignment")]
+    _fields_ += [("scale", ctypes.c_float)]
+    _fields_ += [(name, _size) for name in ("counters_offset", "ml_offset", "acc_offset", "q_offset",
+                                            "workspace_bytes")]
+
+
 _SIGNATURES = {  # name: (restype, argtypes), as declared in tq_cuda.h
     "tq_cuda_build_info": (ctypes.c_char_p, []),
     "tq_cuda_error_string": (ctypes.c_char_p, [_int]),
-    "tq_cuda_encode": (_int, [_p, _int, _i64, _i64, _p, _p, _int, _p, _p, _p]),
-    "tq_cuda_decode": (_int, [_p, _p, _i64, _i64, _p, _p, _int, _p, _p]),
-    "tq_cuda_cache_update_workspace": (_size, [_i64]),
-    "tq_cuda_cache_update": (_int, [_p, _p, _int, _p, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p, _p, _p,
-                                    _int, _int, _p, _size, _p]),
-    "tq_cuda_paged_attention_workspace": (_size, [_i64] * 6 + [_int, _int, _i64]),
-    "tq_cuda_paged_attention": (_int, [_p, _int, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p, _i64, _p,
-                                       _p, _p, _p, _int, _int, ctypes.c_float, _i64, _p, _size, _p, _p]),
-    "tq_cuda_paged_attention_path": (_int, [_i64, _i64, _i64, _i64, _int, _int]),
-    "tq_cuda_paged_attention_run": (_int, [_p]),
+    "tq_cuda_encode": (_int, [_p]),
+    "tq_cuda_decode": (_int, [_p]),
+    "tq_cuda_cache_update_workspace": (_size, [_p]),
+    "tq_cuda_cache_update": (_int, [_p]),
+    "tq_cuda_paged_attention_workspace": (_size, [_p]),
+    "tq_cuda_paged_attention_plan": (_int, [_p, _i64, _p]),
+    "tq_cuda_paged_attention_run": (_int, [_p, _p]),
+    "tq_cuda_paged_attention": (_int, [_p]),
+    "tq_cuda_paged_attention_path": (_int, [_p]),
 }
-
-
-class _AttentionCall(ctypes.Structure):
-    """tq_cuda_paged_attention_call of tq_cuda.h (same fields, same order)."""
-
-    _fields_ = [("query", _p), ("q_type", ctypes.c_int32), ("k_bits", ctypes.c_int32), ("v_bits", ctypes.c_int32),
-                ("scale", ctypes.c_float), ("num_seqs", _i64), ("num_q_heads", _i64), ("num_kv_heads", _i64),
-                ("head_dim", _i64), ("k_codes", _p), ("k_norms", _p), ("v_codes", _p), ("v_norms", _p),
-                ("num_blocks", _i64), ("block_size", _i64), ("block_tables", _p), ("max_blocks", _i64),
-                ("context_lens", _p), ("rotation", _p), ("k_codebook", _p), ("v_codebook", _p),
-                ("tokens_per_split", _i64), ("workspace", _p), ("workspace_bytes", _size), ("out", _p),
-                ("stream", _p)]
 
 
 def _raw_stream(device: torch.device):
@@ -158,11 +163,12 @@ def encode(a: EncodeArgs):
     p = (a.head_dim * a.bits + 7) // 8
     codes = torch.empty((x2.shape[0], p), dtype=torch.uint8, device=dev)
     norms = torch.empty((x2.shape[0],), dtype=torch.float32, device=dev)
+    rot, cb = float_matrix(a.rotation, dev), codebook_as(a.codebook, torch.float32, dev)
     with _on(dev):
-        rc = _lib().tq_cuda_encode(x2.data_ptr(), _DTYPES[x2.dtype], x2.shape[0], a.head_dim,
-                                   float_matrix(a.rotation, dev).data_ptr(),
-                                   codebook_as(a.codebook, torch.float32, dev).data_ptr(), a.bits, codes.data_ptr(),
-                                   norms.data_ptr(), _stream(dev))
+        call = _EncodeCall(x=x2.data_ptr(), rotation=rot.data_ptr(), codebook=cb.data_ptr(), codes=codes.data_ptr(),
+                           norms=norms.data_ptr(), rows=x2.shape[0], head_dim=a.head_dim, bits=a.bits,
+                           dtype=_DTYPES[x2.dtype], stream=_stream(dev))
+        rc = _lib().tq_cuda_encode(ctypes.byref(call))
     _check(rc, "encode", lambda: f"x {tuple(a.x.shape)} {a.x.dtype}, bits {a.bits}")
     return codes.reshape(*lead, p), norms.reshape(lead)
 
@@ -177,11 +183,12 @@ def decode(a: DecodeArgs) -> torch.Tensor:
     c2 = a.codes.reshape(-1, a.codes.shape[-1]).contiguous()
     n2 = a.norms.reshape(-1).contiguous()
     out = torch.empty((c2.shape[0], a.head_dim), dtype=torch.float32, device=dev)
+    rot, cb = float_matrix(a.rotation, dev), codebook_as(a.codebook, torch.float32, dev)
     with _on(dev):
-        rc = _lib().tq_cuda_decode(c2.data_ptr(), n2.data_ptr(), c2.shape[0], a.head_dim,
-                                   float_matrix(a.rotation, dev).data_ptr(),
-                                   codebook_as(a.codebook, torch.float32, dev).data_ptr(), a.bits, out.data_ptr(),
-                                   _stream(dev))
+        call = _DecodeCall(codes=c2.data_ptr(), norms=n2.data_ptr(), rotation=rot.data_ptr(), codebook=cb.data_ptr(),
+                           x_hat=out.data_ptr(), rows=c2.shape[0], head_dim=a.head_dim, bits=a.bits,
+                           stream=_stream(dev))
+        rc = _lib().tq_cuda_decode(ctypes.byref(call))
     _check(rc, "decode", lambda: f"codes {tuple(a.codes.shape)}, bits {a.bits}")
     return out.reshape(*lead, a.head_dim).to(a.dtype)
 
@@ -203,16 +210,21 @@ def cache_update(a: CacheUpdateArgs):
     rot = float_matrix(a.rotation, dev)
     kcb = codebook_as(a.k_codebook, torch.float32, dev)
     vcb = kcb if a.v_codebook is a.k_codebook else codebook_as(a.v_codebook, torch.float32, dev)
+    caches = [t.data_ptr() for t in (a.k_codes, a.k_norms, a.v_codes, a.v_norms)]
     with _on(dev):
         lib, stream = _lib(), _stream(dev)
-        nbytes = lib.tq_cuda_cache_update_workspace(a.num_tokens)
-        workspace = _workspace(dev, stream, nbytes) if nbytes else None
-        rc = lib.tq_cuda_cache_update(
-            key.data_ptr(), value.data_ptr(), _DTYPES[key.dtype], slots.data_ptr(), a.num_tokens, a.num_kv_heads,
-            a.head_dim, a.k_codes.data_ptr(), a.k_norms.data_ptr(), a.v_codes.data_ptr(), a.v_norms.data_ptr(),
-            a.num_blocks, a.block_size, rot.data_ptr(), kcb.data_ptr(), vcb.data_ptr(), a.k_bits, a.v_bits,
-            workspace.data_ptr() if workspace is not None else None, workspace.numel() if workspace is not None else 0,
-            stream)
+        call = _CacheUpdateCall(
+            key=key.data_ptr(), value=value.data_ptr(), slot_mapping=slots.data_ptr(), k_codes=caches[0],
+            k_norms=caches[1], v_codes=caches[2], v_norms=caches[3], rotation=rot.data_ptr(),
+            k_codebook=kcb.data_ptr(), v_codebook=vcb.data_ptr(), k_codes_out=caches[0], k_norms_out=caches[1],
+            v_codes_out=caches[2], v_norms_out=caches[3], num_tokens=a.num_tokens, num_kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim, num_blocks=a.num_blocks, block_size=a.block_size, k_bits=a.k_bits,
+            v_bits=a.v_bits, dtype=_DTYPES[key.dtype], stream=stream)
+        nbytes = lib.tq_cuda_cache_update_workspace(ctypes.byref(call))
+        if nbytes:
+            workspace = _workspace(dev, stream, nbytes)
+            call.workspace, call.workspace_bytes = workspace.data_ptr(), workspace.numel()
+        rc = lib.tq_cuda_cache_update(ctypes.byref(call))
     _check(rc, "cache update", lambda: f"key {tuple(a.key.shape)}, k_codes {tuple(a.k_codes.shape)}, "
                                        f"bits {a.k_bits}/{a.v_bits}")
     return a.k_codes, a.k_norms, a.v_codes, a.v_norms
@@ -221,13 +233,16 @@ def cache_update(a: CacheUpdateArgs):
 # --- paged attention ----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1024)
-def _path(hq, hkv, dim, block_size, k_bits, v_bits) -> int:
-    return _lib().tq_cuda_paged_attention_path(hq, hkv, dim, block_size, k_bits, v_bits)
+def _path(hq, hkv, dim, block_size, k_bits, v_bits, dtype) -> int:
+    call = _AttentionCall(num_q_heads=hq, num_kv_heads=hkv, head_dim=dim, block_size=block_size, k_bits=k_bits,
+                          v_bits=v_bits, dtype=dtype)
+    return _lib().tq_cuda_paged_attention_path(ctypes.byref(call))
 
 
 def paged_attention_path(a: PagedAttentionArgs) -> str:
-    """"tensor-core" or "generic": the kernel these shapes run (16-byte aligned caches assumed)."""
-    fast = _path(a.num_q_heads, a.num_kv_heads, a.head_dim, a.block_size, a.k_bits, a.v_bits)
+    """"tensor-core" or "generic": the kernel these shapes and this query dtype run (16-byte aligned caches
+    assumed; float32 queries run the float32 generic kernel)."""
+    fast = _path(a.num_q_heads, a.num_kv_heads, a.head_dim, a.block_size, a.k_bits, a.v_bits, _DTYPES[a.query.dtype])
     return "tensor-core" if fast else "generic"
 
 
@@ -236,11 +251,26 @@ def supports_paged_attention(a: PagedAttentionArgs) -> bool:
             and _dense(a.k_codes, a.k_norms, a.v_codes, a.v_norms))
 
 
-@functools.lru_cache(maxsize=1024)
-def _attention_workspace_bytes(s, hq, hkv, dim, max_blocks, page, k_bits, v_bits, tokens_per_split, device) -> int:
-    with torch.cuda.device(device):  # the split depends on the device's SM count
-        return _lib().tq_cuda_paged_attention_workspace(s, hq, hkv, dim, max_blocks, page, k_bits, v_bits,
-                                                        tokens_per_split)
+def _attention_call(a: PagedAttentionArgs, dev: torch.device):
+    """The call's fields that stay fixed over a decode loop (the cache, constants, attributes), and
+    the tensors that must stay alive while it is used."""
+    rot = float_matrix(a.rotation, dev)
+    kcb = codebook_as(a.k_codebook, torch.float32, dev)
+    vcb = kcb if a.v_codebook is a.k_codebook else codebook_as(a.v_codebook, torch.float32, dev)
+    call = _AttentionCall(
+        k_codes=a.k_codes.data_ptr(), k_norms=a.k_norms.data_ptr(), v_codes=a.v_codes.data_ptr(),
+        v_norms=a.v_norms.data_ptr(), rotation=rot.data_ptr(), k_codebook=kcb.data_ptr(), v_codebook=vcb.data_ptr(),
+        num_q_heads=a.num_q_heads, head_dim=a.head_dim, num_blocks=a.num_blocks, block_size=a.block_size,
+        num_kv_heads=a.num_kv_heads, k_bits=a.k_bits, v_bits=a.v_bits, scale=a.scale,
+        dtype=_DTYPES[a.query.dtype])
+    return call, (a.k_codes, a.k_norms, a.v_codes, a.v_norms, rot, kcb, vcb)
+
+
+def _plan(call, tokens_per_split: int, describe) -> _AttentionPlan:
+    plan = _AttentionPlan()
+    _check(_lib().tq_cuda_paged_attention_plan(ctypes.byref(call), tokens_per_split, ctypes.byref(plan)),
+           "paged attention", describe)
+    return plan
 
 
 def paged_attention(a: PagedAttentionArgs, *, tokens_per_split: int = 0) -> torch.Tensor:
@@ -252,22 +282,22 @@ def paged_attention(a: PagedAttentionArgs, *, tokens_per_split: int = 0) -> torc
         return out
     q = a.query.contiguous()
     bt, ctx = a.block_tables.contiguous(), a.context_lens.contiguous()
-    rot = float_matrix(a.rotation, dev)
-    kcb = codebook_as(a.k_codebook, torch.float32, dev)
-    vcb = kcb if a.v_codebook is a.k_codebook else codebook_as(a.v_codebook, torch.float32, dev)
-    nbytes = _attention_workspace_bytes(a.num_seqs, a.num_q_heads, a.num_kv_heads, a.head_dim, a.max_blocks,
-                                        a.block_size, a.k_bits, a.v_bits, tokens_per_split, dev)
-    with _on(dev):
+    call, _keep = _attention_call(a, dev)
+    call.query, call.block_tables, call.context_lens, call.out = q.data_ptr(), bt.data_ptr(), ctx.data_ptr(), \
+        out.data_ptr()
+    call.num_seqs, call.max_blocks = a.num_seqs, a.max_blocks
+
+    def describe():
+        return (f"query {tuple(q.shape)} {q.dtype}, k_codes {tuple(a.k_codes.shape)}, bits {a.k_bits}/{a.v_bits}, "
+                f"tokens_per_split {tokens_per_split}")
+
+    with _on(dev):  # the split depends on the device's SM count
         stream = _stream(dev)
-        workspace = _workspace(dev, stream, nbytes)
-        rc = _lib().tq_cuda_paged_attention(
-            q.data_ptr(), _DTYPES[q.dtype], a.num_seqs, a.num_q_heads, a.num_kv_heads, a.head_dim,
-            a.k_codes.data_ptr(), a.k_norms.data_ptr(), a.v_codes.data_ptr(), a.v_norms.data_ptr(), a.num_blocks,
-            a.block_size, bt.data_ptr(), a.max_blocks, ctx.data_ptr(), rot.data_ptr(), kcb.data_ptr(),
-            vcb.data_ptr(), a.k_bits, a.v_bits, a.scale, tokens_per_split, workspace.data_ptr(), workspace.numel(),
-            out.data_ptr(), stream)
-    _check(rc, "paged attention", lambda: f"query {tuple(q.shape)} {q.dtype}, k_codes {tuple(a.k_codes.shape)}, "
-                                          f"bits {a.k_bits}/{a.v_bits}, tokens_per_split {tokens_per_split}")
+        plan = _plan(call, tokens_per_split, describe)
+        workspace = _workspace(dev, stream, plan.workspace_bytes)
+        call.workspace, call.workspace_bytes, call.stream = workspace.data_ptr(), workspace.numel(), stream
+        rc = _lib().tq_cuda_paged_attention_run(ctypes.byref(plan), ctypes.byref(call))
+    _check(rc, "paged attention", describe)
     return out
 
 
@@ -275,11 +305,12 @@ class PagedAttentionPlan:
     """The CUDA paged attention for one cache, checked once and run many times (a decode loop).
 
     Everything that stays fixed over a serving loop (the cache tensors, rotation, codebooks, bits,
-    scale, head counts, query dtype) is checked and resolved here; :meth:`run` then only reads the
-    per-step tensors' pointers, after the few checks that keep the kernel inside them (query
-    [S, Hq, D] of the plan's dtype, int32 tables [S, M] and context lengths [S], contiguous, on the
-    plan's device). The launch allocates nothing but ``out`` and synchronizes nothing, so a CUDA
-    graph can capture it.
+    scale, head counts, query dtype) is checked and resolved here, and the library's plan
+    (tq_cuda_paged_attention_plan: shape checks, kernel and split choice, workspace size) is made
+    once per (S, M) of the step; :meth:`run` then only reads the per-step tensors' pointers, after
+    the few checks that keep the kernel inside them (query [S, Hq, D] of the plan's dtype, int32
+    tables [S, M] and context lengths [S], contiguous, on the plan's device), and runs the plan.
+    The launch allocates nothing but ``out`` and synchronizes nothing, so a CUDA graph can capture it.
     """
 
     def __init__(self, a: PagedAttentionArgs, tokens_per_split: int = 0):
@@ -289,31 +320,26 @@ class PagedAttentionPlan:
         self.device, self.dtype = dev, a.query.dtype
         self.num_q_heads, self.head_dim = a.num_q_heads, a.head_dim
         self.path = paged_attention_path(a)
-        rot = float_matrix(a.rotation, dev)
-        kcb = codebook_as(a.k_codebook, torch.float32, dev)
-        vcb = kcb if a.v_codebook is a.k_codebook else codebook_as(a.v_codebook, torch.float32, dev)
-        self._keep = (a.k_codes, a.k_norms, a.v_codes, a.v_norms, rot, kcb, vcb)  # alive while planned
-        self._call = _AttentionCall(
-            q_type=_DTYPES[self.dtype], k_bits=a.k_bits, v_bits=a.v_bits, scale=a.scale, num_q_heads=a.num_q_heads,
-            num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, k_codes=a.k_codes.data_ptr(),
-            k_norms=a.k_norms.data_ptr(), v_codes=a.v_codes.data_ptr(), v_norms=a.v_norms.data_ptr(),
-            num_blocks=a.num_blocks, block_size=a.block_size, rotation=rot.data_ptr(), k_codebook=kcb.data_ptr(),
-            v_codebook=vcb.data_ptr(), tokens_per_split=tokens_per_split)
+        self.tokens_per_split = tokens_per_split
+        self._call, self._keep = _attention_call(a, dev)  # _keep: alive while planned
         self._call_ref = ctypes.byref(self._call)
         self._fn = _lib().tq_cuda_paged_attention_run
         self._stream = _raw_stream(dev)
         self._tail = (a.num_q_heads, a.head_dim)
-        self._workspaces: dict = {}
+        self._plans: dict = {}
 
-    def _workspace(self, num_seqs: int, max_blocks: int, stream: int) -> torch.Tensor:
+    def _planned(self, num_seqs: int, max_blocks: int, stream: int):
+        """(plan, its byref, workspace) of a step of S = num_seqs and M = max_blocks on this stream."""
         key = (num_seqs, max_blocks, stream)
-        ws = self._workspaces.get(key)
-        if ws is None:
+        planned = self._plans.get(key)
+        if planned is None:
             c = self._call
-            nbytes = _attention_workspace_bytes(num_seqs, c.num_q_heads, c.num_kv_heads, c.head_dim, max_blocks,
-                                                c.block_size, c.k_bits, c.v_bits, c.tokens_per_split, self.device)
-            ws = self._workspaces[key] = _workspace(self.device, stream, nbytes)
-        return ws
+            c.num_seqs, c.max_blocks = num_seqs, max_blocks
+            with torch.cuda.device(self.device):
+                plan = _plan(c, self.tokens_per_split, lambda: f"S {num_seqs}, M {max_blocks}")
+            ws = _workspace(self.device, stream, plan.workspace_bytes)
+            planned = self._plans[key] = (plan, ctypes.byref(plan), ws)
+        return planned
 
     def run(self, query: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
             out: torch.Tensor | None = None) -> torch.Tensor:
@@ -339,12 +365,12 @@ class PagedAttentionPlan:
             return out
         stream = self._stream()
         m = block_tables.shape[1]
-        ws = self._workspace(s, m, stream)
+        _, plan_ref, ws = self._planned(s, m, stream)
         c = self._call
         c.query, c.num_seqs, c.block_tables, c.max_blocks = query.data_ptr(), s, block_tables.data_ptr(), m
         c.context_lens, c.out, c.stream = context_lens.data_ptr(), out.data_ptr(), stream
         c.workspace, c.workspace_bytes = ws.data_ptr(), ws.numel()
-        rc = self._fn(self._call_ref)
+        rc = self._fn(plan_ref, self._call_ref)
         if rc:
             _check(rc, "paged attention", lambda: f"query {tuple(query.shape)}, tables {tuple(block_tables.shape)}")
         return out

@@ -1,11 +1,11 @@
 """The public TurboQuant ops on torch tensors, each run by the fastest backend that takes the call.
 
-    from tq_deploy.dispatch import encode, decode, cache_update, paged_attention
+    from tq_deploy.dispatch import encode, decode, cache_update, paged_attention, paged_prefill
 
 Same signatures as the reference (:mod:`tq_deploy.reference`). Every call is checked once
 (:mod:`tq_deploy.reference.checks`); then the backends are asked in order whether they take it:
 
-    cuda       libtq_deploy_cuda.so (:mod:`tq_deploy.cuda`): the tensor-core decode attention
+    cuda       libtq_deploy_cuda.so (:mod:`tq_deploy.cuda`): the tensor-core decode attention (no prefill yet)
     triton     the Triton kernels (:mod:`tq_deploy.triton`)
     reference  the PyTorch reference, which takes everything (and is the only one on CPU tensors)
 
@@ -35,7 +35,7 @@ import warnings
 import torch
 
 from tq_deploy.reference import checks
-from tq_deploy.reference.paged import cache_update_checked, paged_attention_checked
+from tq_deploy.reference.paged import cache_update_checked, paged_attention_checked, paged_prefill_checked
 from tq_deploy.reference.quantizer import decode_checked, encode_checked
 
 ENV_VAR = "TQ_DEPLOY_BACKEND"
@@ -47,6 +47,7 @@ _REFERENCE = {
     "decode": (decode_checked, checks.check_codec_data),
     "cache_update": (cache_update_checked, checks.check_cache_update_data),
     "paged_attention": (paged_attention_checked, checks.check_paged_attention_data),
+    "paged_prefill": (paged_prefill_checked, checks.check_paged_prefill_data),
 }
 
 _selected: str | None = None  # None: read ENV_VAR at the next call
@@ -158,6 +159,15 @@ def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, con
     args = checks.check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
                                         rotation, k_codebook, v_codebook, k_bits, v_bits, scale, check_data=False)
     return _choose("paged_attention", args)[1](args)
+
+
+def paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start, rotation,
+                  k_codebook, v_codebook, k_bits, v_bits, scale=0.0):
+    """Paged TurboQuant prefill attention (causal, packed rows): out [T, Hq, D] in the query's dtype."""
+    args = checks.check_paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
+                                      query_start, rotation, k_codebook, v_codebook, k_bits, v_bits, scale,
+                                      check_data=False)
+    return _choose("paged_prefill", args)[1](args)
 
 
 def plan_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation, k_codebook,

@@ -233,7 +233,34 @@ PAGED_ATTENTION = OpSpec(
     make_inputs="tq_deploy.validate.inputs:paged_attention_inputs",
 )
 
-ALL_OPS: tuple[OpSpec, ...] = (ENCODE, DECODE, CACHE_UPDATE, PAGED_ATTENTION)
+PAGED_PREFILL = OpSpec(
+    name="TQPagedPrefill",
+    doc=(
+        "Multi-token causal attention over a TurboQuant paged cache (chunked prefill; a decode step is the "
+        "case of one token per sequence). The new tokens of all sequences are packed along T: sequence s owns "
+        "query rows query_start[s] .. query_start[s+1]-1, which are the last n_s = query_start[s+1] - "
+        "query_start[s] tokens of its context of context_lens[s] tokens (their keys and values already in the "
+        "cache). Row j of sequence s sits at position p = context_lens[s] - n_s + j and attends to the cache "
+        "tokens 0..p of that sequence, in the rotated domain as TQPagedAttention does. query_start is "
+        "non-decreasing from 0 to T with n_s <= context_lens[s]."
+    ),
+    inputs=(
+        TensorSpec("query", (FLOAT, FLOAT16), ("T", "Hq", "D"), "new query tokens of all sequences, packed", "T"),
+        *_CACHE_INPUTS,
+        TensorSpec("block_tables", (INT32,), ("S", "M"), "cache block of each logical block"),
+        TensorSpec("context_lens", (INT32,), ("S",), "tokens in each sequence's cache, its new tokens included"),
+        TensorSpec("query_start", (INT32,), ("S+1",), "first query row of each sequence, then T"),
+        ROTATION,
+        _codebook("k_codebook", " for keys"),
+        _codebook("v_codebook", " for values"),
+    ),
+    outputs=(TensorSpec("out", (FLOAT, FLOAT16), ("T", "Hq", "D"), "attention output per query row", "T"),),
+    attributes=PAGED_ATTENTION.attributes,
+    reference="tq_deploy.validate.reference:paged_prefill_node",
+    make_inputs="tq_deploy.validate.inputs:paged_prefill_inputs",
+)
+
+ALL_OPS: tuple[OpSpec, ...] = (ENCODE, DECODE, CACHE_UPDATE, PAGED_ATTENTION, PAGED_PREFILL)
 OPS_BY_NAME = {op.name: op for op in ALL_OPS}
 
 

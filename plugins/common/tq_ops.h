@@ -1,7 +1,10 @@
-// GENERATED from tq_deploy/ops.py by `python -m tq_deploy.export.op_tables --header plugins/common/tq_ops.h`: do not edit.
+// GENERATED from tq_deploy/ops.py by `python -m tq_deploy.export.op_tables --native plugins/common`: do not edit.
 // tests/test_export.py fails when it drifts from the specs. The ONNX Runtime glue and the TensorRT
-// plugins build their op descriptions (names, input/output types, attributes) from these tables.
+// plugins build their op descriptions (names, input/output types, attributes) from these tables,
+// and fill each op's call struct (tq_calls.h) through fill().
 #pragma once
+
+#include "tq_calls.h"
 
 namespace tq_ops {
 
@@ -28,6 +31,12 @@ struct Attr {
   double min_value;      // inclusive lower bound of a float (which must also be finite)
 };
 
+// Output `output` is input `input` updated in place (output <x>_out of input <x>).
+struct InPlace {
+  int input;
+  int output;
+};
+
 struct Op {
   const char* name;
   const Tensor* inputs;
@@ -36,106 +45,122 @@ struct Op {
   int num_outputs;
   const Attr* attrs;
   int num_attrs;
+  const InPlace* in_place;
+  int num_in_place;
 };
+
+// fill(call, io) sets every field of an op's call struct but the launch ones (workspace,
+// stream) from a runtime's view of one node. Io provides: const void* in(int input),
+// void* out(int output), int64_t dim(int input, int axis) (axis < 0 counts from the end),
+// int64_t rows(int input, int trailing) (the product of all but the trailing axes),
+// int64_t int_attr(int), double float_attr(int), int dtype() (tq_dtype). op_of(call pointer) is
+// the table of a call struct's op, for code generic over the ops.
 
 // TQEncode: Quantize vectors.
 namespace encode {
 enum Input { kX, kRotation, kCodebook, kNumInputs };
 enum Output { kCodes, kNorms, kNumOutputs };
 enum Attribute { kBits, kNumAttributes };
-inline constexpr Tensor kInputs[] = {
-    {"x", Type::kT},
-    {"rotation", Type::kFloat32},
-    {"codebook", Type::kFloat32},
-};
-inline constexpr Tensor kOutputs[] = {
-    {"codes", Type::kUint8},
-    {"norms", Type::kFloat32},
-};
-inline constexpr Attr kAttrs[] = {
-    {"bits", AttrKind::kInt, true, 0.0, true, -1e300},
-};
-inline constexpr Op kOp = {"TQEncode", kInputs, 3, kOutputs, 2, kAttrs, 1};
+inline constexpr Tensor kInputs[] = {{"x", Type::kT}, {"rotation", Type::kFloat32}, {"codebook", Type::kFloat32}};
+inline constexpr Tensor kOutputs[] = {{"codes", Type::kUint8}, {"norms", Type::kFloat32}};
+inline constexpr Attr kAttrs[] = {{"bits", AttrKind::kInt, true, 0.0, true, -1e300}};
+inline constexpr Op kOp = {"TQEncode", kInputs, 3, kOutputs, 2, kAttrs, 1, nullptr, 0};
+using Call = tq_encode_call;
+template <typename Io>
+void fill(Call& c, const Io& io) {
+  c.x = io.in(kX); c.rotation = static_cast<const float*>(io.in(kRotation)); c.codebook = static_cast<const float*>(io.in(kCodebook));
+  c.codes = static_cast<uint8_t*>(io.out(kCodes)); c.norms = static_cast<float*>(io.out(kNorms));
+  c.rows = io.rows(kX, 1); c.head_dim = io.dim(kX, -1);
+  c.bits = static_cast<int32_t>(io.int_attr(kBits));
+  c.dtype = io.dtype();
+}
 }  // namespace encode
+constexpr const Op& op_of(const tq_encode_call*) { return encode::kOp; }
 
 // TQDecode: Reconstruct vectors.
 namespace decode {
 enum Input { kCodes, kNorms, kRotation, kCodebook, kNumInputs };
 enum Output { kXHat, kNumOutputs };
 enum Attribute { kBits, kNumAttributes };
-inline constexpr Tensor kInputs[] = {
-    {"codes", Type::kUint8},
-    {"norms", Type::kFloat32},
-    {"rotation", Type::kFloat32},
-    {"codebook", Type::kFloat32},
-};
-inline constexpr Tensor kOutputs[] = {
-    {"x_hat", Type::kFloat32},
-};
-inline constexpr Attr kAttrs[] = {
-    {"bits", AttrKind::kInt, true, 0.0, true, -1e300},
-};
-inline constexpr Op kOp = {"TQDecode", kInputs, 4, kOutputs, 1, kAttrs, 1};
+inline constexpr Tensor kInputs[] = {{"codes", Type::kUint8}, {"norms", Type::kFloat32}, {"rotation", Type::kFloat32}, {"codebook", Type::kFloat32}};
+inline constexpr Tensor kOutputs[] = {{"x_hat", Type::kFloat32}};
+inline constexpr Attr kAttrs[] = {{"bits", AttrKind::kInt, true, 0.0, true, -1e300}};
+inline constexpr Op kOp = {"TQDecode", kInputs, 4, kOutputs, 1, kAttrs, 1, nullptr, 0};
+using Call = tq_decode_call;
+template <typename Io>
+void fill(Call& c, const Io& io) {
+  c.codes = static_cast<const uint8_t*>(io.in(kCodes)); c.norms = static_cast<const float*>(io.in(kNorms)); c.rotation = static_cast<const float*>(io.in(kRotation)); c.codebook = static_cast<const float*>(io.in(kCodebook));
+  c.x_hat = static_cast<float*>(io.out(kXHat));
+  c.rows = io.rows(kCodes, 1); c.head_dim = io.dim(kRotation, 0);
+  c.bits = static_cast<int32_t>(io.int_attr(kBits));
+}
 }  // namespace decode
+constexpr const Op& op_of(const tq_decode_call*) { return decode::kOp; }
 
 // TQCacheUpdate: Encode new keys and values into their paged slots.
 namespace cache_update {
 enum Input { kKey, kValue, kSlotMapping, kKCodes, kKNorms, kVCodes, kVNorms, kRotation, kKCodebook, kVCodebook, kNumInputs };
 enum Output { kKCodesOut, kKNormsOut, kVCodesOut, kVNormsOut, kNumOutputs };
 enum Attribute { kKBits, kVBits, kNumAttributes };
-inline constexpr Tensor kInputs[] = {
-    {"key", Type::kT},
-    {"value", Type::kT},
-    {"slot_mapping", Type::kInt64},
-    {"k_codes", Type::kUint8},
-    {"k_norms", Type::kFloat32},
-    {"v_codes", Type::kUint8},
-    {"v_norms", Type::kFloat32},
-    {"rotation", Type::kFloat32},
-    {"k_codebook", Type::kFloat32},
-    {"v_codebook", Type::kFloat32},
-};
-inline constexpr Tensor kOutputs[] = {
-    {"k_codes_out", Type::kUint8},
-    {"k_norms_out", Type::kFloat32},
-    {"v_codes_out", Type::kUint8},
-    {"v_norms_out", Type::kFloat32},
-};
-inline constexpr Attr kAttrs[] = {
-    {"k_bits", AttrKind::kInt, true, 0.0, true, -1e300},
-    {"v_bits", AttrKind::kInt, true, 0.0, true, -1e300},
-};
-inline constexpr Op kOp = {"TQCacheUpdate", kInputs, 10, kOutputs, 4, kAttrs, 2};
+inline constexpr Tensor kInputs[] = {{"key", Type::kT}, {"value", Type::kT}, {"slot_mapping", Type::kInt64}, {"k_codes", Type::kUint8}, {"k_norms", Type::kFloat32}, {"v_codes", Type::kUint8}, {"v_norms", Type::kFloat32}, {"rotation", Type::kFloat32}, {"k_codebook", Type::kFloat32}, {"v_codebook", Type::kFloat32}};
+inline constexpr Tensor kOutputs[] = {{"k_codes_out", Type::kUint8}, {"k_norms_out", Type::kFloat32}, {"v_codes_out", Type::kUint8}, {"v_norms_out", Type::kFloat32}};
+inline constexpr Attr kAttrs[] = {{"k_bits", AttrKind::kInt, true, 0.0, true, -1e300}, {"v_bits", AttrKind::kInt, true, 0.0, true, -1e300}};
+inline constexpr InPlace kInPlace[] = {{kKCodes, kKCodesOut}, {kKNorms, kKNormsOut}, {kVCodes, kVCodesOut}, {kVNorms, kVNormsOut}};
+inline constexpr Op kOp = {"TQCacheUpdate", kInputs, 10, kOutputs, 4, kAttrs, 2, kInPlace, 4};
+using Call = tq_cache_update_call;
+template <typename Io>
+void fill(Call& c, const Io& io) {
+  c.key = io.in(kKey); c.value = io.in(kValue); c.slot_mapping = static_cast<const int64_t*>(io.in(kSlotMapping)); c.k_codes = static_cast<const uint8_t*>(io.in(kKCodes)); c.k_norms = static_cast<const float*>(io.in(kKNorms)); c.v_codes = static_cast<const uint8_t*>(io.in(kVCodes)); c.v_norms = static_cast<const float*>(io.in(kVNorms)); c.rotation = static_cast<const float*>(io.in(kRotation)); c.k_codebook = static_cast<const float*>(io.in(kKCodebook)); c.v_codebook = static_cast<const float*>(io.in(kVCodebook));
+  c.k_codes_out = static_cast<uint8_t*>(io.out(kKCodesOut)); c.k_norms_out = static_cast<float*>(io.out(kKNormsOut)); c.v_codes_out = static_cast<uint8_t*>(io.out(kVCodesOut)); c.v_norms_out = static_cast<float*>(io.out(kVNormsOut));
+  c.num_tokens = io.dim(kKey, 0); c.num_kv_heads = io.dim(kKey, 1); c.head_dim = io.dim(kKey, 2); c.num_blocks = io.dim(kKCodes, 0); c.block_size = io.dim(kKCodes, 1);
+  c.k_bits = static_cast<int32_t>(io.int_attr(kKBits)); c.v_bits = static_cast<int32_t>(io.int_attr(kVBits));
+  c.dtype = io.dtype();
+}
 }  // namespace cache_update
+constexpr const Op& op_of(const tq_cache_update_call*) { return cache_update::kOp; }
 
 // TQPagedAttention: Decode attention over a TurboQuant paged cache, in the rotated domain.
 namespace paged_attention {
 enum Input { kQuery, kKCodes, kKNorms, kVCodes, kVNorms, kBlockTables, kContextLens, kRotation, kKCodebook, kVCodebook, kNumInputs };
 enum Output { kOut, kNumOutputs };
 enum Attribute { kKBits, kVBits, kScale, kNumAttributes };
-inline constexpr Tensor kInputs[] = {
-    {"query", Type::kT},
-    {"k_codes", Type::kUint8},
-    {"k_norms", Type::kFloat32},
-    {"v_codes", Type::kUint8},
-    {"v_norms", Type::kFloat32},
-    {"block_tables", Type::kInt32},
-    {"context_lens", Type::kInt32},
-    {"rotation", Type::kFloat32},
-    {"k_codebook", Type::kFloat32},
-    {"v_codebook", Type::kFloat32},
-};
-inline constexpr Tensor kOutputs[] = {
-    {"out", Type::kT},
-};
-inline constexpr Attr kAttrs[] = {
-    {"k_bits", AttrKind::kInt, true, 0.0, true, -1e300},
-    {"v_bits", AttrKind::kInt, true, 0.0, true, -1e300},
-    {"scale", AttrKind::kFloat, false, 0.0, false, 0.0},
-};
-inline constexpr Op kOp = {"TQPagedAttention", kInputs, 10, kOutputs, 1, kAttrs, 3};
+inline constexpr Tensor kInputs[] = {{"query", Type::kT}, {"k_codes", Type::kUint8}, {"k_norms", Type::kFloat32}, {"v_codes", Type::kUint8}, {"v_norms", Type::kFloat32}, {"block_tables", Type::kInt32}, {"context_lens", Type::kInt32}, {"rotation", Type::kFloat32}, {"k_codebook", Type::kFloat32}, {"v_codebook", Type::kFloat32}};
+inline constexpr Tensor kOutputs[] = {{"out", Type::kT}};
+inline constexpr Attr kAttrs[] = {{"k_bits", AttrKind::kInt, true, 0.0, true, -1e300}, {"v_bits", AttrKind::kInt, true, 0.0, true, -1e300}, {"scale", AttrKind::kFloat, false, 0.0, false, 0.0}};
+inline constexpr Op kOp = {"TQPagedAttention", kInputs, 10, kOutputs, 1, kAttrs, 3, nullptr, 0};
+using Call = tq_paged_attention_call;
+template <typename Io>
+void fill(Call& c, const Io& io) {
+  c.query = io.in(kQuery); c.k_codes = static_cast<const uint8_t*>(io.in(kKCodes)); c.k_norms = static_cast<const float*>(io.in(kKNorms)); c.v_codes = static_cast<const uint8_t*>(io.in(kVCodes)); c.v_norms = static_cast<const float*>(io.in(kVNorms)); c.block_tables = static_cast<const int32_t*>(io.in(kBlockTables)); c.context_lens = static_cast<const int32_t*>(io.in(kContextLens)); c.rotation = static_cast<const float*>(io.in(kRotation)); c.k_codebook = static_cast<const float*>(io.in(kKCodebook)); c.v_codebook = static_cast<const float*>(io.in(kVCodebook));
+  c.out = io.out(kOut);
+  c.num_seqs = io.dim(kQuery, 0); c.num_q_heads = io.dim(kQuery, 1); c.head_dim = io.dim(kQuery, 2); c.num_blocks = io.dim(kKCodes, 0); c.block_size = io.dim(kKCodes, 1); c.num_kv_heads = io.dim(kKCodes, 2); c.max_blocks = io.dim(kBlockTables, 1);
+  c.k_bits = static_cast<int32_t>(io.int_attr(kKBits)); c.v_bits = static_cast<int32_t>(io.int_attr(kVBits)); c.scale = static_cast<float>(io.float_attr(kScale));
+  c.dtype = io.dtype();
+}
 }  // namespace paged_attention
+constexpr const Op& op_of(const tq_paged_attention_call*) { return paged_attention::kOp; }
 
-inline constexpr const Op* kAllOps[] = {&encode::kOp, &decode::kOp, &cache_update::kOp, &paged_attention::kOp};
+// TQPagedPrefill: Multi-token causal attention over a TurboQuant paged cache (chunked prefill; a decode step is the case of one token per sequence).
+namespace paged_prefill {
+enum Input { kQuery, kKCodes, kKNorms, kVCodes, kVNorms, kBlockTables, kContextLens, kQueryStart, kRotation, kKCodebook, kVCodebook, kNumInputs };
+enum Output { kOut, kNumOutputs };
+enum Attribute { kKBits, kVBits, kScale, kNumAttributes };
+inline constexpr Tensor kInputs[] = {{"query", Type::kT}, {"k_codes", Type::kUint8}, {"k_norms", Type::kFloat32}, {"v_codes", Type::kUint8}, {"v_norms", Type::kFloat32}, {"block_tables", Type::kInt32}, {"context_lens", Type::kInt32}, {"query_start", Type::kInt32}, {"rotation", Type::kFloat32}, {"k_codebook", Type::kFloat32}, {"v_codebook", Type::kFloat32}};
+inline constexpr Tensor kOutputs[] = {{"out", Type::kT}};
+inline constexpr Attr kAttrs[] = {{"k_bits", AttrKind::kInt, true, 0.0, true, -1e300}, {"v_bits", AttrKind::kInt, true, 0.0, true, -1e300}, {"scale", AttrKind::kFloat, false, 0.0, false, 0.0}};
+inline constexpr Op kOp = {"TQPagedPrefill", kInputs, 11, kOutputs, 1, kAttrs, 3, nullptr, 0};
+using Call = tq_paged_prefill_call;
+template <typename Io>
+void fill(Call& c, const Io& io) {
+  c.query = io.in(kQuery); c.k_codes = static_cast<const uint8_t*>(io.in(kKCodes)); c.k_norms = static_cast<const float*>(io.in(kKNorms)); c.v_codes = static_cast<const uint8_t*>(io.in(kVCodes)); c.v_norms = static_cast<const float*>(io.in(kVNorms)); c.block_tables = static_cast<const int32_t*>(io.in(kBlockTables)); c.context_lens = static_cast<const int32_t*>(io.in(kContextLens)); c.query_start = static_cast<const int32_t*>(io.in(kQueryStart)); c.rotation = static_cast<const float*>(io.in(kRotation)); c.k_codebook = static_cast<const float*>(io.in(kKCodebook)); c.v_codebook = static_cast<const float*>(io.in(kVCodebook));
+  c.out = io.out(kOut);
+  c.num_tokens = io.dim(kQuery, 0); c.num_q_heads = io.dim(kQuery, 1); c.head_dim = io.dim(kQuery, 2); c.num_blocks = io.dim(kKCodes, 0); c.block_size = io.dim(kKCodes, 1); c.num_kv_heads = io.dim(kKCodes, 2); c.num_seqs = io.dim(kBlockTables, 0); c.max_blocks = io.dim(kBlockTables, 1);
+  c.k_bits = static_cast<int32_t>(io.int_attr(kKBits)); c.v_bits = static_cast<int32_t>(io.int_attr(kVBits)); c.scale = static_cast<float>(io.float_attr(kScale));
+  c.dtype = io.dtype();
+}
+}  // namespace paged_prefill
+constexpr const Op& op_of(const tq_paged_prefill_call*) { return paged_prefill::kOp; }
+
+inline constexpr const Op* kAllOps[] = {&encode::kOp, &decode::kOp, &cache_update::kOp, &paged_attention::kOp, &paged_prefill::kOp};
 
 }  // namespace tq_ops

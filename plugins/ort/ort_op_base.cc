@@ -77,8 +77,39 @@ int64_t DimTable::bind(const char* symbol, int64_t value, const char* input, siz
   return value;
 }
 
-KernelIo::KernelIo(OrtKernelContext* context, const tq_ops::Op& op, ONNXTensorElementDataType float_type)
-    : context_(context), op_(op), float_type_(float_type), dims_(op.name) {}
+KernelIo::KernelIo(OrtKernelContext* context, const tq_ops::Op& op, ONNXTensorElementDataType float_type,
+                   const Attributes& attrs)
+    : context_(context), op_(op), float_type_(float_type), attrs_(attrs), dims_(op.name) {}
+
+int64_t KernelIo::dim(int index, int axis) const {
+  const std::vector<int64_t>& shape = inputs_[index].shape;
+  return shape[axis < 0 ? shape.size() + axis : static_cast<size_t>(axis)];
+}
+
+int64_t KernelIo::rows(int index, int trailing) const {
+  const std::vector<int64_t>& shape = inputs_[index].shape;
+  int64_t n = 1;
+  for (size_t i = 0; i + trailing < shape.size(); ++i) n *= shape[i];
+  return n;
+}
+
+int64_t KernelIo::int_attr(int index) const { return static_cast<int64_t>(attrs_.value(index)); }
+double KernelIo::float_attr(int index) const { return attrs_.value(index); }
+int KernelIo::dtype() const { return float_type_ == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? TQ_FLOAT16 : TQ_FLOAT32; }
+
+void KernelIo::copy(void* dst, const void* src, size_t bytes) {
+  if (dst == src || bytes == 0) return;
+  if (on_host()) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+#ifdef TQ_DEPLOY_ORT_CUDA
+  const cudaError_t rc = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream_));
+  if (rc != cudaSuccess)
+    throw Ort::Exception(std::string(op_.name) + ": copying an input to its output failed: " + cudaGetErrorString(rc),
+                         ORT_EP_FAIL);
+#endif
+}
 
 Input KernelIo::input(size_t index, std::initializer_list<const char*> dims) {
   const tq_ops::Tensor& spec = op_.inputs[index];
@@ -91,6 +122,7 @@ Input KernelIo::input(size_t index, std::initializer_list<const char*> dims) {
                        ", expected " + type_name(expected));
   }
   Input in{value, info.GetShape(), &spec};
+  inputs_[index] = Fetched{in.raw(), in.shape};
   if (dims.size() > 0) {
     if (in.shape.size() != dims.size()) {
       std::ostringstream msg;
@@ -111,7 +143,9 @@ Input KernelIo::input(size_t index, std::initializer_list<const char*> dims) {
 }
 
 Ort::UnownedValue KernelIo::output(size_t index, const std::vector<int64_t>& shape) {
-  return context_.GetOutput(index, shape);
+  Ort::UnownedValue value = context_.GetOutput(index, shape);
+  outputs_[index] = value.GetTensorMutableRawData();
+  return value;
 }
 
 namespace {
@@ -208,14 +242,15 @@ Attributes::Attributes(const OrtKernelInfo* info, const tq_ops::Op& op) {
   }
 }
 
-tq::DType to_dtype(ONNXTensorElementDataType type) {
-  return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? tq::DType::kFloat16 : tq::DType::kFloat32;
+void ORT_API_CALL release_may_inplace(int* input_index, int* output_index) {
+  delete[] input_index;
+  delete[] output_index;
 }
 
 #ifdef TQ_DEPLOY_ORT_CUDA
-CudaLaunch::CudaLaunch(KernelIo& io, const Input& any_device_input) : op_(io.op()) {
+CudaLaunch::CudaLaunch(KernelIo& io) : op_(io.op()) {
   stream_ = io.context().GetGPUComputeStream();
-  const int device = any_device_input.value.GetTensorMemoryInfo().GetDeviceId();
+  const int device = io.context().GetInput(0).GetTensorMemoryInfo().GetDeviceId();
   Ort::MemoryInfo memory("Cuda", OrtDeviceAllocator, device, OrtMemTypeDefault);
   Ort::ThrowOnError(Ort::GetApi().KernelContext_GetAllocator(io.context().GetOrtKernelContext(), memory, &allocator_));
 }

@@ -13,10 +13,12 @@
 
 #include "ort_api.h"
 #include "tq_kernels.h"
+#include "tq_op_list.h"
 #include "tq_ops.h"
 
 #ifdef TQ_DEPLOY_ORT_CUDA
 #include "tq_cuda.h"
+#include "tq_cuda_launcher.h"
 #endif
 
 namespace tq_ort {
@@ -68,9 +70,15 @@ struct Input {
   const void* raw() const { return value.GetTensorRawData(); }
 };
 
+class Attributes;
+
+// One Compute's view of the node: inputs fetched with their checks, outputs allocated, and the
+// same node as tq_ops::<op>::fill reads it (in, out, dim, rows, int_attr, float_attr, dtype by
+// the contract's enums), so every op fills its call struct by one generated function.
 class KernelIo {
  public:
-  KernelIo(OrtKernelContext* context, const tq_ops::Op& op, ONNXTensorElementDataType float_type);
+  KernelIo(OrtKernelContext* context, const tq_ops::Op& op, ONNXTensorElementDataType float_type,
+           const Attributes& attrs);
 
   // Input `index` checked for its element type and, when given, its rank and symbolic dims
   // ("..." is not supported here; callers handle leading dims themselves).
@@ -81,12 +89,36 @@ class KernelIo {
   const tq_ops::Op& op_spec() const { return op_; }
   tq::Parallel parallel() const;
   Ort::KernelContext& context() { return context_; }
+  // Host data (CPU provider) or device data (CUDA: the stream its copies and kernels go on).
+  bool on_host() const { return stream_ == nullptr; }
+  void* stream() const { return stream_; }
+  void set_stream(void* stream) { stream_ = stream; }
+  // Copies bytes between two buffers of the node's memory (host, or device on the stream).
+  void copy(void* dst, const void* src, size_t bytes);
+
+  // What tq_ops::<op>::fill reads (inputs and outputs fetched above, by index).
+  const void* in(int index) const { return inputs_[index].data; }
+  void* out(int index) const { return outputs_[index]; }
+  int64_t dim(int index, int axis) const;
+  int64_t rows(int index, int trailing) const;
+  int64_t int_attr(int index) const;
+  double float_attr(int index) const;
+  int dtype() const;
 
  private:
+  static constexpr int kMaxTensors = 16;
+  struct Fetched {
+    const void* data = nullptr;
+    std::vector<int64_t> shape;
+  };
   Ort::KernelContext context_;
   const tq_ops::Op& op_;
   ONNXTensorElementDataType float_type_;
+  const Attributes& attrs_;
   DimTable dims_;
+  void* stream_ = nullptr;
+  Fetched inputs_[kMaxTensors];
+  void* outputs_[kMaxTensors] = {};
 };
 
 // Checks a codebook input: rank 1 with 2**bits entries.
@@ -103,13 +135,105 @@ class Attributes {
  public:
   Attributes(const OrtKernelInfo* info, const tq_ops::Op& op);
   int bits(int index) const { return static_cast<int>(values_[index]); }
-  float real(int index) const { return static_cast<float>(values_[index]); }
+  double value(int index) const { return values_[index]; }
 
  private:
   std::vector<double> values_;
 };
 
-tq::DType to_dtype(ONNXTensorElementDataType type);
+enum class Provider { kCpu, kCuda };
+
+#ifdef TQ_DEPLOY_ORT_CUDA
+// What a CUDA EP kernel launches with: ORT's compute stream for this node, and scratch memory
+// from ORT's allocator for the device of the node's first input (released when this object goes;
+// the kernels that use it run on the same stream, so a later allocation of the same bytes is
+// ordered after them).
+class CudaLaunch {
+ public:
+  explicit CudaLaunch(KernelIo& io);
+  ~CudaLaunch();
+  void* stream() const { return stream_; }
+  void* scratch(size_t bytes);
+  // Turns a launcher's return code into an ORT error naming the op (nothing was launched for
+  // TQ_CUDA_BAD_ARGUMENT).
+  void check(int rc, const char* what) const;
+
+ private:
+  const char* op_;
+  void* stream_ = nullptr;
+  OrtAllocator* allocator_ = nullptr;
+  std::vector<void*> buffers_;
+};
+#endif
+
+// The checks both providers run for one op (and, io.on_host(), the host-data checks), its
+// outputs, and its call filled by tq_ops::<stem>::fill; false when there is nothing to compute.
+// One overload per op of the contract, defined in plugins/ort/tq_<stem>_op.cc.
+#define TQ_ORT_DECLARE_PREPARE(stem, Pascal, float_types) bool prepare(KernelIo& io, tq_##stem##_call& call);
+TQ_FOR_EACH_OP(TQ_ORT_DECLARE_PREPARE)
+#undef TQ_ORT_DECLARE_PREPARE
+
+// An op's ORT kernel on provider P: prepare(), then the CPU kernel tq::<stem> or the CUDA
+// launcher tq_cuda_<stem> (through tq_cuda::Launcher, which keeps the paged attention's plan per
+// shape) with the workspace from ORT's allocator. The node's attributes are read and checked
+// once, when ORT creates the kernel.
+template <typename Call, Provider P>
+struct Kernel {
+  static constexpr const tq_ops::Op& kOp = tq_ops::op_of(static_cast<const Call*>(nullptr));
+  static constexpr const char* kProvider = P == Provider::kCpu ? kCpuProvider : kCudaProvider;
+
+  Kernel(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
+      : float_type_(float_type), attrs_(info, kOp) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Compute(context);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+    }
+  }
+
+  void Compute(OrtKernelContext* context) {
+    KernelIo io(context, kOp, float_type_, attrs_);
+    Call call{};
+    if constexpr (P == Provider::kCpu) {
+      if (prepare(io, call)) tq::run(call, io.parallel());
+    } else {
+#ifdef TQ_DEPLOY_ORT_CUDA
+      CudaLaunch launch(io);
+      io.set_stream(launch.stream());
+      if (!prepare(io, call)) return;
+      call.stream = launch.stream();
+      call.workspace_bytes = launcher_.workspace(call);
+      call.workspace = call.workspace_bytes ? launch.scratch(call.workspace_bytes) : nullptr;
+      launch.check(launcher_.run(call), kOp.name);
+#endif
+    }
+  }
+
+  ONNXTensorElementDataType float_type_;
+  Attributes attrs_;
+#ifdef TQ_DEPLOY_ORT_CUDA
+  tq_cuda::Launcher<Call> launcher_;
+#endif
+};
+
+// Output <x>_out updates input <x> in place where the contract says so (tq_ops::Op::in_place).
+template <typename Kernel>
+size_t ORT_API_CALL may_inplace(int** input_index, int** output_index) {
+  const tq_ops::Op& op = Kernel::kOp;
+  *input_index = new int[op.num_in_place];
+  *output_index = new int[op.num_in_place];
+  for (int i = 0; i < op.num_in_place; ++i) {
+    (*input_index)[i] = op.in_place[i].input;
+    (*output_index)[i] = op.in_place[i].output;
+  }
+  return static_cast<size_t>(op.num_in_place);
+}
+void ORT_API_CALL release_may_inplace(int* input_index, int* output_index);
 
 // OrtCustomOp adapter: Kernel provides kOp (a tq_ops::Op table), kProvider, a constructor
 // Kernel(const OrtKernelInfo*, ONNXTensorElementDataType float_type) that reads and checks
@@ -124,6 +248,10 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
   explicit Op(ONNXTensorElementDataType float_type) : float_type_(float_type) {
     this->start_ver_ = tq_ops::kDomainVersion;
     this->end_ver_ = tq_ops::kDomainVersion;
+    if (Kernel::kOp.num_in_place > 0) {
+      this->GetMayInplace = may_inplace<Kernel>;
+      this->ReleaseMayInplace = release_may_inplace;
+    }
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
@@ -150,63 +278,17 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
   ONNXTensorElementDataType float_type_;
 };
 
-// Base for kernels: the float type the kernel was registered for and the node's attributes
-// (read once, when ORT creates the kernel, against Derived::kOp); ComputeV2 converts exceptions
-// into an OrtStatus.
-template <typename Derived>
-struct KernelBase {
-  KernelBase(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, Derived::kOp) {}
-
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
-      static_cast<Derived*>(this)->Compute(context);
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
-    }
-  }
-
-  ONNXTensorElementDataType float_type_;
-  Attributes attrs_;
-};
-
+// The kernels of an op on every provider this build has, as OrtCustomOp objects.
+template <typename Call>
+const OrtCustomOp* make_op(Provider provider, ONNXTensorElementDataType float_type) {
 #ifdef TQ_DEPLOY_ORT_CUDA
-inline tq_cuda_dtype to_cuda_dtype(ONNXTensorElementDataType type) {
-  return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? TQ_CUDA_FLOAT16 : TQ_CUDA_FLOAT32;
-}
-
-// What a CUDA EP kernel launches with: ORT's compute stream for this node, and scratch memory
-// from ORT's allocator for that device (released when this object goes; the kernels that use it
-// run on the same stream, so a later allocation of the same bytes is ordered after them).
-class CudaLaunch {
- public:
-  CudaLaunch(KernelIo& io, const Input& any_device_input);
-  ~CudaLaunch();
-  void* stream() const { return stream_; }
-  void* scratch(size_t bytes);
-  // Turns a launcher's return code into an ORT error naming the op (nothing was launched for
-  // TQ_CUDA_BAD_ARGUMENT).
-  void check(int rc, const char* what) const;
-
- private:
-  const char* op_;
-  void* stream_ = nullptr;
-  OrtAllocator* allocator_ = nullptr;
-  std::vector<void*> buffers_;
-};
+  if (provider == Provider::kCuda) return new Op<Kernel<Call, Provider::kCuda>>(float_type);
 #endif
+  return provider == Provider::kCpu ? new Op<Kernel<Call, Provider::kCpu>>(float_type) : nullptr;
+}
 
 // The registration point: every op of the library, as OrtCustomOp objects that live for the
 // whole process (one per provider and float type where the contract allows float and float16).
 std::vector<const OrtCustomOp*> all_ops();
-
-enum class Provider { kCpu, kCuda };
-const OrtCustomOp* make_encode_op(Provider provider, ONNXTensorElementDataType float_type);
-const OrtCustomOp* make_decode_op(Provider provider, ONNXTensorElementDataType float_type);
-const OrtCustomOp* make_cache_update_op(Provider provider, ONNXTensorElementDataType float_type);
-const OrtCustomOp* make_paged_attention_op(Provider provider, ONNXTensorElementDataType float_type);
 
 }  // namespace tq_ort

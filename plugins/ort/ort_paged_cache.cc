@@ -26,22 +26,35 @@ void check_cache(KernelIo& io, const CacheInputs& cache, int k_bits, int v_bits)
   if (dims.get("Hkv") < 1) fail(io.op(), "input k_codes has Hkv=0 KV heads (k_codes.shape[2]), expected Hkv >= 1");
 }
 
-tq::PagedCache paged_cache(const DimTable& dims, int k_bits, int v_bits) {
-  tq::PagedCache cache{};
-  cache.num_blocks = dims.get("N");
-  cache.block_size = dims.get("B");
-  cache.num_kv_heads = dims.get("Hkv");
-  cache.head_dim = dims.get("D");
-  cache.k_bits = k_bits;
-  cache.v_bits = v_bits;
-  return cache;
-}
+namespace att = tq_ops::paged_attention;
+static_assert(att::kQuery == 0 && att::kKCodes == 1 && att::kBlockTables == 5 && att::kContextLens == 6 &&
+                  tq_ops::paged_prefill::kQuery == 0 && tq_ops::paged_prefill::kKCodes == 1 &&
+                  tq_ops::paged_prefill::kBlockTables == 5 && tq_ops::paged_prefill::kContextLens == 6,
+              "PagedInputs reads the inputs both paged attention ops share at the same positions");
 
-void set_cache_pointers(tq::PagedCache& cache, void* const (&buffers)[4]) {
-  cache.k_codes = static_cast<uint8_t*>(buffers[0]);
-  cache.k_norms = static_cast<float*>(buffers[1]);
-  cache.v_codes = static_cast<uint8_t*>(buffers[2]);
-  cache.v_norms = static_cast<float*>(buffers[3]);
+PagedInputs::PagedInputs(KernelIo& io, const char* rows)
+    : query(io.input(att::kQuery, {rows, "Hq", "D"})),
+      cache(io, att::kKCodes),
+      block_tables(io.input(att::kBlockTables, {"S", "M"})),
+      context_lens(io.input(att::kContextLens, {"S"})) {}
+
+void check_paged_inputs(KernelIo& io, const PagedInputs& in, size_t rotation, int k_bits, int v_bits) {
+  const Input pi = io.input(rotation), k_codebook = io.input(rotation + 1), v_codebook = io.input(rotation + 2);
+  check_rotation(io, pi);
+  check_codebook(io, k_codebook, k_bits, "k_bits");
+  check_codebook(io, v_codebook, v_bits, "v_bits");
+  check_cache(io, in.cache, k_bits, v_bits);
+  const int64_t hq = io.dims().get("Hq"), hkv = io.dims().get("Hkv");
+  if (hq < 1 || hq % hkv != 0) {
+    std::ostringstream msg;
+    msg << "input query has Hq=" << hq << " heads (query.shape[1]), expected a positive multiple of Hkv=" << hkv
+        << " (k_codes.shape[2])";
+    fail(io.op(), msg.str());
+  }
+  if (io.on_host()) {
+    check_codebook_values(io, k_codebook);
+    check_codebook_values(io, v_codebook);
+  }
 }
 
 void refuse_foreign_alias(KernelIo& io, int index, const void* output, const CacheInputs& cache,

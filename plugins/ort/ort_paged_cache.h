@@ -26,11 +26,20 @@ struct CacheInputs {
 // Packed sizes against D (bound) and the bit widths; B >= 1 and Hkv >= 1.
 void check_cache(KernelIo& io, const CacheInputs& cache, int k_bits, int v_bits);
 
-// A tq::PagedCache with the bound sizes (pointers unset).
-tq::PagedCache paged_cache(const DimTable& dims, int k_bits, int v_bits);
+// The inputs the paged attention ops (decode and prefill) share: query [rows, Hq, D], the cache,
+// block_tables [S, M] and context_lens [S] (the first seven inputs of both, in the contract's
+// order; `rows` is S for the decode op, T for the prefill).
+struct PagedInputs {
+  Input query;
+  CacheInputs cache;
+  Input block_tables, context_lens;
+  PagedInputs(KernelIo& io, const char* rows);
+};
 
-// Points `cache` at the four buffers (codes, norms, codes, norms).
-void set_cache_pointers(tq::PagedCache& cache, void* const (&buffers)[4]);
+// What the paged attention ops check alike: the rotation and the codebooks (inputs `rotation`,
+// `rotation` + 1, `rotation` + 2, fetched here, after the op's own inputs) against the bit widths,
+// the cache, Hq a positive multiple of Hkv, and on the host the codebooks' values.
+void check_paged_inputs(KernelIo& io, const PagedInputs& in, size_t rotation, int k_bits, int v_bits);
 
 // Output `index` of TQCacheUpdate may share its own cache input's buffer (in place), and no other
 // input's bytes: an output bound over another input (k_codes_out over v_codes, say) would corrupt

@@ -1,14 +1,17 @@
 // The library's single entry point: onnxruntime calls RegisterCustomOps when a session is
-// created with SessionOptions.register_custom_ops_library(path). One table per provider: an op is
-// one line in each (onnxruntime-extensions style); ORT picks the kernel by the node's provider.
+// created with SessionOptions.register_custom_ops_library(path). The op table is expanded from the
+// contract's op list (tq_op_list.h, generated from tq_deploy/ops.py), once per provider; ORT picks
+// the kernel by the node's provider.
 #include <mutex>
 
 #include "ort_op_base.h"
+#include "tq_op_list.h"
 
 #define TQ_STRINGIFY_(x) #x
 #define TQ_STRINGIFY(x) TQ_STRINGIFY_(x)
 
 namespace tq_ort {
+
 namespace {
 
 using Factory = const OrtCustomOp* (*)(Provider, ONNXTensorElementDataType);
@@ -20,12 +23,14 @@ struct Entry {
   ONNXTensorElementDataType float_type;
 };
 
-// Ops with a float type parameter get one kernel per type; TQDecode has none (float32 output).
-constexpr Entry kOps[] = {
-    {make_encode_op, kF32},         {make_encode_op, kF16},          {make_decode_op, kF32},
-    {make_cache_update_op, kF32},   {make_cache_update_op, kF16},    {make_paged_attention_op, kF32},
-    {make_paged_attention_op, kF16},
-};
+// Ops with a float type parameter get one kernel per type; the others (TQDecode) float32 only.
+#define TQ_ORT_ENTRY_1(stem) {make_op<tq_##stem##_call>, kF32},
+#define TQ_ORT_ENTRY_2(stem) {make_op<tq_##stem##_call>, kF32}, {make_op<tq_##stem##_call>, kF16},
+#define TQ_ORT_ENTRY(stem, Pascal, float_types) TQ_ORT_ENTRY_##float_types(stem)
+constexpr Entry kOps[] = {TQ_FOR_EACH_OP(TQ_ORT_ENTRY)};
+#undef TQ_ORT_ENTRY
+#undef TQ_ORT_ENTRY_2
+#undef TQ_ORT_ENTRY_1
 
 #ifdef TQ_DEPLOY_ORT_CUDA
 constexpr Provider kProviders[] = {Provider::kCpu, Provider::kCuda};
@@ -40,7 +45,8 @@ std::vector<const OrtCustomOp*> all_ops() {
   static const std::vector<const OrtCustomOp*> ops = [] {
     std::vector<const OrtCustomOp*> v;
     for (Provider provider : kProviders)
-      for (const Entry& e : kOps) v.push_back(e.make(provider, e.float_type));
+      for (const Entry& e : kOps)
+        if (const OrtCustomOp* op = e.make(provider, e.float_type)) v.push_back(op);
     return v;
   }();
   return ops;

@@ -41,7 +41,26 @@ OpDef op_def(const tq_ops::Op& op) {
   }
   for (int i = 0; i < op.num_inputs; ++i) def.inputs.push_back(rule(op.inputs[i].type));
   for (int i = 0; i < op.num_outputs; ++i) def.outputs.push_back(rule(op.outputs[i].type));
+  def.aliased_input.assign(op.num_outputs, -1);
+  for (int i = 0; i < op.num_in_place; ++i) def.aliased_input[op.in_place[i].output] = op.in_place[i].input;
   return def;
+}
+
+CallIo::CallIo(const nvinfer1::PluginTensorDesc* desc, int32_t nb_inputs, const void* const* inputs,
+               void* const* outputs, const Attrs& attrs)
+    : inputs_(inputs), outputs_(outputs), attrs_(attrs), type_(desc[0].type) {
+  for (int32_t i = 0; i < nb_inputs && i < kMaxInputs; ++i) dims_[i] = desc[i].dims;
+}
+
+CallIo::CallIo(const nvinfer1::DynamicPluginTensorDesc* desc, int32_t nb_inputs, const Attrs& attrs)
+    : attrs_(attrs), type_(desc[0].desc.type) {
+  for (int32_t i = 0; i < nb_inputs && i < kMaxInputs; ++i) dims_[i] = desc[i].max;
+}
+
+int64_t CallIo::rows(int i, int trailing) const {
+  int64_t n = 1;
+  for (int32_t a = 0; a + trailing < dims_[i].nbDims; ++a) n *= dims_[i].d[a];
+  return n;
 }
 
 int64_t volume(const Dims& d) {
@@ -158,7 +177,15 @@ bool TQPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPlu
 
 int32_t TQPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc*,
                           const void* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
-  const int rc = run(input_desc, inputs, outputs, workspace, stream);
+  int rc = 0;
+  // an output TensorRT did not alias to its in-place input starts as a copy of it
+  for (size_t o = 0; o < def_.aliased_input.size() && rc == 0; ++o) {
+    const int32_t i = def_.aliased_input[o];
+    if (i < 0 || outputs[o] == inputs[i]) continue;
+    const size_t bytes = static_cast<size_t>(volume(input_desc[i].dims) * element_size(input_desc[i].type));
+    rc = static_cast<int>(cudaMemcpyAsync(outputs[o], inputs[i], bytes, cudaMemcpyDeviceToDevice, stream));
+  }
+  if (rc == 0) rc = run(input_desc, inputs, outputs, workspace, stream);
   if (rc != 0) {
     log_error(std::string(def_.name) + ": launch failed: " + tq_cuda_error_string(rc));
     return -1;

@@ -3,7 +3,11 @@
 //
 // A plugin implements the three V3One capabilities (core, build with I/O aliasing, runtime).
 // What differs per op lives in an OpDef table (name, attributes, the dtype rule of each input
-// and output) and four hooks: output shapes, shape checks, output dtypes, enqueue.
+// and output, in-place pairs; all from the contract) and four hooks: output shapes, shape checks,
+// workspace size, run (the op's call struct filled through CallIo, then its CUDA launcher;
+// tq_plugins.h).
+// Outputs that update an input in place alias it where TensorRT honours getAliasedInput, else
+// start as a copy of it.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +15,7 @@
 #include <vector>
 
 #include "NvInferRuntime.h"
+#include "tq_cuda.h"
 #include "tq_ops.h"
 
 namespace tq_trt {
@@ -45,17 +50,52 @@ struct OpDef {
   std::vector<AttrDef> attrs;
   std::vector<TypeRule> inputs;
   std::vector<TypeRule> outputs;
+  std::vector<int32_t> aliased_input;  // per output: the input it updates in place, or -1
 };
 
 // An op's description from the contract tables (plugins/common/tq_ops.h, generated from
-// tq_deploy/ops.py): names, the dtype rule of each input and output, attributes.
+// tq_deploy/ops.py): names, the dtype rule of each input and output, attributes, in-place pairs.
 OpDef op_def(const tq_ops::Op& op);
+// The OpDef of one op, made once.
+template <const tq_ops::Op* kOp>
+const OpDef& def_of() {
+  static const OpDef def = op_def(*kOp);
+  return def;
+}
 
 // Attribute values by the OpDef's attribute order (ints are stored as float exactly).
 struct Attrs {
   std::vector<float> values;
   int get_int(size_t i) const { return static_cast<int>(values[i]); }
   float get_float(size_t i) const { return values[i]; }
+};
+
+tq_cuda_dtype float_type(nvinfer1::DataType t);
+
+// A plugin's tensors as tq_ops::<op>::fill reads them (by the contract's enums): the inputs'
+// dims, the I/O pointers (null when sizing a workspace at build time), the attributes, the float
+// type of the first input.
+class CallIo {
+ public:
+  static constexpr int kMaxInputs = 16;
+  CallIo(const nvinfer1::PluginTensorDesc* desc, int32_t nb_inputs, const void* const* inputs, void* const* outputs,
+         const Attrs& attrs);
+  // From the largest shapes of the profile (getWorkspaceSize).
+  CallIo(const nvinfer1::DynamicPluginTensorDesc* desc, int32_t nb_inputs, const Attrs& attrs);
+  const void* in(int i) const { return inputs_ ? inputs_[i] : nullptr; }
+  void* out(int i) const { return outputs_ ? outputs_[i] : nullptr; }
+  int64_t dim(int i, int axis) const { return dims_[i].d[axis < 0 ? dims_[i].nbDims + axis : axis]; }
+  int64_t rows(int i, int trailing) const;
+  int64_t int_attr(int a) const { return attrs_.get_int(a); }
+  double float_attr(int a) const { return attrs_.get_float(a); }
+  int dtype() const { return float_type(type_); }
+
+ private:
+  nvinfer1::Dims dims_[kMaxInputs];
+  const void* const* inputs_ = nullptr;
+  void* const* outputs_ = nullptr;
+  const Attrs& attrs_;
+  nvinfer1::DataType type_;
 };
 
 class TQPlugin : public nvinfer1::IPluginV3,
@@ -89,7 +129,11 @@ class TQPlugin : public nvinfer1::IPluginV3,
                           const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept override {
     return nb_inputs == static_cast<int32_t>(def_.inputs.size()) ? workspace_bytes(inputs) : 0;
   }
-  int32_t getAliasedInput(int32_t output_index) noexcept override { return aliased_input(output_index); }
+  int32_t getAliasedInput(int32_t output_index) noexcept override {
+    return output_index >= 0 && output_index < static_cast<int32_t>(def_.aliased_input.size())
+               ? def_.aliased_input[output_index]
+               : -1;
+  }
 
   // IPluginV3OneRuntime
   int32_t onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs, const nvinfer1::PluginTensorDesc* out,
@@ -110,9 +154,7 @@ class TQPlugin : public nvinfer1::IPluginV3,
   virtual int run(const nvinfer1::PluginTensorDesc* input_desc, const void* const* inputs, void* const* outputs,
                   void* workspace, cudaStream_t stream) = 0;
   // Device scratch the op needs for the largest shapes of the profile (in[i].max).
-  virtual size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc*) const { return 0; }
-  // The input an output aliases (read-modify-write), -1 for none.
-  virtual int32_t aliased_input(int32_t) const { return -1; }
+  virtual size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc*) const = 0;
 
   const OpDef& def_;
   Attrs attrs_;

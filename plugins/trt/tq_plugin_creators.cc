@@ -129,11 +129,13 @@ class Creator final : public nvinfer1::IPluginCreatorV3One {
 TQ_TRT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder) { tq_trt::set_logger_finder(finder); }
 
 TQ_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
-  static tq_trt::Creator<tq_trt::PagedAttentionPlugin> paged_attention(tq_trt::kPagedAttentionDef);
-  static tq_trt::Creator<tq_trt::CacheUpdatePlugin> cache_update(tq_trt::kCacheUpdateDef);
-  static tq_trt::Creator<tq_trt::EncodePlugin> encode(tq_trt::kEncodeDef);
-  static tq_trt::Creator<tq_trt::DecodePlugin> decode(tq_trt::kDecodeDef);
-  static nvinfer1::IPluginCreatorInterface* const creators[] = {&paged_attention, &cache_update, &encode, &decode};
+#define TQ_TRT_CREATOR(stem, Pascal, float_types) \
+  static tq_trt::Creator<tq_trt::Pascal##Plugin> stem(tq_trt::Pascal##Plugin::def());
+  TQ_FOR_EACH_OP(TQ_TRT_CREATOR)
+#undef TQ_TRT_CREATOR
+#define TQ_TRT_CREATOR_ENTRY(stem, Pascal, float_types) &stem,
+  static nvinfer1::IPluginCreatorInterface* const creators[] = {TQ_FOR_EACH_OP(TQ_TRT_CREATOR_ENTRY)};
+#undef TQ_TRT_CREATOR_ENTRY
   // one creator per op of the contract
   static_assert(sizeof(creators) / sizeof(creators[0]) == sizeof(tq_ops::kAllOps) / sizeof(tq_ops::kAllOps[0]),
                 "a creator for every op of plugins/common/tq_ops.h");

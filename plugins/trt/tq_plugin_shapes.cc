@@ -46,7 +46,36 @@ std::string check_cache(const Dims& codes, const Dims& norms, const Dims& ref_co
                         expect_dim(n.c_str(), norms, 2, hkv, "num_kv_heads")});
 }
 
+std::string check_paged_shapes(const Dims& q, bool rows_are_seqs, const Dims* cache, const Dims& tables,
+                               const Dims& lens, const Dims& rotation, const Dims& k_codebook, const Dims& v_codebook,
+                               int k_bits, int v_bits) {
+  const Dims& k_codes = cache[0];
+  std::string problem = first_problem({expect_rank("query", q, 3), expect_rank("k_codes", k_codes, 4),
+                                       expect_rank("block_tables", tables, 2), expect_rank("context_lens", lens, 1)});
+  if (!problem.empty()) return problem;
+  const int64_t dim = known({q.d[2], rotation.d[0]});
+  const int64_t hkv = k_codes.d[2];
+  if (q.d[1] >= 0 && hkv > 0 && q.d[1] % hkv != 0)
+    return "query.shape[1]=" + std::to_string(q.d[1]) + " query heads, expected a multiple of num_kv_heads=" +
+           std::to_string(hkv);
+  const int64_t seqs = rows_are_seqs ? q.d[0] : tables.d[0];
+  const char* seqs_what = rows_are_seqs ? "num_seqs of query" : "num_seqs of block_tables";
+  return first_problem({expect_dim("query", q, 2, dim, "head_dim"),
+                        check_cache(cache[0], cache[1], k_codes, hkv, dim, k_bits, "k"),
+                        check_cache(cache[2], cache[3], k_codes, hkv, dim, v_bits, "v"),
+                        expect_dim("block_tables", tables, 0, seqs, seqs_what),
+                        expect_dim("context_lens", lens, 0, seqs, seqs_what),
+                        check_rotation_codebook(rotation, dim, k_codebook, "k_codebook", k_bits),
+                        check_rotation_codebook(rotation, dim, v_codebook, "v_codebook", v_bits)});
+}
+
 tq_cuda_dtype float_type(DataType t) { return t == DataType::kHALF ? TQ_CUDA_FLOAT16 : TQ_CUDA_FLOAT32; }
+
+bool like_query(const DimsExprs& query, DimsExprs& out) {
+  if (query.nbDims != 3) return false;
+  out = query;
+  return true;
+}
 
 // codes-like dims: leading dims of `src` then `last`.
 void leading_then(const DimsExprs& src, const nvinfer1::IDimensionExpr* last, DimsExprs& out) {

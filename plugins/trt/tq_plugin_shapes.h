@@ -24,7 +24,16 @@ std::string check_rotation_codebook(const nvinfer1::Dims& rotation, int64_t dim,
 std::string check_cache(const nvinfer1::Dims& codes, const nvinfer1::Dims& norms, const nvinfer1::Dims& ref_codes,
                         int64_t hkv, int64_t dim, int bits, const std::string& what);
 
-tq_cuda_dtype float_type(nvinfer1::DataType t);
+// The checks the paged attention ops share: query [rows, Hq, D], the cache (codes, norms, codes,
+// norms from `cache`), block_tables [S, M], context_lens [S], rotation, codebooks. With
+// rows_are_seqs (decode: one row per sequence) S is query's rows, else block_tables' rows.
+std::string check_paged_shapes(const nvinfer1::Dims& query, bool rows_are_seqs, const nvinfer1::Dims* cache,
+                               const nvinfer1::Dims& tables, const nvinfer1::Dims& lens,
+                               const nvinfer1::Dims& rotation, const nvinfer1::Dims& k_codebook,
+                               const nvinfer1::Dims& v_codebook, int k_bits, int v_bits);
+
+// out = query where query has rank 3 (the attention ops' output); false otherwise.
+bool like_query(const nvinfer1::DimsExprs& query, nvinfer1::DimsExprs& out);
 
 // codes-like dims: leading dims of `src` then `last`.
 void leading_then(const nvinfer1::DimsExprs& src, const nvinfer1::IDimensionExpr* last, nvinfer1::DimsExprs& out);

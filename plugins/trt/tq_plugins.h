@@ -1,46 +1,54 @@
-// The TurboQuant plugins, one class per op of tq_deploy/ops.py.
+// The TurboQuant plugins: one class per op of the contract, expanded from tq_op_list.h (generated
+// from tq_deploy/ops.py). Each op's shape hooks are defined in tq_<stem>_plugin.cc; the workspace
+// size (for the profile's largest shapes) and the launch are the same for every op: the call
+// filled through CallIo, then tq_cuda_<stem> (through tq_cuda::Launcher, which keeps the paged
+// attention's plan per shape).
 #pragma once
 
 #include <new>
 #include <utility>
 
+#include "tq_cuda_launcher.h"
+#include "tq_op_list.h"
 #include "tq_plugin_base.h"
 
 namespace tq_trt {
 
-extern const OpDef kEncodeDef;
-extern const OpDef kDecodeDef;
-extern const OpDef kCacheUpdateDef;
-extern const OpDef kPagedAttentionDef;
+// the types every op's shape hooks take
+using nvinfer1::Dims;
+using nvinfer1::DimsExprs;
+using nvinfer1::IExprBuilder;
 
-#define TQ_TRT_PLUGIN(Class, def)                                                                        \
-  class Class final : public TQPlugin {                                                                  \
+#define TQ_TRT_PLUGIN(stem, Pascal, float_types)                                                         \
+  class Pascal##Plugin final : public TQPlugin {                                                         \
    public:                                                                                               \
-    explicit Class(Attrs attrs) : TQPlugin(def, std::move(attrs)) {}                                     \
-    nvinfer1::IPluginV3* clone() noexcept override { return new (std::nothrow) Class(attrs_); }          \
+    explicit Pascal##Plugin(Attrs attrs) : TQPlugin(def(), std::move(attrs)) {}                         \
+    static const OpDef& def() { return def_of<&tq_ops::stem::kOp>(); }                                   \
+    nvinfer1::IPluginV3* clone() noexcept override { return new (std::nothrow) Pascal##Plugin(attrs_); } \
                                                                                                          \
    protected:                                                                                            \
     bool output_shapes(const nvinfer1::DimsExprs* inputs, nvinfer1::DimsExprs* outputs,                  \
                        nvinfer1::IExprBuilder& builder) const override;                                  \
     std::string check_shapes(const nvinfer1::Dims* inputs) const override;                               \
-    int run(const nvinfer1::PluginTensorDesc* input_desc, const void* const* inputs, void* const* outputs, \
-            void* workspace, cudaStream_t stream) override;
-
-TQ_TRT_PLUGIN(EncodePlugin, kEncodeDef)
-};
-TQ_TRT_PLUGIN(DecodePlugin, kDecodeDef)
-};
-TQ_TRT_PLUGIN(PagedAttentionPlugin, kPagedAttentionDef)
-  size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc* inputs) const override;
-};
-TQ_TRT_PLUGIN(CacheUpdatePlugin, kCacheUpdateDef)
-  size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc* inputs) const override;
-  // Output o (k_codes, k_norms, v_codes, v_norms) is read-modify-write of input 3 + o.
-  int32_t aliased_input(int32_t output_index) const override {
-    return output_index >= 0 && output_index < 4 ? 3 + output_index : -1;
-  }
-};
-
+    size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc* inputs) const override {             \
+      tq_##stem##_call call{};                                                                           \
+      tq_ops::stem::fill(call, CallIo(inputs, tq_ops::stem::kNumInputs, attrs_));                        \
+      return tq_cuda::workspace(&call);                                                                  \
+    }                                                                                                    \
+    int run(const nvinfer1::PluginTensorDesc* desc, const void* const* inputs, void* const* outputs,     \
+            void* workspace, cudaStream_t stream) override {                                             \
+      tq_##stem##_call call{};                                                                           \
+      tq_ops::stem::fill(call, CallIo(desc, tq_ops::stem::kNumInputs, inputs, outputs, attrs_));         \
+      call.workspace = workspace;                                                                        \
+      call.workspace_bytes = launcher_.workspace(call);                                                  \
+      call.stream = stream;                                                                              \
+      return launcher_.run(call);                                                                        \
+    }                                                                                                    \
+                                                                                                         \
+   private:                                                                                              \
+    tq_cuda::Launcher<tq_##stem##_call> launcher_;                                                       \
+  };
+TQ_FOR_EACH_OP(TQ_TRT_PLUGIN)
 #undef TQ_TRT_PLUGIN
 
 }  // namespace tq_trt

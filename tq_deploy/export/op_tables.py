@@ -4,12 +4,21 @@
 
       python -m tq_deploy.export.op_tables --write docs/ops.md
 
-* A C++ header with the same tables (names, inputs, outputs, attributes, bit range) that the
-  ONNX Runtime glue and the TensorRT plugins build their op descriptions from::
+* The native side of the contract, three generated headers in plugins/common/::
 
-      python -m tq_deploy.export.op_tables --header plugins/common/tq_ops.h
+      python -m tq_deploy.export.op_tables --native plugins/common
 
-tests/test_export.py fails when either file and the specs drift apart.
+  tq_ops.h     the tables (names, inputs, outputs, attributes, bit range, in-place pairs) that
+               the ONNX Runtime glue and the TensorRT plugins build their op descriptions from,
+               and per op ``fill(call, io)``, which fills the op's call struct from a runtime's
+               view of a node by the contract's enums
+  tq_calls.h   one C struct per op, ``tq_<stem>_call`` (fields: :mod:`tq_deploy.abi`), which every
+               native kernel of the op takes
+  tq_op_list.h ``TQ_FOR_EACH_OP(X)``: the ops, from which the kernels' declarations, the ORT op
+               table and factories and the TensorRT plugin classes and creators are expanded
+  tq_ops.cmake the op stems, from which the CMake lists name each op's source files
+
+tests/test_export.py fails when a file and the specs drift apart.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tq_deploy import ops
+from tq_deploy import abi, ops
 
 BEGIN = "<!-- BEGIN GENERATED OP TABLES (python -m tq_deploy.export.op_tables --write docs/ops.md) -->"
 END = "<!-- END GENERATED OP TABLES -->"
@@ -75,13 +84,10 @@ def splice(text: str) -> str:
 
 
 _CPP_TYPES = {ops.FLOAT: "kFloat32", ops.UINT8: "kUint8", ops.INT32: "kInt32", ops.INT64: "kInt64"}
-HEADER_COMMAND = "python -m tq_deploy.export.op_tables --header plugins/common/tq_ops.h"
+HEADER_COMMAND = "python -m tq_deploy.export.op_tables --native plugins/common"
 
 
-def _stem(spec: ops.OpSpec) -> str:
-    """TQPagedAttention -> paged_attention"""
-    name = spec.name[2:]
-    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+_stem = abi.stem
 
 
 def _cpp_enum(name: str) -> str:
@@ -92,13 +98,42 @@ def _cpp_type(t: ops.TensorSpec) -> str:
     return "Type::kT" if t.type_param else f"Type::{_CPP_TYPES[t.types[0]]}"
 
 
+_GENERATED = f"GENERATED from tq_deploy/ops.py by `{HEADER_COMMAND}`: do not edit."
+
+
+def _pascal(spec: ops.OpSpec) -> str:
+    return spec.name[2:]
+
+
+def _fill_line(f: abi.Field) -> str:
+    enum = _cpp_enum(f.name)
+    if f.role in ("input", "output"):
+        fetch = f"io.in({enum})" if f.role == "input" else f"io.out({enum})"
+        cast = f.c_type if f.c_type not in ("const void*", "void*") else ""
+        return f"c.{f.name} = {f'static_cast<{cast}>({fetch})' if cast else fetch};"
+    if f.role == "dim":
+        if f.name == "rows":
+            return f"c.rows = io.rows({_cpp_enum(f.source)}, {f.axis});"
+        return f"c.{f.name} = io.dim({_cpp_enum(f.source)}, {f.axis});"
+    if f.role == "attribute":
+        kind = "int_attr" if f.c_type == "int32_t" else "float_attr"
+        return f"c.{f.name} = static_cast<{f.c_type}>(io.{kind}({enum}));"
+    if f.role == "dtype":
+        return "c.dtype = io.dtype();"
+    raise ValueError(f.role)
+
+
 def render_header() -> str:
-    """plugins/common/tq_ops.h: the contract as constexpr C++ tables (C++17)."""
+    """plugins/common/tq_ops.h: the contract as constexpr C++ tables (C++17), and per op the
+    filling of its call struct."""
     lines = [
-        f"// GENERATED from tq_deploy/ops.py by `{HEADER_COMMAND}`: do not edit.",
+        f"// {_GENERATED}",
         "// tests/test_export.py fails when it drifts from the specs. The ONNX Runtime glue and the TensorRT",
-        "// plugins build their op descriptions (names, input/output types, attributes) from these tables.",
+        "// plugins build their op descriptions (names, input/output types, attributes) from these tables,",
+        "// and fill each op's call struct (tq_calls.h) through fill().",
         "#pragma once",
+        "",
+        '#include "tq_calls.h"',
         "",
         "namespace tq_ops {",
         "",
@@ -125,6 +160,12 @@ def render_header() -> str:
         "  double min_value;      // inclusive lower bound of a float (which must also be finite)",
         "};",
         "",
+        "// Output `output` is input `input` updated in place (output <x>_out of input <x>).",
+        "struct InPlace {",
+        "  int input;",
+        "  int output;",
+        "};",
+        "",
         "struct Op {",
         "  const char* name;",
         "  const Tensor* inputs;",
@@ -133,7 +174,16 @@ def render_header() -> str:
         "  int num_outputs;",
         "  const Attr* attrs;",
         "  int num_attrs;",
+        "  const InPlace* in_place;",
+        "  int num_in_place;",
         "};",
+        "",
+        "// fill(call, io) sets every field of an op's call struct but the launch ones (workspace,",
+        "// stream) from a runtime's view of one node. Io provides: const void* in(int input),",
+        "// void* out(int output), int64_t dim(int input, int axis) (axis < 0 counts from the end),",
+        "// int64_t rows(int input, int trailing) (the product of all but the trailing axes),",
+        "// int64_t int_attr(int), double float_attr(int), int dtype() (tq_dtype). op_of(call pointer) is",
+        "// the table of a call struct's op, for code generic over the ops.",
         "",
     ]
     stems = []
@@ -148,10 +198,9 @@ def render_header() -> str:
         if spec.attributes:
             lines.append(f"enum Attribute {{ {', '.join(_cpp_enum(a.name) for a in spec.attributes)}, kNumAttributes }};")
         for title, tensors in (("kInputs", spec.inputs), ("kOutputs", spec.outputs)):
-            lines.append(f"inline constexpr Tensor {title}[] = {{")
-            lines += [f'    {{"{t.name}", {_cpp_type(t)}}},' for t in tensors]
-            lines.append("};")
-        lines.append("inline constexpr Attr kAttrs[] = {")
+            entries = ", ".join(f'{{"{t.name}", {_cpp_type(t)}}}' for t in tensors)
+            lines.append(f"inline constexpr Tensor {title}[] = {{{entries}}};")
+        attrs = []
         for a in spec.attributes:
             kind = "AttrKind::kInt" if a.kind == "int" else "AttrKind::kFloat"
             required = "true" if a.default is None else "false"
@@ -159,11 +208,28 @@ def render_header() -> str:
             is_bits = "true" if a.allowed == ops.SUPPORTED_BITS else "false"
             minimum = float(a.min_value) if a.min_value is not None else float("-inf")
             min_text = "-1e300" if minimum == float("-inf") else repr(minimum)
-            lines.append(f'    {{"{a.name}", {kind}, {required}, {default!r}, {is_bits}, {min_text}}},')
-        lines.append("};")
+            attrs.append(f'{{"{a.name}", {kind}, {required}, {default!r}, {is_bits}, {min_text}}}')
+        lines.append(f"inline constexpr Attr kAttrs[] = {{{', '.join(attrs)}}};")
+        pairs = abi.inplace_pairs(spec)
+        if pairs:
+            lines.append("inline constexpr InPlace kInPlace[] = {" + ", ".join(
+                f"{{{_cpp_enum(spec.inputs[i].name)}, {_cpp_enum(spec.outputs[o].name)}}}" for i, o in pairs) + "};")
+            in_place = f"kInPlace, {len(pairs)}"
+        else:
+            in_place = "nullptr, 0"
         lines.append(f'inline constexpr Op kOp = {{"{spec.name}", kInputs, {len(spec.inputs)}, kOutputs, '
-                     f"{len(spec.outputs)}, kAttrs, {len(spec.attributes)}}};")
+                     f"{len(spec.outputs)}, kAttrs, {len(spec.attributes)}, {in_place}}};")
+        lines.append(f"using Call = tq_{stem}_call;")
+        lines.append("template <typename Io>")
+        lines.append("void fill(Call& c, const Io& io) {")
+        fields = abi.call_fields(spec)
+        for role in ("input", "output", "dim", "attribute", "dtype"):
+            statements = [_fill_line(f) for f in fields if f.role == role]
+            if statements:
+                lines.append("  " + " ".join(statements))
+        lines.append("}")
         lines.append(f"}}  // namespace {stem}")
+        lines.append(f"constexpr const Op& op_of(const tq_{stem}_call*) {{ return {stem}::kOp; }}")
         lines.append("")
     lines.append("inline constexpr const Op* kAllOps[] = {" + ", ".join(f"&{s}::kOp" for s in stems) + "};")
     lines.append("")
@@ -171,17 +237,105 @@ def render_header() -> str:
     return "\n".join(lines) + "\n"
 
 
+_CALLS_PREAMBLE = """\
+/* {generated}
+ * tests/test_export.py fails when it drifts from the specs; tq_deploy.cuda builds its ctypes mirror
+ * from the same field list (tq_deploy/abi.py).
+ *
+ * One struct per op of tq_deploy/ops.py, taken by every native kernel of the op (CPU: tq_kernels.h,
+ * CUDA: tq_cuda.h): the inputs and outputs in the contract's order (host pointers for the CPU kernels,
+ * device pointers for the CUDA ones; shapes: docs/ops.md), the sizes of the symbolic dimensions
+ * (rows: the product of the leading "..." dims; S, T, Hq, Hkv, D, N, B, M: num_seqs, num_tokens,
+ * num_q_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks), the attributes, the
+ * float type of the T tensors, and the launch: device workspace and CUDA stream (the CPU kernels
+ * ignore them).
+ * An in-place output (<x>_out) is the buffer the kernel writes; the caller makes it hold <x> first.
+ */
+#ifndef TQ_CALLS_H_
+#define TQ_CALLS_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+/* The float type of an op's T tensors. */
+typedef enum {{ TQ_FLOAT32 = 0, TQ_FLOAT16 = 1, TQ_BFLOAT16 = 2 }} tq_dtype;
+
+"""
+
+
+def render_calls() -> str:
+    """plugins/common/tq_calls.h: one C struct per op, the argument of every native kernel of it."""
+    lines = _CALLS_PREAMBLE.format(generated=_GENERATED).splitlines()
+    for spec in ops.ALL_OPS:
+        stem = _stem(spec)
+        lines.append(f"/* {spec.name} */")
+        lines.append(f"typedef struct tq_{stem}_call {{")
+        fields = abi.call_fields(spec)
+        for role, title in (("input", "inputs"), ("output", "outputs"), ("dim", "sizes"),
+                            ("attribute", "attributes"), ("dtype", "tq_dtype of T"), ("launch", "launch")):
+            decls = " ".join(f"{f.c_type} {f.name};" for f in fields if f.role == role)
+            if decls:
+                lines.append(f"  /* {title} */ {decls}")
+        lines.append(f"}} tq_{stem}_call;")
+        lines.append("")
+    lines += ["#ifdef __cplusplus", "}", "#endif", "", "#endif /* TQ_CALLS_H_ */"]
+    return "\n".join(lines) + "\n"
+
+
+def render_op_list() -> str:
+    """plugins/common/tq_op_list.h: the ops as an X-macro, for the runtimes' registration."""
+    lines = [
+        f"// {_GENERATED}",
+        "// tests/test_export.py fails when it drifts from the specs.",
+        "//",
+        "// TQ_FOR_EACH_OP(X) expands X(stem, Pascal, float_types) once per op of tq_deploy/ops.py:",
+        "// float_types is 2 where the op has a float type parameter T (a kernel each for float32 and",
+        "// float16), else 1. The kernels' declarations (tq_kernels.h, tq_cuda.h), the ONNX Runtime op table",
+        "// and factories (plugins/ort/register_ops.cc) and the TensorRT plugin classes and creators",
+        "// (plugins/trt/tq_plugins.h, tq_plugin_creators.cc) expand it.",
+        "#pragma once",
+        "",
+        "#define TQ_FOR_EACH_OP(X) \\",
+    ]
+    for spec in ops.ALL_OPS:
+        lines.append(f"  X({_stem(spec)}, {_pascal(spec)}, {2 if abi.has_float_type(spec) else 1}) \\")
+    lines.append("")
+    lines.append(f"#define TQ_NUM_OPS {len(ops.ALL_OPS)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_cmake() -> str:
+    """plugins/common/tq_ops.cmake: the op stems, from which the CMake lists name each op's sources."""
+    stems = " ".join(_stem(spec) for spec in ops.ALL_OPS)
+    return (f"# {_GENERATED}\n# tests/test_export.py fails when it drifts from the specs. Each op's sources are named by its stem:\n"
+            "# kernels/cpu/tq_<stem>.cc, kernels/cuda/tq_<stem>.cu, ort/tq_<stem>_op.cc, trt/tq_<stem>_plugin.cc.\n"
+            f"set(TQ_OP_STEMS {stems})\n")
+
+
+NATIVE_FILES = {"tq_ops.h": render_header, "tq_calls.h": render_calls, "tq_op_list.h": render_op_list,
+                "tq_ops.cmake": render_cmake}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", help="splice the tables into this markdown file (between the markers)")
-    parser.add_argument("--header", help="write the C++ contract header to this path")
+    parser.add_argument("--header", help="write the C++ contract header (tq_ops.h alone) to this path")
+    parser.add_argument("--native", help="write the generated native headers (%s) into this folder"
+                        % ", ".join(NATIVE_FILES))
     args = parser.parse_args(argv)
     if args.write:
         path = Path(args.write)
         path.write_text(splice(path.read_text()))
     if args.header:
         Path(args.header).write_text(render_header())
-    if not (args.write or args.header):
+    if args.native:
+        for name, render in NATIVE_FILES.items():
+            (Path(args.native) / name).write_text(render())
+    if not (args.write or args.header or args.native):
         sys.stdout.write(render_all() + "\n")
     return 0
 

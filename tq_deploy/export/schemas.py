@@ -9,13 +9,17 @@ Type and shape inference is generic: it reads the spec's symbolic shapes.
 Each input's dimensions bind the spec's symbols (``D``, ``N``, ``Hkv``, ...;
 ``"..."`` binds any leading dimensions); the derived symbols follow from the
 attributes (``P = ceil(D * bits / 8)``, ``Pk``/``Pv`` with ``k_bits``/``v_bits``,
-``K = 2**bits``); each output's shape is then spelled from its spec. A symbol
+``K = 2**bits``); a dimension written ``X+k`` (``query_start``'s ``S+1``) binds ``X`` to its size
+minus ``k`` when that size is concrete, and says nothing about ``X`` when it is symbolic; each
+output's shape is then spelled from its spec. A symbol
 that two inputs bind to different concrete sizes is an ``InferenceError``
 naming the op, the symbol and both sizes. Outputs whose spec shares a type
 parameter with an input (``"T"``) take that input's element type.
 """
 
 from __future__ import annotations
+
+import re
 
 import onnx
 from onnx import TensorProto, defs, helper
@@ -197,7 +201,10 @@ def _infer(spec: ops.OpSpec, ctx) -> None:
         elif len(dims) != len(named):
             raise InferenceError(f"{spec.name}: input {t.name} has rank {len(dims)}, expected {len(named)} {t.shape}")
         for symbol, dim in zip(named, dims):
-            if dim.HasField("dim_value") or dim.HasField("dim_param"):
+            offset = offset_symbol(symbol)
+            if offset is not None:
+                _bind_offset(bound, offset, dim, t.name, symbol)
+            elif dim.HasField("dim_value") or dim.HasField("dim_param"):
                 bound.bind(_symbol(t, symbol), dim, f"input {t.name}")
 
     _bind_derived(attrs, bound)
@@ -218,6 +225,25 @@ def _infer(spec: ops.OpSpec, ctx) -> None:
             if not shape:
                 out.tensor_type.shape.SetInParent()  # rank-0 output
         ctx.set_output_type(i, out)
+
+
+_OFFSET = re.compile(r"^([A-Za-z]\w*)\+(\d+)$")
+
+
+def offset_symbol(symbol: str) -> tuple[str, int] | None:
+    """``"S+1"`` -> ``("S", 1)``; None for a plain symbol."""
+    match = _OFFSET.match(symbol)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def _bind_offset(bound: _Bindings, offset: tuple[str, int], dim, name: str, symbol: str) -> None:
+    """A concrete size of an ``X+k`` dimension binds ``X``; a symbolic one cannot be split."""
+    if not dim.HasField("dim_value"):
+        return
+    base, k = offset
+    if dim.dim_value < k:
+        raise InferenceError(f"{bound.op}: dimension {symbol} of input {name} is {dim.dim_value}, expected >= {k}")
+    bound.bind(base, _concrete_dim(dim.dim_value - k), f"input {name} ({symbol} = {dim.dim_value})")
 
 
 def _symbol(t: ops.TensorSpec, symbol: str) -> str:
@@ -257,6 +283,11 @@ def _output_shape(t: ops.TensorSpec, bound: _Bindings):
             if bound.leading is None:
                 return None  # unknown rank
             dims.extend(bound.leading)
+            continue
+        offset = offset_symbol(symbol)
+        if offset is not None:
+            base = bound.concrete(offset[0])
+            dims.append(_concrete_dim(base + offset[1]) if base is not None else onnx.TensorShapeProto.Dimension())
             continue
         dim = bound.dims.get(_symbol(t, symbol))
         dims.append(dim if dim is not None else onnx.TensorShapeProto.Dimension())

@@ -10,6 +10,7 @@ from the op's spec in :mod:`tq_deploy.ops`, with these dimensions:
     Hq, Hkv           concrete when num_q_heads/num_kv_heads are given, else symbolic
     "..."             leading_dims (default one dynamic axis "n")
     N, S, T, M        dynamic: "num_blocks", "batch", "num_tokens", "max_blocks"
+    S+1               "batch+1" (TQPagedPrefill's query_start), one more than "batch"
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from onnx import helper
 
 from tq_deploy import ops
 from tq_deploy.export import common
-from tq_deploy.export.schemas import elem_type, register_schemas
+from tq_deploy.export.schemas import elem_type, offset_symbol, register_schemas
 
 DYNAMIC_AXES = {"N": "num_blocks", "S": "batch", "T": "num_tokens", "M": "max_blocks"}
 _INITIALIZER_INPUTS = ("rotation", "codebook", "k_codebook", "v_codebook")
@@ -95,13 +96,21 @@ def op_dims(spec: ops.OpSpec, *, head_dim: int, bit_attrs: dict, block_size: int
     return dims
 
 
+def _dim(symbol: str, dims: dict) -> int | str:
+    offset = offset_symbol(symbol)
+    if offset is None:
+        return dims[symbol]
+    base, k = offset
+    return dims[base] + k if isinstance(dims[base], int) else f"{dims[base]}+{k}"
+
+
 def _shape(t: ops.TensorSpec, dims: dict, leading: Sequence) -> list:
     shape = []
     for symbol in t.shape:
         if symbol == "...":
             shape.extend(leading)
         else:
-            shape.append(dims[symbol])
+            shape.append(_dim(symbol, dims))
     return shape
 
 

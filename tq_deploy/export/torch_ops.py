@@ -10,6 +10,9 @@ node anyway. So during export the decode model calls these opaque custom ops
     torch.ops.tq_export.paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables,
                                         context_lens, rotation, k_codebook, v_codebook,
                                         k_bits, v_bits, scale) -> out
+    torch.ops.tq_export.paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables,
+                                      context_lens, query_start, rotation, k_codebook, v_codebook,
+                                      k_bits, v_bits, scale) -> out
 
 Their eager bodies are the PyTorch reference (functional: the cache update
 returns updated copies, as the ONNX op's outputs are); their fake bodies give
@@ -24,7 +27,7 @@ import torch
 
 from tq_deploy import ops
 from tq_deploy.export.schemas import register_schemas
-from tq_deploy.reference.paged import cache_update_reference, paged_attention_reference
+from tq_deploy.reference.paged import cache_update_reference, paged_attention_reference, paged_prefill_reference
 
 Tensor = torch.Tensor
 
@@ -58,6 +61,20 @@ def _paged_attention_fake(query, k_codes, k_norms, v_codes, v_norms, block_table
     return torch.empty_like(query)
 
 
+@torch.library.custom_op("tq_export::paged_prefill", mutates_args=())
+def paged_prefill(query: Tensor, k_codes: Tensor, k_norms: Tensor, v_codes: Tensor, v_norms: Tensor,
+                  block_tables: Tensor, context_lens: Tensor, query_start: Tensor, rotation: Tensor,
+                  k_codebook: Tensor, v_codebook: Tensor, k_bits: int, v_bits: int, scale: float) -> Tensor:
+    return paged_prefill_reference(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
+                                   query_start, rotation, k_codebook, v_codebook, k_bits, v_bits, scale)
+
+
+@paged_prefill.register_fake
+def _paged_prefill_fake(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start,
+                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale):
+    return torch.empty_like(query)
+
+
 def translation_table() -> dict:
     """torch op -> onnxscript function emitting the "turboquant" node (needs onnxscript)."""
     try:
@@ -81,7 +98,14 @@ def translation_table() -> dict:
                                            context_lens, rotation, k_codebook, v_codebook,
                                            k_bits=k_bits, v_bits=v_bits, scale=scale)
 
+    def paged_prefill_onnx(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start,
+                           rotation, k_codebook, v_codebook, k_bits: int, v_bits: int, scale: float):
+        return turboquant.TQPagedPrefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
+                                         query_start, rotation, k_codebook, v_codebook,
+                                         k_bits=k_bits, v_bits=v_bits, scale=scale)
+
     return {
         torch.ops.tq_export.cache_update.default: cache_update_onnx,
         torch.ops.tq_export.paged_attention.default: paged_attention_onnx,
+        torch.ops.tq_export.paged_prefill.default: paged_prefill_onnx,
     }

@@ -19,6 +19,7 @@ from tq_deploy.reference.paged import (
     cache_update_reference,
     dense_attention_reference,
     paged_attention_reference,
+    paged_prefill_reference,
 )
 from tq_deploy.reference.quantizer import (
     MixedPrecisionTurboQuant,

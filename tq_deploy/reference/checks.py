@@ -19,7 +19,7 @@ import math
 import numbers
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +27,16 @@ from tq_deploy.ops import SUPPORTED_BITS, default_scale, packed_size
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes int64; a layer's seed is seed + layer
+
+
+def check_seed(name: str, seed: int) -> int:
+    """A rotation seed: an int in [0, 2**63); a float would be truncated (1.7 -> 1) into another matrix."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"{name}={seed!r}, expected an int in [0, 2**63)")
+    return int(seed)
 
 
 def check_bits(name: str, bits: int) -> int:
@@ -213,6 +223,19 @@ class PagedAttentionArgs:
         return self.query.device
 
 
+@dataclass(frozen=True, eq=False)
+class PagedPrefillArgs:
+    """A prefill-attention call: the decode call's arguments with T query rows instead of S, plus query_start."""
+
+    attention: PagedAttentionArgs  # query [T, Hq, D]; block_tables / context_lens per sequence [S]
+    query_start: torch.Tensor  # [S + 1] int32
+    num_tokens: int  # T
+
+    @property
+    def device(self) -> torch.device:
+        return self.attention.device
+
+
 def check_encode(x, rotation, codebook, bits, *, check_data: bool = True) -> EncodeArgs:
     bits = check_bits("bits", bits)
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_rank=1)
@@ -358,3 +381,44 @@ def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, n
     if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= num_blocks):
         bad = int(entries.min()) if int(entries.min()) < 0 else int(entries.max())
         raise ValueError(f"block_tables has entry {bad} in use, expected 0..{num_blocks - 1} (num_blocks - 1)")
+
+
+def check_paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start,
+                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0, *,
+                        check_data: bool = True) -> PagedPrefillArgs:
+    """Checks of one prefill-attention call (TQPagedPrefill); with ``check_data`` also query_start against
+    the context lengths, the context lengths and the block-table entries in use."""
+    check_tensor("query", query, dtypes=FLOAT_DTYPES, rank=3)
+    t = query.shape[0]
+    check_tensor("block_tables", block_tables, dtypes=(torch.int32,), rank=2)
+    s = block_tables.shape[0]
+    check_tensor("query_start", query_start, dtypes=(torch.int32,), rank=1)
+    check_shape("query_start", query_start, (s + 1,))
+    check_same_device(query=query, query_start=query_start)
+    # The per-sequence checks are the decode call's, with the sequences' first query rows standing in
+    # for the query (same head count, dim and dtype): one place for them.
+    stand_in = query.new_empty((s, *query.shape[1:])) if t != s else query
+    attention = check_paged_attention(stand_in, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
+                                      rotation, k_codebook, v_codebook, k_bits, v_bits, scale, check_data=False)
+    args = PagedPrefillArgs(replace(attention, query=query), query_start, t)
+    if check_data:
+        check_paged_prefill_data(args)
+    return args
+
+
+def check_paged_prefill_data(a: PagedPrefillArgs) -> None:
+    """The value checks of a prefill call: the decode call's, and query_start non-decreasing from 0 to T
+    with at most context_lens[s] rows per sequence."""
+    check_paged_attention_data(a.attention)
+    starts = a.query_start.long()
+    if int(starts[0]) != 0 or int(starts[-1]) != a.num_tokens:
+        raise ValueError(f"query_start runs from {int(starts[0])} to {int(starts[-1])}, expected 0 to "
+                         f"T = query.shape[0] = {a.num_tokens}")
+    counts = starts[1:] - starts[:-1]
+    if counts.numel() and int(counts.min()) < 0:
+        raise ValueError(f"query_start decreases ({starts.tolist()[:8]}...), expected non-decreasing row offsets")
+    over = counts > a.attention.context_lens.long()
+    if bool(over.any()):
+        s = int(over.nonzero()[0, 0])
+        raise ValueError(f"sequence {s} has {int(counts[s])} query rows (query_start), expected <= "
+                         f"context_lens[{s}] = {int(a.attention.context_lens[s])}")

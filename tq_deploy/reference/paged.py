@@ -26,17 +26,20 @@ from tq_deploy.ops import packed_size
 from tq_deploy.reference.checks import (
     CacheUpdateArgs,
     PagedAttentionArgs,
+    PagedPrefillArgs,
     check_bits,
     check_cache,
     check_cache_update,
     check_head_dim,
     check_paged_attention,
+    check_paged_prefill,
 )
 from tq_deploy.reference.packing import unpack_codes
 from tq_deploy.reference.quantizer import decode_reference, encode_reference
 
 __all__ = ["PagedTQCache", "allocate_cache", "check_cache", "cache_update_reference", "cache_update_checked",
-           "paged_attention_reference", "paged_attention_checked", "dense_attention_reference", "gather_tokens"]
+           "paged_attention_reference", "paged_attention_checked",
+           "paged_prefill_reference", "paged_prefill_checked", "dense_attention_reference", "gather_tokens"]
 
 
 @dataclass
@@ -152,6 +155,46 @@ def paged_attention_checked(a: PagedAttentionArgs):
     weights = probs * v_norm.permute(0, 2, 1)[:, :, None, :]
     acc = torch.einsum("shgl,slhd->shgd", weights, v_cent)
     return (acc.reshape(s, hq, dim) @ rotation).to(a.query.dtype)
+
+
+def paged_prefill_reference(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start,
+                            rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0):
+    """Causal multi-token attention over the paged cache (TQPagedPrefill): out[T, Hq, D] in query's dtype."""
+    return paged_prefill_checked(check_paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables,
+                                                     context_lens, query_start, rotation, k_codebook, v_codebook,
+                                                     k_bits, v_bits, scale))
+
+
+def paged_prefill_checked(p: PagedPrefillArgs):
+    """Per sequence: the n new query rows at positions ctx - n .. ctx - 1, each attending causally to
+    tokens 0..position, in the rotated domain as the decode attention does."""
+    a = p.attention
+    hq, dim, hkv, group = a.num_q_heads, a.head_dim, a.num_kv_heads, a.group
+    device = a.query.device
+    rotation = a.rotation.to(device)
+    k_codebook, v_codebook = a.k_codebook.to(device), a.v_codebook.to(device)
+    out = torch.zeros(a.query.shape, dtype=torch.float32, device=device)
+    starts = p.query_start.tolist()
+    for s in range(a.num_seqs):
+        first, n, ctx = starts[s], starts[s + 1] - starts[s], int(a.context_lens[s])
+        if n == 0:
+            continue
+        tables, lens = a.block_tables[s:s + 1], a.context_lens[s:s + 1]
+        k_cent = k_codebook[unpack_codes(gather_tokens(a.k_codes, tables, lens)[0][0], a.k_bits, dim).long()]
+        v_cent = v_codebook[unpack_codes(gather_tokens(a.v_codes, tables, lens)[0][0], a.v_bits, dim).long()]
+        k_norm = gather_tokens(a.k_norms, tables, lens)[0][0].T  # [Hkv, L]
+        v_norm = gather_tokens(a.v_norms, tables, lens)[0][0].T
+        q_rot = (a.query[first:first + n].float() @ rotation.T).reshape(n, hkv, group, dim)
+        scores = torch.einsum("nhgd,lhd->nhgl", q_rot, k_cent) * (k_norm[None, :, None, :] * a.scale)
+        position = torch.arange(ctx - n, ctx, device=device)
+        causal = (torch.arange(ctx, device=device)[None, :] <= position[:, None])[:, None, None, :]  # [n, 1, 1, L]
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        # The norms carry the values' magnitude and the centroids are finite, so masking the weights
+        # keeps a row's later tokens (a chunk's own future, NaN or not) out of its sum exactly.
+        weights = (probs * v_norm[None, :, None, :]).masked_fill(~causal, 0.0)
+        acc = torch.einsum("nhgl,lhd->nhgd", weights, v_cent)
+        out[first:first + n] = acc.reshape(n, hq, dim) @ rotation
+    return out.to(a.query.dtype)
 
 
 def dense_attention_reference(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,

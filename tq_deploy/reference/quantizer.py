@@ -22,6 +22,7 @@ dispatcher that picks one live above this package (:mod:`tq_deploy.dispatch`).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ from tq_deploy.reference.checks import (
     check_decode,
     check_encode,
     check_head_dim,
+    check_seed,
     check_tensor,
 )
 from tq_deploy.reference.codebook import codebook_boundaries, expected_mse, lloyd_max_codebook, paper_bounds
@@ -57,6 +59,18 @@ def normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     norms = vector_norms(xf)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     return xf / safe.unsqueeze(-1), norms
+
+
+def saturate(x_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``x_hat`` in ``dtype``, values past its largest finite number set to that number.
+
+    quantize() computes in float32 and returns x's dtype: a finite fp16 input has coordinates
+    <= 65504, but its reconstruction may overshoot by the quantization error, and a plain cast would
+    turn that into inf. The largest finite value is the nearest one to such a coordinate."""
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(x_hat.dtype).max:
+        limit = torch.finfo(dtype).max
+        x_hat = x_hat.clamp(-limit, limit)
+    return x_hat.to(dtype)
 
 
 def rotate(u: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -94,7 +108,7 @@ def decode_checked(a: DecodeArgs):
 
 def random_unit_vectors(num: int, dim: int, seed: int = 0) -> torch.Tensor:
     """Uniform points on the unit sphere S^{dim-1} (normalized Gaussians), float32."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed("seed", seed))
     x = torch.randn(num, dim, generator=g, dtype=torch.float64)
     return (x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)).float()
 
@@ -148,7 +162,7 @@ class TurboQuantMSE:
         u, norms = normalize(x)
         idx = quantize_coordinates(rotate(u, self.rotation.to(x.device)), self.codebook.to(x.device))
         x_hat = (self.codebook.to(x.device)[idx.long()] @ self.rotation.to(x.device)) * norms.unsqueeze(-1)
-        return x_hat.to(x.dtype)
+        return saturate(x_hat, x.dtype)
 
     def validate(self, num_vectors: int = 20000, seed: int = 1) -> dict:
         """Measured per-vector MSE on random unit vectors against theory and the paper's bounds."""
@@ -178,6 +192,10 @@ class TurboQuantMSE:
 
     def memory_report(self, seq_len: int, num_layers: int, num_kv_heads: int, source_bits: int = 16) -> dict:
         """KV-cache bytes (keys and values) for one sequence, uncompressed vs TurboQuant."""
+        for name, value in (("seq_len", seq_len), ("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("source_bits", source_bits)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name}={value!r}, expected an int >= 1")
         vectors = 2 * seq_len * num_layers * num_kv_heads
         original = vectors * self.head_dim * source_bits // 8
         compressed = vectors * self.bytes_per_vector()
@@ -211,7 +229,7 @@ class TurboQuantProd:
         self.head_dim = check_head_dim("head_dim", head_dim)
         self.bits = check_bits("bits", bits)
         self.mse = TurboQuantMSE(head_dim, bits - 1, seed, rotation, distribution, device) if bits > 1 else None
-        g = torch.Generator().manual_seed(seed + 0x51D)
+        g = torch.Generator().manual_seed(check_seed("seed", seed) + 0x51D)
         self.projection = torch.randn(head_dim, head_dim, generator=g, dtype=torch.float64).float().to(device)
 
     def encode(self, x: torch.Tensor) -> ProdCodes:
@@ -238,7 +256,7 @@ class TurboQuantProd:
         return x_hat.to(dtype)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x), x.dtype)
+        return saturate(self.decode(self.encode(x), torch.float32), x.dtype)
 
     def inner_product(self, query: torch.Tensor, codes: ProdCodes) -> torch.Tensor:
         """Unbiased estimate of <query, x> for every encoded x (broadcast over leading dims)."""
@@ -266,7 +284,11 @@ class MixedPrecisionTurboQuant:
         self.outlier_idx = None if outlier_idx is None else self._check_outlier_idx(outlier_idx)
 
     def _check_outlier_idx(self, outlier_idx) -> torch.Tensor:
-        idx = torch.as_tensor(outlier_idx).flatten().long()
+        idx = torch.as_tensor(outlier_idx)
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            # .long() would truncate 1.7 to channel 1
+            raise ValueError(f"outlier_idx has dtype {idx.dtype}, expected integer channel indices")
+        idx = idx.flatten().long()
         expected = f"{self.outlier_channels} distinct channels in 0..{self.head_dim - 1}"
         if idx.numel() != self.outlier_channels or idx.unique().numel() != idx.numel() \
                 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.head_dim)):

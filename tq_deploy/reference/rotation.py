@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from tq_deploy.reference.checks import check_head_dim
+from tq_deploy.reference.checks import check_head_dim, check_seed
 
 ROTATION_KINDS = ("haar", "hadamard")
 
 
 def _generator(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.Generator(device="cpu").manual_seed(check_seed("seed", seed))
 
 
 def haar_rotation(dim: int, seed: int = 0) -> torch.Tensor:

@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-_MODULES = ("_dot", "_bits", "_common", "encode", "decode", "paged_attention")
+_MODULES = ("_dot", "_bits", "_common", "encode", "decode", "paged_attention", "paged_prefill")
 
 
 def _is_interpreted(fn) -> bool:

@@ -75,7 +75,7 @@ def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_pt
     q_rows = (s * num_kv_heads + h).to(tl.int64) * G + g
     q = tl.load(qrot_ptr + q_rows[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
 
-    m_i = tl.full([GP], -1.0e30, tl.float32)
+    m_i = tl.full([GP], float("-inf"), tl.float32)  # -inf, not a finite floor: any finite score may be the max
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * bt_stride
@@ -94,8 +94,9 @@ def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_pt
         scores = half_dot(q, tl.trans(k), tl.zeros([GP, BLOCK_N], tl.float32), UPCAST) * kn[None, :]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no live score yet: exp2(-inf - 0) = 0, no NaN
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(scores - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vc = unpack_codes(vw_ptr, vb_ptr, row, BLOCK_N, D, VBITS)
         v = tl.load(vcb_ptr + vc)
@@ -122,14 +123,15 @@ def reduce_group_kernel(m_ptr, l_ptr, acc_ptr, rot_ptr, out_ptr, num_splits,
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     gmask = g < G
-    m_max = tl.full([GP], -1.0e30, tl.float32)
+    m_max = tl.full([GP], float("-inf"), tl.float32)
     for sp in range(0, num_splits):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + (sh * num_splits + sp) * G + g, mask=gmask, other=-1.0e30))
+        m_max = tl.maximum(m_max, tl.load(m_ptr + (sh * num_splits + sp) * G + g, mask=gmask, other=float("-inf")))
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty: weights exp2(-inf) = 0
     l_tot = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     for sp in range(0, num_splits):
         idx = (sh * num_splits + sp) * G + g
-        w = tl.exp2(tl.load(m_ptr + idx, mask=gmask, other=-1.0e30) - m_max)
+        w = tl.exp2(tl.load(m_ptr + idx, mask=gmask, other=float("-inf")) - m_max)
         l_tot += w * tl.load(l_ptr + idx, mask=gmask, other=0.0)
         acc += w[:, None] * tl.load(acc_ptr + idx[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
     # zeros only for an empty context (l = 0); a NaN sum stays NaN
@@ -162,19 +164,20 @@ def reduce_kernel(m_ptr, l_ptr, acc_ptr, rot_ptr, out_ptr, num_splits,
     sh = row // G
     g = row % G
     d = tl.arange(0, D)
-    m_run = tl.full([SB], -1.0e30, tl.float32)
+    m_run = tl.full([SB], float("-inf"), tl.float32)
     for s0 in range(0, num_splits, SB):
         sp = s0 + tl.arange(0, SB)
         idx = (sh * num_splits + sp) * G + g
-        m_run = tl.maximum(m_run, tl.load(m_ptr + idx, mask=sp < num_splits, other=-1.0e30))
+        m_run = tl.maximum(m_run, tl.load(m_ptr + idx, mask=sp < num_splits, other=float("-inf")))
     m_max = tl.max(m_run, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty: weights exp2(-inf) = 0
     l_run = tl.zeros([SB], tl.float32)
     acc = tl.zeros([D], tl.float32)
     for s0 in range(0, num_splits, SB):
         sp = s0 + tl.arange(0, SB)
         smask = sp < num_splits
         idx = (sh * num_splits + sp) * G + g
-        w = tl.where(smask, tl.exp2(tl.load(m_ptr + idx, mask=smask, other=-1.0e30) - m_max), 0.0)
+        w = tl.where(smask, tl.exp2(tl.load(m_ptr + idx, mask=smask, other=float("-inf")) - m_max), 0.0)
         l_run += w * tl.load(l_ptr + idx, mask=smask, other=0.0)
         a = tl.load(acc_ptr + idx[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
         acc += tl.sum(a * w[:, None], axis=0)
@@ -245,11 +248,11 @@ def paged_attention(a: PagedAttentionArgs, *, block_n=None, num_splits=None, num
         return out
     gp = max(16, _next_pow2(group))
     half = torch.float16
-    # defaults: the fastest validated knobs of the H200 sweep at D=128 (docs/performance.md)
+    # defaults: the fastest validated knobs at D=128 (docs/performance.md, History)
     block_n = block_n or (64 if dim <= 128 else 32)
     # 5-7 bit codes are read as 5-7 byte loads per 8 codes, a register each: at the 1-4 bit warp
     # counts the split kernel spills on sm_90 (1.2 KB a thread for 5-bit K and V at D=128); twice
-    # the warps spill at most 56 bytes (offline compile statistics; not timed on a GPU yet)
+    # the warps spill at most 56 bytes (compile statistics)
     bytewise = any(b in (5, 6, 7) for b in (a.k_bits, a.v_bits))
     num_warps = num_warps or (2 if dim <= 128 else 4) * (2 if bytewise else 1)
     num_stages = num_stages or 2

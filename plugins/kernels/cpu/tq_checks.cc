@@ -47,6 +47,30 @@ std::string check_block_tables(const int32_t* block_tables, const int32_t* conte
   return {};
 }
 
+std::string check_query_start(const int32_t* query_start, const int32_t* context_lens, int64_t num_seqs,
+                              int64_t num_tokens) {
+  std::ostringstream msg;
+  if (query_start[0] != 0 || query_start[num_seqs] != num_tokens) {
+    msg << "query_start runs from " << query_start[0] << " to " << query_start[num_seqs]
+        << ", expected 0 to T = query.shape[0] = " << num_tokens;
+    return msg.str();
+  }
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t rows = static_cast<int64_t>(query_start[s + 1]) - query_start[s];
+    if (rows < 0) {
+      msg << "query_start[" << s + 1 << "]=" << query_start[s + 1] << " < query_start[" << s
+          << "]=" << query_start[s] << ", expected non-decreasing row offsets";
+      return msg.str();
+    }
+    if (rows > context_lens[s]) {
+      msg << "sequence " << s << " has " << rows << " query rows (query_start), expected <= context_lens[" << s
+          << "] = " << context_lens[s];
+      return msg.str();
+    }
+  }
+  return {};
+}
+
 std::string check_codebook_values(const char* name, const float* codebook, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const bool finite = std::isfinite(codebook[i]);

@@ -19,6 +19,11 @@ std::string check_scale(double scale);
 std::string check_block_tables(const int32_t* block_tables, const int32_t* context_lens, int64_t num_seqs,
                                int64_t max_blocks, int64_t num_blocks, int64_t block_size);
 
+// query_start [S + 1]: 0 first, num_tokens (T) last, non-decreasing, and at most context_lens[s] rows
+// (query_start[s + 1] - query_start[s]) for sequence s.
+std::string check_query_start(const int32_t* query_start, const int32_t* context_lens, int64_t num_seqs,
+                              int64_t num_tokens);
+
 // codebook[0 .. n) finite and strictly ascending: encode counts the midpoints of neighbours below a
 // value, which is the nearest centroid only for ascending centroids, and a NaN centroid would turn
 // every output that reads it into NaN without saying why. Host data only (the CPU providers).

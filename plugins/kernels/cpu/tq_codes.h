@@ -31,6 +31,20 @@ TQ_INLINE float scaled_norm(float* x, int64_t d, int* exponent) {
   return std::sqrt(dot(x, x, d));
 }
 
+// u = x / ||x|| in place (zero vectors stay zero: no NaN from 0/0); returns ||x||. The norm is
+// computed scaled (scaled_norm), and u from the scaled x: the same bits as x / ||x||
+// wherever ||x|| is a normal float32, and the right unit vector where it would over- or underflow.
+TQ_INLINE float normalize(float* x, int64_t d) {
+  int e = 0;
+  const float scaled = scaled_norm(x, d, &e);
+  if (scaled > 0.f) {
+    for (int64_t i = 0; i < d; ++i) x[i] /= scaled;
+  } else {
+    std::fill(x, x + d, 0.f);  // a zero vector (or a NaN one, whose NaN norm says so)
+  }
+  return std::ldexp(scaled, e);
+}
+
 // Nearest centroid = number of midpoints strictly below the value (ties take the lower code).
 struct Quantizer {
   int bits;

@@ -39,10 +39,10 @@ TQ_MULTIVERSION void decode_task(void* ctx, size_t task) {
 
 }  // namespace
 
-void decode(const uint8_t* codes, const float* norms, int64_t rows, int64_t dim, const float* rotation,
-            const float* codebook, int bits, float* x_hat, const Parallel& parallel) {
-  const Dequantizer dequantizer(codebook, bits, dim);
-  DecodeJob job{codes, norms, rows, dim, rotation, &dequantizer, x_hat};
+void decode(const tq_decode_call& c, const Parallel& parallel) {
+  const int64_t rows = c.rows;
+  const Dequantizer dequantizer(c.codebook, c.bits, c.head_dim);
+  DecodeJob job{c.codes, c.norms, rows, c.head_dim, c.rotation, &dequantizer, c.x_hat};
   parallel.for_each(static_cast<size_t>((rows + kRowsPerTask - 1) / kRowsPerTask), decode_task, &job);
 }
 

@@ -11,6 +11,8 @@
 //            q_rot = Pi q;  s_t = k_norm_t <q_rot, c_k[idx_k_t]> * scale;
 //            p = softmax(s);  out = Pi^T sum_t p_t v_norm_t c_v[idx_v_t]
 //            (a context of 0 tokens gives zeros; a NaN or overflowing score gives NaN, never zeros)
+//   paged prefill: the same for query rows [query_start[s], query_start[s+1]) of sequence s, row j
+//            of its n rows at position p = context_lens[s] - n + j attending to tokens 0..p only
 //
 // Callers validate shapes and data first (tq_checks.h); these functions trust their
 // arguments. Work is spread over threads through a caller-supplied Parallel.
@@ -18,6 +20,9 @@
 
 #include <cstddef>
 #include <cstdint>
+
+#include "tq_calls.h"
+#include "tq_op_list.h"
 
 namespace tq {
 
@@ -42,14 +47,6 @@ Parallel std_thread_parallel(int threads = 0);
 // Bytes of one packed vector: ceil(dim * bits / 8).
 constexpr int64_t packed_size(int64_t dim, int bits) { return (dim * bits + 7) / 8; }
 
-// x [rows, dim] (float32 or float16) -> codes [rows, packed_size(dim, bits)], norms [rows].
-void encode(const void* x, DType x_type, int64_t rows, int64_t dim, const float* rotation,
-            const float* codebook, int bits, uint8_t* codes, float* norms, const Parallel& parallel);
-
-// codes [rows, P], norms [rows] -> x_hat [rows, dim] float32.
-void decode(const uint8_t* codes, const float* norms, int64_t rows, int64_t dim, const float* rotation,
-            const float* codebook, int bits, float* x_hat, const Parallel& parallel);
-
 // A vLLM-style paged TurboQuant cache: codes [N, B, Hkv, P], norms [N, B, Hkv].
 struct PagedCache {
   uint8_t* k_codes;
@@ -64,19 +61,22 @@ struct PagedCache {
   int v_bits;
 };
 
-// Encodes key/value [T, Hkv, D] into the cache (in place) at slot_mapping[t] = block * B + offset;
-// negative slots are skipped; when several tokens name one slot the last one wins.
-// Slots must be < N * B (see check_slot_mapping).
-void cache_update(const void* key, const void* value, DType kv_type, const int64_t* slot_mapping,
-                  int64_t num_tokens, const PagedCache& cache, const float* rotation,
-                  const float* k_codebook, const float* v_codebook, const Parallel& parallel);
+// One kernel per op of the contract (tq_op_list.h), defined in tq_<stem>.cc (the prefill in
+// tq_paged_attention.cc, whose per-(sequence, KV head) pass it shares), taking the op's
+// generated call struct (tq_calls.h); the launch fields (workspace, stream) are unused here, the
+// caller's Parallel spreads the work:
+//   void tq::<stem>(const tq_<stem>_call& call, const Parallel& parallel)
+// Each file's opening comment says what its op computes (the contract: tq_deploy/ops.py); the
+// glue validates shapes and data first (tq_checks.h), the kernels trust their arguments.
+#define TQ_CPU_DECLARE_KERNEL(stem, Pascal, float_types) \
+  void stem(const tq_##stem##_call& call, const Parallel& parallel);
+TQ_FOR_EACH_OP(TQ_CPU_DECLARE_KERNEL)
+#undef TQ_CPU_DECLARE_KERNEL
 
-// query [S, Hq, D] (float32/float16) -> out [S, Hq, D] of the same dtype.
-// block_tables [S, M] int32, context_lens [S] int32 (validated: see check_block_tables).
-// scale <= 0 means 1/sqrt(D).
-void paged_attention(const void* query, DType q_type, int64_t num_seqs, int64_t num_q_heads,
-                     const PagedCache& cache, const int32_t* block_tables, int64_t max_blocks,
-                     const int32_t* context_lens, const float* rotation, const float* k_codebook,
-                     const float* v_codebook, float scale, void* out, const Parallel& parallel);
+// The kernels as one overload set, for glue that is generic over the ops.
+#define TQ_CPU_OVERLOAD(stem, Pascal, float_types) \
+  inline void run(const tq_##stem##_call& call, const Parallel& parallel) { stem(call, parallel); }
+TQ_FOR_EACH_OP(TQ_CPU_OVERLOAD)
+#undef TQ_CPU_OVERLOAD
 
 }  // namespace tq

@@ -1,14 +1,19 @@
-// TQPagedAttention kernel: one fused pass per (sequence, KV head) with an online softmax.
+// TQPagedAttention and TQPagedPrefill kernels: one fused pass per (sequence, KV head) with an
+// online softmax.
 //
 // The query heads that share a KV head (the GQA group) are processed together, so each cached
-// token's codes are unpacked once and scored against every head of the group. Tokens go in
+// token's codes are unpacked once and scored against every head of the group. A prefill task
+// takes a few consecutive query rows of one sequence times the group the same way: each row is a
+// decode query of its sequence whose context ends at its own position (position + 1 tokens), so
+// the rows share every unpacked tile and the diagonal tile masks what a row must not see. Tokens go in
 // chunks of kChunk: their codes are unpacked straight from the paged cache into two small
 // thread-local tiles of centroid values (kChunk x D floats each, L1/L2 resident; the cache is
 // never decompressed as a whole), then
 //     scores  s[g][t] = k_norm_t * <scale * q_rot[g], c_k[idx_k_t]>      (register-blocked)
 //     softmax running max / sum per head, rescaled once per chunk
 //     acc[g]  += p[g][t] * v_norm_t * c_v[idx_v_t]                       (register-blocked)
-// and at the end out[g] = Pi^T (acc[g] / sum[g]).
+// and at the end out[g] = Pi^T (acc[g] / sum[g]). A row's tokens past its limit get weight 0
+// (never p * v_norm: a later token's norm may be NaN).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -73,16 +78,34 @@ struct AttentionJob {
   int64_t splits;
   int64_t split_len;
   float* partial;  // [S, Hkv, splits, group, D + 2]: acc (rotated domain), running max, running sum
+  // Prefill: query rows [query_start[s], query_start[s + 1]) belong to sequence s; tasks are the
+  // `tiles` (sequence, first row) pairs of up to rows_per_tile rows each, times the KV heads.
+  const int32_t* query_start;
+  int64_t rows_per_tile;
+  const int64_t* tiles;  // [num_tiles, 2]
 };
 
-// out[g] = Pi^T (acc[g] / sum[g]) for the group's query heads. A sum of 0 means no tokens: zeros;
+// The query (and output) vectors of a task: vector index (token * Hq + head) and how many of the
+// sequence's tokens each one sees.
+struct QueryRows {
+  std::vector<int64_t> vec, limit;
+};
+
+// The group of KV head kv_head for query token `token`, seeing `limit` tokens.
+TQ_INLINE void add_group(const AttentionJob& job, int64_t token, int64_t kv_head, int64_t limit, QueryRows& rows) {
+  for (int64_t g = 0; g < job.group; ++g) {
+    rows.vec.push_back(token * job.num_q_heads + kv_head * job.group + g);
+    rows.limit.push_back(limit);
+  }
+}
+
+// out[g] = Pi^T (acc[g] / sum[g]) for the rows' query vectors. A sum of 0 means no tokens: zeros;
 // a NaN sum (a NaN or overflowing score) gives NaN, never zeros.
-TQ_INLINE void write_output(const AttentionJob& job, int64_t s, int64_t kv_head, const float* acc, int64_t stride,
+TQ_INLINE void write_output(const AttentionJob& job, const QueryRows& rows, const float* acc, int64_t stride,
                             const float* sums) {
   const int64_t d = job.cache->head_dim;
-  const int64_t out_row0 = s * job.num_q_heads + kv_head * job.group;
   std::vector<float> normalized(d), out(d);
-  for (int64_t g = 0; g < job.group; ++g) {
+  for (size_t g = 0; g < rows.vec.size(); ++g) {
     if (sums[g] != 0.f) {
       const float inv = 1.f / sums[g];
       for (int64_t j = 0; j < d; ++j) normalized[j] = acc[g * stride + j] * inv;
@@ -90,23 +113,24 @@ TQ_INLINE void write_output(const AttentionJob& job, int64_t s, int64_t kv_head,
     } else {
       std::fill(out.begin(), out.end(), 0.f);
     }
-    detail::store_from_float(out.data(), d, job.out, job.q_type, (out_row0 + g) * d);
+    detail::store_from_float(out.data(), d, job.out, job.q_type, rows.vec[g] * d);
   }
 }
 
-// Online-softmax attention of the group's query heads over tokens [t_begin, t_end) of sequence
-// s; leaves acc (rotated domain, not normalized, row stride ds), running max and running sum.
+// Online-softmax attention of the query vectors `rows` over tokens [t_begin, t_end) of sequence s,
+// row g seeing only the tokens before rows.limit[g]; leaves acc (rotated domain, not normalized,
+// row stride ds), running max and running sum.
 // Unpacker: anything with unpack(packed row, floats) (Dequantizer's byte tables, or the
 // vector-permutation unpacker on AVX2).
 template <typename Unpacker>
-TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head, int64_t t_begin, int64_t t_end,
-                            int64_t ds, const Unpacker& k_unpack, const Unpacker& v_unpack, float* acc,
-                            float* running_max, float* running_sum) {
+TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head, const QueryRows& query_rows,
+                            int64_t t_begin, int64_t t_end, int64_t ds, const Unpacker& k_unpack,
+                            const Unpacker& v_unpack, float* acc, float* running_max, float* running_sum) {
   const PagedCache& c = *job.cache;
   const Dequantizer& kd = *job.k_dequantizer;
   const Dequantizer& vd = *job.v_dequantizer;
-  const int64_t d = c.head_dim, hkv = c.num_kv_heads, bsz = c.block_size, groups = job.group;
-  const int64_t q_row0 = s * job.num_q_heads + kv_head * groups;  // first query head of the group
+  const int64_t d = c.head_dim, hkv = c.num_kv_heads, bsz = c.block_size;
+  const int64_t groups = static_cast<int64_t>(query_rows.vec.size());
   std::fill(acc, acc + groups * ds, 0.f);
   std::fill(running_max, running_max + groups, -std::numeric_limits<float>::infinity());
   std::fill(running_sum, running_sum + groups, 0.f);
@@ -116,7 +140,7 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
   // tiles' padding contribute nothing.
   std::vector<float> q_rot(groups * ds, 0.f), qf(d);
   for (int64_t g = 0; g < groups; ++g) {
-    detail::load_as_float(job.query, job.q_type, (q_row0 + g) * d, d, qf.data());
+    detail::load_as_float(job.query, job.q_type, query_rows.vec[g] * d, d, qf.data());
     float* qr = q_rot.data() + g * ds;
     detail::matvec(job.rotation, qf.data(), qr, d);
     for (int64_t i = 0; i < d; ++i) qr[i] *= job.scale;
@@ -164,8 +188,11 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
 
     for (g = 0; g < groups; ++g) {  // online softmax; probs become weights p * v_norm
       float* p = probs.data() + g * kChunk;
+      const int64_t seen = std::clamp<int64_t>(query_rows.limit[g] - t0, 0, n);  // tokens row g sees
+      std::fill(p + seen, p + n, 0.f);
+      if (seen == 0) continue;
       float chunk_max = -std::numeric_limits<float>::infinity();
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = 0; i < seen; ++i) {
         p[i] *= k_norm[i];
         chunk_max = std::max(chunk_max, p[i]);
       }
@@ -178,7 +205,7 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
         running_max[g] = new_max;
       }
       float sum = 0.f;
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = 0; i < seen; ++i) {
         const float e = std::exp(p[i] - new_max);
         sum += e;
         p[i] = e * v_norm[i];
@@ -208,10 +235,12 @@ TQ_INLINE void attention_body(const AttentionJob& job, size_t task, const Unpack
 
   const int64_t ds = round_up8(std::max({d, job.k_dequantizer->padded_dim(), job.v_dequantizer->padded_dim()}));
   std::vector<float> acc(groups * ds), running_max(groups), running_sum(groups);
-  attend_range(job, s, kv_head, t_begin, t_end, ds, k_unpack, v_unpack, acc.data(), running_max.data(),
+  QueryRows rows;
+  add_group(job, s, kv_head, t_end, rows);
+  attend_range(job, s, kv_head, rows, t_begin, t_end, ds, k_unpack, v_unpack, acc.data(), running_max.data(),
                running_sum.data());
   if (job.splits == 1) {
-    write_output(job, s, kv_head, acc.data(), ds, running_sum.data());
+    write_output(job, rows, acc.data(), ds, running_sum.data());
     return;
   }
   float* partial = job.partial + (pair * job.splits + part) * groups * (d + 2);
@@ -244,7 +273,32 @@ void merge_task(void* ctx, size_t pair) {
       for (int64_t j = 0; j < d; ++j) acc[g * d + j] += part[j] * w;
     }
   }
-  write_output(job, static_cast<int64_t>(pair) / hkv, static_cast<int64_t>(pair) % hkv, acc.data(), d, sums.data());
+  QueryRows rows;
+  add_group(job, static_cast<int64_t>(pair) / hkv, static_cast<int64_t>(pair) % hkv, 0, rows);
+  write_output(job, rows, acc.data(), d, sums.data());
+}
+
+// One prefill task = one (tile of query rows of a sequence, KV head): row j of the sequence's n
+// rows sits at position ctx - n + j and sees position + 1 tokens.
+template <typename Unpacker>
+TQ_INLINE void prefill_body(const AttentionJob& job, size_t task, const Unpacker& k_unpack,
+                            const Unpacker& v_unpack) {
+  const PagedCache& c = *job.cache;
+  const int64_t hkv = c.num_kv_heads;
+  const int64_t tile = static_cast<int64_t>(task) / hkv, kv_head = static_cast<int64_t>(task) % hkv;
+  const int64_t s = job.tiles[2 * tile], first_row = job.tiles[2 * tile + 1];
+  const int64_t begin = job.query_start[s], n = job.query_start[s + 1] - begin, ctx = job.context_lens[s];
+  const int64_t end_row = std::min(first_row + job.rows_per_tile, n);
+  QueryRows rows;
+  for (int64_t j = first_row; j < end_row; ++j) add_group(job, begin + j, kv_head, ctx - n + j + 1, rows);
+  const int64_t t_end = ctx - n + end_row;  // the last row's limit
+
+  const int64_t ds = round_up8(std::max({c.head_dim, job.k_dequantizer->padded_dim(), job.v_dequantizer->padded_dim()}));
+  const size_t count = rows.vec.size();
+  std::vector<float> acc(count * ds), running_max(count), running_sum(count);
+  attend_range(job, s, kv_head, rows, 0, t_end, ds, k_unpack, v_unpack, acc.data(), running_max.data(),
+               running_sum.data());
+  write_output(job, rows, acc.data(), ds, running_sum.data());
 }
 
 struct TableUnpacker {
@@ -257,6 +311,11 @@ void attention_task_portable(void* ctx, size_t task) {
   attention_body(job, task, TableUnpacker{job.k_dequantizer}, TableUnpacker{job.v_dequantizer});
 }
 
+void prefill_task_portable(void* ctx, size_t task) {
+  const auto& job = *static_cast<const AttentionJob*>(ctx);
+  prefill_body(job, task, TableUnpacker{job.k_dequantizer}, TableUnpacker{job.v_dequantizer});
+}
+
 // Explicit AVX2 + FMA variant (picked at run time): vector unpacking needs vpermps.
 #if defined(TQ_HAVE_VECTOR_UNPACK) && defined(__x86_64__)
 #define TQ_HAVE_AVX2_ATTENTION 1
@@ -265,32 +324,68 @@ __attribute__((target("avx2,fma"))) void attention_task_avx2(void* ctx, size_t t
   const detail::VectorUnpacker k_unpack(*job.k_dequantizer), v_unpack(*job.v_dequantizer);
   attention_body(job, task, k_unpack, v_unpack);
 }
+
+__attribute__((target("avx2,fma"))) void prefill_task_avx2(void* ctx, size_t task) {
+  const auto& job = *static_cast<const AttentionJob*>(ctx);
+  const detail::VectorUnpacker k_unpack(*job.k_dequantizer), v_unpack(*job.v_dequantizer);
+  prefill_body(job, task, k_unpack, v_unpack);
+}
 #endif
 
-Parallel::Task attention_task() {
+// TQ_DEPLOY_CPU_KERNELS=portable forces the portable path (tests cover both paths with it).
+bool use_avx2() {
 #if defined(TQ_HAVE_AVX2_ATTENTION)
-  // TQ_DEPLOY_CPU_KERNELS=portable forces the portable path (tests cover both paths with it).
   static const bool avx2 = [] {
     const char* choice = std::getenv("TQ_DEPLOY_CPU_KERNELS");
     if (choice != nullptr && std::strcmp(choice, "portable") == 0) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
-  if (avx2) return attention_task_avx2;
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+Parallel::Task attention_task() {
+#if defined(TQ_HAVE_AVX2_ATTENTION)
+  if (use_avx2()) return attention_task_avx2;
 #endif
   return attention_task_portable;
 }
 
+Parallel::Task prefill_task() {
+#if defined(TQ_HAVE_AVX2_ATTENTION)
+  if (use_avx2()) return prefill_task_avx2;
+#endif
+  return prefill_task_portable;
+}
+
+// The read-only cache of an attention call (PagedCache's pointers are mutable for the cache
+// update's sake).
+template <typename Call>
+PagedCache cache_of(const Call& c) {
+  return PagedCache{const_cast<uint8_t*>(c.k_codes), const_cast<float*>(c.k_norms), const_cast<uint8_t*>(c.v_codes),
+                    const_cast<float*>(c.v_norms), c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim, c.k_bits,
+                    c.v_bits};
+}
+
+// The softmax scale: the attribute, or 1/sqrt(D) for 0.
+template <typename Call>
+float scale_of(const Call& c) {
+  return c.scale > 0.f ? c.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
+}
+
 }  // namespace
 
-void paged_attention(const void* query, DType q_type, int64_t num_seqs, int64_t num_q_heads, const PagedCache& cache,
-                     const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
-                     const float* rotation, const float* k_codebook, const float* v_codebook, float scale, void* out,
-                     const Parallel& parallel) {
-  const Dequantizer kd(k_codebook, cache.k_bits, cache.head_dim);
-  const Dequantizer vd(v_codebook, cache.v_bits, cache.head_dim);
-  const float used_scale =
-      scale > 0.f ? scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(cache.head_dim)));
+void paged_attention(const tq_paged_attention_call& c, const Parallel& parallel) {
+  const PagedCache cache = cache_of(c);
+  const int64_t num_seqs = c.num_seqs, num_q_heads = c.num_q_heads, max_blocks = c.max_blocks;
+  const int32_t* block_tables = c.block_tables;
+  const int32_t* context_lens = c.context_lens;
+  const Dequantizer kd(c.k_codebook, cache.k_bits, cache.head_dim);
+  const Dequantizer vd(c.v_codebook, cache.v_bits, cache.head_dim);
+  const float used_scale = scale_of(c);
   const int64_t group = num_q_heads / cache.num_kv_heads;
   const int64_t pairs = num_seqs * cache.num_kv_heads;
 
@@ -309,10 +404,30 @@ void paged_attention(const void* query, DType q_type, int64_t num_seqs, int64_t 
   if (splits > 1) split_len = ((max_ctx + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
   std::vector<float> partial(splits > 1 ? static_cast<size_t>(pairs * splits * group * (cache.head_dim + 2)) : 0);
 
-  AttentionJob job{query, q_type, num_q_heads, group, &cache, block_tables, max_blocks, context_lens, rotation,
-                   &kd, &vd, used_scale, out, splits, split_len, partial.data()};
+  AttentionJob job{c.query, static_cast<DType>(c.dtype), num_q_heads, group, &cache, block_tables, max_blocks,
+                   context_lens, c.rotation, &kd, &vd, used_scale, c.out, splits, split_len, partial.data(),
+                   nullptr, 0, nullptr};
   parallel.for_each(static_cast<size_t>(pairs * splits), attention_task(), &job);
   if (splits > 1) parallel.for_each(static_cast<size_t>(pairs), merge_task, &job);
+}
+
+void paged_prefill(const tq_paged_prefill_call& c, const Parallel& parallel) {
+  const PagedCache cache = cache_of(c);
+  const Dequantizer kd(c.k_codebook, cache.k_bits, cache.head_dim);
+  const Dequantizer vd(c.v_codebook, cache.v_bits, cache.head_dim);
+  const int64_t group = c.num_q_heads / cache.num_kv_heads;
+  // About 48 query vectors per task share each unpacked tile (a sequence's rows times the group).
+  const int64_t rows_per_tile = std::max<int64_t>(1, 48 / group);
+  std::vector<int64_t> tiles;
+  for (int64_t s = 0; s < c.num_seqs; ++s)
+    for (int64_t j = 0; j < c.query_start[s + 1] - c.query_start[s]; j += rows_per_tile) {
+      tiles.push_back(s);
+      tiles.push_back(j);
+    }
+  AttentionJob job{c.query, static_cast<DType>(c.dtype), c.num_q_heads, group, &cache, c.block_tables,
+                   c.max_blocks, c.context_lens, c.rotation, &kd, &vd, scale_of(c), c.out, 1, 0, nullptr,
+                   c.query_start, rows_per_tile, tiles.data()};
+  parallel.for_each(tiles.size() / 2 * static_cast<size_t>(cache.num_kv_heads), prefill_task(), &job);
 }
 
 }  // namespace tq

@@ -1,6 +1,7 @@
 /* TurboQuant CUDA kernels behind a C launcher API on raw device pointers.
  *
- * One launcher per op, called alike by the PyTorch path (libtq_deploy_cuda.so, tq_deploy.cuda),
+ * One launcher per op, tq_cuda_<stem>(const tq_<stem>_call*), its argument the op's generated
+ * call struct (tq_calls.h, from tq_deploy/ops.py), called alike by the PyTorch path (libtq_deploy_cuda.so, tq_deploy.cuda),
  * the ONNX Runtime CUDA EP kernels (plugins/ort) and the TensorRT plugins (plugins/trt): no
  * TensorRT or ONNX Runtime type appears here. Every pointer is a device pointer; every launcher
  * only enqueues work on `stream` (never allocates, never synchronizes) and returns
@@ -35,13 +36,20 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tq_calls.h"
+#include "tq_op_list.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 #define TQ_CUDA_BAD_ARGUMENT 10001
 
-typedef enum { TQ_CUDA_FLOAT32 = 0, TQ_CUDA_FLOAT16 = 1, TQ_CUDA_BFLOAT16 = 2 } tq_cuda_dtype;
+/* The kernels take float32, float16 and bfloat16 T tensors (the dtype field of a call). */
+typedef tq_dtype tq_cuda_dtype;
+#define TQ_CUDA_FLOAT32 TQ_FLOAT32
+#define TQ_CUDA_FLOAT16 TQ_FLOAT16
+#define TQ_CUDA_BFLOAT16 TQ_BFLOAT16
 
 /* Bytes of one packed vector: ceil(dim * bits / 8). */
 static inline int64_t tq_cuda_packed_size(int64_t dim, int bits) { return (dim * bits + 7) / 8; }
@@ -51,79 +59,66 @@ const char* tq_cuda_build_info(void);
 /* A launcher's return code in words. */
 const char* tq_cuda_error_string(int code);
 
-/* x [rows, dim] (float32/float16/bfloat16) -> codes [rows, P] uint8, norms [rows] float32. */
-int tq_cuda_encode(const void* x, tq_cuda_dtype x_type, int64_t rows, int64_t dim, const float* rotation,
-                   const float* codebook, int bits, uint8_t* codes, float* norms, cudaStream_t stream);
+/* One launcher per op of the contract (tq_op_list.h), defined in tq_<stem>.cu:
+ *   size_t tq_cuda_<stem>_workspace(const tq_<stem>_call* call)  device scratch the call needs, from
+ *                                                               its sizes alone (pointers may be null)
+ *   int tq_cuda_<stem>(const tq_<stem>_call* call)               the launch
+ * Each file's opening comment says what its op computes (the contract: tq_deploy/ops.py). */
+#define TQ_CUDA_DECLARE_LAUNCHER(stem, Pascal, float_types)                 \
+  size_t tq_cuda_##stem##_workspace(const tq_##stem##_call* call); \
+  int tq_cuda_##stem(const tq_##stem##_call* call);
+TQ_FOR_EACH_OP(TQ_CUDA_DECLARE_LAUNCHER)
+#undef TQ_CUDA_DECLARE_LAUNCHER
 
-/* codes [rows, P], norms [rows] -> x_hat [rows, dim] float32. */
-int tq_cuda_decode(const uint8_t* codes, const float* norms, int64_t rows, int64_t dim, const float* rotation,
-                   const float* codebook, int bits, float* x_hat, cudaStream_t stream);
-
-/* key/value [T, Hkv, D] (float32/float16/bfloat16) encoded into the paged cache, in place.
- * slot_mapping [T] int64; negative slots skip the token; when several tokens name one slot the
- * last of them wins (as in the reference). The caller provides a device workspace of
- * tq_cuda_cache_update_workspace(T) bytes (0 for up to 32 tokens, which are checked inline) for
- * that bookkeeping. */
-size_t tq_cuda_cache_update_workspace(int64_t num_tokens);
-int tq_cuda_cache_update(const void* key, const void* value, tq_cuda_dtype kv_type, const int64_t* slot_mapping,
-                         int64_t num_tokens, int64_t num_kv_heads, int64_t head_dim, uint8_t* k_codes,
-                         float* k_norms, uint8_t* v_codes, float* v_norms, int64_t num_blocks, int64_t block_size,
-                         const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits,
-                         int v_bits, void* workspace, size_t workspace_bytes, cudaStream_t stream);
-
-/* Decode attention. The caller provides a device workspace of at least
- * tq_cuda_paged_attention_workspace(...) bytes (the same shapes and tokens_per_split as the call;
- * the size only grows with num_seqs and max_blocks, so a workspace sized for the largest shapes
- * serves every smaller call). query [S, Hq, D] (float32/float16/bfloat16) -> out [S, Hq, D] of the
- * same dtype; block_tables [S, M] int32, context_lens [S] int32; scale <= 0 means 1/sqrt(D).
- * tokens_per_split = 0 picks the split-K from the shapes and the device's SM count.
- * Shapes the tensor-core kernel takes (tq_cuda_paged_attention_path == 1) run on it; every other
- * shape runs the generic kernel. */
-size_t tq_cuda_paged_attention_workspace(int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
-                                         int64_t head_dim, int64_t max_blocks, int64_t block_size, int k_bits,
-                                         int v_bits, int64_t tokens_per_split);
-int tq_cuda_paged_attention(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t num_q_heads,
-                            int64_t num_kv_heads, int64_t head_dim, const uint8_t* k_codes, const float* k_norms,
-                            const uint8_t* v_codes, const float* v_norms, int64_t num_blocks, int64_t block_size,
-                            const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
-                            const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits,
-                            int v_bits, float scale, int64_t tokens_per_split, void* workspace,
-                            size_t workspace_bytes, void* out, cudaStream_t stream);
-/* The same call with its arguments in one struct: a caller that repeats a call (a decode loop
- * through a language binding) fills it once and changes only the per-step fields. */
+/* Decode attention, planned once per shape and run many times (FlashInfer style).
+ *
+ * tq_cuda_paged_attention_plan checks the call's sizes, attributes and dtype, resolves scale 0 to
+ * 1/sqrt(D), picks the kernel and the split-K (tokens_per_split = 0: from the shapes and the
+ * device's SM count) and sizes the workspace. It reads the call's sizes, attributes, dtype and the
+ * alignment of k_codes and v_codes, nothing else. The plan holds for every call with the same
+ * sizes, attributes and dtype whose codes keep that alignment (code_alignment bytes; null
+ * pointers count as aligned).
+ *
+ * tq_cuda_paged_attention_run launches a planned call and checks nothing: the call must match
+ * its plan and carry a workspace of at least plan->workspace_bytes.
+ *
+ * tq_cuda_paged_attention does both (and checks the workspace size): for callers that do not
+ * repeat a shape. tq_cuda_paged_attention_workspace sizes a workspace for either kernel and the
+ * library's split (tokens_per_split 0), from the sizes alone (the size only grows with num_seqs
+ * and max_blocks, so one sized for the largest shapes serves every smaller call). */
 typedef struct {
-  const void* query;
-  int32_t q_type; /* tq_cuda_dtype */
-  int32_t k_bits, v_bits;
-  float scale;
-  int64_t num_seqs, num_q_heads, num_kv_heads, head_dim;
-  const uint8_t* k_codes;
-  const float* k_norms;
-  const uint8_t* v_codes;
-  const float* v_norms;
-  int64_t num_blocks, block_size;
-  const int32_t* block_tables;
-  int64_t max_blocks;
-  const int32_t* context_lens;
-  const float* rotation;
-  const float* k_codebook;
-  const float* v_codebook;
-  int64_t tokens_per_split;
-  void* workspace;
+  int32_t tensor_cores;     /* 1: the tensor-core kernel (tq_paged_attention_mma.cu), 0: the generic one */
+  int32_t tiles_per_warp;   /* tensor cores: 16-token tiles per warp (split) */
+  int32_t ctas_per_pair;    /* tensor cores: CTAs per (sequence, KV head, chunk of <= 8 query heads) */
+  int32_t splits;           /* generic: splits of the context per (sequence, KV head, head chunk) */
+  int32_t tokens_per_split; /* generic */
+  int32_t head_chunks;      /* generic: query-head chunks of at most 8 heads per KV head */
+  int32_t code_alignment;   /* bytes k_codes and v_codes were aligned to when planned */
+  float scale;              /* the softmax scale, 0 resolved */
+  size_t counters_offset, ml_offset, acc_offset, q_offset; /* parts of the workspace */
   size_t workspace_bytes;
-  void* out;
-  cudaStream_t stream;
-} tq_cuda_paged_attention_call;
-int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_call* call);
+} tq_cuda_paged_attention_plan_t;
+int tq_cuda_paged_attention_plan(const tq_paged_attention_call* call, int64_t tokens_per_split,
+                                 tq_cuda_paged_attention_plan_t* plan);
+int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_plan_t* plan, const tq_paged_attention_call* call);
 
-/* 1 when these shapes take the tensor-core kernel (head_dim up to 256 -- 64/128/256 on the packed
- * layout, other dims with codes widened to 8 bits -- any bit widths, block size and number of query
- * heads per KV head), 0 for the generic kernel (larger head dims). */
-int tq_cuda_paged_attention_path(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                                 int k_bits, int v_bits);
+/* 1 when the call's sizes take the tensor-core kernel (head_dim up to 256 -- 64/128/256 on the
+ * packed layout, other dims with codes widened to 8 bits -- any bit widths, block size and number
+ * of query heads per KV head), 0 for the generic kernel (larger head dims). Reads num_q_heads,
+ * num_kv_heads, head_dim, block_size, k_bits, v_bits. */
+int tq_cuda_paged_attention_path(const tq_paged_attention_call* call);
 
 #ifdef __cplusplus
 }
+
+/* The launchers as one overload set, for glue that is generic over the ops. */
+namespace tq_cuda {
+#define TQ_CUDA_OVERLOAD(stem, Pascal, float_types)                                                       \
+  inline size_t workspace(const tq_##stem##_call* call) { return tq_cuda_##stem##_workspace(call); } \
+  inline int launch(const tq_##stem##_call* call) { return tq_cuda_##stem(call); }
+TQ_FOR_EACH_OP(TQ_CUDA_OVERLOAD)
+#undef TQ_CUDA_OVERLOAD
+}  // namespace tq_cuda
 #endif
 
 #endif /* TQ_CUDA_H_ */

@@ -29,6 +29,15 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Online softmax: the running max starts at -inf (a finite floor such as -1e30 would outrank a row
+// whose scores all lie below it and give zeros). exp2 takes its exponents relative to
+// softmax_base(max): the max itself, or 0 while no live score has been seen, so that -inf - -inf
+// never makes a NaN and every weight of such a row is exp2(-inf) = 0.
+constexpr float kNoScore = -INFINITY;
+__device__ __forceinline__ float softmax_base(float running_max) {
+  return running_max == -INFINITY ? 0.f : running_max;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

@@ -35,16 +35,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 
 using namespace tq_cuda;
 
-extern "C" int tq_cuda_decode(const uint8_t* codes, const float* norms, int64_t rows, int64_t dim,
-                              const float* rotation, const float* codebook, int bits, float* x_hat,
-                              cudaStream_t stream) {
-  if (rows < 0 || dim < 1 || dim > 8192 || !valid_bits(bits)) return TQ_CUDA_BAD_ARGUMENT;
+extern "C" int tq_cuda_decode(const tq_decode_call* c) {
+  if (c == nullptr || c->rows < 0 || c->head_dim < 1 || c->head_dim > 8192 || !valid_bits(c->bits))
+    return TQ_CUDA_BAD_ARGUMENT;
+  const int64_t rows = c->rows, dim = c->head_dim;
   if (rows == 0) return 0;
   const size_t shared = kDecodeWarps * static_cast<size_t>(dim) * sizeof(float);
   if (int rc = reserve_shared(decode_kernel, shared)) return rc;
   const int64_t blocks = (rows + kDecodeWarps - 1) / kDecodeWarps;
   const unsigned grid = static_cast<unsigned>(blocks < int64_t{num_sms()} * 16 ? blocks : int64_t{num_sms()} * 16);
-  decode_kernel<<<grid, kDecodeWarps * 32, shared, stream>>>(codes, norms, rows, static_cast<int>(dim), rotation,
-                                                              codebook, bits, x_hat);
+  decode_kernel<<<grid, kDecodeWarps * 32, shared, static_cast<cudaStream_t>(c->stream)>>>(
+      c->codes, c->norms, rows, static_cast<int>(dim), c->rotation, c->codebook, c->bits, c->x_hat);
   return launch_status();
 }
+
+extern "C" size_t tq_cuda_decode_workspace(const tq_decode_call*) { return 0; }

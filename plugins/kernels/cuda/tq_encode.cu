@@ -1,4 +1,5 @@
-// TQEncode and TQCacheUpdate on the GPU (a cache update is an encode whose rows land in slots).
+// TQEncode on the GPU; TQCacheUpdate (tq_cache_update.cu) runs the same kernels with its rows
+// landing in cache slots (Rows, tq_encode_rows.cuh).
 //
 // Tensor-core path (head dim 64 or 128): persistent CTAs (EncodeSmem says how many warps: as many
 // as shared memory holds, up to 12) keep Pi in shared memory as two fp16 parts (hi + lo * 2^-11,
@@ -25,6 +26,7 @@
 #include <type_traits>
 
 #include "tq_cuda_common.cuh"
+#include "tq_encode_rows.cuh"
 #include "tq_mma.cuh"
 
 namespace tq_cuda {
@@ -45,40 +47,6 @@ struct InputType<__half> {
 template <>
 struct InputType<__nv_bfloat16> {
   static constexpr bool kTwoParts = false;  // 8 mantissa bits: exact in fp16 once scaled into range
-};
-
-// Where encoded row r goes: row r itself (TQEncode), or row slot[t] * H + h of the cache for
-// r = t * H + h (TQCacheUpdate; skipped for a slot outside [0, N*B) and for a token that a later
-// token with the same slot overrides: keep[t] == 0).
-// A decode step's few tokens (<= kInlineTokens) need no keep[] pass: the row's lane compares its
-// token's slot with the later tokens' itself, which saves a launch per step.
-constexpr int64_t kInlineTokens = 32;
-
-struct Rows {
-  const int64_t* slots;  // nullptr: identity
-  const uint8_t* keep;   // nullptr: every token writes, or (tokens <= kInlineTokens) checked inline
-  int64_t heads, num_slots, tokens;
-  __device__ __forceinline__ int64_t destination(int64_t r) const {
-    if (slots == nullptr) return r;
-    const int64_t t = r / heads;
-    const int64_t slot = slots[t];
-    if (slot < 0 || slot >= num_slots || (keep != nullptr && !keep[t])) return -1;
-    if (keep == nullptr && tokens <= kInlineTokens)
-      for (int64_t u = t + 1; u < tokens; ++u)
-        if (slots[u] == slot) return -1;  // a later token overrides this one
-    return slot * heads + (r - t * heads);
-  }
-};
-
-struct EncodeArgs {
-  const void* x;
-  int64_t rows;
-  const float* rotation;
-  const float* codebook;
-  int bits;
-  uint8_t* codes;
-  float* norms;
-  Rows dest;
 };
 
 // Packs `dim` one-byte codes into the little-endian bit stream of `bits`-bit codes.
@@ -657,6 +625,8 @@ int launch_encode(const EncodeArgs& a, int64_t dim, cudaStream_t stream) {
   return launch_status();
 }
 
+}  // namespace
+
 int launch_encode_any(const EncodeArgs& a, tq_cuda_dtype type, int64_t dim, cudaStream_t stream) {
   switch (type) {
     case TQ_CUDA_FLOAT32: return launch_encode<float>(a, dim, stream);
@@ -666,135 +636,15 @@ int launch_encode_any(const EncodeArgs& a, tq_cuda_dtype type, int64_t dim, cuda
   return TQ_CUDA_BAD_ARGUMENT;
 }
 
-// keep[t] = 1 when no later token names slot_mapping[t] (the last writer of a slot wins).
-// Few tokens (a decode step): each CTA compares its 256 tokens with every later token, 256 at a
-// time through shared memory. Many tokens (a prefill): an open-addressing table keyed by slot
-// keeps the largest token index of each slot (atomicMax), then each token checks it is that one:
-// linear in the tokens, where the pairwise comparison is quadratic.
-constexpr int kDedupThreads = 256;
-constexpr int64_t kPairwiseTokens = 4096;
-constexpr unsigned long long kEmptySlot = ~0ull;
-
-__global__ void __launch_bounds__(kDedupThreads) last_writer_kernel(const int64_t* slots, int64_t tokens,
-                                                                    uint8_t* keep) {
-  __shared__ int64_t later[kDedupThreads];
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kDedupThreads + threadIdx.x;
-  const int64_t mine = t < tokens ? slots[t] : -1;
-  bool overridden = false;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kDedupThreads; base < tokens; base += kDedupThreads) {
-    __syncthreads();
-    const int64_t u = base + threadIdx.x;
-    later[threadIdx.x] = u < tokens ? slots[u] : -1;
-    __syncthreads();
-    for (int i = 0; i < kDedupThreads; ++i) overridden |= base + i > t && later[i] == mine;
-  }
-  if (t < tokens) keep[t] = !overridden;
-}
-
-struct SlotTable {
-  unsigned long long* keys;  // slot, or kEmptySlot
-  int* last;                 // the largest token index that names keys[h]
-  uint32_t mask;             // capacity - 1 (a power of two >= 2 * tokens)
-  __device__ __forceinline__ uint32_t home(int64_t slot) const {
-    return static_cast<uint32_t>((static_cast<uint64_t>(slot) * 0x9E3779B97F4A7C15ull) >> 32) & mask;
-  }
-};
-
-__global__ void __launch_bounds__(kDedupThreads) slot_table_insert(const int64_t* slots, int64_t tokens,
-                                                                   SlotTable table) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kDedupThreads + threadIdx.x;
-  if (t >= tokens) return;
-  const int64_t slot = slots[t];
-  if (slot < 0) return;  // skipped tokens need no entry
-  for (uint32_t h = table.home(slot);; h = (h + 1) & table.mask) {
-    const unsigned long long prev = atomicCAS(table.keys + h, kEmptySlot, static_cast<unsigned long long>(slot));
-    if (prev == kEmptySlot || prev == static_cast<unsigned long long>(slot)) {
-      atomicMax(table.last + h, static_cast<int>(t));
-      return;
-    }
-  }
-}
-
-__global__ void __launch_bounds__(kDedupThreads) slot_table_keep(const int64_t* slots, int64_t tokens,
-                                                                 SlotTable table, uint8_t* keep) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kDedupThreads + threadIdx.x;
-  if (t >= tokens) return;
-  const int64_t slot = slots[t];
-  if (slot < 0) {
-    keep[t] = 0;
-    return;
-  }
-  uint32_t h = table.home(slot);
-  while (table.keys[h] != static_cast<unsigned long long>(slot)) h = (h + 1) & table.mask;
-  keep[t] = table.last[h] == static_cast<int>(t);
-}
-
-uint32_t table_capacity(int64_t tokens) {
-  uint32_t capacity = 1;
-  while (capacity < 2 * tokens) capacity <<= 1;
-  return capacity;
-}
-
-size_t dedupe_bytes(int64_t tokens) {
-  if (tokens <= kInlineTokens) return 0;
-  size_t bytes = align256(static_cast<size_t>(tokens));
-  if (tokens > kPairwiseTokens) bytes += align256(size_t{table_capacity(tokens)} * 12);
-  return bytes;
-}
-
-// Fills keep[0, tokens) (workspace of dedupe_bytes(tokens)); returns the launches' status.
-int last_writers(const int64_t* slots, int64_t tokens, void* workspace, uint8_t* keep_out[1], cudaStream_t stream) {
-  uint8_t* keep = static_cast<uint8_t*>(workspace);
-  *keep_out = keep;
-  const unsigned grid = static_cast<unsigned>((tokens + kDedupThreads - 1) / kDedupThreads);
-  if (tokens <= kPairwiseTokens) {
-    last_writer_kernel<<<grid, kDedupThreads, 0, stream>>>(slots, tokens, keep);
-    return launch_status();
-  }
-  const uint32_t capacity = table_capacity(tokens);
-  char* base = static_cast<char*>(workspace) + align256(static_cast<size_t>(tokens));
-  SlotTable table{reinterpret_cast<unsigned long long*>(base), reinterpret_cast<int*>(base + size_t{capacity} * 8),
-                  capacity - 1};
-  // keys all kEmptySlot and last all -1: both are the all-ones bytes
-  if (cudaError_t rc = cudaMemsetAsync(base, 0xff, size_t{capacity} * 12, stream)) return static_cast<int>(rc);
-  slot_table_insert<<<grid, kDedupThreads, 0, stream>>>(slots, tokens, table);
-  slot_table_keep<<<grid, kDedupThreads, 0, stream>>>(slots, tokens, table, keep);
-  return launch_status();
-}
-
-}  // namespace
 }  // namespace tq_cuda
 
 using namespace tq_cuda;
 
-extern "C" int tq_cuda_encode(const void* x, tq_cuda_dtype x_type, int64_t rows, int64_t dim, const float* rotation,
-                              const float* codebook, int bits, uint8_t* codes, float* norms, cudaStream_t stream) {
-  if (rows < 0 || dim < 1 || dim > 8192 || !valid_bits(bits)) return TQ_CUDA_BAD_ARGUMENT;
-  EncodeArgs a{x, rows, rotation, codebook, bits, codes, norms, Rows{nullptr, nullptr, 1, 0, 0}};
-  return launch_encode_any(a, x_type, dim, stream);
-}
-
-extern "C" size_t tq_cuda_cache_update_workspace(int64_t num_tokens) { return dedupe_bytes(num_tokens); }
-
-extern "C" int tq_cuda_cache_update(const void* key, const void* value, tq_cuda_dtype kv_type,
-                                    const int64_t* slot_mapping, int64_t num_tokens, int64_t num_kv_heads,
-                                    int64_t head_dim, uint8_t* k_codes, float* k_norms, uint8_t* v_codes,
-                                    float* v_norms, int64_t num_blocks, int64_t block_size, const float* rotation,
-                                    const float* k_codebook, const float* v_codebook, int k_bits, int v_bits,
-                                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  if (num_tokens < 0 || num_tokens > (int64_t{1} << 30) || num_kv_heads < 1 || head_dim < 1 || head_dim > 8192 ||
-      num_blocks < 0 || block_size < 1 || !valid_bits(k_bits) || !valid_bits(v_bits))
+extern "C" int tq_cuda_encode(const tq_encode_call* c) {
+  if (c == nullptr || c->rows < 0 || c->head_dim < 1 || c->head_dim > 8192 || !valid_bits(c->bits))
     return TQ_CUDA_BAD_ARGUMENT;
-  if (num_tokens == 0) return 0;
-  uint8_t* keep = nullptr;
-  if (num_tokens > kInlineTokens) {
-    if (workspace == nullptr || workspace_bytes < dedupe_bytes(num_tokens)) return TQ_CUDA_BAD_ARGUMENT;
-    if (int rc = last_writers(slot_mapping, num_tokens, workspace, &keep, stream)) return rc;
-  }
-  const Rows dest{slot_mapping, keep, num_kv_heads, num_blocks * block_size, num_tokens};
-  const int64_t rows = num_tokens * num_kv_heads;
-  EncodeArgs k{key, rows, rotation, k_codebook, k_bits, k_codes, k_norms, dest};
-  if (int rc = launch_encode_any(k, kv_type, head_dim, stream)) return rc;
-  EncodeArgs v{value, rows, rotation, v_codebook, v_bits, v_codes, v_norms, dest};
-  return launch_encode_any(v, kv_type, head_dim, stream);
+  EncodeArgs a{c->x, c->rows, c->rotation, c->codebook, c->bits, c->codes, c->norms, Rows{nullptr, nullptr, 1, 0, 0}};
+  return launch_encode_any(a, static_cast<tq_cuda_dtype>(c->dtype), c->head_dim, static_cast<cudaStream_t>(c->stream));
 }
+
+extern "C" size_t tq_cuda_encode_workspace(const tq_encode_call*) { return 0; }

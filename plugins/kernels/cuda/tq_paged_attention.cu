@@ -1,7 +1,9 @@
-// tq_cuda_paged_attention: one entry, two kernels. Head dims up to 256 run on the tensor-core
-// kernel (tq_paged_attention_mma.cu) when the codes' base pointers have the alignment its cp.async
-// copies need; every other call runs the generic kernel (tq_paged_attention_generic.cu).
-// The choice and the split depend on the shapes only, so the workspace size does too.
+// tq_cuda_paged_attention: one entry, two kernels. fp16/bf16 queries with head dims up to 256 run on
+// the tensor-core kernel (tq_paged_attention_mma.cu) when the codes' base pointers have the alignment
+// its cp.async copies need; every other call (float32 queries included) runs the generic kernel
+// (tq_paged_attention_generic.cu), float32 throughout.
+// The choice and the split depend on the shapes only, so the workspace size does too: a caller
+// that repeats a shape plans it once (tq_cuda_paged_attention_plan) and runs the plan.
 #include <math.h>
 
 #include <algorithm>
@@ -20,19 +22,28 @@ int num_sms() {
 
 namespace {
 
-bool shapes_ok(int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t max_blocks, int64_t block_size,
-               int k_bits, int v_bits) {
+bool shapes_ok(const AttentionCall& c) {
+  const int64_t num_seqs = c.num_seqs, hq = c.num_q_heads, hkv = c.num_kv_heads, dim = c.head_dim;
   return num_seqs >= 0 && num_seqs <= (int64_t{1} << 24) && hkv >= 1 && hq >= hkv && hq % hkv == 0 &&
-         num_seqs * hkv <= (int64_t{1} << 31) - 1 && dim >= 2 && dim <= generic::kMaxDim && block_size >= 1 &&
-         max_blocks >= 0 && max_blocks * block_size <= (int64_t{1} << 30) && valid_bits(k_bits) && valid_bits(v_bits);
+         num_seqs * hkv <= (int64_t{1} << 31) - 1 && dim >= 2 && dim <= generic::kMaxDim && c.block_size >= 1 &&
+         c.max_blocks >= 0 && c.max_blocks * c.block_size <= (int64_t{1} << 30) && valid_bits(c.k_bits) &&
+         valid_bits(c.v_bits);
 }
 
-Plan plan_for(int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t max_blocks, int64_t block_size,
-              int k_bits, int v_bits, int64_t tokens_per_split, bool aligned) {
-  if (aligned && mma::supported(hq, hkv, dim, block_size, k_bits, v_bits))
-    return mma::make_plan(num_seqs, hkv, hq / hkv, mma::kernel_dim(dim, k_bits, v_bits), max_blocks, block_size,
-                          tokens_per_split, num_sms());
-  return generic::make_plan(num_seqs, hkv, hq, dim, max_blocks, block_size, tokens_per_split, num_sms());
+// float32 queries take the float32 kernel: the tensor-core kernel rounds the rotated query, the
+// centroids and the probabilities to fp16 (errors near 5e-4 of the output's scale), which a float32
+// model's users and its float32 tolerances do not expect. fp16 and bf16 queries take the tensor cores.
+bool tensor_cores(const AttentionCall& c) {
+  return c.dtype != TQ_CUDA_FLOAT32 &&
+         mma::supported(c.num_q_heads, c.num_kv_heads, c.head_dim, c.block_size, c.k_bits, c.v_bits);
+}
+
+Plan plan_for(const AttentionCall& c, int64_t tokens_per_split, bool aligned, int sms) {
+  const int64_t hq = c.num_q_heads, hkv = c.num_kv_heads;
+  if (aligned && tensor_cores(c))
+    return mma::make_plan(c.num_seqs, hkv, hq / hkv, mma::kernel_dim(c.head_dim, c.k_bits, c.v_bits), c.max_blocks,
+                          c.block_size, tokens_per_split, sms);
+  return generic::make_plan(c.num_seqs, hkv, hq, c.head_dim, c.max_blocks, c.block_size, tokens_per_split, sms);
 }
 
 }  // namespace
@@ -57,63 +68,52 @@ extern "C" const char* tq_cuda_error_string(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
-extern "C" int tq_cuda_paged_attention_path(int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                            int64_t block_size, int k_bits, int v_bits) {
-  return mma::supported(num_q_heads, num_kv_heads, head_dim, block_size, k_bits, v_bits) ? 1 : 0;
+extern "C" int tq_cuda_paged_attention_path(const tq_paged_attention_call* call) {
+  return call != nullptr && tensor_cores(*call) ? 1 : 0;
 }
 
-extern "C" size_t tq_cuda_paged_attention_workspace(int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
-                                                    int64_t head_dim, int64_t max_blocks, int64_t block_size,
-                                                    int k_bits, int v_bits, int64_t tokens_per_split) {
-  if (!shapes_ok(num_seqs, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size, k_bits, v_bits) ||
-      tokens_per_split < 0 || num_seqs == 0)
-    return 0;
-  // the larger of the two kernels' needs: the call may fall back to the generic kernel on
-  // misaligned codes, which the size cannot know
-  const Plan fast = plan_for(num_seqs, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size, k_bits, v_bits,
-                             tokens_per_split, true);
-  const Plan slow = plan_for(num_seqs, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size, k_bits, v_bits,
-                             tokens_per_split, false);
-  return std::max(fast.bytes, slow.bytes);
+extern "C" size_t tq_cuda_paged_attention_workspace(const tq_paged_attention_call* call) {
+  const int64_t tokens_per_split = 0;
+  if (call == nullptr || !shapes_ok(*call) || call->num_seqs == 0) return 0;
+  // the larger of the two kernels' needs: a call may take the generic kernel on misaligned
+  // codes, which the size cannot know
+  const int sms = num_sms();
+  return std::max(plan_for(*call, tokens_per_split, true, sms).workspace_bytes,
+                  plan_for(*call, tokens_per_split, false, sms).workspace_bytes);
 }
 
-extern "C" int tq_cuda_paged_attention(const void* query, tq_cuda_dtype q_type, int64_t num_seqs,
-                                       int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                       const uint8_t* k_codes, const float* k_norms, const uint8_t* v_codes,
-                                       const float* v_norms, int64_t num_blocks, int64_t block_size,
-                                       const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
-                                       const float* rotation, const float* k_codebook, const float* v_codebook,
-                                       int k_bits, int v_bits, float scale, int64_t tokens_per_split, void* workspace,
-                                       size_t workspace_bytes, void* out, cudaStream_t stream) {
-  if (!shapes_ok(num_seqs, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size, k_bits, v_bits) ||
-      num_blocks < 0 || num_blocks > (int64_t{1} << 31) - 1 || tokens_per_split < 0 ||
-      (q_type != TQ_CUDA_FLOAT32 && q_type != TQ_CUDA_FLOAT16 && q_type != TQ_CUDA_BFLOAT16))
+extern "C" int tq_cuda_paged_attention_plan(const tq_paged_attention_call* call, int64_t tokens_per_split,
+                                            tq_cuda_paged_attention_plan_t* plan) {
+  if (call == nullptr || plan == nullptr) return TQ_CUDA_BAD_ARGUMENT;
+  const AttentionCall& c = *call;
+  if (!shapes_ok(c) || c.num_blocks < 0 || c.num_blocks > (int64_t{1} << 31) - 1 || tokens_per_split < 0 ||
+      (c.dtype != TQ_CUDA_FLOAT32 && c.dtype != TQ_CUDA_FLOAT16 && c.dtype != TQ_CUDA_BFLOAT16))
     return TQ_CUDA_BAD_ARGUMENT;
-  if (num_seqs == 0) return 0;
+  *plan = Plan{};
+  if (c.num_seqs == 0) return 0;  // run() launches nothing
+  float scale = c.scale;
   if (!(scale >= 0.f) || !isfinite(scale)) return TQ_CUDA_BAD_ARGUMENT;
-  if (scale == 0.f) scale = 1.0f / sqrtf(static_cast<float>(head_dim));
-  bool aligned = true;
-  if (mma::supported(num_q_heads, num_kv_heads, head_dim, block_size, k_bits, v_bits)) {
-    const uintptr_t align = static_cast<uintptr_t>(mma::chunk_alignment(head_dim, k_bits, v_bits));
-    aligned = reinterpret_cast<uintptr_t>(k_codes) % align == 0 && reinterpret_cast<uintptr_t>(v_codes) % align == 0;
-  }
-  const Plan plan = plan_for(num_seqs, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size, k_bits, v_bits,
-                             tokens_per_split, aligned);
-  if (plan.bytes > 0 && (workspace == nullptr || workspace_bytes < plan.bytes)) return TQ_CUDA_BAD_ARGUMENT;
-  if (plan.tensor_cores)
-    return mma::run(query, q_type, num_seqs, num_q_heads, num_kv_heads, head_dim, k_codes, k_norms, v_codes, v_norms,
-                    num_blocks, block_size, block_tables, max_blocks, context_lens, rotation, k_codebook, v_codebook,
-                    k_bits, v_bits, scale, plan, workspace, out, stream);
-  return generic::run(query, q_type, num_seqs, num_q_heads, num_kv_heads, head_dim, k_codes, k_norms, v_codes,
-                      v_norms, num_blocks, block_size, block_tables, max_blocks, context_lens, rotation, k_codebook,
-                      v_codebook, k_bits, v_bits, scale, plan, workspace, out, stream);
+  if (scale == 0.f) scale = 1.0f / sqrtf(static_cast<float>(c.head_dim));
+  const bool fast = tensor_cores(c);
+  const uintptr_t align = fast ? static_cast<uintptr_t>(mma::chunk_alignment(c.head_dim, c.k_bits, c.v_bits)) : 1;
+  const bool aligned = reinterpret_cast<uintptr_t>(c.k_codes) % align == 0 &&
+                       reinterpret_cast<uintptr_t>(c.v_codes) % align == 0;
+  *plan = plan_for(c, tokens_per_split, aligned, num_sms());
+  plan->code_alignment = static_cast<int32_t>(align);
+  plan->scale = scale;
+  return 0;
 }
 
-extern "C" int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_call* c) {
-  if (c == nullptr) return TQ_CUDA_BAD_ARGUMENT;
-  return tq_cuda_paged_attention(c->query, static_cast<tq_cuda_dtype>(c->q_type), c->num_seqs, c->num_q_heads,
-                                 c->num_kv_heads, c->head_dim, c->k_codes, c->k_norms, c->v_codes, c->v_norms,
-                                 c->num_blocks, c->block_size, c->block_tables, c->max_blocks, c->context_lens,
-                                 c->rotation, c->k_codebook, c->v_codebook, c->k_bits, c->v_bits, c->scale,
-                                 c->tokens_per_split, c->workspace, c->workspace_bytes, c->out, c->stream);
+extern "C" int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_plan_t* plan,
+                                           const tq_paged_attention_call* call) {
+  if (call->num_seqs == 0) return 0;
+  return plan->tensor_cores ? mma::run(*call, *plan) : generic::run(*call, *plan);
+}
+
+extern "C" int tq_cuda_paged_attention(const tq_paged_attention_call* call) {
+  Plan plan;
+  if (int rc = tq_cuda_paged_attention_plan(call, 0, &plan)) return rc;
+  if (plan.workspace_bytes > 0 && (call->workspace == nullptr || call->workspace_bytes < plan.workspace_bytes))
+    return TQ_CUDA_BAD_ARGUMENT;
+  return tq_cuda_paged_attention_run(&plan, call);
 }

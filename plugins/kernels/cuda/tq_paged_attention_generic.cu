@@ -29,16 +29,11 @@ namespace {
 constexpr int kStep = 32;        // tokens per step: one per lane
 constexpr int kWarps = 4;        // splits per CTA
 constexpr int kHeadChunk = 8;    // query heads per warp
-constexpr float kNoScore = -1.0e30f;
 
-struct SplitArgs {
+// One warp's view of the split kernel's work (the tensor-core kernel's is mma::SplitArgs).
+struct WarpArgs {
   const float* q_rot;  // [S * Hq, D]
-  const uint8_t* k_codes;
-  const float* k_norms;
-  const uint8_t* v_codes;
-  const float* v_norms;
-  const int32_t* block_tables;
-  const int32_t* context_lens;
+  PagedCacheArgs cache;
   const float* k_codebook;
   const float* v_codebook;
   int dim, k_bits, v_bits, num_kv_heads, num_q_heads, group, block_size, max_blocks, num_blocks;
@@ -78,7 +73,7 @@ struct CodeReader {
 };
 
 template <int KC, int GH>
-__global__ void __launch_bounds__(kWarps * 32) split_kernel(const SplitArgs a) {
+__global__ void __launch_bounds__(kWarps * 32) split_kernel(const WarpArgs a) {
   extern __shared__ float4 generic_smem[];
   float* smem = reinterpret_cast<float*>(generic_smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -107,14 +102,14 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(const SplitArgs a) {
   __syncthreads();
   if (split >= a.splits) return;
 
-  int ctx = __ldg(a.context_lens + seq);
+  int ctx = __ldg(a.cache.context_lens + seq);
   ctx = max(0, min(ctx, a.max_blocks * a.block_size));
   const int start = split * a.tokens_per_split;
   const int end = min(start + a.tokens_per_split, ctx);
-  const int32_t* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+  const int32_t* table = a.cache.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
   const int k_bytes = (d * a.k_bits + 7) / 8, v_bytes = (d * a.v_bits + 7) / 8;
-  const bool k_words = (k_bytes & 3) == 0 && (reinterpret_cast<uintptr_t>(a.k_codes) & 3) == 0;
-  const bool v_words = (v_bytes & 3) == 0 && (reinterpret_cast<uintptr_t>(a.v_codes) & 3) == 0;
+  const bool k_words = (k_bytes & 3) == 0 && (reinterpret_cast<uintptr_t>(a.cache.k_codes) & 3) == 0;
+  const bool v_words = (v_bytes & 3) == 0 && (reinterpret_cast<uintptr_t>(a.cache.v_codes) & 3) == 0;
 
   float m[GH], l[GH], acc[GH][KC];
 #pragma unroll
@@ -138,11 +133,11 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(const SplitArgs a) {
     for (int r = 0; r < kStep; ++r) {
       const int64_t c = __shfl_sync(0xffffffffu, cell, r);
       if (c < 0) continue;
-      copy_row(a.k_codes + c * k_bytes, k_bytes, k_words, k_rows + r * a.k_row_words, lane);
-      copy_row(a.v_codes + c * v_bytes, v_bytes, v_words, v_rows + r * a.v_row_words, lane);
+      copy_row(a.cache.k_codes + c * k_bytes, k_bytes, k_words, k_rows + r * a.k_row_words, lane);
+      copy_row(a.cache.v_codes + c * v_bytes, v_bytes, v_words, v_rows + r * a.v_row_words, lane);
     }
-    const float kn = cell >= 0 ? __ldg(a.k_norms + cell) : 0.f;
-    const float vn = cell >= 0 ? __ldg(a.v_norms + cell) : 0.f;
+    const float kn = cell >= 0 ? __ldg(a.cache.k_norms + cell) : 0.f;
+    const float vn = cell >= 0 ? __ldg(a.cache.v_norms + cell) : 0.f;
     __syncwarp();
 
     // scores of the lane's token
@@ -167,8 +162,9 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(const SplitArgs a) {
     for (int g = 0; g < GH; ++g) {
       const float score = cell >= 0 && g < heads ? s[g] * kn : -INFINITY;
       const float m_new = fmaxf(m[g], warp_max(score));
-      const float alpha = exp2f(m[g] - m_new);
-      const float p = exp2f(score - m_new);
+      const float base = softmax_base(m_new);
+      const float alpha = exp2f(m[g] - base);
+      const float p = exp2f(score - base);
       l[g] = l[g] * alpha + p;  // per lane; summed over the warp at the end
       m[g] = m_new;
 #pragma unroll
@@ -255,6 +251,7 @@ __global__ void __launch_bounds__(128) merge_kernel(const float* partial, const 
   if (threadIdx.x == 0) {
     float big = kNoScore, total = 0.f;
     for (int s = 0; s < splits; ++s) big = fmaxf(big, base[s * kHeadChunk * stride + dim]);
+    big = softmax_base(big);
     for (int s = 0; s < splits; ++s)
       total += exp2f(base[s * kHeadChunk * stride + dim] - big) * base[s * kHeadChunk * stride + dim + 1];
     merged[dim] = big;
@@ -282,7 +279,7 @@ int odd_words(int bytes) {
 }
 
 template <int KC, int GH>
-int launch_split(const SplitArgs& args, unsigned pairs, cudaStream_t stream) {
+int launch_split(const WarpArgs& args, unsigned pairs, cudaStream_t stream) {
   const int qd = (args.dim + 3) & ~3;
   const size_t shared = (512 + GH * qd) * sizeof(float) +
                         kWarps * (kStep * (args.k_row_words + args.v_row_words) + GH * kStep) * sizeof(uint32_t);
@@ -347,56 +344,46 @@ Plan make_plan(int64_t num_seqs, int64_t hkv, int64_t hq, int64_t dim, int64_t m
   const size_t parts = static_cast<size_t>(pairs) * p.head_chunks * p.splits * kHeadChunk * (dim + 2);
   p.q_offset = 0;
   p.acc_offset = align256(static_cast<size_t>(num_seqs * hq * dim) * sizeof(float));
-  p.bytes = p.acc_offset + align256(parts * sizeof(float));
+  p.workspace_bytes = p.acc_offset + align256(parts * sizeof(float));
   return p;
 }
 
-int run(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim,
-        const uint8_t* k_codes, const float* k_norms, const uint8_t* v_codes, const float* v_norms, int64_t num_blocks,
-        int64_t block_size, const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
-        const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits, int v_bits, float scale,
-        const Plan& plan, void* workspace, void* out, cudaStream_t stream) {
-  char* ws = static_cast<char*>(workspace);
+int run(const AttentionCall& c, const Plan& plan) {
+  const int64_t hq = c.num_q_heads, hkv = c.num_kv_heads;
+  const int k_bits = c.k_bits, v_bits = c.v_bits;
+  const tq_cuda_dtype q_type = static_cast<tq_cuda_dtype>(c.dtype);
+  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
+  char* ws = static_cast<char*>(c.workspace);
   float* q_rot = reinterpret_cast<float*>(ws + plan.q_offset);
   float* partial = reinterpret_cast<float*>(ws + plan.acc_offset);
-  const int rows = static_cast<int>(num_seqs * hq), d = static_cast<int>(dim);
-  if (int rc = rotate_or_merge(true, q_type, query, rotation, rows, d, scale * kLog2e, q_rot, nullptr, 0, 0, 0,
-                               nullptr, stream))
+  const int rows = static_cast<int>(c.num_seqs * hq), d = static_cast<int>(c.head_dim);
+  if (int rc = rotate_or_merge(true, q_type, c.query, c.rotation, rows, d, plan.scale * kLog2e, q_rot, nullptr, 0, 0,
+                               0, nullptr, stream))
     return rc;
-  SplitArgs args{};
+  WarpArgs args{};
   args.q_rot = q_rot;
-  args.k_codes = k_codes;
-  args.k_norms = k_norms;
-  args.v_codes = v_codes;
-  args.v_norms = v_norms;
-  args.block_tables = block_tables;
-  args.context_lens = context_lens;
-  args.k_codebook = k_codebook;
-  args.v_codebook = v_codebook;
+  args.cache = cache_args(c);
+  args.k_codebook = c.k_codebook;
+  args.v_codebook = c.v_codebook;
   args.dim = d;
   args.k_bits = k_bits;
   args.v_bits = v_bits;
-  args.num_kv_heads = static_cast<int>(hkv);
-  args.num_q_heads = static_cast<int>(hq);
-  args.group = static_cast<int>(hq / hkv);
-  args.block_size = static_cast<int>(block_size);
-  args.max_blocks = static_cast<int>(max_blocks);
-  args.num_blocks = static_cast<int>(num_blocks);
+  set_sizes(args, c);
   args.tokens_per_split = plan.tokens_per_split;
   args.splits = plan.splits;
   args.head_chunks = plan.head_chunks;
   args.k_row_words = odd_words((d * k_bits + 7) / 8);
   args.v_row_words = odd_words((d * v_bits + 7) / 8);
   args.partial = partial;
-  const unsigned pairs = static_cast<unsigned>(num_seqs * hkv);
+  const unsigned pairs = static_cast<unsigned>(c.num_seqs * hkv);
   int rc;
   if (d <= 64) rc = launch_split<2, kHeadChunk>(args, pairs, stream);
   else if (d <= 128) rc = launch_split<4, kHeadChunk>(args, pairs, stream);
   else if (d <= 256) rc = launch_split<8, kHeadChunk>(args, pairs, stream);
   else rc = launch_split<16, kHeadChunk>(args, pairs, stream);
   if (rc) return rc;
-  return rotate_or_merge(false, q_type, query, rotation, rows, d, 0.f, nullptr, partial, args.group, plan.head_chunks,
-                         plan.splits, out, stream);
+  return rotate_or_merge(false, q_type, c.query, c.rotation, rows, d, 0.f, nullptr, partial, args.group,
+                         plan.head_chunks, plan.splits, c.out, stream);
 }
 
 }  // namespace generic

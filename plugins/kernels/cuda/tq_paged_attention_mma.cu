@@ -67,35 +67,24 @@ Plan make_plan(int64_t num_seqs, int64_t hkv, int64_t group, int64_t dim, int64_
     p.counters_offset = 0;
     p.ml_offset = align256(static_cast<size_t>(units) * sizeof(int));
     p.acc_offset = p.ml_offset + align256(parts * 2 * sizeof(float));
-    p.bytes = p.acc_offset + align256(parts * dim * sizeof(float));
+    p.workspace_bytes = p.acc_offset + align256(parts * dim * sizeof(float));
   }
   return p;
 }
 
-int run(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim,
-        const uint8_t* k_codes, const float* k_norms, const uint8_t* v_codes, const float* v_norms, int64_t num_blocks,
-        int64_t block_size, const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
-        const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits, int v_bits, float scale,
-        const Plan& plan, void* workspace, void* out, cudaStream_t stream) {
+int run(const AttentionCall& c, const Plan& plan) {
+  const int64_t hkv = c.num_kv_heads, dim = c.head_dim;
+  const int k_bits = c.k_bits, v_bits = c.v_bits;
+  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
   SplitArgs args{};
-  args.query = query;
-  args.q_type = q_type;
-  args.k_codes = k_codes;
-  args.k_norms = k_norms;
-  args.v_codes = v_codes;
-  args.v_norms = v_norms;
-  args.block_tables = block_tables;
-  args.context_lens = context_lens;
-  args.rotation = rotation;
-  args.k_codebook = k_codebook;
-  args.v_codebook = v_codebook;
-  args.q_scale = scale * kLog2e;
-  args.num_kv_heads = static_cast<int>(hkv);
-  args.num_q_heads = static_cast<int>(hq);
-  args.group = static_cast<int>(hq / hkv);
-  args.block_size = static_cast<int>(block_size);
-  args.max_blocks = static_cast<int>(max_blocks);
-  args.num_blocks = static_cast<int>(num_blocks);
+  args.query = c.query;
+  args.q_type = static_cast<tq_cuda_dtype>(c.dtype);
+  args.cache = cache_args(c);
+  args.rotation = c.rotation;
+  args.k_codebook = c.k_codebook;
+  args.v_codebook = c.v_codebook;
+  args.q_scale = plan.scale * kLog2e;
+  set_sizes(args, c);
   args.dim = static_cast<int>(dim);
   args.k_bits = k_bits;
   args.v_bits = v_bits;
@@ -107,13 +96,13 @@ int run(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t hq, i
   args.per_v_words = FastDiv::of(static_cast<uint32_t>(args.v_words));
   args.chunks = static_cast<int>((args.group + kMaxGroup - 1) / kMaxGroup);
   args.chunk_heads = std::min(args.group, kMaxGroup);
-  args.per_block = FastDiv::of(static_cast<uint32_t>(block_size));
+  args.per_block = FastDiv::of(static_cast<uint32_t>(c.block_size));
   args.tiles_per_warp = plan.tiles_per_warp;
   args.ctas_per_pair = plan.ctas_per_pair;
-  args.out = out;
-  const unsigned units = static_cast<unsigned>(num_seqs * hkv * args.chunks);
+  args.out = c.out;
+  const unsigned units = static_cast<unsigned>(c.num_seqs * hkv * args.chunks);
   if (plan.ctas_per_pair > 1) {
-    char* ws = static_cast<char*>(workspace);
+    char* ws = static_cast<char*>(c.workspace);
     args.counters = reinterpret_cast<int*>(ws + plan.counters_offset);
     args.part_ml = reinterpret_cast<float*>(ws + plan.ml_offset);
     args.part_acc = reinterpret_cast<float*>(ws + plan.acc_offset);

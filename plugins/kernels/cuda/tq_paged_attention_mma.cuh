@@ -42,7 +42,6 @@ namespace mma {
 
 constexpr int kTile = 16;         // tokens per step
 constexpr int kMaxGroup = 8;      // the mma's N: query heads per CTA
-constexpr float kNoScore = -1.0e30f;  // running max before any token (finite: no inf - inf)
 constexpr int kSharedLimit = 227 * 1024;
 
 __host__ __device__ constexpr int lowest_bit(int n) { return n & -n; }
@@ -383,15 +382,13 @@ __device__ __forceinline__ float group_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 16);
 }
 
+// The kernel's argument, filled from the call (tq_paged_attention_call) and its plan by run(). Not
+// the call struct itself: that one's layout follows the contract (generated from ops.py), while
+// this one's is the kernel's parameter layout, which ptxas allocates registers by (see below).
 struct SplitArgs {
   const void* query;
   tq_cuda_dtype q_type;
-  const uint8_t* k_codes;
-  const float* k_norms;
-  const uint8_t* v_codes;
-  const float* v_norms;
-  const int32_t* block_tables;
-  const int32_t* context_lens;
+  PagedCacheArgs cache;  // the byte offsets of the flat fields it replaced
   const float* rotation;
   const float* k_codebook;
   const float* v_codebook;
@@ -445,7 +442,7 @@ __device__ __forceinline__ uint32_t issue_raw(const SplitArgs& a, const RowFinde
   using S = Stage<D, 8, 8>;
   const int64_t row = rows(t0 + (lane & 15));  // lanes l and l + 16: the same token
   if (row >= 0) copy_async_4(stage + (lane < 16 ? S::kKeyNorm : S::kValueNorm) + 4 * (lane & 15),
-                             (lane < 16 ? a.k_norms : a.v_norms) + row);
+                             (lane < 16 ? a.cache.k_norms : a.cache.v_norms) + row);
   auto copy_rows = [&](const uint8_t* codes, int row_bytes, int words, const FastDiv& per_row, bool values) {
     const int items = kTile * words;
     for (int i0 = 0; i0 < items; i0 += 32) {  // uniform trip count: every lane takes part in the shuffle
@@ -459,8 +456,8 @@ __device__ __forceinline__ uint32_t issue_raw(const SplitArgs& a, const RowFinde
       if (left > 0) copy_async_4_partial(dst, codes + at, left < 4 ? static_cast<int>(left) : 4);
     }
   };
-  copy_rows(a.k_codes, a.k_row, a.k_words, a.per_k_words, false);
-  copy_rows(a.v_codes, a.v_row, a.v_words, a.per_v_words, true);
+  copy_rows(a.cache.k_codes, a.k_row, a.k_words, a.per_k_words, false);
+  copy_rows(a.cache.v_codes, a.v_row, a.v_words, a.per_v_words, true);
   const int64_t k_at = row * a.k_row, v_at = row * a.v_row;
   const uint32_t live = __ballot_sync(0xffffffffu, row >= 0) & 0xffffu;
   const uint32_t k_off = (__ballot_sync(0xffffffffu, k_at & 1) & 0xffffu) | (__ballot_sync(0xffffffffu, k_at & 2) << 16);
@@ -495,12 +492,12 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
   const uint8_t* ring = rings + warp * kStages * L::kStage;
   const uint32_t ring_addr = shared_address(ring);
 
-  int ctx = __ldg(a.context_lens + seq);
+  int ctx = __ldg(a.cache.context_lens + seq);
   ctx = max(0, min(ctx, a.max_blocks * a.block_size));
   const int start = split * a.tiles_per_warp * kTile;
   const int end = min(start + a.tiles_per_warp * kTile, ctx);
   const int tiles = start < end ? (end - start + kTile - 1) / kTile : 0;
-  const int32_t* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+  const int32_t* table = a.cache.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
 
   // Whole tiles (block size a multiple of 16): block-table entries of 32 tiles at a time (lane l:
   // tile 32k + l), the next 32 loaded early; the issuing position (entry, offset in the block)
@@ -528,12 +525,13 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
       const int block = __shfl_sync(0xffffffffu, blocks, tile & 31);
       const bool ok = block >= 0 && block < a.num_blocks;
       const int64_t first = (static_cast<int64_t>(ok ? block : 0) * a.block_size + offset) * a.num_kv_heads + h;
-      copy.issue(a.k_codes, a.k_norms, a.v_codes, a.v_norms, first, stage);
+      copy.issue(a.cache.k_codes, a.cache.k_norms, a.cache.v_codes, a.cache.v_norms, first, stage);
       offset += kTile;
       if (offset == a.block_size) offset = 0;
       live = !ok ? 0u : end - t0 >= kTile ? 0xffffu : (1u << (end - t0)) - 1u;
     } else {
-      live = copy.issue_rows(a.k_codes, a.k_norms, a.v_codes, a.v_norms, rows, t0, stage);
+      live = copy.issue_rows(a.cache.k_codes, a.cache.k_norms, a.cache.v_codes, a.cache.v_norms, rows, t0,
+                             stage);
     }
     // a plain store: the __syncwarp after the tile's copies land orders it for the other lanes
     if (lane == 0) asm volatile("st.shared.u32 [%0], %1;" ::"r"(stage + S::kLive), "r"(live) : "memory");
@@ -634,9 +632,10 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const float m_new = fmaxf(m[c], group_max(fmaxf(s[c], s[c + 2])));
-      alpha[c] = fast_exp2(m[c] - m_new);  // exactly 1 while the max stands
-      p[c] = fast_exp2(s[c] - m_new);
-      p[c + 2] = fast_exp2(s[c + 2] - m_new);
+      const float base = softmax_base(m_new);
+      alpha[c] = fast_exp2(m[c] - base);  // exactly 1 while the max stands
+      p[c] = fast_exp2(s[c] - base);
+      p[c + 2] = fast_exp2(s[c + 2] - base);
       l[c] = l[c] * alpha[c] + p[c] + p[c + 2];
       m[c] = m_new;
     }
@@ -701,7 +700,7 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
 #pragma unroll
     for (int w = 0; w < L::kWarps; ++w) {
       const float* r = scratch + (w * heads + head) * row;
-      const float f = fast_exp2(r[D] - big);
+      const float f = fast_exp2(r[D] - softmax_base(big));
       total += f * r[D + 1];
       sum += f * r[d];
     }
@@ -737,6 +736,7 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
     const int head = threadIdx.x;
     float big = kNoScore;
     for (int c = 0; c < a.ctas_per_pair; ++c) big = fmaxf(big, __ldcg(ml + (c * stride + head) * 2));
+    big = softmax_base(big);
     float total = 0.f;
     for (int c = 0; c < a.ctas_per_pair; ++c) {
       const float* r = ml + (c * stride + head) * 2;

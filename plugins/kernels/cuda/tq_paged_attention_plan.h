@@ -1,7 +1,8 @@
 // The two decode-attention kernels behind tq_cuda_paged_attention (tq_paged_attention.cu): the
 // tensor-core kernel (tq_paged_attention_mma.cuh) for head dims up to 256, the generic
-// kernel (tq_paged_attention_generic.cu) for every other. A Plan says how a call is split and
-// where its parts sit in the caller's workspace; it depends on the shapes only.
+// kernel (tq_paged_attention_generic.cu) for every other. A Plan (tq_cuda_paged_attention_plan
+// of tq_cuda.h) says which runs, how a call is split and where its parts sit in the caller's
+// workspace; it depends on the shapes only. run() takes the call and its plan and checks nothing.
 #pragma once
 
 #include <stddef.h>
@@ -11,15 +12,33 @@
 
 namespace tq_cuda {
 
-struct Plan {
-  int tensor_cores;    // 1: the mma kernel
-  int tiles_per_warp;  // mma: 16-token tiles per warp (split)
-  int ctas_per_pair;   // mma: CTAs per (sequence, KV head, chunk of <= 8 query heads)
-  int splits;          // generic: splits of the context per (sequence, KV head, head chunk)
-  int tokens_per_split;
-  int head_chunks;     // generic: query-head chunks of at most 8 heads per KV head
-  size_t counters_offset, ml_offset, acc_offset, q_offset, bytes;
+using Plan = tq_cuda_paged_attention_plan_t;
+using AttentionCall = tq_paged_attention_call;
+
+// The paged cache and tables as both kernels' arguments hold them (in this order: their
+// arguments' layout, see mma::SplitArgs).
+struct PagedCacheArgs {
+  const uint8_t* k_codes;
+  const float* k_norms;
+  const uint8_t* v_codes;
+  const float* v_norms;
+  const int32_t* block_tables;
+  const int32_t* context_lens;
 };
+inline PagedCacheArgs cache_args(const AttentionCall& c) {
+  return PagedCacheArgs{c.k_codes, c.k_norms, c.v_codes, c.v_norms, c.block_tables, c.context_lens};
+}
+
+// The sizes both kernels' arguments hold as ints (checked to fit when planned).
+template <typename Args>
+void set_sizes(Args& a, const AttentionCall& c) {
+  a.num_kv_heads = static_cast<int>(c.num_kv_heads);
+  a.num_q_heads = static_cast<int>(c.num_q_heads);
+  a.group = static_cast<int>(c.num_q_heads / c.num_kv_heads);
+  a.block_size = static_cast<int>(c.block_size);
+  a.max_blocks = static_cast<int>(c.max_blocks);
+  a.num_blocks = static_cast<int>(c.num_blocks);
+}
 
 namespace mma {
 // The head dim the kernel runs at: 64/128/256 themselves (the packed layout); other dims up to 256
@@ -30,22 +49,14 @@ bool supported(int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, int k_b
 int chunk_alignment(int64_t dim, int k_bits, int v_bits);
 Plan make_plan(int64_t num_seqs, int64_t hkv, int64_t group, int64_t dim, int64_t max_blocks, int64_t block_size,
                int64_t tokens_per_split, int sms);
-int run(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim,
-        const uint8_t* k_codes, const float* k_norms, const uint8_t* v_codes, const float* v_norms, int64_t num_blocks,
-        int64_t block_size, const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
-        const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits, int v_bits, float scale,
-        const Plan& plan, void* workspace, void* out, cudaStream_t stream);
+int run(const AttentionCall& call, const Plan& plan);
 }  // namespace mma
 
 namespace generic {
 constexpr int64_t kMaxDim = 512;
 Plan make_plan(int64_t num_seqs, int64_t hkv, int64_t hq, int64_t dim, int64_t max_blocks, int64_t block_size,
                int64_t tokens_per_split, int sms);
-int run(const void* query, tq_cuda_dtype q_type, int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim,
-        const uint8_t* k_codes, const float* k_norms, const uint8_t* v_codes, const float* v_norms, int64_t num_blocks,
-        int64_t block_size, const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,
-        const float* rotation, const float* k_codebook, const float* v_codebook, int k_bits, int v_bits, float scale,
-        const Plan& plan, void* workspace, void* out, cudaStream_t stream);
+int run(const AttentionCall& call, const Plan& plan);
 }  // namespace generic
 
 }  // namespace tq_cuda

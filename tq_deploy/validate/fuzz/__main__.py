@@ -1,0 +1,3 @@
+from tq_deploy.validate.fuzz.cli import main
+
+raise SystemExit(main())
