@@ -43,16 +43,48 @@ def exported(request, tmp_path_factory, ort_library):
     return config, model, session
 
 
+def aligned_reference(config: TQModelConfig, inputs: dict, actual: dict):
+    """The reference decode step whose cache update takes ORT's codes after checking that each code that
+    differs is a rounding tie (tq_deploy.validate.llm's aligned ops, as the LLM checks use): (outputs, ties)."""
+    from tq_deploy.reference.model import ReferenceOps, decode_model, model_input_names, model_output_names
+    from tq_deploy.validate.llm import CodeTies, _AlignedOps
+
+    class Aligned(_AlignedOps):
+        paged_attention = staticmethod(ReferenceOps.paged_attention)
+
+    ties = CodeTies()
+    ops = Aligned(0, {f"{k}.0": v for k, v in actual.items() if k.endswith("_out")}, ties)
+    module = decode_model(config, ops).eval()
+    feeds = {k: v.clone() for k, v in inputs.items()}
+    with torch.no_grad():
+        values = module(*(feeds[n] for n in model_input_names(config)))
+    return dict(zip(model_output_names(config), values)), ties
+
+
+def assert_matches_reference(config, model, inputs, actual):
+    """ORT's outputs equal the reference's; where a code differs, it must be a rounding tie (two float32
+    computations of the same key may fall either side of a codebook boundary) and the attention output
+    must equal the reference's over ORT's codes."""
+    expected = reference_outputs(model, inputs)
+    tolerance = Tolerance(atol=1e-4, rtol=1e-3, code_mismatch=0.0)
+    report = compare(actual, expected, title="ORT vs reference", code_bits=bits_of_outputs(model), tolerance=tolerance)
+    if report.passed:
+        return expected
+    assert config.num_layers == 1
+    aligned, ties = aligned_reference(config, inputs, actual)
+    assert ties.passed, report.to_text() + "\n" + ties.text()
+    again = compare(actual, aligned, title="ORT vs reference on ORT's codes", code_bits=bits_of_outputs(model),
+                    tolerance=tolerance)
+    assert again.passed, report.to_text() + "\n" + ties.text() + "\n" + again.to_text()
+    return aligned
+
+
 def run_and_compare(exported, inputs):
     from tq_deploy.runtime.session import run
 
     config, model, session = exported
     actual = {k: torch.from_numpy(v) for k, v in run(session, inputs).items()}
-    expected = reference_outputs(model, inputs)
-    report = compare(actual, expected, title="ORT vs reference", code_bits=bits_of_outputs(model),
-                     tolerance=Tolerance(atol=1e-4, rtol=1e-3, code_mismatch=0.0))
-    assert report.passed, report.to_text()
-    return actual, expected
+    return actual, assert_matches_reference(config, model, inputs, actual)
 
 
 def _context_cases(config: TQModelConfig, gen: torch.Generator) -> list[list[int]]:
@@ -129,10 +161,7 @@ def test_io_binding_updates_the_cache_in_place(exported, seed):
     before = {n: arrays[n].copy() for n in ("k_codes", "k_norms", "v_codes", "v_norms")}
     buffers = {n: arrays[n].ctypes.data for n in before}
     outputs = run_in_place(session, arrays)
-    expected = reference_outputs(model, inputs)
-    report = compare({k: torch.from_numpy(v) for k, v in outputs.items()}, expected, code_bits=bits_of_outputs(model),
-                     tolerance=Tolerance(code_mismatch=0.0))
-    assert report.passed, report.to_text()
+    assert_matches_reference(config, model, inputs, {k: torch.from_numpy(v.copy()) for k, v in outputs.items()})
     for name, address in buffers.items():
         assert outputs[f"{name}_out"].ctypes.data == address  # the same buffer...
         assert not np.array_equal(arrays[name], before[name])  # ...and it changed in place

@@ -16,7 +16,7 @@ from tq_deploy.validate.compare import Tolerance, compare
 
 
 def test_pipeline_runs_end_to_end_within_tolerance(tmp_path, capsys, ort_library):
-    status = main(["pipeline", "--out-dir", str(tmp_path), "--json", "--repeat", "1",
+    status = main(["pipeline", "--synthetic", "--out-dir", str(tmp_path), "--json", "--repeat", "1",
                    "--hidden-size", "96", "--num-q-heads", "6", "--num-kv-heads", "2", "--k-bits", "3",
                    "--v-bits", "2", "--block-size", "8", "--num-blocks", "24", "--max-blocks", "6"])
     report = json.loads(capsys.readouterr().out)
@@ -35,10 +35,10 @@ def test_pipeline_runs_end_to_end_within_tolerance(tmp_path, capsys, ort_library
 
 
 def test_pipeline_text_report(tmp_path, capsys, ort_library):
-    assert main(["pipeline", "--out-dir", str(tmp_path), "--repeat", "1", "--hidden-size", "64",
+    assert main(["pipeline", "--synthetic", "--out-dir", str(tmp_path), "--repeat", "1", "--hidden-size", "64",
                  "--num-q-heads", "2", "--num-kv-heads", "1", "--head-dim", "32", "--bits", "4"]) == 0
     text = capsys.readouterr().out
-    assert "result: within tolerance" in text
+    assert "result: within tolerance" in text and "result: PASSED" in text
     assert "6. engine   " in text and "7. polygraphy  " in text
 
 
@@ -146,3 +146,34 @@ def test_run_cli_without_the_library_is_one_clear_error(tmp_path, capsys, monkey
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tq-deploy run: error:") and "missing.so" in err and err.count("\n") == 1
+
+
+def test_exported_model_reads_its_metadata_once_and_runs_without_it(tmp_path, monkeypatch):
+    """The loaded model (proto, metadata, config, library) is what the steps share: its metadata is
+    parsed on first use only, and a proto without tq-deploy metadata is refused only when asked."""
+    import onnx
+
+    from tq_deploy.export import common, make_op_model
+    from tq_deploy.export.loaded import ExportedModel
+    from tq_deploy.validate.inputs import random_inputs
+    from tq_deploy.validate.reference import bits_of_outputs, reference_outputs
+
+    path = tmp_path / "encode.onnx"
+    common.save_model(make_op_model("TQEncode", head_dim=16, bits=3), path)
+    model = ExportedModel.load(path, library="lib.so")
+    assert (model.name, model.library, model.custom_ops) == ("encode", "lib.so", ["TQEncode"])
+    reads = []
+    real = common.read_metadata
+    monkeypatch.setattr("tq_deploy.export.loaded.read_metadata", lambda m: reads.append(1) or real(m))
+    feeds = random_inputs(model, seed=0)
+    assert set(reference_outputs(model, feeds)) == {"codes", "norms"}
+    assert bits_of_outputs(model) == {"codes": (3, 16)}
+    assert len(reads) == 1 and model.kind == "op" and model.metadata["bits"] == 3
+    bare = onnx.load(path)
+    del bare.metadata_props[:]
+    plain = ExportedModel.of(bare)
+    assert plain.serialized == bare.SerializeToString()
+    with pytest.raises(ValueError, match="metadata_props"):
+        plain.kind
+    with pytest.raises(ValueError, match="expected 'model'"):
+        model.config

@@ -92,6 +92,13 @@ def get_preset(name: str, what: str = "--kv-preset") -> Preset:
     return PRESETS[key]
 
 
+# Bounds of a plan file, checked before anything is built from it: the deepest open models have
+# about 128 layers, and the reference and kernels take head_dim up to 1024.
+MAX_PLAN_LAYERS = 1024
+MAX_PLAN_HEAD_DIM = 1024
+MAX_PLAN_BYTES = 1 << 20
+
+
 @dataclass(frozen=True)
 class BitPlan:
     """Per-layer TurboQuant widths: ``layers[i] = (k_bits, v_bits)`` of layer i."""
@@ -103,12 +110,15 @@ class BitPlan:
     def __post_init__(self):
         if not self.layers:
             raise ValueError("plan layers=[], expected one (k_bits, v_bits) entry per layer")
+        if len(self.layers) > MAX_PLAN_LAYERS:
+            raise ValueError(f"plan has {len(self.layers)} layers, expected at most {MAX_PLAN_LAYERS}")
         for i, (k, v) in enumerate(self.layers):
             for side, bits in (("k_bits", k), ("v_bits", v)):
                 if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
                     raise ValueError(f"plan layer {i} {side}={bits!r}, expected one of {SUPPORTED_BITS}")
-        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 2:
-            raise ValueError(f"plan head_dim={self.head_dim!r}, expected an int >= 2")
+        if (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
+                or not 2 <= self.head_dim <= MAX_PLAN_HEAD_DIM):
+            raise ValueError(f"plan head_dim={self.head_dim!r}, expected an int in [2, {MAX_PLAN_HEAD_DIM}]")
 
     @property
     def num_layers(self) -> int:
@@ -133,6 +143,8 @@ class BitPlan:
         if data.get("version") != PLAN_VERSION:
             raise ValueError(f"{source}: version={data.get('version')!r}, expected {PLAN_VERSION}")
         layers = data.get("layers")
+        if isinstance(layers, list) and len(layers) > MAX_PLAN_LAYERS:
+            raise ValueError(f"{source}: {len(layers)} layers, expected at most {MAX_PLAN_LAYERS}")
         if not isinstance(layers, list) or not all(isinstance(e, dict) for e in layers):
             raise ValueError(f"{source}: layers={layers!r:.60}, expected a list of {{\"k_bits\": K, \"v_bits\": V}}")
         try:
@@ -150,12 +162,15 @@ class BitPlan:
 
 
 def load_plan(path: str | os.PathLike, what: str = "--plan") -> BitPlan:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what}={str(path)!r} does not exist, expected a bit-plan JSON file")
+    from tq_deploy import files
+
+    path = files.check_input(path, what, "a bit-plan JSON file")
+    if path.stat().st_size > MAX_PLAN_BYTES:
+        raise ValueError(f"{what}={str(path)!r} has {path.stat().st_size} bytes, expected a bit-plan JSON file of at "
+                         f"most {MAX_PLAN_BYTES}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{what}={str(path)!r} is not JSON ({err}), expected a bit-plan JSON file") from None
     return BitPlan.from_dict(data, f"{what}={str(path)!r}")
 

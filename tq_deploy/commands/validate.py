@@ -14,7 +14,6 @@ run here (a given --engine, else one built from the model). Each is compared wit
 from __future__ import annotations
 
 import json
-import os
 
 
 def add_arguments(parser) -> None:
@@ -29,18 +28,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from tq_deploy.export.common import load_model
+    from tq_deploy.export.loaded import ExportedModel
     from tq_deploy.validate.inputs import random_inputs
     from tq_deploy.validate.polygraphy_run import compare_with_polygraphy
     from tq_deploy.validate.reference import reference_outputs
 
-    if args.engine is not None and not os.path.isfile(args.engine):
-        # on a machine where TensorRT cannot run the engine would be skipped silently
-        raise ValueError(f"--engine {args.engine!r} is not a file, expected a TensorRT engine of the model")
-    model = load_model(args.model)
+    if args.engine is not None:
+        from tq_deploy import files
+
+        files.check_engine(args.engine)  # where TensorRT cannot run, the engine would be skipped silently
+    model = ExportedModel.load(args.model, library=args.library)
     feeds = random_inputs(model, seed=args.seed, context_lens=args.context_lens)
     expected = reference_outputs(model, feeds)
-    result = compare_with_polygraphy(model, feeds=feeds, expected=expected, engine=args.engine, library=args.library)
+    result = compare_with_polygraphy(model, feeds=feeds, expected=expected, engine=args.engine)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "text"}, indent=2, default=str))
     else:

@@ -28,11 +28,8 @@ attributes ``k_bits``/``v_bits`` of that layer.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import os
-import warnings
 
 import onnx
 import torch
@@ -137,30 +134,12 @@ def export_model(config: TQModelConfig | dict | None = None, path: str | os.Path
         config = TQModelConfig.from_dict(config)
     elif not isinstance(config, TQModelConfig):
         raise ValueError(f"config is a {type(config).__name__}, expected TQModelConfig, dict or None")
-    from tq_deploy.export.torch_ops import translation_table
-
     if config.num_layers == 1:
         module = ExportableDecodeModel(config).eval()
     else:
         module = TQDecodeStack(config, block=ExportableDecodeModel).eval()
-    with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "torch.export", "torch._export"):
-        warnings.simplefilter("ignore")  # the exporter's chatter (torchvision absent, deprecations) is noise here
-        program = torch.onnx.export(
-            module,
-            _trace_inputs(config),
-            dynamo=True,
-            opset_version=MODEL_OPSET,
-            input_names=list(model_input_names(config)),
-            output_names=list(model_output_names(config)),
-            dynamic_shapes=_dynamic_shapes(config),
-            custom_translation_table=translation_table(),
-            external_data=False,
-            verbose=False,
-        )
-    model = program.model_proto
-    if model.ir_version > common.IR_VERSION:
-        model.ir_version = common.IR_VERSION  # onnxruntime 1.30 reads at most IR 13
-    model.producer_name = common.PRODUCER
+    model = common.trace_to_onnx(module, _trace_inputs(config), model_input_names(config),
+                                 model_output_names(config), _dynamic_shapes(config), MODEL_OPSET)
     model.doc_string = "TurboQuant decode step: QKV, rotary, TQCacheUpdate, TQPagedAttention, output projection"
     common.set_metadata(model, "model", config.to_dict())
     _name_spec_initializers(model, config)
@@ -177,14 +156,19 @@ def export_model(config: TQModelConfig | dict | None = None, path: str | os.Path
 def _projections_as_matmul(model: onnx.ModelProto) -> None:
     """Each projection the exporter wrote as Gemm(x, W, transB=1) (nn.Linear) becomes MatMul(x, W.T)
     with the transposed weight stored as ``<W>.T``: the same product, and on ORT's CUDA EP the
-    non-transposed cuBLAS path, about 20 % faster than the transposed one for a decode step's few
-    rows (H200, docs/performance.md)."""
+    non-transposed cuBLAS path, the faster one for a decode step's few rows (docs/performance.md)."""
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    readers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     for index in range(len(model.graph.node)):
         node = model.graph.node[index]
         if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        if readers.get(node.input[1], 0) > 1:  # a weight read elsewhere too (a tied LM head's embedding) stays
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (attrs.get("transA", 0), attrs.get("transB", 0), attrs.get("alpha", 1.0)) != (0, 1, 1.0):
@@ -197,19 +181,6 @@ def _projections_as_matmul(model: onnx.ModelProto) -> None:
         model.graph.initializer.append(transposed)
         inits[transposed.name] = transposed
         node.CopyFrom(helper.make_node("MatMul", [node.input[0], transposed.name], list(node.output), name=node.name))
-
-
-@contextlib.contextmanager
-def _quiet_loggers(*names: str):
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _node_layers(model: onnx.ModelProto, config: TQModelConfig) -> dict[int, int]:

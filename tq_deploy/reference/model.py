@@ -22,12 +22,12 @@ on their parameters.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
 
-from tq_deploy.reference.checks import check_bits, check_head_dim
+from tq_deploy.reference.checks import check_bits, check_head_dim, check_seed
 from tq_deploy.reference.codebook import lloyd_max_codebook
 from tq_deploy.reference.paged import allocate_cache, cache_update_reference, paged_attention_reference
 from tq_deploy.reference.rotation import make_rotation
@@ -78,6 +78,9 @@ class TQModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}, expected an int >= 1")
+        check_seed("seed", self.seed)
+        if self.rotation not in ("haar", "hadamard"):
+            raise ValueError(f"rotation={self.rotation!r}, expected 'haar' or 'hadamard'")
         if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ValueError(f"rope_theta={self.rope_theta!r}, expected a finite number > 0")
         if self.num_q_heads % self.num_kv_heads:
@@ -97,6 +100,13 @@ class TQModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TQModelConfig":
+        """The config of a dict (model metadata): unknown keys and wrong types are a ValueError."""
+        if not isinstance(values, dict):
+            raise ValueError(f"model config {values!r:.60}, expected a JSON object of TQModelConfig fields")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"model config has keys {unknown}, expected a subset of "
+                             f"{[f.name for f in fields(cls)]}")
         return cls(**values)
 
 
@@ -126,6 +136,29 @@ class ReferenceOps:
 
     cache_update = staticmethod(cache_update_reference)
     paged_attention = staticmethod(paged_attention_reference)
+
+
+def check_step_inputs(s: int, positions, slot_mapping, context_lens) -> None:
+    """The per-sequence inputs of one decode step of ``s`` sequences: integer vectors of length S
+    (a [1] or [S, 1] tensor would broadcast in the rotary embedding and give every sequence one
+    position; float positions would be rounded), and, on the CPU (a GPU check would synchronize),
+    every real token (slot >= 0) inside its context: context_lens[s] >= positions[s] + 1."""
+    for name, value in (("positions", positions), ("slot_mapping", slot_mapping), ("context_lens", context_lens)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} is a {type(value).__name__}, expected an integer tensor of shape ({s},)")
+        if value.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}.dtype={value.dtype}, expected torch.int32 or torch.int64")
+        if tuple(value.shape) != (s,):
+            raise ValueError(f"{name}.shape={tuple(value.shape)}, expected ({s},) (one per sequence of hidden)")
+    if positions.device.type != "cpu" or context_lens.device.type != "cpu" or slot_mapping.device.type != "cpu":
+        return
+    if s and int(positions.min()) < 0:
+        raise ValueError(f"positions={positions.tolist()}, expected every entry >= 0")
+    short = (slot_mapping >= 0) & (context_lens.long() < positions.long() + 1)
+    if bool(short.any()):
+        i = int(short.nonzero()[0, 0])
+        raise ValueError(f"context_lens[{i}]={int(context_lens[i])} with positions[{i}]={int(positions[i])}, expected "
+                         f">= {int(positions[i]) + 1} (the context includes the new token)")
 
 
 class TQDecodeModel(nn.Module):
@@ -171,6 +204,8 @@ class TQDecodeModel(nn.Module):
             raise ValueError(f"hidden.shape={tuple(hidden.shape)}, expected (S, {c.hidden_size})")
         if hidden.dtype != self.qkv_proj.weight.dtype:
             raise ValueError(f"hidden.dtype={hidden.dtype}, expected the model's dtype {self.qkv_proj.weight.dtype}")
+        if not torch.compiler.is_compiling():  # torch.export traces this; the checks are for callers
+            check_step_inputs(hidden.shape[0], positions, slot_mapping, context_lens)
         q, k, v = self.project_qkv(hidden, positions)
         caches = self.ops.cache_update(k, v, slot_mapping, k_codes, k_norms, v_codes, v_norms,
                                        self.rotation, self.k_codebook, self.v_codebook, c.k_bits, c.v_bits)

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from tq_deploy import ops
-from tq_deploy.runtime.session import _ORT_DTYPES, make_session
+from tq_deploy.runtime.session import _ORT_DTYPES, bind_in_place, make_session, resident_caches
 
 CACHE_NAMES = ("k_codes", "k_norms", "v_codes", "v_norms")
 STEP_INPUTS = ("hidden", "positions", "slot_mapping", "block_tables", "context_lens")
@@ -51,20 +51,18 @@ def cache_shapes(config: Mapping, num_blocks: int) -> dict[str, tuple[tuple[int,
 class DecodeSession:
     """The decode step of an exported model with a resident, in-place paged cache (module docstring)."""
 
-    def __init__(self, model: str | os.PathLike | bytes | onnx.ModelProto, provider: str = "cpu",
+    def __init__(self, model: "str | os.PathLike | bytes | onnx.ModelProto | ExportedModel", provider: str = "cpu",
                  num_blocks: int | None = None, library=None, device_id: int = 0, profile: bool = False,
                  profile_prefix: str | None = None, threads: int | None = None, cuda_graph: bool = False):
         import onnxruntime as ort
 
-        from tq_deploy.export.common import load_model, read_metadata
+        from tq_deploy.export.loaded import ExportedModel
 
         if isinstance(model, (bytes, bytearray)):
-            proto = onnx.load_from_string(bytes(model))
-        elif isinstance(model, onnx.ModelProto):
-            proto = model
-        else:
-            proto = load_model(model)
-        kind, config = read_metadata(proto)
+            model = onnx.load_from_string(bytes(model))
+        exported = ExportedModel.of(model)
+        kind, config = exported.kind, exported.metadata
+        library = library or exported.library
         if kind != "model":
             raise ValueError(f"model kind={kind!r}, expected a decode model exported by `tq-deploy export`")
         self.config = config
@@ -80,7 +78,7 @@ class DecodeSession:
             options.enable_profiling = True
             if profile_prefix:
                 options.profile_file_prefix = profile_prefix
-        self.session = make_session(proto.SerializeToString(), provider=provider, library=library,
+        self.session = make_session(exported.serialized, provider=provider, library=library,
                                     device_id=device_id, session_options=options, threads=threads,
                                     cuda_graph=cuda_graph)
         self._ort = ort
@@ -93,13 +91,9 @@ class DecodeSession:
         if cuda_graph:
             self._eager_options = ort.RunOptions()
             self._eager_options.add_run_config_entry("gpu_graph_id", "-1")
-        self.caches = {}
-        for name, (shape, dtype) in cache_shapes(config, self.num_blocks).items():
-            self.caches[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, device_id)
+        self.caches = resident_caches(cache_shapes(config, self.num_blocks), self.device, device_id)
         self.binding = self.session.io_binding()
-        for name, value in self.caches.items():
-            self.binding.bind_ortvalue_input(name, value)
-            self.binding.bind_ortvalue_output(f"{name}_out", value)
+        bind_in_place(self.binding, self.caches)
         self.binding.bind_output("out", "cpu")
 
     def cache_bytes(self) -> int:
@@ -180,9 +174,7 @@ class _GraphStep:
         shape = [arrays[0].shape[0], int(owner.config["hidden_size"])]
         self.out = ort.OrtValue.ortvalue_from_shape_and_type(shape, owner._out_dtype.type, device, device_id)
         self.binding = owner.session.io_binding()
-        for name, value in owner.caches.items():
-            self.binding.bind_ortvalue_input(name, value)
-            self.binding.bind_ortvalue_output(f"{name}_out", value)
+        bind_in_place(self.binding, owner.caches)
         for name, value in zip(STEP_INPUTS, self.inputs):
             self.binding.bind_ortvalue_input(name, value)
         self.binding.bind_ortvalue_output("out", self.out)

@@ -26,12 +26,37 @@ def custom_op_library(library: str | os.PathLike | None = None) -> Path:
     """Path of the custom-op library: ``library`` if given, else ``locate("ort")``."""
     if library is None:
         return Path(native.locate("ort"))
+    from tq_deploy import files
+
     path = Path(library)
-    if not path.is_file():
+    kind = files.kind_of(path)
+    if kind is None:
         raise native.NativeLibraryNotFoundError(
             f"library={str(path)!r} does not exist, expected the path of {native.LIBRARIES['ort'].filename}. "
             + native.build_help("ort"))
+    if kind != "file":
+        raise ValueError(f"library={str(path)!r} is a {kind}, expected the path of {native.LIBRARIES['ort'].filename}")
     return path
+
+
+def register_library(options, library: str | os.PathLike | None = None) -> Path:
+    """Registers the custom-op library in ``options``; one that is not it is a ValueError naming it."""
+    path = custom_op_library(library)
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for a bad library
+        raise ValueError(
+            f"library={str(path)!r} does not load as the TurboQuant custom-op library ({' '.join(str(err).split())}); "
+            f"expected {native.LIBRARIES['ort'].filename} built for this onnxruntime"
+        ) from None
+    return path
+
+
+def check_library(library: str | os.PathLike | None = None) -> Path:
+    """Fails early (before child processes or a long run) when ``library`` does not load."""
+    import onnxruntime as ort
+
+    return register_library(ort.SessionOptions(), library)
 
 
 PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
@@ -156,14 +181,7 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "cpu", librar
         options.intra_op_num_threads = threads
     if LOG_SEVERITY is not None and options.log_severity_level < 0:
         options.log_severity_level = LOG_SEVERITY
-    path = custom_op_library(library)
-    try:
-        options.register_custom_ops_library(str(path))
-    except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for a bad library
-        raise ValueError(
-            f"library={str(path)!r} does not load as the TurboQuant custom-op library ({' '.join(str(err).split())}); "
-            f"expected {native.LIBRARIES['ort'].filename} built for this onnxruntime"
-        ) from None
+    register_library(options, library)
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     check_custom_nodes(_proto(model))
@@ -248,6 +266,31 @@ def time_runs(session, inputs: Mapping[str, object], repeat: int = 10, warmup: i
         times.append((time.perf_counter() - start) * 1e3)
     timing = Timing(repeat, float(np.mean(times)), float(np.min(times)), float(np.max(times)))
     return dict(zip(names, values)), timing
+
+
+def cache_output_name(name: str) -> str:
+    """The output that returns cache input ``name`` updated: ``k_codes`` -> ``k_codes_out``, and for a
+    layer's cache ``k_codes.3`` -> ``k_codes_out.3``."""
+    base, dot, layer = name.partition(".")
+    return f"{base}_out{dot}{layer}"
+
+
+def resident_caches(shapes: Mapping[str, tuple], device: str = "cpu", device_id: int = 0) -> dict:
+    """Zero-filled OrtValues on ``device`` ("cpu" or "cuda") for ``{name: (shape, dtype)}``: the caches a
+    session keeps between runs (zero codes and norms decode to zero vectors)."""
+    import onnxruntime as ort
+
+    return {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, device_id)
+            for name, (shape, dtype) in shapes.items()}
+
+
+def bind_in_place(binding, caches: Mapping[str, object]) -> None:
+    """Bind every cache OrtValue as its input and as the output that returns it updated
+    (:func:`cache_output_name`): TQCacheUpdate then writes the new tokens into the resident buffer,
+    and no cache byte is copied by a run."""
+    for name, value in caches.items():
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(cache_output_name(name), value)
 
 
 def cache_aliases(session) -> dict[str, str]:

@@ -48,7 +48,10 @@ ENV_BACKEND = "TQ_DEPLOY_TRT_BACKEND"
 BACKENDS = ("auto", "rtx", "tensorrt")
 PLUGIN_NAMESPACE = ops.DOMAIN
 PLUGIN_VERSION = "1"
-PLUGIN_NAMES = tuple(op.name for op in ops.ALL_OPS)
+# Ops of the contract whose plugin is not built yet, with the reason: an engine cannot hold them
+# (none: every op's plugin is expanded from the generated op list).
+PLUGINS_PENDING: dict[str, str] = {}
+PLUGIN_NAMES = tuple(op.name for op in ops.ALL_OPS if op.name not in PLUGINS_PENDING)
 
 # Optimization-profile ranges (min, opt, max) of the dynamic dims tq-deploy's exporters name.
 DEFAULT_DIM_RANGES: dict[str, tuple[int, int, int]] = {
@@ -57,6 +60,7 @@ DEFAULT_DIM_RANGES: dict[str, tuple[int, int, int]] = {
     "num_blocks": (1, 64, 1024),
     "max_blocks": (1, 8, 64),
     "n": (1, 64, 4096),
+    "logit_rows": (1, 4, 64),  # an exported LLM's rows whose logits are returned
 }
 
 RUNTIME_NOTE = (
@@ -211,6 +215,8 @@ def profile_shapes(model: onnx.ModelProto, dims: Mapping[str, Sequence[int]] | N
                     row.append(d)
                 elif isinstance(d, str) and d in ranges:
                     row.append(ranges[d][k])
+                elif isinstance(d, str) and d.endswith("+1") and d[:-2] in ranges:
+                    row.append(ranges[d[:-2]][k] + 1)  # query_start [S+1] follows its S
                 else:
                     raise ValueError(f"input {vi.name!r} axis {axis} is dynamic ({d!r}) with no profile range; "
                                      f"pass dims={{{d!r}: (min, opt, max)}} (known: {sorted(ranges)})")
@@ -287,12 +293,13 @@ def build_engine(onnx_path: str | os.PathLike | onnx.ModelProto, engine_path: st
     :func:`profile_shapes` from the inputs' dim names and ``dims``. ``aliased_plugin_io`` turns on
     the preview feature that lets TQCacheUpdate write its caches in place (else the plugin copies).
     """
-    from tq_deploy.export.common import load_model
+    from tq_deploy.export.common import check_wiring, load_model
 
     from tq_deploy.runtime.session import check_custom_nodes
 
     model = onnx_path if isinstance(onnx_path, onnx.ModelProto) else load_model(onnx_path)
     check_custom_nodes(model)  # the plugin creators cannot see the model's opset version
+    check_wiring(model, "model" if isinstance(onnx_path, onnx.ModelProto) else f"model {os.fspath(onnx_path)!r}")
     shapes = {k: tuple(tuple(int(v) for v in s) for s in triple) for k, triple in (profile or {}).items()}
     if profile is None:
         shapes = profile_shapes(model, dims)  # before TensorRT loads: a bad --dim is an error even without it
@@ -338,7 +345,10 @@ def tensorrt_stage(model: str | os.PathLike | onnx.ModelProto, out_dir: str | os
                    **build_kwargs) -> dict:
     """The pipeline's TensorRT stage: build ``out_dir/<name>.engine`` (name: the model file's stem, or
     "model"); never raises for a missing TensorRT or plugin library (status "skipped" with the
-    reason), does raise for a model TensorRT rejects (status would be meaningless)."""
+    reason), does raise for a model TensorRT rejects (status would be meaningless). ``model`` may be
+    a :class:`tq_deploy.export.loaded.ExportedModel` (its proto, its file's stem)."""
+    if hasattr(model, "proto"):  # an ExportedModel: built from its proto, named after its file
+        name, model = name or model.name, model.proto
     if name is None:
         name = "model" if isinstance(model, onnx.ModelProto) else Path(model).stem
     source = "(in memory)" if isinstance(model, onnx.ModelProto) else os.fspath(model)
@@ -358,7 +368,7 @@ def network_from_onnx(onnx_path: str | os.PathLike | onnx.ModelProto, trt=None):
     logger = make_logger(trt, "error")
     builder = trt.Builder(logger)
     if not isinstance(onnx_path, onnx.ModelProto):
-        from tq_deploy.export.common import load_model
+        from tq_deploy.export.common import check_wiring, load_model
 
         onnx_path = load_model(onnx_path)
     network, parser = parse_network(trt, builder, logger, retype_codes_for_tensorrt(onnx_path))
@@ -399,8 +409,8 @@ def run_engine(engine_path: str | os.PathLike, inputs: Mapping[str, object], *, 
                library: str | os.PathLike | None = None) -> dict:
     """Run a built engine once on the GPU with torch CUDA tensors; returns outputs by name (torch).
 
-    NOT RUN on these machines: the CPU machine has no GPU and TensorRT-RTX refuses the H200
-    (compute capability 9.0). uint8 inputs (codes) are passed as int8 views (same bytes).
+    Needs a GPU the TensorRT flavour accepts (TensorRT-RTX refuses compute capability 9.0, so
+    H100/H200 need full TensorRT). uint8 inputs (codes) are passed as int8 views (same bytes).
     """
     import torch
 

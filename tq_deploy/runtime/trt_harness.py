@@ -2,8 +2,8 @@
 
 The harness does to a plugin what TensorRT does around an engine (creator -> createPlugin(build)
 -> configure -> serialize fields -> createPlugin(runtime) -> attachToContext -> onShapeChange ->
-enqueue), on caller-owned torch CUDA tensors. TensorRT-RTX refuses the H200, so this is how the
-plugins' runtime path runs there.
+enqueue), on caller-owned torch CUDA tensors. TensorRT-RTX refuses compute capability 9.0
+(H100/H200), so this is how the plugins' runtime path runs there.
 """
 
 from __future__ import annotations

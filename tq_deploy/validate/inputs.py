@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from tq_deploy import ops
-from tq_deploy.export.common import read_metadata
+from tq_deploy.export.loaded import ExportedModel
 from tq_deploy.reference.model import TQModelConfig, example_inputs
 from tq_deploy.reference.paged import allocate_cache, cache_update_reference
 from tq_deploy.reference.quantizer import encode_reference
@@ -39,20 +39,25 @@ def default_context_lens(config: TQModelConfig) -> list[int]:
     return lens
 
 
-def random_inputs(model: onnx.ModelProto, seed: int = 0, context_lens=None, num_tokens: int = 6,
+def random_inputs(model: ExportedModel | onnx.ModelProto, seed: int = 0, context_lens=None, num_tokens: int = 6,
                   leading_sizes=None) -> dict[str, torch.Tensor]:
     """Inputs by graph-input name (torch tensors) for a model exported by tq-deploy."""
-    kind, config = read_metadata(model)
+    model = ExportedModel.of(model)
+    kind, config = model.kind, model.metadata
     if kind == "model":
-        cfg = TQModelConfig.from_dict(config)
+        cfg = model.config
         lens = list(context_lens) if context_lens is not None else default_context_lens(cfg)
         return example_inputs(cfg, lens, seed=seed)
+    if kind == "llm":
+        from tq_deploy.validate.llm import llm_inputs
+
+        return llm_inputs(model, seed=seed)
     if kind != "op":
-        raise ValueError(f"model metadata kind={kind!r}, expected 'model' or 'op'")
+        raise ValueError(f"model metadata kind={kind!r}, expected 'model', 'llm' or 'op'")
     if config.get("op") not in ops.OPS_BY_NAME:
         raise ValueError(f"op={config.get('op')!r} in the model's metadata, expected one of {sorted(ops.OPS_BY_NAME)}")
     make = ops.OPS_BY_NAME[config["op"]].entry("make_inputs")
-    return make(config, model_initializers(model), torch.Generator().manual_seed(seed), context_lens=context_lens,
+    return make(config, model_initializers(model.proto), torch.Generator().manual_seed(seed), context_lens=context_lens,
                 num_tokens=num_tokens, leading_sizes=leading_sizes)
 
 
@@ -102,20 +107,74 @@ def cache_update_inputs(config: dict, inits: dict, gen, *, context_lens=None, nu
             "slot_mapping": slots, **caches}
 
 
+def _block_tables(caches: dict, blocks_per_seq: list[int], gen) -> torch.Tensor:
+    """Each sequence's blocks, drawn without repeats in a random order; one unused column more than
+    the longest sequence needs, its entries (and those past each sequence's blocks) junk that must not
+    be read."""
+    order = torch.randperm(caches["k_codes"].shape[0], generator=gen)
+    width = max(max(blocks_per_seq, default=0), 1) + 1
+    tables = torch.full((len(blocks_per_seq), width), 10**6, dtype=torch.int32)
+    start = 0
+    for s, n in enumerate(blocks_per_seq):
+        tables[s, :n] = order[start:start + n].int()
+        start += n
+    return tables
+
+
 def paged_attention_inputs(config: dict, inits: dict, gen, *, context_lens=None, **_) -> dict:
     lens = list(context_lens) if context_lens is not None else [0, 1, config["block_size"] + 3, 2 * config["block_size"]]
     caches, blocks_per_seq = _filled_cache(config, inits, gen, lens)
     hkv = caches["k_codes"].shape[2]
     hq = config["num_q_heads"] or 2 * hkv
-    order = torch.randperm(caches["k_codes"].shape[0], generator=gen)
-    width = max(max(blocks_per_seq), 1) + 1  # one unused column: its entries must not be read
-    tables = torch.full((len(lens), width), 10**6, dtype=torch.int32)  # junk where unused
-    start = 0
-    for s, n in enumerate(blocks_per_seq):
-        tables[s, :n] = order[start:start + n].int()
-        start += n
+    tables = _block_tables(caches, blocks_per_seq, gen)
     query = torch.randn(len(lens), hq, config["head_dim"], generator=gen).to(_dtype(config))
     return {"query": query, **caches, "block_tables": tables, "context_lens": torch.tensor(lens, dtype=torch.int32)}
+
+
+def default_prefill_lens(block_size: int) -> tuple[list[int], list[int]]:
+    """(context_lens, new tokens per sequence) with the odd cases of a prefill call: a context with no
+    new token, a one-token prompt, a decode-like step, a chunk crossing a block boundary, and a chunk
+    that is the whole context of several blocks."""
+    b = block_size
+    return [b + 5, 1, b // 2 + 1, b + 3, 2 * b], [0, 1, 1, 6, 2 * b]
+
+
+def spoil_unused_slots(caches: dict, tables: torch.Tensor, lens: list[int], gen) -> None:
+    """NaN norms and random code bytes in every slot no sequence's context covers (spare blocks and the
+    tail of each last block): a kernel that reads them, even to mask them, shows NaN."""
+    num_blocks, block = caches["k_codes"].shape[:2]
+    used = torch.zeros(num_blocks * block, dtype=torch.bool)
+    for s, n in enumerate(lens):
+        t = torch.arange(n)
+        used[tables[s, t // block].long() * block + t % block] = True
+    unused = ~used.view(num_blocks, block)
+    for name in ("k_norms", "v_norms"):
+        caches[name][unused] = float("nan")
+    for name in ("k_codes", "v_codes"):
+        junk = torch.randint(0, 256, caches[name].shape, dtype=torch.uint8, generator=gen)
+        caches[name][unused] = junk[unused]
+
+
+def paged_prefill_inputs(config: dict, inits: dict, gen, *, context_lens=None, num_tokens: int = 6,
+                         query_lens=None, **_) -> dict:
+    """Prefill inputs: context_lens (default :func:`default_prefill_lens`) with query_lens new tokens per
+    sequence (default min(num_tokens, context)); unused slots and table entries are junk."""
+    if context_lens is None:
+        lens, counts = default_prefill_lens(config["block_size"])
+    else:
+        lens = list(context_lens)
+        counts = list(query_lens) if query_lens is not None else [min(num_tokens, n) for n in lens]
+    if len(counts) != len(lens) or any(not 0 <= q <= n for q, n in zip(counts, lens)):
+        raise ValueError(f"query_lens={counts}, expected one count per sequence in 0..context_lens={lens}")
+    caches, blocks_per_seq = _filled_cache(config, inits, gen, lens)
+    tables = _block_tables(caches, blocks_per_seq, gen)
+    spoil_unused_slots(caches, tables, lens, gen)
+    hkv = caches["k_codes"].shape[2]
+    hq = config["num_q_heads"] or 2 * hkv
+    query = torch.randn(sum(counts), hq, config["head_dim"], generator=gen).to(_dtype(config))
+    starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {"query": query, **caches, "block_tables": tables, "context_lens": torch.tensor(lens, dtype=torch.int32),
+            "query_start": starts}
 
 
 def as_numpy(inputs: dict) -> dict[str, np.ndarray]:

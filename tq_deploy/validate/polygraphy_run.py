@@ -63,9 +63,12 @@ class ReferenceRunner(_base_runner()):
     ``known`` holds (feeds, outputs) pairs already computed: a feed equal to one of them returns
     its outputs instead of running the reference again."""
 
-    def __init__(self, model: onnx.ModelProto, name: str | None = None, known=()):
+    def __init__(self, model, name: str | None = None, known=()):
+        from tq_deploy.export.loaded import ExportedModel
+
         super().__init__(name=name, prefix="tq-reference-runner")
-        self.model = model
+        self.exported = ExportedModel.of(model)
+        self.model = self.exported.proto
         self.known = list(known)
 
     def activate_impl(self):
@@ -97,7 +100,7 @@ class ReferenceRunner(_base_runner()):
                 self.inference_time = time.perf_counter() - start
                 return OrderedDict((k, np.asarray(v)) for k, v in outputs.items())
         inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()}
-        outputs = reference_outputs(self.model, inputs)
+        outputs = reference_outputs(self.exported, inputs)
         self.inference_time = time.perf_counter() - start
         return OrderedDict((k, v.detach().cpu().numpy()) for k, v in outputs.items())
 
@@ -145,7 +148,7 @@ def trt_runner(model: onnx.ModelProto, engine: str | os.PathLike | None = None, 
 
 # ---------------------------------------------------------------- comparison
 
-def compare_with_polygraphy(model: str | os.PathLike | onnx.ModelProto, *, feeds: dict | None = None,
+def compare_with_polygraphy(model: "str | os.PathLike | onnx.ModelProto | ExportedModel", *, feeds: dict | None = None,
                             expected: dict | None = None, seed: int = 0, engine: str | os.PathLike | None = None,
                             with_tensorrt: bool | None = None, library=None, verbose: bool = False) -> dict:
     """Run the reference, ONNX Runtime (CPU, and CUDA where it runs) and TensorRT (where it runs)
@@ -153,25 +156,25 @@ def compare_with_polygraphy(model: str | os.PathLike | onnx.ModelProto, *, feeds
 
     ``feeds`` (torch tensors by input name; default: fresh random valid inputs from ``seed``) and
     ``expected`` (the reference's outputs for them, when already computed) let a caller hand over
-    what it has. Returns {"runners": [...], "skipped": {runner: why}, "reports": {runner: report
+    what it has; ``library`` defaults to the ExportedModel's. Returns {"runners": [...], "skipped": {runner: why}, "reports": {runner: report
     dict}, "text": str, "passed": bool}."""
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    from tq_deploy.export.common import load_model
     from tq_deploy.runtime.session import cuda_unavailable_reason
     from tq_deploy.runtime.tensorrt import tensorrt_usable
-    from tq_deploy.validate.compare import compare
     from tq_deploy.validate.inputs import random_inputs
-    from tq_deploy.validate.reference import bits_of_outputs
+    from tq_deploy.validate.reference import judge
 
-    if not isinstance(model, onnx.ModelProto):
-        model = load_model(model)
+    from tq_deploy.export.loaded import ExportedModel
+
+    exported = ExportedModel.of(model)
+    model, library = exported.proto, library or exported.library
     if feeds is None:
-        feeds = random_inputs(model, seed=seed)
+        feeds = random_inputs(exported, seed=seed)
     arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
     known = [] if expected is None else [(arrays, {k: v.detach().cpu().numpy() for k, v in expected.items()})]
-    reference = ReferenceRunner(model, name="tq-reference", known=known)
+    reference = ReferenceRunner(exported, name="tq-reference", known=known)
     runners, skipped = [reference, onnxrt_runner(model, "cpu", library)], {}
     why_not_cuda = cuda_unavailable_reason()
     if why_not_cuda:
@@ -186,12 +189,10 @@ def compare_with_polygraphy(model: str | os.PathLike | onnx.ModelProto, *, feeds
     with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.ERROR):
         results = Comparator.run(runners, data_loader=[arrays])
     expected_arrays = dict(results[reference.name][0])
-    code_bits = bits_of_outputs(model)
     reports = {}
     for runner in runners[1:]:
         actual = dict(results[runner.name][0])
-        reports[runner.name] = compare(actual, expected_arrays, title=f"{runner.name} vs {reference.name}",
-                                       code_bits=code_bits)
+        reports[runner.name] = judge(exported, arrays, actual, expected_arrays, f"{runner.name} vs {reference.name}")
     return {
         "seed": seed,
         "runners": [r.name for r in runners],

@@ -12,9 +12,9 @@ import onnx
 import torch
 
 from tq_deploy import ops
-from tq_deploy.export.common import read_metadata
+from tq_deploy.export.loaded import ExportedModel
 from tq_deploy.reference.model import TQModelConfig, decode_model, model_input_names, model_output_names
-from tq_deploy.reference.paged import cache_update_reference, paged_attention_reference
+from tq_deploy.reference.paged import cache_update_reference, paged_attention_reference, paged_prefill_reference
 from tq_deploy.reference.quantizer import decode_reference, encode_reference
 from tq_deploy.validate.inputs import CACHE_NAMES, model_initializers
 
@@ -35,19 +35,24 @@ def reference_model(config: TQModelConfig, model: onnx.ModelProto | None = None)
     return module
 
 
-def reference_outputs(model: onnx.ModelProto, inputs: dict) -> dict[str, torch.Tensor]:
+def reference_outputs(model: ExportedModel | onnx.ModelProto, inputs: dict) -> dict[str, torch.Tensor]:
     """Expected outputs by graph-output name for ``inputs`` (torch tensors, left unchanged)."""
-    kind, config = read_metadata(model)
+    model = ExportedModel.of(model)
+    kind, config = model.kind, model.metadata
+    if kind == "llm":
+        from tq_deploy.validate.llm import llm_outputs
+
+        return llm_outputs(model, inputs)
     inputs = {k: v.clone() for k, v in inputs.items()}  # the reference updates caches in place
     if kind == "model":
-        cfg = TQModelConfig.from_dict(config)
-        module = reference_model(cfg, model)
+        cfg = model.config
+        module = reference_model(cfg, model.proto)
         with torch.no_grad():
             values = module(*(inputs[n] for n in model_input_names(cfg)))
         return dict(zip(model_output_names(cfg), values))
     if config.get("op") not in ops.OPS_BY_NAME:
         raise ValueError(f"op={config.get('op')!r} in the model's metadata, expected a TurboQuant op")
-    return ops.OPS_BY_NAME[config["op"]].entry("reference")(config, model_initializers(model), inputs)
+    return ops.OPS_BY_NAME[config["op"]].entry("reference")(config, model_initializers(model.proto), inputs)
 
 
 def encode_node(config: dict, inits: dict, inputs: dict) -> dict:
@@ -74,14 +79,42 @@ def paged_attention_node(config: dict, inits: dict, inputs: dict) -> dict:
     return {"out": out}
 
 
-def bits_of_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+def paged_prefill_node(config: dict, inits: dict, inputs: dict) -> dict:
+    out = paged_prefill_reference(inputs["query"], *(inputs[n] for n in CACHE_NAMES), inputs["block_tables"],
+                                  inputs["context_lens"], inputs["query_start"], inits["rotation"],
+                                  inits["k_codebook"], inits["v_codebook"], config["k_bits"], config["v_bits"],
+                                  config.get("scale", 0.0))
+    return {"out": out}
+
+
+def judge(model: ExportedModel | onnx.ModelProto, feeds: dict, actual: dict, expected: dict | None, title: str):
+    """A backend's outputs for ``feeds`` against the reference: ``expected`` compared output by output, or,
+    for an exported LLM, the reference aligned to the backend's codes (validate/llm.py says why)."""
+    from tq_deploy.validate.compare import compare
+
+    model = ExportedModel.of(model)
+    if model.kind == "llm":
+        from tq_deploy.validate.llm import compare_llm
+
+        return compare_llm(model, feeds, actual, title)
+    if expected is None:
+        expected = as_numpy(reference_outputs(model, {k: torch.as_tensor(v) for k, v in feeds.items()}))
+    return compare(actual, expected, title=title, code_bits=bits_of_outputs(model))
+
+
+def bits_of_outputs(model: ExportedModel | onnx.ModelProto) -> dict[str, tuple[int, int]]:
     """Packed-code outputs -> (bits, head_dim), so comparisons can count mismatched codes."""
-    kind, config = read_metadata(model)
+    model = ExportedModel.of(model)
+    kind, config = model.kind, model.metadata
+    if kind == "llm":
+        from tq_deploy.validate.llm import llm_code_bits
+
+        return llm_code_bits(model)
     dim = config["head_dim"]
     if kind == "op" and "bits" in config:
         return {"codes": (config["bits"], dim)}
     if kind == "model":
-        cfg = TQModelConfig.from_dict(config)
+        cfg = model.config
         if cfg.num_layers > 1:
             out = {}
             for i in range(cfg.num_layers):

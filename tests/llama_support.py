@@ -1,0 +1,66 @@
+"""Small random Llama-family checkpoints for tests (no downloads here: they are made on the spot)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_checkpoint(folder, kind: str = "llama", seed: int = 0, **overrides):
+    """A tiny random transformers model of ``kind`` (llama, qwen2, mistral) saved to ``folder``; returns it.
+
+    Weights are drawn wider than transformers' init (std 0.02 makes every layer nearly the identity,
+    which would hide a wrong attention or rotary), biases too."""
+    import transformers
+
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    values = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if kind == "mistral":
+        values["sliding_window"] = None
+    values.update(overrides)
+    config = config_class(**values)
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    model.save_pretrained(folder)
+    return model
+
+
+def block_tables(num_seqs: int, blocks_per_seq: int, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
+    """Each sequence its own blocks, handed out in a random order (never contiguous by accident)."""
+    order = torch.randperm(num_blocks, generator=gen)[:num_seqs * blocks_per_seq]
+    return order.reshape(num_seqs, blocks_per_seq).to(torch.int32)
+
+
+def run_chunks(model, prompts, chunks, tables, num_blocks, all_logits=True):
+    """Feed each prompt in the given chunk sizes (one call per round, all sequences packed) through a fresh
+    cache; returns the logits of every token of each prompt, [len(prompt), V] per prompt (with
+    ``all_logits=False``: of each call's last token, [calls, V])."""
+    from tq_deploy.reference.llama import allocate_caches, step_inputs
+
+    caches = allocate_caches(model.config, num_blocks)
+    done = [0] * len(prompts)
+    rows = [[] for _ in prompts]
+    for sizes in chunks:
+        new = [p[d:d + n] for p, d, n in zip(prompts, done, sizes)]
+        inputs = step_inputs(new, done, tables, model.config.block_size, all_logits=all_logits)
+        with torch.no_grad():
+            logits, *caches = model(*inputs.values(), *caches)
+        offset = 0
+        for s, tokens in enumerate(new):
+            count = len(tokens) if all_logits else int(len(tokens) > 0)  # else: the last row of each
+            rows[s].append(logits[offset:offset + count])
+            offset += count
+        done = [d + len(t) for d, t in zip(done, new)]
+    return [torch.cat(r) for r in rows]

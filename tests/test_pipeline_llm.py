@@ -1,0 +1,109 @@
+"""tq-deploy pipeline on a real-model-shaped LLM: export -> ORT session -> generate -> compare -> engine -> polygraphy.
+
+A small random Llama with SmolLM2's tokenizer stands in for SmolLM2 (same vocabulary and code
+path, seconds instead of minutes); the README's main command runs the pipeline on SmolLM2 itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tq_deploy.cli import main
+
+from llama_support import random_checkpoint
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """A 2-layer random Llama (SmolLM2's vocabulary, tied embeddings) with SmolLM2's tokenizer beside it."""
+    from tq_deploy.models.checkpoint import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer("smollm2")
+    except ValueError as err:
+        pytest.skip(f"SmolLM2's tokenizer is not installed (extra eval): {err}")
+    folder = tmp_path_factory.mktemp("tiny_llm")
+    random_checkpoint(folder, vocab_size=tokenizer.vocab_size, num_hidden_layers=2, tie_word_embeddings=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_llm_pipeline_passes_and_its_verdict_is_every_steps(tiny_llm, tmp_path, capsys, ort_library):
+    status = main(["pipeline", "--model", str(tiny_llm), "--out-dir", str(tmp_path), "--kv-preset", "compact",
+                   "--new-tokens", "5", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0, report
+    assert report["passed"] is True
+    assert json.loads((tmp_path / "report.json").read_text())["passed"] is True
+    generation = report["generation"]
+    assert generation["ort_cpu"]["tokens"] == generation["reference"]["tokens"]
+    assert [len(t) for t in generation["reference"]["tokens"]] == [5, 5]
+    cpu = report["ort_cpu"]
+    assert cpu["passed"] and any(o["name"] == "logits" for o in cpu["outputs"])
+    ties = cpu["code_ties"]
+    assert ties["compared"] > 0 and not ties["not_ties"]
+    assert report["config"]["k_bits"] == 5 and report["config"]["v_bits"] == 3
+    stage = report["tensorrt"]
+    assert stage["status"] in ("built", "skipped"), stage
+    if stage["status"] == "built":
+        assert (tmp_path / "model.engine").stat().st_size == stage["engine_bytes"] > 0
+    if report["polygraphy"]["status"] == "ran":
+        assert report["polygraphy"]["passed"] is True
+
+
+def test_llm_pipeline_text_names_each_step(tiny_llm, tmp_path, capsys, ort_library):
+    assert main(["pipeline", "--model", str(tiny_llm), "--out-dir", str(tmp_path), "--new-tokens", "3",
+                 "--prompt", "Hello there"]) == 0
+    text = capsys.readouterr().out
+    for step in ("1. export", "2. check", "3. session", "4. generate [0]", "5. compare", "5b. ORT CUDA",
+                 "6. engine", "7. polygraphy", "result: PASSED"):
+        assert step in text, text
+    assert "identical to the PyTorch reference decoder's" in text
+
+
+def test_llm_pipeline_refuses_synthetic_shape_options(tiny_llm, tmp_path, capsys):
+    assert main(["pipeline", "--model", str(tiny_llm), "--out-dir", str(tmp_path), "--head-dim", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "--head-dim" in err and err.count("\n") == 1
+
+
+def test_compare_llm_fails_a_backend_whose_codes_are_not_ties(tiny_llm, tmp_path, ort_library):
+    """The aligned comparison can fail: ORT's outputs judged against a reference whose rotation (seed) differs."""
+    from tq_deploy.export.llm import export_llm
+    from tq_deploy.export.loaded import ExportedModel
+    from tq_deploy.runtime.session import make_session
+    from tq_deploy.validate.llm import as_numpy, compare_llm, llm_inputs, reference_decoder
+
+    path = tmp_path / "m.onnx"
+    export_llm(str(tiny_llm), path, k_bits=4, v_bits=4)
+    model = ExportedModel.load(path)
+    feeds = llm_inputs(model, seed=3)
+    session = make_session(str(path))
+    actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, as_numpy(feeds))))
+    assert compare_llm(model, feeds, actual, "same").passed
+    wrong = reference_decoder(ExportedModel.load(path))
+    with __import__("torch").no_grad():
+        for layer in wrong.layers:
+            layer.self_attn.rotation.copy_(layer.self_attn.rotation.flip(0))
+    report = compare_llm(model, feeds, actual, "other rotation", decoder=wrong)
+    assert not report.passed
+    assert report.extra["code_ties"]["not_ties"]
+
+
+def test_eval_ppl_through_ort_is_the_reference_on_the_same_codes(tiny_llm, tmp_path, capsys, ort_library):
+    from tq_deploy.export.llm import export_llm
+
+    path = tmp_path / "m.onnx"
+    export_llm(str(tiny_llm), path, k_bits=3, v_bits=2)
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 4)
+    status = main(["eval-ppl", "--backend", "ort", "--onnx", str(path), "--text", str(text), "--tokens", "40",
+                   "--chunk-size", "16", "--check-torch", "--json", "-"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert status == 0 and rows and all(r["aligned_passed"] for r in rows), rows
+    assert all(abs(r["aligned_rel_diff"]) <= 1e-4 for r in rows)
