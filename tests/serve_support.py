@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tq_deploy.reference.model import TQDecodeModel, TQModelConfig
-from tq_deploy.reference.paged import PagedTQCache, allocate_cache
+from tq_deploy.reference.paged import PagedTQCache, allocate_cache, paged_attention_reference
 
 # Small and fast, with blocks of 8 tokens so that short sequences cross block boundaries, GQA 2,
 # and different key/value bits.
@@ -81,6 +81,49 @@ def reference_outputs(hiddens: list[np.ndarray]) -> list[np.ndarray]:
     """The reference's output for each token of one sequence (hiddens: one [H] array per token)."""
     sequence = ReferenceSequence(TQDecodeModel(CONFIG).eval(), len(hiddens))
     return [sequence.step(h) for h in hiddens]
+
+
+class _CacheAsGiven:
+    """The reference's ops with a cache update that leaves the cache as a backend wrote it."""
+
+    @staticmethod
+    def cache_update(key, value, slot_mapping, k_codes, k_norms, v_codes, v_norms, *_):
+        return k_codes, k_norms, v_codes, v_norms
+
+    paged_attention = staticmethod(paged_attention_reference)
+
+
+_MODELS: dict[str, TQDecodeModel] = {}
+
+
+@torch.no_grad()
+def reference_on_codes(hidden: np.ndarray, position: int, state_out: dict) -> np.ndarray:
+    """The reference's output for one token of one sequence over the cache a backend left after the step
+    (``state_out``: k_codes ... of the sequence's own blocks, [blocks, B, Hkv, P]): teacher-forced on the
+    backend's codes, so a rounding tie it flipped earlier is not measured through the reference's own,
+    differently rounded history. The new token's codes must be the reference's encode of its key and
+    value, rounding ties allowed (tests/codes_match.py)."""
+    from codes_match import assert_codes_match
+
+    from tq_deploy.reference.quantizer import encode_reference
+
+    if "model" not in _MODELS:
+        _MODELS["model"] = TQDecodeModel(CONFIG, ops=_CacheAsGiven).eval()
+    model = _MODELS["model"]
+    caches = [torch.from_numpy(np.ascontiguousarray(state_out[n])) for n in ("k_codes", "k_norms", "v_codes", "v_norms")]
+    blocks, b = caches[0].shape[0], CONFIG.block_size
+    x = torch.from_numpy(hidden.reshape(1, -1))
+    pos = torch.tensor([position])
+    _, k, v = model.project_qkv(x, pos)
+    for new, codes, bits, codebook in ((k, caches[0], CONFIG.k_bits, model.k_codebook),
+                                       (v, caches[2], CONFIG.v_bits, model.v_codebook)):
+        want, _ = encode_reference(new[0], model.rotation, codebook, bits)
+        got = codes[position // b, position % b]
+        assert_codes_match(got, want, bits, CONFIG.head_dim, "new token's codes", x=new[0], rot=model.rotation,
+                           cb=codebook)
+    out, *_ = model(x, pos, pos, torch.arange(blocks, dtype=torch.int32)[None],
+                    torch.tensor([position + 1], dtype=torch.int32), *caches)
+    return out[0].numpy()
 
 
 def free_ports(count: int) -> list[int]:

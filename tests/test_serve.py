@@ -30,10 +30,10 @@ LENGTHS = [1, 2, 7, 8, 9, 16, 17, 30]  # 1+1+1+1+2+2+3+4 = 15 blocks of 8 tokens
 def _requirements():
     httpclient = pytest.importorskip("tritonclient.http")
     grpcclient = pytest.importorskip("tritonclient.grpc")
-    from tq_deploy.serve.server import ServeUnavailableError, bundled_triton, libpython_dir
+    from tq_deploy.serve.server import ServeUnavailableError, bundled_tritonserver, libpython_dir
 
     try:
-        bundled_triton()
+        bundled_tritonserver()
         libpython_dir()
     except ServeUnavailableError as err:
         pytest.skip(str(err))
@@ -217,7 +217,7 @@ def test_bad_requests_get_clear_errors_and_spare_the_others(server):
                 assert words in err.value.message(), (what, err.value.message())
                 assert "Traceback" not in err.value.message()
             outs.append(good.get_result().as_numpy("out").reshape(H))
-        # Triton still holds sequence 32 open (only the model refused its start); its END closes it
+        # tritonserver still holds sequence 32 open (only the model refused its start); its END closes it
         with pytest.raises(InferenceServerException, match="sequence_id=32 is not active"):
             client.infer("tq_decode", _inputs(httpclient, steps[0], 1), sequence_id=32, sequence_end=True)
     finally:

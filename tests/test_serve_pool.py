@@ -1,6 +1,6 @@
 """The serving pool and the batching decoder, in process: the block pool's bookkeeping, and
 PagedDecoder over a real ONNX Runtime DecodeSession against the PyTorch reference (the same code
-the Triton model runs, without the server)."""
+the tritonserver model runs, without the server)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from serve_support import CONFIG, TOLERANCE, exported_model, library_or_skip, reference_outputs
 
 from tq_deploy.serve.decoder import INVALID, UNAVAILABLE, PagedDecoder, StepRequest
-from tq_deploy.serve.pool import BlockPool, PoolFullError, SequenceLimitError
+from tq_deploy.runtime.block_pool import BlockPool, PoolFullError, SequenceLimitError
 
 pytest.importorskip("onnxruntime")
 H = CONFIG.hidden_size

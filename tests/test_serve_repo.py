@@ -1,9 +1,9 @@
-"""`tq-deploy triton-repo`: the generated Triton model repository.
+"""`tq-deploy triton-repo`: the generated tritonserver model repository.
 
-The configs are parsed against Triton's own model_config.proto (from tritonclient) and loaded
+The configs are parsed against tritonserver's own model_config.proto (from tritonclient) and loaded
 by the real tritonserver (the one bundled with nvidia-pytriton, which has no onnxruntime or
 tensorrt backend: it must get past its config checks and stop only at the missing backend). The
-serving model is run in ONNX Runtime the way Triton's implicit state drives it (each sequence's
+serving model is run in ONNX Runtime the way tritonserver's implicit state drives it (each sequence's
 state fed back, batched with other sequences, starting from zeros) and compared with the PyTorch
 reference run of each sequence.
 """
@@ -16,7 +16,7 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
-from serve_support import CONFIG, TOLERANCE, exported_model, fresh_seed, library_or_skip, reference_outputs
+from serve_support import CONFIG, TOLERANCE, exported_model, fresh_seed, library_or_skip, reference_on_codes
 
 from tq_deploy.serve.repository import CACHE_NAMES, write_repository
 
@@ -97,7 +97,7 @@ def test_gpu_instances(tmp_path):
 
 def test_serving_model_as_triton_drives_it_matches_reference(repo):
     """Sequences start at different steps, so a batch mixes fresh (zero) states with running
-    ones; each step's states go back in as the next step's, as Triton's implicit state does."""
+    ones; each step's states go back in as the next step's, as tritonserver's implicit state does."""
     from tq_deploy.runtime.session import make_session
 
     out, info = repo
@@ -121,12 +121,14 @@ def test_serving_model_as_triton_drives_it_matches_reference(repo):
             feeds[name] = np.stack([states[s][name] for s in batch])
         result = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
         for row, sid in enumerate(batch):
-            got[sid].append(result["out"][row])
             for name in state_shapes:
                 states[sid][name] = result[name + "_out"][row]
-    for sid in plan:
-        np.testing.assert_allclose(np.stack(got[sid]), np.stack(reference_outputs(hiddens[sid])),
-                                   err_msg=f"sequence {sid}", **TOLERANCE)
+            t = step - plan[sid][0]
+            after = {name.removesuffix("_state"): states[sid][name] for name in state_shapes}
+            want = reference_on_codes(hiddens[sid][t], t, after)
+            np.testing.assert_allclose(result["out"][row], want, err_msg=f"sequence {sid} token {t}", **TOLERANCE)
+            got[sid].append(result["out"][row])
+    assert {sid: len(outs) for sid, outs in got.items()} == {sid: n for sid, (_, n) in plan.items()}
 
 
 def test_positions_past_capacity_touch_no_state(repo):
@@ -157,16 +159,16 @@ def test_positions_past_capacity_touch_no_state(repo):
 def _tritonserver_load(repository) -> str:
     """The bundled tritonserver's log of loading ``repository`` (it has no onnxruntime or tensorrt
     backend, so it exits after its checks)."""
-    from tq_deploy.serve.server import ServeUnavailableError, TritonServer, bundled_triton, libpython_dir
+    from tq_deploy.serve.server import ServeUnavailableError, Tritonserver, bundled_tritonserver, libpython_dir
 
     try:
-        triton = bundled_triton()
-        env = TritonServer._environment(triton, libpython_dir())
+        installed = bundled_tritonserver()
+        env = Tritonserver._environment(installed, libpython_dir())
     except ServeUnavailableError as err:
         pytest.skip(str(err))
     backends = repository.parent / "no_backends"
     backends.mkdir(exist_ok=True)
-    result = subprocess.run([str(triton.binary), f"--model-repository={repository}", f"--backend-directory={backends}",
+    result = subprocess.run([str(installed.binary), f"--model-repository={repository}", f"--backend-directory={backends}",
                              "--allow-http=false", "--allow-grpc=false", "--allow-metrics=false",
                              "--disable-auto-complete-config", "--exit-timeout-secs=1"],
                             env=env, capture_output=True, text=True, timeout=120)

@@ -1,5 +1,6 @@
-"""Load on tq-deploy serve: decode steps/s and p50/p99 request latency for concurrent sequences.
+"""Load on tq-deploy serve: token streams of the LLM, or decode steps/s of the synthetic decode step.
 
+    tq-deploy bench serve --model smollm2.onnx     # the LLM: TTFT, inter-token latency, tokens/s (serve_llm.py)
     tq-deploy bench serve                          # start a server here (CPU EP), 1, 8 and 32 sequences
     tq-deploy bench serve --provider cuda          # the same with the CUDA EP (a GPU and onnxruntime-gpu)
     tq-deploy bench serve --url 127.0.0.1:8001     # a server already running (gRPC; --protocol http for 8000)
@@ -9,7 +10,7 @@ sequence is --tokens requests, one token each, the first with sequence_start and
 sequence_end, every request sent when the previous answer arrived. After --warmup seconds the
 requests finishing within the next --seconds are counted: steps/s is their number per second
 (tokens decoded per second over all sequences), latency is per request as the client sees it.
-"mean batch" is the server's tokens per model run over the same time (Triton's statistics).
+"mean batch" is the server's tokens per model run over the same time (tritonserver's statistics).
 Without --url the server is started here with the given model (default: the default exported
 decode model), and client and server share this machine's CPUs.
 """
@@ -39,6 +40,11 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="server's sequences per step (default 32)")
     p.add_argument("--queue-delay-us", type=int, default=500, help="server's batching delay (default 500)")
     p.add_argument("--seed", type=int, default=0)
+    # the LLM server (a --model that is an LLM or a checkpoint, or an http:// --url): tq_deploy/bench/serve_llm.py
+    p.add_argument("--max-tokens", type=int, default=64, help="LLM: new tokens per request (default 64)")
+    p.add_argument("--prompt-words", type=int, nargs=2, default=[16, 256], metavar=("LOW", "HIGH"),
+                   help="LLM: prompt lengths in words of the shipped texts (default 16 256)")
+    p.add_argument("--kv-memory", type=float, default=1.0, help="LLM: the server's KV pool in GiB (default 1)")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -125,6 +131,10 @@ def measure(module, url: str, hidden_size: int, concurrency: int, tokens: int, s
 
 
 def run(a) -> int:
+    from tq_deploy.bench import serve_llm
+
+    if serve_llm.is_llm_run(a):
+        return serve_llm.run(a)
     import onnxruntime
 
     if any(c < 1 for c in a.concurrency):
@@ -142,14 +152,14 @@ def run(a) -> int:
     except ImportError as err:
         raise ValueError(f"tritonclient[{a.protocol}] does not import ({err}): pip install 'tritonclient[http,grpc]'") \
             from None
-    from tq_deploy.export.common import load_model, read_metadata
+    from tq_deploy.export.loaded import ExportedModel
 
     server = None
     with tempfile.TemporaryDirectory(prefix="tq-deploy-bench-serve-") as scratch:
         model = a.model
         try:
             if a.url is None:
-                from tq_deploy.serve.server import ServeOptions, TritonServer
+                from tq_deploy.serve.server import ServeOptions, Tritonserver
 
                 if model is None:
                     from tq_deploy.export.model import export_model
@@ -157,10 +167,10 @@ def run(a) -> int:
                     model = str(Path(scratch) / "model.onnx")
                     print("exporting the default decode model ...", flush=True)
                     export_model(None, model)
-                config = read_metadata(load_model(model))[1]
+                config = ExportedModel.load(model).metadata
                 blocks = a.num_blocks or max(a.concurrency) * -(-a.tokens // config["block_size"]) + 16
                 ports = _free_ports(3)
-                server = TritonServer(ServeOptions(
+                server = Tritonserver(ServeOptions(
                     model=model, num_blocks=blocks, provider=a.provider, threads=a.threads, max_batch=a.max_batch,
                     queue_delay_us=a.queue_delay_us, max_sequences=max(256, max(a.concurrency)), host="127.0.0.1",
                     http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2]))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tq_deploy.serve.pool import BlockPool, PoolFullError, SequenceLimitError
+from tq_deploy.runtime.block_pool import BlockPool, PoolFullError, SequenceLimitError
 
 
 @dataclass

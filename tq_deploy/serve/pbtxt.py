@@ -1,9 +1,9 @@
-"""Triton model configurations (``config.pbtxt``) written from plain Python values.
+"""tritonserver model configurations (``config.pbtxt``) written from plain Python values.
 
 A configuration is a dict whose values are scalars, :class:`Enum` names, dicts (sub-messages),
 lists of scalars (a repeated scalar field) or lists of dicts (a repeated message field); map
 fields such as ``parameters`` are lists of ``{"key": ..., "value": {...}}``. :func:`to_pbtxt`
-prints it in protobuf text format. The output is checked against Triton's own schema
+prints it in protobuf text format. The output is checked against tritonserver's own schema
 (``model_config.proto``, shipped with tritonclient as ``tritonclient.grpc.model_config_pb2``)
 by :func:`parse`, which the generators call when tritonclient is installed and the tests call
 always.
@@ -54,7 +54,7 @@ def to_pbtxt(config: dict, indent: int = 0) -> str:
 
 
 def model_config_proto():
-    """Triton's ModelConfig message class, or None when tritonclient[grpc] is not installed."""
+    """tritonserver's ModelConfig message class, or None when tritonclient[grpc] is not installed."""
     try:
         from tritonclient.grpc import model_config_pb2
     except ImportError:
@@ -63,7 +63,7 @@ def model_config_proto():
 
 
 def parse(text: str):
-    """``text`` parsed into Triton's ModelConfig message (ValueError naming the problem if it is not
+    """``text`` parsed into tritonserver's ModelConfig message (ValueError naming the problem if it is not
     one); None when tritonclient is not installed."""
     message_class = model_config_proto()
     if message_class is None:
@@ -74,5 +74,5 @@ def parse(text: str):
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as err:
-        raise ValueError(f"config.pbtxt is not a valid Triton model configuration: {err}") from None
+        raise ValueError(f"config.pbtxt is not a valid tritonserver model configuration: {err}") from None
     return message

@@ -1,4 +1,4 @@
-"""A Triton model repository for the exported decode step, for a stock Triton Inference Server.
+"""A tritonserver model repository for the exported decode step, for a stock Triton Inference Server.
 
     write_repository("repo/", "model.onnx")     # what `tq-deploy triton-repo repo/` does
 
@@ -12,10 +12,10 @@ Layout (two repositories, one per backend, so that each starts without the other
     repo/tensorrt/tq_decode/1/             model.plan goes here (built from the serving model)
 
 The exported step takes the whole paged cache as inputs and returns it updated; no client should
-send that. The serving model keeps it in Triton: every sequence owns a private cache of
+send that. The serving model keeps it in tritonserver: every sequence owns a private cache of
 ``blocks_per_sequence`` blocks, held by the sequence batcher as implicit state (``k_codes_state``
 paired with ``k_codes_state_out``, ...) and batched along a leading axis. A request carries only
-``hidden`` [H] and ``positions`` [1] and Triton's sequence id / start / end. In the graph, a batch
+``hidden`` [H] and ``positions`` [1] and tritonserver's sequence id / start / end. In the graph, a batch
 of S states [S, M, B, Hkv, P] is viewed as one pool of S*M blocks: sequence s owns blocks
 s*M .. s*M+M-1, its token t goes to slot (s*M)*B + t and it attends over t+1 tokens; that is the
 exported step unchanged, between two reshapes. A position outside [0, M*B) writes nothing
@@ -23,7 +23,7 @@ exported step unchanged, between two reshapes. A position outside [0, M*B) write
 blocks; the client must end a sequence before it reaches M*B tokens.
 
 Unlike ``tq-deploy serve`` (one shared pool, blocks on demand), implicit state costs every
-sequence its whole M*B-token cache from its start, and Triton moves each batch's states in and
+sequence its whole M*B-token cache from its start, and tritonserver moves each batch's states in and
 out of the model on every step.
 """
 
@@ -58,12 +58,14 @@ def state_dims(config: dict, blocks_per_sequence: int) -> dict[str, list[int]]:
     }
 
 
-def serving_model(model: onnx.ModelProto, blocks_per_sequence: int) -> onnx.ModelProto:
-    """The decode step with per-sequence caches as batched state inputs/outputs (module docstring)."""
-    from tq_deploy.export.common import read_metadata
+def serving_model(model, blocks_per_sequence: int) -> onnx.ModelProto:
+    """The decode step (an ExportedModel or its proto) with per-sequence caches as batched state
+    inputs/outputs (module docstring)."""
+    from tq_deploy.export.loaded import ExportedModel
     from tq_deploy.export.schemas import register_schemas
 
-    kind, config = read_metadata(model)
+    exported = ExportedModel.of(model)
+    model, kind, config = exported.proto, exported.kind, exported.metadata
     if kind != "model":
         raise ValueError(f"model kind={kind!r}, expected a decode model exported by `tq-deploy export`")
     if not isinstance(blocks_per_sequence, int) or blocks_per_sequence < 1:
@@ -128,7 +130,7 @@ def serving_model(model: onnx.ModelProto, blocks_per_sequence: int) -> onnx.Mode
     del g.node[:]
     g.node.extend(prefix + body + nodes)
     del g.value_info[:]
-    serving.doc_string = (f"TurboQuant decode step for Triton: per-sequence caches of {m} blocks x {b} tokens as "
+    serving.doc_string = (f"TurboQuant decode step for tritonserver: per-sequence caches of {m} blocks x {b} tokens as "
                           "sequence-batcher state (tq_deploy.serve.repository)")
     register_schemas()
     onnx.checker.check_model(serving, full_check=True)
@@ -139,7 +141,7 @@ def _tensor(name: str, dtype: str, dims: list[int], **extra) -> dict:
     return {"name": name, "data_type": Enum(dtype), "dims": dims, **extra}
 
 
-TRITON_TYPES = {TensorProto.UINT8: "TYPE_UINT8", TensorProto.INT8: "TYPE_INT8", TensorProto.FLOAT: "TYPE_FP32"}
+TRITONSERVER_TYPES = {TensorProto.UINT8: "TYPE_UINT8", TensorProto.INT8: "TYPE_INT8", TensorProto.FLOAT: "TYPE_FP32"}
 
 
 def repository_config(config: dict, *, backend: str, blocks_per_sequence: int, max_batch: int, instances: int,
@@ -222,12 +224,13 @@ def write_repository(out: str | os.PathLike, model: str | os.PathLike | onnx.Mod
     "/models" inside a container; default: ``out``'s absolute path): the config names the
     custom-op library under it.
     """
-    from tq_deploy.export.common import load_model, read_metadata, save_model
+    from tq_deploy.export.common import save_model
+    from tq_deploy.export.loaded import ExportedModel
     from tq_deploy.runtime import library as native
     from tq_deploy.runtime.session import custom_op_library, library_build_info
 
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    kind, config = read_metadata(proto)
+    exported = ExportedModel.of(model)
+    kind, config = exported.kind, exported.metadata
     if kind != "model":
         raise ValueError(f"model is a {kind!r} export, expected a decode model (tq-deploy export without --op)")
     if device not in ("cpu", "gpu"):
@@ -262,7 +265,7 @@ def write_repository(out: str | os.PathLike, model: str | os.PathLike | onnx.Mod
     server_root = server_path or str(target.resolve())
     op_library = f"{server_root.rstrip('/')}/lib/{ort_library.name}"
 
-    serving = serving_model(proto, blocks)
+    serving = serving_model(exported, blocks)
     common = dict(blocks_per_sequence=blocks, max_batch=max_batch, instances=instances, device=device, gpus=gpus,
                   max_sequences=max_sequences, queue_delay_us=queue_delay_us, idle_seconds=idle_seconds)
     texts = {backend: to_pbtxt(repository_config(config, backend=backend, op_library=op_library, **common))
@@ -306,13 +309,13 @@ def readme(repo: Repository, server_root: str, max_batch: int) -> str:
                 if repo.ort_api_version else
                 "`lib/libtq_deploy_ort.so` did not report its ONNX Runtime API version; it was built against the "
                 "headers the project fetches (ORT API 29): the backend's ONNX Runtime must be **1.29 or newer**")
-    checked = (f"Both config.pbtxt files were parsed against Triton's `model_config.proto` as shipped with "
+    checked = (f"Both config.pbtxt files were parsed against tritonserver's `model_config.proto` as shipped with "
                f"{repo.tritonclient_schema} when this repository was written."
                if repo.tritonclient_schema else
                "tritonclient was not installed when this repository was written, so the configs were not parsed "
-               "against Triton's model_config.proto (install tritonclient[grpc] and rerun to check them).")
+               "against tritonserver's model_config.proto (install tritonclient[grpc] and rerun to check them).")
     trt_lib = repo.trt_library or f"{server_root}/lib/libtq_deploy_trt.so"
-    return f"""# Triton model repository: TurboQuant decode step
+    return f"""# tritonserver model repository: TurboQuant decode step
 
 Written by `tq-deploy triton-repo`. Model: hidden size {c['hidden_size']}, {c['num_q_heads']} query heads,
 {c['num_kv_heads']} KV heads, head dim {c['head_dim']}, keys {c['k_bits']} bits, values {c['v_bits']} bits,
@@ -324,7 +327,7 @@ blocks of {c['block_size']} tokens.
 
 ## What a request carries
 
-The KV cache never crosses the network. Each sequence's cache is kept by Triton's sequence
+The KV cache never crosses the network. Each sequence's cache is kept by tritonserver's sequence
 batcher as implicit state (`k_codes_state` -> `k_codes_state_out`, and the same for `k_norms`,
 `v_codes`, `v_norms`): {repo.blocks_per_sequence} blocks, i.e. **at most {repo.max_tokens} tokens per sequence**,
 {repo.state_bytes_per_sequence / 2**10:.1f} KiB of state per sequence, allocated when it starts. A request is one
@@ -335,10 +338,10 @@ token of one sequence:
 | `hidden` | FP32 | [1, {c['hidden_size']}] | the token's hidden state |
 | `positions` | INT64 | [1, 1] | its position: 0 for the first token, then 1, 2, ... |
 
-with Triton's `sequence_id` (nonzero), `sequence_start` on the first token and `sequence_end` on
+with tritonserver's `sequence_id` (nonzero), `sequence_start` on the first token and `sequence_end` on
 the last. Output `out` FP32 [1, {c['hidden_size']}]. Up to {max_batch} sequences are batched into one step
 (`oldest` strategy). A position at or beyond {repo.max_tokens} is not stored (the output is then
-wrong): end the sequence before. Triton moves each step's states in and out of the model, so a
+wrong): end the sequence before. tritonserver moves each step's states in and out of the model, so a
 step costs time in proportion to {repo.max_tokens} tokens per sequence, not to the tokens held;
 `tq-deploy serve` (one shared paged pool) does not.
 
@@ -355,13 +358,13 @@ for t, h in enumerate(hidden_states):               # h: float32 [{c['hidden_siz
 ## Versions
 
 - ONNX Runtime: {ort_line}
-  (the library asks ONNX Runtime for that API version when Triton registers it through
+  (the library asks ONNX Runtime for that API version when tritonserver registers it through
   `model_operations {{ op_library_filename }}`). Check the version in the server image with
-  `ls /opt/tritonserver/backends/onnxruntime/libonnxruntime.so.*`; Triton's release notes list the
+  `ls /opt/tritonserver/backends/onnxruntime/libonnxruntime.so.*`; tritonserver's release notes list the
   ONNX Runtime of each release. The model is ONNX IR 10, opset 18 + domain `turboquant` v1.
 - KIND_GPU needs a library built with nvcc (it then has CUDA kernels for the CUDA execution
   provider), for the server's CUDA and GPU.
-- Triton: the configs use the sequence batcher's `oldest` strategy and implicit `state` with
+- tritonserver: the configs use the sequence batcher's `oldest` strategy and implicit `state` with
   `initial_state`. {checked}
 - The library path in `onnxruntime/tq_decode/config.pbtxt` is `{repo.op_library}`, i.e. where the
   server sees this folder (`--server-path` when writing it). The server must be able to load it:

@@ -5,7 +5,7 @@
     tq-deploy triton-repo repo/ --server-path /models   # paths as a container will see the folder
 
 Writes an onnxruntime-backend model (the custom-op library through model_operations) and a
-tensorrt-backend variant, each keeping every sequence's KV cache in Triton as sequence-batcher
+tensorrt-backend variant, each keeping every sequence's KV cache in tritonserver as sequence-batcher
 implicit state, plus repo/README.md with the versions the library needs and the commands to
 start the server (tq_deploy/serve/repository.py has the details). Prints where everything went.
 """
@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
                         help="sequences the batcher serves at once (default 256)")
     parser.add_argument("--queue-delay-us", type=int, default=500, help="batcher wait to fill a step (default 500)")
     parser.add_argument("--idle-seconds", type=float, default=300.0,
-                        help="Triton drops a sequence idle this long (default 300)")
+                        help="tritonserver drops a sequence idle this long (default 300)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance_group kind (default cpu)")
     parser.add_argument("--gpus", type=int, nargs="+", help="GPU ids of a gpu instance group (default: all)")
     parser.add_argument("--instances", type=int, default=1, help="model instances per device (default 1)")
@@ -60,6 +60,14 @@ def run(args) -> int:
         raise ValueError(f"OUT {args.out!r} is a file, expected a folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise ValueError(f"OUT {args.out!r} is not empty, expected a new or empty folder (or --force)")
+    from tq_deploy.runtime.session import check_custom_nodes, check_library
+
+    # what `run` refuses is refused here too, before it is copied into a repository a server loads
+    check_library(args.library)
+    if args.model is not None:
+        from tq_deploy.export.loaded import ExportedModel
+
+        check_custom_nodes(ExportedModel.load(args.model).proto)
     with tempfile.TemporaryDirectory(prefix="tq-deploy-repo-") as scratch:
         model = args.model
         if model is None:

@@ -1,8 +1,8 @@
 """The stateful decode model inside Triton's Python backend (``TritonPythonModel``).
 
-Triton loads ``<repository>/tq_decode/1/model.py``, which imports this class; it runs in the
+tritonserver loads ``<repository>/tq_decode/1/model.py``, which imports this class; it runs in the
 backend's stub process, so the ONNX Runtime session and the paged cache pool live there, on the
-server. Triton's sequence batcher (``oldest`` strategy) routes every request of a sequence to
+server. tritonserver's sequence batcher (``oldest`` strategy) routes every request of a sequence to
 this instance and batches requests of different sequences; each request arrives with the
 control tensors START, END (int32 0/1) and CORRID (uint64, the client's sequence_id). One
 ``execute`` call is one decode step of all its sequences (:class:`~tq_deploy.serve.decoder.PagedDecoder`),
@@ -11,7 +11,7 @@ and every request gets its own response or its own error.
 Settings come from the config's ``parameters`` (written by :mod:`tq_deploy.serve.server`):
 model, library, provider, device_id, num_blocks, threads, max_tokens, idle_seconds.
 
-Pool gauges are published as Triton custom metrics on the metrics endpoint:
+Pool gauges are published as tritonserver custom metrics on the metrics endpoint:
 ``tq_pool_blocks{state="free"|"total"}`` and ``tq_pool_sequences``.
 """
 
@@ -27,7 +27,7 @@ _capsule_set_destructor.argtypes = [ctypes.py_object, ctypes.c_void_p]
 _capsule_set_destructor.restype = ctypes.c_int
 
 
-# The Python-backend stub of Triton 2.51 (nvidia-pytriton 0.7.0) misreads numpy 2 arrays (it is
+# The Python-backend stub of tritonserver 2.51 (nvidia-pytriton 0.7.0) misreads numpy 2 arrays (it is
 # right with numpy 1.26): ``Tensor.as_numpy()`` repeats the first element and
 # ``pb_utils.Tensor(name, array)`` sends an empty tensor. Tensors cross in both directions through
 # DLPack instead, which is right with both.
@@ -61,7 +61,7 @@ class TritonPythonModel:
 
         from tq_deploy.runtime.decode_session import DecodeSession
         from tq_deploy.serve.decoder import INTERNAL, INVALID, UNAVAILABLE, PagedDecoder
-        from tq_deploy.serve.pool import BlockPool
+        from tq_deploy.runtime.block_pool import BlockPool
 
         self.pb_utils = pb_utils
         self._codes = {INVALID: pb_utils.TritonError.INVALID_ARG, UNAVAILABLE: pb_utils.TritonError.UNAVAILABLE,
