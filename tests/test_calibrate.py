@@ -67,7 +67,9 @@ def test_ppl_budget_is_met_with_the_fewest_bits():
     fewer = [list(p) for p in layers]
     fewer[i][side] -= 1
     assert s.predicted_delta_pct([tuple(p) for p in fewer]) > 1.0
-    assert allocate(s, max_delta_pct=1e-9, max_bits=3) == [(3, 3)] * 3  # unreachable: everything at max_bits
+    # unreachable: refused, not an all-max_bits plan that claims the budget
+    with pytest.raises(ValueError, match=r"max_delta_pct=1e-09% cannot be met: every layer at max_bits=3 predicts"):
+        allocate(s, max_delta_pct=1e-9, max_bits=3)
     with pytest.raises(ValueError, match="exactly one budget"):
         allocate(s)
     with pytest.raises(ValueError, match="max_effective_bits=1"):

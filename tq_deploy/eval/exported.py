@@ -1,0 +1,154 @@
+"""eval-ppl through the exported LLM in ONNX Runtime (``tq-deploy eval-ppl --backend ort``).
+
+    rows = ort_perplexity(model_spec, configs, texts, tokens=2048, chunk_size=256, seed=0, provider="cpu")
+
+Each deployable configuration (TurboQuant_mse widths: a preset, ``mse-kKvV[-hadamard]``, a per-layer
+plan) is exported with ``tq-deploy export --model`` into a temporary folder with the same seed as
+the PyTorch evaluation, or taken as it is from an .onnx file (``onnx_path``). The text goes
+through the model's paged cache in chunks (:func:`tq_deploy.eval.stepped.stepped_perplexity`,
+``logits_index`` = every row of the chunk). With ``check_torch`` the same configuration also runs
+through the PyTorch evaluation (transformers with LayerPlanKVQuantizer), and each row carries both
+perplexities and their relative difference: the exported rotations (seed + layer, one per layer
+for keys and values) and codebooks are the PyTorch path's, so the two differ by float32 rounding
+and what a quantized cache makes of it (a code on a boundary flips and later layers carry the
+change on; docs/quality.md, "eval-ppl through ONNX Runtime").
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from tq_deploy.eval.configs import CacheConfig
+from tq_deploy.presets import BitPlan
+
+def export_options(config) -> dict:
+    """The exporter's TurboQuant options of a configuration; a configuration the exported cache cannot
+    hold is a ValueError naming it."""
+    if isinstance(config, BitPlan):
+        return {"layer_bits": tuple(config.layers), "rotation": "haar"}
+    ok = (isinstance(config, CacheConfig) and config.method == "mse" and not config.center_keys
+          and all(float(b).is_integer() and 1 <= b <= 8 for b in (config.k_bits, config.v_bits)))
+    if not ok:
+        name = getattr(config, "name", config)
+        raise ValueError(f"configuration {name!r} with --backend ort, expected TurboQuant_mse widths of 1..8 bits "
+                         "(mse-K, mse-kKvV, -hadamard; a --kv-preset or a --plan): the exported cache holds "
+                         "TurboQuant_mse codes only")
+    return {"k_bits": int(config.k_bits), "v_bits": int(config.v_bits), "rotation": config.rotation}
+
+
+def export_llm(model_spec: str, path: str, seed: int, options: dict, block_size: int) -> None:
+    """``tq-deploy export --model model_spec`` with the configuration's options, to ``path``."""
+    from tq_deploy.export.llm import export_llm as export
+
+    export(model_spec, path, seed=seed, block_size=block_size, **options)
+
+
+def torch_perplexity(hf_model, head_dim: int, config, ids, chunk_size: int, seed: int) -> float:
+    """The PyTorch eval-ppl of ``config`` (what `tq-deploy eval-ppl` prints for it)."""
+    from tq_deploy.eval.kv_quantizers import LayerPlanKVQuantizer, build_kv_quantizer
+    from tq_deploy.eval.perplexity import perplexity
+
+    quantizer = LayerPlanKVQuantizer(config.layers, head_dim, seed) if isinstance(config, BitPlan) else \
+        build_kv_quantizer(config, head_dim, seed)
+    return perplexity(hf_model, ids, quantizer, chunk_size).ppl
+
+
+def ort_perplexity(model_spec: str | None, configs, texts, tokens: int, chunk_size: int, seed: int = 0,
+                   provider: str = "cpu", onnx_path: str | None = None, check_torch: bool = False,
+                   threads: int | None = None, labels: dict | None = None, block_size: int = 16,
+                   progress=None) -> list[dict]:
+    """One row per (text, configuration): see the module docstring. ``texts``: [(name, path)]."""
+    from tq_deploy.eval.model import read_text, tokenize
+    from tq_deploy.eval.stepped import stepped_perplexity
+    from tq_deploy.runtime.generate import load_tokenizer, tokenizer_source
+    from tq_deploy.runtime.llm_session import LLMSession, load_llm_metadata
+
+    labels = labels or {}
+    if onnx_path is not None:
+        if configs:
+            raise ValueError("--onnx with --kv-preset/--plan/--configs/--k-bits, expected one or the other "
+                             "(the .onnx file fixes its widths)")
+        runs = [(None, onnx_path)]
+    else:
+        runs = [(config, None) for config in configs]
+        for config, _ in runs:
+            export_options(config)  # every configuration checked before the first export
+    rows, hf = [], None
+    with tempfile.TemporaryDirectory(prefix="tq-eval-ppl-") as folder:
+        for i, (config, path) in enumerate(runs):
+            start = time.perf_counter()
+            if path is None:
+                path = os.path.join(folder, f"model{i}.onnx")
+                export_llm(model_spec, path, seed, export_options(config), block_size)
+            export_seconds = time.perf_counter() - start
+            _, metadata = load_llm_metadata(path)
+            name = labels.get(getattr(config, "name", None), None) if config is not None else None
+            if name is None:
+                name = (config.info.get("name", "plan") if isinstance(config, BitPlan) else config.name) \
+                    if config is not None else os.path.basename(path)
+            session = LLMSession(path, provider=provider, num_blocks=1, threads=threads)
+            session.resize(-(-tokens // session.block_size))
+            tokenizer = load_tokenizer(tokenizer_source(session.config))
+            aligned = None
+            if check_torch:
+                from tq_deploy.export.loaded import ExportedModel
+                from tq_deploy.validate.llm import reference_decoder
+
+                decoder = reference_decoder(ExportedModel.load(path))
+            for text_name, text_path in texts:
+                ids = tokenize(tokenizer, read_text(text_path), tokens)
+                if check_torch:  # ORT and the reference decoder in lockstep, the reference on ORT's codes
+                    from tq_deploy.validate.llm import AlignedBackend
+
+                    aligned = AlignedBackend(session, decoder)
+                result = stepped_perplexity(aligned or session, ids, chunk_size)
+                row = {"text": text_name, "config": name, "backend": f"ort-{provider}", "ppl": result.ppl,
+                       "tokens": tokens, "chunk_size": chunk_size, "seconds": result.seconds,
+                       "export_seconds": export_seconds, "seed": metadata.get("seed")}
+                if check_torch:
+                    if hf is None:
+                        from tq_deploy.models import load_hf_model, resolve_source
+
+                        hf = load_hf_model(resolve_source(tokenizer_source(metadata)))
+                    reference = config if config is not None else _config_of(metadata)
+                    row["torch_ppl"] = torch_perplexity(hf, int(metadata["head_dim"]), reference, ids, chunk_size,
+                                                        int(metadata.get("seed", seed)))
+                    row["rel_diff"] = row["ppl"] / row["torch_ppl"] - 1
+                    row["aligned_ppl"] = _ppl(aligned.reference_logits, ids)
+                    row["aligned_rel_diff"] = row["ppl"] / row["aligned_ppl"] - 1
+                    row["code_ties"] = aligned.ties.text()
+                    row["aligned_passed"] = aligned.ties.passed and abs(row["aligned_rel_diff"]) <= ALIGNED_RTOL
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
+            del session
+    return rows
+
+
+ALIGNED_RTOL = 1e-4  # the same function on the same codes: float32 rounding over a few thousand log-probabilities
+
+
+def _ppl(chunk_logits, ids) -> float:
+    """Perplexity of ``ids`` from the per-chunk logits of every row."""
+    import math
+
+    import numpy as np
+
+    from tq_deploy.eval.stepped import log_softmax_nll
+
+    flat = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids).reshape(-1)
+    logits = np.concatenate(chunk_logits)[:len(flat) - 1]
+    return math.exp(log_softmax_nll(logits, flat[1:]) / (len(flat) - 1))
+
+
+def _config_of(metadata: dict):
+    """The PyTorch configuration of an exported model's widths (per layer when they differ)."""
+    layers = metadata.get("layer_bits")
+    rotation = metadata.get("rotation", "haar")
+    if layers:
+        if rotation != "haar":
+            raise ValueError(f"model rotation={rotation!r} with per-layer widths, expected 'haar'")
+        return BitPlan(tuple((int(k), int(v)) for k, v in layers), int(metadata["head_dim"]))
+    return CacheConfig("mse", int(metadata["k_bits"]), int(metadata["v_bits"]), rotation)
