@@ -237,3 +237,61 @@ def test_model_and_cache_configuration_errors():
     expect_error(lambda: make_rotation(48, "hadamard"), "dim=48", "power of two")
     expect_error(lambda: MixedPrecisionTurboQuant.preset(D, 2.0), "effective_bits=2.0", "2.5")
     expect_error(lambda: TurboQuantMSE(D, 2, distribution="uniform"), "distribution='uniform'", "'sphere'")
+
+
+@pytest.mark.parametrize("seed", [1.7, -1, 2**70, True])
+def test_seeds_are_ints_in_range_not_truncated(seed):
+    """Issue 25: a float seed was truncated (1.7 -> the rotation of seed 1)."""
+    expect_error(lambda: make_rotation(D, "haar", seed), f"seed={seed!r}", "expected an int in [0, 2**63)")
+    expect_error(lambda: TurboQuantMSE(D, 2, seed=seed), f"seed={seed!r}")
+    expect_error(lambda: TurboQuantProd(D, 1, seed=seed), f"seed={seed!r}")
+    expect_error(lambda: TQModelConfig(seed=seed), f"seed={seed!r}")
+
+
+def test_outlier_indices_are_integers():
+    """Issue 25: float indices were truncated (1.7 -> channel 1)."""
+    expect_error(lambda: MixedPrecisionTurboQuant(D, 2, 3, 2, outlier_idx=torch.tensor([0.0, 1.7])),
+                 "outlier_idx has dtype torch.float32", "expected integer channel indices")
+    expect_error(lambda: MixedPrecisionTurboQuant(D, 2, 3, 2, outlier_idx=[0.5, 3.0]), "outlier_idx has dtype")
+    assert MixedPrecisionTurboQuant(D, 2, 3, 2, outlier_idx=[0, 3]).outlier_idx.tolist() == [0, 3]
+
+
+def test_fp16_quantize_near_the_largest_half_saturates_instead_of_inf(gen):
+    """Issue 25: quantize computes in float32 and returns x's dtype; a reconstruction past 65504 (the
+    quantization error of a coordinate at the limit) is set to 65504, never inf."""
+    x = torch.full((3, D), 65504.0, dtype=torch.float16)
+    x[1] = -65504.0
+    x[2] = (torch.randn(D, generator=gen) * 60000).clamp(-65504, 65504).half()
+    for quantizer in (TurboQuantMSE(D, 4), TurboQuantProd(D, 3), MixedPrecisionTurboQuant(D, D // 2, 3, 2)):
+        y = quantizer.quantize(x)
+        assert y.dtype == torch.float16 and torch.isfinite(y).all(), type(quantizer).__name__
+        # the same as the float32 computation, saturated: nothing else changes
+        want = quantizer.quantize(x.float()).clamp(-65504, 65504)
+        assert torch.allclose(y.float(), want, rtol=2e-3, atol=0), type(quantizer).__name__
+    assert TurboQuantMSE(D, 4).quantize(x.float()).abs().max() > 65504  # the case is reached
+
+
+@pytest.mark.parametrize("name", ["seq_len", "num_layers", "num_kv_heads"])
+@pytest.mark.parametrize("value", [-5, 0, 2.5])
+def test_memory_report_sizes(name, value):
+    args = {"seq_len": 1024, "num_layers": 2, "num_kv_heads": 2, name: value}
+    expect_error(lambda: TurboQuantMSE(D, 2).memory_report(**args), f"{name}={value!r}", "expected an int >= 1")
+
+
+def test_decode_model_refuses_positions_and_context_lengths_that_would_be_silently_wrong():
+    config = TQModelConfig(num_blocks=8, max_blocks_per_seq=4)
+    model = TQDecodeModel(config)
+    inputs = example_inputs(config, [3, 17, 1])
+
+    def step(**changes):
+        return lambda: model(**{**inputs, **changes})
+
+    step()()  # the inputs as made are accepted
+    expect_error(step(positions=inputs["positions"].float()), "positions.dtype=torch.float32", "int32 or torch.int64")
+    expect_error(step(positions=inputs["positions"][:1]), "positions.shape=(1,)", "expected (3,)")
+    expect_error(step(positions=inputs["positions"][:, None]), "positions.shape=(3, 1)", "expected (3,)")
+    expect_error(step(context_lens=inputs["context_lens"][:1]), "context_lens.shape=(1,)")
+    short = inputs["context_lens"].clone()
+    short[1] -= 1  # the new token at position 16 outside a 16-token context
+    expect_error(step(context_lens=short), "context_lens[1]=16 with positions[1]=16", "expected >= 17")
+    expect_error(step(positions=inputs["positions"] - 5), "positions=", "expected every entry >= 0")

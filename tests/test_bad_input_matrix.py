@@ -8,8 +8,7 @@ Columns (backends):
   ort_cuda    the custom-op library's CUDA EP kernels (onnxruntime-gpu)
   trt         the TensorRT plugins, driven through libtq_trt_harness as TensorRT drives them
 
-The CPU cells run everywhere; the GPU cells are marked ``gpu`` (skipped without a CUDA device) and
-run on the H200. The TensorRT plugin's attribute and shape refusals happen before any launch, so
+The CPU cells run everywhere; the GPU cells are marked ``gpu`` (skipped without a CUDA device). The TensorRT plugin's attribute and shape refusals happen before any launch, so
 those cells run on the CPU too (the harness's dry run). Each cell says what the backend does with
 the bad input: ``Refuse(fragments)`` (an error whose message holds each fragment), or ``Agree``
 (outputs equal the reference's on the same call, or on the call ``as_if`` describes, and ``check``
@@ -353,11 +352,9 @@ ROWS = [
          **{g: Agree(check=never_zeros, compare=False) for g in GPU_BACKENDS}}),
     Row("score-below--1e30", "a lone token whose every score is about -1e33 (a finite score)", lone_token_case,
         {"reference": Agree(check=lambda o, c: (all_finite(o, c), never_zeros(o, c))),
-         # the GPU kernels start the running max at -1e30, not -inf: exp(score - max) underflows to 0
-         # for every token and the row comes out as zeros (seen for Triton on the CPU interpreter;
-         # the CUDA kernels have the same start, kNoScore). xfail(strict): a fix turns them into failures.
-         **{g: Agree(xfail="running max starts at -1e30 (Triton m_i, CUDA kNoScore): zeros instead of the value")
-            for g in GPU_BACKENDS}}),
+         # a running max that started at a finite floor (-1e30) would outrank these scores, give every
+         # token the weight exp(score - floor) = 0 and the row zeros
+         **{g: Agree(check=never_zeros) for g in GPU_BACKENDS}}),
     Row("v-norm-above-fp16", "value norms of 1e5 (above fp16's 65504): the output is finite",
         changed(attention_case, inputs={"v_norms": lambda a: a * np.float32(1e5)}),
         {"reference": Agree(check=all_finite)}),
@@ -538,7 +535,7 @@ def test_raw_onnxruntime_cannot_see_unknown_attributes_or_the_opset_version():
     except NativeLibraryNotFoundError as err:
         pytest.skip(str(err))
     case = attention_case()
-    types = {k: fuzz._ONNX_TYPES[v.dtype] for k, v in case.inputs.items()}
+    types = {k: fuzz.ONNX_TYPES[v.dtype] for k, v in case.inputs.items()}
     options = ort.SessionOptions()
     options.register_custom_ops_library(path)
     options.log_severity_level = 4
@@ -572,7 +569,7 @@ def test_io_binding_an_output_over_another_input_is_refused(backend):
     if backend == "cuda" and cuda_unavailable_reason():
         pytest.skip(cuda_unavailable_reason())
     case = update_case()
-    types = {k: fuzz._ONNX_TYPES[v.dtype] for k, v in case.inputs.items()}
+    types = {k: fuzz.ONNX_TYPES[v.dtype] for k, v in case.inputs.items()}
     session = make_session(fuzz.node_model(case.op, case.attrs, types, 1).SerializeToString(), provider=backend)
     values = {k: ort.OrtValue.ortvalue_from_numpy(v.copy(), backend, 0) for k, v in case.inputs.items()}
     before = values["v_codes"].numpy().copy()
@@ -588,7 +585,8 @@ def test_io_binding_an_output_over_another_input_is_refused(backend):
 
 
 def test_a_model_config_that_would_hide_nan_is_refused():
-    """rope_theta=0 turned every query into NaN, which used to come out as zeros (issue item 3)."""
+    """rope_theta=0 turns every query into NaN; the config is refused rather than computed into
+    an output that could hide it."""
     from tq_deploy.reference.model import TQModelConfig
 
     for theta in (0.0, -1.0, float("nan"), float("inf")):

@@ -7,8 +7,15 @@ Per output:
               (packed codes: fraction of codes that differ, after unpacking)
 An output passes when its shape and dtype match and ``mismatch`` is at most the
 allowed fraction (floats: ``float_mismatch``, default 0; codes:
-``code_mismatch``). Codes may legitimately differ where a rotated coordinate
-falls within float rounding of a decision boundary, so a tiny fraction is allowed.
+``code_mismatch``; other integers: none). Codes may legitimately differ where a
+rotated coordinate falls within float rounding of a decision boundary, so a tiny
+fraction is allowed. A float output with a NaN or infinity fails, on either side:
+a non-finite reference value would otherwise compare as no mismatch (NaN > tol
+is false) and pass whatever the runtime gave.
+
+``max_rel`` is reported, not judged: with no mismatch allowed every element already
+has |a - e| <= atol + rtol * |e|, i.e. a relative error of at most rtol + atol / |e|,
+and a relative bound alone would fail correct outputs at values just above atol.
 """
 
 from __future__ import annotations
@@ -117,6 +124,9 @@ def compare_output(name: str, actual, expected, tolerance: Tolerance, code_bits:
     if not np.all(np.isfinite(a64)):
         return OutputComparison(name, tuple(a.shape), str(a.dtype), float("inf"), float("inf"), 1.0, False,
                                 "non-finite values")
+    if not np.all(np.isfinite(e64)):
+        return OutputComparison(name, tuple(a.shape), str(a.dtype), float("inf"), float("inf"), 1.0, False,
+                                "non-finite expected values")
     diff = np.abs(a64 - e64)
     big = np.abs(e64) > tolerance.atol
     max_rel = float((diff[big] / np.abs(e64[big])).max()) if big.any() else 0.0
