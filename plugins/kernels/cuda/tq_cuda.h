@@ -18,6 +18,11 @@
  *            q_rot = Pi q;  s_t = k_norm_t <q_rot, c_k[idx_k_t]> * scale;
  *            p = softmax(s) over t < context_lens[s];  out = Pi^T sum_t p_t v_norm_t c_v[idx_v_t]
  *            (a context of 0 tokens gives zeros; a NaN or overflowing score gives NaN)
+ *            with key_mean mu [Hkv, D] and rope_inv_freq w [D/2] (both or neither, D even), the
+ *            token at position t >= 1 of its sequence adds q . R_t mu to s_t before the scale:
+ *            sum_j A_j cos(t w_j) + B_j sin(t w_j), A_j = q_j mu_j + q_j' mu_j',
+ *            B_j = q_j' mu_j - q_j mu_j', j' = j + D/2, q unrotated, angle the float32 t * w_j
+ *            (the generic kernel only: tq_cuda_paged_attention_path)
  *
  * Layouts: rotation [D, D] row-major float32 (y = rotation @ x); codebooks [2**bits] ascending
  * float32; paged cache codes [N, B, Hkv, P] uint8 and norms [N, B, Hkv] float32 with
@@ -74,18 +79,21 @@ TQ_FOR_EACH_OP(TQ_CUDA_DECLARE_LAUNCHER)
  *
  * tq_cuda_paged_attention_plan checks the call's sizes, attributes and dtype, resolves scale 0 to
  * 1/sqrt(D), picks the kernel and the split-K (tokens_per_split = 0: from the shapes and the
- * device's SM count) and sizes the workspace. It reads the call's sizes, attributes, dtype and the
- * alignment of k_codes and v_codes, nothing else. The plan holds for every call with the same
- * sizes, attributes and dtype whose codes keep that alignment (code_alignment bytes; null
- * pointers count as aligned).
+ * device's SM count) and sizes the workspace. It reads the call's sizes, attributes, dtype, the
+ * alignment of k_codes and v_codes and whether key_mean and rope_inv_freq are null, nothing else
+ * (one of them null and not the other, or key_mean with an odd head dim: TQ_CUDA_BAD_ARGUMENT).
+ * The plan holds for every call with the same sizes, attributes and dtype whose codes keep that
+ * alignment (code_alignment bytes; null pointers count as aligned) and that gives the key mean
+ * exactly when the planned call did.
  *
  * tq_cuda_paged_attention_run launches a planned call and checks nothing: the call must match
  * its plan and carry a workspace of at least plan->workspace_bytes.
  *
  * tq_cuda_paged_attention does both (and checks the workspace size): for callers that do not
  * repeat a shape. tq_cuda_paged_attention_workspace sizes a workspace for either kernel and the
- * library's split (tokens_per_split 0), from the sizes alone (the size only grows with num_seqs
- * and max_blocks, so one sized for the largest shapes serves every smaller call). */
+ * library's split (tokens_per_split 0), from the sizes alone, the key mean's pointers included
+ * (the size only grows with num_seqs and max_blocks, so one sized for the largest shapes serves
+ * every smaller call). */
 typedef struct {
   int32_t tensor_cores;     /* 1: the tensor-core kernel (tq_paged_attention_mma.cu), 0: the generic one */
   int32_t tiles_per_warp;   /* tensor cores: 16-token tiles per warp (split) */
@@ -102,10 +110,11 @@ int tq_cuda_paged_attention_plan(const tq_paged_attention_call* call, int64_t to
                                  tq_cuda_paged_attention_plan_t* plan);
 int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_plan_t* plan, const tq_paged_attention_call* call);
 
-/* 1 when the call's sizes take the tensor-core kernel (head_dim up to 256 -- 64/128/256 on the
- * packed layout, other dims with codes widened to 8 bits -- any bit widths, block size and number
- * of query heads per KV head), 0 for the generic kernel (larger head dims). Reads num_q_heads,
- * num_kv_heads, head_dim, block_size, k_bits, v_bits. */
+/* 1 when the call takes the tensor-core kernel (fp16/bf16 queries; head_dim up to 256 -- 64/128/256
+ * on the packed layout, other dims with codes widened to 8 bits -- any bit widths, block size and
+ * number of query heads per KV head; no key mean), 0 for the generic kernel (float32 queries,
+ * larger head dims, calls with key_mean). Reads num_q_heads, num_kv_heads, head_dim, block_size,
+ * k_bits, v_bits, dtype, key_mean. */
 int tq_cuda_paged_attention_path(const tq_paged_attention_call* call);
 
 #ifdef __cplusplus

@@ -1,9 +1,12 @@
 // tq_cuda_paged_attention: one entry, two kernels. fp16/bf16 queries with head dims up to 256 run on
 // the tensor-core kernel (tq_paged_attention_mma.cu) when the codes' base pointers have the alignment
 // its cp.async copies need; every other call (float32 queries included) runs the generic kernel
-// (tq_paged_attention_generic.cu), float32 throughout.
-// The choice and the split depend on the shapes only, so the workspace size does too: a caller
-// that repeats a shape plans it once (tq_cuda_paged_attention_plan) and runs the plan.
+// (tq_paged_attention_generic.cu), float32 throughout. Calls with the key mean (key_mean and
+// rope_inv_freq) run the generic kernel too: its term needs D/2 accurate sines and cosines per
+// cached token, which would outweigh the tensor-core kernel's work per tile.
+// The choice and the split depend on the shapes and on whether the key mean is given; the
+// workspace size on the shapes only (the larger of the two kernels' needs): a caller that repeats
+// a shape plans it once (tq_cuda_paged_attention_plan) and runs the plan.
 #include <math.h>
 
 #include <algorithm>
@@ -33,14 +36,24 @@ bool shapes_ok(const AttentionCall& c) {
 // float32 queries take the float32 kernel: the tensor-core kernel rounds the rotated query, the
 // centroids and the probabilities to fp16 (errors near 5e-4 of the output's scale), which a float32
 // model's users and its float32 tolerances do not expect. fp16 and bf16 queries take the tensor cores.
-bool tensor_cores(const AttentionCall& c) {
+bool tensor_core_shapes(const AttentionCall& c) {
   return c.dtype != TQ_CUDA_FLOAT32 &&
          mma::supported(c.num_q_heads, c.num_kv_heads, c.head_dim, c.block_size, c.k_bits, c.v_bits);
 }
 
-Plan plan_for(const AttentionCall& c, int64_t tokens_per_split, bool aligned, int sms) {
+// The tensor-core kernel has no key-mean term: such calls take the generic kernel.
+bool tensor_cores(const AttentionCall& c) { return c.key_mean == nullptr && tensor_core_shapes(c); }
+
+// Both or neither of key_mean and rope_inv_freq; RoPE pairs need an even head dim.
+bool key_mean_ok(const AttentionCall& c) {
+  if ((c.key_mean == nullptr) != (c.rope_inv_freq == nullptr)) return false;
+  return c.key_mean == nullptr || c.head_dim % 2 == 0;
+}
+
+// The plan of the tensor-core kernel (mma) or of the generic one.
+Plan plan_for(const AttentionCall& c, int64_t tokens_per_split, bool mma, int sms) {
   const int64_t hq = c.num_q_heads, hkv = c.num_kv_heads;
-  if (aligned && tensor_cores(c))
+  if (mma)
     return mma::make_plan(c.num_seqs, hkv, hq / hkv, mma::kernel_dim(c.head_dim, c.k_bits, c.v_bits), c.max_blocks,
                           c.block_size, tokens_per_split, sms);
   return generic::make_plan(c.num_seqs, hkv, hq, c.head_dim, c.max_blocks, c.block_size, tokens_per_split, sms);
@@ -76,9 +89,9 @@ extern "C" size_t tq_cuda_paged_attention_workspace(const tq_paged_attention_cal
   const int64_t tokens_per_split = 0;
   if (call == nullptr || !shapes_ok(*call) || call->num_seqs == 0) return 0;
   // the larger of the two kernels' needs: a call may take the generic kernel on misaligned
-  // codes, which the size cannot know
+  // codes or with the key mean, which the size does not depend on
   const int sms = num_sms();
-  return std::max(plan_for(*call, tokens_per_split, true, sms).workspace_bytes,
+  return std::max(plan_for(*call, tokens_per_split, tensor_core_shapes(*call), sms).workspace_bytes,
                   plan_for(*call, tokens_per_split, false, sms).workspace_bytes);
 }
 
@@ -86,8 +99,8 @@ extern "C" int tq_cuda_paged_attention_plan(const tq_paged_attention_call* call,
                                             tq_cuda_paged_attention_plan_t* plan) {
   if (call == nullptr || plan == nullptr) return TQ_CUDA_BAD_ARGUMENT;
   const AttentionCall& c = *call;
-  if (!shapes_ok(c) || c.num_blocks < 0 || c.num_blocks > (int64_t{1} << 31) - 1 || tokens_per_split < 0 ||
-      (c.dtype != TQ_CUDA_FLOAT32 && c.dtype != TQ_CUDA_FLOAT16 && c.dtype != TQ_CUDA_BFLOAT16))
+  if (!shapes_ok(c) || !key_mean_ok(c) || c.num_blocks < 0 || c.num_blocks > (int64_t{1} << 31) - 1 ||
+      tokens_per_split < 0 || (c.dtype != TQ_CUDA_FLOAT32 && c.dtype != TQ_CUDA_FLOAT16 && c.dtype != TQ_CUDA_BFLOAT16))
     return TQ_CUDA_BAD_ARGUMENT;
   *plan = Plan{};
   if (c.num_seqs == 0) return 0;  // run() launches nothing
@@ -98,7 +111,7 @@ extern "C" int tq_cuda_paged_attention_plan(const tq_paged_attention_call* call,
   const uintptr_t align = fast ? static_cast<uintptr_t>(mma::chunk_alignment(c.head_dim, c.k_bits, c.v_bits)) : 1;
   const bool aligned = reinterpret_cast<uintptr_t>(c.k_codes) % align == 0 &&
                        reinterpret_cast<uintptr_t>(c.v_codes) % align == 0;
-  *plan = plan_for(c, tokens_per_split, aligned, num_sms());
+  *plan = plan_for(c, tokens_per_split, fast && aligned, num_sms());
   plan->code_alignment = static_cast<int32_t>(align);
   plan->scale = scale;
   return 0;

@@ -15,6 +15,11 @@
 //            and writes the split's (max, sum, acc) to the workspace
 //   merge    per query head: the splits merged, then out = Pi^T (acc / sum) in the query's dtype
 // float32 throughout (no fp16 rounding of P * ||v||).
+//
+// The key mean (key_mean and rope_inv_freq given): the split kernel also stages, per query head of
+// its chunk, A_j and B_j of the unrotated query (tq_cuda.h), scaled like q_rot, and the lane of a
+// token at position t >= 1 adds sum_j A_j cos(t w_j) + B_j sin(t w_j) to its scores (accurate
+// sincosf: the angles reach 1e5 and more).
 #include <math.h>
 
 #include <algorithm>
@@ -40,7 +45,27 @@ struct WarpArgs {
   int tokens_per_split, splits, head_chunks;
   int k_row_words, v_row_words;  // shared-memory stride of a staged row, in words (odd: no conflicts)
   float* partial;                // [pairs, head_chunks, splits, kHeadChunk, D + 2]
+  // the key mean, or null: the unrotated query, [Hkv, D] means, [D / 2] RoPE rates
+  const void* query;
+  tq_cuda_dtype q_type;
+  const float* key_mean;
+  const float* rope_inv_freq;
+  float q_scale;  // softmax scale * log2(e), as q_rot carries it
 };
+
+// Floats of the split kernel's shared memory ahead of the warps' rows: the codebooks, the chunk's
+// q_rot and, with the key mean, its A and B.
+__host__ __device__ inline int head_floats(int dim, int heads, bool key_mean) {
+  const int qd = (dim + 3) & ~3;
+  return 512 + (key_mean ? 2 : 1) * heads * qd;
+}
+
+// Element i of the query in its dtype, as float32.
+__device__ __forceinline__ float query_value(const void* query, tq_cuda_dtype type, int64_t i) {
+  if (type == TQ_CUDA_FLOAT16) return __half2float(static_cast<const __half*>(query)[i]);
+  if (type == TQ_CUDA_BFLOAT16) return __bfloat162float(static_cast<const __nv_bfloat16*>(query)[i]);
+  return static_cast<const float*>(query)[i];
+}
 
 // Copies `bytes` of a packed row into shared words, the warp's lanes taking consecutive words
 // (or bytes, where the row is not a whole number of aligned words).
@@ -72,7 +97,8 @@ struct CodeReader {
   }
 };
 
-template <int KC, int GH>
+// KM: the key mean's term (a.key_mean not null); the instances without it are the plain kernel.
+template <int KC, int GH, bool KM>
 __global__ void __launch_bounds__(kWarps * 32) split_kernel(const WarpArgs a) {
   extern __shared__ float4 generic_smem[];
   float* smem = reinterpret_cast<float*>(generic_smem);
@@ -81,12 +107,15 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(const WarpArgs a) {
   const int seq = pair / a.num_kv_heads, h = pair % a.num_kv_heads;
   const int heads = min(GH, a.group - chunk * GH);  // query heads of this chunk
   const int d = a.dim;
-  // shared: codebooks, the chunk's q_rot, then per warp: key rows, value rows, weights
+  // shared: codebooks, the chunk's q_rot (and the key mean's A, B), then per warp: key rows, value
+  // rows, weights
+  constexpr bool key_mean = KM;
   float* kcb = smem;
   float* vcb = kcb + 256;
   float* q = vcb + 256;  // [GH][dim rounded up to 4]
   const int qd = (d + 3) & ~3;
-  uint32_t* warp_base = reinterpret_cast<uint32_t*>(q + GH * qd) +
+  float* mean_ab = q + GH * qd;  // key mean: [GH][qd], A_j at j, B_j at D/2 + j
+  uint32_t* warp_base = reinterpret_cast<uint32_t*>(mean_ab + (key_mean ? GH * qd : 0)) +  // head_floats
                         warp * (kStep * (a.k_row_words + a.v_row_words) + GH * kStep);
   uint32_t* k_rows = warp_base;
   uint32_t* v_rows = k_rows + kStep * a.k_row_words;
@@ -98,6 +127,23 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(const WarpArgs a) {
   for (int i = threadIdx.x; i < GH * qd; i += blockDim.x) {
     const int hh = i / qd, j = i % qd;
     q[i] = hh < heads && j < d ? a.q_rot[(q_row0 + hh) * d + j] : 0.f;
+  }
+  const int half = d / 2;
+  if constexpr (key_mean) {
+    const float* mu = a.key_mean + static_cast<int64_t>(h) * d;
+    for (int i = threadIdx.x; i < GH * half; i += blockDim.x) {
+      const int hh = i / half, j = i % half;
+      float x = 0.f, y = 0.f;
+      if (hh < heads) {
+        const int64_t at = (q_row0 + hh) * d + j;
+        const float q1 = query_value(a.query, a.q_type, at), q2 = query_value(a.query, a.q_type, at + half);
+        const float m1 = __ldg(mu + j), m2 = __ldg(mu + j + half);
+        x = (q1 * m1 + q2 * m2) * a.q_scale;
+        y = (q2 * m1 - q1 * m2) * a.q_scale;
+      }
+      mean_ab[hh * qd + j] = x;
+      mean_ab[hh * qd + half + j] = y;
+    }
   }
   __syncthreads();
   if (split >= a.splits) return;
@@ -157,10 +203,23 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(const WarpArgs a) {
         }
       }
     }
+    // the key mean's term, q . R_t mu (scaled like s), for a token at position t >= 1
+    float km[GH];
+#pragma unroll
+    for (int g = 0; g < GH; ++g) km[g] = 0.f;
+    if (key_mean && cell >= 0 && t > 0) {
+      const float position = static_cast<float>(t);
+      for (int j = 0; j < half; ++j) {
+        float sn, cs;
+        sincosf(position * __ldg(a.rope_inv_freq + j), &sn, &cs);
+#pragma unroll
+        for (int g = 0; g < GH; ++g) km[g] = fmaf(mean_ab[g * qd + j], cs, fmaf(mean_ab[g * qd + half + j], sn, km[g]));
+      }
+    }
     // online softmax over the warp's 32 tokens; weights p * ||v|| for the value pass
 #pragma unroll
     for (int g = 0; g < GH; ++g) {
-      const float score = cell >= 0 && g < heads ? s[g] * kn : -INFINITY;
+      const float score = cell >= 0 && g < heads ? (key_mean ? fmaf(s[g], kn, km[g]) : s[g] * kn) : -INFINITY;
       const float m_new = fmaxf(m[g], warp_max(score));
       const float base = softmax_base(m_new);
       const float alpha = exp2f(m[g] - base);
@@ -278,15 +337,20 @@ int odd_words(int bytes) {
   return words | 1;
 }
 
-template <int KC, int GH>
+template <int KC, int GH, bool KM>
 int launch_split(const WarpArgs& args, unsigned pairs, cudaStream_t stream) {
-  const int qd = (args.dim + 3) & ~3;
-  const size_t shared = (512 + GH * qd) * sizeof(float) +
+  const size_t shared = head_floats(args.dim, GH, KM) * sizeof(float) +
                         kWarps * (kStep * (args.k_row_words + args.v_row_words) + GH * kStep) * sizeof(uint32_t);
-  if (int rc = reserve_shared(split_kernel<KC, GH>, shared)) return rc;
+  if (int rc = reserve_shared(split_kernel<KC, GH, KM>, shared)) return rc;
   const dim3 grid(pairs, args.head_chunks, (args.splits + kWarps - 1) / kWarps);
-  split_kernel<KC, GH><<<grid, kWarps * 32, shared, stream>>>(args);
+  split_kernel<KC, GH, KM><<<grid, kWarps * 32, shared, stream>>>(args);
   return launch_status();
+}
+
+template <int KC>
+int launch_split_for(const WarpArgs& args, unsigned pairs, cudaStream_t stream) {
+  return args.key_mean != nullptr ? launch_split<KC, kHeadChunk, true>(args, pairs, stream)
+                                  : launch_split<KC, kHeadChunk, false>(args, pairs, stream);
 }
 
 template <typename T>
@@ -375,12 +439,17 @@ int run(const AttentionCall& c, const Plan& plan) {
   args.k_row_words = odd_words((d * k_bits + 7) / 8);
   args.v_row_words = odd_words((d * v_bits + 7) / 8);
   args.partial = partial;
+  args.query = c.query;
+  args.q_type = q_type;
+  args.key_mean = c.key_mean;
+  args.rope_inv_freq = c.key_mean != nullptr ? c.rope_inv_freq : nullptr;
+  args.q_scale = plan.scale * kLog2e;
   const unsigned pairs = static_cast<unsigned>(c.num_seqs * hkv);
   int rc;
-  if (d <= 64) rc = launch_split<2, kHeadChunk>(args, pairs, stream);
-  else if (d <= 128) rc = launch_split<4, kHeadChunk>(args, pairs, stream);
-  else if (d <= 256) rc = launch_split<8, kHeadChunk>(args, pairs, stream);
-  else rc = launch_split<16, kHeadChunk>(args, pairs, stream);
+  if (d <= 64) rc = launch_split_for<2>(args, pairs, stream);
+  else if (d <= 128) rc = launch_split_for<4>(args, pairs, stream);
+  else if (d <= 256) rc = launch_split_for<8>(args, pairs, stream);
+  else rc = launch_split_for<16>(args, pairs, stream);
   if (rc) return rc;
   return rotate_or_merge(false, q_type, c.query, c.rotation, rows, d, 0.f, nullptr, partial, args.group,
                          plan.head_chunks, plan.splits, c.out, stream);

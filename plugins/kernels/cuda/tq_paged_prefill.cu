@@ -39,6 +39,8 @@ tq_paged_attention_call rows_call(const tq_paged_prefill_call& c) {
   a.rotation = c.rotation;
   a.k_codebook = c.k_codebook;
   a.v_codebook = c.v_codebook;
+  a.key_mean = c.key_mean;  // a row's positions are its sequence's: the key mean's term holds as is
+  a.rope_inv_freq = c.rope_inv_freq;
   a.out = c.out;
   a.num_seqs = c.num_tokens;
   a.num_q_heads = c.num_q_heads;
