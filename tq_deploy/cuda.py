@@ -21,7 +21,7 @@ import functools
 import torch
 
 from tq_deploy import abi, ops
-from tq_deploy.device_constants import codebook_as, float_matrix
+from tq_deploy.device_constants import cached, codebook_as, float_matrix
 from tq_deploy.reference.checks import CacheUpdateArgs, DecodeArgs, EncodeArgs, PagedAttentionArgs
 from tq_deploy.runtime import library as _library
 
@@ -241,7 +241,9 @@ def _path(hq, hkv, dim, block_size, k_bits, v_bits, dtype) -> int:
 
 def paged_attention_path(a: PagedAttentionArgs) -> str:
     """"tensor-core" or "generic": the kernel these shapes and this query dtype run (16-byte aligned caches
-    assumed; float32 queries run the float32 generic kernel)."""
+    assumed; float32 queries and calls with the key mean run the float32 generic kernel)."""
+    if a.key_mean is not None:  # the library's rule too (tq_cuda_paged_attention_path)
+        return "generic"
     fast = _path(a.num_q_heads, a.num_kv_heads, a.head_dim, a.block_size, a.k_bits, a.v_bits, _DTYPES[a.query.dtype])
     return "tensor-core" if fast else "generic"
 
@@ -257,13 +259,22 @@ def _attention_call(a: PagedAttentionArgs, dev: torch.device):
     rot = float_matrix(a.rotation, dev)
     kcb = codebook_as(a.k_codebook, torch.float32, dev)
     vcb = kcb if a.v_codebook is a.k_codebook else codebook_as(a.v_codebook, torch.float32, dev)
+    # the key mean (optional, both or neither): float32, contiguous, on the device; null pointers without it
+    mean = None if a.key_mean is None else _float32_on(a.key_mean, dev)
+    freq = None if a.rope_inv_freq is None else _float32_on(a.rope_inv_freq, dev)
     call = _AttentionCall(
         k_codes=a.k_codes.data_ptr(), k_norms=a.k_norms.data_ptr(), v_codes=a.v_codes.data_ptr(),
         v_norms=a.v_norms.data_ptr(), rotation=rot.data_ptr(), k_codebook=kcb.data_ptr(), v_codebook=vcb.data_ptr(),
+        key_mean=None if mean is None else mean.data_ptr(), rope_inv_freq=None if freq is None else freq.data_ptr(),
         num_q_heads=a.num_q_heads, head_dim=a.head_dim, num_blocks=a.num_blocks, block_size=a.block_size,
         num_kv_heads=a.num_kv_heads, k_bits=a.k_bits, v_bits=a.v_bits, scale=a.scale,
         dtype=_DTYPES[a.query.dtype])
-    return call, (a.k_codes, a.k_norms, a.v_codes, a.v_norms, rot, kcb, vcb)
+    return call, (a.k_codes, a.k_norms, a.v_codes, a.v_norms, rot, kcb, vcb, mean, freq)
+
+
+def _float32_on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Contiguous float32 copy of a constant input on ``dev`` (made once while ``t`` lives unchanged)."""
+    return cached("f32", t, lambda: t.detach().to(device=dev, dtype=torch.float32).contiguous(), str(dev))
 
 
 def _plan(call, tokens_per_split: int, describe) -> _AttentionPlan:
@@ -304,8 +315,8 @@ def paged_attention(a: PagedAttentionArgs, *, tokens_per_split: int = 0) -> torc
 class PagedAttentionPlan:
     """The CUDA paged attention for one cache, checked once and run many times (a decode loop).
 
-    Everything that stays fixed over a serving loop (the cache tensors, rotation, codebooks, bits,
-    scale, head counts, query dtype) is checked and resolved here, and the library's plan
+    Everything that stays fixed over a serving loop (the cache tensors, rotation, codebooks, key mean,
+    bits, scale, head counts, query dtype) is checked and resolved here, and the library's plan
     (tq_cuda_paged_attention_plan: shape checks, kernel and split choice, workspace size) is made
     once per (S, M) of the step; :meth:`run` then only reads the per-step tensors' pointers, after
     the few checks that keep the kernel inside them (query [S, Hq, D] of the plan's dtype, int32
