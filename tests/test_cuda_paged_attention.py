@@ -16,14 +16,18 @@ fp32 accumulation); 1e-2 for bf16 queries (the output is rounded to bf16).
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
 from test_paged import make_case, oracle_over_slots, sdpa_oracle
+from tq_deploy import abi, ops
 from tq_deploy import cuda as tq_cuda
 from tq_deploy import dispatch
 from tq_deploy.dispatch import paged_attention
 from tq_deploy.reference.checks import check_paged_attention
+from tq_deploy.reference.paged import paged_attention_reference, paged_prefill_reference
 from tq_deploy.runtime import library
 
 gpu = pytest.mark.gpu
@@ -232,6 +236,178 @@ def test_captured_in_a_cuda_graph(gen):
     torch.cuda.synchronize()
     case.query = args[0].cpu()
     assert relative_error(out.cpu(), sdpa_oracle(case)) < TOL[torch.float16]
+
+
+# --- the key mean (key_mean, rope_inv_freq): the generic kernel, against the float32 reference ------
+
+KEY_MEAN_CASES = {
+    # name: dim, hq, hkv, block_size, context lengths, k_bits, v_bits
+    "gqa1-d64-b16-k4v2": (64, 4, 4, 16, [0, 1, 15, 17], 4, 2),
+    "gqa4-d128-b16-k3v4": (128, 8, 2, 16, [1, 33, 300, 0], 3, 4),
+    "gqa8-d128-b32-k2v3": (128, 16, 2, 32, [640, 31, 1], 2, 3),
+    "gqa8-d64-b8-k5v3": (64, 8, 1, 8, [129, 7, 8], 5, 3),
+    "gqa12-d128-b16-k4v4": (128, 24, 2, 16, [100, 5], 4, 4),  # two head chunks per KV head
+    "gqa4-d50-b16-k3v5": (50, 8, 2, 16, [40, 3], 3, 5),  # D/2 odd, rows padded to 52
+    "gqa2-d320-b16-k4v3": (320, 4, 2, 16, [70, 3], 4, 3),
+}
+KEY_MEAN_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def key_mean_inputs(gen, hkv: int, dim: int, rate: float = 1.0):
+    """A mean of about a key's size per KV head and RoPE rates rate * 10000^(-2j/D)."""
+    key_mean = torch.randn(hkv, dim, generator=gen) * 1.5
+    rope_inv_freq = rate * 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return key_mean, rope_inv_freq
+
+
+def with_key_mean(case, dtype, key_mean, rope_inv_freq):
+    """The reference's answer (float32 on the CPU) and the CUDA arguments, both with the key mean."""
+    cpu_args = (*case.args(query=case.query.to(dtype)), 0.0)
+    want = paged_attention_reference(*cpu_args, key_mean, rope_inv_freq)
+    without = paged_attention_reference(*cpu_args)
+    args = [*on_cuda(case, dtype), 0.0, key_mean.cuda(), rope_inv_freq.cuda()]
+    return want, without, args
+
+
+@gpu
+@pytest.mark.parametrize("tokens_per_split", [0, 32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(KEY_MEAN_CASES))
+def test_key_mean_matches_the_reference(gen, name, dtype, tokens_per_split):
+    needs_library()
+    dim, hq, hkv, block, ctx, kb, vb = KEY_MEAN_CASES[name]
+    case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=ctx, k_bits=kb, v_bits=vb)
+    want, without, args = with_key_mean(case, dtype, *key_mean_inputs(gen, hkv, dim))
+    tol = KEY_MEAN_TOL[dtype]
+    assert relative_error(without, want.double()) > 5 * tol, "the key mean's term must show in the output"
+    a = checked(args)
+    assert tq_cuda.supports_paged_attention(a) and tq_cuda.paged_attention_path(a) == "generic"
+    got = tq_cuda.paged_attention(a, tokens_per_split=tokens_per_split)
+    assert got.dtype == dtype and got.shape == case.query.shape
+    got = got.cpu()
+    assert torch.isfinite(got).all()
+    assert (got[case.context_lens == 0] == 0).all(), "a context of 0 tokens gives zeros"
+    err = relative_error(got, want.double())
+    assert err < tol, f"{name} {dtype} split {tokens_per_split}: relative error {err:.2e}"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_key_mean_at_large_angles(gen, dtype):
+    """Angles t * w_j past 1e5 (rates scaled up): accurate sines and cosines, as the reference's."""
+    needs_library()
+    case = make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[2000, 1500], k_bits=4, v_bits=3)
+    key_mean, rope_inv_freq = key_mean_inputs(gen, 2, 128, rate=100.0)
+    assert float(rope_inv_freq[0]) * 1999 > 1e5
+    want, without, args = with_key_mean(case, dtype, key_mean, rope_inv_freq)
+    assert relative_error(without, want.double()) > 5 * KEY_MEAN_TOL[dtype]
+    got = cuda_attention(*args).cpu()
+    assert relative_error(got, want.double()) < KEY_MEAN_TOL[dtype]
+
+
+@gpu
+def test_key_mean_through_the_dispatcher_and_a_plan(gen):
+    """The public op and a planned decode loop take the key mean on the CUDA backend."""
+    needs_library()
+    case = make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[77, 300], k_bits=4, v_bits=4)
+    want, _, args = with_key_mean(case, torch.float16, *key_mean_inputs(gen, 2, 128))
+    with dispatch.use_backend("auto"):
+        assert dispatch.backend_for("paged_attention", checked(args)) == "cuda"
+        assert relative_error(paged_attention(*args).cpu(), want.double()) < KEY_MEAN_TOL[torch.float16]
+        plan = dispatch.plan_paged_attention(*args)
+    assert isinstance(plan, tq_cuda.PagedAttentionPlan) and plan.path == "generic"
+    got = plan.run(args[0], args[5], args[6]).cpu()
+    assert relative_error(got, want.double()) < KEY_MEAN_TOL[torch.float16]
+
+
+@gpu
+def test_key_mean_is_refused_without_its_rates_or_with_an_odd_head_dim(gen):
+    """The library's own checks (callers that skip the Python ones): both pointers or neither, D even;
+    the workspace size does not depend on them."""
+    needs_library()
+    case = make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[40], k_bits=4, v_bits=4)
+    args = [*on_cuda(case, torch.float16), 0.0, *(t.cuda() for t in key_mean_inputs(gen, 2, 128))]
+    call, _keep = tq_cuda._attention_call(checked(args), args[0].device)
+    call.num_seqs, call.max_blocks = 1, args[5].shape[1]
+    lib = tq_cuda._lib()
+    assert tq_cuda._plan(call, 0, str).tensor_cores == 0 and lib.tq_cuda_paged_attention_path(ctypes.byref(call)) == 0
+    with_mean = lib.tq_cuda_paged_attention_workspace(ctypes.byref(call))
+    mean, freq = call.key_mean, call.rope_inv_freq
+    call.key_mean = call.rope_inv_freq = None
+    assert lib.tq_cuda_paged_attention_workspace(ctypes.byref(call)) == with_mean
+    assert tq_cuda._plan(call, 0, str).tensor_cores == 1
+    for key_mean, rope_inv_freq, dim in ((mean, None, 128), (None, freq, 128), (mean, freq, 127)):
+        call.key_mean, call.rope_inv_freq, call.head_dim = key_mean, rope_inv_freq, dim
+        with pytest.raises(ValueError, match="refused"):
+            tq_cuda._plan(call, 0, str)
+
+
+# The CUDA prefill (tq_cuda_paged_prefill: the decode attention over one row per query token) has no
+# Python backend of its own: these tests call the launcher with the op's call struct.
+_PrefillCall = abi.ctypes_struct(ops.PAGED_PREFILL)
+
+
+def cuda_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start, rotation,
+                 k_codebook, v_codebook, k_bits, v_bits, scale=0.0, key_mean=None, rope_inv_freq=None):
+    """tq_cuda_paged_prefill on CUDA tensors: out [T, Hq, D] in the query's dtype."""
+    lib = tq_cuda._lib()
+    lib.tq_cuda_paged_prefill_workspace.restype, lib.tq_cuda_paged_prefill_workspace.argtypes = \
+        ctypes.c_size_t, [ctypes.c_void_p]
+    lib.tq_cuda_paged_prefill.restype, lib.tq_cuda_paged_prefill.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    out = torch.empty_like(query)
+    floats = [t.float().contiguous() if t is not None else None
+              for t in (rotation, k_codebook, v_codebook, key_mean, rope_inv_freq)]
+    call = _PrefillCall(
+        query=query.data_ptr(), k_codes=k_codes.data_ptr(), k_norms=k_norms.data_ptr(), v_codes=v_codes.data_ptr(),
+        v_norms=v_norms.data_ptr(), block_tables=block_tables.data_ptr(), context_lens=context_lens.data_ptr(),
+        query_start=query_start.data_ptr(), **{name: t.data_ptr() if t is not None else None for name, t in zip(
+            ("rotation", "k_codebook", "v_codebook", "key_mean", "rope_inv_freq"), floats)},
+        out=out.data_ptr(), num_tokens=query.shape[0], num_q_heads=query.shape[1], head_dim=query.shape[2],
+        num_blocks=k_codes.shape[0], block_size=k_codes.shape[1], num_kv_heads=k_codes.shape[2],
+        num_seqs=block_tables.shape[0], max_blocks=block_tables.shape[1], k_bits=k_bits, v_bits=v_bits, scale=scale,
+        dtype=tq_cuda._DTYPES[query.dtype], stream=torch.cuda.current_stream().cuda_stream)
+    nbytes = lib.tq_cuda_paged_prefill_workspace(ctypes.byref(call))
+    workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=query.device)
+    call.workspace, call.workspace_bytes = workspace.data_ptr(), workspace.numel()
+    rc = lib.tq_cuda_paged_prefill(ctypes.byref(call))
+    assert rc == 0, lib.tq_cuda_error_string(rc).decode()
+    torch.cuda.synchronize()
+    return out
+
+
+PREFILL_CASES = {
+    # name: dim, hq, hkv, block_size, context lengths, query rows per sequence, k_bits, v_bits
+    "gqa1-d64-b16-k4v2": (64, 4, 4, 16, [0, 1, 17, 40], [0, 1, 5, 40], 4, 2),
+    "gqa4-d128-b16-k3v4": (128, 8, 2, 16, [33, 300, 1], [33, 7, 1], 3, 4),
+    "gqa8-d128-b32-k2v3": (128, 16, 2, 32, [100, 31], [20, 31], 2, 3),
+    "gqa8-d64-b8-k5v3": (64, 8, 1, 8, [129, 8], [64, 8], 5, 3),
+}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("name", list(PREFILL_CASES))
+def test_prefill_with_key_mean_matches_the_reference(gen, name, dtype):
+    """Row j of sequence s sits at position context_lens[s] - n_s + j and sees the key mean's term at
+    the positions of its sequence (the rows run as decode queries over the same tables)."""
+    needs_library()
+    dim, hq, hkv, block, ctx, rows, kb, vb = PREFILL_CASES[name]
+    case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=ctx, k_bits=kb, v_bits=vb)
+    query = (torch.randn(sum(rows), hq, dim, generator=gen) * 2).to(dtype)
+    query_start = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32)
+    key_mean, rope_inv_freq = key_mean_inputs(gen, hkv, dim)
+    cpu_args = (query, *case.caches, case.block_tables, case.context_lens, query_start, case.rotation,
+                case.k_codebook, case.v_codebook, kb, vb, 0.0)
+    want = paged_prefill_reference(*cpu_args, key_mean, rope_inv_freq).double()
+    tol = KEY_MEAN_TOL[dtype]
+    assert relative_error(paged_prefill_reference(*cpu_args), want) > 5 * tol
+    cuda_args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in cpu_args]
+    got = cuda_prefill(*cuda_args, key_mean.cuda(), rope_inv_freq.cuda()).cpu()
+    assert torch.isfinite(got).all()
+    assert relative_error(got, want) < tol
+    # and without the key mean the launcher still gives the plain prefill
+    plain = cuda_prefill(*cuda_args).cpu()
+    assert relative_error(plain, paged_prefill_reference(*cpu_args).double()) < TOL[dtype]
 
 
 def test_cpu_tensors_are_not_taken(gen):
