@@ -436,7 +436,7 @@ def _trt(case: Case, capfd, dry_run: bool):
         pytest.skip(f"TensorRT plugin library not built: {err}")
     device = "cpu" if dry_run else "cuda"
     inputs = [torch.from_numpy(np.ascontiguousarray(case.inputs[t.name])).to(device)
-              for t in ops.OPS_BY_NAME[case.op].inputs]
+              for t in ops.OPS_BY_NAME[case.op].inputs if t.name in case.inputs]
     outputs = _trt_outputs(case, device)
     attrs = {k: v for k, (v, _) in case.attrs.items()}
     kinds = {k: kind for k, (_, kind) in case.attrs.items()}
@@ -598,7 +598,7 @@ def test_meta_and_mixed_device_tensors_are_refused():
     from tq_deploy import dispatch
 
     case = attention_case()
-    args = [torch.from_numpy(case.inputs[t.name].copy()) for t in ops.PAGED_ATTENTION.inputs]
+    args = [torch.from_numpy(case.inputs[t.name].copy()) for t in ops.PAGED_ATTENTION.required_inputs()]
     args[0] = torch.empty(args[0].shape, device="meta")
     with pytest.raises(ValueError, match="query is on the meta device"):
         dispatch.paged_attention(*args, BITS, BITS)
@@ -611,7 +611,7 @@ def test_cuda_codes_with_cpu_norms_are_refused():
     from tq_deploy import dispatch
 
     case = attention_case()
-    args = [torch.from_numpy(case.inputs[t.name].copy()) for t in ops.PAGED_ATTENTION.inputs]
+    args = [torch.from_numpy(case.inputs[t.name].copy()) for t in ops.PAGED_ATTENTION.required_inputs()]
     args = [a.cuda() if i != 2 else a for i, a in enumerate(args)]  # k_norms stays on the CPU
     with pytest.raises(ValueError, match="k_norms is on cpu, expected cuda"):
         dispatch.paged_attention(*args, BITS, BITS)

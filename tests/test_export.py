@@ -155,14 +155,15 @@ def test_single_op_model(op_name, bits, seed):
     assert {o.domain: o.version for o in model.opset_import} == {"": 17, ops.DOMAIN: 1}
     (node,) = model.graph.node
     assert (node.op_type, node.domain) == (op_name, ops.DOMAIN)
-    assert list(node.input) == spec.input_names() and list(node.output) == spec.output_names()
+    required = [t.name for t in spec.required_inputs()]  # the optional inputs are left out
+    assert list(node.input) == required and list(node.output) == spec.output_names()
     inits = initializers(model)
     np.testing.assert_array_equal(inits["rotation"], rotation.numpy())
     books = [n for n in inits if "codebook" in n]
     assert sorted(books) == sorted(t.name for t in spec.inputs if "codebook" in t.name)
     for name in books:
         np.testing.assert_array_equal(inits[name], lloyd_max_codebook(head_dim, bits).numpy())
-    assert {v.name for v in model.graph.input} == set(spec.input_names()) - set(inits)
+    assert {v.name for v in model.graph.input} == set(required) - set(inits)
     all_dims = {d for v in (*model.graph.input, *model.graph.output) for d in dims(v) if isinstance(d, str)}
     assert all_dims <= {"n", "num_blocks", "batch", "batch+1", "num_tokens", "max_blocks"}
     kind, config = read_metadata(model)

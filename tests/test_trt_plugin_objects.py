@@ -101,3 +101,23 @@ def test_codec_checks():
         dry("TQDecode", {"bits": bits}, [torch.zeros(6, 5, 20, dtype=torch.uint8), torch.zeros(6, 5), rot, book], [x])
     with pytest.raises(RuntimeError, match="rejected the shapes"):  # norms' leading dims differ
         dry("TQDecode", {"bits": bits}, [codes, torch.zeros(6, 4), rot, book], [x])
+
+
+def test_attention_takes_the_optional_key_mean():
+    inputs, outputs = attention_tensors()
+    mean = [torch.zeros(2, 64), torch.zeros(32)]  # key_mean [Hkv, D], rope_inv_freq [D/2]
+    dry("TQPagedAttention", {"k_bits": 3, "v_bits": 2}, inputs + mean, outputs)
+
+
+@pytest.mark.parametrize("mean,match", [
+    ([torch.zeros(2, 64)], "expected both or neither"),
+    ([torch.zeros(3, 64), torch.zeros(32)], "key_mean.shape.0.=3, expected 2"),
+    ([torch.zeros(2, 32), torch.zeros(32)], "key_mean.shape.1.=32, expected 64"),
+    ([torch.zeros(2, 64), torch.zeros(64)], "rope_inv_freq.shape.0.=64, expected 32"),
+    ([torch.zeros(2, 64), torch.zeros(2, 32)], "rope_inv_freq has rank 2"),
+])
+def test_bad_key_mean_shapes_are_refused(mean, match, capfd):
+    inputs, outputs = attention_tensors()
+    with pytest.raises(RuntimeError, match="rejected the shapes|configurePlugin"):
+        dry("TQPagedAttention", {"k_bits": 3, "v_bits": 2}, inputs + mean, outputs)
+    assert __import__("re").search(match, capfd.readouterr().err)

@@ -75,7 +75,8 @@ def _dims(spec: ops.OpSpec) -> list[Field]:
 @functools.lru_cache(maxsize=None)
 def call_fields(spec: ops.OpSpec) -> tuple[Field, ...]:
     """The fields of ``tq_<stem>_call``, in order."""
-    fields = [Field(t.name, _pointer(t, True), "input", i, doc=f"[{', '.join(t.shape)}]")
+    fields = [Field(t.name, _pointer(t, True), "input", i,
+                    doc=f"[{', '.join(t.shape)}]" + (", null when left out" if t.optional else ""))
               for i, t in enumerate(spec.inputs)]
     fields += [Field(t.name, _pointer(t, False), "output", i, doc=f"[{', '.join(t.shape)}]")
                for i, t in enumerate(spec.outputs)]

@@ -154,24 +154,26 @@ def cache_update(key, value, slot_mapping, k_codes, k_norms, v_codes, v_norms, r
 
 
 def paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation, k_codebook,
-                    v_codebook, k_bits, v_bits, scale=0.0):
+                    v_codebook, k_bits, v_bits, scale=0.0, key_mean=None, rope_inv_freq=None):
     """Paged TurboQuant decode attention: out [S, Hq, D] in the query's dtype."""
     args = checks.check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
-                                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale, check_data=False)
+                                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale, key_mean,
+                                        rope_inv_freq, check_data=False)
     return _choose("paged_attention", args)[1](args)
 
 
 def paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start, rotation,
-                  k_codebook, v_codebook, k_bits, v_bits, scale=0.0):
+                  k_codebook, v_codebook, k_bits, v_bits, scale=0.0, key_mean=None, rope_inv_freq=None):
     """Paged TurboQuant prefill attention (causal, packed rows): out [T, Hq, D] in the query's dtype."""
     args = checks.check_paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
                                       query_start, rotation, k_codebook, v_codebook, k_bits, v_bits, scale,
-                                      check_data=False)
+                                      key_mean, rope_inv_freq, check_data=False)
     return _choose("paged_prefill", args)[1](args)
 
 
 def plan_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation, k_codebook,
-                         v_codebook, k_bits, v_bits, scale=0.0, *, tokens_per_split: int = 0):
+                         v_codebook, k_bits, v_bits, scale=0.0, key_mean=None, rope_inv_freq=None, *,
+                         tokens_per_split: int = 0):
     """Check a paged attention call once and return a plan whose ``run(query, block_tables,
     context_lens, out=None)`` computes it for any step over the same cache (the example arguments
     fix everything but the batch and the table width). On the CUDA backend the run path is one
@@ -179,14 +181,15 @@ def plan_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables
     it is :func:`paged_attention` on the fixed arguments.
     """
     args = checks.check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
-                                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale, check_data=False)
+                                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale, key_mean,
+                                        rope_inv_freq, check_data=False)
     name, _ = _choose("paged_attention", args)
     if name == "cuda":
         from tq_deploy import cuda
 
         return cuda.PagedAttentionPlan(args, tokens_per_split)
     return _CheckedEveryStep(k_codes, k_norms, v_codes, v_norms, rotation, k_codebook, v_codebook, k_bits, v_bits,
-                             scale)
+                             scale, key_mean, rope_inv_freq)
 
 
 class _CheckedEveryStep:

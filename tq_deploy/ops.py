@@ -58,6 +58,7 @@ class TensorSpec:
     shape: tuple[str, ...]  # symbolic, "..." for any leading dimensions
     doc: str
     type_param: str = ""  # shared ONNX type constraint name, e.g. "T"
+    optional: bool = False  # a trailing input a node may leave out (native kernels see a null pointer)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,10 @@ class OpSpec:
 
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
+
+    def required_inputs(self) -> tuple[TensorSpec, ...]:
+        """The inputs every node has (the optional ones trail them)."""
+        return tuple(t for t in self.inputs if not t.optional)
 
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
@@ -205,6 +210,24 @@ CACHE_UPDATE = OpSpec(
     make_inputs="tq_deploy.validate.inputs:cache_update_inputs",
 )
 
+# The key mean: a cache may hold its keys without a fixed per-KV-head mean mu taken before RoPE
+# (the key at position t >= 1 is stored as k_t - R_t mu; position 0 as it is). Centred keys
+# quantize with a third of the loss on models whose keys share large channels; the attention
+# adds the mean back exactly, per score, which no graph-level rewrite can (R_t mu changes with t).
+_KEY_MEAN_INPUTS = (
+    TensorSpec("key_mean", (FLOAT,), ("Hkv", "D"),
+               "optional, with rope_inv_freq: the mean key mu (before RoPE) that the cached keys at "
+               "positions t >= 1 are stored without", optional=True),
+    TensorSpec("rope_inv_freq", (FLOAT,), ("D/2",),
+               "optional, with key_mean: the RoPE rates w; R_t turns the pair (j, j + D/2) by the angle "
+               "t * w_j (a float32 product)", optional=True),
+)
+_KEY_MEAN_DOC = (
+    " With key_mean and rope_inv_freq, the score of a cached token at position t >= 1 (its index in its "
+    "sequence) adds q . R_t mu before the scale: sum_j A_j cos(t w_j) + B_j sin(t w_j) with "
+    "A_j = q_j mu_j + q_j' mu_j', B_j = q_j' mu_j - q_j mu_j', j' = j + D/2, mu the query head's KV head's mean."
+)
+
 PAGED_ATTENTION = OpSpec(
     name="TQPagedAttention",
     doc=(
@@ -212,7 +235,7 @@ PAGED_ATTENTION = OpSpec(
         "q_rot = Pi q; s_i = ||k_i|| <q_rot, c_k[idx_k_i]> * scale; p = softmax(s) over "
         "the first context_lens[s] tokens; out = Pi^T sum_i p_i ||v_i|| c_v[idx_v_i]. "
         "Query head h reads KV head h // (Hq / Hkv). context_lens 0 gives zeros; a NaN or overflowing score "
-        "gives NaN, never zeros."
+        "gives NaN, never zeros." + _KEY_MEAN_DOC
     ),
     inputs=(
         TensorSpec("query", (FLOAT, FLOAT16), ("S", "Hq", "D"), "one query token per sequence", "T"),
@@ -222,6 +245,7 @@ PAGED_ATTENTION = OpSpec(
         ROTATION,
         _codebook("k_codebook", " for keys"),
         _codebook("v_codebook", " for values"),
+        *_KEY_MEAN_INPUTS,
     ),
     outputs=(TensorSpec("out", (FLOAT, FLOAT16), ("S", "Hq", "D"), "attention output", "T"),),
     attributes=(
@@ -242,7 +266,7 @@ PAGED_PREFILL = OpSpec(
         "query_start[s] tokens of its context of context_lens[s] tokens (their keys and values already in the "
         "cache). Row j of sequence s sits at position p = context_lens[s] - n_s + j and attends to the cache "
         "tokens 0..p of that sequence, in the rotated domain as TQPagedAttention does. query_start is "
-        "non-decreasing from 0 to T with n_s <= context_lens[s]."
+        "non-decreasing from 0 to T with n_s <= context_lens[s]." + _KEY_MEAN_DOC
     ),
     inputs=(
         TensorSpec("query", (FLOAT, FLOAT16), ("T", "Hq", "D"), "new query tokens of all sequences, packed", "T"),
@@ -253,6 +277,7 @@ PAGED_PREFILL = OpSpec(
         ROTATION,
         _codebook("k_codebook", " for keys"),
         _codebook("v_codebook", " for values"),
+        *_KEY_MEAN_INPUTS,
     ),
     outputs=(TensorSpec("out", (FLOAT, FLOAT16), ("T", "Hq", "D"), "attention output per query row", "T"),),
     attributes=PAGED_ATTENTION.attributes,

@@ -10,6 +10,7 @@
  * float type of the T tensors, and the launch: device workspace and CUDA stream (the CPU kernels
  * ignore them).
  * An in-place output (<x>_out) is the buffer the kernel writes; the caller makes it hold <x> first.
+ * An optional input (docs/ops.md) the node leaves out is a null pointer.
  */
 #ifndef TQ_CALLS_H_
 #define TQ_CALLS_H_
@@ -55,7 +56,7 @@ typedef struct tq_cache_update_call {
 
 /* TQPagedAttention */
 typedef struct tq_paged_attention_call {
-  /* inputs */ const void* query; const uint8_t* k_codes; const float* k_norms; const uint8_t* v_codes; const float* v_norms; const int32_t* block_tables; const int32_t* context_lens; const float* rotation; const float* k_codebook; const float* v_codebook;
+  /* inputs */ const void* query; const uint8_t* k_codes; const float* k_norms; const uint8_t* v_codes; const float* v_norms; const int32_t* block_tables; const int32_t* context_lens; const float* rotation; const float* k_codebook; const float* v_codebook; const float* key_mean; const float* rope_inv_freq;
   /* outputs */ void* out;
   /* sizes */ int64_t num_seqs; int64_t num_q_heads; int64_t head_dim; int64_t num_blocks; int64_t block_size; int64_t num_kv_heads; int64_t max_blocks;
   /* attributes */ int32_t k_bits; int32_t v_bits; float scale;
@@ -65,7 +66,7 @@ typedef struct tq_paged_attention_call {
 
 /* TQPagedPrefill */
 typedef struct tq_paged_prefill_call {
-  /* inputs */ const void* query; const uint8_t* k_codes; const float* k_norms; const uint8_t* v_codes; const float* v_norms; const int32_t* block_tables; const int32_t* context_lens; const int32_t* query_start; const float* rotation; const float* k_codebook; const float* v_codebook;
+  /* inputs */ const void* query; const uint8_t* k_codes; const float* k_norms; const uint8_t* v_codes; const float* v_norms; const int32_t* block_tables; const int32_t* context_lens; const int32_t* query_start; const float* rotation; const float* k_codebook; const float* v_codebook; const float* key_mean; const float* rope_inv_freq;
   /* outputs */ void* out;
   /* sizes */ int64_t num_tokens; int64_t num_q_heads; int64_t head_dim; int64_t num_blocks; int64_t block_size; int64_t num_kv_heads; int64_t num_seqs; int64_t max_blocks;
   /* attributes */ int32_t k_bits; int32_t v_bits; float scale;

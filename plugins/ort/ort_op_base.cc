@@ -111,6 +111,10 @@ void KernelIo::copy(void* dst, const void* src, size_t bytes) {
 #endif
 }
 
+bool KernelIo::has_input(size_t index) {
+  return index < context_.GetInputCount() && context_.GetInput(index) != nullptr;
+}
+
 Input KernelIo::input(size_t index, std::initializer_list<const char*> dims) {
   const tq_ops::Tensor& spec = op_.inputs[index];
   Ort::ConstValue value = context_.GetInput(index);

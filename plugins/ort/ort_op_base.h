@@ -83,6 +83,9 @@ class KernelIo {
   // Input `index` checked for its element type and, when given, its rank and symbolic dims
   // ("..." is not supported here; callers handle leading dims themselves).
   Input input(size_t index, std::initializer_list<const char*> dims = {});
+  // Whether the node has optional input `index` (an input past the node's count, or an empty
+  // name, is left out).
+  bool has_input(size_t index);
   Ort::UnownedValue output(size_t index, const std::vector<int64_t>& shape);
   DimTable& dims() { return dims_; }
   const char* op() const { return op_.name; }
@@ -270,6 +273,9 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
   size_t GetInputTypeCount() const { return static_cast<size_t>(Kernel::kOp.num_inputs); }
   size_t GetOutputTypeCount() const { return static_cast<size_t>(Kernel::kOp.num_outputs); }
   ONNXTensorElementDataType GetInputType(size_t i) const { return element_type(Kernel::kOp.inputs[i].type, float_type_); }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return Kernel::kOp.inputs[i].optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
   ONNXTensorElementDataType GetOutputType(size_t i) const {
     return element_type(Kernel::kOp.outputs[i].type, float_type_);
   }

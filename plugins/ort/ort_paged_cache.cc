@@ -1,5 +1,7 @@
 #include "ort_paged_cache.h"
 
+#include <cmath>
+
 namespace tq_ort {
 
 void check_cache(KernelIo& io, const CacheInputs& cache, int k_bits, int v_bits) {
@@ -54,6 +56,36 @@ void check_paged_inputs(KernelIo& io, const PagedInputs& in, size_t rotation, in
   if (io.on_host()) {
     check_codebook_values(io, k_codebook);
     check_codebook_values(io, v_codebook);
+  }
+}
+
+void fetch_key_mean(KernelIo& io, size_t key_mean) {
+  const tq_ops::Tensor* spec = io.op_spec().inputs;
+  const bool mean = io.has_input(key_mean), rates = io.has_input(key_mean + 1);
+  if (!mean && !rates) return;
+  if (mean != rates) {
+    const char* given = spec[mean ? key_mean : key_mean + 1].name;
+    const char* missing = spec[mean ? key_mean + 1 : key_mean].name;
+    fail(io.op(), std::string("input ") + given + " is given without " + missing + ", expected both or neither");
+  }
+  const Input mu = io.input(key_mean, {"Hkv", "D"});
+  const Input w = io.input(key_mean + 1, {"D/2"});
+  const int64_t dim = io.dims().get("D");
+  if (dim % 2 != 0 || io.dims().get("D/2") != dim / 2) {
+    std::ostringstream msg;
+    msg << "input rope_inv_freq has shape " << shape_str(w.shape) << ", expected [D/2] = [" << dim / 2
+        << "] with D = " << dim << " even (" << io.dims().source("D") << ")";
+    fail(io.op(), msg.str());
+  }
+  if (io.on_host()) {
+    for (const Input* in : {&mu, &w}) {
+      const float* v = in->data<float>();
+      const size_t n = in->value.GetTensorTypeAndShapeInfo().GetElementCount();
+      for (size_t i = 0; i < n; ++i)
+        if (!std::isfinite(v[i]))
+          fail(io.op(), std::string("input ") + in->spec->name + " holds " + std::to_string(v[i]) + " at " +
+                            std::to_string(i) + ", expected finite float32 values");
+    }
   }
 }
 

@@ -41,6 +41,11 @@ struct PagedInputs {
 // the cache, Hq a positive multiple of Hkv, and on the host the codebooks' values.
 void check_paged_inputs(KernelIo& io, const PagedInputs& in, size_t rotation, int k_bits, int v_bits);
 
+// The optional key mean of the paged attention ops: inputs `key_mean` [Hkv, D] and `key_mean` + 1
+// (rope_inv_freq [D/2]), both or neither, fetched when present (else their call fields stay
+// null); on the host also their values (finite).
+void fetch_key_mean(KernelIo& io, size_t key_mean);
+
 // Output `index` of TQCacheUpdate may share its own cache input's buffer (in place), and no other
 // input's bytes: an output bound over another input (k_codes_out over v_codes, say) would corrupt
 // it silently, so it is refused, naming both.

@@ -1,6 +1,6 @@
 // TQPagedAttention (tq_deploy/ops.py: PAGED_ATTENTION):
 //   out = TQPagedAttention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
-//                          rotation, k_codebook, v_codebook)
+//                          rotation, k_codebook, v_codebook[, key_mean, rope_inv_freq])
 #include "ort_op_base.h"
 #include "ort_paged_cache.h"
 #include "tq_checks.h"
@@ -12,6 +12,7 @@ bool prepare(KernelIo& io, tq_paged_attention_call& c) {
   const int k_bits = static_cast<int>(io.int_attr(op::kKBits)), v_bits = static_cast<int>(io.int_attr(op::kVBits));
   const PagedInputs in(io, "S");
   check_paged_inputs(io, in, op::kRotation, k_bits, v_bits);
+  fetch_key_mean(io, op::kKeyMean);
   const DimTable& dims = io.dims();
   if (io.on_host()) {
     const std::string problem =

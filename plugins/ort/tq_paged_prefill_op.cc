@@ -1,6 +1,6 @@
 // TQPagedPrefill (tq_deploy/ops.py: PAGED_PREFILL):
 //   out = TQPagedPrefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start,
-//                        rotation, k_codebook, v_codebook)
+//                        rotation, k_codebook, v_codebook[, key_mean, rope_inv_freq])
 #include "ort_op_base.h"
 #include "ort_paged_cache.h"
 #include "tq_checks.h"
@@ -13,6 +13,7 @@ bool prepare(KernelIo& io, tq_paged_prefill_call& c) {
   const PagedInputs in(io, "T");
   const Input query_start = io.input(op::kQueryStart, {"S+1"});
   check_paged_inputs(io, in, op::kRotation, k_bits, v_bits);
+  fetch_key_mean(io, op::kKeyMean);
   const DimTable& dims = io.dims();
   const int64_t s = dims.get("S");
   if (dims.get("S+1") != s + 1) {

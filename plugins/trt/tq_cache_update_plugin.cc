@@ -14,7 +14,7 @@ bool CacheUpdatePlugin::output_shapes(const DimsExprs* in, DimsExprs* out, IExpr
   return true;
 }
 
-std::string CacheUpdatePlugin::check_shapes(const Dims* in) const {
+std::string CacheUpdatePlugin::check_shapes(const Dims* in, int32_t) const {
   const int k_bits = attrs_.get_int(op::kKBits), v_bits = attrs_.get_int(op::kVBits);
   const Dims &key = in[op::kKey], &value = in[op::kValue], &slots = in[op::kSlotMapping];
   const Dims &k_codes = in[op::kKCodes], &rotation = in[op::kRotation];

@@ -13,7 +13,7 @@ bool DecodePlugin::output_shapes(const DimsExprs* in, DimsExprs* out, IExprBuild
   return true;
 }
 
-std::string DecodePlugin::check_shapes(const Dims* in) const {
+std::string DecodePlugin::check_shapes(const Dims* in, int32_t) const {
   const Dims &codes = in[op::kCodes], &norms = in[op::kNorms], &rotation = in[op::kRotation];
   if (codes.nbDims < 1) return "codes has rank 0, expected >= 1";
   const int bits = attrs_.get_int(op::kBits);

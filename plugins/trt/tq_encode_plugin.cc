@@ -22,7 +22,7 @@ bool EncodePlugin::output_shapes(const DimsExprs* in, DimsExprs* out, IExprBuild
   return true;
 }
 
-std::string EncodePlugin::check_shapes(const Dims* in) const {
+std::string EncodePlugin::check_shapes(const Dims* in, int32_t) const {
   const Dims &x = in[op::kX], &rotation = in[op::kRotation];
   if (x.nbDims < 1) return "x has rank 0, expected >= 1";
   const int64_t dim = known({x.d[x.nbDims - 1], rotation.d[0], rotation.d[1]});

@@ -12,10 +12,13 @@ bool PagedAttentionPlugin::output_shapes(const DimsExprs* in, DimsExprs* out, IE
   return like_query(in[op::kQuery], out[op::kOut]);
 }
 
-std::string PagedAttentionPlugin::check_shapes(const Dims* in) const {
-  return check_paged_shapes(in[op::kQuery], true, in + op::kKCodes, in[op::kBlockTables], in[op::kContextLens],
-                            in[op::kRotation], in[op::kKCodebook], in[op::kVCodebook], attrs_.get_int(op::kKBits),
-                            attrs_.get_int(op::kVBits));
+std::string PagedAttentionPlugin::check_shapes(const Dims* in, int32_t nb_inputs) const {
+  const std::string problem =
+      check_paged_shapes(in[op::kQuery], true, in + op::kKCodes, in[op::kBlockTables], in[op::kContextLens],
+                         in[op::kRotation], in[op::kKCodebook], in[op::kVCodebook], attrs_.get_int(op::kKBits),
+                         attrs_.get_int(op::kVBits));
+  return problem.empty() ? check_key_mean_shapes(in, nb_inputs, op::kKeyMean, in[op::kQuery], in[op::kKCodes])
+                         : problem;
 }
 
 }  // namespace tq_trt

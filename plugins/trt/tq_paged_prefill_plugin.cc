@@ -12,7 +12,7 @@ bool PagedPrefillPlugin::output_shapes(const DimsExprs* in, DimsExprs* out, IExp
   return like_query(in[op::kQuery], out[op::kOut]);
 }
 
-std::string PagedPrefillPlugin::check_shapes(const Dims* in) const {
+std::string PagedPrefillPlugin::check_shapes(const Dims* in, int32_t nb_inputs) const {
   const Dims &tables = in[op::kBlockTables], &starts = in[op::kQueryStart];
   std::string problem = check_paged_shapes(in[op::kQuery], false, in + op::kKCodes, tables, in[op::kContextLens],
                                            in[op::kRotation], in[op::kKCodebook], in[op::kVCodebook],
@@ -20,6 +20,7 @@ std::string PagedPrefillPlugin::check_shapes(const Dims* in) const {
   if (problem.empty()) problem = expect_rank("query_start", starts, 1);
   if (problem.empty() && tables.nbDims == 2)
     problem = expect_dim("query_start", starts, 0, tables.d[0] < 0 ? -1 : tables.d[0] + 1, "num_seqs + 1");
+  if (problem.empty()) problem = check_key_mean_shapes(in, nb_inputs, op::kKeyMean, in[op::kQuery], in[op::kKCodes]);
   return problem;
 }
 

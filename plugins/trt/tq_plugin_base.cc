@@ -33,7 +33,7 @@ OpDef op_def(const tq_ops::Op& op) {
     }
     return kF32;
   };
-  OpDef def{op.name, {}, {}, {}};
+  OpDef def{op.name, {}, {}, op.num_required_inputs, {}};
   for (int i = 0; i < op.num_attrs; ++i) {
     const tq_ops::Attr& a = op.attrs[i];
     def.attrs.push_back({a.name, a.kind == tq_ops::AttrKind::kFloat, a.required, static_cast<float>(a.default_value),
@@ -48,12 +48,12 @@ OpDef op_def(const tq_ops::Op& op) {
 
 CallIo::CallIo(const nvinfer1::PluginTensorDesc* desc, int32_t nb_inputs, const void* const* inputs,
                void* const* outputs, const Attrs& attrs)
-    : inputs_(inputs), outputs_(outputs), attrs_(attrs), type_(desc[0].type) {
+    : nb_inputs_(nb_inputs), inputs_(inputs), outputs_(outputs), attrs_(attrs), type_(desc[0].type) {
   for (int32_t i = 0; i < nb_inputs && i < kMaxInputs; ++i) dims_[i] = desc[i].dims;
 }
 
 CallIo::CallIo(const nvinfer1::DynamicPluginTensorDesc* desc, int32_t nb_inputs, const Attrs& attrs)
-    : attrs_(attrs), type_(desc[0].desc.type) {
+    : nb_inputs_(nb_inputs), attrs_(attrs), type_(desc[0].desc.type) {
   for (int32_t i = 0; i < nb_inputs && i < kMaxInputs; ++i) dims_[i] = desc[i].max;
 }
 
@@ -89,13 +89,16 @@ nvinfer1::IPluginCapability* TQPlugin::getCapabilityInterface(nvinfer1::PluginCa
   return nullptr;
 }
 
-int32_t TQPlugin::check(const Dims* dims, int32_t nb_inputs, const char* where) const {
-  if (nb_inputs != static_cast<int32_t>(def_.inputs.size())) {
+int32_t TQPlugin::check(const Dims* dims, int32_t nb_inputs, const char* where) {
+  if (!input_count_ok(nb_inputs)) {
+    const int32_t all = static_cast<int32_t>(def_.inputs.size());
     log_error(std::string(def_.name) + ": " + std::to_string(nb_inputs) + " inputs, expected " +
-              std::to_string(def_.inputs.size()));
+              (def_.required_inputs == all ? std::to_string(all)
+                                           : std::to_string(def_.required_inputs) + " to " + std::to_string(all)));
     return -1;
   }
-  const std::string problem = check_shapes(dims);
+  nb_inputs_ = nb_inputs;
+  const std::string problem = check_shapes(dims, nb_inputs);
   if (problem.empty()) return 0;
   log_error(std::string(def_.name) + " (" + where + "): " + problem);
   return -1;
@@ -117,7 +120,7 @@ int32_t TQPlugin::onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nb
 
 int32_t TQPlugin::getOutputDataTypes(DataType* output_types, int32_t nb_outputs, const DataType* input_types,
                                      int32_t nb_inputs) const noexcept {
-  if (nb_outputs != getNbOutputs() || nb_inputs != static_cast<int32_t>(def_.inputs.size())) return -1;
+  if (nb_outputs != getNbOutputs() || !input_count_ok(nb_inputs)) return -1;
   // "T" outputs take the float type of the first T input; codes outputs the type of the first
   // codes input, else int8: TensorRT rejects uint8 plugin I/O, so codes cross the TensorRT
   // boundary as int8 holding the same bytes (tq_deploy.runtime.tensorrt retypes the ONNX graph).
@@ -142,7 +145,7 @@ int32_t TQPlugin::getOutputDataTypes(DataType* output_types, int32_t nb_outputs,
 int32_t TQPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb_inputs, const nvinfer1::DimsExprs*,
                                   int32_t, nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
                                   nvinfer1::IExprBuilder& expr_builder) noexcept {
-  if (nb_inputs != static_cast<int32_t>(def_.inputs.size()) || nb_outputs != getNbOutputs()) return -1;
+  if (!input_count_ok(nb_inputs) || nb_outputs != getNbOutputs()) return -1;
   if (!output_shapes(inputs, outputs, expr_builder)) {
     log_error(std::string(def_.name) + ": input ranks do not match the op (see tq_deploy/ops.py)");
     return -1;
@@ -152,7 +155,7 @@ int32_t TQPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb_
 
 bool TQPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out,
                                          int32_t nb_inputs, int32_t nb_outputs) noexcept {
-  if (nb_inputs != static_cast<int32_t>(def_.inputs.size()) || nb_outputs != getNbOutputs()) return false;
+  if (!input_count_ok(nb_inputs) || nb_outputs != getNbOutputs()) return false;
   const nvinfer1::PluginTensorDesc& desc = in_out[pos].desc;
   if (desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
   const TypeRule& rule = pos < nb_inputs ? def_.inputs[pos] : def_.outputs[pos - nb_inputs];

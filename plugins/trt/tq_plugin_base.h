@@ -49,6 +49,7 @@ struct OpDef {
   const char* name;
   std::vector<AttrDef> attrs;
   std::vector<TypeRule> inputs;
+  int32_t required_inputs;  // the inputs before the optional ones a node may leave out
   std::vector<TypeRule> outputs;
   std::vector<int32_t> aliased_input;  // per output: the input it updates in place, or -1
 };
@@ -82,7 +83,8 @@ class CallIo {
          const Attrs& attrs);
   // From the largest shapes of the profile (getWorkspaceSize).
   CallIo(const nvinfer1::DynamicPluginTensorDesc* desc, int32_t nb_inputs, const Attrs& attrs);
-  const void* in(int i) const { return inputs_ ? inputs_[i] : nullptr; }
+  // null for an optional input the node leaves out (and for every input when sizing a workspace)
+  const void* in(int i) const { return inputs_ && i < nb_inputs_ ? inputs_[i] : nullptr; }
   void* out(int i) const { return outputs_ ? outputs_[i] : nullptr; }
   int64_t dim(int i, int axis) const { return dims_[i].d[axis < 0 ? dims_[i].nbDims + axis : axis]; }
   int64_t rows(int i, int trailing) const;
@@ -92,6 +94,7 @@ class CallIo {
 
  private:
   nvinfer1::Dims dims_[kMaxInputs];
+  int32_t nb_inputs_;
   const void* const* inputs_ = nullptr;
   void* const* outputs_ = nullptr;
   const Attrs& attrs_;
@@ -127,7 +130,7 @@ class TQPlugin : public nvinfer1::IPluginV3,
                                  int32_t nb_outputs) noexcept override;
   size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
                           const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept override {
-    return nb_inputs == static_cast<int32_t>(def_.inputs.size()) ? workspace_bytes(inputs) : 0;
+    return input_count_ok(nb_inputs) ? workspace_bytes(inputs, nb_inputs) : 0;
   }
   int32_t getAliasedInput(int32_t output_index) noexcept override {
     return output_index >= 0 && output_index < static_cast<int32_t>(def_.aliased_input.size())
@@ -148,19 +151,26 @@ class TQPlugin : public nvinfer1::IPluginV3,
   // Output shapes from input shapes (dims as expressions). Returns false on a bad rank.
   virtual bool output_shapes(const nvinfer1::DimsExprs* inputs, nvinfer1::DimsExprs* outputs,
                              nvinfer1::IExprBuilder& builder) const = 0;
-  // Checks the inputs' shapes; a dimension of -1 (unknown at build time) matches anything.
-  // Returns an empty string when consistent, else the first problem found.
-  virtual std::string check_shapes(const nvinfer1::Dims* inputs) const = 0;
+  // Checks the inputs' shapes (nb_inputs of them: optional ones may be left out); a dimension of
+  // -1 (unknown at build time) matches anything. Returns an empty string when consistent, else
+  // the first problem found.
+  virtual std::string check_shapes(const nvinfer1::Dims* inputs, int32_t nb_inputs) const = 0;
   virtual int run(const nvinfer1::PluginTensorDesc* input_desc, const void* const* inputs, void* const* outputs,
                   void* workspace, cudaStream_t stream) = 0;
   // Device scratch the op needs for the largest shapes of the profile (in[i].max).
-  virtual size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc*) const = 0;
+  virtual size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc*, int32_t nb_inputs) const = 0;
+  // The required inputs and any number of the optional ones.
+  bool input_count_ok(int32_t nb_inputs) const {
+    return nb_inputs >= def_.required_inputs && nb_inputs <= static_cast<int32_t>(def_.inputs.size());
+  }
 
   const OpDef& def_;
   Attrs attrs_;
+  // The node's input count, from the last configurePlugin / onShapeChange (enqueue gets none).
+  int32_t nb_inputs_ = 0;
 
  private:
-  int32_t check(const nvinfer1::Dims* dims, int32_t nb_inputs, const char* where) const;
+  int32_t check(const nvinfer1::Dims* dims, int32_t nb_inputs, const char* where);
   std::vector<nvinfer1::PluginField> serialized_fields_;
   std::vector<int32_t> ints_;
   nvinfer1::PluginFieldCollection serialized_collection_{};

@@ -69,6 +69,21 @@ std::string check_paged_shapes(const Dims& q, bool rows_are_seqs, const Dims* ca
                         check_rotation_codebook(rotation, dim, v_codebook, "v_codebook", v_bits)});
 }
 
+std::string check_key_mean_shapes(const Dims* in, int32_t nb_inputs, int32_t key_mean, const Dims& query,
+                                  const Dims& k_codes) {
+  if (nb_inputs <= key_mean) return "";
+  if (nb_inputs == key_mean + 1) return "key_mean is given without rope_inv_freq, expected both or neither";
+  const Dims &mean = in[key_mean], &rates = in[key_mean + 1];
+  const int64_t dim = query.nbDims == 3 ? query.d[2] : -1;
+  std::string problem = first_problem({expect_rank("key_mean", mean, 2), expect_rank("rope_inv_freq", rates, 1)});
+  if (!problem.empty()) return problem;
+  if (dim > 0 && dim % 2 != 0)
+    return "rope_inv_freq is given with head_dim=" + std::to_string(dim) + ", expected an even head_dim";
+  return first_problem({expect_dim("key_mean", mean, 0, k_codes.nbDims == 4 ? k_codes.d[2] : -1, "num_kv_heads"),
+                        expect_dim("key_mean", mean, 1, dim, "head_dim"),
+                        expect_dim("rope_inv_freq", rates, 0, dim < 0 ? -1 : dim / 2, "head_dim / 2")});
+}
+
 tq_cuda_dtype float_type(DataType t) { return t == DataType::kHALF ? TQ_CUDA_FLOAT16 : TQ_CUDA_FLOAT32; }
 
 bool like_query(const DimsExprs& query, DimsExprs& out) {

@@ -32,6 +32,11 @@ std::string check_paged_shapes(const nvinfer1::Dims& query, bool rows_are_seqs, 
                                const nvinfer1::Dims& rotation, const nvinfer1::Dims& k_codebook,
                                const nvinfer1::Dims& v_codebook, int k_bits, int v_bits);
 
+// The optional key mean of the paged attention ops (inputs key_mean [Hkv, D] and key_mean + 1,
+// rope_inv_freq [D/2], both or neither; nb_inputs <= key_mean: the node has none).
+std::string check_key_mean_shapes(const nvinfer1::Dims* in, int32_t nb_inputs, int32_t key_mean,
+                                  const nvinfer1::Dims& query, const nvinfer1::Dims& k_codes);
+
 // out = query where query has rank 3 (the attention ops' output); false otherwise.
 bool like_query(const nvinfer1::DimsExprs& query, nvinfer1::DimsExprs& out);
 

@@ -29,16 +29,16 @@ using nvinfer1::IExprBuilder;
    protected:                                                                                            \
     bool output_shapes(const nvinfer1::DimsExprs* inputs, nvinfer1::DimsExprs* outputs,                  \
                        nvinfer1::IExprBuilder& builder) const override;                                  \
-    std::string check_shapes(const nvinfer1::Dims* inputs) const override;                               \
-    size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc* inputs) const override {             \
+    std::string check_shapes(const nvinfer1::Dims* inputs, int32_t nb_inputs) const override;            \
+    size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb) const override { \
       tq_##stem##_call call{};                                                                           \
-      tq_ops::stem::fill(call, CallIo(inputs, tq_ops::stem::kNumInputs, attrs_));                        \
+      tq_ops::stem::fill(call, CallIo(inputs, nb, attrs_));                                              \
       return tq_cuda::workspace(&call);                                                                  \
     }                                                                                                    \
     int run(const nvinfer1::PluginTensorDesc* desc, const void* const* inputs, void* const* outputs,     \
             void* workspace, cudaStream_t stream) override {                                             \
       tq_##stem##_call call{};                                                                           \
-      tq_ops::stem::fill(call, CallIo(desc, tq_ops::stem::kNumInputs, inputs, outputs, attrs_));         \
+      tq_ops::stem::fill(call, CallIo(desc, nb_inputs_, inputs, outputs, attrs_));                       \
       call.workspace = workspace;                                                                        \
       call.workspace_bytes = launcher_.workspace(call);                                                  \
       call.stream = stream;                                                                              \

@@ -58,7 +58,8 @@ def render_op(spec: ops.OpSpec) -> str:
     lines = [f"### {spec.name}", "", f"Domain `{spec.domain}`, version {spec.version}. {spec.doc}", ""]
     for title, tensors in (("Inputs", spec.inputs), ("Outputs", spec.outputs)):
         lines += [f"| {title.lower()[:-1]} | type | shape | meaning |", "| --- | --- | --- | --- |"]
-        lines += [f"| `{t.name}` | {_types(t)} | {_shape(t)} | {t.doc} |" for t in tensors]
+        lines += [f"| `{t.name}`{' (optional)' if t.optional else ''} | {_types(t)} | {_shape(t)} | {t.doc} |"
+                  for t in tensors]
         lines.append("")
     if spec.attributes:
         lines += ["| attribute | kind | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
@@ -149,6 +150,7 @@ def render_header() -> str:
         "struct Tensor {",
         "  const char* name;",
         "  Type type;",
+        "  bool optional;  // a trailing input a node may leave out (its call field is then null)",
         "};",
         "",
         "struct Attr {",
@@ -170,6 +172,7 @@ def render_header() -> str:
         "  const char* name;",
         "  const Tensor* inputs;",
         "  int num_inputs;",
+        "  int num_required_inputs;  // the inputs before the optional ones",
         "  const Tensor* outputs;",
         "  int num_outputs;",
         "  const Attr* attrs;",
@@ -179,7 +182,8 @@ def render_header() -> str:
         "};",
         "",
         "// fill(call, io) sets every field of an op's call struct but the launch ones (workspace,",
-        "// stream) from a runtime's view of one node. Io provides: const void* in(int input),",
+        "// stream) from a runtime's view of one node. Io provides: const void* in(int input) (null for an",
+        "// optional input the node leaves out),",
         "// void* out(int output), int64_t dim(int input, int axis) (axis < 0 counts from the end),",
         "// int64_t rows(int input, int trailing) (the product of all but the trailing axes),",
         "// int64_t int_attr(int), double float_attr(int), int dtype() (tq_dtype). op_of(call pointer) is",
@@ -198,7 +202,8 @@ def render_header() -> str:
         if spec.attributes:
             lines.append(f"enum Attribute {{ {', '.join(_cpp_enum(a.name) for a in spec.attributes)}, kNumAttributes }};")
         for title, tensors in (("kInputs", spec.inputs), ("kOutputs", spec.outputs)):
-            entries = ", ".join(f'{{"{t.name}", {_cpp_type(t)}}}' for t in tensors)
+            entries = ", ".join(f'{{"{t.name}", {_cpp_type(t)}, {"true" if t.optional else "false"}}}'
+                                for t in tensors)
             lines.append(f"inline constexpr Tensor {title}[] = {{{entries}}};")
         attrs = []
         for a in spec.attributes:
@@ -217,8 +222,9 @@ def render_header() -> str:
             in_place = f"kInPlace, {len(pairs)}"
         else:
             in_place = "nullptr, 0"
-        lines.append(f'inline constexpr Op kOp = {{"{spec.name}", kInputs, {len(spec.inputs)}, kOutputs, '
-                     f"{len(spec.outputs)}, kAttrs, {len(spec.attributes)}, {in_place}}};")
+        lines.append(f'inline constexpr Op kOp = {{"{spec.name}", kInputs, {len(spec.inputs)}, '
+                     f"{len(spec.required_inputs())}, kOutputs, {len(spec.outputs)}, kAttrs, {len(spec.attributes)}, "
+                     f"{in_place}}};")
         lines.append(f"using Call = tq_{stem}_call;")
         lines.append("template <typename Io>")
         lines.append("void fill(Call& c, const Io& io) {")
@@ -250,6 +256,7 @@ _CALLS_PREAMBLE = """\
  * float type of the T tensors, and the launch: device workspace and CUDA stream (the CPU kernels
  * ignore them).
  * An in-place output (<x>_out) is the buffer the kernel writes; the caller makes it hold <x> first.
+ * An optional input (docs/ops.md) the node leaves out is a null pointer.
  */
 #ifndef TQ_CALLS_H_
 #define TQ_CALLS_H_

@@ -76,7 +76,9 @@ def build_schema(spec: ops.OpSpec) -> defs.OpSchema:
                     raise ValueError(f"{spec.name}: type parameter {t.type_param} has types {t.types}, expected {seen}")
             elif t.name in own_constraints:
                 params[own_constraints[t.name]] = t.types
-            formal.append(defs.OpSchema.FormalParameter(t.name, type_str, t.doc))
+            option = (defs.OpSchema.FormalParameterOption.Optional if t.optional
+                      else defs.OpSchema.FormalParameterOption.Single)
+            formal.append(defs.OpSchema.FormalParameter(t.name, type_str, t.doc, param_option=option))
     schema = defs.OpSchema(
         spec.name,
         spec.domain,

@@ -73,6 +73,28 @@ def _codebook_arrays(spec: ops.OpSpec, codebooks, head_dim: int, bit_attrs: dict
     return out
 
 
+def _key_mean_arrays(spec: ops.OpSpec, key_mean, rope_inv_freq, head_dim: int,
+                     num_kv_heads: int | None) -> dict[str, np.ndarray]:
+    names = [t.name for t in spec.inputs if t.optional]
+    if names != ["key_mean", "rope_inv_freq"]:
+        raise ValueError(f"{spec.name}: key_mean is given, expected an attention op (TQPagedAttention, TQPagedPrefill)")
+    if key_mean is None or rope_inv_freq is None:
+        missing = "key_mean" if key_mean is None else "rope_inv_freq"
+        raise ValueError(f"{spec.name}: {missing}=None beside the other, expected both or neither")
+    mean = common.to_numpy("key_mean", key_mean).astype(np.float32)
+    rates = common.to_numpy("rope_inv_freq", rope_inv_freq).astype(np.float32)
+    hkv = mean.shape[0] if mean.ndim == 2 else None
+    if mean.ndim != 2 or mean.shape[1] != head_dim or (num_kv_heads is not None and hkv != num_kv_heads):
+        raise ValueError(f"key_mean.shape={mean.shape}, expected ({num_kv_heads or 'Hkv'}, {head_dim}) "
+                         "(num_kv_heads, head_dim)")
+    if head_dim % 2 or rates.shape != (head_dim // 2,):
+        raise ValueError(f"rope_inv_freq.shape={rates.shape}, expected ({head_dim // 2},) (head_dim / 2, head_dim even)")
+    for name, array in (("key_mean", mean), ("rope_inv_freq", rates)):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} holds a non-finite value, expected finite float32 values")
+    return {"key_mean": mean, "rope_inv_freq": rates}
+
+
 def _rotation_array(rotation, head_dim: int, rotation_kind: str, seed: int) -> np.ndarray:
     if rotation is None:
         from tq_deploy.reference.rotation import make_rotation
@@ -87,7 +109,7 @@ def _rotation_array(rotation, head_dim: int, rotation_kind: str, seed: int) -> n
 def op_dims(spec: ops.OpSpec, *, head_dim: int, bit_attrs: dict, block_size: int,
             num_q_heads: int | None, num_kv_heads: int | None) -> dict[str, int | str]:
     """Symbol -> concrete size or dynamic axis name, for every symbol the spec uses."""
-    dims: dict[str, int | str] = {"D": head_dim, "B": block_size, **DYNAMIC_AXES}
+    dims: dict[str, int | str] = {"D": head_dim, "D/2": head_dim // 2, "B": block_size, **DYNAMIC_AXES}
     dims["Hq"] = num_q_heads if num_q_heads is not None else "num_q_heads"
     dims["Hkv"] = num_kv_heads if num_kv_heads is not None else "num_kv_heads"
     for symbol, bits_name in (("P", "bits"), ("Pk", "k_bits"), ("Pv", "v_bits")):
@@ -131,6 +153,8 @@ def make_op_model(
     block_size: int = 16,
     leading_dims: Sequence[int | str] = ("n",),
     scale: float = 0.0,
+    key_mean=None,
+    rope_inv_freq=None,
     check: bool = True,
 ) -> onnx.ModelProto:
     """A one-node model of ``op_name`` (see the module docstring for its dimensions).
@@ -139,7 +163,9 @@ def make_op_model(
     of the cache ops when those are not given. ``rotation`` ([D, D]) and ``codebooks``
     (one array, a sequence in input order, or a mapping by input name) default to
     the reference's ``make_rotation(head_dim, rotation_kind, seed)`` and Lloyd-Max
-    codebooks. ``dtype`` is the float type of x/key/value/query.
+    codebooks. ``dtype`` is the float type of x/key/value/query. ``key_mean`` ([Hkv, D]) and
+    ``rope_inv_freq`` ([D/2]), both or neither, give the attention ops their optional key mean as
+    initializers (ops.py); without them the node leaves those inputs out.
     """
     if op_name not in ops.OPS_BY_NAME:
         raise ValueError(f"op_name={op_name!r}, expected one of {sorted(ops.OPS_BY_NAME)}")
@@ -160,6 +186,10 @@ def make_op_model(
 
     init_arrays = {"rotation": _rotation_array(rotation, head_dim, rotation_kind, seed)}
     init_arrays.update(_codebook_arrays(spec, codebooks, head_dim, bit_attrs))
+    if key_mean is not None or rope_inv_freq is not None:
+        init_arrays.update(_key_mean_arrays(spec, key_mean, rope_inv_freq, head_dim, num_kv_heads))
+        num_kv_heads = int(init_arrays["key_mean"].shape[0])
+    present = [t for t in spec.inputs if not t.optional or t.name in init_arrays]
     dims = op_dims(spec, head_dim=head_dim, bit_attrs=bit_attrs, block_size=block_size,
                    num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
     float_type = elem_type(ops.FLOAT16 if dtype == "float16" else ops.FLOAT)
@@ -169,14 +199,14 @@ def make_op_model(
 
     graph_inputs = [
         helper.make_tensor_value_info(t.name, type_of(t), _shape(t, dims, leading_dims), t.doc)
-        for t in spec.inputs
+        for t in present
         if t.name not in init_arrays
     ]
     graph_outputs = [
         helper.make_tensor_value_info(t.name, type_of(t), _shape(t, dims, leading_dims), t.doc)
         for t in spec.outputs
     ]
-    node = helper.make_node(spec.name, spec.input_names(), spec.output_names(), name=spec.name,
+    node = helper.make_node(spec.name, [t.name for t in present], spec.output_names(), name=spec.name,
                             domain=spec.domain, **attrs)
     initializers = [common.initializer(name, array) for name, array in init_arrays.items()]
     graph = helper.make_graph([node], f"{spec.name}_graph", graph_inputs, graph_outputs, initializers)
@@ -185,6 +215,7 @@ def make_op_model(
         "rotation_kind": rotation_kind if rotation is None else "given",
         "num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "block_size": block_size,
         "leading_dims": list(leading_dims), "scale": attrs.get("scale", 0.0),
+        "key_mean": "key_mean" in init_arrays,
     }
     model = common.finish_model(graph, "op", config, doc=spec.doc)
     if check:

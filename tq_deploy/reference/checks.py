@@ -213,6 +213,8 @@ class PagedAttentionArgs:
     num_blocks: int
     block_size: int
     max_blocks: int
+    key_mean: torch.Tensor | None = None  # [Hkv, D] float32, with rope_inv_freq (ops.py: the key mean)
+    rope_inv_freq: torch.Tensor | None = None  # [D / 2] float32
 
     @property
     def group(self) -> int:
@@ -333,8 +335,29 @@ def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
         raise ValueError(f"slot_mapping has slot {hi}, expected < num_blocks*block_size = {num_slots}")
 
 
+def check_key_mean(key_mean, rope_inv_freq, num_kv_heads: int, head_dim: int) -> None:
+    """Both or neither; key_mean float32 [Hkv, D] and rope_inv_freq float32 [D / 2] with D even."""
+    if (key_mean is None) != (rope_inv_freq is None):
+        given, missing = ("key_mean", "rope_inv_freq") if rope_inv_freq is None else ("rope_inv_freq", "key_mean")
+        raise ValueError(f"{given} is given and {missing} is None, expected both or neither")
+    if key_mean is None:
+        return
+    check_tensor("key_mean", key_mean, dtypes=(torch.float32,), rank=2)
+    check_shape("key_mean", key_mean, (num_kv_heads, head_dim))
+    check_tensor("rope_inv_freq", rope_inv_freq, dtypes=(torch.float32,), rank=1)
+    if head_dim % 2:
+        raise ValueError(f"rope_inv_freq is given with head_dim={head_dim}, expected an even head_dim (RoPE pairs)")
+    check_shape("rope_inv_freq", rope_inv_freq, (head_dim // 2,))
+
+
+def check_key_mean_values(key_mean, rope_inv_freq) -> None:
+    for name, value in (("key_mean", key_mean), ("rope_inv_freq", rope_inv_freq)):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} holds a non-finite value, expected finite float32 values")
+
+
 def check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
-                          k_codebook, v_codebook, k_bits, v_bits, scale=0.0, *,
+                          k_codebook, v_codebook, k_bits, v_bits, scale=0.0, key_mean=None, rope_inv_freq=None, *,
                           check_data: bool = True) -> PagedAttentionArgs:
     """Checks of one decode-attention call; with ``check_data`` also the context lengths and the
     block-table entries in use."""
@@ -352,9 +375,10 @@ def check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_table
     check_same_device(query=query, k_codes=k_codes, k_norms=k_norms, v_codes=v_codes, v_norms=v_norms,
                       block_tables=block_tables, context_lens=context_lens)
     scale = check_scale(scale, dim)
+    check_key_mean(key_mean, rope_inv_freq, hkv, dim)
     args = PagedAttentionArgs(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
                               k_codebook, v_codebook, int(k_bits), int(v_bits), scale, s, hq, hkv, dim, n, b,
-                              block_tables.shape[1])
+                              block_tables.shape[1], key_mean, rope_inv_freq)
     if check_data:
         check_paged_attention_data(args)
     return args
@@ -364,6 +388,7 @@ def check_paged_attention_data(a: PagedAttentionArgs) -> None:
     """The value checks of a decode-attention call: codebooks, context lengths, block-table entries in use."""
     check_codebook_values("k_codebook", a.k_codebook)
     check_codebook_values("v_codebook", a.v_codebook)
+    check_key_mean_values(a.key_mean, a.rope_inv_freq)
     if a.num_seqs:
         check_block_tables(a.block_tables, a.context_lens, a.num_blocks, a.block_size)
 
@@ -384,7 +409,8 @@ def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, n
 
 
 def check_paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start,
-                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0, *,
+                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0, key_mean=None,
+                        rope_inv_freq=None, *,
                         check_data: bool = True) -> PagedPrefillArgs:
     """Checks of one prefill-attention call (TQPagedPrefill); with ``check_data`` also query_start against
     the context lengths, the context lengths and the block-table entries in use."""
@@ -399,7 +425,8 @@ def check_paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables,
     # for the query (same head count, dim and dtype): one place for them.
     stand_in = query.new_empty((s, *query.shape[1:])) if t != s else query
     attention = check_paged_attention(stand_in, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
-                                      rotation, k_codebook, v_codebook, k_bits, v_bits, scale, check_data=False)
+                                      rotation, k_codebook, v_codebook, k_bits, v_bits, scale, key_mean,
+                                      rope_inv_freq, check_data=False)
     args = PagedPrefillArgs(replace(attention, query=query), query_start, t)
     if check_data:
         check_paged_prefill_data(args)

@@ -14,6 +14,10 @@ k_t = ||k_t|| Pi^T c_k[idx_k_t] and Pi orthogonal,
 so the query is rotated once (q_rot = Pi q), scores are dot products with
 centroids, the weighted sum of value centroids is accumulated in rotated
 coordinates and rotated back once: out = Pi^T acc.
+
+A cache may hold its keys without a mean mu taken before RoPE (k_t - R_t mu at
+positions t >= 1): <q, R_t mu> is added back to those scores
+(:func:`key_mean_scores`), from the unrotated query.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from tq_deploy.reference.packing import unpack_codes
 from tq_deploy.reference.quantizer import decode_reference, encode_reference
 
 __all__ = ["PagedTQCache", "allocate_cache", "check_cache", "cache_update_reference", "cache_update_checked",
-           "paged_attention_reference", "paged_attention_checked",
-           "paged_prefill_reference", "paged_prefill_checked", "dense_attention_reference", "gather_tokens"]
+           "paged_attention_reference", "paged_attention_checked", "key_mean_scores",
+           "paged_prefill_reference", "paged_prefill_checked", "dense_attention_reference", "gather_tokens", "rope_turned"]
 
 
 @dataclass
@@ -125,12 +129,30 @@ def gather_tokens(cache_tensor: torch.Tensor, block_tables: torch.Tensor, contex
     return cache_tensor[blocks, (t % b)[None, :].expand_as(blocks)], valid
 
 
+def key_mean_scores(query: torch.Tensor, key_mean: torch.Tensor, rope_inv_freq: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+    """<q, R_t mu> for query rows [R, Hkv, G, D] (float32) and cache positions t [L]: [R, Hkv, G, L],
+    0 where t == 0 (that key is cached with its mean).
+
+    R_t turns the pair (j, j + D/2) by t * w_j, so with A_j = q_j mu_j + q_j' mu_j' and
+    B_j = q_j' mu_j - q_j mu_j' (j' = j + D/2): <q, R_t mu> = sum_j A_j cos(t w_j) + B_j sin(t w_j).
+    """
+    half = query.shape[-1] // 2
+    mu = key_mean.to(query.device, torch.float32)[None, :, None, :]  # [1, Hkv, 1, D]
+    q1, q2, m1, m2 = query[..., :half], query[..., half:], mu[..., :half], mu[..., half:]
+    a, b = q1 * m1 + q2 * m2, q2 * m1 - q1 * m2
+    angle = positions.to(torch.float32)[:, None] * rope_inv_freq.to(query.device, torch.float32)[None, :]
+    scores = a @ torch.cos(angle).T + b @ torch.sin(angle).T
+    return scores.masked_fill(positions == 0, 0.0)
+
+
 def paged_attention_reference(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
-                              rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0):
+                              rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0, key_mean=None,
+                              rope_inv_freq=None):
     """Fused decode attention in the rotated domain (module docstring); out[S, Hq, D] in query's dtype."""
     return paged_attention_checked(check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables,
                                                          context_lens, rotation, k_codebook, v_codebook, k_bits,
-                                                         v_bits, scale))
+                                                         v_bits, scale, key_mean, rope_inv_freq))
 
 
 def paged_attention_checked(a: PagedAttentionArgs):
@@ -146,7 +168,13 @@ def paged_attention_checked(a: PagedAttentionArgs):
     v_norm = gather_tokens(a.v_norms, a.block_tables, a.context_lens)[0].masked_fill(~valid[..., None], 0.0)
     k_cent = a.k_codebook.to(device)[unpack_codes(k_idx, a.k_bits, dim).long()]  # [S, L, Hkv, D]
     v_cent = a.v_codebook.to(device)[unpack_codes(v_idx, a.v_bits, dim).long()]
-    scores = torch.einsum("shgd,slhd->shgl", q_rot, k_cent) * (k_norm.permute(0, 2, 1)[:, :, None, :] * a.scale)
+    if a.key_mean is None:
+        scores = torch.einsum("shgd,slhd->shgl", q_rot, k_cent) * (k_norm.permute(0, 2, 1)[:, :, None, :] * a.scale)
+    else:
+        scores = torch.einsum("shgd,slhd->shgl", q_rot, k_cent) * k_norm.permute(0, 2, 1)[:, :, None, :]
+        scores = scores + key_mean_scores(a.query.float().reshape(s, hkv, group, dim), a.key_mean, a.rope_inv_freq,
+                                          torch.arange(valid.shape[1], device=device))
+        scores = scores * a.scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # A context of 0 tokens gives zeros; any other row keeps what softmax gives (NaN from a NaN or
@@ -158,11 +186,12 @@ def paged_attention_checked(a: PagedAttentionArgs):
 
 
 def paged_prefill_reference(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start,
-                            rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0):
+                            rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0, key_mean=None,
+                            rope_inv_freq=None):
     """Causal multi-token attention over the paged cache (TQPagedPrefill): out[T, Hq, D] in query's dtype."""
     return paged_prefill_checked(check_paged_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables,
                                                      context_lens, query_start, rotation, k_codebook, v_codebook,
-                                                     k_bits, v_bits, scale))
+                                                     k_bits, v_bits, scale, key_mean, rope_inv_freq))
 
 
 def paged_prefill_checked(p: PagedPrefillArgs):
@@ -184,8 +213,15 @@ def paged_prefill_checked(p: PagedPrefillArgs):
         v_cent = v_codebook[unpack_codes(gather_tokens(a.v_codes, tables, lens)[0][0], a.v_bits, dim).long()]
         k_norm = gather_tokens(a.k_norms, tables, lens)[0][0].T  # [Hkv, L]
         v_norm = gather_tokens(a.v_norms, tables, lens)[0][0].T
-        q_rot = (a.query[first:first + n].float() @ rotation.T).reshape(n, hkv, group, dim)
-        scores = torch.einsum("nhgd,lhd->nhgl", q_rot, k_cent) * (k_norm[None, :, None, :] * a.scale)
+        query = a.query[first:first + n].float()
+        q_rot = (query @ rotation.T).reshape(n, hkv, group, dim)
+        if a.key_mean is None:
+            scores = torch.einsum("nhgd,lhd->nhgl", q_rot, k_cent) * (k_norm[None, :, None, :] * a.scale)
+        else:
+            scores = torch.einsum("nhgd,lhd->nhgl", q_rot, k_cent) * k_norm[None, :, None, :]
+            scores = scores + key_mean_scores(query.reshape(n, hkv, group, dim), a.key_mean, a.rope_inv_freq,
+                                              torch.arange(ctx, device=device))
+            scores = scores * a.scale
         position = torch.arange(ctx - n, ctx, device=device)
         causal = (torch.arange(ctx, device=device)[None, :] <= position[:, None])[:, None, None, :]  # [n, 1, 1, L]
         probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
@@ -197,11 +233,23 @@ def paged_prefill_checked(p: PagedPrefillArgs):
     return out.to(a.query.dtype)
 
 
+def rope_turned(vector: torch.Tensor, rope_inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """R_t x for x [..., D] and positions [L]: [L, ..., D] (pairs (j, j + D/2), angle t * w_j)."""
+    half = vector.shape[-1] // 2
+    angle = positions.float()[:, None] * rope_inv_freq.float()[None, :]  # [L, D/2]
+    shape = (angle.shape[0],) + (1,) * (vector.dim() - 1) + (half,)
+    cos, sin = torch.cos(angle).reshape(shape), torch.sin(angle).reshape(shape)
+    x1, x2 = vector.float()[..., :half], vector.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 def dense_attention_reference(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
-                              rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0):
-    """The oracle: decode K and V to full vectors, then plain softmax attention per sequence."""
+                              rotation, k_codebook, v_codebook, k_bits, v_bits, scale=0.0, key_mean=None,
+                              rope_inv_freq=None):
+    """The oracle: decode K and V to full vectors (a key at position t >= 1 with R_t key_mean added
+    back), then plain softmax attention per sequence."""
     a = check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
-                              k_codebook, v_codebook, k_bits, v_bits, scale)
+                              k_codebook, v_codebook, k_bits, v_bits, scale, key_mean, rope_inv_freq)
     dim, group = a.head_dim, a.group
     keys = decode_reference(k_codes, k_norms, rotation, k_codebook, k_bits)  # [N, B, Hkv, D]
     values = decode_reference(v_codes, v_norms, rotation, v_codebook, v_bits)
@@ -212,6 +260,10 @@ def dense_attention_reference(query, k_codes, k_norms, v_codes, v_norms, block_t
             continue
         k, valid = gather_tokens(keys, block_tables[s : s + 1], context_lens[s : s + 1])
         v, _ = gather_tokens(values, block_tables[s : s + 1], context_lens[s : s + 1])
+        if key_mean is not None:
+            positions = torch.arange(ctx, device=query.device)
+            mean = rope_turned(key_mean.to(query.device), rope_inv_freq.to(query.device), positions)  # [L, Hkv, D]
+            k = k + (mean * (positions > 0)[:, None, None])[None]
         k = k[0].repeat_interleave(group, dim=1)  # [L, Hq, D]
         v = v[0].repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", query[s].float(), k) * a.scale

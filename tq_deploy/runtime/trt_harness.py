@@ -41,9 +41,11 @@ def harness_enqueue(op_name: str, attrs: Mapping[str, float], inputs: Sequence, 
     if op_name not in ops.OPS_BY_NAME:
         raise ValueError(f"op_name={op_name!r}, expected one of {sorted(ops.OPS_BY_NAME)}")
     spec = ops.OPS_BY_NAME[op_name]
-    if len(inputs) != len(spec.inputs) or len(outputs) != len(spec.outputs):
+    required = len(spec.required_inputs())
+    if not required <= len(inputs) <= len(spec.inputs) or len(outputs) != len(spec.outputs):
+        expected = f"{required}" if required == len(spec.inputs) else f"{required} to {len(spec.inputs)}"
         raise ValueError(f"{op_name}: {len(inputs)} inputs / {len(outputs)} outputs, expected "
-                         f"{len(spec.inputs)} / {len(spec.outputs)}")
+                         f"{expected} / {len(spec.outputs)}")
     lib = ctypes.CDLL(os.fspath(harness) if harness else native.locate("trt_harness"))
     plugin = os.fspath(library) if library else native.locate("trt")
 

@@ -72,10 +72,16 @@ def cache_update_node(config: dict, inits: dict, inputs: dict) -> dict:
     return {f"{n}_out": t for n, t in zip(CACHE_NAMES, cache)}
 
 
+def _key_mean(inits: dict, inputs: dict) -> tuple:
+    """The node's optional key_mean and rope_inv_freq (initializers or inputs), None where absent."""
+    return tuple(inits.get(n, inputs.get(n)) for n in ("key_mean", "rope_inv_freq"))
+
+
 def paged_attention_node(config: dict, inits: dict, inputs: dict) -> dict:
     out = paged_attention_reference(inputs["query"], *(inputs[n] for n in CACHE_NAMES), inputs["block_tables"],
                                     inputs["context_lens"], inits["rotation"], inits["k_codebook"],
-                                    inits["v_codebook"], config["k_bits"], config["v_bits"], config.get("scale", 0.0))
+                                    inits["v_codebook"], config["k_bits"], config["v_bits"], config.get("scale", 0.0),
+                                    *_key_mean(inits, inputs))
     return {"out": out}
 
 
@@ -83,7 +89,7 @@ def paged_prefill_node(config: dict, inits: dict, inputs: dict) -> dict:
     out = paged_prefill_reference(inputs["query"], *(inputs[n] for n in CACHE_NAMES), inputs["block_tables"],
                                   inputs["context_lens"], inputs["query_start"], inits["rotation"],
                                   inits["k_codebook"], inits["v_codebook"], config["k_bits"], config["v_bits"],
-                                  config.get("scale", 0.0))
+                                  config.get("scale", 0.0), *_key_mean(inits, inputs))
     return {"out": out}
 
 

@@ -13,6 +13,8 @@
 //            (a context of 0 tokens gives zeros; a NaN or overflowing score gives NaN, never zeros)
 //   paged prefill: the same for query rows [query_start[s], query_start[s+1]) of sequence s, row j
 //            of its n rows at position p = context_lens[s] - n + j attending to tokens 0..p only
+//   key mean (both attention ops, when call.key_mean is not null): s_t += scale * q . R_t mu for
+//            t >= 1 (tq_deploy/ops.py; mu = key_mean of the KV head, R_t: RoPE by rope_inv_freq)
 //
 // Callers validate shapes and data first (tq_checks.h); these functions trust their
 // arguments. Work is spread over threads through a caller-supplied Parallel.

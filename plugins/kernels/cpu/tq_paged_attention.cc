@@ -14,6 +14,9 @@
 //     acc[g]  += p[g][t] * v_norm_t * c_v[idx_v_t]                       (register-blocked)
 // and at the end out[g] = Pi^T (acc[g] / sum[g]). A row's tokens past its limit get weight 0
 // (never p * v_norm: a later token's norm may be NaN).
+// With a key mean (ops.py) each score of a token at t >= 1 also gets scale * q . R_t mu: A and B
+// (D/2 each, from the unrotated query) once per row, cos and sin of t * w once per token of a
+// tile for all rows, then one D-long dot product per score.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -83,6 +86,9 @@ struct AttentionJob {
   const int32_t* query_start;
   int64_t rows_per_tile;
   const int64_t* tiles;  // [num_tiles, 2]
+  // The key mean (null when the node has none): mu [Hkv, D] and the RoPE rates w [D / 2].
+  const float* key_mean;
+  const float* rope_inv_freq;
 };
 
 // The query (and output) vectors of a task: vector index (token * Hq + head) and how many of the
@@ -139,11 +145,23 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
   // q_rot = scale * Pi q, rows padded to ds with zeros, so whatever centroids land in the
   // tiles' padding contribute nothing.
   std::vector<float> q_rot(groups * ds, 0.f), qf(d);
+  // key mean: ab[g] = scale * [A; B] of row g, trig[i] = [cos; sin](t * w) of the tile's token i
+  const bool mean = job.key_mean != nullptr;
+  const int64_t half = d / 2;
+  std::vector<float> ab(mean ? groups * d : 0), trig(mean ? kChunk * d : 0);
   for (int64_t g = 0; g < groups; ++g) {
     detail::load_as_float(job.query, job.q_type, query_rows.vec[g] * d, d, qf.data());
     float* qr = q_rot.data() + g * ds;
     detail::matvec(job.rotation, qf.data(), qr, d);
     for (int64_t i = 0; i < d; ++i) qr[i] *= job.scale;
+    if (mean) {
+      const float* mu = job.key_mean + kv_head * d;
+      float* a = ab.data() + g * d;
+      for (int64_t j = 0; j < half; ++j) {
+        a[j] = job.scale * (qf[j] * mu[j] + qf[j + half] * mu[j + half]);
+        a[half + j] = job.scale * (qf[j + half] * mu[j] - qf[j] * mu[j + half]);
+      }
+    }
   }
 
   std::vector<float> k_tile(kChunk * ds, 0.f), v_tile(kChunk * ds, 0.f);
@@ -181,6 +199,16 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
       k_norm[i] = c.k_norms[row];
       v_norm[i] = c.v_norms[row];
     }
+    if (mean) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float t = static_cast<float>(t0 + i);
+        for (int64_t j = 0; j < half; ++j) {
+          const float angle = t * job.rope_inv_freq[j];
+          trig[i * d + j] = std::cos(angle);
+          trig[i * d + half + j] = std::sin(angle);
+        }
+      }
+    }
 
     int64_t g = 0;
     for (; g + 4 <= groups; g += 4) score_heads<4>(q_rot.data() + g * ds, k_tile.data(), n, ds, probs.data() + g * kChunk);
@@ -194,6 +222,13 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
       float chunk_max = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < seen; ++i) {
         p[i] *= k_norm[i];
+        if (mean && t0 + i > 0) {
+          const float* a = ab.data() + g * d;
+          const float* e = trig.data() + i * d;
+          float extra = 0.f;
+          for (int64_t j = 0; j < d; ++j) extra += a[j] * e[j];
+          p[i] += extra;
+        }
         chunk_max = std::max(chunk_max, p[i]);
       }
       const float new_max = std::max(running_max[g], chunk_max);
@@ -406,7 +441,7 @@ void paged_attention(const tq_paged_attention_call& c, const Parallel& parallel)
 
   AttentionJob job{c.query, static_cast<DType>(c.dtype), num_q_heads, group, &cache, block_tables, max_blocks,
                    context_lens, c.rotation, &kd, &vd, used_scale, c.out, splits, split_len, partial.data(),
-                   nullptr, 0, nullptr};
+                   nullptr, 0, nullptr, c.key_mean, c.rope_inv_freq};
   parallel.for_each(static_cast<size_t>(pairs * splits), attention_task(), &job);
   if (splits > 1) parallel.for_each(static_cast<size_t>(pairs), merge_task, &job);
 }
@@ -426,7 +461,7 @@ void paged_prefill(const tq_paged_prefill_call& c, const Parallel& parallel) {
     }
   AttentionJob job{c.query, static_cast<DType>(c.dtype), c.num_q_heads, group, &cache, c.block_tables,
                    c.max_blocks, c.context_lens, c.rotation, &kd, &vd, scale_of(c), c.out, 1, 0, nullptr,
-                   c.query_start, rows_per_tile, tiles.data()};
+                   c.query_start, rows_per_tile, tiles.data(), c.key_mean, c.rope_inv_freq};
   parallel.for_each(tiles.size() / 2 * static_cast<size_t>(cache.num_kv_heads), prefill_task(), &job);
 }
 

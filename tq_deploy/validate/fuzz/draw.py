@@ -120,10 +120,14 @@ def _attention_case(rng, index, dim, dtype) -> Case:
     attrs = {"k_bits": (k_bits, "int"), "v_bits": (v_bits, "int")}
     if rng.random() < 0.6:
         attrs["scale"] = (float(rng.choice([0.0, rng.uniform(0.01, 0.5)])), "float")
-    return Case(index, "TQPagedAttention", {
+    inputs = {
         "query": specials(rng, query, 0.01, (np.nan, 0.0)).astype(dtype), **cache, "block_tables": tables,
         "context_lens": ctx, "rotation": _rotation(rng, dim), "k_codebook": _codebook(rng, dim, k_bits),
-        "v_codebook": _codebook(rng, dim, v_bits)}, attrs)
+        "v_codebook": _codebook(rng, dim, v_bits)}
+    if dim % 2 == 0 and rng.random() < 0.3:  # the optional key mean (ops.py), large like real keys' means
+        inputs["key_mean"] = (rng.standard_normal((hkv, dim)) * rng.choice([0.5, 3.0])).astype(np.float32)
+        inputs["rope_inv_freq"] = (1.0 / rng.choice([1e4, 1e5]) ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
+    return Case(index, "TQPagedAttention", inputs, attrs)
 
 
 def _prefill_case(rng, index, dim, dtype) -> Case:
@@ -167,7 +171,7 @@ def contract_case(rng, index, dim, dtype, op: str) -> Case:
     drawn = spec.entry("make_inputs")(config, {k: torch.from_numpy(v) for k, v in fixed.items()}, gen,
                                       context_lens=lens, num_tokens=min(int(rng.integers(1, 7)), 2 * block), leading_sizes=lead)
     values = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in drawn.items()}
-    inputs = {t.name: values[t.name] if t.name in values else fixed[t.name] for t in spec.inputs}
+    inputs = {t.name: values[t.name] if t.name in values else fixed[t.name] for t in spec.required_inputs()}
     attrs = {name: (value, "int") for name, value in bits.items()}
     if any(a.name == "scale" for a in spec.attributes) and rng.random() < 0.6:
         attrs["scale"] = (float(rng.choice([0.0, rng.uniform(0.01, 0.5)])), "float")

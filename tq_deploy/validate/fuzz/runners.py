@@ -18,14 +18,15 @@ class Refused(Exception):
 
 def _call_args(case: Case, to_tensor):
     spec = ops.OPS_BY_NAME[case.op]
-    args = [to_tensor(case.inputs[t.name]) for t in spec.inputs]
+    args = [to_tensor(case.inputs[t.name]) for t in spec.required_inputs()]
+    optional = {t.name: to_tensor(case.inputs[t.name]) for t in spec.inputs if t.optional and t.name in case.inputs}
     attrs = {k: v for k, (v, _) in case.attrs.items()}
     order = [a.name for a in spec.attributes]
     unknown = [k for k in attrs if k not in order]
     if unknown:
         raise TypeError(f"unknown attributes {unknown}")
     positional = [attrs[a] for a in order if a in attrs and a != "scale"]
-    return args, positional, attrs.get("scale")
+    return args, positional, attrs.get("scale"), optional
 
 
 def run_torch(case: Case, device: str = "cpu") -> dict[str, np.ndarray]:
@@ -37,11 +38,11 @@ def run_torch(case: Case, device: str = "cpu") -> dict[str, np.ndarray]:
     def to_tensor(a):
         return torch.from_numpy(np.array(a, copy=True)).to(device)
 
-    args, bits, scale = _call_args(case, to_tensor)
+    args, bits, scale, optional = _call_args(case, to_tensor)
     fn = getattr(dispatch, stem(case.op))
-    extra = () if scale is None else (scale,)
+    extra = {} if scale is None else {"scale": scale}
     try:
-        out = fn(*args, *bits, *extra)
+        out = fn(*args, *bits, **extra, **optional)
     except ValueError as err:
         raise Refused(str(err), "expected" in str(err)) from None
     if isinstance(out, torch.Tensor):
@@ -63,11 +64,12 @@ def node_model(op: str, attrs: dict[str, tuple[float, str]], input_types: dict[s
     from onnx import helper
 
     spec = ops.OPS_BY_NAME[op]
-    inputs = [helper.make_tensor_value_info(t.name, input_types[t.name], None) for t in spec.inputs]
+    present = [t for t in spec.inputs if not t.optional or t.name in input_types]
+    inputs = [helper.make_tensor_value_info(t.name, input_types[t.name], None) for t in present]
     outputs = [helper.make_tensor_value_info(t.name, float_type if t.type_param else
                                              {"tensor(uint8)": 2, "tensor(float)": 1}[t.types[0]], None)
                for t in spec.outputs]
-    node = helper.make_node(op, spec.input_names(), spec.output_names(), name=op, domain=ops.DOMAIN)
+    node = helper.make_node(op, [t.name for t in present], spec.output_names(), name=op, domain=ops.DOMAIN)
     for name, (value, kind) in attrs.items():
         node.attribute.append(helper.make_attribute(name, int(value) if kind == "int" else float(value)))
     graph = helper.make_graph([node], f"{op}_fuzz", inputs, outputs)
