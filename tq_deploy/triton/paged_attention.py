@@ -13,6 +13,11 @@ Three launches:
   reduce_kernel  merges the splits (max-rescaled sums) and rotates back: out = (acc / l) @ Pi
                  (reduce_group_kernel: the same for few splits, one program per group, tensor cores).
 
+With key_mean and rope_inv_freq (HAS_MEAN) the split kernel also adds q . R_t mu to the score of
+a token at position t >= 1, before the scale (:func:`mean_scores`): per tile, cos / sin of the
+float32 angles t * w and A . cos + B . sin as float32 products, A and B from the unrotated query
+rows and the KV head's mean.
+
 Tokens past a sequence's context read block 0 (always a valid block) so that code loads
 stay unmasked; their scores are -inf and their value norms 0.
 """
@@ -24,8 +29,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from tq_deploy.device_constants import codebook_as, float_matrix
+from tq_deploy.device_constants import cached, codebook_as, float_matrix
 from tq_deploy.reference.checks import PagedAttentionArgs
 
 from . import _common as C
@@ -33,6 +39,46 @@ from ._bits import unpack_codes
 from ._dot import half_dot, interpreting
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def cos_sin(x, INTERPRET: tl.constexpr):
+    """(cos x, sin x) for float32 x up to ~1e7, to about 1e-6: x less the nearest multiple of 2 pi (Cody-Waite,
+    2 pi in three float32 parts, one FMA each), then the hardware approximations on [-pi, pi].
+    libdevice's cosf / sinf (what tl.cos / tl.sin compile to) inline a Payne-Hanek branch per element,
+    which made the split kernel spill on sm_90 (offline compile statistics)."""
+    k = tl.floor(x * 0.15915493667125702 + 0.5)
+    r = tl.fma(k, -6.2831854820251465, x)
+    r = tl.fma(k, 1.7484555314695172e-07, r)
+    r = tl.fma(k, 6.8604980400235275e-15, r)
+    if INTERPRET:  # the interpreter has no libdevice
+        return tl.cos(r), tl.sin(r)
+    else:
+        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+
+
+@triton.jit
+def mean_scores(q_ptr, mu_ptr, w_ptr, q_rows, rmask, h, factor, t, extra, D: tl.constexpr, JC: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """``extra`` (zeros [rows, BLOCK_N]) + factor * q . R_t mu for the rows q_rows (mask rmask) of the
+    unrotated query [*, D] and the tile's positions t [BLOCK_N], 0 where t == 0 (that key is cached with
+    its mean): sum_j A_j cos(t w_j) + B_j sin(t w_j), A_j = q_j mu_j + q_j' mu_j', B_j = q_j' mu_j - q_j mu_j'
+    (j' = j + D/2, mu = KV head h's mean), in float32 with the angle the float32 product t * w_j.
+    JC rates at a time, A and B rebuilt per chunk from the (cached) query rows: holding A, B and a
+    [D/2, BLOCK_N] cos / sin tile at once spilled on sm_90 (offline compile statistics)."""
+    tf = t.to(tl.float32)
+    q_base = q_ptr + q_rows.to(tl.int64)[:, None] * D
+    mu_base = mu_ptr + h.to(tl.int64) * D
+    for jc in tl.static_range(0, D // 2, JC):
+        j = jc + tl.arange(0, JC)
+        q1 = tl.load(q_base + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_base + D // 2 + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        m1 = tl.load(mu_base + j)[None, :]
+        m2 = tl.load(mu_base + D // 2 + j)[None, :]
+        cos, sin = cos_sin(tl.load(w_ptr + j)[:, None] * tf[None, :], INTERPRET)  # [JC, BLOCK_N]
+        extra = tl.dot((q1 * m1 + q2 * m2) * factor, cos, extra, input_precision="ieee")
+        extra = tl.dot((q2 * m1 - q1 * m2) * factor, sin, extra, input_precision="ieee")
+    return tl.where(t[None, :] > 0, extra, 0.0)
 
 
 @triton.jit
@@ -54,10 +100,11 @@ def qrot_kernel(q_ptr, rot_t_ptr, out_ptr, n_rows, scale,
 
 @triton.jit
 def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, kcb_ptr, vcb_ptr,
-                 m_ptr, l_ptr, acc_ptr,
-                 bt_stride, num_kv_heads, num_blocks, max_blocks, tokens_per_split, num_splits,
+                 m_ptr, l_ptr, acc_ptr, q_ptr, mu_ptr, w_ptr,
+                 bt_stride, num_kv_heads, num_blocks, max_blocks, tokens_per_split, num_splits, mean_factor,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                 KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                 KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                 HAS_MEAN: tl.constexpr, MEAN_JC: tl.constexpr, INTERPRET: tl.constexpr):
     """One (sequence, KV head, split). Device data the host never checked is made safe here:
     a context length is clamped to [0, M * B] and tokens whose block-table entry is outside
     [0, N) are skipped, so nothing is read out of bounds."""
@@ -92,6 +139,9 @@ def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_pt
         kc = unpack_codes(kw_ptr, kb_ptr, row, BLOCK_N, D, KBITS)
         k = tl.load(kcb_ptr + kc)  # [BLOCK_N, D] centroids, half type (the codebook stays in L1)
         scores = half_dot(q, tl.trans(k), tl.zeros([GP, BLOCK_N], tl.float32), UPCAST) * kn[None, :]
+        if HAS_MEAN:
+            scores += mean_scores(q_ptr, mu_ptr, w_ptr, q_rows, gmask, h, mean_factor, t,
+                                  tl.zeros([GP, BLOCK_N], tl.float32), D, MEAN_JC, INTERPRET)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no live score yet: exp2(-inf - 0) = 0, no NaN
@@ -191,6 +241,7 @@ PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
 GROUP_REDUCE_MAX_SPLITS = 4  # few splits: one reduce program per group (tensor-core rotate-back)
 MAX_GROUP = 64
+MEAN_CHUNK = 16  # RoPE rates per cos / sin tile of the key-mean term
 
 _sm_count: dict = {}
 
@@ -231,10 +282,20 @@ def _word_aligned(t: torch.Tensor) -> bool:
 
 def supports_paged_attention(a: PagedAttentionArgs) -> bool:
     """Head dims 32/64/128/256, bits 1-8 (any k_bits, v_bits), power-of-two block sizes, groups of at
-    most 64 query heads."""
+    most 64 query heads; with or without key_mean."""
     return (C.runs_here(a.device) and a.head_dim in C.SUPPORTED_DIMS and a.k_bits in C.SUPPORTED_BITS
             and a.v_bits in C.SUPPORTED_BITS and a.block_size & (a.block_size - 1) == 0 and a.group <= MAX_GROUP
             and _word_aligned(a.k_codes) and _word_aligned(a.v_codes))
+
+
+def mean_inputs(a: PagedAttentionArgs, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """key_mean and rope_inv_freq as contiguous float32 on the kernel's device (model constants: converted
+    once), or ``dummy`` twice when the call has none (the kernel reads them only with HAS_MEAN)."""
+    if a.key_mean is None:
+        return dummy, dummy
+    dev = str(a.device)
+    return tuple(cached("mean_f32", x, lambda x=x: x.detach().to(a.device, torch.float32).contiguous(), dev)
+                 for x in (a.key_mean, a.rope_inv_freq))
 
 
 def paged_attention(a: PagedAttentionArgs, *, block_n=None, num_splits=None, num_warps=None, num_stages=None):
@@ -254,7 +315,12 @@ def paged_attention(a: PagedAttentionArgs, *, block_n=None, num_splits=None, num
     # counts the split kernel spills on sm_90 (1.2 KB a thread for 5-bit K and V at D=128); twice
     # the warps spill at most 56 bytes (compile statistics)
     bytewise = any(b in (5, 6, 7) for b in (a.k_bits, a.v_bits))
-    num_warps = num_warps or (2 if dim <= 128 else 4) * (2 if bytewise else 1)
+    if num_warps is None:
+        num_warps = (2 if dim <= 128 else 4) * (2 if bytewise else 1)
+        # the key-mean term's cos / sin tiles: twice the warps where the split kernel would spill with them
+        # on sm_90 (D <= 64; 5-7 bit codes at D = 128), offline compile statistics
+        if a.key_mean is not None and (dim <= 64 or (bytewise and dim <= 128)):
+            num_warps *= 2
     num_stages = num_stages or 2
     max_tokens = a.max_blocks * page
     if num_splits is None:
@@ -278,10 +344,11 @@ def paged_attention(a: PagedAttentionArgs, *, block_n=None, num_splits=None, num
     split_kernel[(s * hkv, splits)](
         q_rot, C.as_words(kc), kc, a.k_norms.contiguous(), C.as_words(vc), vc, a.v_norms.contiguous(), bt,
         a.context_lens.contiguous(), codebook_as(a.k_codebook, half, dev), codebook_as(a.v_codebook, half, dev),
-        m, l, acc,
-        bt.stride(0), hkv, a.num_blocks, a.max_blocks, per_split, splits,
+        m, l, acc, q2, *mean_inputs(a, q2),
+        bt.stride(0), hkv, a.num_blocks, a.max_blocks, per_split, splits, a.scale * LOG2E,
         G=group, GP=gp, D=dim, PAGE=page, KBITS=a.k_bits, VBITS=a.v_bits, BLOCK_N=block_n, UPCAST=interpreting(),
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_MEAN=a.key_mean is not None, MEAN_JC=MEAN_CHUNK, INTERPRET=interpreting(), num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits <= GROUP_REDUCE_MAX_SPLITS:
         reduce_group_kernel[(s * hkv,)](m, l, acc, rot, out, splits, G=group, GP=gp, D=dim, BJ=min(dim, 32),

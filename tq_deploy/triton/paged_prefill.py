@@ -18,6 +18,9 @@ Which tile a program takes: tiles are numbered sequence after sequence (ceil(n_s
 ``tile_ends`` (their running count per sequence, computed on the device) is binary-searched, so the
 grid needs only the upper bound ceil(T / BLOCK_M) + S and the host never reads query_start.
 
+With key_mean and rope_inv_freq (HAS_MEAN) the scores of positions t >= 1 gain q . R_t mu as in the
+decode kernel (paged_attention.mean_scores: cos / sin per K/V tile, from the unrotated query rows).
+
 A row's later tokens are masked out of its value sum through the weights (P * ||v|| is set to 0
 there; centroids are finite), so a NaN norm in a chunk's own future never reaches an earlier row.
 """
@@ -36,7 +39,7 @@ from tq_deploy.reference.checks import PagedPrefillArgs
 from . import _common as C
 from ._bits import unpack_codes
 from ._dot import half_dot, interpreting
-from .paged_attention import LOG2E, MAX_GROUP, _next_pow2, _word_aligned
+from .paged_attention import LOG2E, MAX_GROUP, MEAN_CHUNK, _next_pow2, _word_aligned, mean_inputs, mean_scores
 
 
 @triton.jit
@@ -58,10 +61,12 @@ def _find_tile(ends_ptr, num_seqs, pid, steps):
 
 @triton.jit
 def prefill_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, qs_ptr, ends_ptr,
-                   kcb_ptr, vcb_ptr, o_ptr,
+                   kcb_ptr, vcb_ptr, o_ptr, q_ptr, mu_ptr, w_ptr,
                    bt_stride, num_seqs, num_tokens, num_q_heads, num_kv_heads, num_blocks, max_blocks, steps,
+                   mean_factor,
                    G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                   KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                   KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                   HAS_MEAN: tl.constexpr, MEAN_JC: tl.constexpr, INTERPRET: tl.constexpr):
     """One (query tile, KV head). Device data the host never checked is made safe here: query_start
     is clamped to [0, T] and made non-decreasing per sequence, a context length to [0, M * B],
     positions below 0 see no token (zeros), and tokens whose block-table entry is outside [0, N)
@@ -104,6 +109,9 @@ def prefill_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_
             kc = unpack_codes(kw_ptr, kb_ptr, row, BLOCK_N, D, KBITS)
             k = tl.load(kcb_ptr + kc)
             scores = half_dot(q, tl.trans(k), tl.zeros([BLOCK_M * GP, BLOCK_N], tl.float32), UPCAST) * kn[None, :]
+            if HAS_MEAN:
+                scores += mean_scores(q_ptr, mu_ptr, w_ptr, q_row, row_ok, h, mean_factor, t,
+                                      tl.zeros([BLOCK_M * GP, BLOCK_N], tl.float32), D, MEAN_JC, INTERPRET)
             scores = tl.where(seen, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no live score yet: p = 0, no NaN
@@ -141,7 +149,7 @@ def tile_rows(group: int) -> tuple[int, int]:
 
 def supports_paged_prefill(p: PagedPrefillArgs) -> bool:
     """Head dims 32/64/128/256, bits 1-8 (any k_bits, v_bits), power-of-two block sizes, groups of at
-    most 64 query heads."""
+    most 64 query heads; with or without key_mean."""
     a = p.attention
     return (C.runs_here(a.device) and a.head_dim in C.SUPPORTED_DIMS and a.k_bits in C.SUPPORTED_BITS
             and a.v_bits in C.SUPPORTED_BITS and a.block_size & (a.block_size - 1) == 0 and a.group <= MAX_GROUP
@@ -161,15 +169,18 @@ def paged_prefill(p: PagedPrefillArgs, *, block_m=None, block_n=None, num_warps=
     default_m, gp = tile_rows(group)
     block_m = block_m or default_m
     block_n = block_n or (64 if dim <= 128 else 32)
-    # 5-7 bit codes take a register per byte load (see paged_attention): twice the warps, as D = 256 does
+    # 5-7 bit codes take a register per byte load (see paged_attention): twice the warps, as D = 256 does;
+    # so does the key-mean term (at 4 warps its cos / sin tiles spilled on sm_90, offline compile statistics)
     bytewise = any(b in (5, 6, 7) for b in (a.k_bits, a.v_bits))
-    num_warps = num_warps or (8 if dim > 128 or bytewise else 4)
+    num_warps = num_warps or (8 if dim > 128 or bytewise or a.key_mean is not None else 4)
     num_stages = num_stages or 2
     half = torch.float16
 
     rot_t = float_matrix(a.rotation, dev, transpose=True)
     rot = float_matrix(a.rotation, dev)
-    q_rot = (torch.mm(a.query.reshape(t * hq, dim).float(), rot_t) * (a.scale * LOG2E)).to(half)
+    q2 = a.query.reshape(t * hq, dim)
+    q_rot = (torch.mm(q2.float(), rot_t) * (a.scale * LOG2E)).to(half)
+    q2 = q2.contiguous() if a.key_mean is not None else q_rot  # the kernel reads the raw query for the mean only
     # Tiles per sequence from the clamped row ranges, counted on the device (no host read of query_start).
     starts = p.query_start.clamp(0, t)
     counts = torch.maximum(starts[1:], starts[:-1]) - starts[:-1]
@@ -181,9 +192,10 @@ def paged_prefill(p: PagedPrefillArgs, *, block_m=None, block_n=None, num_warps=
     prefill_kernel[grid](
         q_rot, C.as_words(kc), kc, a.k_norms.contiguous(), C.as_words(vc), vc, a.v_norms.contiguous(), bt,
         a.context_lens.contiguous(), p.query_start.contiguous(), tile_ends,
-        codebook_as(a.k_codebook, half, dev), codebook_as(a.v_codebook, half, dev), o,
-        bt.stride(0), s, t, hq, hkv, a.num_blocks, a.max_blocks, s.bit_length(),
+        codebook_as(a.k_codebook, half, dev), codebook_as(a.v_codebook, half, dev), o, q2, *mean_inputs(a, q2),
+        bt.stride(0), s, t, hq, hkv, a.num_blocks, a.max_blocks, s.bit_length(), a.scale * LOG2E,
         G=group, GP=gp, BLOCK_M=block_m, D=dim, PAGE=page, KBITS=a.k_bits, VBITS=a.v_bits, BLOCK_N=block_n,
-        UPCAST=interpreting(), num_warps=num_warps, num_stages=num_stages,
+        UPCAST=interpreting(), HAS_MEAN=a.key_mean is not None, MEAN_JC=MEAN_CHUNK, INTERPRET=interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return torch.mm(o, rot).to(a.query.dtype).reshape(a.query.shape)
