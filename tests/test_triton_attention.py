@@ -9,7 +9,9 @@ the reduction kernels) and the fused single-split path. The control flow the
 small CPU shapes would never reach (one split over several tiles, more splits
 than the per-group reduction takes, a last split with live tokens, a block table
 that is a strided view, value norms past fp16's range) is forced through the
-kernel's knobs and checked on its own. Inputs are fresh
+kernel's knobs and checked on its own. The key-mean inputs (key_mean, rope_inv_freq:
+q . R_t mu added to the scores of positions t >= 1) run on their own cases, with means up to
+|mu| ~ 5 and angles t * w of thousands of radians. Inputs are fresh
 random draws (the ``seed`` fixture of tests/conftest.py prints the seed of a
 failure).
 
@@ -39,7 +41,9 @@ from tq_deploy.reference.paged import (  # noqa: E402
     cache_update_reference,
     dense_attention_reference,
     paged_attention_reference,
+    rope_turned,
 )
+from tq_deploy.reference.quantizer import decode_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -240,6 +244,108 @@ def test_bad_arguments_name_the_argument():
         attention(*args, 9, 4)
     with pytest.raises(ValueError, match="context_lens"):
         attention(*args[:6], args[6].long(), *args[7:], 4, 4)
+
+
+def draw_key_mean(hkv, dim, g, magnitude=1.0, rate_scale=1.0):
+    """key_mean [Hkv, D] = magnitude * N(0, 1) and RoPE rates w_j = rate_scale * 10000^(-2j/D)."""
+    mean = torch.randn(hkv, dim, generator=g) * magnitude
+    rates = rate_scale * 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return mean, rates.float()
+
+
+def relative_error(got, want):
+    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def run_mean_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, magnitude=1.0, rate_scale=1.0,
+                  num_splits=None):
+    """The Triton attention with key_mean and rope_inv_freq against the reference; returns
+    (kernel output, reference with the mean, reference without it) in float32."""
+    query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed)
+    mean, rates = draw_key_mean(hkv, dim, torch.Generator().manual_seed(seed + 1), magnitude, rate_scale)
+    args = (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)
+    want = paged_attention_reference(*args, k_bits, v_bits, 0.0, mean, rates).float()
+    plain = paged_attention_reference(*args, k_bits, v_bits).float()
+    dev = [x.to(DEV) for x in args]
+    got = attention(*dev, k_bits, v_bits, 0.0, mean.to(DEV), rates.to(DEV), num_splits=num_splits)
+    assert got.dtype == query.dtype and got.shape == query.shape
+    got = got.cpu().float()
+    assert torch.isfinite(got).all()
+    assert (got[ctx == 0] == 0).all(), "a context of 0 tokens gives zeros"
+    err = relative_error(got, want)
+    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]}"
+    return got, want, plain
+
+
+MEAN_CASES = [
+    # ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, num_splits, |mu|, rate scale
+    ([0, 1, 17], 2, 4, 64, 16, 4, 3, torch.float16, None, 1.0, 1.0),
+    ([33, 70], 1, 6, 128, 16, 3, 2, torch.bfloat16, 3, 5.0, 1.0),
+    ([47, 2], 2, 1, 64, 32, 2, 5, torch.float32, 2, 5.0, 1.0),
+    ([200, 9], 1, 4, 128, 64, 4, 6, torch.float16, None, 5.0, 30.0),  # angles t * w up to 6000 radians
+]
+
+
+@pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits,magnitude,rate_scale", MEAN_CASES)
+def test_key_mean_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits, magnitude,
+                                    rate_scale, seed):
+    got, want, plain = run_mean_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, magnitude,
+                                     rate_scale, num_splits=splits)
+    if magnitude >= 5:  # the mean is no rounding-level change: leaving it out fails the tolerance
+        assert relative_error(got, plain) > 10 * TOL[dtype]
+
+
+def mean_oracle(query, cache, tables, ctx, rot, kcb, vcb, k_bits, v_bits, mean, rates, first):
+    """Dense attention over the decoded keys with R_t mean added at positions t >= first (None: nowhere).
+    first = 1 is the op; 0 and None are the two ways to get it wrong."""
+    keys = decode_reference(cache.k_codes, cache.k_norms, rot, kcb, k_bits)  # [N, B, Hkv, D]
+    values = decode_reference(cache.v_codes, cache.v_norms, rot, vcb, v_bits)
+    s, hq, dim = query.shape
+    page, group = cache.block_size, hq // mean.shape[0]
+    out = torch.zeros(s, hq, dim)
+    for i, c in enumerate(ctx.tolist()):
+        t = torch.arange(c)
+        blocks = tables[i, t // page].long()
+        k, v = keys[blocks, t % page], values[blocks, t % page]  # [c, Hkv, D]
+        if first is not None:
+            k = k + rope_turned(mean, rates, t) * (t >= first)[:, None, None]
+        scores = torch.einsum("hd,lhd->hl", query[i].float(), k.repeat_interleave(group, dim=1)) * dim ** -0.5
+        out[i] = torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v.repeat_interleave(group, dim=1))
+    return out
+
+
+def test_key_mean_starts_at_position_one(seed):
+    """Short contexts and a large mean the queries lean towards, so token 0's score moves by several
+    units if the kernel adds q . mu there too, and every later score if it skips the mean: the kernel
+    must match the oracle with the mean from position 1 and be far from both mistakes."""
+    ctxs, hkv, group, dim, page, bits = [2, 3, 5, 20], 2, 2, 64, 16, 4
+    mean, rates = draw_key_mean(hkv, dim, torch.Generator().manual_seed(seed + 1), magnitude=5.0)
+    lean = mean.repeat_interleave(group, dim=0) / 5
+
+    query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, bits, bits, torch.float32, seed,
+                                                         query_fn=lambda q, g: q + lean)
+    args = (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)
+    dev = [x.to(DEV) for x in args]
+    got = attention(*dev, bits, bits, 0.0, mean.to(DEV), rates.to(DEV)).cpu()
+    right = mean_oracle(query, cache, tables, ctx, rot, kcb, vcb, bits, bits, mean, rates, first=1)
+    assert relative_error(right, dense_attention_reference(*args, bits, bits, 0.0, mean, rates)) < 1e-4
+    assert relative_error(got, right) < TOL[torch.float32]
+    for first in (0, None):
+        wrong = mean_oracle(query, cache, tables, ctx, rot, kcb, vcb, bits, bits, mean, rates, first=first)
+        assert relative_error(got, wrong) > 10 * TOL[torch.float32], f"the mean applied from position {first}"
+
+
+GPU_MEAN_SHAPES = [(4, 128, 4, 4, torch.float16), (1, 64, 3, 2, torch.bfloat16), (6, 128, 8, 5, torch.float16),
+                   (8, 256, 2, 4, torch.bfloat16)]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("group,dim,k_bits,v_bits,dtype", GPU_MEAN_SHAPES)
+def test_gpu_key_mean_larger_contexts(group, dim, k_bits, v_bits, dtype):
+    """Long contexts with split-K, a large mean and angles t * w up to 2e5 radians (10x the usual rates)."""
+    run_mean_case([1, 15, 777, 20_000], 2, group, dim, 16, k_bits, v_bits, dtype, seed=group + dim, magnitude=5.0,
+                  rate_scale=10.0)
 
 
 @gpu

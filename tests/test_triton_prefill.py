@@ -5,6 +5,8 @@ the same cases run compiled, plus larger ones marked gpu. Inputs come from the o
 drawer (tq_deploy.validate.inputs.paged_prefill_inputs): NaN norms and random codes in every slot
 no context covers, junk block-table entries past each sequence's blocks, a sequence with no new
 token, one-token prompts, a chunk crossing a block boundary and a chunk that is its whole context.
+The key-mean inputs (key_mean, rope_inv_freq: q . R_t mu added to the scores of positions t >= 1) run
+on their own cases, with means up to |mu| ~ 5 and angles t * w of thousands of radians.
 
 Tolerance (norm-wise relative error against the reference, in float32) as for the decode kernel:
 5e-3 for fp16/fp32 queries, 1.5e-2 for bf16 (fp16 operands, fp32 accumulation).
@@ -23,7 +25,8 @@ except RuntimeError as exc:  # triton already imported in compiled mode by an ea
     pytest.skip(str(exc), allow_module_level=True)
 
 from tq_deploy.reference import checks  # noqa: E402
-from tq_deploy.reference.paged import paged_prefill_reference  # noqa: E402
+from tq_deploy.reference.paged import paged_prefill_reference, rope_turned  # noqa: E402
+from tq_deploy.reference.quantizer import decode_reference  # noqa: E402
 from test_paged_prefill import ARG_NAMES, make_prefill  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -33,10 +36,11 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 TOL = {torch.float16: 5e-3, torch.float32: 5e-3, torch.bfloat16: 1.5e-2}
 
 
-def prefill(inputs, rot, kcb, vcb, k_bits, v_bits, scale=0.0, **knobs):
+def prefill(inputs, rot, kcb, vcb, k_bits, v_bits, scale=0.0, key_mean=None, rope_inv_freq=None, **knobs):
     """The Triton prefill on checked arguments (the dispatcher's route, without the dispatch)."""
     args = [inputs[n].to(DEV) for n in ARG_NAMES]
-    checked = checks.check_paged_prefill(*args, rot.to(DEV), kcb.to(DEV), vcb.to(DEV), k_bits, v_bits, scale,
+    mean = [None if x is None else x.to(DEV) for x in (key_mean, rope_inv_freq)]
+    checked = checks.check_paged_prefill(*args, rot.to(DEV), kcb.to(DEV), vcb.to(DEV), k_bits, v_bits, scale, *mean,
                                          check_data=False)
     return tqt.paged_prefill.paged_prefill(checked, **knobs)
 
@@ -146,6 +150,113 @@ def test_dispatcher_runs_the_reference_on_cpu_and_checks_data(gen):
     bad[7] = torch.tensor([0, 0, 1, 2, 14, 24], dtype=torch.int32)  # context 11, 12 rows
     with pytest.raises(ValueError, match="sequence 3 has 12 query rows"):
         paged_prefill(*bad)
+
+
+def draw_key_mean(hkv, dim, gen, magnitude=1.0, rate_scale=1.0):
+    """key_mean [Hkv, D] = magnitude * N(0, 1) and RoPE rates w_j = rate_scale * 10000^(-2j/D)."""
+    mean = torch.randn(hkv, dim, generator=gen) * magnitude
+    rates = rate_scale * 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return mean, rates.float()
+
+
+def relative_error(got, want):
+    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def run_mean_case(gen, *, dim, hq, hkv, page, k_bits, v_bits, dtype, lens=None, counts=None, magnitude=1.0,
+                  rate_scale=1.0, **knobs):
+    """The Triton prefill with key_mean and rope_inv_freq against the reference; returns (kernel output,
+    reference with the mean, reference without it) in float32."""
+    inputs, rot, kcb, vcb = make_prefill(gen, dim=dim, hq=hq, hkv=hkv, block_size=page, k_bits=k_bits,
+                                         v_bits=v_bits, lens=lens, counts=counts, dtype=dtype)
+    mean, rates = draw_key_mean(hkv, dim, gen, magnitude, rate_scale)
+    args = (*(inputs[n] for n in ARG_NAMES), rot, kcb, vcb, k_bits, v_bits, 0.0)
+    want = paged_prefill_reference(*args, mean, rates).float()
+    plain = paged_prefill_reference(*args).float()
+    got = prefill(inputs, rot, kcb, vcb, k_bits, v_bits, 0.0, mean, rates, **knobs)
+    assert got.dtype == dtype and got.shape == inputs["query"].shape
+    got = got.cpu().float()
+    assert torch.isfinite(got).all(), "a slot or table entry the call must not read reached the output"
+    err = relative_error(got, want)
+    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]}"
+    return got, want, plain
+
+
+MEAN_CASES = [
+    # dim, hq, hkv, page, k_bits, v_bits, dtype, lens, counts, |mu|, rate scale, knobs
+    # default lens: n_s 0, 1, 1, 6 across a block boundary, whole 2B
+    (64, 2, 2, 16, 4, 4, torch.float32, None, None, 1.0, 1.0, {}),
+    (128, 8, 2, 32, 2, 5, torch.float16, None, None, 5.0, 1.0, {}),
+    (64, 6, 1, 16, 3, 2, torch.bfloat16, [45, 3, 20], [29, 3, 0], 5.0, 1.0, {"block_m": 4, "block_n": 16}),
+    (128, 4, 4, 64, 4, 6, torch.float16, [200, 1], [5, 1], 5.0, 30.0, {}),  # angles t * w up to 6000 radians
+]
+
+
+@pytest.mark.parametrize("dim,hq,hkv,page,k_bits,v_bits,dtype,lens,counts,magnitude,rate_scale,knobs", MEAN_CASES)
+def test_key_mean_matches_reference(dim, hq, hkv, page, k_bits, v_bits, dtype, lens, counts, magnitude, rate_scale,
+                                    knobs, gen):
+    got, want, plain = run_mean_case(gen, dim=dim, hq=hq, hkv=hkv, page=page, k_bits=k_bits, v_bits=v_bits,
+                                     dtype=dtype, lens=lens, counts=counts, magnitude=magnitude,
+                                     rate_scale=rate_scale, **knobs)
+    if magnitude >= 5:  # the mean is no rounding-level change: leaving it out fails the tolerance
+        assert relative_error(got, plain) > 10 * TOL[dtype]
+
+
+def mean_oracle(inputs, rot, kcb, vcb, k_bits, v_bits, mean, rates, first):
+    """Causal dense attention over the decoded keys with R_t mean added at positions t >= first (None:
+    nowhere). first = 1 is the op; 0 and None are the two ways to get it wrong."""
+    query = inputs["query"]
+    t, hq, dim = query.shape
+    keys = decode_reference(inputs["k_codes"], inputs["k_norms"], rot, kcb, k_bits)  # [N, B, Hkv, D]
+    values = decode_reference(inputs["v_codes"], inputs["v_norms"], rot, vcb, v_bits)
+    page, group = keys.shape[1], hq // mean.shape[0]
+    starts = inputs["query_start"].tolist()
+    out = torch.zeros(t, hq, dim)
+    for s, ctx in enumerate(inputs["context_lens"].tolist()):
+        row, n = starts[s], starts[s + 1] - starts[s]
+        pos = torch.arange(ctx)
+        blocks = inputs["block_tables"][s, pos // page].long()
+        k, v = keys[blocks, pos % page], values[blocks, pos % page]  # [ctx, Hkv, D]
+        if first is not None:
+            k = k + rope_turned(mean, rates, pos) * (pos >= first)[:, None, None]
+        scores = torch.einsum("nhd,lhd->nhl", query[row:row + n].float(), k.repeat_interleave(group, dim=1))
+        causal = pos[None, :] <= torch.arange(ctx - n, ctx)[:, None]  # [n, ctx]
+        scores = (scores * dim ** -0.5).masked_fill(~causal[:, None, :], float("-inf"))
+        out[row:row + n] = torch.einsum("nhl,lhd->nhd", torch.softmax(scores, dim=-1),
+                                        v.repeat_interleave(group, dim=1))
+    return out
+
+
+def test_key_mean_starts_at_position_one(gen):
+    """Short prompts and a large mean the queries lean towards, so token 0's score moves by several units
+    if the kernel adds q . mu there too, and every later score if it skips the mean: the kernel must
+    match the oracle with the mean from position 1 and be far from both mistakes."""
+    hq, hkv, dim, bits = 4, 2, 64, 4
+    inputs, rot, kcb, vcb = make_prefill(gen, dim=dim, hq=hq, hkv=hkv, block_size=16, k_bits=bits, v_bits=bits,
+                                         lens=[2, 4, 20], counts=[2, 3, 6])
+    mean, rates = draw_key_mean(hkv, dim, gen, magnitude=5.0)
+    inputs["query"] = inputs["query"] + mean.repeat_interleave(hq // hkv, dim=0) / 5
+    got = prefill(inputs, rot, kcb, vcb, bits, bits, 0.0, mean, rates).cpu()
+    right = mean_oracle(inputs, rot, kcb, vcb, bits, bits, mean, rates, first=1)
+    want = paged_prefill_reference(*(inputs[n] for n in ARG_NAMES), rot, kcb, vcb, bits, bits, 0.0, mean, rates)
+    assert relative_error(right, want) < 1e-4
+    assert relative_error(got, right) < TOL[torch.float32]
+    for first in (0, None):
+        wrong = mean_oracle(inputs, rot, kcb, vcb, bits, bits, mean, rates, first=first)
+        assert relative_error(got, wrong) > 10 * TOL[torch.float32], f"the mean applied from position {first}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dim,hq,hkv,page,k_bits,v_bits,dtype", [(128, 32, 8, 16, 4, 4, torch.float16),
+                                                                 (64, 8, 8, 16, 2, 4, torch.bfloat16),
+                                                                 (128, 24, 4, 64, 8, 5, torch.float16),
+                                                                 (256, 8, 1, 16, 4, 3, torch.float32)])
+def test_gpu_key_mean_long_prompts(dim, hq, hkv, page, k_bits, v_bits, dtype):
+    """Long prompts with a large mean and angles t * w up to 4e4 radians (10x the usual rates)."""
+    gen = torch.Generator().manual_seed(dim + hq + page)
+    run_mean_case(gen, dim=dim, hq=hq, hkv=hkv, page=page, k_bits=k_bits, v_bits=v_bits, dtype=dtype,
+                  lens=[1, page - 1, 777, 4096], counts=[1, page - 1, 300, 1000], magnitude=5.0, rate_scale=10.0)
 
 
 @gpu
