@@ -1,7 +1,9 @@
 """KV-cache presets a user picks by name, and per-layer bit plans.
 
 A preset is a pair of TurboQuant_mse widths, keys and values, with what it costs and what it
-was measured to do to perplexity. ``--kv-preset NAME`` takes it wherever the command line
+was measured to do to perplexity, and whether an exported LLM stores its keys without a
+calibrated key mean (ops.py: key_mean; it costs no cache bits; the synthetic decode model,
+which has no real keys to calibrate on, takes the widths alone). ``--kv-preset NAME`` takes it wherever the command line
 takes ``--k-bits/--v-bits`` (export, pipeline, engine, eval-ppl).
 
 Effective bits (the convention of every number here): the stored bits per cached coordinate,
@@ -57,6 +59,7 @@ class Preset:
     v_bits: int
     summary: str
     measured: dict = field(default_factory=dict)  # text name -> Measured
+    key_mean: str | None = None  # the key mean's calibration source (tq_deploy.models.key_mean), or none
 
     def effective_bits(self, head_dim: int) -> float:
         return effective_bits(self.k_bits, self.v_bits, head_dim)
@@ -64,19 +67,21 @@ class Preset:
     @property
     def config_name(self) -> str:
         """The eval configuration of this preset (tq_deploy.eval.configs)."""
-        return f"mse-k{self.k_bits}v{self.v_bits}"
+        mean = f"-kpc1@{self.key_mean}" if self.key_mean else ""
+        return f"mse-k{self.k_bits}v{self.v_bits}{mean}"
 
 
 # Measured with (docs/quality.md, "Presets"; SmolLM2-135M-Instruct, 2,048 tokens, rotation seeds 0, 2, 4, 6):
-#   tq-deploy eval-ppl --text shipped --tokens 2048 --seeds 4 --configs mse-k8v4,mse-k6v4,mse-k5v3,...
+#   tq-deploy eval-ppl --text shipped --tokens 2048 --seeds 4 --configs mse-k8v4,mse-k6v4,mse-4-kpc1@generated,...
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("quality", 8, 4, "within 1% of the fp32 cache on both shipped texts: keys 8 bits, values 4 bits",
            {"austen": Measured(0.49, 0.30, 4), "darwin": Measured(0.67, 0.31, 4)}),
     Preset("balanced", 6, 4, "5.25 effective bits at head_dim 128: within 1% on fiction, about 1% on "
                              "scientific text",
            {"austen": Measured(0.57, 0.35, 4), "darwin": Measured(1.06, 0.53, 4)}),
-    Preset("compact", 5, 3, "<= 4.25 effective bits at head_dim 128, the lowest delta measured there",
-           {"austen": Measured(3.30, 0.22, 4), "darwin": Measured(4.13, 1.09, 4)}),
+    Preset("compact", 4, 4, "4.25 effective bits at head_dim 128 (4.5 at 64): keys stored without a key mean "
+                            "calibrated on the model's own samples",
+           {"austen": Measured(1.44, 0.45, 4), "darwin": Measured(1.26, 0.70, 4)}, key_mean="generated"),
 )}
 
 

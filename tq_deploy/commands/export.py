@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+
 from tq_deploy.ops import OPS_BY_NAME, SUPPORTED_BITS
 
 # Model options whose default comes from TQModelConfig (None here means "keep the config's default").
@@ -44,6 +46,29 @@ def add_model_arguments(parser) -> None:
         parser.add_argument(flag, type=int, dest=name, help=f"{text} (default: TQModelConfig's)")
     parser.add_argument("--max-blocks", type=int, dest="max_blocks_per_seq", help="alias of --max-blocks-per-seq")
     parser.add_argument("--rotation", choices=("haar", "hadamard"), help="rotation family (default haar)")
+    add_key_mean_argument(parser)
+
+
+def add_key_mean_argument(parser, prefix: str = "") -> None:
+    parser.add_argument("--key-mean", metavar="SOURCE",
+                        help=f"{prefix}store the LLM's keys without a per-layer mean key calibrated on SOURCE: "
+                             "generated (the model's own samples), a shipped text (austen, darwin) or a text file; "
+                             "none turns off a preset's (default: the preset's, else none)")
+
+
+def key_mean_source(args, preset=None) -> str | None:
+    """The key mean's calibration source of an LLM export: --key-mean, else the preset's; None for none."""
+    from tq_deploy.models.texts import SHIPPED_TEXTS
+
+    value = getattr(args, "key_mean", None)
+    if value is None:
+        return preset.key_mean if preset is not None else None
+    if value == "none":
+        return None
+    if value != "generated" and value.lower() not in SHIPPED_TEXTS and not os.path.isfile(value):
+        raise ValueError(f"--key-mean={value!r}, expected generated, none, a shipped text ({', '.join(SHIPPED_TEXTS)}) "
+                         "or a text file")
+    return value.lower() if value.lower() in SHIPPED_TEXTS else value
 
 
 def _preset_help() -> list[str]:
@@ -57,6 +82,9 @@ def config_from_args(args):
     from tq_deploy.reference.model import TQModelConfig
 
     values = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}
+    if getattr(args, "key_mean", None) not in (None, "none"):
+        raise ValueError(f"--key-mean={args.key_mean!r} with the synthetic decode model, expected --model (a key "
+                         "mean is calibrated on a real model's keys)")
     preset, plan = getattr(args, "kv_preset", None), getattr(args, "plan", None)
     widths = [f"--{n.replace('_', '-')}" for n in ("bits", "k_bits", "v_bits") if getattr(args, n) is not None]
     if preset is not None or plan is not None:
@@ -164,6 +192,7 @@ def llm_options_from_args(args) -> dict:
         if others:
             raise ValueError(f"{what} with {' '.join(others)}, expected only one way to set the widths")
     options = {"block_size": args.block_size or 16, "seed": args.seed or 0, "rotation": args.rotation or "haar"}
+    chosen = None
     if preset is not None:
         from tq_deploy.presets import get_preset
 
@@ -177,6 +206,9 @@ def llm_options_from_args(args) -> dict:
         bits = 4 if args.bits is None else args.bits
         options.update(k_bits=bits if args.k_bits is None else args.k_bits,
                        v_bits=bits if args.v_bits is None else args.v_bits)
+    source = key_mean_source(args, chosen)
+    if source is not None:
+        options["key_mean"] = source
     return options
 
 

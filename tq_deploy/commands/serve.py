@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 
 from tq_deploy.cli import count
+from tq_deploy.commands.export import add_key_mean_argument
 from tq_deploy.ops import SUPPORTED_BITS
 
 
@@ -91,6 +92,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--block-size", type=int, help="LLM export: tokens per cache block (default 16)")
     parser.add_argument("--seed", type=int, help="LLM export: rotation seed (default 0)")
     parser.add_argument("--rotation", choices=("haar", "hadamard"), help="LLM export: rotation family")
+    add_key_mean_argument(parser, "LLM export: ")
     parser.add_argument("--max-tokens", type=int, help="tokens one sequence may hold (default: the pool's size)")
     parser.add_argument("--idle-seconds", type=float, default=300.0,
                         help="end a sequence (and free its blocks) after this long without a request (default 300)")
@@ -156,7 +158,7 @@ def run(args) -> int:
         return _serve(Tritonserver(options), args)
 
 
-EXPORT_FLAGS = ("bits", "k_bits", "v_bits", "kv_preset", "plan", "block_size", "seed", "rotation")
+EXPORT_FLAGS = ("bits", "k_bits", "v_bits", "kv_preset", "plan", "block_size", "seed", "rotation", "key_mean")
 
 
 def check_host(host: str) -> None:

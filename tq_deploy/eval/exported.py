@@ -2,8 +2,8 @@
 
     rows = ort_perplexity(model_spec, configs, texts, tokens=2048, chunk_size=256, seed=0, provider="cpu")
 
-Each deployable configuration (TurboQuant_mse widths: a preset, ``mse-kKvV[-hadamard]``, a per-layer
-plan) is exported with ``tq-deploy export --model`` into a temporary folder with the same seed as
+Each deployable configuration (TurboQuant_mse widths: a preset, ``mse-kKvV[-hadamard]``, with
+``-kpc1@SOURCE`` a key mean calibrated on SOURCE, a per-layer plan) is exported with ``tq-deploy export --model`` into a temporary folder with the same seed as
 the PyTorch evaluation, or taken as it is from an .onnx file (``onnx_path``). The text goes
 through the model's paged cache in chunks (:func:`tq_deploy.eval.stepped.stepped_perplexity`,
 ``logits_index`` = every row of the chunk). With ``check_torch`` the same configuration also runs
@@ -29,13 +29,23 @@ def export_options(config) -> dict:
     if isinstance(config, BitPlan):
         return {"layer_bits": tuple(config.layers), "rotation": "haar"}
     ok = (isinstance(config, CacheConfig) and config.method == "mse" and not config.center_keys
-          and all(float(b).is_integer() and 1 <= b <= 8 for b in (config.k_bits, config.v_bits)))
+          and all(float(b).is_integer() and 1 <= b <= 8 for b in (config.k_bits, config.v_bits))
+          and config.transform in (None, DEPLOYED_TRANSFORM))
     if not ok:
         name = getattr(config, "name", config)
         raise ValueError(f"configuration {name!r} with --backend ort, expected TurboQuant_mse widths of 1..8 bits "
-                         "(mse-K, mse-kKvV, -hadamard; a --kv-preset or a --plan): the exported cache holds "
-                         "TurboQuant_mse codes only")
-    return {"k_bits": int(config.k_bits), "v_bits": int(config.v_bits), "rotation": config.rotation}
+                         f"(mse-K, mse-kKvV, -hadamard, -{DEPLOYED_TRANSFORM}@SOURCE; a --kv-preset or a --plan): the "
+                         f"exported cache holds TurboQuant_mse codes, with the key mean ({DEPLOYED_TRANSFORM}) the only "
+                         "transform")
+    options = {"k_bits": int(config.k_bits), "v_bits": int(config.v_bits), "rotation": config.rotation}
+    if config.transform:
+        options["key_mean"] = config.calibration
+    return options
+
+
+# The one calibrated transform an exported model carries: the key mean before RoPE, the first key
+# quantized as it is (ops.py: key_mean; tq_deploy/eval/key_transforms.py: kpc1).
+DEPLOYED_TRANSFORM = "kpc1"
 
 
 def export_llm(model_spec: str, path: str, seed: int, options: dict, block_size: int) -> None:
@@ -45,14 +55,18 @@ def export_llm(model_spec: str, path: str, seed: int, options: dict, block_size:
     export(model_spec, path, seed=seed, block_size=block_size, **options)
 
 
-def torch_perplexity(hf_model, head_dim: int, config, ids, chunk_size: int, seed: int) -> float:
-    """The PyTorch eval-ppl of ``config`` (what `tq-deploy eval-ppl` prints for it)."""
+def torch_perplexity(loaded, config, ids, chunk_size: int, seed: int) -> float:
+    """The PyTorch eval-ppl of ``config`` (what `tq-deploy eval-ppl` prints for it); ``loaded`` an
+    eval.model.LoadedModel."""
     from tq_deploy.eval.kv_quantizers import LayerPlanKVQuantizer, build_kv_quantizer
-    from tq_deploy.eval.perplexity import perplexity
+    from tq_deploy.eval.perplexity import calibration_statistics, perplexity
 
-    quantizer = LayerPlanKVQuantizer(config.layers, head_dim, seed) if isinstance(config, BitPlan) else \
-        build_kv_quantizer(config, head_dim, seed)
-    return perplexity(hf_model, ids, quantizer, chunk_size).ppl
+    if isinstance(config, BitPlan):
+        quantizer = LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed)
+    else:
+        statistics = calibration_statistics(loaded, config.calibration, chunk_size) if config.transform else None
+        quantizer = build_kv_quantizer(config, loaded.head_dim, seed, statistics)
+    return perplexity(loaded.model, ids, quantizer, chunk_size).ppl
 
 
 def ort_perplexity(model_spec: str | None, configs, texts, tokens: int, chunk_size: int, seed: int = 0,
@@ -109,12 +123,15 @@ def ort_perplexity(model_spec: str | None, configs, texts, tokens: int, chunk_si
                        "export_seconds": export_seconds, "seed": metadata.get("seed")}
                 if check_torch:
                     if hf is None:
+                        from tq_deploy.eval.model import LoadedModel
                         from tq_deploy.models import load_hf_model, resolve_source
 
-                        hf = load_hf_model(resolve_source(tokenizer_source(metadata)))
+                        model = load_hf_model(resolve_source(tokenizer_source(metadata)))
+                        hf = LoadedModel(model, tokenizer, os.path.basename(path), int(metadata["num_layers"]),
+                                         int(metadata["num_q_heads"]), int(metadata["num_kv_heads"]),
+                                         int(metadata["head_dim"]))
                     reference = config if config is not None else _config_of(metadata)
-                    row["torch_ppl"] = torch_perplexity(hf, int(metadata["head_dim"]), reference, ids, chunk_size,
-                                                        int(metadata.get("seed", seed)))
+                    row["torch_ppl"] = torch_perplexity(hf, reference, ids, chunk_size, int(metadata.get("seed", seed)))
                     row["rel_diff"] = row["ppl"] / row["torch_ppl"] - 1
                     row["aligned_ppl"] = _ppl(aligned.reference_logits, ids)
                     row["aligned_rel_diff"] = row["ppl"] / row["aligned_ppl"] - 1
@@ -151,4 +168,7 @@ def _config_of(metadata: dict):
         if rotation != "haar":
             raise ValueError(f"model rotation={rotation!r} with per-layer widths, expected 'haar'")
         return BitPlan(tuple((int(k), int(v)) for k, v in layers), int(metadata["head_dim"]))
+    if metadata.get("key_mean"):
+        return CacheConfig("mse", int(metadata["k_bits"]), int(metadata["v_bits"]), rotation,
+                           transform=DEPLOYED_TRANSFORM, calibration=metadata.get("key_mean_calibration", "generated"))
     return CacheConfig("mse", int(metadata["k_bits"]), int(metadata["v_bits"]), rotation)

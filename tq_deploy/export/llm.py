@@ -206,14 +206,16 @@ def decoder_config_of(metadata: dict):
 
 def export_llm(model: str, path=None, *, k_bits: int = 4, v_bits: int = 4, layer_bits=None, plan=None,
                block_size: int = 16, seed: int = 0, rotation: str = "haar", dtype: str = "float32",
-               check: bool = True, external_data: bool | None = None, what: str = "--model") -> onnx.ModelProto:
+               key_mean: str | None = None, check: bool = True, external_data: bool | None = None,
+               what: str = "--model") -> onnx.ModelProto:
     """``tq-deploy export --model``: load ``model`` (name, folder or GGUF), export it with the TurboQuant
     cache of the given widths, write ``path`` if given (with external data, the returned model then
     refers to ``<path>.data`` for its weights).
 
     Widths: ``k_bits``/``v_bits`` for every layer, ``layer_bits`` (one (k, v) pair per layer) or ``plan``
     (a :class:`~tq_deploy.presets.BitPlan`, checked against the model's layers and head_dim before the
-    weights load)."""
+    weights load). ``key_mean``: calibrate a per-layer key mean (ops.py) on ``"generated"`` (the model's
+    own samples), a shipped text name or a text file, and store the keys without it; None: none."""
     from tq_deploy.models.checkpoint import decoder_config, load_decoder, load_hf_config, resolve_source
 
     dtype = common.check_dtype("--dtype", dtype)
@@ -230,6 +232,23 @@ def export_llm(model: str, path=None, *, k_bits: int = 4, v_bits: int = 4, layer
             raise ValueError(f"--plan was calibrated for head_dim={plan.head_dim}, expected {shape.head_dim} (the "
                              f"head_dim of {what}={model!r})")
         options["layer_bits"] = tuple(plan.layers)
+    if key_mean is not None:
+        options["key_mean"] = True
     loaded = load_decoder(model, what, **options)
+    metadata = metadata_of(loaded, dtype)
+    if key_mean is not None:
+        calibrate_key_mean(loaded, key_mean)
+        metadata["key_mean_calibration"] = key_mean
     decoder = loaded.model.cast_weights(getattr(torch, dtype))
-    return export_decoder(decoder, metadata_of(loaded, dtype), path, check=check, external_data=external_data)
+    return export_decoder(decoder, metadata, path, check=check, external_data=external_data)
+
+
+def calibrate_key_mean(loaded, source: str) -> None:
+    """Measure the key mean of ``loaded``'s decoder (built with key_mean=True) on ``source`` and set it."""
+    from tq_deploy.models.checkpoint import load_tokenizer
+    from tq_deploy.models.key_mean import calibration_tokens, measure_key_mean, set_key_mean
+
+    tokenizer = None if source == "generated" else load_tokenizer(loaded.source.tokenizer_source)
+    texts = calibration_tokens(loaded.model, source, first_token=getattr(loaded.hf_config, "bos_token_id", None),
+                               tokenizer=tokenizer)
+    set_key_mean(loaded.model, measure_key_mean(loaded.model, texts))

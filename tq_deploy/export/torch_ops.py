@@ -50,28 +50,31 @@ def _cache_update_fake(key, value, slot_mapping, k_codes, k_norms, v_codes, v_no
 @torch.library.custom_op("tq_export::paged_attention", mutates_args=())
 def paged_attention(query: Tensor, k_codes: Tensor, k_norms: Tensor, v_codes: Tensor, v_norms: Tensor,
                     block_tables: Tensor, context_lens: Tensor, rotation: Tensor, k_codebook: Tensor,
-                    v_codebook: Tensor, k_bits: int, v_bits: int, scale: float) -> Tensor:
+                    v_codebook: Tensor, k_bits: int, v_bits: int, scale: float, key_mean: Tensor | None = None,
+                    rope_inv_freq: Tensor | None = None) -> Tensor:
     return paged_attention_reference(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
-                                     rotation, k_codebook, v_codebook, k_bits, v_bits, scale)
+                                     rotation, k_codebook, v_codebook, k_bits, v_bits, scale, key_mean, rope_inv_freq)
 
 
 @paged_attention.register_fake
 def _paged_attention_fake(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
-                          k_codebook, v_codebook, k_bits, v_bits, scale):
+                          k_codebook, v_codebook, k_bits, v_bits, scale, key_mean=None, rope_inv_freq=None):
     return torch.empty_like(query)
 
 
 @torch.library.custom_op("tq_export::paged_prefill", mutates_args=())
 def paged_prefill(query: Tensor, k_codes: Tensor, k_norms: Tensor, v_codes: Tensor, v_norms: Tensor,
                   block_tables: Tensor, context_lens: Tensor, query_start: Tensor, rotation: Tensor,
-                  k_codebook: Tensor, v_codebook: Tensor, k_bits: int, v_bits: int, scale: float) -> Tensor:
+                  k_codebook: Tensor, v_codebook: Tensor, k_bits: int, v_bits: int, scale: float,
+                  key_mean: Tensor | None = None, rope_inv_freq: Tensor | None = None) -> Tensor:
     return paged_prefill_reference(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
-                                   query_start, rotation, k_codebook, v_codebook, k_bits, v_bits, scale)
+                                   query_start, rotation, k_codebook, v_codebook, k_bits, v_bits, scale, key_mean,
+                                   rope_inv_freq)
 
 
 @paged_prefill.register_fake
 def _paged_prefill_fake(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start,
-                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale):
+                        rotation, k_codebook, v_codebook, k_bits, v_bits, scale, key_mean=None, rope_inv_freq=None):
     return torch.empty_like(query)
 
 
@@ -92,16 +95,21 @@ def translation_table() -> dict:
         return turboquant.TQCacheUpdate(key, value, slot_mapping, k_codes, k_norms, v_codes, v_norms,
                                         rotation, k_codebook, v_codebook, k_bits=k_bits, v_bits=v_bits)
 
+    # The key mean's two inputs trail the node only when given (ONNX optional inputs).
     def paged_attention_onnx(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
-                             k_codebook, v_codebook, k_bits: int, v_bits: int, scale: float):
+                             k_codebook, v_codebook, k_bits: int, v_bits: int, scale: float, key_mean=None,
+                             rope_inv_freq=None):
+        mean = () if key_mean is None else (key_mean, rope_inv_freq)
         return turboquant.TQPagedAttention(query, k_codes, k_norms, v_codes, v_norms, block_tables,
-                                           context_lens, rotation, k_codebook, v_codebook,
+                                           context_lens, rotation, k_codebook, v_codebook, *mean,
                                            k_bits=k_bits, v_bits=v_bits, scale=scale)
 
     def paged_prefill_onnx(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start,
-                           rotation, k_codebook, v_codebook, k_bits: int, v_bits: int, scale: float):
+                           rotation, k_codebook, v_codebook, k_bits: int, v_bits: int, scale: float, key_mean=None,
+                           rope_inv_freq=None):
+        mean = () if key_mean is None else (key_mean, rope_inv_freq)
         return turboquant.TQPagedPrefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens,
-                                         query_start, rotation, k_codebook, v_codebook,
+                                         query_start, rotation, k_codebook, v_codebook, *mean,
                                          k_bits=k_bits, v_bits=v_bits, scale=scale)
 
     return {

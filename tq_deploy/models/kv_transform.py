@@ -42,7 +42,7 @@ def generated_texts(decoder, sequences: int, length: int, first_token: int, seed
 
     if sequences < 1 or length < 2:
         raise ValueError(f"{sequences} calibration texts of {length} tokens, expected >= 1 of >= 2 tokens")
-    config = replace(decoder.config, cache="float32")
+    config = replace(decoder.config, cache="float32", key_mean=False)
     plain = LlamaDecoder(config).eval()
     plain.load_weights({n: p.float() for n, p in decoder.named_parameters()})
     gen = torch.Generator().manual_seed(seed)

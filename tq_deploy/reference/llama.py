@@ -10,9 +10,11 @@ prefill chunk of any length per sequence, or a decode step of one token each.
     per layer l:
         x = RMSNorm(h)
         q, k, v = x Wq (+bq), x Wk (+bk), x Wv (+bv)              GQA: Hq query, Hkv KV heads
+        k = k - mu_l  (positions >= 1; with a key mean)             mu_l: [Hkv, D], before RoPE
         q, k = q cos + rotate_half(q) sin, k cos + rotate_half(k) sin
         cache_l <- TQCacheUpdate(k, v, slot_mapping)              the new tokens are written first,
-        a = TQPagedPrefill(q, cache_l, query_start, ...)          then attended to, causally
+        a = TQPagedPrefill(q, cache_l, query_start, ...          then attended to, causally; with a
+                           [, mu_l, inv_freq])                    key mean it adds q . R_t mu_l back
         h = h + a Wo
         x = RMSNorm(h)
         h = h + (silu(x Wgate) * (x Wup)) Wdown                   SwiGLU
@@ -28,6 +30,12 @@ per-layer bit plan). The two cache steps are injected (``ops``), as in
 ops when tracing to ONNX. With ``cache="float32"`` the cache keeps keys and
 values unquantized (:mod:`tq_deploy.reference.float_cache`), which is the
 checkpoint's own computation: the check of this module against transformers.
+
+With ``key_mean`` each layer holds a fixed mean key mu_l (before RoPE, per KV head,
+calibrated once: :mod:`tq_deploy.models.key_mean`): the cache stores the keys at
+positions >= 1 without it, which quantizes with a fraction of the error where
+keys share large channels, and the attention adds it back exactly (ops.py). The
+model computes the same function with or without it, up to quantization.
 
 Graph inputs, in order (the exported LLM's interface; S sequences, T new tokens, M block-table
 columns, N cache blocks, R logit rows):
@@ -131,6 +139,7 @@ class DecoderConfig:
     seed: int = 0
     rotation: str = "haar"
     cache: str = "turboquant"  # or "float32": unquantized keys and values (the check against the checkpoint)
+    key_mean: bool = False  # a per-layer mean key (before RoPE) stored apart from the cached keys
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_q_heads", "num_kv_heads",
@@ -168,6 +177,11 @@ class DecoderConfig:
             raise ValueError(f"cache={self.cache!r}, expected one of {CACHE_KINDS}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r}, expected an int >= 0")
+        if not isinstance(self.key_mean, bool):
+            raise ValueError(f"key_mean={self.key_mean!r}, expected True or False")
+        if self.key_mean and self.cache != "turboquant":
+            raise ValueError(f"key_mean=True with cache={self.cache!r}, expected the turboquant cache (a float cache "
+                             "stores keys as they are)")
 
     def bits_of_layer(self, layer: int) -> tuple[int, int]:
         """(k_bits, v_bits) of ``layer``."""
@@ -291,18 +305,26 @@ class Attention(nn.Module):
             self.register_buffer("rotation", make_rotation(c.head_dim, c.rotation, c.seed + layer))
             self.register_buffer("k_codebook", lloyd_max_codebook(c.head_dim, self.k_bits))
             self.register_buffer("v_codebook", lloyd_max_codebook(c.head_dim, self.v_bits))
+        if c.key_mean:  # zeros until calibrated or loaded (a zero mean changes nothing)
+            self.register_buffer("key_mean", torch.zeros(c.num_kv_heads, c.head_dim))
 
-    def forward(self, x, cos, sin, slot_mapping, query_start, block_tables, context_lens, caches):
+    def forward(self, x, cos, sin, slot_mapping, query_start, block_tables, context_lens, caches, mean_rows=None,
+                inv_freq=None):
+        """``mean_rows`` [T, 1, 1] (1 where a token's position is >= 1) and ``inv_freq`` come with a key mean."""
         c = self.config
         t = x.shape[0]
         q = apply_rope(self.q_proj(x).reshape(t, c.num_q_heads, c.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(t, c.num_kv_heads, c.head_dim), cos, sin)
+        k = self.k_proj(x).reshape(t, c.num_kv_heads, c.head_dim)
+        if c.key_mean:
+            k = k - self.key_mean.to(k.dtype) * mean_rows.to(k.dtype)
+        k = apply_rope(k, cos, sin)
         v = self.v_proj(x).reshape(t, c.num_kv_heads, c.head_dim)
         if c.cache == "turboquant":
             caches = self.ops.cache_update(k, v, slot_mapping, *caches, self.rotation, self.k_codebook,
                                            self.v_codebook, self.k_bits, self.v_bits)
+            mean = (self.key_mean, inv_freq) if c.key_mean else ()
             attn = self.ops.paged_prefill(q, *caches, block_tables, context_lens, query_start, self.rotation,
-                                          self.k_codebook, self.v_codebook, self.k_bits, self.v_bits, 0.0)
+                                          self.k_codebook, self.v_codebook, self.k_bits, self.v_bits, 0.0, *mean)
         else:
             caches = float_cache_update(k, v, slot_mapping, *caches)
             attn = float_paged_prefill(q, *caches, block_tables, context_lens, query_start)
@@ -331,9 +353,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, cos, sin, slot_mapping, query_start, block_tables, context_lens, caches):
+    def forward(self, h, cos, sin, slot_mapping, query_start, block_tables, context_lens, caches, *mean):
         attn, caches = self.self_attn(self.input_layernorm(h), cos, sin, slot_mapping, query_start, block_tables,
-                                      context_lens, caches)
+                                      context_lens, caches, *mean)
         h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h)), caches
 
@@ -399,10 +421,11 @@ class LlamaDecoder(nn.Module):
             raise ValueError(f"{len(caches)} cache tensors, expected {per} per layer ({per * c.num_layers})")
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)
+        mean = ((positions > 0)[:, None, None], self.inv_freq) if c.key_mean else ()
         updated = []
         for i, layer in enumerate(self.layers):
             h, layer_caches = layer(h, cos, sin, slot_mapping, query_start, block_tables, context_lens,
-                                    caches[per * i:per * (i + 1)])
+                                    caches[per * i:per * (i + 1)], *mean)
             updated.extend(layer_caches)
         h = self.norm(h.index_select(0, logits_index))
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -61,7 +61,7 @@ def reference_decoder(model: ExportedModel):
             value = torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
         elif name + ".T" in inits:
             value = torch.from_numpy(numpy_helper.to_array(inits[name + ".T"]).T.copy())
-        elif spec_name in inits and name.rsplit(".", 1)[-1] in ("rotation", "k_codebook", "v_codebook"):
+        elif spec_name in inits and name.rsplit(".", 1)[-1] in ("rotation", "k_codebook", "v_codebook", "key_mean"):
             value = torch.from_numpy(numpy_helper.to_array(inits[spec_name]).copy())
         else:
             raise ValueError(f"{model.path or 'model'} has no initializer {name!r} (nor {name}.T), expected every "
