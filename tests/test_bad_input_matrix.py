@@ -101,6 +101,22 @@ def lone_token_case() -> Case:
     return case
 
 
+def key_mean_case(drop: str = "", **inputs) -> Callable[[], Case]:
+    """The attention case with the optional key mean (ops.py): a large mean for each KV head and
+    Llama's RoPE rates; ``drop`` leaves one of the two inputs out, ``inputs`` replace values."""
+
+    def build() -> Case:
+        case = attention_case()
+        case.inputs["key_mean"] = (_rng().standard_normal((HKV, D)) * 3).astype(np.float32)
+        case.inputs["rope_inv_freq"] = (1.0 / 10000.0 ** (np.arange(0, D, 2) / D)).astype(np.float32)
+        for name, value in inputs.items():
+            case.inputs[name] = value(case.inputs[name].copy()) if callable(value) else value
+        case.inputs.pop(drop, None)
+        return case
+
+    return build
+
+
 def update_case() -> Case:
     rng = _rng()
     return Case(0, "TQCacheUpdate", {
@@ -360,6 +376,23 @@ ROWS = [
         {"reference": Agree(check=all_finite)}),
     Row("context-zero", "context_lens[0]=0: the only input that gives zeros",
         changed(attention_case, inputs={"context_lens": setitem(0, 0)}), {"reference": Agree(check=zero_row(0))}),
+    # ---- the optional key mean of the attention ops
+    Row("key-mean", "key_mean and rope_inv_freq given: every backend adds q . R_t mu", key_mean_case(), {}),
+    Row("key-mean-alone", "key_mean without rope_inv_freq", key_mean_case(drop="rope_inv_freq"),
+        {"reference": refuse("key_mean is given and rope_inv_freq is None", "expected both or neither"),
+         "ort_cpu": refuse("input key_mean is given without rope_inv_freq, expected both or neither"),
+         "trt": refuse("configurePlugin", "expected both or neither")}),
+    Row("key-mean-shape", "rope_inv_freq of D entries (expected D/2)",
+        key_mean_case(rope_inv_freq=np.ones(D, np.float32)),
+        {"reference": refuse("rope_inv_freq.shape=(64,), expected (32,)"),
+         "ort_cpu": refuse("input rope_inv_freq has shape [64], expected [D/2] = [32]"),
+         "trt": refuse("configurePlugin", "rope_inv_freq.shape[0]=64, expected 32")}),
+    Row("key-mean-nan", "a NaN in KV head 0's key mean",
+        key_mean_case(key_mean=setitem((0, 7), np.nan)),
+        {"reference": refuse("key_mean holds a non-finite value"),
+         "ort_cpu": refuse("input key_mean holds nan at 7, expected finite float32 values"),
+         # device data: not read on the host; the query heads of KV head 0 (0, 1) read it in every score
+         **{g: Agree(check=nan_rows((0, 0), (0, 1), (1, 0), (1, 1)), compare=False) for g in GPU_BACKENDS}}),
     Row("garbage-codes", "random code bytes, padding bits set",
         changed(decode_case, inputs={"codes": lambda a: _rng().integers(0, 256, a.shape, dtype=np.uint8)}), {}),
     Row("decode-nonfinite-norm", "NaN and inf norms in decode",
