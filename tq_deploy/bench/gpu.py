@@ -125,14 +125,23 @@ def constants(dim, k_bits, v_bits):
             lloyd_max_codebook(dim, v_bits).cuda())
 
 
-def check_error(run, hq, hkv, dim, page, k_bits, v_bits):
-    """Relative error of run(*inputs, rot, kcb, vcb) against the reference on 2 sequences."""
+def key_mean_inputs(hkv, dim):
+    """A key mean of Llama-like size (ops.py: key_mean) and Llama's RoPE rates, on the GPU."""
+    g = torch.Generator().manual_seed(5)
+    mean = torch.randn(hkv, dim, generator=g) * 3
+    rates = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return mean.cuda(), rates.cuda()
+
+
+def check_error(run, hq, hkv, dim, page, k_bits, v_bits, mean=()):
+    """Relative error of run(*inputs, rot, kcb, vcb) against the reference on 2 sequences (``mean``:
+    the key mean's two inputs, given to both)."""
     from tq_deploy.reference.paged import paged_attention_reference
 
     rot, kcb, vcb = constants(dim, k_bits, v_bits)
     case = list(make_tq_inputs(2, 3000, hq, hkv, dim, page, k_bits, v_bits, seed=99))
     case[-1][1] = 1777  # a partial last block
-    want = paged_attention_reference(*case, rot, kcb, vcb, k_bits, v_bits).float()
+    want = paged_attention_reference(*case, rot, kcb, vcb, k_bits, v_bits, 0.0, *mean).float()
     got = run(*case, rot, kcb, vcb).float()
     return ((got - want).norm() / want.norm()).item()
 
@@ -217,24 +226,26 @@ def _trt_available() -> bool:
         return False
 
 
-def bench_tq(batch, seq, hq, hkv, dim, page, k_bits, v_bits, l2, quick, trt):
-    """Our attention on one shape: eager (plan), graph and TRT-plugin medians, checked first."""
+def bench_tq(batch, seq, hq, hkv, dim, page, k_bits, v_bits, l2, quick, trt, key_mean=False):
+    """Our attention on one shape: eager (plan), graph and TRT-plugin medians, checked first;
+    ``key_mean``: with the attention's optional key mean (no TRT column)."""
     from tq_deploy import cuda as tq_cuda
     from tq_deploy.dispatch import plan_paged_attention
 
     rot, kcb, vcb = constants(dim, k_bits, v_bits)
+    mean = key_mean_inputs(hkv, dim) if key_mean else ()
 
     def planned(*a):
-        return plan_paged_attention(*a, k_bits, v_bits).run(a[0], a[5], a[6])
+        return plan_paged_attention(*a, k_bits, v_bits, 0.0, *mean).run(a[0], a[5], a[6])
 
-    err = check_error(planned, hq, hkv, dim, page, k_bits, v_bits)
+    err = check_error(planned, hq, hkv, dim, page, k_bits, v_bits, mean)
     cell = {"check_err": err}
     if not err < CHECK_TOL:
         print(f"  {bits_name(k_bits, v_bits)} {batch}x{seq}: WRONG (relative error {err:.2e}): not timed")
         return cell
     nbytes = tq_bytes(batch, seq, hkv, dim, k_bits, v_bits)
     sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, k_bits, v_bits, seed=i), nbytes, l2)
-    plans = [(plan_paged_attention(*s, rot, kcb, vcb, k_bits, v_bits), s) for s in sets.items]
+    plans = [(plan_paged_attention(*s, rot, kcb, vcb, k_bits, v_bits, 0.0, *mean), s) for s in sets.items]
     outs = [torch.empty_like(s[0]) for s in sets.items]
     state = {"i": 0}
 
@@ -248,7 +259,7 @@ def bench_tq(batch, seq, hq, hkv, dim, page, k_bits, v_bits, l2, quick, trt):
     cell["ms"] = _median_ms(ours)
     cell["graph_ms"] = float("nan") if quick else _graph_ms(ours)
     cell["TBps"] = nbytes / (cell["ms"] * 1e-3) / 1e12
-    if trt:
+    if trt and not key_mean:
         s = sets.items[0]
         try:
             cell["trt_ms"] = _trt_enqueue_ms([t.contiguous() for t in (*s, rot, kcb, vcb)], {"k_bits": k_bits, "v_bits": v_bits, "scale": 0.0},
@@ -275,8 +286,9 @@ def bench_attention(shapes, configs, l2, quick, trt):
 
 # other bit widths, query groups, block sizes and head dims, at one long-context batch
 OTHER_SHAPES = [
-    # label, hq, hkv, dim, block, k_bits, v_bits
+    # label, hq, hkv, dim, block, k_bits, v_bits[, key mean]
     ("k5v3", 32, 8, 128, 16, 5, 3),
+    ("k4v4 + key mean (compact)", 32, 8, 128, 16, 4, 4, True),
     ("k8v8", 32, 8, 128, 16, 8, 8),
     ("k1v1", 32, 8, 128, 16, 1, 1),
     ("group 16", 128, 8, 128, 16, 4, 4),
@@ -294,9 +306,9 @@ OTHER_SHAPES = [
 
 def bench_other_shapes(batch, seq, l2, quick):
     rows = []
-    for label, hq, hkv, dim, block, kb, vb in OTHER_SHAPES:
+    for label, hq, hkv, dim, block, kb, vb, *mean in OTHER_SHAPES:
         name, ms, _, _ = best_sdpa(batch, seq, hq, hkv, dim, l2, True)
-        cell = bench_tq(batch, seq, hq, hkv, dim, block, kb, vb, l2, True, False)
+        cell = bench_tq(batch, seq, hq, hkv, dim, block, kb, vb, l2, True, False, key_mean=bool(mean))
         rows.append({"label": label, "B": batch, "S": seq, "sdpa": name, "sdpa_ms": ms, **cell})
         print(json.dumps(rows[-1]), flush=True)
     return rows
