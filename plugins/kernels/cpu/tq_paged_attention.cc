@@ -15,13 +15,18 @@
 // and at the end out[g] = Pi^T (acc[g] / sum[g]). A row's tokens past its limit get weight 0
 // (never p * v_norm: a later token's norm may be NaN).
 // With a key mean (ops.py) each score of a token at t >= 1 also gets scale * q . R_t mu: A and B
-// (D/2 each, from the unrotated query) once per row, cos and sin of t * w once per token of a
-// tile for all rows, then one D-long dot product per score.
+// (D/2 each, from the unrotated query) once per row, then one D-long dot product per score with
+// [cos; sin](t * w), read from a table of every position up to the call's longest context. The
+// table depends on the RoPE rates only, so it is built once per process and rates (every layer of
+// a model shares them) and grown when a context outgrows it: a decode step reads it, never
+// recomputes D/2 sines and cosines per cached token.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "tq_codes.h"
@@ -86,9 +91,58 @@ struct AttentionJob {
   const int32_t* query_start;
   int64_t rows_per_tile;
   const int64_t* tiles;  // [num_tiles, 2]
-  // The key mean (null when the node has none): mu [Hkv, D] and the RoPE rates w [D / 2].
+  // The key mean (null when the node has none): mu [Hkv, D], and [cos; sin](t * w) of position t at
+  // rope_table + t * D (RopeTable).
   const float* key_mean;
-  const float* rope_inv_freq;
+  const float* rope_table;
+};
+
+// [cos; sin] of the float32 angles t * w_j (the contract's product) for t < positions, D floats per
+// position. One table at a time is kept (the latest rates seen); a call holds its own reference.
+class RopeTable {
+ public:
+  static std::shared_ptr<const std::vector<float>> get(const float* rates, int64_t half, int64_t positions,
+                                                       const Parallel& parallel) {
+    static std::mutex mutex;
+    static std::shared_ptr<const RopeTable> latest;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!(latest && latest->matches(rates, half) && latest->positions_ >= positions)) {
+      // grow geometrically: a decode loop's context passes each size once
+      const int64_t size = std::max<int64_t>(positions, latest && latest->matches(rates, half) ? 2 * latest->positions_ : 0);
+      latest = std::make_shared<const RopeTable>(rates, half, std::max<int64_t>(size, 64), parallel);
+    }
+    return std::shared_ptr<const std::vector<float>>(latest, &latest->values_);
+  }
+
+  RopeTable(const float* rates, int64_t half, int64_t positions, const Parallel& parallel)
+      : rates_(rates, rates + half), positions_(positions), values_(static_cast<size_t>(positions * 2 * half)) {
+    struct Fill {
+      const RopeTable* table;
+      float* out;
+    } fill{this, values_.data()};
+    constexpr int64_t kRows = 256;
+    parallel.for_each(static_cast<size_t>((positions + kRows - 1) / kRows), [](void* ctx, size_t task) {
+      const auto& f = *static_cast<const Fill*>(ctx);
+      const int64_t h = static_cast<int64_t>(f.table->rates_.size());
+      const int64_t end = std::min<int64_t>(f.table->positions_, static_cast<int64_t>(task + 1) * kRows);
+      for (int64_t t = static_cast<int64_t>(task) * kRows; t < end; ++t) {
+        float* row = f.out + t * 2 * h;
+        for (int64_t j = 0; j < h; ++j) {
+          const float angle = static_cast<float>(t) * f.table->rates_[j];
+          row[j] = std::cos(angle);
+          row[h + j] = std::sin(angle);
+        }
+      }
+    }, &fill);
+  }
+
+ private:
+  bool matches(const float* rates, int64_t half) const {
+    return static_cast<int64_t>(rates_.size()) == half && std::equal(rates_.begin(), rates_.end(), rates);
+  }
+  std::vector<float> rates_;
+  int64_t positions_;
+  std::vector<float> values_;
 };
 
 // The query (and output) vectors of a task: vector index (token * Hq + head) and how many of the
@@ -145,10 +199,10 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
   // q_rot = scale * Pi q, rows padded to ds with zeros, so whatever centroids land in the
   // tiles' padding contribute nothing.
   std::vector<float> q_rot(groups * ds, 0.f), qf(d);
-  // key mean: ab[g] = scale * [A; B] of row g, trig[i] = [cos; sin](t * w) of the tile's token i
+  // key mean: ab[g] = scale * [A; B] of row g
   const bool mean = job.key_mean != nullptr;
   const int64_t half = d / 2;
-  std::vector<float> ab(mean ? groups * d : 0), trig(mean ? kChunk * d : 0);
+  std::vector<float> ab(mean ? groups * d : 0), corr(mean ? groups * kChunk : 0);
   for (int64_t g = 0; g < groups; ++g) {
     detail::load_as_float(job.query, job.q_type, query_rows.vec[g] * d, d, qf.data());
     float* qr = q_rot.data() + g * ds;
@@ -199,20 +253,22 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
       k_norm[i] = c.k_norms[row];
       v_norm[i] = c.v_norms[row];
     }
-    if (mean) {
-      for (int64_t i = 0; i < n; ++i) {
-        const float t = static_cast<float>(t0 + i);
-        for (int64_t j = 0; j < half; ++j) {
-          const float angle = t * job.rope_inv_freq[j];
-          trig[i * d + j] = std::cos(angle);
-          trig[i * d + half + j] = std::sin(angle);
-        }
-      }
-    }
 
     int64_t g = 0;
     for (; g + 4 <= groups; g += 4) score_heads<4>(q_rot.data() + g * ds, k_tile.data(), n, ds, probs.data() + g * kChunk);
     for (; g < groups; ++g) score_heads<1>(q_rot.data() + g * ds, k_tile.data(), n, ds, probs.data() + g * kChunk);
+
+    if (mean) {  // corr[g][i] = ab[g] . [cos; sin](t * w) of token i: the tile's rows of the table
+      const float* rows = job.rope_table + t0 * d;
+      if (d % 8 == 0) {
+        g = 0;
+        for (; g + 4 <= groups; g += 4) score_heads<4>(ab.data() + g * d, rows, n, d, corr.data() + g * kChunk);
+        for (; g < groups; ++g) score_heads<1>(ab.data() + g * d, rows, n, d, corr.data() + g * kChunk);
+      } else {
+        for (g = 0; g < groups; ++g)
+          for (int64_t i = 0; i < n; ++i) corr[g * kChunk + i] = detail::dot(ab.data() + g * d, rows + i * d, d);
+      }
+    }
 
     for (g = 0; g < groups; ++g) {  // online softmax; probs become weights p * v_norm
       float* p = probs.data() + g * kChunk;
@@ -222,13 +278,7 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
       float chunk_max = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < seen; ++i) {
         p[i] *= k_norm[i];
-        if (mean && t0 + i > 0) {
-          const float* a = ab.data() + g * d;
-          const float* e = trig.data() + i * d;
-          float extra = 0.f;
-          for (int64_t j = 0; j < d; ++j) extra += a[j] * e[j];
-          p[i] += extra;
-        }
+        if (mean && t0 + i > 0) p[i] += corr[g * kChunk + i];
         chunk_max = std::max(chunk_max, p[i]);
       }
       const float new_max = std::max(running_max[g], chunk_max);
@@ -441,7 +491,12 @@ void paged_attention(const tq_paged_attention_call& c, const Parallel& parallel)
 
   AttentionJob job{c.query, static_cast<DType>(c.dtype), num_q_heads, group, &cache, block_tables, max_blocks,
                    context_lens, c.rotation, &kd, &vd, used_scale, c.out, splits, split_len, partial.data(),
-                   nullptr, 0, nullptr, c.key_mean, c.rope_inv_freq};
+                   nullptr, 0, nullptr, c.key_mean, nullptr};
+  std::shared_ptr<const std::vector<float>> table;
+  if (c.key_mean != nullptr) {
+    table = RopeTable::get(c.rope_inv_freq, cache.head_dim / 2, max_ctx, parallel);
+    job.rope_table = table->data();
+  }
   parallel.for_each(static_cast<size_t>(pairs * splits), attention_task(), &job);
   if (splits > 1) parallel.for_each(static_cast<size_t>(pairs), merge_task, &job);
 }
@@ -461,7 +516,14 @@ void paged_prefill(const tq_paged_prefill_call& c, const Parallel& parallel) {
     }
   AttentionJob job{c.query, static_cast<DType>(c.dtype), c.num_q_heads, group, &cache, c.block_tables,
                    c.max_blocks, c.context_lens, c.rotation, &kd, &vd, scale_of(c), c.out, 1, 0, nullptr,
-                   c.query_start, rows_per_tile, tiles.data(), c.key_mean, c.rope_inv_freq};
+                   c.query_start, rows_per_tile, tiles.data(), c.key_mean, nullptr};
+  std::shared_ptr<const std::vector<float>> table;
+  if (c.key_mean != nullptr) {
+    int64_t max_ctx = 0;
+    for (int64_t s = 0; s < c.num_seqs; ++s) max_ctx = std::max<int64_t>(max_ctx, c.context_lens[s]);
+    table = RopeTable::get(c.rope_inv_freq, cache.head_dim / 2, max_ctx, parallel);
+    job.rope_table = table->data();
+  }
   parallel.for_each(tiles.size() / 2 * static_cast<size_t>(cache.num_kv_heads), prefill_task(), &job);
 }
 
