@@ -64,3 +64,23 @@ def run_chunks(model, prompts, chunks, tables, num_blocks, all_logits=True):
             offset += count
         done = [d + len(t) for d, t in zip(done, new)]
     return [torch.cat(r) for r in rows]
+
+
+def ort_and_reference_steps(session, reference, tables, steps, block_size: int, num_blocks: int):
+    """Run each step's new tokens (one list per sequence) through an ONNX Runtime session of an exported LLM
+    and through the reference decoder, each with its own cache; yields (ORT outputs, reference outputs,
+    input names) per step, the outputs being [logits, *caches] (numpy for ORT, torch for the reference)."""
+    from tq_deploy.reference.llama import allocate_caches, input_names, step_inputs
+
+    ref_caches = allocate_caches(reference.config, num_blocks)
+    ort_caches = [t.numpy().copy() for t in ref_caches]
+    names = input_names(reference.config)
+    done = [0] * len(steps[0])
+    for new in steps:
+        inputs = step_inputs(new, done, tables, block_size)
+        with torch.no_grad():
+            want = reference(*inputs.values(), *ref_caches)
+        got = session.run(None, {**{k: v.numpy() for k, v in inputs.items()}, **dict(zip(names[7:], ort_caches))})
+        ref_caches, ort_caches = list(want[1:]), got[1:]
+        yield got, want, names
+        done = [d + len(t) for d, t in zip(done, new)]

@@ -20,14 +20,14 @@ import torch
 pytest.importorskip("transformers", reason="needs the eval extra: pip install .[eval]")
 pytest.importorskip("onnxscript", reason="the exporter needs onnxscript")
 
-from llama_support import block_tables, random_checkpoint  # noqa: E402
+from llama_support import block_tables, ort_and_reference_steps, random_checkpoint  # noqa: E402
 
 from tq_deploy import ops  # noqa: E402
 from tq_deploy.export.common import read_metadata  # noqa: E402
 from tq_deploy.export.llm import export_llm  # noqa: E402
 from tq_deploy.export.schemas import infer_shapes, register_schemas  # noqa: E402
 from tq_deploy.models.checkpoint import load_decoder  # noqa: E402
-from tq_deploy.reference.llama import allocate_caches, input_names, output_names, step_inputs  # noqa: E402
+from tq_deploy.reference.llama import input_names, output_names  # noqa: E402
 from tq_deploy.reference.rotation import make_rotation  # noqa: E402
 
 PLAN = ((4, 3), (8, 4), (2, 5))
@@ -109,23 +109,14 @@ def test_ort_cpu_matches_reference(exported, checkpoint, ort_library, gen):
     num_blocks = 9
     tables = block_tables(2, 3, num_blocks, gen)
     prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (11, 5)]
-    ref_caches = allocate_caches(reference.config, num_blocks)
-    ort_caches = [t.numpy().copy() for t in ref_caches]
-    names = input_names(reference.config)
-    done = [0, 0]
-    for new in (prompts, [[7], [42]]):
-        inputs = step_inputs(new, done, tables, 8)
-        with torch.no_grad():
-            want, *ref_caches = reference(*inputs.values(), *ref_caches)
-        feeds = {**{k: v.numpy() for k, v in inputs.items()}, **dict(zip(names[7:], ort_caches))}
-        got, *ort_caches = session.run(None, feeds)
-        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
-        for name, a, b in zip(names[7:], ort_caches, ref_caches):
+    for got, want, names in ort_and_reference_steps(session, reference, tables, [prompts, [[7], [42]]], 8,
+                                                    num_blocks):
+        np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-4, rtol=1e-4)
+        for name, a, b in zip(names[7:], got[1:], want[1:]):
             if "codes" in name:
                 assert (a != b.numpy()).mean() < 1e-3, name  # a rounding tie may flip a rare code
             else:
                 np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
-        done = [d + len(t) for d, t in zip(done, new)]
 
 
 def test_float16_and_external_data(checkpoint, tmp_path):

@@ -11,12 +11,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from llama_support import block_tables, random_checkpoint  # noqa: E402
+from llama_support import block_tables, ort_and_reference_steps, random_checkpoint  # noqa: E402
 
 from tq_deploy.export.llm import export_llm  # noqa: E402
 from tq_deploy.models.checkpoint import load_decoder  # noqa: E402
 from tq_deploy.models.key_mean import calibration_tokens, measure_key_mean, set_key_mean  # noqa: E402
-from tq_deploy.reference.llama import allocate_caches, input_names, step_inputs  # noqa: E402
+from tq_deploy.reference.llama import allocate_caches, step_inputs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,18 +111,8 @@ def test_ort_cpu_matches_the_reference(exported, ort_library, gen):
     session = make_session(path, provider="cpu", library=ort_library)
     tables = block_tables(2, 3, 9, gen)
     prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (13, 4)]
-    ref_caches = allocate_caches(reference.config, 9)
-    ort_caches = [t.numpy().copy() for t in ref_caches]
-    names = input_names(reference.config)
-    done = [0, 0]
-    for new in (prompts, [[7], [42]]):
-        inputs = step_inputs(new, done, tables, 8)
-        with torch.no_grad():
-            want, *ref_caches = reference(*inputs.values(), *ref_caches)
-        got, *ort_caches = session.run(None, {**{k: v.numpy() for k, v in inputs.items()},
-                                              **dict(zip(names[7:], ort_caches))})
-        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
-        done = [d + len(t) for d, t in zip(done, new)]
+    for got, want, _ in ort_and_reference_steps(session, reference, tables, [prompts, [[7], [42]]], 8, 9):
+        np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_metadata_and_the_compact_preset(checkpoint, exported, tmp_path):
