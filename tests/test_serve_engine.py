@@ -91,6 +91,9 @@ def run_all(engine, items, new, timeout=120):
     return sinks
 
 
+SHORT_TOKENS = 240  # a busy machine may run ~100 steps before the long prompts arrive; 11 chunks follow
+
+
 def test_budget_chunks_and_decode_interleave(model_path):
     """Prompts of 100 and 60 tokens join 3 decoding sequences under a budget of 24 tokens a step:
     every step keeps the decodes and stays within the budget (two chunks of 16 would pass it; the
@@ -100,8 +103,8 @@ def test_budget_chunks_and_decode_interleave(model_path):
     engine = Engine(backend, chunk_size=16, step_tokens=24)
     short = prompts(1, [3, 5, 7])
     sinks = [Collect() for _ in short]
-    for p, s in zip(short, sinks):
-        engine.submit(p, 60, SamplingParams(), s)
+    for p, s in zip(short, sinks):  # long enough to keep decoding through every chunk below, however
+        engine.submit(p, SHORT_TOKENS, SamplingParams(), s)  # late this thread submits them
     while not all(len(s.tokens) >= 2 for s in sinks):
         threading.Event().wait(0.01)
     long_prompts = prompts(2, [100, 60])
@@ -113,7 +116,7 @@ def test_budget_chunks_and_decode_interleave(model_path):
         assert s.done.wait(120)
     engine.close()
     for p, s in zip(short, sinks):
-        assert s.tokens == alone(model_path, p, 60, 16)
+        assert s.tokens == alone(model_path, p, SHORT_TOKENS, 16)
     for p, s in zip(long_prompts, long_sinks):
         assert s.tokens == alone(model_path, p, 6, 16)
     # the steps after the short prompts' prefill that carried a chunk of a long prompt
