@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("tq_deploy.commands.bench", "benchmarks: quantizer, gpu, ort, profile, sass"),
     "bounds": ("tq_deploy.commands.bounds", "the quantizer's measured MSE against the paper's bounds"),
     "eval-ppl": ("tq_deploy.commands.eval_ppl", "perplexity of a real model with a TurboQuant KV cache"),
+    "eval-needle": ("tq_deploy.commands.eval_needle",
+                    "needle-in-a-haystack retrieval of a real model with a quantized KV cache, against fp32"),
     "calibrate": ("tq_deploy.commands.calibrate",
                   "per-layer key/value sensitivity on a text -> a per-layer bit plan (JSON) for a PPL or memory budget"),
     "info": ("tq_deploy.commands.info", "what this install has: native libraries, providers, GPU backends"),
