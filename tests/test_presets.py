@@ -121,3 +121,14 @@ def test_presets_as_a_plan_export_and_match_the_reference_in_ort(tmp_path, capsy
     assert result["comparison"]["passed"]
     outputs = {o["name"] for o in result["comparison"]["outputs"]}
     assert {f"k_codes_out.{i}" for i in range(len(names))} <= outputs
+
+
+def test_every_preset_is_labelled_by_the_name_its_rows_carry():
+    """eval-ppl / eval-needle rows carry the parsed configuration's name (k4v4 reads mse-4): every preset's
+    label must be found under it."""
+    from tq_deploy.commands.eval_ppl import select_presets
+    from tq_deploy.presets import preset_names
+
+    configs, labels = select_presets(preset_names())
+    for name, config in zip(preset_names(), configs):
+        assert labels[config.name].startswith(f"{name} (")

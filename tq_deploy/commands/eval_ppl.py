@@ -115,8 +115,9 @@ def select_presets(names) -> tuple[list, dict]:
     configs, labels = [], {}
     for name in names or []:
         preset = get_preset(name)
-        configs.append(parse_config(preset.config_name))
-        labels[preset.config_name] = f"{preset.name} ({preset.config_name})"
+        config = parse_config(preset.config_name)
+        configs.append(config)
+        labels[config.name] = f"{preset.name} ({config.name})"  # the name rows carry (k4v4 reads mse-4)
     return configs, labels
 
 
