@@ -77,6 +77,19 @@ def _preset_help() -> list[str]:
     return [f"{p.name} (k{p.k_bits}v{p.v_bits})" for p in PRESETS.values()]
 
 
+def width_source(args) -> tuple:
+    """(--kv-preset, --plan) after checking that the widths come one way only: a preset, a plan, or
+    --bits/--k-bits/--v-bits."""
+    preset, plan = getattr(args, "kv_preset", None), getattr(args, "plan", None)
+    widths = [f"--{n.replace('_', '-')}" for n in ("bits", "k_bits", "v_bits") if getattr(args, n) is not None]
+    if preset is not None or plan is not None:
+        what = f"--kv-preset={preset!r}" if preset is not None else f"--plan={plan!r}"
+        others = widths + (["--plan"] if preset is not None and plan is not None else [])
+        if others:
+            raise ValueError(f"{what} with {' '.join(others)}, expected only one way to set the widths")
+    return preset, plan
+
+
 def config_from_args(args):
     """The TQModelConfig the options describe (unset options keep the dataclass defaults)."""
     from tq_deploy.reference.model import TQModelConfig
@@ -85,13 +98,7 @@ def config_from_args(args):
     if getattr(args, "key_mean", None) not in (None, "none"):
         raise ValueError(f"--key-mean={args.key_mean!r} with the synthetic decode model, expected --model (a key "
                          "mean is calibrated on a real model's keys)")
-    preset, plan = getattr(args, "kv_preset", None), getattr(args, "plan", None)
-    widths = [f"--{n.replace('_', '-')}" for n in ("bits", "k_bits", "v_bits") if getattr(args, n) is not None]
-    if preset is not None or plan is not None:
-        what = f"--kv-preset={preset!r}" if preset is not None else f"--plan={plan!r}"
-        others = widths + (["--plan"] if preset is not None and plan is not None else [])
-        if others:
-            raise ValueError(f"{what} with {' '.join(others)}, expected only one way to set the widths")
+    preset, plan = width_source(args)
     if preset is not None:
         from tq_deploy.presets import get_preset
 
@@ -184,13 +191,7 @@ def llm_options_from_args(args) -> dict:
     if shaped:
         raise ValueError(f"--model={args.model!r} with {' '.join(shaped)}, expected none of them (the checkpoint "
                          "sets the model's shape; --op exports one op without --model)")
-    preset, plan = args.kv_preset, args.plan
-    widths = [f"--{n.replace('_', '-')}" for n in ("bits", "k_bits", "v_bits") if getattr(args, n) is not None]
-    if preset is not None or plan is not None:
-        what = f"--kv-preset={preset!r}" if preset is not None else f"--plan={plan!r}"
-        others = widths + (["--plan"] if preset is not None and plan is not None else [])
-        if others:
-            raise ValueError(f"{what} with {' '.join(others)}, expected only one way to set the widths")
+    preset, plan = width_source(args)
     options = {"block_size": args.block_size or 16, "seed": args.seed or 0, "rotation": args.rotation or "haar"}
     chosen = None
     if preset is not None:
