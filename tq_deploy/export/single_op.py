@@ -81,18 +81,15 @@ def _key_mean_arrays(spec: ops.OpSpec, key_mean, rope_inv_freq, head_dim: int,
     if key_mean is None or rope_inv_freq is None:
         missing = "key_mean" if key_mean is None else "rope_inv_freq"
         raise ValueError(f"{spec.name}: {missing}=None beside the other, expected both or neither")
-    mean = common.to_numpy("key_mean", key_mean).astype(np.float32)
-    rates = common.to_numpy("rope_inv_freq", rope_inv_freq).astype(np.float32)
+    mean = common.to_numpy("key_mean", key_mean)
+    rates = common.to_numpy("rope_inv_freq", rope_inv_freq)
     hkv = mean.shape[0] if mean.ndim == 2 else None
     if mean.ndim != 2 or mean.shape[1] != head_dim or (num_kv_heads is not None and hkv != num_kv_heads):
         raise ValueError(f"key_mean.shape={mean.shape}, expected ({num_kv_heads or 'Hkv'}, {head_dim}) "
                          "(num_kv_heads, head_dim)")
     if head_dim % 2 or rates.shape != (head_dim // 2,):
         raise ValueError(f"rope_inv_freq.shape={rates.shape}, expected ({head_dim // 2},) (head_dim / 2, head_dim even)")
-    for name, array in (("key_mean", mean), ("rope_inv_freq", rates)):
-        if not np.isfinite(array).all():
-            raise ValueError(f"{name} holds a non-finite value, expected finite float32 values")
-    return {"key_mean": mean, "rope_inv_freq": rates}
+    return {"key_mean": mean, "rope_inv_freq": rates}  # finite: common.to_numpy refuses anything else
 
 
 def _rotation_array(rotation, head_dim: int, rotation_kind: str, seed: int) -> np.ndarray:
