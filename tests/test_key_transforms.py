@@ -220,9 +220,11 @@ def test_kpc1_quantizes_the_first_key_without_the_mean(stats):
 
 
 def test_the_kpc_score_term_is_q_dot_the_rotated_mean(tiny):
-    """What attention adds back under kpc, in the kernel's per-pair form, equals q . RoPE_t(mu) with the
-    model's own rotary embedding; the stored key plus it gives the unquantized score."""
-    from tq_deploy.eval.key_transforms import apply_rope, key_mean_score_bias, rope_callable
+    """What attention adds back under kpc, the attention ops' per-pair form (the reference's
+    key_mean_scores), equals q . RoPE_t(mu) with the model's own rotary embedding at t >= 1 (0 at
+    t = 0, whose key keeps its mean); the stored key plus it gives the unquantized score."""
+    from tq_deploy.eval.key_transforms import apply_rope, rope_callable
+    from tq_deploy.reference.paged import key_mean_scores
 
     gen = torch.Generator().manual_seed(8)
     q, mu = torch.randn(5, DIM, generator=gen), torch.randn(DIM, generator=gen)
@@ -230,11 +232,18 @@ def test_the_kpc_score_term_is_q_dot_the_rotated_mean(tiny):
     positions = torch.arange(40)
     cos, sin = rope_callable(tiny.model)(positions)
     inv_freq = tiny.model.model.rotary_emb.inv_freq.float()
-    bias = key_mean_score_bias(q, mu, positions[:, None].float() * inv_freq[None])
-    torch.testing.assert_close(bias, q @ apply_rope(mu.expand(40, DIM), cos, sin).T, atol=1e-4, rtol=1e-4)
+
+    def bias_at(pos):
+        return key_mean_scores(q[:, None, None, :], mu[None], inv_freq, pos).reshape(5, len(pos))
+
+    bias = bias_at(positions)
+    torch.testing.assert_close(bias[:, 1:], (q @ apply_rope(mu.expand(40, DIM), cos, sin).T)[:, 1:], atol=1e-4,
+                               rtol=1e-4)
+    assert not bias[:, 0].any()
     stored = apply_rope(keys_pre - mu, cos, sin)  # k_t - R_t mu
-    torch.testing.assert_close(q @ stored.T + bias, q @ apply_rope(keys_pre, cos, sin).T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((q @ stored.T + bias)[:, 1:], (q @ apply_rope(keys_pre, cos, sin).T)[:, 1:],
+                               atol=1e-4, rtol=1e-4)
     # The sign of B matters: turning the other way (B's sign flipped) gives another term.
-    flipped = key_mean_score_bias(q, mu, -positions[:, None].float() * inv_freq[None])
+    flipped = bias_at(-positions)
     assert (flipped - bias).abs().max() > 1e-2
 

@@ -23,8 +23,8 @@ graph), so a configuration's effective bits do not change. The statistics come f
 ``CALIBRATION_TOKENS`` tokens of a calibration text through the fp32 model.
 
 Two more are not exact without kernel work (:func:`key_options`): the key mean taken **before**
-RoPE (``kpc``; the cache holds k_t - R_t mu and attention adds q . R_t mu back,
-:func:`key_mean_score_bias`), and the first token (the attention sink) left out of the mean or
+RoPE (``kpc``; the cache holds k_t - R_t mu and attention adds q . R_t mu back: the attention
+ops' key mean, :func:`tq_deploy.reference.paged.key_mean_scores`), and the first token (the attention sink) left out of the mean or
 out of the quantization. docs/quality.md measures every one of them.
 """
 
@@ -360,16 +360,3 @@ def fold_into_weights(model, stats: KVStatistics, kind: str, num_q_heads: int, n
         value_offsets.append(mu_v / s_v)
     return folded, key_offsets, value_offsets
 
-
-def key_mean_score_bias(q: torch.Tensor, key_mean: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """q . R_t mu for every query and cached position, the term attention adds back under ``kpc``, in
-    the form a kernel would compute it: per RoPE pair j (channels j and j' = j + D/2)
-    A_j = q_j mu_j + q_j' mu_j' and B_j = q_j' mu_j - q_j mu_j' once per query, then
-    sum_j A_j cos(t w_j) + B_j sin(t w_j) per position.
-
-    q [..., D], key_mean [D] (before RoPE), angles [T, D/2] = t * w_j -> [..., T]."""
-    half = q.shape[-1] // 2
-    q1, q2 = q[..., :half], q[..., half:]
-    m1, m2 = key_mean[:half], key_mean[half:]
-    a, b = q1 * m1 + q2 * m2, q2 * m1 - q1 * m2
-    return a @ angles.cos().T + b @ angles.sin().T
