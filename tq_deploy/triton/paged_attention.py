@@ -99,6 +99,17 @@ def qrot_kernel(q_ptr, rot_t_ptr, out_ptr, n_rows, scale,
 
 
 @triton.jit
+def cache_rows(bt_row, t, in_range, num_blocks, num_kv_heads, h, PAGE: tl.constexpr):
+    """(cache row of KV head h, valid) for the tokens t of one sequence (block table bt_row): a token
+    outside ``in_range`` or whose block-table entry is outside [0, num_blocks) is not valid, and its
+    row is a safe one (block 0) that the caller masks."""
+    blk = tl.load(bt_row + t // PAGE, mask=in_range, other=0)
+    listed = (blk >= 0) & (blk < num_blocks)
+    blk = tl.where(listed, blk, 0)
+    return (blk.to(tl.int64) * PAGE + (t % PAGE)) * num_kv_heads + h, in_range & listed
+
+
+@triton.jit
 def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_ptr, ctx_ptr, kcb_ptr, vcb_ptr,
                  m_ptr, l_ptr, acc_ptr, q_ptr, mu_ptr, w_ptr,
                  bt_stride, num_kv_heads, num_blocks, max_blocks, tokens_per_split, num_splits, mean_factor,
@@ -128,12 +139,7 @@ def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_pt
     bt_row = bt_ptr + s.to(tl.int64) * bt_stride
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
-        valid = t < end
-        blk = tl.load(bt_row + t // PAGE, mask=valid, other=0)
-        listed = (blk >= 0) & (blk < num_blocks)
-        valid = valid & listed
-        blk = tl.where(listed, blk, 0)
-        row = (blk.to(tl.int64) * PAGE + (t % PAGE)) * num_kv_heads + h
+        row, valid = cache_rows(bt_row, t, t < end, num_blocks, num_kv_heads, h, PAGE)
         kn = tl.load(kn_ptr + row, mask=valid, other=0.0)
         vn = tl.load(vn_ptr + row, mask=valid, other=0.0)
         kc = unpack_codes(kw_ptr, kb_ptr, row, BLOCK_N, D, KBITS)

@@ -39,7 +39,8 @@ from tq_deploy.reference.checks import PagedPrefillArgs
 from . import _common as C
 from ._bits import unpack_codes
 from ._dot import half_dot, interpreting
-from .paged_attention import LOG2E, MAX_GROUP, MEAN_CHUNK, _next_pow2, _word_aligned, mean_inputs, mean_scores
+from .paged_attention import (LOG2E, MAX_GROUP, MEAN_CHUNK, _next_pow2, _word_aligned, cache_rows, mean_inputs,
+                              mean_scores)
 
 
 @triton.jit
@@ -97,12 +98,7 @@ def prefill_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_
         bt_row = bt_ptr + s.to(tl.int64) * bt_stride
         for t0 in range(0, kv_end, BLOCK_N):
             t = t0 + tl.arange(0, BLOCK_N)
-            in_ctx = t < kv_end
-            blk = tl.load(bt_row + t // PAGE, mask=in_ctx, other=0)
-            listed = (blk >= 0) & (blk < num_blocks)
-            valid = in_ctx & listed
-            blk = tl.where(listed, blk, 0)
-            row = (blk.to(tl.int64) * PAGE + (t % PAGE)) * num_kv_heads + h
+            row, valid = cache_rows(bt_row, t, t < kv_end, num_blocks, num_kv_heads, h, PAGE)
             kn = tl.load(kn_ptr + row, mask=valid, other=0.0)
             vn = tl.load(vn_ptr + row, mask=valid, other=0.0)
             seen = valid[None, :] & (t[None, :] <= pos[:, None])  # [rows, BLOCK_N] causal mask
