@@ -247,8 +247,10 @@ def calibrate_key_mean(loaded, source: str) -> None:
     """Measure the key mean of ``loaded``'s decoder (built with key_mean=True) on ``source`` and set it."""
     from tq_deploy.models.checkpoint import load_tokenizer
     from tq_deploy.models.key_mean import calibration_tokens, measure_key_mean, set_key_mean
+    from tq_deploy.models.kv_transform import float_cache_copy
 
     tokenizer = None if source == "generated" else load_tokenizer(loaded.source.tokenizer_source)
-    texts = calibration_tokens(loaded.model, source, first_token=getattr(loaded.hf_config, "bos_token_id", None),
+    plain = float_cache_copy(loaded.model)  # one copy for the sampling and the measuring
+    texts = calibration_tokens(plain, source, first_token=getattr(loaded.hf_config, "bos_token_id", None),
                                tokenizer=tokenizer)
-    set_key_mean(loaded.model, measure_key_mean(loaded.model, texts))
+    set_key_mean(loaded.model, measure_key_mean(plain, texts))

@@ -8,8 +8,6 @@ held-out text. A shipped text name or a text file can stand in (its first CALIBR
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 CALIBRATION_TOKENS = 1024
@@ -37,12 +35,13 @@ def calibration_tokens(decoder, source: str = "generated", *, first_token=None, 
 @torch.no_grad()
 def measure_key_mean(decoder, texts: list[list[int]]) -> list[torch.Tensor]:
     """Per layer the mean [Hkv, D] (float32) of the keys before RoPE (k_proj's output) over every token of
-    ``texts``, each text run as one sequence through a float-cache copy of ``decoder``'s weights."""
-    from tq_deploy.reference.llama import LlamaDecoder, allocate_caches, step_inputs
+    ``texts``, each text run as one sequence through a float-cache copy of ``decoder``'s weights
+    (kv_transform.float_cache_copy: ``decoder`` itself when it is one)."""
+    from tq_deploy.models.kv_transform import float_cache_copy
+    from tq_deploy.reference.llama import allocate_caches, step_inputs
 
-    config = replace(decoder.config, cache="float32", key_mean=False)
-    plain = LlamaDecoder(config).eval()
-    plain.load_weights({n: p.float() for n, p in decoder.named_parameters()})
+    plain = float_cache_copy(decoder)
+    config = plain.config
     sums = [torch.zeros(config.num_kv_heads, config.head_dim, dtype=torch.float64) for _ in plain.layers]
     count = 0
 

@@ -33,18 +33,29 @@ def optimal_scale(reader_energy: torch.Tensor, cached_energy: torch.Tensor) -> t
     return (s / s.log().mean(-1, keepdim=True).exp()).float()
 
 
+def float_cache_copy(decoder):
+    """``decoder``'s weights in float32 behind an unquantized cache (the checkpoint's own computation), for
+    calibration; ``decoder`` itself when it already is one."""
+    from tq_deploy.reference.llama import LlamaDecoder
+
+    if decoder.config.cache == "float32" and decoder.dtype == torch.float32:
+        return decoder
+    plain = LlamaDecoder(replace(decoder.config, cache="float32", key_mean=False)).eval()
+    plain.load_weights({n: p.float() for n, p in decoder.named_parameters()})
+    return plain
+
+
 @torch.no_grad()
 def generated_texts(decoder, sequences: int, length: int, first_token: int, seed: int = 0) -> list[list[int]]:
     """``sequences`` texts of ``length`` tokens that the model writes itself from ``first_token``, all
     sampled at once (temperature 1, ``seed``, float cache): calibration data that needs nothing
     beside the checkpoint."""
-    from tq_deploy.reference.llama import LlamaDecoder, allocate_caches, step_inputs
+    from tq_deploy.reference.llama import allocate_caches, step_inputs
 
     if sequences < 1 or length < 2:
         raise ValueError(f"{sequences} calibration texts of {length} tokens, expected >= 1 of >= 2 tokens")
-    config = replace(decoder.config, cache="float32", key_mean=False)
-    plain = LlamaDecoder(config).eval()
-    plain.load_weights({n: p.float() for n, p in decoder.named_parameters()})
+    plain = float_cache_copy(decoder)
+    config = plain.config
     gen = torch.Generator().manual_seed(seed)
     per = -(-length // config.block_size)
     tables = torch.arange(sequences * per, dtype=torch.int32).reshape(sequences, per)
