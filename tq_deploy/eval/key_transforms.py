@@ -36,34 +36,24 @@ from dataclasses import dataclass
 import torch
 
 from tq_deploy.eval.kv_quantizers import KVQuantizer
+from tq_deploy.models.key_mean import CALIBRATION_TOKENS, GENERATED_TEXTS, calibration_tokens  # noqa: F401
 from tq_deploy.models.kv_transform import optimal_scale, pair_energy  # noqa: F401 (optimal_scale: API)
 
-CALIBRATION_TOKENS = 1024
-# "generated" calibration: the model's own samples (tq_deploy.models.kv_transform.generated_texts):
-# this many texts share the tokens, seed 0.
-GENERATED_TEXTS = 8
-
-
 def calibration_ids(loaded, source: str, tokens: int = CALIBRATION_TOKENS) -> list:
-    """[1, T] token-id tensors to calibrate on: the first ``tokens`` tokens of a shipped text or a file, or
-    ``generated``: GENERATED_TEXTS texts of tokens / GENERATED_TEXTS tokens that the model samples itself
-    (tq_deploy.models.kv_transform.generated_texts, through the reference decoder of the same weights)."""
-    from tq_deploy.eval.model import read_text, resolve_texts, tokenize
-
+    """[1, T] token-id tensors to calibrate on: what an export's key mean is measured on
+    (tq_deploy.models.key_mean.calibration_tokens): the first ``tokens`` tokens of a shipped text or a
+    file, or ``generated``: GENERATED_TEXTS texts that the model samples itself, through the reference
+    decoder of the same weights."""
+    decoder = None
     if source == "generated":
         from tq_deploy.models.checkpoint import decoder_config, decoder_weights
-        from tq_deploy.models.kv_transform import generated_texts
         from tq_deploy.reference.llama import LlamaDecoder
 
-        hf_config = loaded.model.config
-        decoder = LlamaDecoder(decoder_config(hf_config))
+        decoder = LlamaDecoder(decoder_config(loaded.model.config, cache="float32")).eval()
         decoder.load_weights(decoder_weights(loaded.model, decoder.config))
-        first = getattr(hf_config, "bos_token_id", None)
-        texts = generated_texts(decoder.eval(), GENERATED_TEXTS, max(2, tokens // GENERATED_TEXTS),
-                                first if isinstance(first, int) else 0)
-        return [torch.tensor([text], dtype=torch.long) for text in texts]
-    [(_, path)] = resolve_texts([source])
-    return [tokenize(loaded.tokenizer, read_text(path), tokens)]
+    texts = calibration_tokens(decoder, source, first_token=getattr(loaded.model.config, "bos_token_id", None),
+                               tokenizer=loaded.tokenizer, tokens=tokens)
+    return [torch.tensor([text], dtype=torch.long) for text in texts]
 
 
 _KIND = re.compile(r"^(?:k(?P<kp>p?)(?P<kc>c?)(?P<ks>s?)(?P<k0>[01]?))?(?:v(?P<vc>c?)(?P<vs>s?)(?P<v0>0?))?$")
