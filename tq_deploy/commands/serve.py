@@ -33,24 +33,24 @@ from tq_deploy.commands.export import add_key_mean_argument
 from tq_deploy.ops import SUPPORTED_BITS
 
 
-def gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number, expected GiB in (0, 1e5)") from None
-    if not 0 < value < 1e5:
-        raise argparse.ArgumentTypeError(f"{text}, expected GiB in (0, 1e5)")
-    return value
+def below(high: str, unit: str):
+    """An argparse type: a float in (0, ``high``) of ``unit``, an error naming both otherwise."""
+    limit = float(high)
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number, expected {unit} in (0, {high})") from None
+        if not 0 < value < limit:
+            raise argparse.ArgumentTypeError(f"{text}, expected {unit} in (0, {high})")
+        return value
+
+    return parse
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number, expected seconds in (0, 1e6)") from None
-    if not 0 < value < 1e6:
-        raise argparse.ArgumentTypeError(f"{text}, expected seconds in (0, 1e6)")
-    return value
+gib = below("1e5", "GiB")
+seconds = below("1e6", "seconds")
 
 
 def add_arguments(parser) -> None:
