@@ -103,8 +103,9 @@ def test_budget_chunks_and_decode_interleave(model_path):
     engine = Engine(backend, chunk_size=16, step_tokens=24)
     short = prompts(1, [3, 5, 7])
     sinks = [Collect() for _ in short]
-    for p, s in zip(short, sinks):  # long enough to keep decoding through every chunk below, however
-        engine.submit(p, SHORT_TOKENS, SamplingParams(), s)  # late this thread submits them
+    with engine._cond:  # the three prefill in one step (steps[0]; the count below starts after it)
+        for p, s in zip(short, sinks):  # long enough to keep decoding through every chunk below, however
+            engine.submit(p, SHORT_TOKENS, SamplingParams(), s)  # late this thread submits them
     while not all(len(s.tokens) >= 2 for s in sinks):
         threading.Event().wait(0.01)
     long_prompts = prompts(2, [100, 60])
