@@ -41,6 +41,19 @@ def exported_model() -> str:
     return _exported["path"]
 
 
+def tritonserver_or_skip() -> None:
+    """Skip (with the reason) where the bundled tritonserver or the libpython its Python backend needs is
+    missing, or the custom-op library is not built."""
+    from tq_deploy.serve.server import ServeUnavailableError, bundled_tritonserver, libpython_dir
+
+    try:
+        bundled_tritonserver()
+        libpython_dir()
+    except ServeUnavailableError as err:
+        pytest.skip(str(err))
+    library_or_skip()
+
+
 def library_or_skip() -> str:
     from tq_deploy.runtime import library
 

@@ -18,8 +18,8 @@ import threading
 
 import numpy as np
 import pytest
-from serve_support import CONFIG, TOLERANCE, exported_model, free_ports, fresh_seed, library_or_skip, pool_gauges, \
-    reference_outputs
+from serve_support import CONFIG, TOLERANCE, exported_model, free_ports, fresh_seed, pool_gauges, \
+    reference_outputs, tritonserver_or_skip
 
 H = CONFIG.hidden_size
 B = CONFIG.block_size
@@ -30,14 +30,7 @@ LENGTHS = [1, 2, 7, 8, 9, 16, 17, 30]  # 1+1+1+1+2+2+3+4 = 15 blocks of 8 tokens
 def _requirements():
     httpclient = pytest.importorskip("tritonclient.http")
     grpcclient = pytest.importorskip("tritonclient.grpc")
-    from tq_deploy.serve.server import ServeUnavailableError, bundled_tritonserver, libpython_dir
-
-    try:
-        bundled_tritonserver()
-        libpython_dir()
-    except ServeUnavailableError as err:
-        pytest.skip(str(err))
-    library_or_skip()
+    tritonserver_or_skip()
     return httpclient, grpcclient
 
 

@@ -29,7 +29,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serve_support import free_ports, library_or_skip
+from serve_support import free_ports, tritonserver_or_skip
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
@@ -42,14 +42,7 @@ def _server_or_skip():
     pytest.importorskip("tritonclient.grpc")
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from tq_deploy.serve.server import ServeUnavailableError, bundled_tritonserver, libpython_dir
-
-    try:
-        bundled_tritonserver()
-        libpython_dir()
-    except ServeUnavailableError as err:
-        pytest.skip(str(err))
-    library_or_skip()
+    tritonserver_or_skip()
 
 
 EXPORT_FLAGS = dict(k_bits=4, v_bits=3, block_size=BLOCK_SIZE, seed=11)
