@@ -6,7 +6,7 @@ program the GPU visit runs under compute-sanitizer (memcheck, racecheck, initche
 cuda  encode (tensor-core and generic), decode, cache update (with duplicate slots: a prefill's
       many tokens and a decode step's few), the paged attention on the tensor-core kernel (split-K
       merged by the last CTA; blocks of 8 and 24 tokens, 16 query heads per KV head; D 96 and 80
-      with codes widened from 5 and 3 bits) and the generic kernel (D 320)
+      with codes widened from 5 and 3 bits), the generic kernel (D 320) and the key mean
 trt   the TensorRT plugins' enqueue through the harness (libtq_trt_harness)
 ort   the ONNX Runtime CUDA EP kernels (onnxruntime-gpu and a CUDA build of the library)
 Exits non-zero when a result is wrong; prints one line per kernel.
@@ -71,6 +71,19 @@ def cuda_kernels(gen) -> list[str]:
               f"({tq_cuda.paged_attention_path(a)}): norms error {err:.1e}, attention error {att:.1e}")
         if err > 1e-6 or att > 5e-3:
             problems.append(f"attention D={dim} k{kb}v{vb}")
+        if dim in (64, 128) and hq // hkv in (4, 8):  # the key mean (optional inputs) on the same cache
+            mean = torch.randn(hkv, dim, generator=gen) * 0.5
+            freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+            want = paged_attention_reference(q.float(), *cache.tensors(), tables, lens, rot, kcb, vcb, kb, vb, 0.0,
+                                             mean, freq)
+            a = checks.check_paged_attention(q.cuda(), *[t.cuda() for t in cache.tensors()], tables.cuda(),
+                                             lens.cuda(), rot.cuda(), kcb.cuda(), vcb.cuda(), kb, vb, 0.0,
+                                             mean.cuda(), freq.cuda(), check_data=False)
+            att = rel(tq_cuda.paged_attention(a, tokens_per_split=32), want)
+            print(f"attention with the key mean D={dim} G={hq // hkv} k{kb}v{vb} ({tq_cuda.paged_attention_path(a)}): "
+                  f"attention error {att:.1e}")
+            if att > 5e-3:
+                problems.append(f"attention with the key mean D={dim} k{kb}v{vb}")
     # a decode step's cache update: few tokens, duplicates checked inline (no last-writer launch)
     rot, cb = make_rotation(128, seed=3), lloyd_max_codebook(128, 4)
     cache = allocate_cache(4, 16, 8, 128, 4, 4)
