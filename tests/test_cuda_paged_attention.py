@@ -238,7 +238,8 @@ def test_captured_in_a_cuda_graph(gen):
     assert relative_error(out.cpu(), sdpa_oracle(case)) < TOL[torch.float16]
 
 
-# --- the key mean (key_mean, rope_inv_freq): the generic kernel, against the float32 reference ------
+# --- the key mean (key_mean, rope_inv_freq), against the float32 reference: fp16/bf16 queries at head
+# dims 64/128/256 on the tensor cores, the rest on the generic kernel ----------------------------------
 
 KEY_MEAN_CASES = {
     # name: dim, hq, hkv, block_size, context lengths, k_bits, v_bits
@@ -247,10 +248,23 @@ KEY_MEAN_CASES = {
     "gqa8-d128-b32-k2v3": (128, 16, 2, 32, [640, 31, 1], 2, 3),
     "gqa8-d64-b8-k5v3": (64, 8, 1, 8, [129, 7, 8], 5, 3),
     "gqa12-d128-b16-k4v4": (128, 24, 2, 16, [100, 5], 4, 4),  # two head chunks per KV head
+    "gqa6-d256-b32-k4v4": (256, 12, 2, 32, [1100, 33, 2], 4, 4),
+    "gqa8-d64-b64-k4v4": (64, 16, 2, 64, [2000, 64, 65], 4, 4),
+    "gqa4-d128-b24-k6v4": (128, 8, 2, 24, [500, 24, 25], 6, 4),  # blocks that are not a multiple of 16
     "gqa4-d50-b16-k3v5": (50, 8, 2, 16, [40, 3], 3, 5),  # D/2 odd, rows padded to 52
     "gqa2-d320-b16-k4v3": (320, 4, 2, 16, [70, 3], 4, 3),
 }
+# the generic kernel (float32 throughout); the tensor cores round the query, the centroids, the key
+# mean's coefficients and its cos/sin table to fp16, as they do without the mean (TOL)
 KEY_MEAN_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def key_mean_tolerance(path: str, dtype) -> float:
+    return TOL[dtype] if path == "tensor-core" else KEY_MEAN_TOL[dtype]
+
+
+def key_mean_path(dim: int, dtype) -> str:
+    return "tensor-core" if dtype != torch.float32 and dim in (64, 128, 256) else "generic"
 
 
 def key_mean_inputs(gen, hkv: int, dim: int, rate: float = 1.0):
@@ -278,10 +292,11 @@ def test_key_mean_matches_the_reference(gen, name, dtype, tokens_per_split):
     dim, hq, hkv, block, ctx, kb, vb = KEY_MEAN_CASES[name]
     case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=ctx, k_bits=kb, v_bits=vb)
     want, without, args = with_key_mean(case, dtype, *key_mean_inputs(gen, hkv, dim))
-    tol = KEY_MEAN_TOL[dtype]
+    path = key_mean_path(dim, dtype)
+    tol = key_mean_tolerance(path, dtype)
     assert relative_error(without, want.double()) > 5 * tol, "the key mean's term must show in the output"
     a = checked(args)
-    assert tq_cuda.supports_paged_attention(a) and tq_cuda.paged_attention_path(a) == "generic"
+    assert tq_cuda.supports_paged_attention(a) and tq_cuda.paged_attention_path(a) == path
     got = tq_cuda.paged_attention(a, tokens_per_split=tokens_per_split)
     assert got.dtype == dtype and got.shape == case.query.shape
     got = got.cpu()
@@ -300,9 +315,10 @@ def test_key_mean_at_large_angles(gen, dtype):
     key_mean, rope_inv_freq = key_mean_inputs(gen, 2, 128, rate=100.0)
     assert float(rope_inv_freq[0]) * 1999 > 1e5
     want, without, args = with_key_mean(case, dtype, key_mean, rope_inv_freq)
-    assert relative_error(without, want.double()) > 5 * KEY_MEAN_TOL[dtype]
+    tol = key_mean_tolerance(key_mean_path(128, dtype), dtype)
+    assert relative_error(without, want.double()) > 5 * tol
     got = cuda_attention(*args).cpu()
-    assert relative_error(got, want.double()) < KEY_MEAN_TOL[dtype]
+    assert relative_error(got, want.double()) < tol
 
 
 @gpu
@@ -313,24 +329,32 @@ def test_key_mean_through_the_dispatcher_and_a_plan(gen):
     want, _, args = with_key_mean(case, torch.float16, *key_mean_inputs(gen, 2, 128))
     with dispatch.use_backend("auto"):
         assert dispatch.backend_for("paged_attention", checked(args)) == "cuda"
-        assert relative_error(paged_attention(*args).cpu(), want.double()) < KEY_MEAN_TOL[torch.float16]
+        assert relative_error(paged_attention(*args).cpu(), want.double()) < TOL[torch.float16]
         plan = dispatch.plan_paged_attention(*args)
-    assert isinstance(plan, tq_cuda.PagedAttentionPlan) and plan.path == "generic"
+    assert isinstance(plan, tq_cuda.PagedAttentionPlan) and plan.path == "tensor-core"
     got = plan.run(args[0], args[5], args[6]).cpu()
-    assert relative_error(got, want.double()) < KEY_MEAN_TOL[torch.float16]
+    assert relative_error(got, want.double()) < TOL[torch.float16]
 
 
 @gpu
 def test_key_mean_is_refused_without_its_rates_or_with_an_odd_head_dim(gen):
     """The library's own checks (callers that skip the Python ones): both pointers or neither, D even;
-    the workspace size does not depend on them."""
+    the workspace size does not depend on them. The key mean takes the tensor cores at D 128, the
+    generic kernel at D 96 (the raw path has no key-mean term)."""
     needs_library()
+    lib = tq_cuda._lib()
+    case = make_case(gen, dim=96, hq=8, hkv=2, block_size=16, ctx_lens=[40], k_bits=4, v_bits=4)
+    args = [*on_cuda(case, torch.float16), 0.0, *(t.cuda() for t in key_mean_inputs(gen, 2, 96))]
+    call, _keep96 = tq_cuda._attention_call(checked(args), args[0].device)
+    call.num_seqs, call.max_blocks = 1, args[5].shape[1]
+    assert tq_cuda._plan(call, 0, str).tensor_cores == 0 and lib.tq_cuda_paged_attention_path(ctypes.byref(call)) == 0
+    call.key_mean = call.rope_inv_freq = None
+    assert tq_cuda._plan(call, 0, str).tensor_cores == 1
     case = make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[40], k_bits=4, v_bits=4)
     args = [*on_cuda(case, torch.float16), 0.0, *(t.cuda() for t in key_mean_inputs(gen, 2, 128))]
     call, _keep = tq_cuda._attention_call(checked(args), args[0].device)
     call.num_seqs, call.max_blocks = 1, args[5].shape[1]
-    lib = tq_cuda._lib()
-    assert tq_cuda._plan(call, 0, str).tensor_cores == 0 and lib.tq_cuda_paged_attention_path(ctypes.byref(call)) == 0
+    assert tq_cuda._plan(call, 0, str).tensor_cores == 1 and lib.tq_cuda_paged_attention_path(ctypes.byref(call)) == 1
     with_mean = lib.tq_cuda_paged_attention_workspace(ctypes.byref(call))
     mean, freq = call.key_mean, call.rope_inv_freq
     call.key_mean = call.rope_inv_freq = None

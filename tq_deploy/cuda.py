@@ -233,18 +233,20 @@ def cache_update(a: CacheUpdateArgs):
 # --- paged attention ----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1024)
-def _path(hq, hkv, dim, block_size, k_bits, v_bits, dtype) -> int:
+def _path(hq, hkv, dim, block_size, k_bits, v_bits, dtype, key_mean: bool) -> int:
+    # the library reads only whether the key mean's pointer is null: any non-null value stands for it
     call = _AttentionCall(num_q_heads=hq, num_kv_heads=hkv, head_dim=dim, block_size=block_size, k_bits=k_bits,
-                          v_bits=v_bits, dtype=dtype)
+                          v_bits=v_bits, dtype=dtype, key_mean=1 if key_mean else None,
+                          rope_inv_freq=1 if key_mean else None)
     return _lib().tq_cuda_paged_attention_path(ctypes.byref(call))
 
 
 def paged_attention_path(a: PagedAttentionArgs) -> str:
     """"tensor-core" or "generic": the kernel these shapes and this query dtype run (16-byte aligned caches
-    assumed; float32 queries and calls with the key mean run the float32 generic kernel)."""
-    if a.key_mean is not None:  # the library's rule too (tq_cuda_paged_attention_path)
-        return "generic"
-    fast = _path(a.num_q_heads, a.num_kv_heads, a.head_dim, a.block_size, a.k_bits, a.v_bits, _DTYPES[a.query.dtype])
+    assumed; float32 queries run the float32 generic kernel, and so do calls with the key mean at head dims
+    other than 64/128/256)."""
+    fast = _path(a.num_q_heads, a.num_kv_heads, a.head_dim, a.block_size, a.k_bits, a.v_bits, _DTYPES[a.query.dtype],
+                 a.key_mean is not None)
     return "tensor-core" if fast else "generic"
 
 

@@ -2,8 +2,8 @@
 // the tensor-core kernel (tq_paged_attention_mma.cu) when the codes' base pointers have the alignment
 // its cp.async copies need; every other call (float32 queries included) runs the generic kernel
 // (tq_paged_attention_generic.cu), float32 throughout. Calls with the key mean (key_mean and
-// rope_inv_freq) run the generic kernel too: its term needs D/2 accurate sines and cosines per
-// cached token, which would outweigh the tensor-core kernel's work per tile.
+// rope_inv_freq) take the tensor cores at head dims 64/128/256 (one more mma per k-step, D/2 sines
+// and cosines per tile: tq_paged_attention_mma.cuh); at other head dims the generic kernel.
 // The choice and the split depend on the shapes and on whether the key mean is given; the
 // workspace size on the shapes only (the larger of the two kernels' needs): a caller that repeats
 // a shape plans it once (tq_cuda_paged_attention_plan) and runs the plan.
@@ -41,8 +41,10 @@ bool tensor_core_shapes(const AttentionCall& c) {
          mma::supported(c.num_q_heads, c.num_kv_heads, c.head_dim, c.block_size, c.k_bits, c.v_bits);
 }
 
-// The tensor-core kernel has no key-mean term: such calls take the generic kernel.
-bool tensor_cores(const AttentionCall& c) { return c.key_mean == nullptr && tensor_core_shapes(c); }
+// The tensor-core kernel's key-mean term needs the packed layout (head dims 64/128/256).
+bool tensor_cores(const AttentionCall& c) {
+  return (c.key_mean == nullptr || mma::takes_key_mean(c.head_dim)) && tensor_core_shapes(c);
+}
 
 // Both or neither of key_mean and rope_inv_freq; RoPE pairs need an even head dim.
 bool key_mean_ok(const AttentionCall& c) {

@@ -1,6 +1,6 @@
 // The tensor-core decode attention's host side: which shapes it takes, its split plan, its launch.
 // The kernel is tq_paged_attention_mma.cuh; its instances are compiled per head dim in
-// tq_paged_attention_mma_d{64,128,256}.cu.
+// tq_paged_attention_mma_d{64,128,256}.cu, those with the key mean in tq_paged_attention_mma_d*_mean.cu.
 #include <math.h>
 
 #include <algorithm>
@@ -29,6 +29,8 @@ int64_t kernel_dim(int64_t dim, int k_bits, int v_bits) {
     if (padded >= dim && padded >= bytes) return padded;
   return 0;
 }
+
+bool takes_key_mean(int64_t dim) { return packed_layout(dim); }
 
 bool supported(int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, int k_bits, int v_bits) {
   return hkv >= 1 && hq >= hkv && hq % hkv == 0 && block_size >= 1 && valid_bits(k_bits) && valid_bits(v_bits) &&
@@ -108,10 +110,20 @@ int run(const AttentionCall& c, const Plan& plan) {
     args.part_acc = reinterpret_cast<float*>(ws + plan.acc_offset);
     if (cudaError_t rc = cudaMemsetAsync(args.counters, 0, units * sizeof(int), stream)) return static_cast<int>(rc);
   }
+  if (c.key_mean != nullptr) {  // the dispatcher sends the key mean here with a packed head dim only
+    args.key_mean = c.key_mean;
+    args.rope_inv_freq = c.rope_inv_freq;
+    switch (dim) {
+      case 64: return launch_bits<64, true>(args, plan, units, k_bits, v_bits, stream);
+      case 128: return launch_bits<128, true>(args, plan, units, k_bits, v_bits, stream);
+      case 256: return launch_bits<256, true>(args, plan, units, k_bits, v_bits, stream);
+    }
+    return TQ_CUDA_BAD_ARGUMENT;
+  }
   switch (dim) {
-    case 64: return launch_bits<64>(args, plan, units, k_bits, v_bits, stream);
-    case 128: return launch_bits<128>(args, plan, units, k_bits, v_bits, stream);
-    case 256: return launch_bits<256>(args, plan, units, k_bits, v_bits, stream);
+    case 64: return launch_bits<64, false>(args, plan, units, k_bits, v_bits, stream);
+    case 128: return launch_bits<128, false>(args, plan, units, k_bits, v_bits, stream);
+    case 256: return launch_bits<256, false>(args, plan, units, k_bits, v_bits, stream);
   }
   return launch_raw(args, plan, units, static_cast<int>(kernel_dim(dim, k_bits, v_bits)), stream);
 }

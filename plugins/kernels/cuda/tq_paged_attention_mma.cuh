@@ -26,6 +26,14 @@
 //
 // Head dims other than 64/128/256 take the raw path (kRaw): the 8-bit instance of the dim padded to
 // a multiple of 16, fed packed rows of any width (issue_raw, widen_codes below).
+//
+// The key mean (kMean, key_mean and rope_inv_freq given; D 64/128/256): a token at position
+// t = t0 + i of a tile (t >= 1) scores sum_f A_f cos(t w_f) + B_f sin(t w_f) more, (A, B) the
+// head's coefficients of q and mu (docs/ops.md). Turning (A, B) by t0 w_f once per tile leaves
+// sum_f A'_f cos(i w_f) + B'_f sin(i w_f): one more mma per k-step, of a fixed [16 x D] table of
+// cos(i w_f), sin(i w_f) (A operand, in shared memory) and the turned coefficients (B operand).
+// Only the D/2 angles t0 w_f need a sine and cosine per tile: one to four per lane, shuffled to the
+// lanes that hold them.
 #include <math.h>
 
 #include <algorithm>
@@ -76,7 +84,7 @@ struct Table {
   }
 };
 
-template <int D, int KB, int VB>
+template <int D, int KB, int VB, bool kMean = false>
 struct Layout {
   static constexpr int kWarps = D <= 128 ? 16 : 8;      // per CTA (one CTA per SM)
   static constexpr int kKeyRow = D * KB / 8;            // packed bytes of a key row
@@ -91,9 +99,12 @@ struct Layout {
   static constexpr int kStage = kTile * (kKeyRow + kValueRow) + 2 * kTile * 4 + 16;
   static constexpr bool kShareTable = KB == VB;          // one table when the codebooks are one too
   static constexpr int kTables = Table<KB>::kBytes + Table<VB>::kBytes;
-  // q_rot fp32 [8][D] (later the merged accumulator), then per head: query scale, merged max and
-  // sum, 1 / sum
-  static constexpr int kQuery = (kMaxGroup * D + 4 * kMaxGroup) * 4;
+  // q_rot fp32 [8][D] (in the loop the key mean's coefficients, after it the merged accumulator),
+  // then per head: query scale, merged max and sum, 1 / sum; with the key mean its cos/sin table
+  // (A fragments of the D/16 k-steps) and per head the coefficients' scale
+  static constexpr int kQueryHeads = (kMaxGroup * D + 4 * kMaxGroup) * 4;
+  static constexpr int kMeanTable = kMean ? (D / 16) * 4 * 32 * 4 : 0;
+  static constexpr int kQuery = kQueryHeads + kMeanTable + (kMean ? kMaxGroup * 4 : 0);
   static constexpr int kStages = min_int(4, (kSharedLimit - kTables - kQuery) / (kWarps * kStage));
   static constexpr int kRing = kWarps * kStages * kStage;
   static constexpr int kMergeScratch = kWarps * kMaxGroup * (D + 2) * 4;
@@ -371,6 +382,14 @@ __device__ __forceinline__ void accumulate_values(const Tile<D, KB, VB>& tile, c
   }
 }
 
+// sin and cos of x (a float32 angle t * w, up to 1e5 and more): x - 2 pi k with 2 pi in two parts,
+// then the fast sincos on [-pi, pi], whose error is then 2^-21.
+__device__ __forceinline__ void reduced_sincos(float x, float& s, float& c) {
+  const float k = rintf(x * 0.159154943f);
+  const float r = fmaf(-k, -1.74845553e-7f, fmaf(-k, 6.28318548f, x));
+  __sincosf(r, &s, &c);
+}
+
 __device__ __forceinline__ float group_max(float v) {  // over the 8 lanes of one tig
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
@@ -407,6 +426,8 @@ struct SplitArgs {
   // instances' register allocation (spills at k6v4, k8v4).
   int dim, k_bits, v_bits, k_row, v_row, k_words, v_words;
   FastDiv per_k_words, per_v_words;
+  const float* key_mean;       // [num_kv_heads, D] (the kMean instances)
+  const float* rope_inv_freq;  // [D / 2]
 };
 
 // out[row0 + h][j] = sum_i Pi[i][j] acc[h][i] * inv[h] for the CTA's heads, by the whole CTA.
@@ -467,9 +488,10 @@ __device__ __forceinline__ uint32_t issue_raw(const SplitArgs& a, const RowFinde
   return live;
 }
 
-template <int D, int KB, int VB, bool kRaw>
+template <int D, int KB, int VB, bool kRaw, bool kMean>
 __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kernel(const SplitArgs a) {
-  using L = Layout<D, KB, VB>;
+  static_assert(!(kRaw && kMean), "the key mean runs on the packed layout only");
+  using L = Layout<D, KB, VB, kMean>;
   using S = Stage<D, KB, VB>;
   constexpr int kStages = L::kStages;
   extern __shared__ float4 split_smem[];
@@ -600,6 +622,53 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
   // score scale of heads 2tig, 2tig+1 (2^e of their query)
   const float qs[2] = {2 * tig < heads ? q_scale[2 * tig] : 0.f, 2 * tig + 1 < heads ? q_scale[2 * tig + 1] : 0.f};
 
+  // The key mean's coefficients, over q_rot (every warp holds its qb now): entry (2 st + s) * 32 + l
+  // is (A_f, B_f) of head l / 4, f = 8 st + 4 s + l % 4, scaled by 2^-e per head; the table's word
+  // (4 st + r) * 32 + l is (cos, sin)(row w_f) of A-fragment register r, row = l / 4 + 8 (r & 1),
+  // f = 8 st + 4 (r >> 1) + l % 4.
+  float2* mean_ab = reinterpret_cast<float2*>(q_rot);
+  const uint32_t* mean_table = reinterpret_cast<const uint32_t*>(smem + L::kTables + L::kQueryHeads) + lane;
+  float mean_scale[2] = {0.f, 0.f};  // 2^e * scale * log2(e) of heads 2tig, 2tig+1
+  float rate[kMean ? D / 64 : 1];    // w_f of the frequencies f = lane + 32 k whose angles this lane turns
+  if constexpr (kMean) {
+    uint32_t* table_words = reinterpret_cast<uint32_t*>(smem + L::kTables + L::kQueryHeads);
+    float* mean_exp = reinterpret_cast<float*>(smem + L::kTables + L::kQueryHeads + L::kMeanTable);
+    __syncthreads();
+    const float* mu = a.key_mean + static_cast<int64_t>(h) * D;
+    for (int e = threadIdx.x; e < (D / 16) * 2 * 32; e += blockDim.x) {
+      const int l = e & 31, hh = l >> 2, f = 8 * (e >> 6) + 4 * ((e >> 5) & 1) + (l & 3);
+      float2 ab = make_float2(0.f, 0.f);
+      if (hh < heads) {
+        const int64_t q = (q_row0 + hh) * D;
+        const float q1 = query_at(q + f), q2 = query_at(q + f + D / 2);
+        const float m1 = __ldg(mu + f), m2 = __ldg(mu + f + D / 2);
+        ab = make_float2(q1 * m1 + q2 * m2, q2 * m1 - q1 * m2);
+      }
+      mean_ab[e] = ab;
+    }
+    for (int e = threadIdx.x; e < (D / 16) * 4 * 32; e += blockDim.x) {
+      const int l = e & 31, r = (e >> 5) & 3;
+      const int row = (l >> 2) + 8 * (r & 1), f = 8 * (e >> 7) + 4 * (r >> 1) + (l & 3);
+      float sn, cs;
+      sincosf(static_cast<float>(row) * __ldg(a.rope_inv_freq + f), &sn, &cs);
+      table_words[e] = half2_bits(cs, sn);
+    }
+    __syncthreads();
+    if (warp < heads) {  // head `warp`: its coefficients scaled by 2^-e into fp16 range, as its query
+      auto at = [&](int j) -> float2& { return mean_ab[(j >> 2) * 32 + 4 * warp + (j & 3)]; };
+      float m = 0.f;
+      for (int j = lane; j < D / 2; j += 32) m = fmaxf(m, fmaxf(fabsf(at(j).x), fabsf(at(j).y)));
+      const int e = binade(warp_max(m));
+      for (int j = lane; j < D / 2; j += 32) at(j) = make_float2(ldexpf(at(j).x, -e), ldexpf(at(j).y, -e));
+      if (lane == 0) mean_exp[warp] = ldexpf(1.f, e);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int c = 0; c < 2; ++c) mean_scale[c] = 2 * tig + c < heads ? mean_exp[2 * tig + c] * a.q_scale : 0.f;
+#pragma unroll
+    for (int k = 0; k < D / 64; ++k) rate[k] = __ldg(a.rope_inv_freq + lane + 32 * k);
+  }
+
   float acc[D / 16][4];
 #pragma unroll
   for (int mt = 0; mt < D / 16; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
@@ -622,11 +691,42 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
 
     float s[4] = {0.f, 0.f, 0.f, 0.f};  // (tok gid: heads 2tig, 2tig+1), (tok gid+8: same)
     key_scores(tile, kt, qb, s);
+    float km[4] = {0.f, 0.f, 0.f, 0.f};  // the key mean's term (kMean), same layout
+    if constexpr (kMean) {
+      const int t0 = start + kTile * i;
+      float cs[D / 64], sn[D / 64];
+#pragma unroll
+      for (int k = 0; k < D / 64; ++k) reduced_sincos(static_cast<float>(t0) * rate[k], sn[k], cs[k]);
+#pragma unroll
+      for (int st = 0; st < D / 16; ++st) {
+        uint32_t b[2];
+#pragma unroll
+        for (int hs = 0; hs < 2; ++hs) {  // frequency f = 8 st + 4 hs + tig, turned by t0 w_f
+          const int src = (8 * st + 4 * hs) % 32 + tig, k = (8 * st + 4 * hs) / 32;
+          const float c = __shfl_sync(0xffffffffu, cs[k], src), sv = __shfl_sync(0xffffffffu, sn[k], src);
+          const float2 ab = mean_ab[(2 * st + hs) * 32 + lane];
+          b[hs] = half2_bits(fmaf(ab.x, c, ab.y * sv), fmaf(ab.y, c, -ab.x * sv));
+        }
+        const uint32_t frag[4] = {mean_table[(4 * st) * 32], mean_table[(4 * st + 1) * 32],
+                                  mean_table[(4 * st + 2) * 32], mean_table[(4 * st + 3) * 32]};
+        mma_16816(km, frag, b[0], b[1]);
+      }
+      if (t0 == 0 && gid == 0) km[0] = km[1] = 0.f;  // position 0 has no term
+#pragma unroll
+      for (int e = 0; e < 4; ++e) km[e] *= mean_scale[e & 1];
+    }
     const float kn0 = k_norm[gid], kn1 = k_norm[gid + 8];
-    s[0] = live0 ? s[0] * (kn0 * qs[0]) : -INFINITY;
-    s[1] = live0 ? s[1] * (kn0 * qs[1]) : -INFINITY;
-    s[2] = live1 ? s[2] * (kn1 * qs[0]) : -INFINITY;
-    s[3] = live1 ? s[3] * (kn1 * qs[1]) : -INFINITY;
+    if constexpr (kMean) {
+      s[0] = live0 ? fmaf(s[0], kn0 * qs[0], km[0]) : -INFINITY;
+      s[1] = live0 ? fmaf(s[1], kn0 * qs[1], km[1]) : -INFINITY;
+      s[2] = live1 ? fmaf(s[2], kn1 * qs[0], km[2]) : -INFINITY;
+      s[3] = live1 ? fmaf(s[3], kn1 * qs[1], km[3]) : -INFINITY;
+    } else {
+      s[0] = live0 ? s[0] * (kn0 * qs[0]) : -INFINITY;
+      s[1] = live0 ? s[1] * (kn0 * qs[1]) : -INFINITY;
+      s[2] = live1 ? s[2] * (kn1 * qs[0]) : -INFINITY;
+      s[3] = live1 ? s[3] * (kn1 * qs[1]) : -INFINITY;
+    }
     const float vn0 = live0 ? v_norm[gid] : 0.f, vn1 = live1 ? v_norm[gid + 8] : 0.f;
     float p[4], alpha[2];
 #pragma unroll
@@ -759,40 +859,42 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
   rotate_back(a, q_row0, heads, dim, merged, D, head_inv);
 }
 
-template <int D, int KB, int VB, bool kRaw = false>
+template <int D, int KB, int VB, bool kRaw = false, bool kMean = false>
 int launch(const SplitArgs& args, const Plan& plan, unsigned units, cudaStream_t stream) {
-  using L = Layout<D, KB, VB>;
-  if (int rc = reserve_shared(split_kernel<D, KB, VB, kRaw>, L::kShared)) return rc;
-  split_kernel<D, KB, VB, kRaw><<<dim3(units, plan.ctas_per_pair), L::kWarps * 32, L::kShared, stream>>>(args);
+  using L = Layout<D, KB, VB, kMean>;
+  if (int rc = reserve_shared(split_kernel<D, KB, VB, kRaw, kMean>, L::kShared)) return rc;
+  split_kernel<D, KB, VB, kRaw, kMean><<<dim3(units, plan.ctas_per_pair), L::kWarps * 32, L::kShared, stream>>>(args);
   return launch_status();
 }
 
 // The raw path's instances (tq_paged_attention_mma_raw.cu): padded head dims 32, 48, ..., 256.
 int launch_raw(const SplitArgs& args, const Plan& plan, unsigned units, int padded_dim, cudaStream_t stream);
 
-// Every pair of widths 1..8 has an instance; each head dim's 64 are compiled in their own
-// translation unit (tq_paged_attention_mma_d<D>.cu), declared here.
-template <int D>
+// Every pair of widths 1..8 has an instance, with and without the key mean; each head dim's 64 of
+// each kind are compiled in their own translation unit (tq_paged_attention_mma_d<D>[_mean].cu),
+// declared here.
+template <int D, bool kMean>
 int launch_bits(const SplitArgs& args, const Plan& plan, unsigned units, int kb, int vb, cudaStream_t stream);
-template <>
-int launch_bits<64>(const SplitArgs& args, const Plan& plan, unsigned units, int kb, int vb, cudaStream_t stream);
-template <>
-int launch_bits<128>(const SplitArgs& args, const Plan& plan, unsigned units, int kb, int vb, cudaStream_t stream);
-template <>
-int launch_bits<256>(const SplitArgs& args, const Plan& plan, unsigned units, int kb, int vb, cudaStream_t stream);
-
-#define TQ_MMA_CASE(D, K, V) \
-  if (kb == K && vb == V) return launch<D, K, V>(args, plan, units, stream);
-#define TQ_MMA_VALUES(D, K) \
-  TQ_MMA_CASE(D, K, 1) TQ_MMA_CASE(D, K, 2) TQ_MMA_CASE(D, K, 3) TQ_MMA_CASE(D, K, 4) \
-  TQ_MMA_CASE(D, K, 5) TQ_MMA_CASE(D, K, 6) TQ_MMA_CASE(D, K, 7) TQ_MMA_CASE(D, K, 8)
-// The definition of launch_bits<D>, for the one translation unit that instantiates it.
-#define TQ_MMA_DEFINE_LAUNCH_BITS(D)                                                                    \
+#define TQ_MMA_DECLARE_LAUNCH_BITS(D, M)                                                                \
   template <>                                                                                          \
-  int launch_bits<D>(const SplitArgs& args, const Plan& plan, unsigned units, int kb, int vb,           \
-                     cudaStream_t stream) {                                                            \
-    TQ_MMA_VALUES(D, 1) TQ_MMA_VALUES(D, 2) TQ_MMA_VALUES(D, 3) TQ_MMA_VALUES(D, 4)                   \
-    TQ_MMA_VALUES(D, 5) TQ_MMA_VALUES(D, 6) TQ_MMA_VALUES(D, 7) TQ_MMA_VALUES(D, 8)                   \
+  int launch_bits<D, M>(const SplitArgs& args, const Plan& plan, unsigned units, int kb, int vb,        \
+                        cudaStream_t stream);
+TQ_MMA_DECLARE_LAUNCH_BITS(64, false) TQ_MMA_DECLARE_LAUNCH_BITS(128, false) TQ_MMA_DECLARE_LAUNCH_BITS(256, false)
+TQ_MMA_DECLARE_LAUNCH_BITS(64, true) TQ_MMA_DECLARE_LAUNCH_BITS(128, true) TQ_MMA_DECLARE_LAUNCH_BITS(256, true)
+#undef TQ_MMA_DECLARE_LAUNCH_BITS
+
+#define TQ_MMA_CASE(D, K, V, M) \
+  if (kb == K && vb == V) return launch<D, K, V, false, M>(args, plan, units, stream);
+#define TQ_MMA_VALUES(D, K, M) \
+  TQ_MMA_CASE(D, K, 1, M) TQ_MMA_CASE(D, K, 2, M) TQ_MMA_CASE(D, K, 3, M) TQ_MMA_CASE(D, K, 4, M) \
+  TQ_MMA_CASE(D, K, 5, M) TQ_MMA_CASE(D, K, 6, M) TQ_MMA_CASE(D, K, 7, M) TQ_MMA_CASE(D, K, 8, M)
+// The definition of launch_bits<D, M>, for the one translation unit that instantiates it.
+#define TQ_MMA_DEFINE_LAUNCH_BITS(D, M)                                                                 \
+  template <>                                                                                          \
+  int launch_bits<D, M>(const SplitArgs& args, const Plan& plan, unsigned units, int kb, int vb,        \
+                        cudaStream_t stream) {                                                         \
+    TQ_MMA_VALUES(D, 1, M) TQ_MMA_VALUES(D, 2, M) TQ_MMA_VALUES(D, 3, M) TQ_MMA_VALUES(D, 4, M)       \
+    TQ_MMA_VALUES(D, 5, M) TQ_MMA_VALUES(D, 6, M) TQ_MMA_VALUES(D, 7, M) TQ_MMA_VALUES(D, 8, M)       \
     return TQ_CUDA_BAD_ARGUMENT;                                                                       \
   }
 

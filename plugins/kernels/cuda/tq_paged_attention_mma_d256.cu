@@ -3,6 +3,6 @@
 
 namespace tq_cuda {
 namespace mma {
-TQ_MMA_DEFINE_LAUNCH_BITS(256)
+TQ_MMA_DEFINE_LAUNCH_BITS(256, false)
 }  // namespace mma
 }  // namespace tq_cuda

@@ -45,6 +45,8 @@ namespace mma {
 // on the raw path, padded to a multiple of 16 (at least 32); 0 when the kernel cannot take it.
 int64_t kernel_dim(int64_t dim, int k_bits, int v_bits);
 bool supported(int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, int k_bits, int v_bits);
+// whether the kernel has the key mean's term at this head dim (the packed layout: 64, 128, 256)
+bool takes_key_mean(int64_t dim);
 // The alignment (bytes) the kernel's cp.async copies need of the codes' base pointers.
 int chunk_alignment(int64_t dim, int k_bits, int v_bits);
 Plan make_plan(int64_t num_seqs, int64_t hkv, int64_t group, int64_t dim, int64_t max_blocks, int64_t block_size,

@@ -1,0 +1,9 @@
+// The tensor-core decode attention's instances for head dim 256 with the key mean: every pair of bit
+// widths 1..8.
+#include "tq_paged_attention_mma.cuh"
+
+namespace tq_cuda {
+namespace mma {
+TQ_MMA_DEFINE_LAUNCH_BITS(256, true)
+}  // namespace mma
+}  // namespace tq_cuda
