@@ -22,7 +22,8 @@
  *            token at position t >= 1 of its sequence adds q . R_t mu to s_t before the scale:
  *            sum_j A_j cos(t w_j) + B_j sin(t w_j), A_j = q_j mu_j + q_j' mu_j',
  *            B_j = q_j' mu_j - q_j mu_j', j' = j + D/2, q unrotated, angle the float32 t * w_j
- *            (the generic kernel only: tq_cuda_paged_attention_path)
+ *            (the tensor-core kernel at head dims 64/128/256, else the generic kernel:
+ *            tq_cuda_paged_attention_path)
  *
  * Layouts: rotation [D, D] row-major float32 (y = rotation @ x); codebooks [2**bits] ascending
  * float32; paged cache codes [N, B, Hkv, P] uint8 and norms [N, B, Hkv] float32 with
@@ -112,9 +113,9 @@ int tq_cuda_paged_attention_run(const tq_cuda_paged_attention_plan_t* plan, cons
 
 /* 1 when the call takes the tensor-core kernel (fp16/bf16 queries; head_dim up to 256 -- 64/128/256
  * on the packed layout, other dims with codes widened to 8 bits -- any bit widths, block size and
- * number of query heads per KV head; no key mean), 0 for the generic kernel (float32 queries,
- * larger head dims, calls with key_mean). Reads num_q_heads, num_kv_heads, head_dim, block_size,
- * k_bits, v_bits, dtype, key_mean. */
+ * number of query heads per KV head; the key mean at 64/128/256 only), 0 for the generic kernel
+ * (float32 queries, larger head dims, key_mean at other head dims). Reads num_q_heads,
+ * num_kv_heads, head_dim, block_size, k_bits, v_bits, dtype, key_mean. */
 int tq_cuda_paged_attention_path(const tq_paged_attention_call* call);
 
 #ifdef __cplusplus
