@@ -34,6 +34,7 @@ from tq_deploy.reference.paged import (  # noqa: E402
 )
 from tq_deploy.reference.quantizer import decode_reference, encode_reference  # noqa: E402
 from tq_deploy.runtime.library import NativeLibraryNotFoundError, ort_library_path  # noqa: E402
+from ort_support import assert_attention_close  # noqa: E402
 
 try:
     LIBRARY = ort_library_path()
@@ -289,17 +290,6 @@ def reference_attention(feeds, init, k_bits, v_bits, scale=0.0, oracle=False):
     fn = dense_attention_reference if oracle else paged_attention_reference
     return fn(feeds["query"], *(feeds[c] for c in CACHE_NAMES), feeds["block_tables"], feeds["context_lens"],
               init["rotation"], init["k_codebook"], init["v_codebook"], k_bits, v_bits, scale)
-
-
-def assert_attention_close(out: np.ndarray, ref: torch.Tensor, dtype: str) -> None:
-    ref_np = ref.float().numpy()
-    scale = max(np.abs(ref_np).max(), 1e-30)
-    if dtype == "float16":
-        assert out.dtype == np.float16
-        np.testing.assert_allclose(out.astype(np.float32), ref_np, rtol=2e-3, atol=2e-3 * scale)
-    else:
-        assert out.dtype == np.float32
-        np.testing.assert_allclose(out, ref_np, rtol=1e-4, atol=1e-5 * scale)
 
 
 ATTENTION_CASES = [

@@ -18,6 +18,7 @@ import torch
 
 ort = pytest.importorskip("onnxruntime")
 
+from ort_support import assert_attention_close  # noqa: E402
 from tq_deploy.export.single_op import make_op_model  # noqa: E402
 from tq_deploy.reference.paged import paged_attention_reference, paged_prefill_reference  # noqa: E402
 from tq_deploy.validate.inputs import CACHE_NAMES, model_initializers, random_inputs  # noqa: E402
@@ -46,18 +47,6 @@ def reference(model, feeds, k_bits, v_bits, scale=0.0):
                                    init["v_codebook"], k_bits, v_bits, scale)
 
 
-def assert_close(out: np.ndarray, ref: torch.Tensor, dtype: str) -> None:
-    ref_np = ref.float().numpy()
-    scale = max(np.abs(ref_np).max(), 1e-30)
-    assert np.isfinite(out).all(), "a slot or table entry the call must not read reached the output"
-    if dtype == "float16":
-        assert out.dtype == np.float16
-        np.testing.assert_allclose(out.astype(np.float32), ref_np, rtol=2e-3, atol=2e-3 * scale)
-    else:
-        assert out.dtype == np.float32
-        np.testing.assert_allclose(out, ref_np, rtol=1e-4, atol=1e-5 * scale)
-
-
 CASES = [
     # dim, k_bits, v_bits, hq, hkv, block_size, dtype
     (64, 4, 4, 4, 4, 16, "float32"),    # GQA 1
@@ -76,7 +65,7 @@ def test_paged_prefill_matches_reference(dim, k_bits, v_bits, hq, hkv, block_siz
     feeds = random_inputs(model, seed=seed)
     (out,) = run(model, feeds, library)
     assert out.shape == tuple(feeds["query"].shape)
-    assert_close(out, reference(model, feeds, k_bits, v_bits), dtype)
+    assert_attention_close(out, reference(model, feeds, k_bits, v_bits), dtype)
 
 
 def test_long_chunks_over_many_threads_and_a_scale(library, seed):
@@ -86,7 +75,7 @@ def test_long_chunks_over_many_threads_and_a_scale(library, seed):
     feeds = random_inputs(model, seed=seed, context_lens=[130, 77, 5], num_tokens=70)
     assert feeds["query_start"].tolist() == [0, 70, 140, 145]
     (out,) = run(model, feeds, library)
-    assert_close(out, reference(model, feeds, 3, 4, 0.3), "float32")
+    assert_attention_close(out, reference(model, feeds, 3, 4, 0.3), "float32")
 
 
 def test_one_row_per_sequence_is_the_decode_op(library, seed):
@@ -103,7 +92,7 @@ def test_one_row_per_sequence_is_the_decode_op(library, seed):
     init = model_initializers(decode)
     ref = paged_attention_reference(*(feeds[n] for n in ARGS[:-1]), init["rotation"], init["k_codebook"],
                                     init["v_codebook"], 4, 2)
-    assert_close(got, ref, "float32")
+    assert_attention_close(got, ref, "float32")
 
 
 def test_no_query_rows(library, seed):
@@ -191,7 +180,7 @@ def test_chunked_prefill_graph_writes_then_attends(library, seed):
     cache_update_reference(key, value, slots, *caches, init["rotation"], init["k_codebook"], init["v_codebook"],
                            bits, bits)
     updated = dict(feeds, **dict(zip(CACHE_NAMES, caches)))
-    assert_close(out, reference(prefill, updated, bits, bits), "float32")
+    assert_attention_close(out, reference(prefill, updated, bits, bits), "float32")
 
 
 def test_portable_kernels_match_reference(library):
@@ -228,7 +217,7 @@ def test_cuda_session_runs_the_prefill_node(tmp_path, seed):
     feeds = random_inputs(model, seed=seed)
     sess = make_session(model.SerializeToString(), provider="cuda")
     (out,) = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
-    assert_close(out, reference(model, feeds, 4, 3), "float32")
+    assert_attention_close(out, reference(model, feeds, 4, 3), "float32")
 
 
 @pytest.mark.gpu
