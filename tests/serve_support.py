@@ -9,7 +9,9 @@ import re
 import secrets
 import shutil
 import socket
+import subprocess
 import tempfile
+import threading
 import urllib.request
 
 import numpy as np
@@ -164,3 +166,29 @@ def pool_gauges(metrics_url: str) -> dict[str, float]:
         if match:
             values["sequences"] = float(match.group(1))
     return values
+
+
+class ServeProcess:
+    """``tq-deploy serve`` (``args``: its whole command line) in a subprocess; ``lines`` collects its
+    output, ``wait_ready`` waits for its "ready:" line or fails the test with what it printed."""
+
+    def __init__(self, args: list[str]):
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if "ready:" in line:
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        self._ready.wait(timeout)
+        if self.process.poll() is not None or not any("ready:" in line for line in self.lines):
+            self.process.kill()
+            pytest.fail("tq-deploy serve did not get ready:\n" + "\n".join(self.lines))

@@ -9,7 +9,6 @@ the server or the client is not installed.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import threading
 
 import numpy as np
 import pytest
-from serve_support import CONFIG, TOLERANCE, exported_model, free_ports, fresh_seed, pool_gauges, \
+from serve_support import CONFIG, TOLERANCE, ServeProcess, exported_model, free_ports, fresh_seed, pool_gauges, \
     reference_outputs, tritonserver_or_skip
 
 H = CONFIG.hidden_size
@@ -34,8 +33,8 @@ def _requirements():
     return httpclient, grpcclient
 
 
-class CliServer:
-    """``tq-deploy serve`` in a subprocess; ``lines`` collects its output."""
+class CliServer(ServeProcess):
+    """``tq-deploy serve`` of the decode model in a subprocess."""
 
     def __init__(self, *extra: str, log=None):
         self.http, self.grpc, self.metrics = free_ports(3)
@@ -44,25 +43,7 @@ class CliServer:
                 *extra]
         if log:
             args += ["--log", str(log)]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if "ready:" in line:
-                self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        self._ready.wait(timeout)
-        if self.process.poll() is not None or not any("ready:" in line for line in self.lines):
-            self.process.kill()
-            pytest.fail("tq-deploy serve did not get ready:\n" + "\n".join(self.lines))
+        super().__init__(args)
 
     def stop(self, signum) -> int:
         self.process.send_signal(signum)

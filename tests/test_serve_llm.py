@@ -29,7 +29,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serve_support import free_ports, tritonserver_or_skip
+from serve_support import ServeProcess, free_ports, tritonserver_or_skip
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
@@ -81,8 +81,8 @@ def kv_memory_for(blocks: int, path: str) -> str:
     return repr((blocks + 0.5) * block_bytes / 2**30)
 
 
-class LLMServer:
-    """``tq-deploy serve --model LLM`` in a subprocess."""
+class LLMServer(ServeProcess):
+    """``tq-deploy serve --model LLM`` in a subprocess, ready when constructed."""
 
     def __init__(self, model: str, *extra: str, kv_memory: str):
         self.http, self.grpc, self.metrics = free_ports(3)
@@ -90,22 +90,8 @@ class LLMServer:
                 "--chunk-size", str(CHUNK), "--step-tokens", str(2 * CHUNK),
                 "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
                 "--threads", "1", "--wait-timeout", "120", *extra]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        self._ready.wait(180)
-        if self.process.poll() is not None or not any("ready:" in line for line in self.lines):
-            self.process.kill()
-            pytest.fail("tq-deploy serve did not get ready:\n" + "\n".join(self.lines))
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if "ready:" in line:
-                self._ready.set()
-        self._ready.set()
+        super().__init__(args)
+        self.wait_ready(180)
 
     @property
     def base(self) -> str:
