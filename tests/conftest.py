@@ -52,12 +52,10 @@ def gen(seed) -> torch.Generator:
 def single_thread():
     """Run a test with one intra-op thread: many tiny LAPACK calls (QR of a 64x64 matrix)
     are hundreds of times slower with an oversubscribed OpenMP pool on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from tq_deploy.reference.llama import one_thread
+
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -250,9 +250,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """One intra-op thread while the layers draw their rotations: a small QR (64 x 64) per layer is
-    hundreds of times slower on a busy machine's oversubscribed OpenMP pool than on one thread."""
+def one_thread():
+    """One intra-op thread inside the block (the layers drawing their rotations, tests of small
+    models): a small QR (64 x 64) is hundreds of times slower on a busy machine's oversubscribed
+    OpenMP pool than on one thread."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -371,7 +372,7 @@ class LlamaDecoder(nn.Module):
         super().__init__()
         self.config = c = config
         self.embed_tokens = skip_init(nn.Embedding, c.vocab_size, c.hidden_size)
-        with _one_thread():
+        with one_thread():
             self.layers = nn.ModuleList(DecoderLayer(c, i, ops) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else _linear(c.hidden_size, c.vocab_size, bias=False)
