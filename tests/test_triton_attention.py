@@ -44,6 +44,7 @@ from tq_deploy.reference.paged import (  # noqa: E402
     rope_turned,
 )
 from tq_deploy.reference.quantizer import decode_reference  # noqa: E402
+from key_mean_support import draw_key_mean, relative_error  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -244,17 +245,6 @@ def test_bad_arguments_name_the_argument():
         attention(*args, 9, 4)
     with pytest.raises(ValueError, match="context_lens"):
         attention(*args[:6], args[6].long(), *args[7:], 4, 4)
-
-
-def draw_key_mean(hkv, dim, g, magnitude=1.0, rate_scale=1.0):
-    """key_mean [Hkv, D] = magnitude * N(0, 1) and RoPE rates w_j = rate_scale * 10000^(-2j/D)."""
-    mean = torch.randn(hkv, dim, generator=g) * magnitude
-    rates = rate_scale * 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return mean, rates.float()
-
-
-def relative_error(got, want):
-    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
 
 
 def run_mean_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, magnitude=1.0, rate_scale=1.0,

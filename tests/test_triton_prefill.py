@@ -27,6 +27,7 @@ except RuntimeError as exc:  # triton already imported in compiled mode by an ea
 from tq_deploy.reference import checks  # noqa: E402
 from tq_deploy.reference.paged import paged_prefill_reference, rope_turned  # noqa: E402
 from tq_deploy.reference.quantizer import decode_reference  # noqa: E402
+from key_mean_support import draw_key_mean, relative_error  # noqa: E402
 from test_paged_prefill import ARG_NAMES, make_prefill  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -150,17 +151,6 @@ def test_dispatcher_runs_the_reference_on_cpu_and_checks_data(gen):
     bad[7] = torch.tensor([0, 0, 1, 2, 14, 24], dtype=torch.int32)  # context 11, 12 rows
     with pytest.raises(ValueError, match="sequence 3 has 12 query rows"):
         paged_prefill(*bad)
-
-
-def draw_key_mean(hkv, dim, gen, magnitude=1.0, rate_scale=1.0):
-    """key_mean [Hkv, D] = magnitude * N(0, 1) and RoPE rates w_j = rate_scale * 10000^(-2j/D)."""
-    mean = torch.randn(hkv, dim, generator=gen) * magnitude
-    rates = rate_scale * 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return mean, rates.float()
-
-
-def relative_error(got, want):
-    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
 
 
 def run_mean_case(gen, *, dim, hq, hkv, page, k_bits, v_bits, dtype, lens=None, counts=None, magnitude=1.0,
