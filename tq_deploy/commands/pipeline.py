@@ -98,16 +98,21 @@ def run_synthetic(args) -> int:
 
 def _check_options(args):
     """The model config of the options; --out-dir made and writable."""
-    from tq_deploy import files
-
     if args.repeat < 1:
         raise ValueError(f"--repeat={args.repeat}, expected >= 1")
     config = config_from_args(args)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise ValueError(f"--out-dir {args.out_dir!r} is a file, expected a folder")
-    os.makedirs(args.out_dir, exist_ok=True)
-    files.check_writable(os.path.join(args.out_dir, "report.json"), "--out-dir")
+    make_out_dir(args.out_dir)
     return config
+
+
+def make_out_dir(out_dir: str) -> None:
+    """--out-dir made, and writable for the report (one line when it is a file or read-only)."""
+    from tq_deploy import files
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out-dir {out_dir!r} is a file, expected a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    files.check_writable(os.path.join(out_dir, "report.json"), "--out-dir")
 
 
 def _export(config, path: str, library, steps: dict) -> ExportedModel:

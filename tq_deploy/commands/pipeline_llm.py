@@ -80,8 +80,8 @@ def run(args) -> int:
 
 
 def _check_options(args) -> dict:
-    from tq_deploy import files
     from tq_deploy.commands.export import llm_options_from_args
+    from tq_deploy.commands.pipeline import make_out_dir
 
     if args.new_tokens < 1:
         raise ValueError(f"--new-tokens={args.new_tokens}, expected >= 1")
@@ -90,10 +90,7 @@ def _check_options(args) -> dict:
         args.kv_preset = DEFAULT_PRESET
     args.op = None
     options = llm_options_from_args(args)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise ValueError(f"--out-dir {args.out_dir!r} is a file, expected a folder")
-    os.makedirs(args.out_dir, exist_ok=True)
-    files.check_writable(os.path.join(args.out_dir, "report.json"), "--out-dir")
+    make_out_dir(args.out_dir)
     return options
 
 
