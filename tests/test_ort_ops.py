@@ -34,7 +34,7 @@ from tq_deploy.reference.paged import (  # noqa: E402
 )
 from tq_deploy.reference.quantizer import decode_reference, encode_reference  # noqa: E402
 from tq_deploy.runtime.library import NativeLibraryNotFoundError, ort_library_path  # noqa: E402
-from ort_support import assert_attention_close  # noqa: E402
+from ort_support import assert_attention_close, assert_passes_on_portable_kernels  # noqa: E402
 
 try:
     LIBRARY = ort_library_path()
@@ -514,18 +514,8 @@ def test_cache_update_rejects_invalid_inputs(mutate, fragments, gen):
 def test_portable_kernels_match_reference():
     """The portable (non-AVX2) attention path, forced with TQ_DEPLOY_CPU_KERNELS=portable in a
     fresh process (the choice is made once per process)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TQ_DEPLOY_CPU_KERNELS="portable", TQ_DEPLOY_ORT_LIBRARY=LIBRARY)
     selection = "test_paged_attention_matches_reference and (64-2-2-4 or 72-3-2 or 128-4-2-32 or 128-3-1)"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "4 passed" in result.stdout, result.stdout[-2000:]
+    assert_passes_on_portable_kernels(__file__, LIBRARY, selection, passed=4)
 
 
 def test_cache_update_in_place_with_io_binding(gen):

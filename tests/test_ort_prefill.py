@@ -18,7 +18,7 @@ import torch
 
 ort = pytest.importorskip("onnxruntime")
 
-from ort_support import assert_attention_close  # noqa: E402
+from ort_support import assert_attention_close, assert_passes_on_portable_kernels  # noqa: E402
 from tq_deploy.export.single_op import make_op_model  # noqa: E402
 from tq_deploy.reference.paged import paged_attention_reference, paged_prefill_reference  # noqa: E402
 from tq_deploy.validate.inputs import CACHE_NAMES, model_initializers, random_inputs  # noqa: E402
@@ -185,18 +185,8 @@ def test_chunked_prefill_graph_writes_then_attends(library, seed):
 
 def test_portable_kernels_match_reference(library):
     """The portable (non-AVX2) prefill path, forced with TQ_DEPLOY_CPU_KERNELS=portable in a fresh process."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TQ_DEPLOY_CPU_KERNELS="portable", TQ_DEPLOY_ORT_LIBRARY=library)
     selection = "test_paged_prefill_matches_reference and (128-3-2 or 72-3-6) or test_long_chunks"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "3 passed" in result.stdout, result.stdout[-2000:]
+    assert_passes_on_portable_kernels(__file__, library, selection, passed=3)
 
 
 def _cuda_ep():
