@@ -130,8 +130,14 @@ def test_calibrate_on_a_tiny_model_and_the_plan_round_trip(tiny, tmp_path):
     path = tmp_path / "plan.json"
     write_plan(path, bit_plan)
     again = load_plan(path)
-    assert again == bit_plan and again.info["name"] == "tiny"
+    assert again == bit_plan and again.info["name"] == "tiny" and again.key_mean is None
     assert json.loads(path.read_text())["format"] == "tq-deploy-bit-plan"
+    assert "key_mean" not in json.loads(path.read_text())
+    with_mean = make_plan(sens, layers, {"name": "tiny"}, "generated")
+    write_plan(path, with_mean)
+    again = load_plan(path)
+    assert again.key_mean == "generated" and json.loads(path.read_text())["key_mean"] == "generated"
+    assert again != bit_plan and "key_mean" not in again.info
 
 
 @pytest.mark.parametrize("edit, fragment", [
@@ -140,6 +146,9 @@ def test_calibrate_on_a_tiny_model_and_the_plan_round_trip(tiny, tmp_path):
     ({"layers": [{"k_bits": 4}]}, "no 'v_bits'"),
     ({"num_layers": 3}, "num_layers=3, expected 1"),
     ({"head_dim": "64"}, "head_dim='64'"),
+    ({"key_mean": ""}, "key_mean='', expected the key mean's calibration source"),
+    ({"key_mean": 3}, "key_mean=3, expected"),
+    ({"key_mean": "none"}, "key_mean='none', expected"),
 ])
 def test_bad_plans_are_one_clear_line(tmp_path, edit, fragment):
     data = BitPlan(((6, 4),), 64).to_dict()
@@ -150,3 +159,4 @@ def test_bad_plans_are_one_clear_line(tmp_path, edit, fragment):
         load_plan(path)
     with pytest.raises(ValueError, match="does not exist"):
         load_plan(tmp_path / "missing.json")
+

@@ -247,3 +247,38 @@ def test_the_kpc_score_term_is_q_dot_the_rotated_mean(tiny):
     flipped = bias_at(-positions)
     assert (flipped - bias).abs().max() > 1e-2
 
+
+
+def test_a_plan_with_the_key_mean_scores_as_its_configuration(tiny, ids, stats, monkeypatch):
+    """evaluate(): a uniform BitPlan carrying a key mean is the mse-kKvV-kpc1@SOURCE row to rounding, and
+    not the plan without it."""
+    from tq_deploy.eval import perplexity as ppl_module
+    from tq_deploy.presets import BitPlan
+
+    monkeypatch.setitem(ppl_module._STATISTICS, tiny.model, {"random": stats})
+    plans = [BitPlan(((4, 3),) * LAYERS, DIM, {"name": name}, key_mean=mean)
+             for name, mean in (("with", "random"), ("without", None))]
+    rows = ppl_module.evaluate(["mse-k4v3-kpc1@random", *plans], tiny, ids, chunk_size=32)
+    by_name = {r["config"]: r["ppl"] for r in rows}
+    assert by_name["with"] == pytest.approx(by_name["mse-k4v3-kpc1@random"], rel=1e-6)
+    assert abs(by_name["without"] / by_name["with"] - 1) > 1e-4
+
+
+def test_calibrate_probes_the_keys_without_the_key_mean(tiny, ids, stats):
+    """measure_sensitivity(key_mean=...): a key probe is the NLL change of that layer's keys quantized as
+    the kpc1 cache stores them; value probes do not depend on the key mean."""
+    from tq_deploy.eval.calibrate import measure_sensitivity
+    from tq_deploy.eval.key_transforms import with_key_mean
+
+    plain = measure_sensitivity(tiny, ids, 2, 2, chunk_size=32)
+    centred = measure_sensitivity(tiny, ids, 2, 2, chunk_size=32, key_mean=stats)
+    base = perplexity(tiny.model, ids, None, 32)
+    plan = [(32, 32)] * LAYERS
+    plan[1] = (2, 32)
+    probe = perplexity(tiny.model, ids, with_key_mean(LayerPlanKVQuantizer(plan, DIM), stats), 32)
+    count = ids.shape[1] - 1
+    assert centred.dnll[(1, "k")] == pytest.approx((probe.nll_sum - base.nll_sum) / count, abs=1e-6)
+    assert any(abs(centred.kl[(layer, "k")] - plain.kl[(layer, "k")]) > 1e-3 * plain.kl[(layer, "k")]
+               for layer in range(LAYERS))
+    for layer in range(LAYERS):
+        assert centred.kl[(layer, "v")] == pytest.approx(plain.kl[(layer, "v")], rel=1e-3, abs=1e-7)

@@ -146,3 +146,22 @@ def test_cli_key_mean_source_and_its_errors(checkpoint, tmp_path, capsys):
         assert code == 2 and len(lines) == 1 and lines[0].startswith("tq-deploy export: error: "), lines
         assert message in lines[0]
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_plan_carries_its_key_mean_into_the_export(checkpoint, tmp_path):
+    """`tq-deploy calibrate --key-mean` writes the source into the plan; `export --plan` calibrates that key
+    mean unless --key-mean says otherwise."""
+    from tq_deploy.cli import main
+    from tq_deploy.export.common import read_metadata
+    from tq_deploy.presets import BitPlan, write_plan
+
+    plan = tmp_path / "plan.json"
+    write_plan(plan, BitPlan(((5, 4), (4, 3), (4, 4)), 16, {"name": "tiny"}, key_mean="generated"))
+    for extra, expected in (([], True), (["--key-mean", "none"], False)):
+        out = tmp_path / f"plan{len(extra)}.onnx"
+        assert main(["export", "--model", checkpoint, "--plan", str(plan), "--block-size", "8", "--out", str(out),
+                     *extra]) == 0
+        _, config = read_metadata(str(out))
+        assert config["key_mean"] is expected
+        assert [tuple(p) for p in config["layer_bits"]] == [(5, 4), (4, 3), (4, 4)]
+        assert config.get("key_mean_calibration") == ("generated" if expected else None)

@@ -19,10 +19,12 @@ Measured deltas: perplexity of SmolLM2-135M-Instruct (head_dim 64, 30 layers) ov
 tokens of each shipped text with every layer's cache quantized, relative to the fp32 cache,
 mean and sample standard deviation over rotation seeds (docs/quality.md has the command).
 
-A bit plan (``tq-deploy calibrate``) gives every layer its own widths; it is a JSON file:
+A bit plan (``tq-deploy calibrate``) gives every layer its own widths, and optionally the key
+mean's calibration source (as a preset does); it is a JSON file:
 
     {"format": "tq-deploy-bit-plan", "version": 1, "head_dim": 64, "num_layers": 30,
-     "layers": [{"k_bits": 6, "v_bits": 4}, ...], ...anything else (how it was made)}
+     "layers": [{"k_bits": 6, "v_bits": 4}, ...], "key_mean": "generated" (optional),
+     ...anything else (how it was made)}
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class BitPlan:
     layers: tuple
     head_dim: int
     info: dict = field(default_factory=dict, compare=False)
+    key_mean: str | None = None  # the key mean's calibration source (tq_deploy.models.key_mean), or none
 
     def __post_init__(self):
         if not self.layers:
@@ -124,6 +127,10 @@ class BitPlan:
         if (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
                 or not 2 <= self.head_dim <= MAX_PLAN_HEAD_DIM):
             raise ValueError(f"plan head_dim={self.head_dim!r}, expected an int in [2, {MAX_PLAN_HEAD_DIM}]")
+        if self.key_mean is not None and (not isinstance(self.key_mean, str) or not self.key_mean.strip()
+                                          or self.key_mean == "none"):
+            raise ValueError(f"plan key_mean={self.key_mean!r}, expected the key mean's calibration source "
+                             "(generated, a shipped text or a text file) or no key_mean entry")
 
     @property
     def num_layers(self) -> int:
@@ -138,7 +145,8 @@ class BitPlan:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "head_dim": self.head_dim,
                 "num_layers": self.num_layers,
                 "effective_bits": round(self.effective_bits(), 4),
-                "layers": [{"k_bits": k, "v_bits": v} for k, v in self.layers], **self.info}
+                "layers": [{"k_bits": k, "v_bits": v} for k, v in self.layers],
+                **({"key_mean": self.key_mean} if self.key_mean else {}), **self.info}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> "BitPlan":
@@ -159,9 +167,9 @@ class BitPlan:
         if "num_layers" in data and data["num_layers"] != len(pairs):
             raise ValueError(f"{source}: num_layers={data['num_layers']!r}, expected {len(pairs)} (the layers listed)")
         info = {k: v for k, v in data.items()
-                if k not in ("format", "version", "head_dim", "num_layers", "effective_bits", "layers")}
+                if k not in ("format", "version", "head_dim", "num_layers", "effective_bits", "layers", "key_mean")}
         try:
-            return cls(pairs, data.get("head_dim"), info)
+            return cls(pairs, data.get("head_dim"), info, data.get("key_mean"))
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
 

