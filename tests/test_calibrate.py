@@ -160,3 +160,24 @@ def test_bad_plans_are_one_clear_line(tmp_path, edit, fragment):
     with pytest.raises(ValueError, match="does not exist"):
         load_plan(tmp_path / "missing.json")
 
+
+def test_rounding_draws_give_the_methods_that_draw_nothing_a_spread(tiny):
+    """evaluate(rounding_draws=True): KIVI runs once per seed, draw 0 on the model as it is and draws i > 0
+    on embeddings perturbed at float32-rounding size, restored afterwards; TurboQuant rows are unchanged."""
+    from tq_deploy.eval.perplexity import evaluate, rounding_draw
+
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(2))
+    weight = tiny.model.get_input_embeddings().weight
+    before = weight.detach().clone()
+    with rounding_draw(tiny.model, 1):
+        changed = weight.detach().clone()
+    assert torch.equal(weight, before)
+    relative = (changed / before - 1)[before != 0]
+    assert 0 < relative.abs().max() < 1e-6 and relative.std() == pytest.approx(1e-7, rel=0.1)
+    plain = evaluate(["kivi-2", "mse-k3v2"], tiny, ids, chunk_size=16, seeds=3)
+    drawn = evaluate(["kivi-2", "mse-k3v2"], tiny, ids, chunk_size=16, seeds=3, rounding_draws=True)
+    assert [len(r["ppl_by_seed"]) for r in plain] == [1, 1, 3]
+    assert [len(r["ppl_by_seed"]) for r in drawn] == [1, 3, 3]
+    assert drawn[1]["ppl_by_seed"][0] == plain[1]["ppl"]  # draw 0: the model as it is
+    assert drawn[0]["ppl"] == plain[0]["ppl"] and drawn[2]["ppl_by_seed"] == plain[2]["ppl_by_seed"]
+    assert torch.equal(weight, before)

@@ -265,6 +265,8 @@ def test_shipped_texts_resolve():
     (["--kv-preset", "quality", "--k-bits", "4"], "--kv-preset='quality' with --k-bits/--v-bits"),
     (["--text", "missing.txt"], "--text='missing.txt' is neither a file nor a shipped text"),
     (["--seeds", "0"], "--seeds=0, expected >= 1"),
+    (["--rounding-draws"], "--rounding-draws with --seeds=1 and --backend torch, expected --seeds >= 2"),
+    (["--rounding-draws", "--seeds", "2", "--backend", "ort"], "--rounding-draws with --seeds=2 and --backend ort"),
 ])
 def test_eval_ppl_bad_options_are_one_line(argv, fragment, capsys):
     from tq_deploy.cli import main

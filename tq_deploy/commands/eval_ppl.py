@@ -46,6 +46,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per quantized configuration with seeds seed, seed + L, ... (L = max(2, layers)): "
                              "report the mean PPL and the spread of the delta (default 1)")
+    parser.add_argument("--rounding-draws", action="store_true",
+                        help="with --seeds N, run the configurations that draw nothing (naive, KIVI, int8) N times "
+                             "too, draw i > 0 with the embedding weights times 1 + 1e-7 N(0, 1): the rounding noise "
+                             "a quantized cache carries on, so that their rows are means over draws as TurboQuant's")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the rows as JSON to PATH (no PATH: print JSON instead of the table)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="save PPL vs effective bits to this PNG")
@@ -135,6 +139,9 @@ def run(args) -> int:
         raise ValueError(f"--chunk-size={args.chunk_size}, expected >= 1")
     if args.seeds < 1:
         raise ValueError(f"--seeds={args.seeds}, expected >= 1")
+    if args.rounding_draws and (args.seeds < 2 or args.backend != "torch"):
+        raise ValueError(f"--rounding-draws with --seeds={args.seeds} and --backend {args.backend}, expected --seeds "
+                         ">= 2 and --backend torch (draw 0 is the model as it is)")
     if args.kv_preset and (args.k_bits is not None or args.v_bits is not None):
         raise ValueError(f"--kv-preset={args.kv_preset[0]!r} with --k-bits/--v-bits, expected one or the other "
                          "(a preset fixes both widths)")
@@ -180,7 +187,8 @@ def run(args) -> int:
             print(f"  [{text_name}] {row['config']:<24} PPL {row['ppl']:.4f} ({row['delta_pct']:+.2f}%{spread}) "
                   f"{row['seconds']:.1f} s", file=sys.stderr, flush=True)
 
-        for row in evaluate(configs, loaded, ids, args.chunk_size, args.seed, progress, args.seeds, labels):
+        for row in evaluate(configs, loaded, ids, args.chunk_size, args.seed, progress, args.seeds, labels,
+                            args.rounding_draws):
             rows.append({"text": text_name, **row})
     meta = {
         "model": loaded.name,
@@ -193,6 +201,7 @@ def run(args) -> int:
         "chunk_size": args.chunk_size,
         "seed": args.seed,
         "seeds": args.seeds,
+        "rounding_draws": args.rounding_draws,
         "storage": "TurboQuant float32 norms; naive, int8 and KIVI fp16 scales/zeros (tq_deploy/eval/configs.py)",
         "load_seconds": load_seconds,
         "total_seconds": time.perf_counter() - start,

@@ -16,6 +16,7 @@ the calibration length.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -139,8 +140,36 @@ def calibration_statistics(loaded, source: str, chunk_size: int = DEFAULT_CHUNK_
 _STATISTICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {source: KVStatistics}
 
 
+ROUNDING_NOISE = 1e-7  # relative: the size of a float32 rounding (2**-24 = 6e-8)
+
+
+@contextlib.contextmanager
+def rounding_draw(model, draw: int):
+    """``model`` with its input embedding weights multiplied by 1 + ROUNDING_NOISE * N(0, 1) (generator
+    seed ``draw``) inside the block, restored exactly after; draw 0 leaves the model as it is.
+
+    The fp32 model's perplexity moves by about 1e-6 relative; a quantized cache carries such a change
+    on (a coordinate on a code boundary takes the neighbouring code, and every later layer and token
+    sees it), by 0.1-0.5 % on SmolLM2. A method that draws nothing (KIVI, naive, int8) gets its spread
+    from such draws, as TurboQuant gets its from the rotation seed."""
+    if draw == 0:
+        yield model
+        return
+    weight = model.get_input_embeddings().weight
+    kept = weight.detach().clone()
+    noise = torch.randn(kept.shape, generator=torch.Generator().manual_seed(draw), dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            weight.mul_((1 + ROUNDING_NOISE * noise).to(weight.device, weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+
+
 def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0,
-             progress=None, seeds: int = 1, labels: dict | None = None) -> list[dict]:
+             progress=None, seeds: int = 1, labels: dict | None = None,
+             rounding_draws: bool = False) -> list[dict]:
     """One row per configuration (names, CacheConfig or presets.BitPlan), the fp32 baseline first and
     always included.
 
@@ -151,6 +180,9 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
     (TurboQuant_mse rotates layer l with seed + l, the other methods keys with the seed and
     values with seed + 1): ``ppl`` is then the mean over seeds, ``delta_pct_std`` the sample standard deviation of the deltas
     and ``ppl_by_seed`` the individual values (fp32, naive, KIVI and int8 have no seed).
+    ``rounding_draws``: the configurations that draw nothing but fp32 (naive, KIVI, int8) run ``seeds``
+    times as well, draw i under :func:`rounding_draw` (i), so that every quantized row is a mean
+    over draws; the fp32 baseline stays the one unperturbed run.
     """
     if seeds < 1:
         raise ValueError(f"seeds={seeds}, expected >= 1")
@@ -168,7 +200,9 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
             # fp32, naive and KIVI involve no random draw, nor does int8 with int8 values.
             random_draw = config.method in ("mse", "prod", "mixed") or (config.method == "int8" and config.v_bits != 8)
         step = max(2, loaded.num_layers)
-        for i in range(seeds if random_draw else 1):
+        rounding = rounding_draws and not random_draw and not (isinstance(config, CacheConfig)
+                                                               and config.method == "fp32")
+        for i in range(seeds if random_draw or rounding else 1):
             if isinstance(config, BitPlan):
                 from tq_deploy.eval.key_transforms import with_key_mean
 
@@ -179,7 +213,8 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
                 statistics = calibration_statistics(loaded, config.calibration, chunk_size) \
                     if config.transform else None
                 quantizer = build_kv_quantizer(config, loaded.head_dim, seed + step * i, statistics)
-            runs.append(perplexity(loaded.model, input_ids, quantizer, chunk_size))
+            with rounding_draw(loaded.model, i if rounding else 0):
+                runs.append(perplexity(loaded.model, input_ids, quantizer, chunk_size))
         baseline = runs[0].ppl if baseline is None else baseline
         deltas = [100.0 * (r.ppl / baseline - 1.0) for r in runs]
         row["config"] = labels.get(row["config"], row["config"])
