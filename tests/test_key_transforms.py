@@ -282,3 +282,19 @@ def test_calibrate_probes_the_keys_without_the_key_mean(tiny, ids, stats):
                for layer in range(LAYERS))
     for layer in range(LAYERS):
         assert centred.kl[(layer, "v")] == pytest.approx(plain.kl[(layer, "v")], rel=1e-3, abs=1e-7)
+
+
+def test_calibrate_on_several_sequences_weights_each_by_its_tokens(tiny, stats):
+    """measure_sensitivity over a list of sequences (`calibrate --text generated`): each probe's KL and
+    NLL change are the token-weighted means of those of the sequences alone."""
+    from tq_deploy.eval.calibrate import measure_sensitivity
+
+    gen = torch.Generator().manual_seed(4)
+    first, second = torch.randint(0, 97, (1, 40), generator=gen), torch.randint(0, 97, (1, 24), generator=gen)
+    both = measure_sensitivity(tiny, [first, second], 2, 2, chunk_size=16, key_mean=stats)
+    alone = [measure_sensitivity(tiny, ids, 2, 2, chunk_size=16, key_mean=stats) for ids in (first, second)]
+    for key in both.kl:
+        assert both.kl[key] == pytest.approx((39 * alone[0].kl[key] + 23 * alone[1].kl[key]) / 62, rel=1e-9)
+        assert both.dnll[key] == pytest.approx((39 * alone[0].dnll[key] + 23 * alone[1].dnll[key]) / 62,
+                                               rel=1e-9, abs=1e-12)
+    assert both.baseline_nll == pytest.approx((39 * alone[0].baseline_nll + 23 * alone[1].baseline_nll) / 62)

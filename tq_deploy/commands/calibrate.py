@@ -2,7 +2,8 @@
 
     tq-deploy calibrate --text corpus.txt --ppl-budget 1.0 --out plan.json      # fewest bits within +1% PPL
     tq-deploy calibrate --text corpus.txt --memory-budget 4.5 --out plan.json   # lowest PPL at 4.5 eff. bits
-    tq-deploy calibrate --memory-budget 4.75 --key-mean generated --out plan.json   # for keys without a key mean
+    tq-deploy calibrate --text generated --memory-budget 4.25 --key-mean generated --out plan.json
+                                         # no text: the model's own samples; keys stored without a key mean
     tq-deploy export --plan plan.json --out model.onnx                          # per-layer k_bits/v_bits
     tq-deploy eval-ppl --plan plan.json --text other.txt                        # the plan on other text
 
@@ -18,6 +19,7 @@ Needs the eval extra and the model (see `tq-deploy eval-ppl`).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -27,8 +29,10 @@ from tq_deploy.cli import count
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="JSON", help="where to write the bit plan")
     parser.add_argument("--text", default="austen", metavar="PATH|NAME",
-                        help="calibration text: a UTF-8 file or a shipped text (austen, darwin) (default austen)")
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens of the text to use (default 1024)")
+                        help="calibration text: a UTF-8 file, a shipped text (austen, darwin) or generated (texts "
+                             "the model samples itself, as the key mean's: no text needed) (default austen)")
+    parser.add_argument("--tokens", type=int, default=1024,
+                        help="tokens of the text to use (generated: in all, over its 8 texts) (default 1024)")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ppl-budget", type=float, metavar="PCT",
                         help="largest predicted PPL increase in percent: the plan with the fewest bits within it")
@@ -78,8 +82,8 @@ def run(args) -> int:
 
     from tq_deploy import files
     from tq_deploy.commands.export import key_mean_source
-    from tq_deploy.eval.calibrate import allocate, make_plan, measure_sensitivity
-    from tq_deploy.eval.key_transforms import with_key_mean
+    from tq_deploy.eval.calibrate import allocate, make_plan, measure_sensitivity, sequences_of
+    from tq_deploy.eval.key_transforms import calibration_ids, with_key_mean
     from tq_deploy.eval.kv_quantizers import LayerPlanKVQuantizer
     from tq_deploy.eval.model import DEFAULT_GGUF_FILE, load_model, read_text, resolve_texts, tokenize
     from tq_deploy.eval.perplexity import calibration_statistics, perplexity
@@ -87,14 +91,16 @@ def run(args) -> int:
 
     check_args(args)
     key_mean = key_mean_source(args)
-    (text_name, text_path), = resolve_texts([args.text])[:1]
-    files.check_writable(args.out, "--out", inputs=[("--text", text_path)])
+    generated = args.text == "generated"
+    (text_name, text_path), = [("generated", None)] if generated else resolve_texts([args.text])[:1]
+    files.check_writable(args.out, "--out", inputs=[] if generated else [("--text", text_path)])
     if args.threads:
         torch.set_num_threads(args.threads)
     gguf = DEFAULT_GGUF_FILE if args.gguf_file is None else (None if args.gguf_file == "none" else args.gguf_file)
     start = time.perf_counter()
     loaded = load_model(args.model_dir, gguf, args.device)
-    ids = tokenize(loaded.tokenizer, read_text(text_path), args.tokens)
+    ids = calibration_ids(loaded, "generated", args.tokens) if generated else \
+        tokenize(loaded.tokenizer, read_text(text_path), args.tokens)
     statistics = calibration_statistics(loaded, key_mean, args.chunk_size) if key_mean else None
     print(f"model {loaded.name}: {loaded.num_layers} layers, head_dim {loaded.head_dim}; {args.tokens} tokens of "
           f"{text_name}; probing keys at {args.probe_k_bits} and values at {args.probe_v_bits} bits, one layer at a "
@@ -121,7 +127,7 @@ def run(args) -> int:
                                           else f"ppl{args.ppl_budget:g}") + (f"-kpc1@{key_mean}" if key_mean else ""),
         "made_by": "tq-deploy calibrate",
         "model": loaded.name,
-        "text": text_name if text_name in ("austen", "darwin") else str(text_path),
+        "text": text_name if text_name in ("austen", "darwin", "generated") else str(text_path),
         "tokens": args.tokens,
         "budget": {"memory_effective_bits": args.memory_budget, "ppl_delta_pct": args.ppl_budget,
                    "head_dim": args.head_dim or loaded.head_dim},
@@ -132,10 +138,13 @@ def run(args) -> int:
         "sensitivity": sens.to_dict(),
     }
     if not args.no_check:
-        base = perplexity(loaded.model, ids, None, args.chunk_size)
-        result = perplexity(loaded.model, ids, with_key_mean(LayerPlanKVQuantizer(layers, loaded.head_dim, args.seed),
-                                                             statistics), args.chunk_size)
-        info["measured_delta_pct"] = round(100.0 * (result.ppl / base.ppl - 1.0), 4)
+        nll = {}
+        for name, quantized in (("base", False), ("plan", True)):
+            runs = [perplexity(loaded.model, seq, with_key_mean(LayerPlanKVQuantizer(layers, loaded.head_dim, args.seed),
+                                                                statistics) if quantized else None, args.chunk_size)
+                    for seq in sequences_of(ids)]
+            nll[name] = sum(r.nll_sum for r in runs) / sum(r.num_predicted for r in runs)
+        info["measured_delta_pct"] = round(100.0 * math.expm1(nll["plan"] - nll["base"]), 4)
     plan = make_plan(sens, layers, info, key_mean)
     write_plan(args.out, plan)
     print(" layer  k_bits v_bits  KL(keys@probe) KL(values@probe)")

@@ -80,33 +80,46 @@ def mean_kl(base_logits, logits) -> float:
     return float((logp_base.exp() * (logp_base - logp)).sum(-1).mean())
 
 
+def sequences_of(input_ids) -> list:
+    """``input_ids`` as a list of [1, T] tensors: one tensor, or a list of them (generated texts)."""
+    return list(input_ids) if isinstance(input_ids, (list, tuple)) else [input_ids]
+
+
 def measure_sensitivity(loaded, input_ids, probe_k_bits: int = 3, probe_v_bits: int = 2,
                         chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0, progress=None,
                         key_mean=None) -> Sensitivity:
-    """Step 1: one fp32 run and 2 * num_layers probe runs on ``input_ids`` [1, T]. ``key_mean``: the
-    key_transforms.KVStatistics whose key mean the plan's cache stores its keys without (the key probes
-    then quantize the keys as that cache does), or None."""
+    """Step 1: one fp32 run and 2 * num_layers probe runs on ``input_ids``: one [1, T] tensor or a list
+    of them (each its own sequence; KL and NLL are means over all their predicted tokens). ``key_mean``:
+    the key_transforms.KVStatistics whose key mean the plan's cache stores its keys without (the key
+    probes then quantize the keys as that cache does), or None."""
     from tq_deploy.eval.key_transforms import with_key_mean
 
     for name, bits in (("probe_k_bits", probe_k_bits), ("probe_v_bits", probe_v_bits)):
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"{name}={bits!r}, expected one of {SUPPORTED_BITS}")
     start = time.perf_counter()
-    base = perplexity(loaded.model, input_ids, None, chunk_size, return_logits=True)
-    count = base.num_predicted
-    base_logits = base.logits[:count]
+    sequences = sequences_of(input_ids)
+    bases = [perplexity(loaded.model, ids, None, chunk_size, return_logits=True) for ids in sequences]
+    count = sum(b.num_predicted for b in bases)
+    base_nll = sum(b.nll_sum for b in bases)
     kl, dnll = {}, {}
     for layer in range(loaded.num_layers):
         for side, bits in (("k", probe_k_bits), ("v", probe_v_bits)):
             plan = [(UNQUANTIZED, UNQUANTIZED)] * loaded.num_layers
             plan[layer] = (bits, UNQUANTIZED) if side == "k" else (UNQUANTIZED, bits)
-            probe = with_key_mean(LayerPlanKVQuantizer(plan, loaded.head_dim, seed), key_mean)
-            result = perplexity(loaded.model, input_ids, probe, chunk_size, return_logits=True)
-            kl[(layer, side)] = mean_kl(base_logits, result.logits[:count])
-            dnll[(layer, side)] = (result.nll_sum - base.nll_sum) / count
+            kl_sum, nll = 0.0, 0.0
+            for ids, base in zip(sequences, bases):
+                # a fresh quantizer per sequence: the key mean counts positions from each one's start
+                probe = with_key_mean(LayerPlanKVQuantizer(plan, loaded.head_dim, seed), key_mean)
+                result = perplexity(loaded.model, ids, probe, chunk_size, return_logits=True)
+                n = base.num_predicted
+                kl_sum += n * mean_kl(base.logits[:n], result.logits[:n])
+                nll += result.nll_sum
+            kl[(layer, side)] = kl_sum / count
+            dnll[(layer, side)] = (nll - base_nll) / count
             if progress is not None:
                 progress(layer, side, kl[(layer, side)], dnll[(layer, side)])
-    return Sensitivity(base.nll_sum / count, {"k": probe_k_bits, "v": probe_v_bits}, kl, loaded.head_dim,
+    return Sensitivity(base_nll / count, {"k": probe_k_bits, "v": probe_v_bits}, kl, loaded.head_dim,
                        loaded.num_layers, time.perf_counter() - start, dnll)
 
 
