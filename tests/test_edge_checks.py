@@ -45,6 +45,8 @@ NUMBERS = [
     (["bounds", "--head-dim", "3e5"], ["--head-dim", "'3e5' is not an int"]),
     (["run", "x.onnx", "--seed", str(2**70)], ["--seed", str(2**70)]),
     (["calibrate", "--out", "p.json", "--ppl-budget", "1", "--seed", "-1"], ["--seed", "-1"]),
+    (["calibrate", "--out", "p.json", "--ppl-budget", "1", "--key-mean", "nowhere.txt"],
+     ["--key-mean='nowhere.txt'", "expected generated, none"]),
     (["generate", "m.onnx", "--prompt", "a", "--num-blocks", "1e9"], ["--num-blocks", "'1e9' is not an int"]),
     (["triton-repo", "out", "--max-tokens", str(10**12)], ["--max-tokens", str(10**12)]),
     (["triton-repo", "out", "--device", "gpu", "--gpus", "-1"], ["--gpus", "-1"]),
