@@ -45,8 +45,6 @@ def export_options(config) -> dict:
     return options
 
 
-
-
 def export_llm(model_spec: str, path: str, seed: int, options: dict, block_size: int) -> None:
     """``tq-deploy export --model model_spec`` with the configuration's options, to ``path``."""
     from tq_deploy.export.llm import export_llm as export
@@ -57,13 +55,11 @@ def export_llm(model_spec: str, path: str, seed: int, options: dict, block_size:
 def torch_perplexity(loaded, config, ids, chunk_size: int, seed: int) -> float:
     """The PyTorch eval-ppl of ``config`` (what `tq-deploy eval-ppl` prints for it); ``loaded`` an
     eval.model.LoadedModel."""
-    from tq_deploy.eval.key_transforms import with_key_mean
-    from tq_deploy.eval.kv_quantizers import LayerPlanKVQuantizer, build_kv_quantizer
-    from tq_deploy.eval.perplexity import calibration_statistics, perplexity
+    from tq_deploy.eval.kv_quantizers import build_kv_quantizer
+    from tq_deploy.eval.perplexity import calibration_statistics, perplexity, plan_quantizer
 
     if isinstance(config, BitPlan):
-        statistics = calibration_statistics(loaded, config.key_mean, chunk_size) if config.key_mean else None
-        quantizer = with_key_mean(LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed), statistics)
+        quantizer = plan_quantizer(config, loaded, seed, chunk_size)
     else:
         statistics = calibration_statistics(loaded, config.calibration, chunk_size) if config.transform else None
         quantizer = build_kv_quantizer(config, loaded.head_dim, seed, statistics)

@@ -140,6 +140,16 @@ def calibration_statistics(loaded, source: str, chunk_size: int = DEFAULT_CHUNK_
 _STATISTICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {source: KVStatistics}
 
 
+def plan_quantizer(plan: BitPlan, loaded, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   name: str = "plan") -> KVQuantizer:
+    """The cache of ``plan``: its widths per layer (LayerPlanKVQuantizer, rotation seed + l) and, when the
+    plan names one, its keys stored without the key mean calibrated on that source."""
+    from tq_deploy.eval.key_transforms import with_key_mean
+
+    statistics = calibration_statistics(loaded, plan.key_mean, chunk_size) if plan.key_mean else None
+    return with_key_mean(LayerPlanKVQuantizer(plan.layers, loaded.head_dim, seed, name=name), statistics)
+
+
 ROUNDING_NOISE = 1e-7  # relative: the size of a float32 rounding (2**-24 = 6e-8)
 
 
@@ -204,11 +214,7 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
                                                                and config.method == "fp32")
         for i in range(seeds if random_draw or rounding else 1):
             if isinstance(config, BitPlan):
-                from tq_deploy.eval.key_transforms import with_key_mean
-
-                statistics = calibration_statistics(loaded, config.key_mean, chunk_size) if config.key_mean else None
-                quantizer = with_key_mean(LayerPlanKVQuantizer(config.layers, loaded.head_dim, seed + step * i,
-                                                               name=row["config"]), statistics)
+                quantizer = plan_quantizer(config, loaded, seed + step * i, chunk_size, row["config"])
             else:
                 statistics = calibration_statistics(loaded, config.calibration, chunk_size) \
                     if config.transform else None
