@@ -146,8 +146,10 @@ def test_wrong_dtypes(setup):
     expect_error(attend(setup, ctx=setup["ctx"].long()), "context_lens.dtype=torch.int64", "torch.int32")
     expect_error(attend(setup, query=setup["query"].int()), "query.dtype=torch.int32", "torch.float32")
     k_codes, k_norms, v_codes, v_norms = setup["cache"]
-    expect_error(attend(setup, cache=(k_codes, k_norms.half(), v_codes, v_norms)), "k_norms.dtype=torch.float16",
-                 "torch.float32")
+    expect_error(attend(setup, cache=(k_codes, k_norms.double(), v_codes, v_norms)), "k_norms.dtype=torch.float64",
+                 "torch.float32", "torch.float16")
+    expect_error(attend(setup, cache=(k_codes, k_norms.half(), v_codes, v_norms)), "v_norms.dtype=torch.float32",
+                 "expected torch.float16 like k_norms")
     expect_error(attend(setup, cache=(k_codes.int(), k_norms, v_codes, v_norms)), "k_codes.dtype=torch.int32",
                  "torch.uint8")
     expect_error(update(setup, slots=torch.tensor([1.0, 2.0, 3.0])), "slot_mapping.dtype=torch.float32",

@@ -572,8 +572,8 @@ def test_raw_onnxruntime_cannot_see_unknown_attributes_or_the_opset_version():
     options = ort.SessionOptions()
     options.register_custom_ops_library(path)
     options.log_severity_level = 4
-    for model in (fuzz.node_model(case.op, {**case.attrs, "scal": (0.5, "float")}, types, 1),
-                  fuzz.node_model(case.op, case.attrs, types, 1, opset_version=2)):
+    for model in (fuzz.node_model(case.op, {**case.attrs, "scal": (0.5, "float")}, types),
+                  fuzz.node_model(case.op, case.attrs, types, opset_version=2)):
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         (out,) = session.run(None, case.inputs)
         want = fuzz.run_torch(case, "cpu")["out"]
@@ -603,7 +603,7 @@ def test_io_binding_an_output_over_another_input_is_refused(backend):
         pytest.skip(cuda_unavailable_reason())
     case = update_case()
     types = {k: fuzz.ONNX_TYPES[v.dtype] for k, v in case.inputs.items()}
-    session = make_session(fuzz.node_model(case.op, case.attrs, types, 1).SerializeToString(), provider=backend)
+    session = make_session(fuzz.node_model(case.op, case.attrs, types).SerializeToString(), provider=backend)
     values = {k: ort.OrtValue.ortvalue_from_numpy(v.copy(), backend, 0) for k, v in case.inputs.items()}
     before = values["v_codes"].numpy().copy()
     for wrong, over in (("k_codes_out", "v_codes"), ("v_norms_out", "k_norms")):

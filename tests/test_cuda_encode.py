@@ -2,13 +2,17 @@
 PyTorch reference, on fresh random inputs: every bit width 1-8, fp32/fp16/bf16 inputs, the
 tensor-core encode (D 64/128, aligned rows) and the generic one (other D, misaligned rows),
 slots that skip (-1, past the cache), duplicate slots (the last writer wins), slot 0, and
-garbage in the slots nobody writes.
+garbage in the slots nobody writes; caches with float32 and float16 norms.
 
-Tolerances (tests/codes_match.py): codes equal up to rounding ties; norms to 1e-6 relative;
-decode to 1e-5 relative (norm-wise).
+Tolerances (tests/codes_match.py): codes equal up to rounding ties; norms to 1e-6 relative
+(float16 cache norms: the GPU's float32 norms rounded to nearest even exactly, the reference's to
+one float16 step, where the two float32 norms straddle a rounding boundary); decode to 1e-5
+relative (norm-wise).
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import pytest
 import torch
@@ -114,13 +118,25 @@ CACHE_CASES = {
 }
 
 
+def assert_norms_close(got, want):
+    """A float32 cache's norms to 1e-6 relative; a float16 cache's to one float16 step (2^-10 relative,
+    2^-24 among subnormals): the GPU's and the reference's float32 norms may straddle a rounding
+    boundary."""
+    assert got.dtype == want.dtype
+    if want.dtype == torch.float16:
+        torch.testing.assert_close(got, want, rtol=2**-10, atol=2**-24)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CACHE_CASES))
-def test_cache_update_matches_reference(gen, name, dtype):
+def test_cache_update_matches_reference(gen, name, dtype, norm_dtype):
     dim, hkv, block, tokens, k_bits, v_bits = CACHE_CASES[name]
     rot, (kcb, vcb) = setup(gen, dim, k_bits, v_bits)
     n = 6
-    ref = allocate_cache(n, block, hkv, dim, k_bits, v_bits)
+    ref = allocate_cache(n, block, hkv, dim, k_bits, v_bits, norm_dtype=norm_dtype)
     for tensor in ref.tensors():  # garbage that the slots nobody writes must keep
         if tensor.dtype == torch.uint8:
             tensor.copy_(torch.randint(0, 256, tensor.shape, generator=gen, dtype=torch.uint8))
@@ -147,8 +163,50 @@ def test_cache_update_matches_reference(gen, name, dtype):
                        "k_codes")
     assert_codes_match(got_vc.reshape(-1, got_vc.shape[-1]), want_vc.reshape(-1, want_vc.shape[-1]), v_bits, dim,
                        "v_codes")
-    torch.testing.assert_close(got_kn, want_kn, rtol=1e-6, atol=0)
-    torch.testing.assert_close(got_vn, want_vn, rtol=1e-6, atol=0)
+    assert got_kn.dtype == got_vn.dtype == norm_dtype
+    assert_norms_close(got_kn, want_kn)
+    assert_norms_close(got_vn, want_vn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128, 72])
+def test_float16_cache_norms_are_the_float32_norms_rounded(gen, dim, dtype):
+    """A float16 cache gets the codes of a float32 cache (chosen with the float32 norm) and its norms
+    rounded to nearest even: +inf past 65504, float16 subnormals for tiny vectors. D 64/128: the
+    tensor-core encode; 72: the generic one."""
+    hkv, block, tokens, k_bits, v_bits, n = 2, 16, 40, 4, 3, 4
+    rot, (kcb, vcb) = setup(gen, dim, k_bits, v_bits)
+    key = torch.randn(tokens, hkv, dim, generator=gen) * 3
+    key[5] = 1e4  # norm 1e4 * sqrt(D) > 65504: +inf in float16
+    key[6] *= 1e-6  # norm near 1e-5: a float16 subnormal
+    key, value = key.to(dtype), torch.randn(tokens, hkv, dim, generator=gen).to(dtype)
+    slots = torch.randperm(n * block, generator=gen)[:tokens]
+    got = {}
+    for norm_dtype in (torch.float32, torch.float16):
+        cache = [t.cuda() for t in allocate_cache(n, block, hkv, dim, k_bits, v_bits, norm_dtype=norm_dtype).tensors()]
+        tq_cuda.cache_update(checks.check_cache_update(key.cuda(), value.cuda(), slots.cuda(), *cache, rot.cuda(),
+                                                       kcb.cuda(), vcb.cuda(), k_bits, v_bits))
+        got[norm_dtype] = [t.cpu() for t in cache]
+    (kc32, kn32, vc32, vn32), (kc16, kn16, vc16, vn16) = got[torch.float32], got[torch.float16]
+    assert kn16.dtype == vn16.dtype == torch.float16
+    assert torch.equal(kc16, kc32) and torch.equal(vc16, vc32)
+    assert torch.equal(kn16, kn32.half()) and torch.equal(vn16, vn32.half())
+    rows = kn16.reshape(-1, hkv)
+    assert torch.isinf(rows[slots[5]]).all() and torch.isfinite(kn32.reshape(-1, hkv)[slots[5]]).all()
+    assert (rows[slots[6]] > 0).all() and (rows[slots[6]] < 2**-14).all()  # below float16's smallest normal
+    ref = allocate_cache(n, block, hkv, dim, k_bits, v_bits, norm_dtype=torch.float16)
+    cache_update_reference(key, value, slots, *ref.tensors(), rot, kcb, vcb, k_bits, v_bits)
+    assert_norms_close(kn16, ref.k_norms)
+    assert_norms_close(vn16, ref.v_norms)
+    assert_codes_match(kc16.reshape(-1, kc16.shape[-1]), ref.k_codes.reshape(-1, kc16.shape[-1]), k_bits, dim)
+    assert_codes_match(vc16.reshape(-1, vc16.shape[-1]), ref.v_codes.reshape(-1, vc16.shape[-1]), v_bits, dim)
+
+
+def test_a_cache_norm_type_the_library_does_not_take_is_refused():
+    """norm_dtype is TQ_FLOAT32 or TQ_FLOAT16; anything else is TQ_CUDA_BAD_ARGUMENT, nothing launched."""
+    call = tq_cuda._CacheUpdateCall(num_tokens=1, num_kv_heads=1, head_dim=64, num_blocks=1, block_size=1, k_bits=4,
+                                    v_bits=4, dtype=0, norm_dtype=2)
+    assert tq_cuda._lib().tq_cuda_cache_update(ctypes.byref(call)) == tq_cuda._BAD_ARGUMENT
 
 
 def test_dispatch_takes_cuda_unless_switched_off(gen):

@@ -8,7 +8,8 @@ heads in chunks of 8), D 33/50/64/72/80/96/100/128/256/320, blocks 1/8/16/24/32/
 across blocks), k_bits != v_bits over 1-8 bits (packed rows that start inside a word), fp32/fp16/
 bf16 queries, forced tiny splits (many partials through the merge). Both kernels: the tensor-core
 one (packed layout for D 64/128/256, widened from any width for other D up to 256) and the generic
-one (larger D, misaligned codes).
+one (larger D, misaligned codes). Caches with float32 and float16 norms (the oracle decodes the
+float16 norms the kernels read, so the tolerances are the same).
 
 Tolerance: norm-wise relative error 5e-3 (fp16 centroids and q_rot in the tensor-core kernel,
 fp32 accumulation); 1e-2 for bf16 queries (the output is rounded to bf16).
@@ -26,7 +27,7 @@ from tq_deploy import abi, ops
 from tq_deploy import cuda as tq_cuda
 from tq_deploy import dispatch
 from tq_deploy.dispatch import paged_attention
-from tq_deploy.reference.checks import check_paged_attention
+from tq_deploy.reference.checks import check_cache_update, check_paged_attention
 from tq_deploy.reference.paged import paged_attention_reference, paged_prefill_reference
 from tq_deploy.runtime import library
 
@@ -51,6 +52,14 @@ def cuda_attention(*args, **knobs):
 def on_cuda(case, dtype):
     args = case.args(query=case.query.to(dtype))
     return [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def with_norms(case, norm_dtype):
+    """The case with its cache's norms stored as ``norm_dtype``: what a cache update into such a cache
+    stores (the float32 norms rounded to nearest even)."""
+    k_codes, k_norms, v_codes, v_norms = case.caches
+    case.caches = (k_codes, k_norms.to(norm_dtype), v_codes, v_norms.to(norm_dtype))
+    return case
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -110,6 +119,55 @@ def test_matches_the_float64_oracle(gen, name, dtype, tokens_per_split):
     assert (got[case.context_lens == 0] == 0).all(), "a context of 0 tokens gives zeros"
     err = relative_error(got, want)
     assert err < TOL[dtype], f"{name} {dtype} split {tokens_per_split}: relative error {err:.2e}"
+
+
+# float16 cache norms on every path: the tensor-core kernel's whole tiles (blocks of 16, 32), rows
+# looked up one by one (blocks of 1, 8, 24, 40) and its raw path (D 96, 33), the generic kernel (D 320,
+# float32 queries); splits of 3 and 10 tiles per warp run the copy ring around (norms staged through
+# registers, tq_paged_attention_mma.cuh: NormCopy)
+HALF_NORM_CASES = ["gqa1-d64-b16-k4v4", "gqa4-d128-b32-k4v2", "gqa8-d256-b16-k2v4", "gqa6-d128-b16-k6v4",
+                   "gqa4-d64-b8-k2v2", "gqa12-d128-b24-k4v4", "gqa16-d256-b1-k3v3", "gqa1-d128-b40-k8v8",
+                   "gqa16-d96-b8-k5v3", "gqa1-d33-b16-k3v2", "gqa2-d320-b16-k4v3"]
+
+
+@gpu
+@pytest.mark.parametrize("tokens_per_split", [0, 48, 160])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", HALF_NORM_CASES)
+def test_float16_norms_match_the_float64_oracle(gen, name, dtype, tokens_per_split):
+    needs_library()
+    dim, hq, hkv, block, ctx, kb, vb = CASES[name]
+    case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=ctx, k_bits=kb, v_bits=vb)
+    case = with_norms(case, torch.float16)
+    case.query = case.query.to(dtype)
+    want = sdpa_oracle(case)
+    args = on_cuda(case, dtype)
+    assert tq_cuda.supports_paged_attention(checked(args))
+    got = cuda_attention(*args, tokens_per_split=tokens_per_split).cpu()
+    assert torch.isfinite(got).all()
+    assert (got[case.context_lens == 0] == 0).all(), "a context of 0 tokens gives zeros"
+    err = relative_error(got, want)
+    assert err < TOL[dtype], f"{name} {dtype} split {tokens_per_split}: relative error {err:.2e}"
+
+
+@gpu
+def test_float16_norms_through_a_plan_and_the_dispatcher(gen):
+    """A planned decode loop and the public op on a float16-norm cache; the float32-norm cache of the
+    same vectors gives nearly the same output (the norms differ by their rounding only)."""
+    needs_library()
+    case = make_case(gen, dim=128, hq=32, hkv=8, block_size=16, ctx_lens=[900, 3000], k_bits=4, v_bits=3)
+    exact = [a for a in on_cuda(case, torch.float16)]
+    case = with_norms(case, torch.float16)
+    want = sdpa_oracle(case)
+    args = on_cuda(case, torch.float16)
+    with dispatch.use_backend("auto"):
+        assert dispatch.backend_for("paged_attention", checked(args)) == "cuda"
+        assert relative_error(paged_attention(*args).cpu(), want) < TOL[torch.float16]
+    plan = tq_cuda.PagedAttentionPlan(checked(args))
+    assert plan.path == "tensor-core"
+    got = plan.run(args[0], args[5], args[6]).cpu()
+    assert relative_error(got, want) < TOL[torch.float16]
+    assert relative_error(got, cuda_attention(*exact).cpu().double()) < 2e-3
 
 
 @gpu
@@ -307,6 +365,26 @@ def test_key_mean_matches_the_reference(gen, name, dtype, tokens_per_split):
 
 
 @gpu
+@pytest.mark.parametrize("tokens_per_split", [0, 160])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("name", ["gqa1-d64-b16-k4v2", "gqa8-d128-b32-k2v3", "gqa4-d128-b24-k6v4", "gqa6-d256-b32-k4v4",
+                                  "gqa4-d50-b16-k3v5", "gqa2-d320-b16-k4v3"])
+def test_key_mean_with_float16_norms_matches_the_reference(gen, name, dtype, tokens_per_split):
+    needs_library()
+    dim, hq, hkv, block, ctx, kb, vb = KEY_MEAN_CASES[name]
+    case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=ctx, k_bits=kb, v_bits=vb)
+    case = with_norms(case, torch.float16)
+    want, _, args = with_key_mean(case, dtype, *key_mean_inputs(gen, hkv, dim))
+    path = key_mean_path(dim, dtype)
+    a = checked(args)
+    assert tq_cuda.supports_paged_attention(a) and tq_cuda.paged_attention_path(a) == path
+    got = tq_cuda.paged_attention(a, tokens_per_split=tokens_per_split).cpu()
+    assert torch.isfinite(got).all() and (got[case.context_lens == 0] == 0).all()
+    err = relative_error(got, want.double())
+    assert err < key_mean_tolerance(path, dtype), f"{name} {dtype} split {tokens_per_split}: relative error {err:.2e}"
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_key_mean_at_large_angles(gen, dtype):
     """Angles t * w_j past 1e5 (rates scaled up): accurate sines and cosines, as the reference's."""
@@ -371,13 +449,18 @@ def test_key_mean_is_refused_without_its_rates_or_with_an_odd_head_dim(gen):
 _PrefillCall = abi.ctypes_struct(ops.PAGED_PREFILL)
 
 
-def cuda_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start, rotation,
-                 k_codebook, v_codebook, k_bits, v_bits, scale=0.0, key_mean=None, rope_inv_freq=None):
-    """tq_cuda_paged_prefill on CUDA tensors: out [T, Hq, D] in the query's dtype."""
+def prefill_lib():
     lib = tq_cuda._lib()
     lib.tq_cuda_paged_prefill_workspace.restype, lib.tq_cuda_paged_prefill_workspace.argtypes = \
         ctypes.c_size_t, [ctypes.c_void_p]
     lib.tq_cuda_paged_prefill.restype, lib.tq_cuda_paged_prefill.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    return lib
+
+
+def cuda_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, query_start, rotation,
+                 k_codebook, v_codebook, k_bits, v_bits, scale=0.0, key_mean=None, rope_inv_freq=None):
+    """tq_cuda_paged_prefill on CUDA tensors: out [T, Hq, D] in the query's dtype."""
+    lib = prefill_lib()
     out = torch.empty_like(query)
     floats = [t.float().contiguous() if t is not None else None
               for t in (rotation, k_codebook, v_codebook, key_mean, rope_inv_freq)]
@@ -389,7 +472,8 @@ def cuda_prefill(query, k_codes, k_norms, v_codes, v_norms, block_tables, contex
         out=out.data_ptr(), num_tokens=query.shape[0], num_q_heads=query.shape[1], head_dim=query.shape[2],
         num_blocks=k_codes.shape[0], block_size=k_codes.shape[1], num_kv_heads=k_codes.shape[2],
         num_seqs=block_tables.shape[0], max_blocks=block_tables.shape[1], k_bits=k_bits, v_bits=v_bits, scale=scale,
-        dtype=tq_cuda._DTYPES[query.dtype], stream=torch.cuda.current_stream().cuda_stream)
+        dtype=tq_cuda._DTYPES[query.dtype], norm_dtype=tq_cuda._NORM_DTYPES[k_norms.dtype],
+        stream=torch.cuda.current_stream().cuda_stream)
     nbytes = lib.tq_cuda_paged_prefill_workspace(ctypes.byref(call))
     workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=query.device)
     call.workspace, call.workspace_bytes = workspace.data_ptr(), workspace.numel()
@@ -409,14 +493,17 @@ PREFILL_CASES = {
 
 
 @gpu
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("name", list(PREFILL_CASES))
-def test_prefill_with_key_mean_matches_the_reference(gen, name, dtype):
+def test_prefill_with_key_mean_matches_the_reference(gen, name, dtype, norm_dtype):
     """Row j of sequence s sits at position context_lens[s] - n_s + j and sees the key mean's term at
-    the positions of its sequence (the rows run as decode queries over the same tables)."""
+    the positions of its sequence (the rows run as decode queries over the same tables); on caches
+    with float32 and float16 norms."""
     needs_library()
     dim, hq, hkv, block, ctx, rows, kb, vb = PREFILL_CASES[name]
     case = make_case(gen, dim=dim, hq=hq, hkv=hkv, block_size=block, ctx_lens=ctx, k_bits=kb, v_bits=vb)
+    case = with_norms(case, norm_dtype)
     query = (torch.randn(sum(rows), hq, dim, generator=gen) * 2).to(dtype)
     query_start = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32)
     key_mean, rope_inv_freq = key_mean_inputs(gen, hkv, dim)
@@ -432,6 +519,61 @@ def test_prefill_with_key_mean_matches_the_reference(gen, name, dtype):
     # and without the key mean the launcher still gives the plain prefill
     plain = cuda_prefill(*cuda_args).cpu()
     assert relative_error(plain, paged_prefill_reference(*cpu_args).double()) < TOL[dtype]
+
+
+@gpu
+def test_float16_norms_off_a_4_byte_boundary_take_the_generic_kernel(gen):
+    """The tensor-core kernel copies float16 norms as the 4-byte words that hold them: norms that start
+    2 bytes past an aligned address take the generic kernel, with the same answer."""
+    needs_library()
+    case = with_norms(make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[40, 70], k_bits=4, v_bits=3),
+                      torch.float16)
+    want = sdpa_oracle(case)
+    args = on_cuda(case, torch.float16)
+    for i in (2, 4):
+        flat = torch.empty(args[i].numel() + 1, dtype=torch.float16, device="cuda")
+        shifted = flat[1:].view(args[i].shape)  # contiguous, 2 bytes past an aligned start
+        shifted.copy_(args[i])
+        args[i] = shifted
+    a = checked(args)
+    call, _keep = tq_cuda._attention_call(a, args[0].device)
+    call.num_seqs, call.max_blocks = a.num_seqs, a.max_blocks
+    assert tq_cuda._plan(call, 0, str).tensor_cores == 0
+    assert relative_error(cuda_attention(*args).cpu(), want) < TOL[torch.float16]
+
+
+def test_norms_of_two_types_are_refused():
+    """Keys and values share the cache's norm type (TN): the checks name the one that differs."""
+    case = make_case(torch.Generator().manual_seed(0), dim=64, hq=4, hkv=2, block_size=16, ctx_lens=[5], k_bits=4,
+                     v_bits=4)
+    k_codes, k_norms, v_codes, v_norms = case.caches
+    args = list(case.args())
+    args[2] = k_norms.half()  # k_norms float16, v_norms float32
+    with pytest.raises(ValueError, match=r"v_norms\.dtype=torch\.float32, expected torch\.float16 like k_norms"):
+        check_paged_attention(*args)
+    with pytest.raises(ValueError, match=r"v_norms\.dtype"):
+        check_cache_update(torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), torch.zeros(1, dtype=torch.int64), k_codes,
+                           k_norms.half(), v_codes, v_norms, case.rotation, case.k_codebook, case.v_codebook, 4, 4)
+
+
+@gpu
+def test_a_cache_norm_type_the_library_does_not_take_is_refused(gen):
+    """The library's own check (callers that skip the Python ones): norm_dtype 0 or 1, else
+    TQ_CUDA_BAD_ARGUMENT from planning and from the prefill, nothing launched."""
+    needs_library()
+    case = with_norms(make_case(gen, dim=128, hq=8, hkv=2, block_size=16, ctx_lens=[40], k_bits=4, v_bits=4),
+                      torch.float16)
+    args = on_cuda(case, torch.float16)
+    call, _keep = tq_cuda._attention_call(checked(args), args[0].device)
+    call.num_seqs, call.max_blocks = 1, args[5].shape[1]
+    assert call.norm_dtype == 1 and tq_cuda._plan(call, 0, str).tensor_cores == 1
+    for bad in (2, -1, 7):
+        call.norm_dtype = bad
+        with pytest.raises(ValueError, match="refused"):
+            tq_cuda._plan(call, 0, str)
+    prefill = _PrefillCall(num_tokens=1, num_q_heads=8, head_dim=128, num_blocks=1, block_size=16, num_kv_heads=2,
+                           num_seqs=1, max_blocks=1, k_bits=4, v_bits=4, dtype=1, norm_dtype=2)
+    assert prefill_lib().tq_cuda_paged_prefill(ctypes.byref(prefill)) == tq_cuda._BAD_ARGUMENT
 
 
 def test_cpu_tensors_are_not_taken(gen):

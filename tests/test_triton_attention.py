@@ -11,7 +11,8 @@ than the per-group reduction takes, a last split with live tokens, a block table
 that is a strided view, value norms past fp16's range) is forced through the
 kernel's knobs and checked on its own. The key-mean inputs (key_mean, rope_inv_freq:
 q . R_t mu added to the scores of positions t >= 1) run on their own cases, with means up to
-|mu| ~ 5 and angles t * w of thousands of radians. Inputs are fresh
+|mu| ~ 5 and angles t * w of thousands of radians. A few cases run over float16 cache norms, whose
+output must also equal, bit for bit, that of the same norms in float32. Inputs are fresh
 random draws (the ``seed`` fixture of tests/conftest.py prints the seed of a
 failure).
 
@@ -54,9 +55,9 @@ TOL = {torch.float16: 5e-3, torch.float32: 5e-3, torch.bfloat16: 1.5e-2}
 
 
 def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_blocks=3, key_fn=None, query_fn=None,
-              value_fn=None):
-    """Random cache filled through the reference cache update, shuffled block tables.
-    ``key_fn(key [c, Hkv, D], generator)``, ``value_fn`` (the same for values) and
+              value_fn=None, norm_dtype=torch.float32):
+    """Random cache (norms in ``norm_dtype``) filled through the reference cache update, shuffled block
+    tables. ``key_fn(key [c, Hkv, D], generator)``, ``value_fn`` (the same for values) and
     ``query_fn(query [S, Hq, D], generator)`` may reshape the random keys, values and queries
     (fp32, before the query is cast to ``dtype``)."""
     g = torch.Generator().manual_seed(seed)
@@ -65,7 +66,7 @@ def make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, extra_bl
     s = len(ctxs)
     m = max(1, max(math.ceil(c / page) for c in ctxs)) + 1  # one spare column of garbage entries
     n = s * m + extra_blocks
-    cache = allocate_cache(n, page, hkv, dim, k_bits, v_bits)
+    cache = allocate_cache(n, page, hkv, dim, k_bits, v_bits, norm_dtype=norm_dtype)
     # garbage everywhere first: unused slots must not leak into the result
     cache.k_codes.copy_(torch.randint(0, 256, cache.k_codes.shape, generator=g, dtype=torch.uint8))
     cache.v_codes.copy_(torch.randint(0, 256, cache.v_codes.shape, generator=g, dtype=torch.uint8))
@@ -98,17 +99,19 @@ def attention(*args, **knobs):
 
 
 def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_splits=None, scale=0.0, block_n=None,
-             key_fn=None, query_fn=None, table_fn=None, value_fn=None):
+             key_fn=None, query_fn=None, table_fn=None, value_fn=None, norm_dtype=torch.float32):
     """The Triton attention against the reference on one random case; ``table_fn(tables, num_blocks,
     generator)`` may hand the kernel another view of the same block-table entries."""
     query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed,
-                                                         key_fn=key_fn, query_fn=query_fn, value_fn=value_fn)
+                                                         key_fn=key_fn, query_fn=query_fn, value_fn=value_fn,
+                                                         norm_dtype=norm_dtype)
     want = paged_attention_reference(query, *cache.tensors(), tables, ctx, rot, kcb, vcb, k_bits, v_bits, scale)
     if table_fn is not None:
         tables = table_fn(tables, cache.num_blocks, torch.Generator().manual_seed(seed))
     dev = [x.to(DEV) for x in (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)]
     got = attention(*dev, k_bits, v_bits, scale, num_splits=num_splits, block_n=block_n)
     assert got.dtype == query.dtype and got.shape == query.shape
+    assert_same_with_float32_norms(got, dev, k_bits, v_bits, scale, num_splits=num_splits, block_n=block_n)
     got = got.cpu().float()
     assert torch.isfinite(got).all()
     want = want.float()
@@ -117,6 +120,15 @@ def run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, num_split
     err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
     assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]}"
     return got
+
+
+def assert_same_with_float32_norms(got, dev_args, *rest, **knobs):
+    """With float16 cache norms, the output must be the one of the same cache with its norms widened
+    to float32, bit for bit: the kernel widens them on load (exact) and computes as before."""
+    query, k_codes, k_norms, v_codes, v_norms, *tail = dev_args
+    if k_norms.dtype == torch.float16:
+        wide = attention(query, k_codes, k_norms.float(), v_codes, v_norms.float(), *tail, *rest, **knobs)
+        assert torch.equal(got, wide), "float16 norms must give the output of the same norms in float32"
 
 
 CASES = [
@@ -142,6 +154,17 @@ CASES = [
 @pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits", CASES)
 def test_paged_attention_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits, seed):
     run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=seed, num_splits=splits)
+
+
+# GQA, k_bits != v_bits, split-K; float16 and bfloat16 queries
+FLOAT16_NORM_CASES = [CASES[5], CASES[8]]
+
+
+@pytest.mark.parametrize("ctxs,hkv,group,dim,page,k_bits,v_bits,dtype,splits", FLOAT16_NORM_CASES)
+def test_float16_norms_match_reference(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, splits, seed):
+    """A cache whose norms are float16 (the reference cache update rounds them)."""
+    run_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed=seed, num_splits=splits,
+             norm_dtype=torch.float16)
 
 
 def _rising_keys(key, g):
@@ -248,10 +271,11 @@ def test_bad_arguments_name_the_argument():
 
 
 def run_mean_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, magnitude=1.0, rate_scale=1.0,
-                  num_splits=None):
+                  num_splits=None, norm_dtype=torch.float32):
     """The Triton attention with key_mean and rope_inv_freq against the reference; returns
     (kernel output, reference with the mean, reference without it) in float32."""
-    query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed)
+    query, cache, tables, ctx, rot, kcb, vcb = make_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed,
+                                                         norm_dtype=norm_dtype)
     mean, rates = draw_key_mean(hkv, dim, torch.Generator().manual_seed(seed + 1), magnitude, rate_scale)
     args = (query, *cache.tensors(), tables, ctx, rot, kcb, vcb)
     want = paged_attention_reference(*args, k_bits, v_bits, 0.0, mean, rates).float()
@@ -259,6 +283,7 @@ def run_mean_case(ctxs, hkv, group, dim, page, k_bits, v_bits, dtype, seed, magn
     dev = [x.to(DEV) for x in args]
     got = attention(*dev, k_bits, v_bits, 0.0, mean.to(DEV), rates.to(DEV), num_splits=num_splits)
     assert got.dtype == query.dtype and got.shape == query.shape
+    assert_same_with_float32_norms(got, dev, k_bits, v_bits, 0.0, mean.to(DEV), rates.to(DEV), num_splits=num_splits)
     got = got.cpu().float()
     assert torch.isfinite(got).all()
     assert (got[ctx == 0] == 0).all(), "a context of 0 tokens gives zeros"
@@ -283,6 +308,12 @@ def test_key_mean_matches_reference(ctxs, hkv, group, dim, page, k_bits, v_bits,
                                      rate_scale, num_splits=splits)
     if magnitude >= 5:  # the mean is no rounding-level change: leaving it out fails the tolerance
         assert relative_error(got, plain) > 10 * TOL[dtype]
+
+
+def test_key_mean_float16_norms(seed):
+    """The key-mean path over a float16-norm cache: GQA of 6, k_bits != v_bits, 3 splits."""
+    run_mean_case([33, 70], 1, 6, 128, 16, 3, 2, torch.float16, seed, magnitude=5.0, num_splits=3,
+                  norm_dtype=torch.float16)
 
 
 def mean_oracle(query, cache, tables, ctx, rot, kcb, vcb, k_bits, v_bits, mean, rates, first):

@@ -6,7 +6,8 @@ drawer (tq_deploy.validate.inputs.paged_prefill_inputs): NaN norms and random co
 no context covers, junk block-table entries past each sequence's blocks, a sequence with no new
 token, one-token prompts, a chunk crossing a block boundary and a chunk that is its whole context.
 The key-mean inputs (key_mean, rope_inv_freq: q . R_t mu added to the scores of positions t >= 1) run
-on their own cases, with means up to |mu| ~ 5 and angles t * w of thousands of radians.
+on their own cases, with means up to |mu| ~ 5 and angles t * w of thousands of radians. A few cases run
+over float16 cache norms, whose output must also equal, bit for bit, that of the same norms in float32.
 
 Tolerance (norm-wise relative error against the reference, in float32) as for the decode kernel:
 5e-3 for fp16/fp32 queries, 1.5e-2 for bf16 (fp16 operands, fp32 accumulation).
@@ -46,10 +47,25 @@ def prefill(inputs, rot, kcb, vcb, k_bits, v_bits, scale=0.0, key_mean=None, rop
     return tqt.paged_prefill.paged_prefill(checked, **knobs)
 
 
-def run_case(gen, *, dim, hq, hkv, page, k_bits, v_bits, dtype, lens=None, counts=None, scale=0.0, **knobs):
+def with_norms(inputs, norm_dtype):
+    """The inputs over a cache whose norms are ``norm_dtype``: for float16 what a float16-norm cache
+    update stores (the same codes, each float32 norm rounded to nearest even; NaN junk stays NaN)."""
+    return dict(inputs, k_norms=inputs["k_norms"].to(norm_dtype), v_norms=inputs["v_norms"].to(norm_dtype))
+
+
+def assert_same_with_float32_norms(got, inputs, *args, **knobs):
+    """With float16 cache norms, the output must be the one of the same cache with its norms widened
+    to float32, bit for bit: the kernel widens them on load (exact) and computes as before."""
+    if inputs["k_norms"].dtype == torch.float16:
+        wide = prefill(with_norms(inputs, torch.float32), *args, **knobs)
+        assert torch.equal(got, wide), "float16 norms must give the output of the same norms in float32"
+
+
+def run_case(gen, *, dim, hq, hkv, page, k_bits, v_bits, dtype, lens=None, counts=None, scale=0.0,
+             norm_dtype=torch.float32, **knobs):
     inputs, rot, kcb, vcb = make_prefill(gen, dim=dim, hq=hq, hkv=hkv, block_size=page, k_bits=k_bits,
                                          v_bits=v_bits, lens=lens, counts=counts, dtype=dtype)
-    return run_case_on(inputs, rot, kcb, vcb, k_bits, v_bits, scale, **knobs)
+    return run_case_on(with_norms(inputs, norm_dtype), rot, kcb, vcb, k_bits, v_bits, scale, **knobs)
 
 
 def run_case_on(inputs, rot, kcb, vcb, k_bits, v_bits, scale=0.0, **knobs):
@@ -57,6 +73,7 @@ def run_case_on(inputs, rot, kcb, vcb, k_bits, v_bits, scale=0.0, **knobs):
     want = paged_prefill_reference(*(inputs[n] for n in ARG_NAMES), rot, kcb, vcb, k_bits, v_bits, scale).float()
     got = prefill(inputs, rot, kcb, vcb, k_bits, v_bits, scale, **knobs)
     assert got.dtype == dtype and got.shape == inputs["query"].shape
+    assert_same_with_float32_norms(got, inputs, rot, kcb, vcb, k_bits, v_bits, scale, **knobs)
     got = got.cpu().float()
     assert torch.isfinite(got).all(), "a slot or table entry the call must not read reached the output"
     err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
@@ -79,6 +96,12 @@ def test_prefill_matches_reference(dim, hq, hkv, page, k_bits, v_bits, dtype, ge
     run_case(gen, dim=dim, hq=hq, hkv=hkv, page=page, k_bits=k_bits, v_bits=v_bits, dtype=dtype)
 
 
+@pytest.mark.parametrize("dim,hq,hkv,page,k_bits,v_bits,dtype", [CASES[1], CASES[3]])  # GQA, k_bits != v_bits
+def test_float16_norms_match_reference(dim, hq, hkv, page, k_bits, v_bits, dtype, gen):
+    run_case(gen, dim=dim, hq=hq, hkv=hkv, page=page, k_bits=k_bits, v_bits=v_bits, dtype=dtype,
+             norm_dtype=torch.float16)
+
+
 def test_tiles_smaller_than_a_chunk_and_many_kv_tiles(gen):
     """block_m 4 / block_n 16: several query tiles per sequence and several K/V tiles per query tile,
     so the tile lookup, the online-softmax rescale and the diagonal tile's mask all run."""
@@ -90,10 +113,12 @@ def test_group_of_256_dims_and_a_single_sequence(gen):
     run_case(gen, dim=256, hq=3, hkv=1, page=16, k_bits=1, v_bits=4, dtype=torch.float16, lens=[21], counts=[21])
 
 
-def test_a_row_never_reads_its_own_future(gen):
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float16])
+def test_a_row_never_reads_its_own_future(norm_dtype, gen):
     """NaN norms in the last token of a chunk: the chunk's earlier rows stay finite, its last is NaN."""
     inputs, rot, kcb, vcb = make_prefill(gen, dim=64, hq=4, hkv=2, block_size=16, k_bits=4, v_bits=4,
                                          lens=[20], counts=[8], dtype=torch.float16)
+    inputs = with_norms(inputs, norm_dtype)
     block = int(inputs["block_tables"][0, 19 // 16])
     inputs["v_norms"][block, 19 % 16] = float("nan")
     inputs["k_norms"][block, 19 % 16] = float("inf")
@@ -154,17 +179,19 @@ def test_dispatcher_runs_the_reference_on_cpu_and_checks_data(gen):
 
 
 def run_mean_case(gen, *, dim, hq, hkv, page, k_bits, v_bits, dtype, lens=None, counts=None, magnitude=1.0,
-                  rate_scale=1.0, **knobs):
+                  rate_scale=1.0, norm_dtype=torch.float32, **knobs):
     """The Triton prefill with key_mean and rope_inv_freq against the reference; returns (kernel output,
     reference with the mean, reference without it) in float32."""
     inputs, rot, kcb, vcb = make_prefill(gen, dim=dim, hq=hq, hkv=hkv, block_size=page, k_bits=k_bits,
                                          v_bits=v_bits, lens=lens, counts=counts, dtype=dtype)
+    inputs = with_norms(inputs, norm_dtype)
     mean, rates = draw_key_mean(hkv, dim, gen, magnitude, rate_scale)
     args = (*(inputs[n] for n in ARG_NAMES), rot, kcb, vcb, k_bits, v_bits, 0.0)
     want = paged_prefill_reference(*args, mean, rates).float()
     plain = paged_prefill_reference(*args).float()
     got = prefill(inputs, rot, kcb, vcb, k_bits, v_bits, 0.0, mean, rates, **knobs)
     assert got.dtype == dtype and got.shape == inputs["query"].shape
+    assert_same_with_float32_norms(got, inputs, rot, kcb, vcb, k_bits, v_bits, 0.0, mean, rates, **knobs)
     got = got.cpu().float()
     assert torch.isfinite(got).all(), "a slot or table entry the call must not read reached the output"
     err = relative_error(got, want)
@@ -190,6 +217,12 @@ def test_key_mean_matches_reference(dim, hq, hkv, page, k_bits, v_bits, dtype, l
                                      rate_scale=rate_scale, **knobs)
     if magnitude >= 5:  # the mean is no rounding-level change: leaving it out fails the tolerance
         assert relative_error(got, plain) > 10 * TOL[dtype]
+
+
+def test_key_mean_float16_norms(gen):
+    """The key-mean path over a float16-norm cache: GQA of 6, k_bits != v_bits, several query and K/V tiles."""
+    run_mean_case(gen, dim=64, hq=6, hkv=1, page=16, k_bits=3, v_bits=2, dtype=torch.bfloat16, lens=[45, 3, 20],
+                  counts=[29, 3, 0], magnitude=5.0, norm_dtype=torch.float16, block_m=4, block_n=16)
 
 
 def mean_oracle(inputs, rot, kcb, vcb, k_bits, v_bits, mean, rates, first):

@@ -9,7 +9,8 @@ Tolerances (tests/codes_match.py): codes must equal the reference's except for r
 coordinate within float32 rounding of a boundary), which may take the
 adjacent code: at most 1e-3 of the codes, one step, and only where the float64
 rotated coordinate is within 1e-6 of that boundary. Norms to
-1e-6 relative; decode (fp32 product) to 1e-5 relative (norm-wise).
+1e-6 relative; decode (fp32 product) to 1e-5 relative (norm-wise). A cache with float16 norms stores
+exactly its float32 norms rounded to nearest even, and the reference's up to rounding ties.
 """
 
 import math
@@ -129,9 +130,9 @@ CACHE_UPDATE_CASES = (
 )
 
 
-def _garbage_cache(g, n, page, hkv, dim, k_bits, v_bits):
+def _garbage_cache(g, n, page, hkv, dim, k_bits, v_bits, norm_dtype=torch.float32):
     """A reference cache full of garbage that slots not written must keep, and its device copy."""
-    ref = allocate_cache(n, page, hkv, dim, k_bits, v_bits)
+    ref = allocate_cache(n, page, hkv, dim, k_bits, v_bits, norm_dtype=norm_dtype)
     for tensor in ref.tensors():
         if tensor.dtype == torch.uint8:
             tensor.copy_(torch.randint(0, 256, tensor.shape, generator=g, dtype=torch.uint8))
@@ -181,6 +182,70 @@ def test_cache_update_writes_the_first_and_last_slot(seed):
     assert not torch.equal(before[1][0, 0], ref.k_norms[0, 0]), "the case must overwrite slot 0"
     cache_update(key.to(DEV), value.to(DEV), slots.to(DEV), *ours, rot, kcb.to(DEV), vcb.to(DEV), k_bits, v_bits)
     _assert_cache_equal(ours, ref, dim, k_bits, v_bits)
+
+
+def _assert_half_norms_match(got, want, want_f32):
+    """float16 norms equal the reference's, but where the two float32 norms (equal to 1e-6 relative,
+    as test_cache_update_matches_reference checks) fall either side of a float16 rounding midpoint:
+    there the neighbour one float16 step away is allowed."""
+    got, want, want_f32 = got.cpu().reshape(-1), want.reshape(-1), want_f32.reshape(-1)
+    diff = got != want
+    if diff.any():
+        pair = torch.stack([got[diff], want[diff]]).float()
+        assert torch.isfinite(pair).all(), "an infinite float16 norm differs from the reference's"
+        step = (pair[0] - pair[1]).abs()
+        assert (step <= pair.abs().amax(0) * 2**-10).all(), "a float16 norm differs by more than one step"
+        midpoint = pair.mean(0)
+        assert ((want_f32[diff] - midpoint).abs() <= 1e-6 * midpoint).all(), "a differing norm is no rounding tie"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's +inf norm
+@pytest.mark.parametrize("dim,k_bits,v_bits,dtype", [(64, 4, 2, torch.float16), (128, 3, 6, torch.bfloat16),
+                                                     (32, 8, 1, torch.float32)])
+def test_cache_update_float16_norms(dim, k_bits, v_bits, dtype, seed):
+    """A cache with float16 norms: the codes are those of a float32-norm cache (chosen with the
+    float32 norm) and each norm is the float32 one rounded to nearest even, exactly; the reference
+    stores the same (up to rounding ties of the two float32 norms). One value norm is past
+    float16's range (stored +inf) and one key norm lies in [65504, 65520) for float32 keys
+    (rounded down to 65504, not to inf)."""
+    g, rot, _ = _setup(dim, k_bits, seed=seed)
+    kcb, vcb = lloyd_max_codebook(dim, k_bits), lloyd_max_codebook(dim, v_bits)
+    n, page, hkv, t = 4, 16, 2, 23
+    ref, ours = _garbage_cache(g, n, page, hkv, dim, k_bits, v_bits, norm_dtype=torch.float16)
+    ref_f32 = allocate_cache(n, page, hkv, dim, k_bits, v_bits)
+    wide = [x.clone() if x.dtype == torch.uint8 else x.float() for x in ours]  # the same cache, float32 norms
+    slots = torch.randperm(n * page, generator=g)[:t]
+    slots[[2, 7]] = -1
+    key = torch.randn(t, hkv, dim, generator=g)
+    value = torch.randn(t, hkv, dim, generator=g) * 4
+    value[5, 1] = 20000.0  # norm 20000 * sqrt(D) > 65504 in every input dtype
+    key[9, 0] = 0.0
+    key[9, 0, 3] = 65512.0  # one coordinate: the norm is exactly |x| (fp16 input: 65504; bf16: 65536, inf)
+    key, value = key.to(dtype), value.to(dtype)
+    args = (rot.cpu(), kcb, vcb, k_bits, v_bits)
+    cache_update_reference(key, value, slots, *ref.tensors(), *args)
+    cache_update_reference(key, value, slots, *ref_f32.tensors(), *args)
+    dev = (key.to(DEV), value.to(DEV), slots.to(DEV))
+    dev_args = (rot, kcb.to(DEV), vcb.to(DEV), k_bits, v_bits)
+    cache_update(*dev, *ours, *dev_args)
+    cache_update(*dev, *wide, *dev_args)
+    assert ours[1].dtype == torch.float16 and ours[3].dtype == torch.float16
+    assert torch.isinf(ours[3].view(-1, hkv)[slots[5], 1]), "a norm past 65504 is stored as +inf"
+    if dtype != torch.bfloat16:
+        assert ours[1].view(-1, hkv)[slots[9], 0] == 65504.0
+    for half, full in ((ours[1], wide[1]), (ours[3], wide[3])):
+        assert torch.equal(half, full.to(torch.float16)), "float16 norms are the float32 norms rounded to nearest even"
+    for half, full in ((ours[0], wide[0]), (ours[2], wide[2])):
+        assert torch.equal(half, full), "the codes do not depend on the norms' storage type"
+    kc, vc = ours[0].cpu(), ours[2].cpu()
+    assert_codes_match(kc.reshape(-1, kc.shape[-1]), ref.k_codes.reshape(-1, kc.shape[-1]), k_bits, dim, "k")
+    assert_codes_match(vc.reshape(-1, vc.shape[-1]), ref.v_codes.reshape(-1, vc.shape[-1]), v_bits, dim, "v")
+    written = torch.zeros(n * page, dtype=torch.bool)
+    written[slots[slots >= 0]] = True
+    for got, want, want_f32 in ((ours[1], ref.k_norms, ref_f32.k_norms), (ours[3], ref.v_norms, ref_f32.v_norms)):
+        _assert_half_norms_match(got.view(-1, hkv)[written.to(got.device)], want.view(-1, hkv)[written],
+                                 want_f32.view(-1, hkv)[written])
+        assert torch.equal(got.cpu().view(-1, hkv)[~written], want.view(-1, hkv)[~written]), "an unwritten slot changed"
 
 
 def _four_squares(m: int) -> tuple[int, int, int, int]:

@@ -178,3 +178,34 @@ def test_attention_plugin_runs_the_pytorch_paths_kernel_with_its_workspace(gen):
     direct = tq_cuda.paged_attention(check_paged_attention(*args, 4, 4, check_data=False))
     torch.cuda.synchronize()
     assert torch.equal(out, direct)
+
+
+@pytest.mark.parametrize("dim,dtype", [(128, torch.float16), (64, torch.float32)])
+def test_float16_norms_cache_update_then_attention(dim, dtype, gen):
+    """A cache with float16 norms (ops.py: TN): the update stores the reference's norms to one float16
+    step, and the attention over the plugin's own cache matches the reference over that cache."""
+    n, b, hkv, hq, t, k_bits, v_bits = 8, 16, 2, 8, 60, 5, 4
+    rotation = make_rotation(dim, seed=4)
+    kcb, vcb = lloyd_max_codebook(dim, k_bits), lloyd_max_codebook(dim, v_bits)
+    cache = [c.half() if c.dtype == torch.float32 else c for c in make_cache(n, b, hkv, dim, k_bits, v_bits, gen)]
+    key = torch.randn(t, hkv, dim, generator=gen).to(dtype)
+    value = torch.randn(t, hkv, dim, generator=gen).to(dtype)
+    slots = torch.randperm(n * b, generator=gen)[:t].long()
+    expected = cache_update_reference(key, value, slots, *[c.clone() for c in cache], rotation, kcb, vcb,
+                                      k_bits, v_bits)
+    outputs = [cuda(c) for c in cache]
+    enqueue("TQCacheUpdate", {"k_bits": k_bits, "v_bits": v_bits},
+            [key, value, slots, *outputs, rotation, kcb, vcb], outputs)
+    got = [o.cpu() for o in outputs]
+    for i in (1, 3):
+        assert got[i].dtype == torch.float16
+        torch.testing.assert_close(got[i].float(), expected[i].float(), rtol=2.0 ** -10, atol=0)
+    tables = torch.randperm(n, generator=gen).reshape(2, 4).int()
+    lens = torch.tensor([50, 7], dtype=torch.int32)
+    query = torch.randn(2, hq, dim, generator=gen).to(dtype)
+    want = paged_attention_reference(query.float(), *got, tables, lens, rotation, kcb, vcb, k_bits, v_bits)
+    out = torch.empty(2, hq, dim, dtype=dtype, device="cuda")
+    enqueue("TQPagedAttention", {"k_bits": k_bits, "v_bits": v_bits},
+            [query, *outputs, tables, lens, rotation, kcb, vcb], [out])
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.float().cpu(), want, **tol)

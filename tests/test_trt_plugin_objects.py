@@ -121,3 +121,23 @@ def test_bad_key_mean_shapes_are_refused(mean, match, capfd):
     with pytest.raises(RuntimeError, match="rejected the shapes|configurePlugin"):
         dry("TQPagedAttention", {"k_bits": 3, "v_bits": 2}, inputs + mean, outputs)
     assert __import__("re").search(match, capfd.readouterr().err)
+
+
+def test_float16_norms_are_one_type_per_node():
+    """The cache norms are their own type parameter TN: float16 beside float32 queries passes, and an
+    output's norm type follows the norm inputs; k_norms and v_norms of different types are refused."""
+    inputs, outputs = attention_tensors()
+    inputs[2], inputs[4] = inputs[2].half(), inputs[4].half()
+    dry("TQPagedAttention", {"k_bits": 3, "v_bits": 2}, inputs, outputs)
+    inputs[4] = inputs[4].float()
+    with pytest.raises(RuntimeError, match="supportsFormatCombination rejects position 4"):
+        dry("TQPagedAttention", {"k_bits": 3, "v_bits": 2}, inputs, outputs)
+    key, value = torch.zeros(4, 2, 32, dtype=torch.float16), torch.zeros(4, 2, 32, dtype=torch.float16)
+    caches = [torch.zeros(3, 8, 2, 12, dtype=torch.uint8), torch.zeros(3, 8, 2, dtype=torch.float16),
+              torch.zeros(3, 8, 2, 4, dtype=torch.uint8), torch.zeros(3, 8, 2, dtype=torch.float16)]
+    books = [torch.zeros(32, 32), torch.zeros(8), torch.zeros(2)]
+    update = [key, value, torch.zeros(4, dtype=torch.int64), *caches, *books]
+    dry("TQCacheUpdate", {"k_bits": 3, "v_bits": 1}, update, [c.clone() for c in caches])
+    with pytest.raises(RuntimeError, match="getOutputDataTypes: output 1 has type 1, expected 0"):
+        dry("TQCacheUpdate", {"k_bits": 3, "v_bits": 1}, update, [c.float() if c.dtype == torch.float16 else c.clone()
+                                                                   for c in caches])

@@ -2,7 +2,7 @@
 
 Every native kernel of an op (CPU, CUDA) takes one C struct, ``tq_<stem>_call``: the op's inputs
 and outputs as pointers in the contract's order, the sizes of its symbolic dimensions, its
-attributes, the node's float type, and the workspace and stream of a launch. This module says
+attributes, the node's float type (and the cache norms' type), and the workspace and stream of a launch. This module says
 which fields that struct has, in which order and of which C type; :mod:`tq_deploy.export.op_tables`
 writes the C header from it (plugins/common/tq_calls.h) and :mod:`tq_deploy.cuda` builds its
 ctypes mirror from it at import, so the two cannot drift apart.
@@ -29,7 +29,7 @@ _CTYPES = {"int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "float": ctypes
 class Field:
     name: str
     c_type: str  # e.g. "const float*", "int64_t"
-    role: str  # "input", "output", "dim", "attribute", "dtype", "launch"
+    role: str  # "input", "output", "dim", "attribute", "dtype", "norm_dtype", "launch"
     index: int = -1  # the input/output/attribute enum index, or the input a dim is read from
     axis: int = 0  # dims: the axis of that input (negative: from the end); rows: trailing axes left out
     doc: str = ""
@@ -46,8 +46,16 @@ def stem(spec: ops.OpSpec) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
 
 
+FLOAT_TYPE = "T"  # the node's float type (queries, keys, values, attention output)
+NORM_TYPE = "TN"  # the paged cache's norm type
+
+
 def has_float_type(spec: ops.OpSpec) -> bool:
-    return any(t.type_param for t in (*spec.inputs, *spec.outputs))
+    return any(t.type_param == FLOAT_TYPE for t in (*spec.inputs, *spec.outputs))
+
+
+def has_norm_type(spec: ops.OpSpec) -> bool:
+    return any(t.type_param == NORM_TYPE for t in (*spec.inputs, *spec.outputs))
 
 
 def _pointer(t: ops.TensorSpec, const: bool) -> str:
@@ -85,6 +93,8 @@ def call_fields(spec: ops.OpSpec) -> tuple[Field, ...]:
                for i, a in enumerate(spec.attributes)]
     if has_float_type(spec):
         fields.append(Field("dtype", "int32_t", "dtype", doc="tq_dtype of the T tensors"))
+    if has_norm_type(spec):
+        fields.append(Field("norm_dtype", "int32_t", "norm_dtype", doc="tq_dtype of the TN tensors (cache norms)"))
     fields += [Field("workspace", "void*", "launch", doc="device scratch (CUDA)"),
                Field("workspace_bytes", "size_t", "launch"),
                Field("stream", "void*", "launch", doc="cudaStream_t (CUDA)")]

@@ -5,8 +5,9 @@ called with ctypes on the caller's current stream. :data:`OPS` lists what this b
 the dispatcher (:mod:`tq_deploy.dispatch`), as ``supports_<op>(args)`` and ``<op>(args)`` on the
 checked arguments of :mod:`tq_deploy.reference.checks`. Nothing here imports Triton.
 
-Every op takes bits 1-8 and fp32/fp16/bf16 inputs; the paged attention runs the tensor-core
-kernel where the shapes allow (:func:`paged_attention_path`) and the generic kernel elsewhere.
+Every op takes bits 1-8 and fp32/fp16/bf16 inputs, and paged caches with fp32 or fp16 norms (keys
+and values alike: the call's ``norm_dtype``); the paged attention runs the tensor-core kernel where
+the shapes allow (:func:`paged_attention_path`) and the generic kernel elsewhere.
 The library is found by :func:`tq_deploy.runtime.library.locate` (env ``TQ_DEPLOY_CUDA_LIBRARY``,
 then tq_deploy/lib/, the installed distribution, build/*/ of a source checkout); it is built with
 the package when nvcc is present (plugins/kernels/cuda).
@@ -27,6 +28,7 @@ from tq_deploy.runtime import library as _library
 
 NAME = "cuda"
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # tq_cuda_dtype of tq_cuda.h
+_NORM_DTYPES = {torch.float32: 0, torch.float16: 1}  # a paged cache's norms (norm_dtype, TN)
 _BAD_ARGUMENT = 10001  # TQ_CUDA_BAD_ARGUMENT of tq_cuda.h
 _MAX_DIM = {"encode": 8192, "decode": 8192, "cache_update": 8192, "paged_attention": 512}
 _i64, _int, _p, _size = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
@@ -115,6 +117,12 @@ def _dense(*tensors: torch.Tensor) -> bool:
     return all(t.is_contiguous() for t in tensors)
 
 
+def _norm_dtype(k_norms: torch.Tensor, v_norms: torch.Tensor) -> int:
+    """The call's norm_dtype for a cache's norms (one type for keys and values); -1, which the
+    library refuses, for any other pair."""
+    return _NORM_DTYPES.get(k_norms.dtype, -1) if v_norms.dtype == k_norms.dtype else -1
+
+
 def _check(rc: int, what: str, describe) -> None:
     if rc == _BAD_ARGUMENT:
         raise ValueError(f"the CUDA {what} refused {describe()}: outside the kernel's limits (tq_cuda.h)")
@@ -198,7 +206,7 @@ def decode(a: DecodeArgs) -> torch.Tensor:
 def supports_cache_update(a: CacheUpdateArgs) -> bool:
     """In place into the caller's caches, so they must be dense (no copy could be written back)."""
     return (_runs(a.device, "cache_update", a.head_dim, a.key.dtype) and a.value.dtype == a.key.dtype
-            and _dense(a.k_codes, a.k_norms, a.v_codes, a.v_norms))
+            and _norm_dtype(a.k_norms, a.v_norms) >= 0 and _dense(a.k_codes, a.k_norms, a.v_codes, a.v_norms))
 
 
 def cache_update(a: CacheUpdateArgs):
@@ -219,7 +227,8 @@ def cache_update(a: CacheUpdateArgs):
             k_codebook=kcb.data_ptr(), v_codebook=vcb.data_ptr(), k_codes_out=caches[0], k_norms_out=caches[1],
             v_codes_out=caches[2], v_norms_out=caches[3], num_tokens=a.num_tokens, num_kv_heads=a.num_kv_heads,
             head_dim=a.head_dim, num_blocks=a.num_blocks, block_size=a.block_size, k_bits=a.k_bits,
-            v_bits=a.v_bits, dtype=_DTYPES[key.dtype], stream=stream)
+            v_bits=a.v_bits, dtype=_DTYPES[key.dtype], norm_dtype=_norm_dtype(a.k_norms, a.v_norms),
+            stream=stream)
         nbytes = lib.tq_cuda_cache_update_workspace(ctypes.byref(call))
         if nbytes:
             workspace = _workspace(dev, stream, nbytes)
@@ -252,7 +261,7 @@ def paged_attention_path(a: PagedAttentionArgs) -> str:
 
 def supports_paged_attention(a: PagedAttentionArgs) -> bool:
     return (_runs(a.device, "paged_attention", a.head_dim, a.query.dtype)
-            and _dense(a.k_codes, a.k_norms, a.v_codes, a.v_norms))
+            and _norm_dtype(a.k_norms, a.v_norms) >= 0 and _dense(a.k_codes, a.k_norms, a.v_codes, a.v_norms))
 
 
 def _attention_call(a: PagedAttentionArgs, dev: torch.device):
@@ -270,7 +279,7 @@ def _attention_call(a: PagedAttentionArgs, dev: torch.device):
         key_mean=None if mean is None else mean.data_ptr(), rope_inv_freq=None if freq is None else freq.data_ptr(),
         num_q_heads=a.num_q_heads, head_dim=a.head_dim, num_blocks=a.num_blocks, block_size=a.block_size,
         num_kv_heads=a.num_kv_heads, k_bits=a.k_bits, v_bits=a.v_bits, scale=a.scale,
-        dtype=_DTYPES[a.query.dtype])
+        dtype=_DTYPES[a.query.dtype], norm_dtype=_norm_dtype(a.k_norms, a.v_norms))
     return call, (a.k_codes, a.k_norms, a.v_codes, a.v_norms, rot, kcb, vcb, mean, freq)
 
 

@@ -13,7 +13,8 @@ Shapes use symbolic dimensions:
     Hq query heads; Hkv KV heads (Hq % Hkv == 0)
 
 Numerics shared by every backend (see tq_deploy.reference for the math):
-    norm  = ||x||_2 (float32);  y = (Pi x) / norm  (y = 0 where norm == 0)
+    norm  = ||x||_2 (float32; a float16 cache norm is that value rounded to nearest even)
+    y = (Pi x) / norm  (y = 0 where norm == 0; the float32 norm, before any rounding)
     code  = #{ boundaries b_k : b_k < y }  (boundaries are centroid midpoints;
             a value exactly on a boundary takes the lower code)
     x_hat = norm * Pi^T c[code]
@@ -57,7 +58,7 @@ class TensorSpec:
     types: tuple[str, ...]
     shape: tuple[str, ...]  # symbolic, "..." for any leading dimensions
     doc: str
-    type_param: str = ""  # shared ONNX type constraint name, e.g. "T"
+    type_param: str = ""  # shared ONNX type constraint name: "T" (the node's float type) or "TN" (cache norms)
     optional: bool = False  # a trailing input a node may leave out (native kernels see a null pointer)
 
 
@@ -179,11 +180,15 @@ DECODE = OpSpec(
     make_inputs="tq_deploy.validate.inputs:decode_inputs",
 )
 
+# The paged cache's norms are float32 or float16 (type parameter TN, one type per node): float16
+# saves 16/D bits per cached coordinate, and its rounding (2**-11 relative) is far below a code's
+# error at any width. A norm that rounds past float16's largest finite value (65504, i.e. from 65520
+# on) is stored as +inf, which the attention turns into NaN scores, never a silent clamp.
 _CACHE_INPUTS = (
     TensorSpec("k_codes", (UINT8,), ("N", "B", "Hkv", "Pk"), "paged key codes"),
-    TensorSpec("k_norms", (FLOAT,), ("N", "B", "Hkv"), "paged key norms"),
+    TensorSpec("k_norms", (FLOAT, FLOAT16), ("N", "B", "Hkv"), "paged key norms", "TN"),
     TensorSpec("v_codes", (UINT8,), ("N", "B", "Hkv", "Pv"), "paged value codes"),
-    TensorSpec("v_norms", (FLOAT,), ("N", "B", "Hkv"), "paged value norms"),
+    TensorSpec("v_norms", (FLOAT, FLOAT16), ("N", "B", "Hkv"), "paged value norms", "TN"),
 )
 
 CACHE_UPDATE = OpSpec(
@@ -203,7 +208,7 @@ CACHE_UPDATE = OpSpec(
         _codebook("v_codebook", " for values"),
     ),
     outputs=tuple(
-        TensorSpec(f"{t.name}_out", t.types, t.shape, f"updated {t.doc}") for t in _CACHE_INPUTS
+        TensorSpec(f"{t.name}_out", t.types, t.shape, f"updated {t.doc}", t.type_param) for t in _CACHE_INPUTS
     ),
     attributes=(_bits_attr("k_bits", "keys"), _bits_attr("v_bits", "values")),
     reference="tq_deploy.validate.reference:cache_update_node",

@@ -7,8 +7,8 @@
  * device pointers for the CUDA ones; shapes: docs/ops.md), the sizes of the symbolic dimensions
  * (rows: the product of the leading "..." dims; S, T, Hq, Hkv, D, N, B, M: num_seqs, num_tokens,
  * num_q_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks), the attributes, the
- * float type of the T tensors, and the launch: device workspace and CUDA stream (the CPU kernels
- * ignore them).
+ * float type of the T tensors (dtype) and of the cache norms (norm_dtype, TN), and the launch:
+ * device workspace and CUDA stream (the CPU kernels ignore them).
  * An in-place output (<x>_out) is the buffer the kernel writes; the caller makes it hold <x> first.
  * An optional input (docs/ops.md) the node leaves out is a null pointer.
  */
@@ -22,7 +22,7 @@
 extern "C" {
 #endif
 
-/* The float type of an op's T tensors. */
+/* The float type of an op's T tensors, and of the paged cache's norms (TN). */
 typedef enum { TQ_FLOAT32 = 0, TQ_FLOAT16 = 1, TQ_BFLOAT16 = 2 } tq_dtype;
 
 /* TQEncode */
@@ -46,31 +46,34 @@ typedef struct tq_decode_call {
 
 /* TQCacheUpdate */
 typedef struct tq_cache_update_call {
-  /* inputs */ const void* key; const void* value; const int64_t* slot_mapping; const uint8_t* k_codes; const float* k_norms; const uint8_t* v_codes; const float* v_norms; const float* rotation; const float* k_codebook; const float* v_codebook;
-  /* outputs */ uint8_t* k_codes_out; float* k_norms_out; uint8_t* v_codes_out; float* v_norms_out;
+  /* inputs */ const void* key; const void* value; const int64_t* slot_mapping; const uint8_t* k_codes; const void* k_norms; const uint8_t* v_codes; const void* v_norms; const float* rotation; const float* k_codebook; const float* v_codebook;
+  /* outputs */ uint8_t* k_codes_out; void* k_norms_out; uint8_t* v_codes_out; void* v_norms_out;
   /* sizes */ int64_t num_tokens; int64_t num_kv_heads; int64_t head_dim; int64_t num_blocks; int64_t block_size;
   /* attributes */ int32_t k_bits; int32_t v_bits;
   /* tq_dtype of T */ int32_t dtype;
+  /* tq_dtype of TN */ int32_t norm_dtype;
   /* launch */ void* workspace; size_t workspace_bytes; void* stream;
 } tq_cache_update_call;
 
 /* TQPagedAttention */
 typedef struct tq_paged_attention_call {
-  /* inputs */ const void* query; const uint8_t* k_codes; const float* k_norms; const uint8_t* v_codes; const float* v_norms; const int32_t* block_tables; const int32_t* context_lens; const float* rotation; const float* k_codebook; const float* v_codebook; const float* key_mean; const float* rope_inv_freq;
+  /* inputs */ const void* query; const uint8_t* k_codes; const void* k_norms; const uint8_t* v_codes; const void* v_norms; const int32_t* block_tables; const int32_t* context_lens; const float* rotation; const float* k_codebook; const float* v_codebook; const float* key_mean; const float* rope_inv_freq;
   /* outputs */ void* out;
   /* sizes */ int64_t num_seqs; int64_t num_q_heads; int64_t head_dim; int64_t num_blocks; int64_t block_size; int64_t num_kv_heads; int64_t max_blocks;
   /* attributes */ int32_t k_bits; int32_t v_bits; float scale;
   /* tq_dtype of T */ int32_t dtype;
+  /* tq_dtype of TN */ int32_t norm_dtype;
   /* launch */ void* workspace; size_t workspace_bytes; void* stream;
 } tq_paged_attention_call;
 
 /* TQPagedPrefill */
 typedef struct tq_paged_prefill_call {
-  /* inputs */ const void* query; const uint8_t* k_codes; const float* k_norms; const uint8_t* v_codes; const float* v_norms; const int32_t* block_tables; const int32_t* context_lens; const int32_t* query_start; const float* rotation; const float* k_codebook; const float* v_codebook; const float* key_mean; const float* rope_inv_freq;
+  /* inputs */ const void* query; const uint8_t* k_codes; const void* k_norms; const uint8_t* v_codes; const void* v_norms; const int32_t* block_tables; const int32_t* context_lens; const int32_t* query_start; const float* rotation; const float* k_codebook; const float* v_codebook; const float* key_mean; const float* rope_inv_freq;
   /* outputs */ void* out;
   /* sizes */ int64_t num_tokens; int64_t num_q_heads; int64_t head_dim; int64_t num_blocks; int64_t block_size; int64_t num_kv_heads; int64_t num_seqs; int64_t max_blocks;
   /* attributes */ int32_t k_bits; int32_t v_bits; float scale;
   /* tq_dtype of T */ int32_t dtype;
+  /* tq_dtype of TN */ int32_t norm_dtype;
   /* launch */ void* workspace; size_t workspace_bytes; void* stream;
 } tq_paged_prefill_call;
 

@@ -34,9 +34,11 @@ const char* type_name(ONNXTensorElementDataType type) {
   }
 }
 
-ONNXTensorElementDataType element_type(tq_ops::Type type, ONNXTensorElementDataType float_type) {
+ONNXTensorElementDataType element_type(tq_ops::Type type, ONNXTensorElementDataType float_type,
+                                       ONNXTensorElementDataType norm_type) {
   switch (type) {
     case tq_ops::Type::kT: return float_type;
+    case tq_ops::Type::kN: return norm_type;
     case tq_ops::Type::kFloat32: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     case tq_ops::Type::kUint8: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     case tq_ops::Type::kInt32: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
@@ -78,8 +80,8 @@ int64_t DimTable::bind(const char* symbol, int64_t value, const char* input, siz
 }
 
 KernelIo::KernelIo(OrtKernelContext* context, const tq_ops::Op& op, ONNXTensorElementDataType float_type,
-                   const Attributes& attrs)
-    : context_(context), op_(op), float_type_(float_type), attrs_(attrs), dims_(op.name) {}
+                   ONNXTensorElementDataType norm_type, const Attributes& attrs)
+    : context_(context), op_(op), float_type_(float_type), norm_type_(norm_type), attrs_(attrs), dims_(op.name) {}
 
 int64_t KernelIo::dim(int index, int axis) const {
   const std::vector<int64_t>& shape = inputs_[index].shape;
@@ -96,6 +98,9 @@ int64_t KernelIo::rows(int index, int trailing) const {
 int64_t KernelIo::int_attr(int index) const { return static_cast<int64_t>(attrs_.value(index)); }
 double KernelIo::float_attr(int index) const { return attrs_.value(index); }
 int KernelIo::dtype() const { return float_type_ == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? TQ_FLOAT16 : TQ_FLOAT32; }
+int KernelIo::norm_dtype() const {
+  return norm_type_ == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? TQ_FLOAT16 : TQ_FLOAT32;
+}
 
 void KernelIo::copy(void* dst, const void* src, size_t bytes) {
   if (dst == src || bytes == 0) return;
@@ -120,7 +125,7 @@ Input KernelIo::input(size_t index, std::initializer_list<const char*> dims) {
   Ort::ConstValue value = context_.GetInput(index);
   if (value == nullptr) fail(op_.name, std::string("input ") + spec.name + " is missing");
   auto info = value.GetTensorTypeAndShapeInfo();
-  const ONNXTensorElementDataType expected = element_type(spec.type, float_type_);
+  const ONNXTensorElementDataType expected = element_type(spec.type, float_type_, norm_type_);
   if (info.GetElementType() != expected) {
     fail(op_.name, std::string("input ") + spec.name + " has element type " + type_name(info.GetElementType()) +
                        ", expected " + type_name(expected));

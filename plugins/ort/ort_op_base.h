@@ -31,7 +31,10 @@ constexpr const char* kCudaProvider = "CUDAExecutionProvider";
 
 std::string shape_str(const std::vector<int64_t>& shape);
 const char* type_name(ONNXTensorElementDataType type);
-ONNXTensorElementDataType element_type(tq_ops::Type type, ONNXTensorElementDataType float_type);
+// The element type of a contract type for a kernel of float type `float_type` (kT) and cache norm
+// type `norm_type` (kN).
+ONNXTensorElementDataType element_type(tq_ops::Type type, ONNXTensorElementDataType float_type,
+                                       ONNXTensorElementDataType norm_type);
 
 // Binds symbolic dimensions (D, N, B, ...) to the first input that shows them and reports
 // any later input that disagrees, naming both. Symbols and input names are the contract's
@@ -78,7 +81,7 @@ class Attributes;
 class KernelIo {
  public:
   KernelIo(OrtKernelContext* context, const tq_ops::Op& op, ONNXTensorElementDataType float_type,
-           const Attributes& attrs);
+           ONNXTensorElementDataType norm_type, const Attributes& attrs);
 
   // Input `index` checked for its element type and, when given, its rank and symbolic dims
   // ("..." is not supported here; callers handle leading dims themselves).
@@ -107,6 +110,7 @@ class KernelIo {
   int64_t int_attr(int index) const;
   double float_attr(int index) const;
   int dtype() const;
+  int norm_dtype() const;
 
  private:
   static constexpr int kMaxTensors = 16;
@@ -117,6 +121,7 @@ class KernelIo {
   Ort::KernelContext context_;
   const tq_ops::Op& op_;
   ONNXTensorElementDataType float_type_;
+  ONNXTensorElementDataType norm_type_;
   const Attributes& attrs_;
   DimTable dims_;
   void* stream_ = nullptr;
@@ -172,7 +177,7 @@ class CudaLaunch {
 // The checks both providers run for one op (and, io.on_host(), the host-data checks), its
 // outputs, and its call filled by tq_ops::<stem>::fill; false when there is nothing to compute.
 // One overload per op of the contract, defined in plugins/ort/tq_<stem>_op.cc.
-#define TQ_ORT_DECLARE_PREPARE(stem, Pascal, float_types) bool prepare(KernelIo& io, tq_##stem##_call& call);
+#define TQ_ORT_DECLARE_PREPARE(stem, Pascal, float_types, norm_types) bool prepare(KernelIo& io, tq_##stem##_call& call);
 TQ_FOR_EACH_OP(TQ_ORT_DECLARE_PREPARE)
 #undef TQ_ORT_DECLARE_PREPARE
 
@@ -185,8 +190,8 @@ struct Kernel {
   static constexpr const tq_ops::Op& kOp = tq_ops::op_of(static_cast<const Call*>(nullptr));
   static constexpr const char* kProvider = P == Provider::kCpu ? kCpuProvider : kCudaProvider;
 
-  Kernel(const OrtKernelInfo* info, ONNXTensorElementDataType float_type)
-      : float_type_(float_type), attrs_(info, kOp) {}
+  Kernel(const OrtKernelInfo* info, ONNXTensorElementDataType float_type, ONNXTensorElementDataType norm_type)
+      : float_type_(float_type), norm_type_(norm_type), attrs_(info, kOp) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -200,7 +205,7 @@ struct Kernel {
   }
 
   void Compute(OrtKernelContext* context) {
-    KernelIo io(context, kOp, float_type_, attrs_);
+    KernelIo io(context, kOp, float_type_, norm_type_, attrs_);
     Call call{};
     if constexpr (P == Provider::kCpu) {
       if (prepare(io, call)) tq::run(call, io.parallel());
@@ -218,6 +223,7 @@ struct Kernel {
   }
 
   ONNXTensorElementDataType float_type_;
+  ONNXTensorElementDataType norm_type_;
   Attributes attrs_;
 #ifdef TQ_DEPLOY_ORT_CUDA
   tq_cuda::Launcher<Call> launcher_;
@@ -239,7 +245,7 @@ size_t ORT_API_CALL may_inplace(int** input_index, int** output_index) {
 void ORT_API_CALL release_may_inplace(int* input_index, int* output_index);
 
 // OrtCustomOp adapter: Kernel provides kOp (a tq_ops::Op table), kProvider, a constructor
-// Kernel(const OrtKernelInfo*, ONNXTensorElementDataType float_type) that reads and checks
+// Kernel(const OrtKernelInfo*, float_type, norm_type) that reads and checks
 // attributes (throwing Ort::Exception), and Compute(OrtKernelContext*). The ops declare versions
 // tq_ops::kDomainVersion..kDomainVersion, but ONNX Runtime registers a custom domain for opset
 // versions 1..1000 with one schema per op name (since version = the first op's start version), so
@@ -248,7 +254,8 @@ void ORT_API_CALL release_may_inplace(int* input_index, int* output_index);
 // refuses other versions and unknown attributes before a session is made (docs/reliability.md).
 template <typename Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
-  explicit Op(ONNXTensorElementDataType float_type) : float_type_(float_type) {
+  Op(ONNXTensorElementDataType float_type, ONNXTensorElementDataType norm_type)
+      : float_type_(float_type), norm_type_(norm_type) {
     this->start_ver_ = tq_ops::kDomainVersion;
     this->end_ver_ = tq_ops::kDomainVersion;
     if (Kernel::kOp.num_in_place > 0) {
@@ -259,7 +266,7 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {
-      *kernel = new Kernel(info, float_type_);
+      *kernel = new Kernel(info, float_type_, norm_type_);
       return nullptr;
     } catch (const Ort::Exception& e) {
       return api.CreateStatus(e.GetOrtErrorCode(), e.what());
@@ -272,29 +279,34 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, /*WithStatus=*/true> {
   const char* GetExecutionProviderType() const { return Kernel::kProvider; }
   size_t GetInputTypeCount() const { return static_cast<size_t>(Kernel::kOp.num_inputs); }
   size_t GetOutputTypeCount() const { return static_cast<size_t>(Kernel::kOp.num_outputs); }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return element_type(Kernel::kOp.inputs[i].type, float_type_); }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return element_type(Kernel::kOp.inputs[i].type, float_type_, norm_type_);
+  }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return Kernel::kOp.inputs[i].optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   ONNXTensorElementDataType GetOutputType(size_t i) const {
-    return element_type(Kernel::kOp.outputs[i].type, float_type_);
+    return element_type(Kernel::kOp.outputs[i].type, float_type_, norm_type_);
   }
 
  private:
   ONNXTensorElementDataType float_type_;
+  ONNXTensorElementDataType norm_type_;
 };
 
 // The kernels of an op on every provider this build has, as OrtCustomOp objects.
 template <typename Call>
-const OrtCustomOp* make_op(Provider provider, ONNXTensorElementDataType float_type) {
+const OrtCustomOp* make_op(Provider provider, ONNXTensorElementDataType float_type,
+                           ONNXTensorElementDataType norm_type) {
 #ifdef TQ_DEPLOY_ORT_CUDA
-  if (provider == Provider::kCuda) return new Op<Kernel<Call, Provider::kCuda>>(float_type);
+  if (provider == Provider::kCuda) return new Op<Kernel<Call, Provider::kCuda>>(float_type, norm_type);
 #endif
-  return provider == Provider::kCpu ? new Op<Kernel<Call, Provider::kCpu>>(float_type) : nullptr;
+  return provider == Provider::kCpu ? new Op<Kernel<Call, Provider::kCpu>>(float_type, norm_type) : nullptr;
 }
 
 // The registration point: every op of the library, as OrtCustomOp objects that live for the
-// whole process (one per provider and float type where the contract allows float and float16).
+// whole process (one per provider, float type and cache norm type where the contract allows
+// float32 and float16; ORT picks the one whose input types match the node).
 std::vector<const OrtCustomOp*> all_ops();
 
 }  // namespace tq_ort

@@ -14,23 +14,31 @@ namespace tq_ort {
 
 namespace {
 
-using Factory = const OrtCustomOp* (*)(Provider, ONNXTensorElementDataType);
+using Factory = const OrtCustomOp* (*)(Provider, ONNXTensorElementDataType, ONNXTensorElementDataType);
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 
 struct Entry {
   Factory make;
   ONNXTensorElementDataType float_type;
+  ONNXTensorElementDataType norm_type;
 };
 
-// Ops with a float type parameter get one kernel per type; the others (TQDecode) float32 only.
-#define TQ_ORT_ENTRY_1(stem) {make_op<tq_##stem##_call>, kF32},
-#define TQ_ORT_ENTRY_2(stem) {make_op<tq_##stem##_call>, kF32}, {make_op<tq_##stem##_call>, kF16},
-#define TQ_ORT_ENTRY(stem, Pascal, float_types) TQ_ORT_ENTRY_##float_types(stem)
+// One kernel per float type (T) and cache norm type (TN) an op has: float32 and float16 each, so
+// the paged ops get four; an op without a parameter (TQDecode has no T, only the cache ops have
+// TN) float32 there.
+#define TQ_ORT_ENTRY_1_1(stem) {make_op<tq_##stem##_call>, kF32, kF32},
+#define TQ_ORT_ENTRY_2_1(stem) {make_op<tq_##stem##_call>, kF32, kF32}, {make_op<tq_##stem##_call>, kF16, kF32},
+#define TQ_ORT_ENTRY_2_2(stem) \
+  TQ_ORT_ENTRY_2_1(stem) {make_op<tq_##stem##_call>, kF32, kF16}, {make_op<tq_##stem##_call>, kF16, kF16},
+#define TQ_ORT_ENTRY_(stem, float_types, norm_types) TQ_ORT_ENTRY_##float_types##_##norm_types(stem)
+#define TQ_ORT_ENTRY(stem, Pascal, float_types, norm_types) TQ_ORT_ENTRY_(stem, float_types, norm_types)
 constexpr Entry kOps[] = {TQ_FOR_EACH_OP(TQ_ORT_ENTRY)};
 #undef TQ_ORT_ENTRY
-#undef TQ_ORT_ENTRY_2
-#undef TQ_ORT_ENTRY_1
+#undef TQ_ORT_ENTRY_
+#undef TQ_ORT_ENTRY_2_2
+#undef TQ_ORT_ENTRY_2_1
+#undef TQ_ORT_ENTRY_1_1
 
 #ifdef TQ_DEPLOY_ORT_CUDA
 constexpr Provider kProviders[] = {Provider::kCpu, Provider::kCuda};
@@ -46,7 +54,7 @@ std::vector<const OrtCustomOp*> all_ops() {
     std::vector<const OrtCustomOp*> v;
     for (Provider provider : kProviders)
       for (const Entry& e : kOps)
-        if (const OrtCustomOp* op = e.make(provider, e.float_type)) v.push_back(op);
+        if (const OrtCustomOp* op = e.make(provider, e.float_type, e.norm_type)) v.push_back(op);
     return v;
   }();
   return ops;

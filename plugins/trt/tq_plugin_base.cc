@@ -26,6 +26,7 @@ OpDef op_def(const tq_ops::Op& op) {
   auto rule = [](tq_ops::Type t) -> TypeRule {
     switch (t) {
       case tq_ops::Type::kT: return kT;
+      case tq_ops::Type::kN: return kN;
       case tq_ops::Type::kFloat32: return kF32;
       case tq_ops::Type::kUint8: return kU8;
       case tq_ops::Type::kInt32: return kI32;
@@ -46,15 +47,28 @@ OpDef op_def(const tq_ops::Op& op) {
   return def;
 }
 
-CallIo::CallIo(const nvinfer1::PluginTensorDesc* desc, int32_t nb_inputs, const void* const* inputs,
+namespace {
+// The input index of the first position of type parameter `param`, or -1.
+int32_t first_of(const OpDef& def, TypeParam param, int32_t nb_inputs) {
+  for (int32_t i = 0; i < nb_inputs && i < static_cast<int32_t>(def.inputs.size()); ++i)
+    if (def.inputs[i].param == param) return i;
+  return -1;
+}
+}  // namespace
+
+CallIo::CallIo(const OpDef& def, const nvinfer1::PluginTensorDesc* desc, int32_t nb_inputs, const void* const* inputs,
                void* const* outputs, const Attrs& attrs)
     : nb_inputs_(nb_inputs), inputs_(inputs), outputs_(outputs), attrs_(attrs), type_(desc[0].type) {
   for (int32_t i = 0; i < nb_inputs && i < kMaxInputs; ++i) dims_[i] = desc[i].dims;
+  const int32_t n = first_of(def, TypeParam::kN, nb_inputs);
+  if (n >= 0) norm_type_ = desc[n].type;
 }
 
-CallIo::CallIo(const nvinfer1::DynamicPluginTensorDesc* desc, int32_t nb_inputs, const Attrs& attrs)
+CallIo::CallIo(const OpDef& def, const nvinfer1::DynamicPluginTensorDesc* desc, int32_t nb_inputs, const Attrs& attrs)
     : nb_inputs_(nb_inputs), attrs_(attrs), type_(desc[0].desc.type) {
   for (int32_t i = 0; i < nb_inputs && i < kMaxInputs; ++i) dims_[i] = desc[i].max;
+  const int32_t n = first_of(def, TypeParam::kN, nb_inputs);
+  if (n >= 0) norm_type_ = desc[n].desc.type;
 }
 
 int64_t CallIo::rows(int i, int trailing) const {
@@ -124,20 +138,26 @@ int32_t TQPlugin::getOutputDataTypes(DataType* output_types, int32_t nb_outputs,
   // "T" outputs take the float type of the first T input; codes outputs the type of the first
   // codes input, else int8: TensorRT rejects uint8 plugin I/O, so codes cross the TensorRT
   // boundary as int8 holding the same bytes (tq_deploy.runtime.tensorrt retypes the ONNX graph).
-  DataType t = DataType::kFLOAT, codes = DataType::kINT8;
-  bool have_t = false, have_codes = false;
+  DataType t = DataType::kFLOAT, n = DataType::kFLOAT, codes = DataType::kINT8;
+  bool have_t = false, have_n = false, have_codes = false;
   for (int32_t i = 0; i < nb_inputs; ++i) {
-    if (def_.inputs[i].is_t && !have_t) {
+    const TypeRule& r = def_.inputs[i];
+    if (r.param == TypeParam::kT && !have_t) {
       t = input_types[i];
       have_t = true;
-    } else if (!def_.inputs[i].is_t && def_.inputs[i].fixed == DataType::kUINT8 && !have_codes) {
+    } else if (r.param == TypeParam::kN && !have_n) {
+      n = input_types[i];
+      have_n = true;
+    } else if (!r.is_param() && r.fixed == DataType::kUINT8 && !have_codes) {
       codes = input_types[i];
       have_codes = true;
     }
   }
   for (int32_t o = 0; o < nb_outputs; ++o) {
     const TypeRule& r = def_.outputs[o];
-    output_types[o] = r.is_t ? t : (r.fixed == DataType::kUINT8 ? codes : r.fixed);
+    output_types[o] = r.param == TypeParam::kT   ? t
+                      : r.param == TypeParam::kN ? n
+                      : (r.fixed == DataType::kUINT8 ? codes : r.fixed);
   }
   return 0;
 }
@@ -159,21 +179,22 @@ bool TQPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPlu
   const nvinfer1::PluginTensorDesc& desc = in_out[pos].desc;
   if (desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
   const TypeRule& rule = pos < nb_inputs ? def_.inputs[pos] : def_.outputs[pos - nb_inputs];
-  if (!rule.is_t) {
+  if (!rule.is_param()) {
     if (rule.fixed != DataType::kUINT8) return desc.type == rule.fixed;
     // Packed codes: raw bytes, uint8 or (where TensorRT refuses uint8 plugin I/O) int8.
     if (desc.type != DataType::kUINT8 && desc.type != DataType::kINT8) return false;
     for (int32_t p = 0; p < pos; ++p) {  // every codes position has the same type
       const TypeRule& r = p < nb_inputs ? def_.inputs[p] : def_.outputs[p - nb_inputs];
-      if (!r.is_t && r.fixed == DataType::kUINT8) return in_out[p].desc.type == desc.type;
+      if (!r.is_param() && r.fixed == DataType::kUINT8) return in_out[p].desc.type == desc.type;
     }
     return true;
   }
   if (desc.type != DataType::kFLOAT && desc.type != DataType::kHALF) return false;
-  // Every T position takes the type of the first T position (TensorRT asks in order of pos).
+  // Every position of a type parameter takes the type of its first position (TensorRT asks in
+  // order of pos).
   for (int32_t p = 0; p < pos; ++p) {
     const TypeRule& r = p < nb_inputs ? def_.inputs[p] : def_.outputs[p - nb_inputs];
-    if (r.is_t) return in_out[p].desc.type == desc.type;
+    if (r.param == rule.param) return in_out[p].desc.type == desc.type;
   }
   return true;
 }

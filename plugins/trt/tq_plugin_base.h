@@ -24,17 +24,20 @@ constexpr const char* kNamespace = tq_ops::kDomain;
 constexpr const char* kVersion = "1";  // tq_ops::kDomainVersion as the plugin version string
 static_assert(tq_ops::kDomainVersion == 1, "the plugin version string follows the domain version");
 
-// The dtype a tensor position accepts: one fixed type, or the op's float type "T"
-// (float32 or float16, the same at every T position).
+// The dtype a tensor position accepts: one fixed type, or a type parameter: the op's float type
+// "T" or the cache norms' type "TN" (each float32 or float16, the same at every position of it).
+enum class TypeParam { kNone, kT, kN };
 struct TypeRule {
-  bool is_t;
+  TypeParam param;
   nvinfer1::DataType fixed;
+  bool is_param() const { return param != TypeParam::kNone; }
 };
-constexpr TypeRule kT{true, nvinfer1::DataType::kFLOAT};
-constexpr TypeRule kF32{false, nvinfer1::DataType::kFLOAT};
-constexpr TypeRule kU8{false, nvinfer1::DataType::kUINT8};
-constexpr TypeRule kI32{false, nvinfer1::DataType::kINT32};
-constexpr TypeRule kI64{false, nvinfer1::DataType::kINT64};
+constexpr TypeRule kT{TypeParam::kT, nvinfer1::DataType::kFLOAT};
+constexpr TypeRule kN{TypeParam::kN, nvinfer1::DataType::kFLOAT};
+constexpr TypeRule kF32{TypeParam::kNone, nvinfer1::DataType::kFLOAT};
+constexpr TypeRule kU8{TypeParam::kNone, nvinfer1::DataType::kUINT8};
+constexpr TypeRule kI32{TypeParam::kNone, nvinfer1::DataType::kINT32};
+constexpr TypeRule kI64{TypeParam::kNone, nvinfer1::DataType::kINT64};
 
 struct AttrDef {
   const char* name;
@@ -75,14 +78,14 @@ tq_cuda_dtype float_type(nvinfer1::DataType t);
 
 // A plugin's tensors as tq_ops::<op>::fill reads them (by the contract's enums): the inputs'
 // dims, the I/O pointers (null when sizing a workspace at build time), the attributes, the float
-// type of the first input.
+// type of the first input and the type of the first cache norms input (TN).
 class CallIo {
  public:
   static constexpr int kMaxInputs = 16;
-  CallIo(const nvinfer1::PluginTensorDesc* desc, int32_t nb_inputs, const void* const* inputs, void* const* outputs,
-         const Attrs& attrs);
+  CallIo(const OpDef& def, const nvinfer1::PluginTensorDesc* desc, int32_t nb_inputs, const void* const* inputs,
+         void* const* outputs, const Attrs& attrs);
   // From the largest shapes of the profile (getWorkspaceSize).
-  CallIo(const nvinfer1::DynamicPluginTensorDesc* desc, int32_t nb_inputs, const Attrs& attrs);
+  CallIo(const OpDef& def, const nvinfer1::DynamicPluginTensorDesc* desc, int32_t nb_inputs, const Attrs& attrs);
   // null for an optional input the node leaves out (and for every input when sizing a workspace)
   const void* in(int i) const { return inputs_ && i < nb_inputs_ ? inputs_[i] : nullptr; }
   void* out(int i) const { return outputs_ ? outputs_[i] : nullptr; }
@@ -91,6 +94,7 @@ class CallIo {
   int64_t int_attr(int a) const { return attrs_.get_int(a); }
   double float_attr(int a) const { return attrs_.get_float(a); }
   int dtype() const { return float_type(type_); }
+  int norm_dtype() const { return float_type(norm_type_); }
 
  private:
   nvinfer1::Dims dims_[kMaxInputs];
@@ -99,6 +103,7 @@ class CallIo {
   void* const* outputs_ = nullptr;
   const Attrs& attrs_;
   nvinfer1::DataType type_;
+  nvinfer1::DataType norm_type_ = nvinfer1::DataType::kFLOAT;
 };
 
 class TQPlugin : public nvinfer1::IPluginV3,

@@ -129,11 +129,11 @@ class Creator final : public nvinfer1::IPluginCreatorV3One {
 TQ_TRT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder) { tq_trt::set_logger_finder(finder); }
 
 TQ_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
-#define TQ_TRT_CREATOR(stem, Pascal, float_types) \
+#define TQ_TRT_CREATOR(stem, Pascal, float_types, norm_types) \
   static tq_trt::Creator<tq_trt::Pascal##Plugin> stem(tq_trt::Pascal##Plugin::def());
   TQ_FOR_EACH_OP(TQ_TRT_CREATOR)
 #undef TQ_TRT_CREATOR
-#define TQ_TRT_CREATOR_ENTRY(stem, Pascal, float_types) &stem,
+#define TQ_TRT_CREATOR_ENTRY(stem, Pascal, float_types, norm_types) &stem,
   static nvinfer1::IPluginCreatorInterface* const creators[] = {TQ_FOR_EACH_OP(TQ_TRT_CREATOR_ENTRY)};
 #undef TQ_TRT_CREATOR_ENTRY
   // one creator per op of the contract

@@ -19,7 +19,7 @@ using nvinfer1::Dims;
 using nvinfer1::DimsExprs;
 using nvinfer1::IExprBuilder;
 
-#define TQ_TRT_PLUGIN(stem, Pascal, float_types)                                                         \
+#define TQ_TRT_PLUGIN(stem, Pascal, float_types, norm_types)                                                         \
   class Pascal##Plugin final : public TQPlugin {                                                         \
    public:                                                                                               \
     explicit Pascal##Plugin(Attrs attrs) : TQPlugin(def(), std::move(attrs)) {}                         \
@@ -32,13 +32,13 @@ using nvinfer1::IExprBuilder;
     std::string check_shapes(const nvinfer1::Dims* inputs, int32_t nb_inputs) const override;            \
     size_t workspace_bytes(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb) const override { \
       tq_##stem##_call call{};                                                                           \
-      tq_ops::stem::fill(call, CallIo(inputs, nb, attrs_));                                              \
+      tq_ops::stem::fill(call, CallIo(def(), inputs, nb, attrs_));                                       \
       return tq_cuda::workspace(&call);                                                                  \
     }                                                                                                    \
     int run(const nvinfer1::PluginTensorDesc* desc, const void* const* inputs, void* const* outputs,     \
             void* workspace, cudaStream_t stream) override {                                             \
       tq_##stem##_call call{};                                                                           \
-      tq_ops::stem::fill(call, CallIo(desc, nb_inputs_, inputs, outputs, attrs_));                       \
+      tq_ops::stem::fill(call, CallIo(def(), desc, nb_inputs_, inputs, outputs, attrs_));                \
       call.workspace = workspace;                                                                        \
       call.workspace_bytes = launcher_.workspace(call);                                                  \
       call.stream = stream;                                                                              \

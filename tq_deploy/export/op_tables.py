@@ -96,7 +96,9 @@ def _cpp_enum(name: str) -> str:
 
 
 def _cpp_type(t: ops.TensorSpec) -> str:
-    return "Type::kT" if t.type_param else f"Type::{_CPP_TYPES[t.types[0]]}"
+    if t.type_param:
+        return "Type::kT" if t.type_param == abi.FLOAT_TYPE else "Type::kN"
+    return f"Type::{_CPP_TYPES[t.types[0]]}"
 
 
 _GENERATED = f"GENERATED from tq_deploy/ops.py by `{HEADER_COMMAND}`: do not edit."
@@ -121,6 +123,8 @@ def _fill_line(f: abi.Field) -> str:
         return f"c.{f.name} = static_cast<{f.c_type}>(io.{kind}({enum}));"
     if f.role == "dtype":
         return "c.dtype = io.dtype();"
+    if f.role == "norm_dtype":
+        return "c.norm_dtype = io.norm_dtype();"
     raise ValueError(f.role)
 
 
@@ -143,8 +147,9 @@ def render_header() -> str:
         f"constexpr int kMinBits = {min(ops.SUPPORTED_BITS)};",
         f"constexpr int kMaxBits = {max(ops.SUPPORTED_BITS)};",
         "",
-        "// kT: the node's float type (float32 or float16), the same at every kT position of one node.",
-        "enum class Type { kT, kFloat32, kUint8, kInt32, kInt64 };",
+        "// kT: the node's float type (float32 or float16), the same at every kT position of one node;",
+        "// kN: the paged cache's norm type (float32 or float16), the same at every kN position.",
+        "enum class Type { kT, kN, kFloat32, kUint8, kInt32, kInt64 };",
         "enum class AttrKind { kInt, kFloat };",
         "",
         "struct Tensor {",
@@ -186,7 +191,8 @@ def render_header() -> str:
         "// optional input the node leaves out),",
         "// void* out(int output), int64_t dim(int input, int axis) (axis < 0 counts from the end),",
         "// int64_t rows(int input, int trailing) (the product of all but the trailing axes),",
-        "// int64_t int_attr(int), double float_attr(int), int dtype() (tq_dtype). op_of(call pointer) is",
+        "// int64_t int_attr(int), double float_attr(int), int dtype() and int norm_dtype() (tq_dtype of the",
+        "// kT and kN tensors). op_of(call pointer) is",
         "// the table of a call struct's op, for code generic over the ops.",
         "",
     ]
@@ -229,7 +235,7 @@ def render_header() -> str:
         lines.append("template <typename Io>")
         lines.append("void fill(Call& c, const Io& io) {")
         fields = abi.call_fields(spec)
-        for role in ("input", "output", "dim", "attribute", "dtype"):
+        for role in ("input", "output", "dim", "attribute", "dtype", "norm_dtype"):
             statements = [_fill_line(f) for f in fields if f.role == role]
             if statements:
                 lines.append("  " + " ".join(statements))
@@ -253,8 +259,8 @@ _CALLS_PREAMBLE = """\
  * device pointers for the CUDA ones; shapes: docs/ops.md), the sizes of the symbolic dimensions
  * (rows: the product of the leading "..." dims; S, T, Hq, Hkv, D, N, B, M: num_seqs, num_tokens,
  * num_q_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks), the attributes, the
- * float type of the T tensors, and the launch: device workspace and CUDA stream (the CPU kernels
- * ignore them).
+ * float type of the T tensors (dtype) and of the cache norms (norm_dtype, TN), and the launch:
+ * device workspace and CUDA stream (the CPU kernels ignore them).
  * An in-place output (<x>_out) is the buffer the kernel writes; the caller makes it hold <x> first.
  * An optional input (docs/ops.md) the node leaves out is a null pointer.
  */
@@ -268,7 +274,7 @@ _CALLS_PREAMBLE = """\
 extern "C" {{
 #endif
 
-/* The float type of an op's T tensors. */
+/* The float type of an op's T tensors, and of the paged cache's norms (TN). */
 typedef enum {{ TQ_FLOAT32 = 0, TQ_FLOAT16 = 1, TQ_BFLOAT16 = 2 }} tq_dtype;
 
 """
@@ -283,7 +289,8 @@ def render_calls() -> str:
         lines.append(f"typedef struct tq_{stem}_call {{")
         fields = abi.call_fields(spec)
         for role, title in (("input", "inputs"), ("output", "outputs"), ("dim", "sizes"),
-                            ("attribute", "attributes"), ("dtype", "tq_dtype of T"), ("launch", "launch")):
+                            ("attribute", "attributes"), ("dtype", "tq_dtype of T"),
+                            ("norm_dtype", "tq_dtype of TN"), ("launch", "launch")):
             decls = " ".join(f"{f.c_type} {f.name};" for f in fields if f.role == role)
             if decls:
                 lines.append(f"  /* {title} */ {decls}")
@@ -299,17 +306,19 @@ def render_op_list() -> str:
         f"// {_GENERATED}",
         "// tests/test_export.py fails when it drifts from the specs.",
         "//",
-        "// TQ_FOR_EACH_OP(X) expands X(stem, Pascal, float_types) once per op of tq_deploy/ops.py:",
-        "// float_types is 2 where the op has a float type parameter T (a kernel each for float32 and",
-        "// float16), else 1. The kernels' declarations (tq_kernels.h, tq_cuda.h), the ONNX Runtime op table",
-        "// and factories (plugins/ort/register_ops.cc) and the TensorRT plugin classes and creators",
+        "// TQ_FOR_EACH_OP(X) expands X(stem, Pascal, float_types, norm_types) once per op of",
+        "// tq_deploy/ops.py: float_types is 2 where the op has a float type parameter T (a kernel each for",
+        "// float32 and float16), else 1; norm_types likewise for the cache norms' type TN. The kernels'",
+        "// declarations (tq_kernels.h, tq_cuda.h), the ONNX Runtime op table and factories",
+        "// (plugins/ort/register_ops.cc) and the TensorRT plugin classes and creators",
         "// (plugins/trt/tq_plugins.h, tq_plugin_creators.cc) expand it.",
         "#pragma once",
         "",
         "#define TQ_FOR_EACH_OP(X) \\",
     ]
     for spec in ops.ALL_OPS:
-        lines.append(f"  X({_stem(spec)}, {_pascal(spec)}, {2 if abi.has_float_type(spec) else 1}) \\")
+        lines.append(f"  X({_stem(spec)}, {_pascal(spec)}, {2 if abi.has_float_type(spec) else 1}, "
+                     f"{2 if abi.has_norm_type(spec) else 1}) \\")
     lines.append("")
     lines.append(f"#define TQ_NUM_OPS {len(ops.ALL_OPS)}")
     return "\n".join(lines) + "\n"

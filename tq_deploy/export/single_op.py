@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from tq_deploy import ops
+from tq_deploy import abi, ops
 from tq_deploy.export import common
 from tq_deploy.export.schemas import elem_type, offset_symbol, register_schemas
 
@@ -143,6 +143,7 @@ def make_op_model(
     rotation=None,
     codebooks=None,
     dtype="float32",
+    norm_dtype="float32",
     seed: int = 0,
     rotation_kind: str = "haar",
     num_q_heads: int | None = None,
@@ -160,7 +161,8 @@ def make_op_model(
     of the cache ops when those are not given. ``rotation`` ([D, D]) and ``codebooks``
     (one array, a sequence in input order, or a mapping by input name) default to
     the reference's ``make_rotation(head_dim, rotation_kind, seed)`` and Lloyd-Max
-    codebooks. ``dtype`` is the float type of x/key/value/query. ``key_mean`` ([Hkv, D]) and
+    codebooks. ``dtype`` is the float type of x/key/value/query, ``norm_dtype`` that of the paged
+    cache's norms (the cache ops' TN). ``key_mean`` ([Hkv, D]) and
     ``rope_inv_freq`` ([D/2]), both or neither, give the attention ops their optional key mean as
     initializers (ops.py); without them the node leaves those inputs out.
     """
@@ -168,6 +170,7 @@ def make_op_model(
         raise ValueError(f"op_name={op_name!r}, expected one of {sorted(ops.OPS_BY_NAME)}")
     spec = ops.OPS_BY_NAME[op_name]
     dtype = common.check_dtype("dtype", dtype)
+    norm_dtype = common.check_dtype("norm_dtype", norm_dtype)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2:
         raise ValueError(f"head_dim={head_dim!r}, expected an int >= 2")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -189,10 +192,11 @@ def make_op_model(
     present = [t for t in spec.inputs if not t.optional or t.name in init_arrays]
     dims = op_dims(spec, head_dim=head_dim, bit_attrs=bit_attrs, block_size=block_size,
                    num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
-    float_type = elem_type(ops.FLOAT16 if dtype == "float16" else ops.FLOAT)
+    param_types = {"T": elem_type(ops.FLOAT16 if dtype == "float16" else ops.FLOAT),
+                   "TN": elem_type(ops.FLOAT16 if norm_dtype == "float16" else ops.FLOAT)}
 
     def type_of(t: ops.TensorSpec) -> int:
-        return float_type if t.type_param else elem_type(t.types[0])
+        return param_types[t.type_param] if t.type_param else elem_type(t.types[0])
 
     graph_inputs = [
         helper.make_tensor_value_info(t.name, type_of(t), _shape(t, dims, leading_dims), t.doc)
@@ -209,6 +213,7 @@ def make_op_model(
     graph = helper.make_graph([node], f"{spec.name}_graph", graph_inputs, graph_outputs, initializers)
     config = {
         "op": spec.name, "head_dim": head_dim, **bit_attrs, "dtype": dtype, "seed": seed,
+        **({"norm_dtype": norm_dtype} if abi.has_norm_type(spec) else {}),
         "rotation_kind": rotation_kind if rotation is None else "given",
         "num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "block_size": block_size,
         "leading_dims": list(leading_dims), "scale": attrs.get("scale", 0.0),

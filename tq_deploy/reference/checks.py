@@ -270,6 +270,10 @@ def check_decode(codes, norms, rotation, codebook, bits, dtype=torch.float32, *,
     return DecodeArgs(codes, norms, rotation, codebook, bits, dim, dtype)
 
 
+# A paged cache stores its norms as float32 or float16 (ops.py: type parameter TN), keys and values alike.
+NORM_DTYPES = (torch.float32, torch.float16)
+
+
 def check_cache(k_codes, k_norms, v_codes, v_norms, head_dim: int, k_bits: int, v_bits: int) -> tuple[int, int, int]:
     """Validate the four cache tensors against each other; returns (N, B, Hkv)."""
     check_bits("k_bits", k_bits)
@@ -277,11 +281,14 @@ def check_cache(k_codes, k_norms, v_codes, v_norms, head_dim: int, k_bits: int, 
     check_tensor("k_codes", k_codes, dtypes=(torch.uint8,), rank=4)
     n, b, hkv, _ = k_codes.shape
     check_shape("k_codes", k_codes, (n, b, hkv, packed_size(head_dim, k_bits)))
-    check_tensor("k_norms", k_norms, dtypes=(torch.float32,))
+    check_tensor("k_norms", k_norms, dtypes=NORM_DTYPES)
     check_shape("k_norms", k_norms, (n, b, hkv))
     check_tensor("v_codes", v_codes, dtypes=(torch.uint8,))
     check_shape("v_codes", v_codes, (n, b, hkv, packed_size(head_dim, v_bits)))
-    check_tensor("v_norms", v_norms, dtypes=(torch.float32,))
+    check_tensor("v_norms", v_norms, dtypes=NORM_DTYPES)
+    if v_norms.dtype != k_norms.dtype:
+        raise ValueError(f"v_norms.dtype={v_norms.dtype}, expected {k_norms.dtype} like k_norms (one norm type per "
+                         "cache)")
     check_shape("v_norms", v_norms, (n, b, hkv))
     for name, size in (("num_blocks", n), ("block_size", b), ("num_kv_heads", hkv)):
         if size < 1:

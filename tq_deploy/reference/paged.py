@@ -3,7 +3,8 @@
 Layout (vLLM-style): the cache is N blocks of B token slots each; a sequence's
 token t lives in block ``block_tables[s, t // B]`` at offset ``t % B`` and its
 flat slot is ``block * B + offset``. Per slot and KV head the cache stores the
-packed codes and the float32 norm of the key and of the value.
+packed codes and the norm of the key and of the value, float32 or float16 (the
+float32 norm rounded to nearest even; the codes are chosen with the float32 norm).
 
 Decode attention never leaves the rotated domain until the very end. With
 k_t = ||k_t|| Pi^T c_k[idx_k_t] and Pi orthogonal,
@@ -28,6 +29,7 @@ import torch
 
 from tq_deploy.ops import packed_size
 from tq_deploy.reference.checks import (
+    NORM_DTYPES,
     CacheUpdateArgs,
     PagedAttentionArgs,
     PagedPrefillArgs,
@@ -51,9 +53,9 @@ class PagedTQCache:
     """The four tensors of one layer's TurboQuant paged KV cache."""
 
     k_codes: torch.Tensor  # [N, B, Hkv, Pk] uint8
-    k_norms: torch.Tensor  # [N, B, Hkv] float32
+    k_norms: torch.Tensor  # [N, B, Hkv] float32 or float16
     v_codes: torch.Tensor  # [N, B, Hkv, Pv] uint8
-    v_norms: torch.Tensor  # [N, B, Hkv] float32
+    v_norms: torch.Tensor  # [N, B, Hkv] like k_norms
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.k_codes, self.k_norms, self.v_codes, self.v_norms
@@ -71,18 +73,21 @@ class PagedTQCache:
 
 
 def allocate_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                   k_bits: int, v_bits: int, device=None) -> PagedTQCache:
-    """An all-zero cache (zero codes and norms decode to zero vectors)."""
+                   k_bits: int, v_bits: int, device=None, norm_dtype=torch.float32) -> PagedTQCache:
+    """An all-zero cache (zero codes and norms decode to zero vectors); its norms are ``norm_dtype``
+    (float32 or float16)."""
     for name, value in (("num_blocks", num_blocks), ("block_size", block_size), ("num_kv_heads", num_kv_heads)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}, expected an int >= 1")
     check_head_dim("head_dim", head_dim)
+    if norm_dtype not in NORM_DTYPES:
+        raise ValueError(f"norm_dtype={norm_dtype}, expected one of {NORM_DTYPES}")
     shape = (num_blocks, block_size, num_kv_heads)
     return PagedTQCache(
         torch.zeros(*shape, packed_size(head_dim, check_bits("k_bits", k_bits)), dtype=torch.uint8, device=device),
-        torch.zeros(shape, dtype=torch.float32, device=device),
+        torch.zeros(shape, dtype=norm_dtype, device=device),
         torch.zeros(*shape, packed_size(head_dim, check_bits("v_bits", v_bits)), dtype=torch.uint8, device=device),
-        torch.zeros(shape, dtype=torch.float32, device=device),
+        torch.zeros(shape, dtype=norm_dtype, device=device),
     )
 
 
@@ -113,9 +118,11 @@ def cache_update_checked(a: CacheUpdateArgs):
     vc, vn = encode_reference(a.value[keep], a.rotation, a.v_codebook, a.v_bits)
     rows, hkv = a.num_blocks * a.block_size, a.num_kv_heads
     a.k_codes.view(rows, hkv, -1)[slots] = kc
-    a.k_norms.view(rows, hkv)[slots] = kn
+    # A float16 cache rounds each float32 norm to nearest even (+inf from 65520 on); the codes were
+    # chosen with the float32 norm.
+    a.k_norms.view(rows, hkv)[slots] = kn.to(a.k_norms.dtype)
     a.v_codes.view(rows, hkv, -1)[slots] = vc
-    a.v_norms.view(rows, hkv)[slots] = vn
+    a.v_norms.view(rows, hkv)[slots] = vn.to(a.v_norms.dtype)
     return a.k_codes, a.k_norms, a.v_codes, a.v_norms
 
 
@@ -164,8 +171,8 @@ def paged_attention_checked(a: PagedAttentionArgs):
     v_idx, _ = gather_tokens(a.v_codes, a.block_tables, a.context_lens)
     # Masked tokens read slot 0 of block 0, which may hold anything (inf, NaN): zero their norms
     # so that 0 * garbage never reaches the sums.
-    k_norm = gather_tokens(a.k_norms, a.block_tables, a.context_lens)[0].masked_fill(~valid[..., None], 0.0)
-    v_norm = gather_tokens(a.v_norms, a.block_tables, a.context_lens)[0].masked_fill(~valid[..., None], 0.0)
+    k_norm = gather_tokens(a.k_norms, a.block_tables, a.context_lens)[0].float().masked_fill(~valid[..., None], 0.0)
+    v_norm = gather_tokens(a.v_norms, a.block_tables, a.context_lens)[0].float().masked_fill(~valid[..., None], 0.0)
     k_cent = a.k_codebook.to(device)[unpack_codes(k_idx, a.k_bits, dim).long()]  # [S, L, Hkv, D]
     v_cent = a.v_codebook.to(device)[unpack_codes(v_idx, a.v_bits, dim).long()]
     if a.key_mean is None:
@@ -211,8 +218,8 @@ def paged_prefill_checked(p: PagedPrefillArgs):
         tables, lens = a.block_tables[s:s + 1], a.context_lens[s:s + 1]
         k_cent = k_codebook[unpack_codes(gather_tokens(a.k_codes, tables, lens)[0][0], a.k_bits, dim).long()]
         v_cent = v_codebook[unpack_codes(gather_tokens(a.v_codes, tables, lens)[0][0], a.v_bits, dim).long()]
-        k_norm = gather_tokens(a.k_norms, tables, lens)[0][0].T  # [Hkv, L]
-        v_norm = gather_tokens(a.v_norms, tables, lens)[0][0].T
+        k_norm = gather_tokens(a.k_norms, tables, lens)[0][0].float().T  # [Hkv, L]
+        v_norm = gather_tokens(a.v_norms, tables, lens)[0][0].float().T
         query = a.query[first:first + n].float()
         q_rot = (query @ rotation.T).reshape(n, hkv, group, dim)
         if a.key_mean is None:
@@ -251,8 +258,8 @@ def dense_attention_reference(query, k_codes, k_norms, v_codes, v_norms, block_t
     a = check_paged_attention(query, k_codes, k_norms, v_codes, v_norms, block_tables, context_lens, rotation,
                               k_codebook, v_codebook, k_bits, v_bits, scale, key_mean, rope_inv_freq)
     dim, group = a.head_dim, a.group
-    keys = decode_reference(k_codes, k_norms, rotation, k_codebook, k_bits)  # [N, B, Hkv, D]
-    values = decode_reference(v_codes, v_norms, rotation, v_codebook, v_bits)
+    keys = decode_reference(k_codes, k_norms.float(), rotation, k_codebook, k_bits)  # [N, B, Hkv, D]
+    values = decode_reference(v_codes, v_norms.float(), rotation, v_codebook, v_bits)
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     for s in range(query.shape[0]):  # the oracle favours plainness over speed
         ctx = int(context_lens[s])

@@ -6,7 +6,9 @@ Per tile of BLOCK_R rows:
                                    scalar boundaries for the first 4 levels, gathers below)
 The product runs on the tensor cores in the input's half type against Pi^T
 split into parts (see _common.rotation_parts), which reproduces fp32. A cache
-update is the same kernel writing row r to the packed row of its slot.
+update is the same kernel writing row r to the packed row of its slot; a cache
+with float16 norms stores each norm rounded to nearest even, its codes chosen
+with the float32 norm.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def encode_kernel(x_ptr, rot0_ptr, rot1_ptr, rot2_ptr, bnd_ptr, words_ptr, bytes
     else:
         omask = rmask
         orow = rows64
-    tl.store(norms_ptr + orow, norm, mask=omask)
+    # A float16 cache keeps the norm rounded to nearest even; the codes below divide by the float32 norm.
+    tl.store(norms_ptr + orow, norm.to(norms_ptr.dtype.element_ty), mask=omask)
     for jc in tl.static_range(D // BJ):
         acc = _rotate_chunk(x, rot0_ptr, rot1_ptr, rot2_ptr, jc * BJ, D, BJ, NPARTS, PART_SCALE, FP32, UPCAST)
         y = acc / denom[:, None]

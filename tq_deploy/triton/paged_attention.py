@@ -140,8 +140,9 @@ def split_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_pt
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         row, valid = cache_rows(bt_row, t, t < end, num_blocks, num_kv_heads, h, PAGE)
-        kn = tl.load(kn_ptr + row, mask=valid, other=0.0)
-        vn = tl.load(vn_ptr + row, mask=valid, other=0.0)
+        # float16 cache norms widen exactly: the scores and the ||v|| scaling stay float32
+        kn = tl.load(kn_ptr + row, mask=valid, other=0.0).to(tl.float32)
+        vn = tl.load(vn_ptr + row, mask=valid, other=0.0).to(tl.float32)
         kc = unpack_codes(kw_ptr, kb_ptr, row, BLOCK_N, D, KBITS)
         k = tl.load(kcb_ptr + kc)  # [BLOCK_N, D] centroids, half type (the codebook stays in L1)
         scores = half_dot(q, tl.trans(k), tl.zeros([GP, BLOCK_N], tl.float32), UPCAST) * kn[None, :]

@@ -99,8 +99,9 @@ def prefill_kernel(qrot_ptr, kw_ptr, kb_ptr, kn_ptr, vw_ptr, vb_ptr, vn_ptr, bt_
         for t0 in range(0, kv_end, BLOCK_N):
             t = t0 + tl.arange(0, BLOCK_N)
             row, valid = cache_rows(bt_row, t, t < kv_end, num_blocks, num_kv_heads, h, PAGE)
-            kn = tl.load(kn_ptr + row, mask=valid, other=0.0)
-            vn = tl.load(vn_ptr + row, mask=valid, other=0.0)
+            # float16 cache norms widen exactly: the scores and the ||v|| scaling stay float32
+            kn = tl.load(kn_ptr + row, mask=valid, other=0.0).to(tl.float32)
+            vn = tl.load(vn_ptr + row, mask=valid, other=0.0).to(tl.float32)
             seen = valid[None, :] & (t[None, :] <= pos[:, None])  # [rows, BLOCK_N] causal mask
             kc = unpack_codes(kw_ptr, kb_ptr, row, BLOCK_N, D, KBITS)
             k = tl.load(kcb_ptr + kc)

@@ -86,7 +86,8 @@ def _filled_cache(config: dict, inits: dict, gen, lens: list[int]):
     block, dim, hkv = config["block_size"], config["head_dim"], config["num_kv_heads"] or 2
     blocks_per_seq = [-(-n // block) for n in lens]
     num_blocks = sum(blocks_per_seq) + 2  # spare blocks the tables never use
-    cache = allocate_cache(num_blocks, block, hkv, dim, config["k_bits"], config["v_bits"])
+    norm_dtype = torch.float16 if config.get("norm_dtype") == "float16" else torch.float32
+    cache = allocate_cache(num_blocks, block, hkv, dim, config["k_bits"], config["v_bits"], norm_dtype=norm_dtype)
     slots_total = num_blocks * block
     kv_shape = (slots_total, hkv, dim)
     cache_update_reference(torch.randn(kv_shape, generator=gen), torch.randn(kv_shape, generator=gen),

@@ -14,13 +14,13 @@ namespace {
 
 using detail::Quantizer;
 
-// Normalize-rotate-quantize one float32 vector x (overwritten with u = x / ||x||).
-// Normalizing before rotating follows the reference's rounding order: y = Pi u.
-TQ_INLINE void encode_vector(float* x, const float* rotation, const Quantizer& q, float* y, uint8_t* codes,
-                             float* norm_out) {
-  *norm_out = detail::normalize(x, q.dim);
+// Normalize-rotate-quantize one float32 vector x (overwritten with u = x / ||x||); returns its
+// float32 norm. Normalizing before rotating follows the reference's rounding order: y = Pi u.
+TQ_INLINE float encode_vector(float* x, const float* rotation, const Quantizer& q, float* y, uint8_t* codes) {
+  const float norm = detail::normalize(x, q.dim);
   detail::matvec(rotation, x, y, q.dim);
   q.pack(y, codes);
+  return norm;
 }
 
 struct CacheUpdateJob {
@@ -47,11 +47,13 @@ TQ_MULTIVERSION void cache_update_task(void* ctx, size_t task) {
     const int64_t src = (t * hkv + h) * d;
     const int64_t row = slot * hkv + h;
     detail::load_as_float(job.key, job.kv_type, src, d, xf.data());
-    encode_vector(xf.data(), job.rotation, *job.k_quantizer, y.data(), c.k_codes + row * job.k_quantizer->packed,
-                  c.k_norms + row);
+    c.store_norm(c.k_norms, row,
+                 encode_vector(xf.data(), job.rotation, *job.k_quantizer, y.data(),
+                               c.k_codes + row * job.k_quantizer->packed));
     detail::load_as_float(job.value, job.kv_type, src, d, xf.data());
-    encode_vector(xf.data(), job.rotation, *job.v_quantizer, y.data(), c.v_codes + row * job.v_quantizer->packed,
-                  c.v_norms + row);
+    c.store_norm(c.v_norms, row,
+                 encode_vector(xf.data(), job.rotation, *job.v_quantizer, y.data(),
+                               c.v_codes + row * job.v_quantizer->packed));
   }
 }
 
@@ -60,8 +62,8 @@ TQ_MULTIVERSION void cache_update_task(void* ctx, size_t task) {
 void cache_update(const tq_cache_update_call& c, const Parallel& parallel) {
   const int64_t* slot_mapping = c.slot_mapping;
   const int64_t num_tokens = c.num_tokens;
-  const PagedCache cache{c.k_codes_out, c.k_norms_out, c.v_codes_out,  c.v_norms_out, c.num_blocks,
-                         c.block_size,  c.num_kv_heads, c.head_dim,   c.k_bits,       c.v_bits};
+  const PagedCache cache{c.k_codes_out, c.k_norms_out,  c.v_codes_out, c.v_norms_out, c.num_blocks, c.block_size,
+                         c.num_kv_heads, c.head_dim,    c.k_bits,      c.v_bits,       c.norm_dtype == TQ_FLOAT16};
   // Keep only the last token that names each slot, so concurrent tasks never write one slot twice.
   std::vector<std::pair<int64_t, int64_t>> slot_token;
   slot_token.reserve(static_cast<size_t>(num_tokens));

@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "tq_calls.h"
+#include "tq_half.h"
 #include "tq_op_list.h"
 
 namespace tq {
@@ -49,18 +50,31 @@ Parallel std_thread_parallel(int threads = 0);
 // Bytes of one packed vector: ceil(dim * bits / 8).
 constexpr int64_t packed_size(int64_t dim, int bits) { return (dim * bits + 7) / 8; }
 
-// A vLLM-style paged TurboQuant cache: codes [N, B, Hkv, P], norms [N, B, Hkv].
+// A vLLM-style paged TurboQuant cache: codes [N, B, Hkv, P], norms [N, B, Hkv] of float32, or of
+// float16 (half_norms: IEEE binary16 bits, the float32 norm rounded to nearest even).
 struct PagedCache {
   uint8_t* k_codes;
-  float* k_norms;
+  void* k_norms;
   uint8_t* v_codes;
-  float* v_norms;
+  void* v_norms;
   int64_t num_blocks;   // N
   int64_t block_size;   // B
   int64_t num_kv_heads; // Hkv
   int64_t head_dim;     // D
   int k_bits;
   int v_bits;
+  bool half_norms;
+
+  float norm(const void* norms, int64_t row) const {
+    return half_norms ? half_to_float(static_cast<const uint16_t*>(norms)[row]) : static_cast<const float*>(norms)[row];
+  }
+  void store_norm(void* norms, int64_t row, float value) const {
+    if (half_norms) {
+      static_cast<uint16_t*>(norms)[row] = float_to_half(value);
+    } else {
+      static_cast<float*>(norms)[row] = value;
+    }
+  }
 };
 
 // One kernel per op of the contract (tq_op_list.h), defined in tq_<stem>.cc (the prefill in
@@ -70,13 +84,13 @@ struct PagedCache {
 //   void tq::<stem>(const tq_<stem>_call& call, const Parallel& parallel)
 // Each file's opening comment says what its op computes (the contract: tq_deploy/ops.py); the
 // glue validates shapes and data first (tq_checks.h), the kernels trust their arguments.
-#define TQ_CPU_DECLARE_KERNEL(stem, Pascal, float_types) \
+#define TQ_CPU_DECLARE_KERNEL(stem, Pascal, float_types, norm_types) \
   void stem(const tq_##stem##_call& call, const Parallel& parallel);
 TQ_FOR_EACH_OP(TQ_CPU_DECLARE_KERNEL)
 #undef TQ_CPU_DECLARE_KERNEL
 
 // The kernels as one overload set, for glue that is generic over the ops.
-#define TQ_CPU_OVERLOAD(stem, Pascal, float_types) \
+#define TQ_CPU_OVERLOAD(stem, Pascal, float_types, norm_types) \
   inline void run(const tq_##stem##_call& call, const Parallel& parallel) { stem(call, parallel); }
 TQ_FOR_EACH_OP(TQ_CPU_OVERLOAD)
 #undef TQ_CPU_OVERLOAD

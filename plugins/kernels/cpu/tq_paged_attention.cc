@@ -250,8 +250,8 @@ TQ_INLINE void attend_range(const AttentionJob& job, int64_t s, int64_t kv_head,
       const int64_t row = rows[i];
       k_unpack.unpack(c.k_codes + row * kd.packed, k_tile.data() + i * ds);
       v_unpack.unpack(c.v_codes + row * vd.packed, v_tile.data() + i * ds);
-      k_norm[i] = c.k_norms[row];
-      v_norm[i] = c.v_norms[row];
+      k_norm[i] = c.norm(c.k_norms, row);
+      v_norm[i] = c.norm(c.v_norms, row);
     }
 
     int64_t g = 0;
@@ -450,9 +450,9 @@ Parallel::Task prefill_task() {
 // update's sake).
 template <typename Call>
 PagedCache cache_of(const Call& c) {
-  return PagedCache{const_cast<uint8_t*>(c.k_codes), const_cast<float*>(c.k_norms), const_cast<uint8_t*>(c.v_codes),
-                    const_cast<float*>(c.v_norms), c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim, c.k_bits,
-                    c.v_bits};
+  return PagedCache{const_cast<uint8_t*>(c.k_codes), const_cast<void*>(c.k_norms), const_cast<uint8_t*>(c.v_codes),
+                    const_cast<void*>(c.v_norms), c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim, c.k_bits,
+                    c.v_bits, c.norm_dtype == TQ_FLOAT16};
 }
 
 // The softmax scale: the attribute, or 1/sqrt(D) for 0.

@@ -1,8 +1,9 @@
 // TQCacheUpdate on the GPU: key/value [T, Hkv, D] encoded into the *_out caches (which the caller
 // makes hold the cache first: in place) by the encode kernels of tq_encode.cu, each row landing in
-// its cache slot (Rows). A negative or out-of-range slot skips its token; when several tokens name
-// one slot the last one wins, found first (keep[]) for more than kInlineTokens tokens, whose
-// bookkeeping is the workspace.
+// its cache slot (Rows). A float16 cache (norm_dtype) stores each float32 norm rounded to nearest
+// even, its codes chosen with the float32 norm. A negative or out-of-range slot skips its token;
+// when several tokens name one slot the last one wins, found first (keep[]) for more than
+// kInlineTokens tokens, whose bookkeeping is the workspace.
 #include <algorithm>
 
 #include "tq_cuda_common.cuh"
@@ -119,7 +120,7 @@ extern "C" size_t tq_cuda_cache_update_workspace(const tq_cache_update_call* c) 
 extern "C" int tq_cuda_cache_update(const tq_cache_update_call* c) {
   if (c == nullptr || c->num_tokens < 0 || c->num_tokens > (int64_t{1} << 30) || c->num_kv_heads < 1 ||
       c->head_dim < 1 || c->head_dim > 8192 || c->num_blocks < 0 || c->block_size < 1 || !valid_bits(c->k_bits) ||
-      !valid_bits(c->v_bits))
+      !valid_bits(c->v_bits) || !valid_norm_dtype(c->norm_dtype))
     return TQ_CUDA_BAD_ARGUMENT;
   if (c->num_tokens == 0) return 0;
   cudaStream_t stream = static_cast<cudaStream_t>(c->stream);
@@ -131,8 +132,9 @@ extern "C" int tq_cuda_cache_update(const tq_cache_update_call* c) {
   }
   const Rows dest{c->slot_mapping, keep, c->num_kv_heads, c->num_blocks * c->block_size, c->num_tokens};
   const int64_t rows = c->num_tokens * c->num_kv_heads;
+  const bool half_norms = c->norm_dtype == TQ_FLOAT16;
   EncodeArgs k{c->key, rows, c->rotation, c->k_codebook, c->k_bits, c->k_codes_out, c->k_norms_out, dest};
-  if (int rc = launch_encode_any(k, kv_type, c->head_dim, stream)) return rc;
+  if (int rc = launch_encode_any(k, kv_type, c->head_dim, half_norms, stream)) return rc;
   EncodeArgs v{c->value, rows, c->rotation, c->v_codebook, c->v_bits, c->v_codes_out, c->v_norms_out, dest};
-  return launch_encode_any(v, kv_type, c->head_dim, stream);
+  return launch_encode_any(v, kv_type, c->head_dim, half_norms, stream);
 }

@@ -6,7 +6,7 @@
  * TensorRT or ONNX Runtime type appears here. Every pointer is a device pointer; every launcher
  * only enqueues work on `stream` (never allocates, never synchronizes) and returns
  * cudaGetLastError() of its launches (0 = success), or TQ_CUDA_BAD_ARGUMENT when a size argument
- * is out of range (nothing is launched then).
+ * is out of range or a dtype / norm_dtype is not one the op takes (nothing is launched then).
  *
  * Math (identical to tq_deploy.reference, float32 compute), bits 1..8:
  *   encode:  norm = ||x||_2 (computed on x scaled by a power of two: finite for 1e20s, nonzero for
@@ -26,7 +26,9 @@
  *            tq_cuda_paged_attention_path)
  *
  * Layouts: rotation [D, D] row-major float32 (y = rotation @ x); codebooks [2**bits] ascending
- * float32; paged cache codes [N, B, Hkv, P] uint8 and norms [N, B, Hkv] float32 with
+ * float32; paged cache codes [N, B, Hkv, P] uint8 and norms [N, B, Hkv] float32 or float16 (the
+ * call's norm_dtype, keys and values alike; a float16 norm is the float32 one rounded to nearest
+ * even when stored, read back exactly, the codes chosen with the float32 norm) with
  * P = ceil(D * bits / 8); slot = block * B + offset.
  *
  * Device-side data the host cannot see without a synchronization (slots, block-table entries,
@@ -51,7 +53,8 @@ extern "C" {
 
 #define TQ_CUDA_BAD_ARGUMENT 10001
 
-/* The kernels take float32, float16 and bfloat16 T tensors (the dtype field of a call). */
+/* The kernels take float32, float16 and bfloat16 T tensors (the dtype field of a call) and float32 or
+ * float16 paged-cache norms (norm_dtype, TN). */
 typedef tq_dtype tq_cuda_dtype;
 #define TQ_CUDA_FLOAT32 TQ_FLOAT32
 #define TQ_CUDA_FLOAT16 TQ_FLOAT16
@@ -70,7 +73,7 @@ const char* tq_cuda_error_string(int code);
  *                                                               its sizes alone (pointers may be null)
  *   int tq_cuda_<stem>(const tq_<stem>_call* call)               the launch
  * Each file's opening comment says what its op computes (the contract: tq_deploy/ops.py). */
-#define TQ_CUDA_DECLARE_LAUNCHER(stem, Pascal, float_types)                 \
+#define TQ_CUDA_DECLARE_LAUNCHER(stem, Pascal, float_types, norm_types)                 \
   size_t tq_cuda_##stem##_workspace(const tq_##stem##_call* call); \
   int tq_cuda_##stem(const tq_##stem##_call* call);
 TQ_FOR_EACH_OP(TQ_CUDA_DECLARE_LAUNCHER)
@@ -78,14 +81,16 @@ TQ_FOR_EACH_OP(TQ_CUDA_DECLARE_LAUNCHER)
 
 /* Decode attention, planned once per shape and run many times (FlashInfer style).
  *
- * tq_cuda_paged_attention_plan checks the call's sizes, attributes and dtype, resolves scale 0 to
- * 1/sqrt(D), picks the kernel and the split-K (tokens_per_split = 0: from the shapes and the
- * device's SM count) and sizes the workspace. It reads the call's sizes, attributes, dtype, the
- * alignment of k_codes and v_codes and whether key_mean and rope_inv_freq are null, nothing else
- * (one of them null and not the other, or key_mean with an odd head dim: TQ_CUDA_BAD_ARGUMENT).
- * The plan holds for every call with the same sizes, attributes and dtype whose codes keep that
- * alignment (code_alignment bytes; null pointers count as aligned) and that gives the key mean
- * exactly when the planned call did.
+ * tq_cuda_paged_attention_plan checks the call's sizes, attributes, dtype and norm_dtype, resolves
+ * scale 0 to 1/sqrt(D), picks the kernel and the split-K (tokens_per_split = 0: from the shapes and
+ * the device's SM count) and sizes the workspace. It reads the call's sizes, attributes, dtype,
+ * norm_dtype, the alignment of k_codes, v_codes, k_norms and v_norms and whether key_mean and
+ * rope_inv_freq are null, nothing else (one of them null and not the other, or key_mean with an odd
+ * head dim: TQ_CUDA_BAD_ARGUMENT). The plan holds for every call with the same sizes, attributes,
+ * dtype and norm_dtype whose codes keep that alignment (code_alignment bytes) and whose norms keep
+ * min(code_alignment, 4) bytes (null pointers count as aligned), and that gives the key mean exactly
+ * when the planned call did (the plan itself does not depend on norm_dtype: run() reads it from the
+ * call).
  *
  * tq_cuda_paged_attention_run launches a planned call and checks nothing: the call must match
  * its plan and carry a workspace of at least plan->workspace_bytes.
@@ -123,7 +128,7 @@ int tq_cuda_paged_attention_path(const tq_paged_attention_call* call);
 
 /* The launchers as one overload set, for glue that is generic over the ops. */
 namespace tq_cuda {
-#define TQ_CUDA_OVERLOAD(stem, Pascal, float_types)                                                       \
+#define TQ_CUDA_OVERLOAD(stem, Pascal, float_types, norm_types)                                                       \
   inline size_t workspace(const tq_##stem##_call* call) { return tq_cuda_##stem##_workspace(call); } \
   inline int launch(const tq_##stem##_call* call) { return tq_cuda_##stem(call); }
 TQ_FOR_EACH_OP(TQ_CUDA_OVERLOAD)

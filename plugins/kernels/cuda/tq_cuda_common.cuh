@@ -1,5 +1,6 @@
-// Device helpers shared by the TurboQuant CUDA kernels: dtype loads/stores, warp reductions,
-// the scaled vector norm, bit-field extraction from packed codes, and launch bookkeeping.
+// Device helpers shared by the TurboQuant CUDA kernels: dtype loads/stores (cache norms included),
+// warp reductions, the scaled vector norm, bit-field extraction from packed codes, and launch
+// bookkeeping.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,6 +29,22 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// A paged cache's norms are float32 or float16 (the call's norm_dtype, one type per launch). A
+// float16 norm is the float32 one rounded to nearest even (+inf past 65504) and reads back exactly;
+// every use of a norm is float32. kHalf: the kernels that take the norm type as a template
+// parameter (few instances: the float32 ones compile as before).
+__host__ __device__ inline bool valid_norm_dtype(int type) { return type == TQ_FLOAT32 || type == TQ_FLOAT16; }
+template <bool kHalf>
+__device__ __forceinline__ float load_norm(const void* norms, int64_t i) {
+  if constexpr (kHalf) return __half2float(__ldg(static_cast<const __half*>(norms) + i));
+  else return __ldg(static_cast<const float*>(norms) + i);
+}
+template <bool kHalf>
+__device__ __forceinline__ void store_norm(void* norms, int64_t i, float v) {
+  if constexpr (kHalf) static_cast<__half*>(norms)[i] = __float2half_rn(v);
+  else static_cast<float*>(norms)[i] = v;
+}
 
 // Online softmax: the running max starts at -inf (a finite floor such as -1e30 would outrank a row
 // whose scores all lie below it and give zeros). exp2 takes its exponents relative to

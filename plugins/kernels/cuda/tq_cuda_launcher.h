@@ -1,9 +1,9 @@
 // Launcher<Call>: one node's launches of its op (the ONNX Runtime CUDA kernels, the TensorRT
 // plugins), generic over the ops: workspace(call) sizes the device scratch of a call, run(call)
 // launches it. The paged attention's launcher keeps a plan per shape: a call whose sizes,
-// attributes, dtype and codes' alignment match the last one's reuses its plan, so a decode loop
-// plans once (tq_cuda_paged_attention_plan: checks, split choice, SM-count query) and then only
-// runs.
+// attributes, dtypes and codes' and norms' alignment match the last one's reuses its plan, so a
+// decode loop plans once (tq_cuda_paged_attention_plan: checks, split choice, SM-count query) and
+// then only runs.
 #pragma once
 
 #include <stdint.h>
@@ -34,21 +34,25 @@ class AttentionPlans {
  private:
   struct Key {
     int64_t sizes[7];
-    int32_t k_bits, v_bits, dtype;
+    int32_t k_bits, v_bits, dtype, norm_dtype;
     float scale;
   };
   static Key key_of(const tq_paged_attention_call& c) {
     return Key{{c.num_seqs, c.num_q_heads, c.head_dim, c.num_blocks, c.block_size, c.num_kv_heads, c.max_blocks},
-               c.k_bits, c.v_bits, c.dtype, c.scale};
+               c.k_bits, c.v_bits, c.dtype, c.norm_dtype, c.scale};
   }
+  // norm_dtype: the plan does not depend on it, but planning is where it is checked
   static bool same(const Key& a, const Key& b) {
     for (int i = 0; i < 7; ++i)
       if (a.sizes[i] != b.sizes[i]) return false;
-    return a.k_bits == b.k_bits && a.v_bits == b.v_bits && a.dtype == b.dtype && a.scale == b.scale;
+    return a.k_bits == b.k_bits && a.v_bits == b.v_bits && a.dtype == b.dtype && a.norm_dtype == b.norm_dtype &&
+           a.scale == b.scale;
   }
+  // as tq_cuda_paged_attention_plan checks them: the codes to `alignment`, the norms to at most 4 bytes
   static bool aligned(const tq_paged_attention_call& c, int32_t alignment) {
-    const uintptr_t a = static_cast<uintptr_t>(alignment > 0 ? alignment : 1);
-    return reinterpret_cast<uintptr_t>(c.k_codes) % a == 0 && reinterpret_cast<uintptr_t>(c.v_codes) % a == 0;
+    const uintptr_t a = static_cast<uintptr_t>(alignment > 0 ? alignment : 1), n = a < 4 ? a : 4;
+    return reinterpret_cast<uintptr_t>(c.k_codes) % a == 0 && reinterpret_cast<uintptr_t>(c.v_codes) % a == 0 &&
+           reinterpret_cast<uintptr_t>(c.k_norms) % n == 0 && reinterpret_cast<uintptr_t>(c.v_norms) % n == 0;
   }
 
   std::mutex mutex_;

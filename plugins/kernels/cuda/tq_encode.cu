@@ -211,7 +211,8 @@ __device__ __forceinline__ void append_code(uint32_t& cur, char* seg, int pos, u
 template <int D, typename T, int BITS>
 using EncodeSmemFor = EncodeSmem<D, T, register_quantizer<D, T, BITS>()>;
 
-template <int D, typename T, int BITS>
+// kHalfNorms: a.norms is float16 (store_norm)
+template <int D, typename T, int BITS, bool kHalfNorms>
 __global__ void __launch_bounds__(EncodeSmemFor<D, T, BITS>::kWarps * 32, EncodeSmemFor<D, T, BITS>::kMinBlocks)
     encode_mma_kernel(const EncodeArgs a) {
   using S = EncodeSmemFor<D, T, BITS>;
@@ -522,7 +523,7 @@ __global__ void __launch_bounds__(EncodeSmemFor<D, T, BITS>::kWarps * 32, Encode
         if (d >= 0) *reinterpret_cast<uint32_t*>(a.codes + d * packed + 4 * c) = v;
       }
     }
-    if (dst >= 0) a.norms[dst] = norm;
+    if (dst >= 0) store_norm<kHalfNorms>(a.norms, dst, norm);
     __syncwarp();
   }
   wait_copies<0>();
@@ -534,7 +535,7 @@ constexpr int kGenericWarps = 4;
 
 // One warp per vector: its norm (scaled), u = x / ||x|| in shared memory, y_j = <Pi row j, u>
 // for j = lane, lane + 32, ... with Pi read through L1, codes staged then packed by lane 0..
-template <typename T>
+template <typename T, bool kHalfNorms>
 __global__ void __launch_bounds__(kGenericWarps * 32) encode_generic_kernel(const EncodeArgs a, int dim) {
   extern __shared__ float4 generic_smem[];
   float* bounds = reinterpret_cast<float*>(generic_smem);
@@ -573,7 +574,7 @@ __global__ void __launch_bounds__(kGenericWarps * 32) encode_generic_kernel(cons
     __syncwarp();
     if (lane == 0) {
       pack_row(staged, dim, a.bits, a.codes + dst * packed);
-      a.norms[dst] = ldexpf(scaled, e);
+      store_norm<kHalfNorms>(a.norms, dst, ldexpf(scaled, e));
     }
     __syncwarp();
   }
@@ -581,7 +582,7 @@ __global__ void __launch_bounds__(kGenericWarps * 32) encode_generic_kernel(cons
 
 // ---------------------------------------------------------------------------- launch
 
-template <typename T>
+template <typename T, bool kHalfNorms>
 int launch_encode(const EncodeArgs& a, int64_t dim, cudaStream_t stream) {
   if (a.rows == 0) return 0;
   const int sms = num_sms();
@@ -590,7 +591,7 @@ int launch_encode(const EncodeArgs& a, int64_t dim, cudaStream_t stream) {
     auto launch = [&](auto bits) {
       constexpr int BITS = decltype(bits)::value;
       using S = EncodeSmemFor<D, T, BITS>;
-      const auto kernel = encode_mma_kernel<D, T, BITS>;
+      const auto kernel = encode_mma_kernel<D, T, BITS, kHalfNorms>;
       if (int rc = reserve_shared(kernel, S::kBytes)) return rc;
       int per_sm = 0;
       if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, S::kWarps * 32, S::kBytes) != cudaSuccess ||
@@ -618,22 +619,27 @@ int launch_encode(const EncodeArgs& a, int64_t dim, cudaStream_t stream) {
   if (aligned && dim == 128) return mma(std::integral_constant<int, 128>{});
   const size_t shared = 256 * 4 + kGenericWarps * static_cast<size_t>(dim) * 5;
   if (shared > 200 * 1024) return TQ_CUDA_BAD_ARGUMENT;
-  if (int rc = reserve_shared(encode_generic_kernel<T>, shared)) return rc;
+  if (int rc = reserve_shared(encode_generic_kernel<T, kHalfNorms>, shared)) return rc;
   const int64_t blocks = (a.rows + kGenericWarps - 1) / kGenericWarps;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(blocks, int64_t{sms} * 16));
-  encode_generic_kernel<T><<<grid, kGenericWarps * 32, shared, stream>>>(a, static_cast<int>(dim));
+  encode_generic_kernel<T, kHalfNorms><<<grid, kGenericWarps * 32, shared, stream>>>(a, static_cast<int>(dim));
   return launch_status();
+}
+
+template <bool kHalfNorms>
+int launch_encode_for(const EncodeArgs& a, tq_cuda_dtype type, int64_t dim, cudaStream_t stream) {
+  switch (type) {
+    case TQ_CUDA_FLOAT32: return launch_encode<float, kHalfNorms>(a, dim, stream);
+    case TQ_CUDA_FLOAT16: return launch_encode<__half, kHalfNorms>(a, dim, stream);
+    case TQ_CUDA_BFLOAT16: return launch_encode<__nv_bfloat16, kHalfNorms>(a, dim, stream);
+  }
+  return TQ_CUDA_BAD_ARGUMENT;
 }
 
 }  // namespace
 
-int launch_encode_any(const EncodeArgs& a, tq_cuda_dtype type, int64_t dim, cudaStream_t stream) {
-  switch (type) {
-    case TQ_CUDA_FLOAT32: return launch_encode<float>(a, dim, stream);
-    case TQ_CUDA_FLOAT16: return launch_encode<__half>(a, dim, stream);
-    case TQ_CUDA_BFLOAT16: return launch_encode<__nv_bfloat16>(a, dim, stream);
-  }
-  return TQ_CUDA_BAD_ARGUMENT;
+int launch_encode_any(const EncodeArgs& a, tq_cuda_dtype type, int64_t dim, bool half_norms, cudaStream_t stream) {
+  return half_norms ? launch_encode_for<true>(a, type, dim, stream) : launch_encode_for<false>(a, type, dim, stream);
 }
 
 }  // namespace tq_cuda
@@ -644,7 +650,8 @@ extern "C" int tq_cuda_encode(const tq_encode_call* c) {
   if (c == nullptr || c->rows < 0 || c->head_dim < 1 || c->head_dim > 8192 || !valid_bits(c->bits))
     return TQ_CUDA_BAD_ARGUMENT;
   EncodeArgs a{c->x, c->rows, c->rotation, c->codebook, c->bits, c->codes, c->norms, Rows{nullptr, nullptr, 1, 0, 0}};
-  return launch_encode_any(a, static_cast<tq_cuda_dtype>(c->dtype), c->head_dim, static_cast<cudaStream_t>(c->stream));
+  return launch_encode_any(a, static_cast<tq_cuda_dtype>(c->dtype), c->head_dim, false,
+                           static_cast<cudaStream_t>(c->stream));
 }
 
 extern "C" size_t tq_cuda_encode_workspace(const tq_encode_call*) { return 0; }

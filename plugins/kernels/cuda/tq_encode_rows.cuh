@@ -36,11 +36,13 @@ struct EncodeArgs {
   const float* codebook;
   int bits;
   uint8_t* codes;
-  float* norms;
+  void* norms;  // float32, or float16 (a cache's norm type: launch_encode_any's half_norms)
   Rows dest;
 };
 
-// Encodes a.rows rows of x (dtype `type`, head dim `dim`) into their destinations, on `stream`.
-int launch_encode_any(const EncodeArgs& a, tq_cuda_dtype type, int64_t dim, cudaStream_t stream);
+// Encodes a.rows rows of x (dtype `type`, head dim `dim`) into their destinations, on `stream`;
+// half_norms: a.norms is float16 (each float32 norm rounded to nearest even; the codes are chosen
+// with the float32 norm).
+int launch_encode_any(const EncodeArgs& a, tq_cuda_dtype type, int64_t dim, bool half_norms, cudaStream_t stream);
 
 }  // namespace tq_cuda

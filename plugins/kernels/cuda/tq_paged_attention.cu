@@ -1,7 +1,7 @@
 // tq_cuda_paged_attention: one entry, two kernels. fp16/bf16 queries with head dims up to 256 run on
-// the tensor-core kernel (tq_paged_attention_mma.cu) when the codes' base pointers have the alignment
-// its cp.async copies need; every other call (float32 queries included) runs the generic kernel
-// (tq_paged_attention_generic.cu), float32 throughout. Calls with the key mean (key_mean and
+// the tensor-core kernel (tq_paged_attention_mma.cu) when the codes' and norms' base pointers have
+// the alignment its cp.async copies need; every other call (float32 queries included) runs the
+// generic kernel (tq_paged_attention_generic.cu), float32 throughout. Calls with the key mean (key_mean and
 // rope_inv_freq) take the tensor cores at head dims 64/128/256 (one more mma per k-step, D/2 sines
 // and cosines per tile: tq_paged_attention_mma.cuh); at other head dims the generic kernel.
 // The choice and the split depend on the shapes and on whether the key mean is given; the
@@ -102,7 +102,8 @@ extern "C" int tq_cuda_paged_attention_plan(const tq_paged_attention_call* call,
   if (call == nullptr || plan == nullptr) return TQ_CUDA_BAD_ARGUMENT;
   const AttentionCall& c = *call;
   if (!shapes_ok(c) || !key_mean_ok(c) || c.num_blocks < 0 || c.num_blocks > (int64_t{1} << 31) - 1 ||
-      tokens_per_split < 0 || (c.dtype != TQ_CUDA_FLOAT32 && c.dtype != TQ_CUDA_FLOAT16 && c.dtype != TQ_CUDA_BFLOAT16))
+      tokens_per_split < 0 || !valid_norm_dtype(c.norm_dtype) ||
+      (c.dtype != TQ_CUDA_FLOAT32 && c.dtype != TQ_CUDA_FLOAT16 && c.dtype != TQ_CUDA_BFLOAT16))
     return TQ_CUDA_BAD_ARGUMENT;
   *plan = Plan{};
   if (c.num_seqs == 0) return 0;  // run() launches nothing
@@ -111,8 +112,11 @@ extern "C" int tq_cuda_paged_attention_plan(const tq_paged_attention_call* call,
   if (scale == 0.f) scale = 1.0f / sqrtf(static_cast<float>(c.head_dim));
   const bool fast = tensor_cores(c);
   const uintptr_t align = fast ? static_cast<uintptr_t>(mma::chunk_alignment(c.head_dim, c.k_bits, c.v_bits)) : 1;
+  const uintptr_t norm_align = std::min<uintptr_t>(align, 4);  // cp.async copies norms as 4-byte words
   const bool aligned = reinterpret_cast<uintptr_t>(c.k_codes) % align == 0 &&
-                       reinterpret_cast<uintptr_t>(c.v_codes) % align == 0;
+                       reinterpret_cast<uintptr_t>(c.v_codes) % align == 0 &&
+                       reinterpret_cast<uintptr_t>(c.k_norms) % norm_align == 0 &&
+                       reinterpret_cast<uintptr_t>(c.v_norms) % norm_align == 0;
   *plan = plan_for(c, tokens_per_split, fast && aligned, num_sms());
   plan->code_alignment = static_cast<int32_t>(align);
   plan->scale = scale;

@@ -98,7 +98,8 @@ struct CodeReader {
 };
 
 // KM: the key mean's term (a.key_mean not null); the instances without it are the plain kernel.
-template <int KC, int GH, bool KM>
+// HN: the cache's norms are float16 (else float32).
+template <int KC, int GH, bool KM, bool HN>
 __global__ void __launch_bounds__(kWarps * 32) split_kernel(const WarpArgs a) {
   extern __shared__ float4 generic_smem[];
   float* smem = reinterpret_cast<float*>(generic_smem);
@@ -182,8 +183,8 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(const WarpArgs a) {
       copy_row(a.cache.k_codes + c * k_bytes, k_bytes, k_words, k_rows + r * a.k_row_words, lane);
       copy_row(a.cache.v_codes + c * v_bytes, v_bytes, v_words, v_rows + r * a.v_row_words, lane);
     }
-    const float kn = cell >= 0 ? __ldg(a.cache.k_norms + cell) : 0.f;
-    const float vn = cell >= 0 ? __ldg(a.cache.v_norms + cell) : 0.f;
+    const float kn = cell >= 0 ? load_norm<HN>(a.cache.k_norms, cell) : 0.f;
+    const float vn = cell >= 0 ? load_norm<HN>(a.cache.v_norms, cell) : 0.f;
     __syncwarp();
 
     // scores of the lane's token
@@ -337,20 +338,26 @@ int odd_words(int bytes) {
   return words | 1;
 }
 
-template <int KC, int GH, bool KM>
+template <int KC, int GH, bool KM, bool HN>
 int launch_split(const WarpArgs& args, unsigned pairs, cudaStream_t stream) {
   const size_t shared = head_floats(args.dim, GH, KM) * sizeof(float) +
                         kWarps * (kStep * (args.k_row_words + args.v_row_words) + GH * kStep) * sizeof(uint32_t);
-  if (int rc = reserve_shared(split_kernel<KC, GH, KM>, shared)) return rc;
+  if (int rc = reserve_shared(split_kernel<KC, GH, KM, HN>, shared)) return rc;
   const dim3 grid(pairs, args.head_chunks, (args.splits + kWarps - 1) / kWarps);
-  split_kernel<KC, GH, KM><<<grid, kWarps * 32, shared, stream>>>(args);
+  split_kernel<KC, GH, KM, HN><<<grid, kWarps * 32, shared, stream>>>(args);
   return launch_status();
 }
 
-template <int KC>
+template <int KC, bool HN>
 int launch_split_for(const WarpArgs& args, unsigned pairs, cudaStream_t stream) {
-  return args.key_mean != nullptr ? launch_split<KC, kHeadChunk, true>(args, pairs, stream)
-                                  : launch_split<KC, kHeadChunk, false>(args, pairs, stream);
+  return args.key_mean != nullptr ? launch_split<KC, kHeadChunk, true, HN>(args, pairs, stream)
+                                  : launch_split<KC, kHeadChunk, false, HN>(args, pairs, stream);
+}
+
+// float16 cache norms: their own instances (few), so that the float32 ones compile as before
+template <int KC>
+int launch_split_any(const WarpArgs& args, unsigned pairs, bool half, cudaStream_t stream) {
+  return half ? launch_split_for<KC, true>(args, pairs, stream) : launch_split_for<KC, false>(args, pairs, stream);
 }
 
 template <typename T>
@@ -445,11 +452,12 @@ int run(const AttentionCall& c, const Plan& plan) {
   args.rope_inv_freq = c.key_mean != nullptr ? c.rope_inv_freq : nullptr;
   args.q_scale = plan.scale * kLog2e;
   const unsigned pairs = static_cast<unsigned>(c.num_seqs * hkv);
+  const bool half = half_norms(c);
   int rc;
-  if (d <= 64) rc = launch_split_for<2>(args, pairs, stream);
-  else if (d <= 128) rc = launch_split_for<4>(args, pairs, stream);
-  else if (d <= 256) rc = launch_split_for<8>(args, pairs, stream);
-  else rc = launch_split_for<16>(args, pairs, stream);
+  if (d <= 64) rc = launch_split_any<2>(args, pairs, half, stream);
+  else if (d <= 128) rc = launch_split_any<4>(args, pairs, half, stream);
+  else if (d <= 256) rc = launch_split_any<8>(args, pairs, half, stream);
+  else rc = launch_split_any<16>(args, pairs, half, stream);
   if (rc) return rc;
   return rotate_or_merge(false, q_type, c.query, c.rotation, rows, d, 0.f, nullptr, partial, args.group,
                          plan.head_chunks, plan.splits, c.out, stream);

@@ -82,6 +82,7 @@ int run(const AttentionCall& c, const Plan& plan) {
   args.query = c.query;
   args.q_type = static_cast<tq_cuda_dtype>(c.dtype);
   args.cache = cache_args(c);
+  args.half_norms = half_norms(c);
   args.rotation = c.rotation;
   args.k_codebook = c.k_codebook;
   args.v_codebook = c.v_codebook;

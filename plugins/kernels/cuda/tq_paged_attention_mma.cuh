@@ -27,6 +27,10 @@
 // Head dims other than 64/128/256 take the raw path (kRaw): the 8-bit instance of the dim padded to
 // a multiple of 16, fed packed rows of any width (issue_raw, widen_codes below).
 //
+// float16 cache norms (norm_dtype): cp.async copies the aligned word that holds each (copy_norm), the
+// stage's live-token word notes which half it is, and once the tile has landed each lane rewrites
+// the slot it copied as float32 (widen_norm): the loop reads float32 norms either way.
+//
 // The key mean (kMean, key_mean and rope_inv_freq given; D 64/128/256): a token at position
 // t = t0 + i of a tile (t >= 1) scores sum_f A_f cos(t w_f) + B_f sin(t w_f) more, (A, B) the
 // head's coefficients of q and mu (docs/ops.md). Turning (A, B) by t0 w_f once per tile leaves
@@ -117,7 +121,8 @@ struct Layout {
 
 // One tile as it sits in a warp's stage: key rows in token order, value rows in the order
 // tig + 4r for token 2tig + (r & 1) + 8 (r >> 1) (the 8 lanes of one r then read 4 contiguous
-// rows: no bank conflicts), then the 16 key norms, the 16 value norms and a word of live-token bits.
+// rows: no bank conflicts), then the 16 key norms, the 16 value norms (4-byte slots: copy_norm)
+// and a word of live-token bits.
 template <int D, int KB, int VB>
 struct Stage {
   using L = Layout<D, KB, VB>;
@@ -125,7 +130,8 @@ struct Stage {
   static constexpr int kValue = kTile * L::kKeyRow;
   static constexpr int kKeyNorm = kValue + kTile * L::kValueRow;
   static constexpr int kValueNorm = kKeyNorm + kTile * 4;
-  // bit t: token t counts (in the table and context); the raw path's row offsets at +8 and +12
+  // bit t: token t counts (in the table and context); float16 norms: bit 16 + t, token t's norms are
+  // their slots' upper halves (copy_norm); the raw path's row offsets at +8 and +12
   static constexpr int kLive = kValueNorm + kTile * 4;
   __device__ static constexpr int value_row(int token) { return (token & 8) | ((token & 1) << 2) | ((token >> 1) & 3); }
 };
@@ -158,6 +164,28 @@ struct RowFinder {
     return (static_cast<int64_t>(block) * block_size + (token - entry * block_size)) * kv_heads + head;
   }
 };
+
+// Norm i of a cache's norms into the 4-byte stage slot `dst` by cp.async, like the codes. A float32
+// norm is the slot. cp.async copies no fewer than 4 bytes, so a float16 norm comes with the aligned
+// word that holds it (the tensor-core plan takes 4-byte aligned norms only): for odd i the word
+// norm i-1, norm i (its upper half), for even i norm i alone (a 2-byte source, the rest zero), so
+// nothing past norm i is read. Returns whether the norm is its slot's upper half (widen_norm).
+__device__ __forceinline__ bool copy_norm(uint32_t dst, const void* norms, int64_t i, bool half) {
+  if (!half) {
+    copy_async_4(dst, static_cast<const float*>(norms) + i);
+    return false;
+  }
+  copy_async_4_partial(dst, static_cast<const uint32_t*>(norms) + (i >> 1), i & 1 ? 4 : 2);
+  return i & 1;
+}
+
+// A landed float16 norm's slot rewritten as the float32 norm (the loop reads float32 slots): the
+// float16 in the slot's upper half where upper & 1, else in its lower half.
+__device__ __forceinline__ void widen_norm(uint8_t* slot, uint32_t upper) {
+  const uint32_t word = *reinterpret_cast<const uint32_t*>(slot);
+  const unsigned short bits = static_cast<unsigned short>(upper & 1u ? word >> 16 : word);
+  *reinterpret_cast<float*>(slot) = __half2float(__ushort_as_half(bits));
+}
 
 // A lane's part in copying a tile into a stage: which chunks of which rows (offsets from the
 // tile's first cell, fixed for the whole loop) and one norm (lanes 0-15 key norms, 16-31 value).
@@ -196,9 +224,9 @@ struct TileCopy {
   // Any block size: the whole warp copies tokens t0 .. t0 + 15, each row from its own block (rows
   // that are not live are not copied: their stale stage bytes decode to finite values that the
   // softmax masks). Returns the tile's live tokens, bit t for token t0 + t.
-  __device__ __forceinline__ uint32_t issue_rows(const uint8_t* k_codes, const float* k_norms, const uint8_t* v_codes,
-                                                 const float* v_norms, const RowFinder& rows, int t0,
-                                                 uint32_t stage) const {
+  __device__ __forceinline__ uint32_t issue_rows(const uint8_t* k_codes, const void* k_norms, const uint8_t* v_codes,
+                                                 const void* v_norms, bool half, bool& upper, const RowFinder& rows,
+                                                 int t0, uint32_t stage) const {
     constexpr int kPerKeyRow = L::kKeyRow / L::kKeyChunk, kPerValueRow = L::kValueRow / L::kValueChunk;
     const int lane = threadIdx.x & 31;
 #pragma unroll
@@ -215,13 +243,14 @@ struct TileCopy {
         copy_async<L::kValueChunk>(stage + value_dst[i], v_codes + row * L::kValueRow + part * L::kValueChunk);
     }
     const int64_t row = rows(t0 + (lane & 15));
-    if (row >= 0) copy_async_4(stage + norm_dst, (key_norm ? k_norms : v_norms) + row);
+    if (row >= 0) upper = copy_norm(stage + norm_dst, key_norm ? k_norms : v_norms, row, half);
     return __ballot_sync(0xffffffffu, row >= 0) & 0xffffu;
   }
 
   // The whole warp copies the 16 tokens starting at cache cell `first` (of a KV head) into `stage`.
-  __device__ __forceinline__ void issue(const uint8_t* k_codes, const float* k_norms, const uint8_t* v_codes,
-                                        const float* v_norms, int64_t first, uint32_t stage) const {
+  __device__ __forceinline__ void issue(const uint8_t* k_codes, const void* k_norms, const uint8_t* v_codes,
+                                        const void* v_norms, bool half, bool& upper, int64_t first,
+                                        uint32_t stage) const {
     const uint8_t* k = k_codes + first * L::kKeyRow;
     const uint8_t* v = v_codes + first * L::kValueRow;
 #pragma unroll
@@ -230,7 +259,7 @@ struct TileCopy {
 #pragma unroll
     for (int i = 0; i < kValuePerLane; ++i)
       if (value_lane[i]) copy_async<L::kValueChunk>(stage + value_dst[i], v + value_src[i]);
-    copy_async_4(stage + norm_dst, (key_norm ? k_norms : v_norms) + first + norm_src);
+    upper = copy_norm(stage + norm_dst, key_norm ? k_norms : v_norms, first + norm_src, half);
   }
 };
 
@@ -428,6 +457,7 @@ struct SplitArgs {
   FastDiv per_k_words, per_v_words;
   const float* key_mean;       // [num_kv_heads, D] (the kMean instances)
   const float* rope_inv_freq;  // [D / 2]
+  bool half_norms;             // the cache's norms are float16 (else float32): copy_norm
 };
 
 // out[row0 + h][j] = sum_i Pi[i][j] acc[h][i] * inv[h] for the CTA's heads, by the whole CTA.
@@ -459,11 +489,12 @@ __device__ __forceinline__ float inverse_sum(float l) { return l != 0.f ? 1.f / 
 // (widen_codes).
 template <int D>
 __device__ __forceinline__ uint32_t issue_raw(const SplitArgs& a, const RowFinder& rows, int t0, uint32_t stage,
-                                              int lane) {
+                                              int lane, bool& upper) {
   using S = Stage<D, 8, 8>;
   const int64_t row = rows(t0 + (lane & 15));  // lanes l and l + 16: the same token
-  if (row >= 0) copy_async_4(stage + (lane < 16 ? S::kKeyNorm : S::kValueNorm) + 4 * (lane & 15),
-                             (lane < 16 ? a.cache.k_norms : a.cache.v_norms) + row);
+  if (row >= 0)
+    upper = copy_norm(stage + (lane < 16 ? S::kKeyNorm : S::kValueNorm) + 4 * (lane & 15),
+                      lane < 16 ? a.cache.k_norms : a.cache.v_norms, row, a.half_norms);
   auto copy_rows = [&](const uint8_t* codes, int row_bytes, int words, const FastDiv& per_row, bool values) {
     const int items = kTile * words;
     for (int i0 = 0; i0 < items; i0 += 32) {  // uniform trip count: every lane takes part in the shuffle
@@ -511,7 +542,7 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
   const int dim = kRaw ? a.dim : D;                    // the true head dim
   const int64_t q_row0 = static_cast<int64_t>(seq) * a.num_q_heads + static_cast<int64_t>(h) * a.group + head0;
   const int split = cta * L::kWarps + warp;
-  const uint8_t* ring = rings + warp * kStages * L::kStage;
+  uint8_t* const ring = rings + warp * kStages * L::kStage;
   const uint32_t ring_addr = shared_address(ring);
 
   int ctx = __ldg(a.cache.context_lens + seq);
@@ -537,8 +568,9 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
     const int t0 = start + kTile * tile;
     const uint32_t stage = ring_addr + (tile % kStages) * L::kStage;
     uint32_t live;
+    bool upper = false;  // this lane's float16 norm is its slot's upper half
     if constexpr (kRaw) {
-      live = issue_raw<D>(a, rows, t0, stage, lane);
+      live = issue_raw<D>(a, rows, t0, stage, lane, upper);
     } else if (whole_tiles) {
       if (tile > 0 && (tile & 31) == 0) {
         blocks = blocks_next;
@@ -547,14 +579,16 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
       const int block = __shfl_sync(0xffffffffu, blocks, tile & 31);
       const bool ok = block >= 0 && block < a.num_blocks;
       const int64_t first = (static_cast<int64_t>(ok ? block : 0) * a.block_size + offset) * a.num_kv_heads + h;
-      copy.issue(a.cache.k_codes, a.cache.k_norms, a.cache.v_codes, a.cache.v_norms, first, stage);
+      copy.issue(a.cache.k_codes, a.cache.k_norms, a.cache.v_codes, a.cache.v_norms, a.half_norms, upper, first,
+                 stage);
       offset += kTile;
       if (offset == a.block_size) offset = 0;
       live = !ok ? 0u : end - t0 >= kTile ? 0xffffu : (1u << (end - t0)) - 1u;
     } else {
-      live = copy.issue_rows(a.cache.k_codes, a.cache.k_norms, a.cache.v_codes, a.cache.v_norms, rows, t0,
-                             stage);
+      live = copy.issue_rows(a.cache.k_codes, a.cache.k_norms, a.cache.v_codes, a.cache.v_norms, a.half_norms,
+                             upper, rows, t0, stage);
     }
+    if (a.half_norms) live |= __ballot_sync(0xffffffffu, upper) << 16;  // lanes 0-15: tokens' halves
     // a plain store: the __syncwarp after the tile's copies land orders it for the other lanes
     if (lane == 0) asm volatile("st.shared.u32 [%0], %1;" ::"r"(stage + S::kLive), "r"(live) : "memory");
   };
@@ -679,8 +713,11 @@ __global__ void __launch_bounds__(Layout<D, KB, VB>::kWarps * 32, 1) split_kerne
     if (i + kStages - 1 < tiles) issue(i + kStages - 1);
     commit_copies();
     wait_copies<kStages - 1>();  // tile i has landed
+    uint8_t* const stage = ring + (i % kStages) * L::kStage;
+    if (a.half_norms)  // the float16 norm this lane copied, as float32 in its slot before the others read it
+      widen_norm(stage + (lane < 16 ? S::kKeyNorm : S::kValueNorm) + 4 * (lane & 15),
+                 *reinterpret_cast<const uint32_t*>(stage + S::kLive) >> (16 + (lane & 15)));
     __syncwarp();
-    const uint8_t* stage = ring + (i % kStages) * L::kStage;
     Tile<D, KB, VB> tile;
     if constexpr (kRaw) tile.read_raw_keys(stage, gid, tig, a.k_bits);
     else tile.read(stage, gid, tig);

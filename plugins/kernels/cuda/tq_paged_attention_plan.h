@@ -16,18 +16,20 @@ using Plan = tq_cuda_paged_attention_plan_t;
 using AttentionCall = tq_paged_attention_call;
 
 // The paged cache and tables as both kernels' arguments hold them (in this order: their
-// arguments' layout, see mma::SplitArgs).
+// arguments' layout, see mma::SplitArgs). The norms are float32 or float16, half_norms(call): a
+// flag in the tensor-core kernel's arguments (held last), a template parameter of the generic one.
 struct PagedCacheArgs {
   const uint8_t* k_codes;
-  const float* k_norms;
+  const void* k_norms;
   const uint8_t* v_codes;
-  const float* v_norms;
+  const void* v_norms;
   const int32_t* block_tables;
   const int32_t* context_lens;
 };
 inline PagedCacheArgs cache_args(const AttentionCall& c) {
   return PagedCacheArgs{c.k_codes, c.k_norms, c.v_codes, c.v_norms, c.block_tables, c.context_lens};
 }
+inline bool half_norms(const AttentionCall& c) { return c.norm_dtype == TQ_FLOAT16; }
 
 // The sizes both kernels' arguments hold as ints (checked to fit when planned).
 template <typename Args>

@@ -53,6 +53,7 @@ tq_paged_attention_call rows_call(const tq_paged_prefill_call& c) {
   a.v_bits = c.v_bits;
   a.scale = c.scale;
   a.dtype = c.dtype;
+  a.norm_dtype = c.norm_dtype;
   a.stream = c.stream;
   return a;
 }

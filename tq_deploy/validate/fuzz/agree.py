@@ -15,6 +15,7 @@ from tq_deploy.validate.fuzz.case import Case
 CACHE = ("k_codes", "k_norms", "v_codes", "v_norms")
 # Tolerances of the agreement checks (the reference is the source of truth).
 NORM_RTOL = 2e-6
+HALF_NORM_RTOL = 2.0 ** -10  # a float16 cache norm: float32 norms 2e-6 apart may round to neighbouring halves
 ROW_RTOL = {np.float32: 1e-4, np.float16: 2e-3}
 GPU_ROW_RTOL = 3e-2  # fp16/bf16 tensor-core products in the GPU kernels
 TIE_TOL = 2e-5  # |y - boundary| under which a code may go either way
@@ -88,9 +89,12 @@ def codes_agree(got: np.ndarray, want: np.ndarray, x: np.ndarray, rotation: np.n
 def agree(case: Case, got: dict[str, np.ndarray], want: dict[str, np.ndarray], gpu: bool = False) -> str:
     """'' when backend outputs ``got`` agree with the reference's ``want`` for valid ``case``."""
     inp = case.inputs
-    float_t = np.float16 if any(v.dtype == np.float16 for v in inp.values()) else np.float32
+    float_t = np.float16 if any(inp[t.name].dtype == np.float16 for t in case.spec.inputs
+                                if t.type_param == "T" and t.name in inp) else np.float32
     rtol = GPU_ROW_RTOL if gpu else ROW_RTOL[float_t]
     norm_rtol = 1e-5 if gpu else NORM_RTOL
+    if "k_norms" in inp and inp["k_norms"].dtype == np.float16:
+        norm_rtol = HALF_NORM_RTOL
     tie_tol = GPU_TIE_TOL if gpu else TIE_TOL
     outputs = case.spec.output_names()
     if "codes" in outputs:  # an encode

@@ -79,11 +79,12 @@ def _decode_case(rng, index, dim, dtype) -> Case:
 
 
 def _random_cache(rng, n, b, hkv, dim, k_bits, v_bits):
+    norms = np.float16 if rng.random() < 0.3 else np.float32  # the cache's norm type (ops.py: TN)
     return {
         "k_codes": rng.integers(0, 256, (n, b, hkv, ops.packed_size(dim, k_bits)), dtype=np.uint8),
-        "k_norms": rng.uniform(0, 3, (n, b, hkv)).astype(np.float32),
+        "k_norms": rng.uniform(0, 3, (n, b, hkv)).astype(norms),
         "v_codes": rng.integers(0, 256, (n, b, hkv, ops.packed_size(dim, v_bits)), dtype=np.uint8),
-        "v_norms": rng.uniform(0, 3, (n, b, hkv)).astype(np.float32),
+        "v_norms": rng.uniform(0, 3, (n, b, hkv)).astype(norms),
     }
 
 

@@ -56,17 +56,28 @@ ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.uint8): 2, np.dtype(np.int8):
                np.dtype(np.int64): 7, np.dtype(np.float16): 10, np.dtype(np.float64): 11}
 
 
-def node_model(op: str, attrs: dict[str, tuple[float, str]], input_types: dict[str, int], float_type: int,
+def param_types(op: str, input_types: dict[str, int]) -> dict[str, int]:
+    """The element type of each type parameter (T, TN) of ``op``: its first input's type."""
+    params: dict[str, int] = {}
+    for t in ops.OPS_BY_NAME[op].inputs:
+        if t.type_param and t.name in input_types:
+            params.setdefault(t.type_param, input_types[t.name])
+    return params
+
+
+def node_model(op: str, attrs: dict[str, tuple[float, str]], input_types: dict[str, int],
                opset_version: int = ops.DOMAIN_VERSION):
     """A one-node model of ``op`` whose every input is a graph input of unknown shape (so any shape
-    reaches the kernel's own checks) with the given element types; attributes typed as given."""
+    reaches the kernel's own checks) with the given element types; attributes typed as given. An
+    output of a type parameter has its inputs' type (float32 where no input shows it: TQDecode)."""
     import onnx
     from onnx import helper
 
     spec = ops.OPS_BY_NAME[op]
     present = [t for t in spec.inputs if not t.optional or t.name in input_types]
     inputs = [helper.make_tensor_value_info(t.name, input_types[t.name], None) for t in present]
-    outputs = [helper.make_tensor_value_info(t.name, float_type if t.type_param else
+    params = param_types(op, input_types)
+    outputs = [helper.make_tensor_value_info(t.name, params.get(t.type_param, 1) if t.type_param else
                                              {"tensor(uint8)": 2, "tensor(float)": 1}[t.types[0]], None)
                for t in spec.outputs]
     node = helper.make_node(op, [t.name for t in present], spec.output_names(), name=op, domain=ops.DOMAIN)
@@ -93,11 +104,10 @@ class OrtRunner:
 
         spec = ops.OPS_BY_NAME[case.op]
         types = {k: ONNX_TYPES.get(v.dtype, 1) for k, v in case.inputs.items()}
-        float_type = next((types[t.name] for t in spec.inputs if t.type_param), 1)  # TQDecode: float32 out
         key = (case.op, tuple(sorted(case.attrs.items())), tuple(sorted(types.items())))
         try:
             if key not in self.sessions:
-                model = node_model(case.op, case.attrs, types, float_type)
+                model = node_model(case.op, case.attrs, types)
                 self.sessions[key] = rt.make_session(model.SerializeToString(), provider=self.provider,
                                                      library=self.library)
             out = rt.run(self.sessions[key], case.inputs)
@@ -123,7 +133,7 @@ def ort_kernels_missing(library=None, op_names=()) -> dict[str, str]:
         attrs = {a.name: (4 if a.name in spec.bit_attributes() else a.default, a.kind) for a in spec.attributes}
         types = {t.name: ONNX_TYPES[np.dtype(_NUMPY_TYPES[t.types[0]])] for t in spec.inputs}
         try:
-            rt.make_session(node_model(op, attrs, types, 1).SerializeToString(), library=library)
+            rt.make_session(node_model(op, attrs, types).SerializeToString(), library=library)
         except Exception as err:  # noqa: BLE001 - ONNX Runtime's exception types
             if not type(err).__module__.startswith("onnxruntime"):
                 raise
