@@ -261,7 +261,7 @@ def test_shipped_texts_resolve():
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--kv-preset", "fast"], "--kv-preset='fast', expected one of quality, balanced, compact"),
+    (["--kv-preset", "fast"], "--kv-preset='fast', expected one of quality, balanced, compact, small"),
     (["--kv-preset", "quality", "--k-bits", "4"], "--kv-preset='quality' with --k-bits/--v-bits"),
     (["--text", "missing.txt"], "--text='missing.txt' is neither a file nor a shipped text"),
     (["--seeds", "0"], "--seeds=0, expected >= 1"),

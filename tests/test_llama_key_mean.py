@@ -122,8 +122,8 @@ def test_metadata_and_the_compact_preset(checkpoint, exported, tmp_path):
     _, config = read_metadata(exported[1])
     assert config["key_mean"] is True and config["key_mean_calibration"] == "generated"
     compact = get_preset("compact")
-    assert (compact.k_bits, compact.v_bits, compact.key_mean) == (4, 4, "generated")
-    assert compact.config_name == "mse-k4v4-kpc1@generated"
+    assert (compact.k_bits, compact.v_bits, compact.key_mean, compact.norm_dtype) == (5, 4, "generated", "float16")
+    assert compact.config_name == "mse-k5v4-n16-kpc1@generated"
 
 
 def test_cli_key_mean_source_and_its_errors(checkpoint, tmp_path, capsys):
@@ -134,7 +134,7 @@ def test_cli_key_mean_source_and_its_errors(checkpoint, tmp_path, capsys):
     assert main(["export", "--model", checkpoint, "--out", str(out), "--kv-preset", "compact",
                  "--key-mean", "none", "--block-size", "8"]) == 0
     _, config = read_metadata(str(out))
-    assert config["key_mean"] is False and (config["k_bits"], config["v_bits"]) == (4, 4)
+    assert config["key_mean"] is False and (config["k_bits"], config["v_bits"]) == (5, 4)
     for argv, message in (
         (["--model", checkpoint, "--key-mean", "nowhere.txt"],
          "--key-mean='nowhere.txt', expected generated, none, a shipped text (austen, darwin) or a text file"),

@@ -46,7 +46,8 @@ def test_llm_pipeline_passes_and_its_verdict_is_every_steps(tiny_llm, tmp_path, 
     assert cpu["passed"] and any(o["name"] == "logits" for o in cpu["outputs"])
     ties = cpu["code_ties"]
     assert ties["compared"] > 0 and not ties["not_ties"]
-    assert (report["config"]["k_bits"], report["config"]["v_bits"], report["config"]["key_mean"]) == (4, 4, True)
+    config = report["config"]
+    assert (config["k_bits"], config["v_bits"], config["key_mean"], config["norm_dtype"]) == (5, 4, True, "float16")
     stage = report["tensorrt"]
     assert stage["status"] in ("built", "skipped"), stage
     if stage["status"] == "built":

@@ -20,12 +20,36 @@ def test_effective_bits_convention():
     assert effective_bits(4, 4, 64) == 4.5 and effective_bits(4, 4, 128) == 4.25
     assert effective_bits(6, 4, 128) == 5.25 and effective_bits(5, 3, 128) == 4.25
     assert BitPlan(((6, 4), (4, 2)), 64).effective_bits() == pytest.approx((5.5 + 3.5) / 2)
+    # float16 norms: 16 bits per vector instead of 32
+    assert effective_bits(5, 4, 64, "float16") == 4.75 and effective_bits(4, 4, 128, "float16") == 4.125
+    assert BitPlan(((5, 4), (4, 4)), 64, norm_dtype="float16").effective_bits() == pytest.approx((4.75 + 4.25) / 2)
+
+
+def test_a_plan_carries_its_norm_dtype(tmp_path):
+    from tq_deploy.eval.calibrate import Sensitivity, allocate
+    from tq_deploy.presets import load_plan
+
+    plan = BitPlan(((5, 4), (4, 3)), 64, {"name": "n16"}, "generated", "float16")
+    path = tmp_path / "plan.json"
+    write_plan(path, plan)
+    assert json.loads(path.read_text())["norm_dtype"] == "float16"
+    assert load_plan(path) == plan and load_plan(path).norm_dtype == "float16"
+    write_plan(path, BitPlan(((5, 4),), 64))
+    assert "norm_dtype" not in json.loads(path.read_text()) and load_plan(path).norm_dtype == "float32"
+    with pytest.raises(ValueError, match="plan norm_dtype='bfloat16', expected one of"):
+        BitPlan(((5, 4),), 64, norm_dtype="bfloat16")
+    # a memory budget counts the norms at their width: 4.75 bits are k5v4 in both layers with float16 norms
+    sens = Sensitivity(0.0, {"k": 3, "v": 2}, {(layer, side): 0.01 for layer in range(2) for side in "kv"}, 64, 2,
+                       0.0)
+    assert allocate(sens, max_effective_bits=4.75, norm_dtype="float16") == [(5, 4), (5, 4)]
+    assert allocate(sens, max_effective_bits=4.75) == [(5, 4), (4, 4)]
 
 
 def test_presets_meet_their_stated_budgets():
-    quality, compact = get_preset("quality"), get_preset("compact")
-    assert compact.effective_bits(128) <= 4.25
-    for preset in (quality, compact):
+    quality, compact, small = get_preset("quality"), get_preset("compact"), get_preset("small")
+    assert compact.effective_bits(64) <= 4.75 and small.effective_bits(64) <= 4.25
+    assert compact.norm_dtype == small.norm_dtype == "float16"
+    for preset in (quality, compact, small):
         assert set(preset.measured) == {"austen", "darwin"}
         assert all(m.seeds >= 4 for m in preset.measured.values())
     assert all(m.delta_pct <= 1.0 for m in quality.measured.values())  # the quality promise, both texts

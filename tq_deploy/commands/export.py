@@ -54,6 +54,21 @@ def add_key_mean_argument(parser, prefix: str = "") -> None:
                         help=f"{prefix}store the LLM's keys without a per-layer mean key calibrated on SOURCE: "
                              "generated (the model's own samples), a shipped text (austen, darwin) or a text file; "
                              "none turns off a preset's or a plan's (default: the preset's or the plan's, else none)")
+    parser.add_argument("--norm-dtype", choices=NORM_DTYPE_CHOICES,
+                        help=f"{prefix}the LLM cache's norms: float16 stores 16 bits less per cached vector "
+                             "(0.25 effective bits at head_dim 64) for a rounding far below the codes' error "
+                             "(default: the preset's, else float32)")
+
+
+NORM_DTYPE_CHOICES = ("float32", "float16")
+
+
+def norm_dtype_of(args, preset=None) -> str:
+    """The LLM cache's norm dtype: --norm-dtype, else the preset's (a Preset; a plan has none), else float32."""
+    value = getattr(args, "norm_dtype", None)
+    if value is not None:
+        return value
+    return getattr(preset, "norm_dtype", "float32")
 
 
 def key_mean_source(args, preset=None) -> str | None:
@@ -99,6 +114,9 @@ def config_from_args(args):
     if getattr(args, "key_mean", None) not in (None, "none"):
         raise ValueError(f"--key-mean={args.key_mean!r} with the synthetic decode model, expected --model (a key "
                          "mean is calibrated on a real model's keys)")
+    if getattr(args, "norm_dtype", None) not in (None, "float32"):
+        raise ValueError(f"--norm-dtype={args.norm_dtype!r} with the synthetic decode model, expected --model (the "
+                         "synthetic model's cache keeps float32 norms)")
     preset, plan = width_source(args)
     if preset is not None:
         from tq_deploy.presets import get_preset
@@ -211,6 +229,7 @@ def llm_options_from_args(args) -> dict:
     source = key_mean_source(args, chosen)
     if source is not None:
         options["key_mean"] = source
+    options["norm_dtype"] = norm_dtype_of(args, chosen)
     return options
 
 

@@ -158,7 +158,8 @@ def run(args) -> int:
         return _serve(Tritonserver(options), args)
 
 
-EXPORT_FLAGS = ("bits", "k_bits", "v_bits", "kv_preset", "plan", "block_size", "seed", "rotation", "key_mean")
+EXPORT_FLAGS = ("bits", "k_bits", "v_bits", "kv_preset", "plan", "block_size", "seed", "rotation", "key_mean",
+                "norm_dtype")
 
 
 def check_host(host: str) -> None:

@@ -125,9 +125,10 @@ def measure_sensitivity(loaded, input_ids, probe_k_bits: int = 3, probe_v_bits: 
 
 def allocate(sensitivity: Sensitivity, *, max_effective_bits: float | None = None,
              max_delta_pct: float | None = None, min_bits: int = 2, max_bits: int = 8,
-             head_dim: int | None = None) -> list[tuple[int, int]]:
+             head_dim: int | None = None, norm_dtype: str = "float32") -> list[tuple[int, int]]:
     """Step 3: per-layer (k_bits, v_bits) for a memory budget (mean effective bits at ``head_dim``,
-    default the model's) or a PPL budget (predicted delta in %); exactly one of the two."""
+    default the model's, with norms of ``norm_dtype``) or a PPL budget (predicted delta in %); exactly
+    one of the two."""
     if (max_effective_bits is None) == (max_delta_pct is None):
         raise ValueError("expected exactly one budget: max_effective_bits (memory) or max_delta_pct (PPL)")
     if min_bits not in SUPPORTED_BITS or max_bits not in SUPPORTED_BITS or min_bits > max_bits:
@@ -140,9 +141,9 @@ def allocate(sensitivity: Sensitivity, *, max_effective_bits: float | None = Non
         return [(bits[(layer, "k")], bits[(layer, "v")]) for layer in range(n)]
 
     def mean_effective_bits():
-        return sum(effective_bits(k, v, d) for k, v in layers()) / n
+        return sum(effective_bits(k, v, d, norm_dtype) for k, v in layers()) / n
 
-    floor = effective_bits(min_bits, min_bits, d)
+    floor = effective_bits(min_bits, min_bits, d, norm_dtype)
     if max_effective_bits is not None and max_effective_bits < floor:
         raise ValueError(f"max_effective_bits={max_effective_bits:g}, expected >= {floor:g} "
                          f"(every layer at min_bits={min_bits} with head_dim {d})")
@@ -170,5 +171,6 @@ def allocate(sensitivity: Sensitivity, *, max_effective_bits: float | None = Non
     return layers()
 
 
-def make_plan(sensitivity: Sensitivity, layers, info: dict, key_mean: str | None = None) -> BitPlan:
-    return BitPlan(tuple(layers), sensitivity.head_dim, dict(info), key_mean)
+def make_plan(sensitivity: Sensitivity, layers, info: dict, key_mean: str | None = None,
+              norm_dtype: str = "float32") -> BitPlan:
+    return BitPlan(tuple(layers), sensitivity.head_dim, dict(info), key_mean, norm_dtype)

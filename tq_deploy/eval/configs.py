@@ -16,6 +16,8 @@ A configuration is named ``METHOD[-BITS][-ROTATION]``:
                          scale and zero per vector; asymmetric uniform levels, no rotation
     int8                 keys and values int8, per-token symmetric absmax (baselines.py)
     int8-v4              keys int8 as above, values TurboQuant_mse at 4 bits (1..8)
+    mse-k5v4-n16         TurboQuant_mse with float16 norms (the paged cache's norm_dtype float16:
+                         16/D bits per coordinate less; the norm rounded as that cache stores it)
     mse-k4v32            32 for one side leaves it unquantized (fp32): which of K and V costs what
                          (not for mixed, int8)
     mse-4-ck             any of the above with centered keys: a per-(layer, KV head) mean key
@@ -46,7 +48,8 @@ stored scale at the width its method stores it with (``scale_bits``):
 * TurboQuant (mse, prod, mixed): **float32** norms, the layout of this project's
   paged cache (ops.py): one per vector (prod keys and mixed: two). So TurboQuant
   at k/v bits costs (k + v)/2 + 32/D effective bits: k4v4 is 4.5 at D = 64 and
-  4.25 at D = 128 (the convention of tq_deploy/presets.py).
+  4.25 at D = 128 (the convention of tq_deploy/presets.py). With ``-n16`` (mse
+  only) the cache stores float16 norms: (k + v)/2 + 16/D.
 * naive, int8, KIVI: **fp16** scales and zero points, as those methods are deployed:
   naive/int8 one scale per vector, KIVI values a scale and a zero per vector, KIVI
   keys a scale and a zero per channel and group of KIVI_GROUP tokens
@@ -72,6 +75,8 @@ METHODS = ("fp32", "mse", "prod", "mixed", "naive", "kivi", "int8")
 TURBOQUANT_METHODS = ("mse", "prod", "mixed")
 ROTATIONS = ("haar", "hadamard")
 NORM_BITS = 32  # TurboQuant norms: float32, the project's paged-cache layout (ops.py)
+HALF_NORM_BITS = 16  # ... or float16 (-n16: the cache's norm_dtype float16)
+HALF_NORMS_SUFFIX = "-n16"
 BASELINE_SCALE_BITS = 16  # naive / int8 / KIVI scales and zero points: fp16
 KIVI_GROUP = 32  # tokens per KIVI key group (the KIVI paper's group size)
 INT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -109,12 +114,14 @@ class CacheConfig:
     center_keys: bool = False
     transform: str | None = None  # key_transforms.parse_transform: kc, kcs, kvcs, ...
     calibration: str | None = None  # the text the transform's vectors are measured on
+    half_norms: bool = False  # TurboQuant_mse with float16 norms (-n16)
 
     @property
     def name(self) -> str:
         if self.method == "fp32":
             return "fp32"
         suffix = "" if self.rotation == "haar" else f"-{self.rotation}"
+        suffix += HALF_NORMS_SUFFIX if self.half_norms else ""
         suffix += "-ck" if self.center_keys else ""
         suffix += f"-{self.transform}@{self.calibration}" if self.transform else ""
         if self.method == "int8":
@@ -137,7 +144,7 @@ class CacheConfig:
             return 0
         if method in TURBOQUANT_METHODS:
             per_vector = 2 if method == "mixed" or (method == "prod" and kind == "k") else 1
-            return per_vector * NORM_BITS
+            return per_vector * (HALF_NORM_BITS if self.half_norms else NORM_BITS)
         return 0  # set per head_dim in bits_per_vector (KIVI keys) or below
 
     def bits_per_vector(self, kind: str, head_dim: int) -> float:
@@ -214,10 +221,17 @@ def parse_config(name: str) -> CacheConfig:
         if inner.method != "mse" or inner.center_keys:
             raise ValueError(f"config={name!r}: a calibrated transform is for TurboQuant_mse without -ck, "
                              f"expected e.g. 'mse-4-{kind}@{calibration}'")
-        return CacheConfig(inner.method, inner.k_bits, inner.v_bits, inner.rotation, False, kind, calibration)
+        return CacheConfig(inner.method, inner.k_bits, inner.v_bits, inner.rotation, False, kind, calibration,
+                           inner.half_norms)
     text = text.lower()
     center_keys = text.endswith("-ck")
-    match = _NAME.match(text[:-3] if center_keys else text)
+    text = text[:-3] if center_keys else text
+    half_norms = text.endswith(HALF_NORMS_SUFFIX)
+    text = text[:-len(HALF_NORMS_SUFFIX)] if half_norms else text
+    if half_norms and not text.startswith("mse-"):
+        raise ValueError(f"config={name!r}: {HALF_NORMS_SUFFIX} (float16 norms) is for TurboQuant_mse, "
+                         "expected e.g. 'mse-k5v4-n16'")
+    match = _NAME.match(text)
     if not match or match["method"] not in METHODS:
         raise ValueError(
             f"config={name!r}, expected METHOD[-BITS|-kKBITSvVBITS][-ROTATION][-ck] with METHOD in {METHODS}, "
@@ -254,7 +268,7 @@ def parse_config(name: str) -> CacheConfig:
     # prod quantizes the values with TurboQuant_mse.
     _check_bits(f"config={name!r} (values)", "mse" if method == "prod" else method, v_bits)
     _check_bits(f"config={name!r} (keys)", method, k_bits)
-    return CacheConfig(method, k_bits, v_bits, rotation, center_keys)
+    return CacheConfig(method, k_bits, v_bits, rotation, center_keys, half_norms=half_norms)
 
 
 def with_bits(config: CacheConfig, k_bits: float | None, v_bits: float | None) -> CacheConfig:
@@ -270,6 +284,7 @@ def with_bits(config: CacheConfig, k_bits: float | None, v_bits: float | None) -
     v = config.v_bits if v_bits is None else v_bits
     bits = _fmt(k) if k == v else f"k{_fmt(k)}v{_fmt(v)}"
     suffix = "" if config.rotation == "haar" else f"-{config.rotation}"
+    suffix += HALF_NORMS_SUFFIX if config.half_norms else ""
     suffix += "-ck" if config.center_keys else ""
     suffix += f"-{config.transform}@{config.calibration}" if config.transform else ""
     return parse_config(f"{config.method}-{bits}{suffix}")

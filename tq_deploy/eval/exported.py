@@ -28,7 +28,7 @@ def export_options(config) -> dict:
     """The exporter's TurboQuant options of a configuration; a configuration the exported cache cannot
     hold is a ValueError naming it."""
     if isinstance(config, BitPlan):
-        return {"layer_bits": tuple(config.layers), "rotation": "haar",
+        return {"layer_bits": tuple(config.layers), "rotation": "haar", "norm_dtype": config.norm_dtype,
                 **({"key_mean": config.key_mean} if config.key_mean else {})}
     ok = (isinstance(config, CacheConfig) and config.method == "mse" and not config.center_keys
           and all(float(b).is_integer() and 1 <= b <= 8 for b in (config.k_bits, config.v_bits))
@@ -39,7 +39,8 @@ def export_options(config) -> dict:
                          f"(mse-K, mse-kKvV, -hadamard, -{DEPLOYED_TRANSFORM}@SOURCE; a --kv-preset or a --plan): the "
                          f"exported cache holds TurboQuant_mse codes, with the key mean ({DEPLOYED_TRANSFORM}) the only "
                          "transform")
-    options = {"k_bits": int(config.k_bits), "v_bits": int(config.v_bits), "rotation": config.rotation}
+    options = {"k_bits": int(config.k_bits), "v_bits": int(config.v_bits), "rotation": config.rotation,
+               "norm_dtype": "float16" if config.half_norms else "float32"}
     if config.transform:
         options["key_mean"] = config.calibration
     return options
@@ -161,12 +162,16 @@ def _config_of(metadata: dict):
     """The PyTorch configuration of an exported model's widths (per layer when they differ)."""
     layers = metadata.get("layer_bits")
     rotation = metadata.get("rotation", "haar")
+    norm_dtype = metadata.get("norm_dtype", "float32")
     if layers:
         if rotation != "haar":
             raise ValueError(f"model rotation={rotation!r} with per-layer widths, expected 'haar'")
         return BitPlan(tuple((int(k), int(v)) for k, v in layers), int(metadata["head_dim"]),
-                       key_mean=metadata.get("key_mean_calibration", "generated") if metadata.get("key_mean") else None)
+                       key_mean=metadata.get("key_mean_calibration", "generated") if metadata.get("key_mean") else None,
+                       norm_dtype=norm_dtype)
+    half = norm_dtype == "float16"
     if metadata.get("key_mean"):
         return CacheConfig("mse", int(metadata["k_bits"]), int(metadata["v_bits"]), rotation,
-                           transform=DEPLOYED_TRANSFORM, calibration=metadata.get("key_mean_calibration", "generated"))
-    return CacheConfig("mse", int(metadata["k_bits"]), int(metadata["v_bits"]), rotation)
+                           transform=DEPLOYED_TRANSFORM, calibration=metadata.get("key_mean_calibration", "generated"),
+                           half_norms=half)
+    return CacheConfig("mse", int(metadata["k_bits"]), int(metadata["v_bits"]), rotation, half_norms=half)

@@ -120,7 +120,7 @@ def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0, statis
         return KVQuantizer()
     if method == "mse":
         quantizer = LayerPlanKVQuantizer.uniform(int(config.k_bits), int(config.v_bits), head_dim, seed, rotation,
-                                                 config.name)
+                                                 config.name, torch.float16 if config.half_norms else torch.float32)
         if config.transform:
             from tq_deploy.eval.key_transforms import TransformedKV
 
@@ -172,20 +172,22 @@ class LayerPlanKVQuantizer(KVQuantizer):
     layer's keys or values and nothing else).
     """
 
-    def __init__(self, plan, head_dim: int, seed: int = 0, rotation: str = "haar", name: str = "plan"):
+    def __init__(self, plan, head_dim: int, seed: int = 0, rotation: str = "haar", name: str = "plan",
+                 norm_dtype: torch.dtype = torch.float32):
         self.plan = None if plan is None else [(int(k), int(v)) for k, v in plan]
         self.head_dim = head_dim
         self.seed = seed
         self.rotation = rotation
+        self.norm_dtype = norm_dtype  # the cache's stored norms (float16: rounded as the exported cache does)
         self.name = name
         self._uniform: tuple[int, int] | None = None
         self._sides: dict[tuple[int, int], object] = {}
 
     @classmethod
     def uniform(cls, k_bits: int, v_bits: int, head_dim: int, seed: int = 0, rotation: str = "haar",
-                name: str = "mse") -> "LayerPlanKVQuantizer":
+                name: str = "mse", norm_dtype: torch.dtype = torch.float32) -> "LayerPlanKVQuantizer":
         """Keys at ``k_bits`` and values at ``v_bits`` in every layer, however many there are."""
-        quantizer = cls(None, head_dim, seed, rotation, name)
+        quantizer = cls(None, head_dim, seed, rotation, name, norm_dtype)
         quantizer._uniform = (int(k_bits), int(v_bits))
         return quantizer
 
@@ -202,7 +204,8 @@ class LayerPlanKVQuantizer(KVQuantizer):
             return _Unquantized()
         key = (layer_idx, bits)
         if key not in self._sides:
-            self._sides[key] = TurboQuantMSE(self.head_dim, bits, self.seed + layer_idx, self.rotation)
+            self._sides[key] = TurboQuantMSE(self.head_dim, bits, self.seed + layer_idx, self.rotation,
+                                             norm_dtype=self.norm_dtype)
         return self._sides[key]
 
     def quantize_keys(self, keys, layer_idx):

@@ -142,12 +142,14 @@ _STATISTICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model 
 
 def plan_quantizer(plan: BitPlan, loaded, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    name: str = "plan") -> KVQuantizer:
-    """The cache of ``plan``: its widths per layer (LayerPlanKVQuantizer, rotation seed + l) and, when the
-    plan names one, its keys stored without the key mean calibrated on that source."""
+    """The cache of ``plan``: its widths per layer (LayerPlanKVQuantizer, rotation seed + l), its norm dtype
+    and, when the plan names one, its keys stored without the key mean calibrated on that source."""
     from tq_deploy.eval.key_transforms import with_key_mean
 
     statistics = calibration_statistics(loaded, plan.key_mean, chunk_size) if plan.key_mean else None
-    return with_key_mean(LayerPlanKVQuantizer(plan.layers, loaded.head_dim, seed, name=name), statistics)
+    norms = getattr(torch, plan.norm_dtype)
+    return with_key_mean(LayerPlanKVQuantizer(plan.layers, loaded.head_dim, seed, name=name, norm_dtype=norms),
+                         statistics)
 
 
 ROUNDING_NOISE = 1e-7  # relative: the size of a float32 rounding (2**-24 = 6e-8)

@@ -206,8 +206,8 @@ def decoder_config_of(metadata: dict):
 
 def export_llm(model: str, path=None, *, k_bits: int = 4, v_bits: int = 4, layer_bits=None, plan=None,
                block_size: int = 16, seed: int = 0, rotation: str = "haar", dtype: str = "float32",
-               key_mean: str | None = None, check: bool = True, external_data: bool | None = None,
-               what: str = "--model") -> onnx.ModelProto:
+               key_mean: str | None = None, norm_dtype: str = "float32", check: bool = True,
+               external_data: bool | None = None, what: str = "--model") -> onnx.ModelProto:
     """``tq-deploy export --model``: load ``model`` (name, folder or GGUF), export it with the TurboQuant
     cache of the given widths, write ``path`` if given (with external data, the returned model then
     refers to ``<path>.data`` for its weights).
@@ -215,12 +215,13 @@ def export_llm(model: str, path=None, *, k_bits: int = 4, v_bits: int = 4, layer
     Widths: ``k_bits``/``v_bits`` for every layer, ``layer_bits`` (one (k, v) pair per layer) or ``plan``
     (a :class:`~tq_deploy.presets.BitPlan`, checked against the model's layers and head_dim before the
     weights load). ``key_mean``: calibrate a per-layer key mean (ops.py) on ``"generated"`` (the model's
-    own samples), a shipped text name or a text file, and store the keys without it; None: none."""
+    own samples), a shipped text name or a text file, and store the keys without it; None: none.
+    ``norm_dtype``: the cache's norms, "float32" or "float16" (ops.py: TN)."""
     from tq_deploy.models.checkpoint import decoder_config, load_decoder, load_hf_config, resolve_source
 
     dtype = common.check_dtype("--dtype", dtype)
     options = dict(k_bits=k_bits, v_bits=v_bits, layer_bits=layer_bits, block_size=block_size, seed=seed,
-                   rotation=rotation)
+                   rotation=rotation, norm_dtype=norm_dtype)
     if plan is not None:
         if layer_bits is not None:
             raise ValueError("plan and layer_bits given, expected one of them")

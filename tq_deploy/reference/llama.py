@@ -64,6 +64,7 @@ from tq_deploy.reference.rotation import make_rotation
 
 ROPE_TYPES = ("default", "linear", "llama3")
 CACHE_KINDS = ("turboquant", "float32")
+NORM_DTYPE_NAMES = ("float32", "float16")  # the turboquant cache's norm types (ops.py: TN)
 STEP_INPUT_NAMES = ("input_ids", "positions", "slot_mapping", "query_start", "block_tables", "context_lens",
                     "logits_index")
 TQ_CACHE_NAMES = ("k_codes", "k_norms", "v_codes", "v_norms")
@@ -140,6 +141,7 @@ class DecoderConfig:
     rotation: str = "haar"
     cache: str = "turboquant"  # or "float32": unquantized keys and values (the check against the checkpoint)
     key_mean: bool = False  # a per-layer mean key (before RoPE) stored apart from the cached keys
+    norm_dtype: str = "float32"  # the turboquant cache's norms: "float32" or "float16" (16/D bits less per coordinate)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_q_heads", "num_kv_heads",
@@ -179,6 +181,8 @@ class DecoderConfig:
             raise ValueError(f"seed={self.seed!r}, expected an int >= 0")
         if not isinstance(self.key_mean, bool):
             raise ValueError(f"key_mean={self.key_mean!r}, expected True or False")
+        if self.norm_dtype not in NORM_DTYPE_NAMES:
+            raise ValueError(f"norm_dtype={self.norm_dtype!r}, expected one of {NORM_DTYPE_NAMES}")
         if self.key_mean and self.cache != "turboquant":
             raise ValueError(f"key_mean=True with cache={self.cache!r}, expected the turboquant cache (a float cache "
                              "stores keys as they are)")
@@ -440,7 +444,7 @@ def allocate_caches(config: DecoderConfig, num_blocks: int, device=None) -> list
         if config.cache == "turboquant":
             k_bits, v_bits = config.bits_of_layer(layer)
             out.extend(allocate_cache(num_blocks, config.block_size, config.num_kv_heads, config.head_dim,
-                                      k_bits, v_bits, device).tensors())
+                                      k_bits, v_bits, device, getattr(torch, config.norm_dtype)).tensors())
         else:
             out.extend(allocate_float_cache(num_blocks, config.block_size, config.num_kv_heads, config.head_dim,
                                             device))

@@ -121,8 +121,12 @@ class TurboQuantMSE:
     """
 
     def __init__(self, head_dim: int, bits: int, seed: int = 0, rotation: str = "haar",
-                 distribution: str = "sphere", device: torch.device | str | None = None):
+                 distribution: str = "sphere", device: torch.device | str | None = None,
+                 norm_dtype: torch.dtype = torch.float32):
         self.head_dim = check_head_dim("head_dim", head_dim)
+        if norm_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"norm_dtype={norm_dtype}, expected torch.float32 or torch.float16")
+        self.norm_dtype = norm_dtype  # the stored norm (a paged cache's TN); codes use the float32 norm
         self.bits = check_bits("bits", bits)
         self.seed = seed
         self.rotation_kind = rotation
@@ -161,7 +165,8 @@ class TurboQuantMSE:
         self._check_dim(x)
         u, norms = normalize(x)
         idx = quantize_coordinates(rotate(u, self.rotation.to(x.device)), self.codebook.to(x.device))
-        x_hat = (self.codebook.to(x.device)[idx.long()] @ self.rotation.to(x.device)) * norms.unsqueeze(-1)
+        stored = norms.to(self.norm_dtype).float()
+        x_hat = (self.codebook.to(x.device)[idx.long()] @ self.rotation.to(x.device)) * stored.unsqueeze(-1)
         return saturate(x_hat, x.dtype)
 
     def validate(self, num_vectors: int = 20000, seed: int = 1) -> dict:
