@@ -163,20 +163,31 @@ struct RowFinder {
     if (block < 0 || block >= num_blocks) return -1;
     return (static_cast<int64_t>(block) * block_size + (token - entry * block_size)) * kv_heads + head;
   }
+  // rows of the cache (N * B * Hkv): the length of its norm arrays
+  __device__ __forceinline__ int64_t cells() const {
+    return static_cast<int64_t>(num_blocks) * block_size * kv_heads;
+  }
 };
 
-// Norm i of a cache's norms into the 4-byte stage slot `dst` by cp.async, like the codes. A float32
-// norm is the slot. cp.async copies no fewer than 4 bytes, so a float16 norm comes with the aligned
-// word that holds it (the tensor-core plan takes 4-byte aligned norms only): for odd i the word
-// norm i-1, norm i (its upper half), for even i norm i alone (a 2-byte source, the rest zero), so
-// nothing past norm i is read. Returns whether the norm is its slot's upper half (widen_norm).
-__device__ __forceinline__ bool copy_norm(uint32_t dst, const void* norms, int64_t i, bool half) {
+// Norm i of a cache's `count` norms into the 4-byte stage slot `dst` by cp.async, like the codes.
+// A float32 norm is the slot. cp.async copies no fewer than 4 bytes, so a float16 norm comes with
+// the aligned word that holds it (the tensor-core plan takes 4-byte aligned norms only): norms
+// i-1 and i for odd i (norm i its upper half), i and i+1 for even i. The array's last norm at an
+// even index has no such word inside the array: it is loaded and stored as it is (memcheck holds a
+// cp.async of a 2-byte source to its 4 bytes). Returns whether the norm is its slot's upper half
+// (widen_norm).
+__device__ __forceinline__ bool copy_norm(uint32_t dst, const void* norms, int64_t i, int64_t count, bool half) {
   if (!half) {
     copy_async_4(dst, static_cast<const float*>(norms) + i);
     return false;
   }
-  copy_async_4_partial(dst, static_cast<const uint32_t*>(norms) + (i >> 1), i & 1 ? 4 : 2);
-  return i & 1;
+  if ((i & 1) || i + 1 < count) {
+    copy_async_4(dst, static_cast<const uint32_t*>(norms) + (i >> 1));
+    return i & 1;
+  }
+  const uint32_t bits = __ldg(static_cast<const unsigned short*>(norms) + i);
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst), "r"(bits) : "memory");
+  return false;
 }
 
 // A landed float16 norm's slot rewritten as the float32 norm (the loop reads float32 slots): the
@@ -243,7 +254,7 @@ struct TileCopy {
         copy_async<L::kValueChunk>(stage + value_dst[i], v_codes + row * L::kValueRow + part * L::kValueChunk);
     }
     const int64_t row = rows(t0 + (lane & 15));
-    if (row >= 0) upper = copy_norm(stage + norm_dst, key_norm ? k_norms : v_norms, row, half);
+    if (row >= 0) upper = copy_norm(stage + norm_dst, key_norm ? k_norms : v_norms, row, rows.cells(), half);
     return __ballot_sync(0xffffffffu, row >= 0) & 0xffffu;
   }
 
@@ -259,7 +270,9 @@ struct TileCopy {
 #pragma unroll
     for (int i = 0; i < kValuePerLane; ++i)
       if (value_lane[i]) copy_async<L::kValueChunk>(stage + value_dst[i], v + value_src[i]);
-    upper = copy_norm(stage + norm_dst, key_norm ? k_norms : v_norms, first + norm_src, half);
+    // whole tiles: B is a multiple of 16, so the norms' count N * B * Hkv is even and every even
+    // index has its pair
+    upper = copy_norm(stage + norm_dst, key_norm ? k_norms : v_norms, first + norm_src, INT64_MAX, half);
   }
 };
 
@@ -494,7 +507,7 @@ __device__ __forceinline__ uint32_t issue_raw(const SplitArgs& a, const RowFinde
   const int64_t row = rows(t0 + (lane & 15));  // lanes l and l + 16: the same token
   if (row >= 0)
     upper = copy_norm(stage + (lane < 16 ? S::kKeyNorm : S::kValueNorm) + 4 * (lane & 15),
-                      lane < 16 ? a.cache.k_norms : a.cache.v_norms, row, a.half_norms);
+                      lane < 16 ? a.cache.k_norms : a.cache.v_norms, row, rows.cells(), a.half_norms);
   auto copy_rows = [&](const uint8_t* codes, int row_bytes, int words, const FastDiv& per_row, bool values) {
     const int items = kTile * words;
     for (int i0 = 0; i0 < items; i0 += 32) {  // uniform trip count: every lane takes part in the shuffle
