@@ -92,17 +92,19 @@ def bits_name(k: int, v: int) -> str:
     return f"{k}b" if k == v else f"k{k}v{v}"
 
 
-def tq_bytes(batch, seq, hkv, dim, k_bits, v_bits):
-    """Bytes the attention must read: K and V codes plus one fp32 norm each, per token and KV head."""
-    return batch * seq * hkv * ((dim * k_bits + 7) // 8 + (dim * v_bits + 7) // 8 + 8)
+def tq_bytes(batch, seq, hkv, dim, k_bits, v_bits, norm_bytes=4):
+    """Bytes the attention must read: K and V codes plus one norm each (float32: 4 bytes, float16: 2),
+    per token and KV head."""
+    return batch * seq * hkv * ((dim * k_bits + 7) // 8 + (dim * v_bits + 7) // 8 + 2 * norm_bytes)
 
 
 def fp16_bytes(batch, seq, hkv, dim):
     return 2 * batch * hkv * seq * dim * 2
 
 
-def make_tq_inputs(batch, seq, hq, hkv, dim, page, k_bits, v_bits, seed):
-    """Random packed cache (codes uniform, norms positive), shuffled block tables, fp16 queries."""
+def make_tq_inputs(batch, seq, hq, hkv, dim, page, k_bits, v_bits, seed, norm_dtype=torch.float32):
+    """Random packed cache (codes uniform, norms positive, of ``norm_dtype``), shuffled block tables,
+    fp16 queries."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     blocks_per_seq = math.ceil(seq / page)
     n = batch * blocks_per_seq
@@ -110,8 +112,8 @@ def make_tq_inputs(batch, seq, hq, hkv, dim, page, k_bits, v_bits, seed):
                             generator=g)
     v_codes = torch.randint(0, 256, (n, page, hkv, (dim * v_bits + 7) // 8), dtype=torch.uint8, device="cuda",
                             generator=g)
-    k_norms = torch.rand((n, page, hkv), device="cuda", generator=g) * 10 + 1
-    v_norms = torch.rand((n, page, hkv), device="cuda", generator=g) * 10 + 1
+    k_norms = (torch.rand((n, page, hkv), device="cuda", generator=g) * 10 + 1).to(norm_dtype)
+    v_norms = (torch.rand((n, page, hkv), device="cuda", generator=g) * 10 + 1).to(norm_dtype)
     tables = torch.randperm(n, device="cuda", generator=g).reshape(batch, blocks_per_seq).int()
     ctx = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
     query = torch.randn(batch, hq, dim, device="cuda", generator=g, dtype=torch.float16)
@@ -133,13 +135,13 @@ def key_mean_inputs(hkv, dim):
     return mean.cuda(), rates.cuda()
 
 
-def check_error(run, hq, hkv, dim, page, k_bits, v_bits, mean=()):
+def check_error(run, hq, hkv, dim, page, k_bits, v_bits, mean=(), norm_dtype=torch.float32):
     """Relative error of run(*inputs, rot, kcb, vcb) against the reference on 2 sequences (``mean``:
     the key mean's two inputs, given to both)."""
     from tq_deploy.reference.paged import paged_attention_reference
 
     rot, kcb, vcb = constants(dim, k_bits, v_bits)
-    case = list(make_tq_inputs(2, 3000, hq, hkv, dim, page, k_bits, v_bits, seed=99))
+    case = list(make_tq_inputs(2, 3000, hq, hkv, dim, page, k_bits, v_bits, seed=99, norm_dtype=norm_dtype))
     case[-1][1] = 1777  # a partial last block
     want = paged_attention_reference(*case, rot, kcb, vcb, k_bits, v_bits, 0.0, *mean).float()
     got = run(*case, rot, kcb, vcb).float()
@@ -226,9 +228,11 @@ def _trt_available() -> bool:
         return False
 
 
-def bench_tq(batch, seq, hq, hkv, dim, page, k_bits, v_bits, l2, quick, trt, key_mean=False):
+def bench_tq(batch, seq, hq, hkv, dim, page, k_bits, v_bits, l2, quick, trt, key_mean=False,
+             norm_dtype=torch.float32):
     """Our attention on one shape: eager (plan), graph and TRT-plugin medians, checked first;
-    ``key_mean``: with the attention's optional key mean (no TRT column)."""
+    ``key_mean``: with the attention's optional key mean (no TRT column); ``norm_dtype``: the cache's
+    norms."""
     from tq_deploy import cuda as tq_cuda
     from tq_deploy.dispatch import plan_paged_attention
 
@@ -238,13 +242,14 @@ def bench_tq(batch, seq, hq, hkv, dim, page, k_bits, v_bits, l2, quick, trt, key
     def planned(*a):
         return plan_paged_attention(*a, k_bits, v_bits, 0.0, *mean).run(a[0], a[5], a[6])
 
-    err = check_error(planned, hq, hkv, dim, page, k_bits, v_bits, mean)
+    err = check_error(planned, hq, hkv, dim, page, k_bits, v_bits, mean, norm_dtype)
     cell = {"check_err": err}
     if not err < CHECK_TOL:
         print(f"  {bits_name(k_bits, v_bits)} {batch}x{seq}: WRONG (relative error {err:.2e}): not timed")
         return cell
-    nbytes = tq_bytes(batch, seq, hkv, dim, k_bits, v_bits)
-    sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, k_bits, v_bits, seed=i), nbytes, l2)
+    nbytes = tq_bytes(batch, seq, hkv, dim, k_bits, v_bits, torch.finfo(norm_dtype).bits // 8)
+    sets = Rotator(lambda i: make_tq_inputs(batch, seq, hq, hkv, dim, page, k_bits, v_bits, seed=i,
+                                            norm_dtype=norm_dtype), nbytes, l2)
     plans = [(plan_paged_attention(*s, rot, kcb, vcb, k_bits, v_bits, 0.0, *mean), s) for s in sets.items]
     outs = [torch.empty_like(s[0]) for s in sets.items]
     state = {"i": 0}
@@ -286,9 +291,11 @@ def bench_attention(shapes, configs, l2, quick, trt):
 
 # other bit widths, query groups, block sizes and head dims, at one long-context batch
 OTHER_SHAPES = [
-    # label, hq, hkv, dim, block, k_bits, v_bits[, key mean]
+    # label, hq, hkv, dim, block, k_bits, v_bits[, key mean[, norm dtype]]
     ("k5v3", 32, 8, 128, 16, 5, 3),
-    ("k4v4 + key mean (compact)", 32, 8, 128, 16, 4, 4, True),
+    ("k4v4 + key mean", 32, 8, 128, 16, 4, 4, True),
+    ("k5v4 + key mean, float16 norms (compact)", 32, 8, 128, 16, 5, 4, True, torch.float16),
+    ("k4v4, float16 norms", 32, 8, 128, 16, 4, 4, False, torch.float16),
     ("k8v8", 32, 8, 128, 16, 8, 8),
     ("k1v1", 32, 8, 128, 16, 1, 1),
     ("group 16", 128, 8, 128, 16, 4, 4),
@@ -307,9 +314,10 @@ OTHER_SHAPES = [
 
 def bench_other_shapes(batch, seq, l2, quick):
     rows = []
-    for label, hq, hkv, dim, block, kb, vb, *mean in OTHER_SHAPES:
+    for label, hq, hkv, dim, block, kb, vb, *extra in OTHER_SHAPES:
+        mean, norms = (list(extra) + [False, torch.float32])[:2]
         name, ms, _, _ = best_sdpa(batch, seq, hq, hkv, dim, l2, True)
-        cell = bench_tq(batch, seq, hq, hkv, dim, block, kb, vb, l2, True, False, key_mean=bool(mean))
+        cell = bench_tq(batch, seq, hq, hkv, dim, block, kb, vb, l2, True, False, key_mean=mean, norm_dtype=norms)
         rows.append({"label": label, "B": batch, "S": seq, "sdpa": name, "sdpa_ms": ms, **cell})
         print(json.dumps(rows[-1]), flush=True)
     return rows
