@@ -97,7 +97,8 @@ def _plan_row(plan: BitPlan, loaded) -> dict:
     if plan.head_dim != loaded.head_dim or plan.num_layers != loaded.num_layers:
         raise ValueError(f"plan for head_dim {plan.head_dim}, {plan.num_layers} layers; expected the model's "
                          f"head_dim {loaded.head_dim} and {loaded.num_layers} layers")
-    per_head = [(8 * -(-loaded.head_dim * k // 8) + 32 + 8 * -(-loaded.head_dim * v // 8) + 32) / 8
+    norm_bits = 16 if plan.norm_dtype == "float16" else 32
+    per_head = [(8 * -(-loaded.head_dim * k // 8) + norm_bits + 8 * -(-loaded.head_dim * v // 8) + norm_bits) / 8
                 for k, v in plan.layers]
     return {
         "config": plan.info.get("name", "plan"),
@@ -106,6 +107,7 @@ def _plan_row(plan: BitPlan, loaded) -> dict:
         "k_bits": sum(k for k, _ in plan.layers) / plan.num_layers,
         "v_bits": sum(v for _, v in plan.layers) / plan.num_layers,
         "center_keys": False,
+        "half_norms": plan.norm_dtype == "float16",
         "effective_bits": plan.effective_bits(loaded.head_dim),
         "kv_bytes_per_token": int(round(loaded.num_kv_heads * sum(per_head))),
     }
@@ -119,6 +121,7 @@ def _config_row(config: CacheConfig, loaded) -> dict:
         "k_bits": config.k_bits,
         "v_bits": config.v_bits,
         "center_keys": config.center_keys,
+        "half_norms": config.half_norms,
         "transform": config.transform,
         "calibration": config.calibration,
         "effective_bits": config.effective_bits(loaded.head_dim),

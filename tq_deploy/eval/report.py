@@ -80,6 +80,8 @@ def _family(row: dict) -> str:
         family += " centered K"
     if row.get("transform"):
         family += f" {row['transform']}"
+    if row.get("half_norms"):
+        family += " fp16 norms"
     if row["k_bits"] != row["v_bits"]:
         family += " k!=v"
     return family
