@@ -5,8 +5,8 @@ the CPU execution provider with the library registered, and compares with
 :mod:`tq_deploy.reference` on fresh random inputs (seed printed on failure).
 
 Bounds:
-  codes      identical except rounding ties: the fraction of differing codes is
-             < 1e-4 and every difference is between adjacent codes (|diff| == 1)
+  codes      identical except rounding ties: at most 1e-4 of the codes (and never fewer
+             than two) differ, each between adjacent codes (|diff| == 1)
   norms      rtol 2e-6
   x_hat      max abs error <= 4e-6 * max|x_hat_ref|
   attention  float32: |out - ref| <= 1e-4 * |ref| + 1e-5 * max|ref| elementwise;
@@ -69,8 +69,11 @@ def assert_codes_match(codes: np.ndarray, ref: torch.Tensor, bits: int, dim: int
     got = unpack_codes(torch.from_numpy(np.ascontiguousarray(codes)), bits, dim).int()
     want = unpack_codes(ref, bits, dim).int()
     diff = (got - want).abs()
-    fraction = (diff > 0).float().mean().item() if diff.numel() else 0.0
-    assert fraction < MAX_CODE_MISMATCH, f"{what}: {fraction:.2e} of codes differ, expected < {MAX_CODE_MISMATCH}"
+    differing = int((diff > 0).sum())
+    # a fraction, but never fewer than two ties: a few thousand codes (D 72, 3 bits) hold one tie now and then
+    allowed = max(MAX_CODE_MISMATCH * diff.numel(), 2)
+    assert differing <= allowed, (f"{what}: {differing} of {diff.numel()} codes differ, expected at most "
+                                  f"{allowed:g} (rounding ties)")
     assert diff.max().item() <= 1 if diff.numel() else True, f"{what}: a code differs by {diff.max().item()} (> 1)"
 
 
