@@ -40,35 +40,27 @@ OpDef op_def(const tq_ops::Op& op) {
     def.attrs.push_back({a.name, a.kind == tq_ops::AttrKind::kFloat, a.required, static_cast<float>(a.default_value),
                          a.is_bits, static_cast<float>(a.min_value)});
   }
-  for (int i = 0; i < op.num_inputs; ++i) def.inputs.push_back(rule(op.inputs[i].type));
+  for (int i = 0; i < op.num_inputs; ++i) {
+    def.inputs.push_back(rule(op.inputs[i].type));
+    if (def.norm_input < 0 && op.inputs[i].type == tq_ops::Type::kN) def.norm_input = i;
+  }
   for (int i = 0; i < op.num_outputs; ++i) def.outputs.push_back(rule(op.outputs[i].type));
   def.aliased_input.assign(op.num_outputs, -1);
   for (int i = 0; i < op.num_in_place; ++i) def.aliased_input[op.in_place[i].output] = op.in_place[i].input;
   return def;
 }
 
-namespace {
-// The input index of the first position of type parameter `param`, or -1.
-int32_t first_of(const OpDef& def, TypeParam param, int32_t nb_inputs) {
-  for (int32_t i = 0; i < nb_inputs && i < static_cast<int32_t>(def.inputs.size()); ++i)
-    if (def.inputs[i].param == param) return i;
-  return -1;
-}
-}  // namespace
-
 CallIo::CallIo(const OpDef& def, const nvinfer1::PluginTensorDesc* desc, int32_t nb_inputs, const void* const* inputs,
                void* const* outputs, const Attrs& attrs)
     : nb_inputs_(nb_inputs), inputs_(inputs), outputs_(outputs), attrs_(attrs), type_(desc[0].type) {
   for (int32_t i = 0; i < nb_inputs && i < kMaxInputs; ++i) dims_[i] = desc[i].dims;
-  const int32_t n = first_of(def, TypeParam::kN, nb_inputs);
-  if (n >= 0) norm_type_ = desc[n].type;
+  if (def.norm_input >= 0 && def.norm_input < nb_inputs) norm_type_ = desc[def.norm_input].type;
 }
 
 CallIo::CallIo(const OpDef& def, const nvinfer1::DynamicPluginTensorDesc* desc, int32_t nb_inputs, const Attrs& attrs)
     : nb_inputs_(nb_inputs), attrs_(attrs), type_(desc[0].desc.type) {
   for (int32_t i = 0; i < nb_inputs && i < kMaxInputs; ++i) dims_[i] = desc[i].max;
-  const int32_t n = first_of(def, TypeParam::kN, nb_inputs);
-  if (n >= 0) norm_type_ = desc[n].desc.type;
+  if (def.norm_input >= 0 && def.norm_input < nb_inputs) norm_type_ = desc[def.norm_input].desc.type;
 }
 
 int64_t CallIo::rows(int i, int trailing) const {

@@ -55,6 +55,7 @@ struct OpDef {
   int32_t required_inputs;  // the inputs before the optional ones a node may leave out
   std::vector<TypeRule> outputs;
   std::vector<int32_t> aliased_input;  // per output: the input it updates in place, or -1
+  int32_t norm_input = -1;             // the first input of the cache norms' type TN, or -1
 };
 
 // An op's description from the contract tables (plugins/common/tq_ops.h, generated from

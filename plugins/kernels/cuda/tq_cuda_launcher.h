@@ -11,6 +11,7 @@
 #include <mutex>
 
 #include "tq_cuda.h"
+#include "tq_paged_attention_plan.h"
 
 namespace tq_cuda {
 
@@ -20,11 +21,11 @@ class AttentionPlans {
   int get(const tq_paged_attention_call& call, tq_cuda_paged_attention_plan_t* plan) {
     const Key key = key_of(call);
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!(valid_ && same(key, key_) && aligned(call, plan_.code_alignment) == aligned_)) {
+    if (!(valid_ && same(key, key_) && aligned(call) == aligned_)) {
       valid_ = false;
       if (int rc = tq_cuda_paged_attention_plan(&call, 0, &plan_)) return rc;
       key_ = key;
-      aligned_ = aligned(call, plan_.code_alignment);
+      aligned_ = aligned(call);
       valid_ = true;
     }
     *plan = plan_;
@@ -48,11 +49,9 @@ class AttentionPlans {
     return a.k_bits == b.k_bits && a.v_bits == b.v_bits && a.dtype == b.dtype && a.norm_dtype == b.norm_dtype &&
            a.scale == b.scale;
   }
-  // as tq_cuda_paged_attention_plan checks them: the codes to `alignment`, the norms to at most 4 bytes
-  static bool aligned(const tq_paged_attention_call& c, int32_t alignment) {
-    const uintptr_t a = static_cast<uintptr_t>(alignment > 0 ? alignment : 1), n = a < 4 ? a : 4;
-    return reinterpret_cast<uintptr_t>(c.k_codes) % a == 0 && reinterpret_cast<uintptr_t>(c.v_codes) % a == 0 &&
-           reinterpret_cast<uintptr_t>(c.k_norms) % n == 0 && reinterpret_cast<uintptr_t>(c.v_norms) % n == 0;
+  // as tq_cuda_paged_attention_plan asks it, at the plan's code alignment
+  bool aligned(const tq_paged_attention_call& c) const {
+    return cache_aligned(c, static_cast<uintptr_t>(plan_.code_alignment > 0 ? plan_.code_alignment : 1));
   }
 
   std::mutex mutex_;

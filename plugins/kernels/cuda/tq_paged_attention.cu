@@ -112,12 +112,7 @@ extern "C" int tq_cuda_paged_attention_plan(const tq_paged_attention_call* call,
   if (scale == 0.f) scale = 1.0f / sqrtf(static_cast<float>(c.head_dim));
   const bool fast = tensor_cores(c);
   const uintptr_t align = fast ? static_cast<uintptr_t>(mma::chunk_alignment(c.head_dim, c.k_bits, c.v_bits)) : 1;
-  const uintptr_t norm_align = std::min<uintptr_t>(align, 4);  // cp.async copies norms as 4-byte words
-  const bool aligned = reinterpret_cast<uintptr_t>(c.k_codes) % align == 0 &&
-                       reinterpret_cast<uintptr_t>(c.v_codes) % align == 0 &&
-                       reinterpret_cast<uintptr_t>(c.k_norms) % norm_align == 0 &&
-                       reinterpret_cast<uintptr_t>(c.v_norms) % norm_align == 0;
-  *plan = plan_for(c, tokens_per_split, fast && aligned, num_sms());
+  *plan = plan_for(c, tokens_per_split, fast && cache_aligned(c, align), num_sms());
   plan->code_alignment = static_cast<int32_t>(align);
   plan->scale = scale;
   return 0;

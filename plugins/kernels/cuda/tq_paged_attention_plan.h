@@ -31,6 +31,15 @@ inline PagedCacheArgs cache_args(const AttentionCall& c) {
 }
 inline bool half_norms(const AttentionCall& c) { return c.norm_dtype == TQ_FLOAT16; }
 
+// Whether the cache's base pointers suit the tensor-core kernel's cp.async copies: the codes to
+// `alignment` bytes (mma::chunk_alignment), the norms to at most 4 (copied as 4-byte words).
+// Planning asks it; tq_cuda::AttentionPlans re-plans a call whose answer differs from its plan's.
+inline bool cache_aligned(const AttentionCall& c, uintptr_t alignment) {
+  const uintptr_t a = alignment > 0 ? alignment : 1, n = a < 4 ? a : 4;
+  return reinterpret_cast<uintptr_t>(c.k_codes) % a == 0 && reinterpret_cast<uintptr_t>(c.v_codes) % a == 0 &&
+         reinterpret_cast<uintptr_t>(c.k_norms) % n == 0 && reinterpret_cast<uintptr_t>(c.v_norms) % n == 0;
+}
+
 // The sizes both kernels' arguments hold as ints (checked to fit when planned).
 template <typename Args>
 void set_sizes(Args& a, const AttentionCall& c) {
