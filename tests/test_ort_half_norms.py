@@ -20,12 +20,12 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 
 from ort_support import assert_attention_close  # noqa: E402
-from tq_deploy.export.loaded import ExportedModel  # noqa: E402
+from test_key_mean import rope_rates  # noqa: E402
 from tq_deploy.export.schemas import infer_shapes  # noqa: E402
 from tq_deploy.export.single_op import make_op_model  # noqa: E402
-from tq_deploy.ops import OPS_BY_NAME  # noqa: E402
 from tq_deploy.reference.packing import unpack_codes  # noqa: E402
-from tq_deploy.validate.inputs import CACHE_NAMES, model_initializers, random_inputs  # noqa: E402
+from tq_deploy.validate.inputs import CACHE_NAMES, random_inputs  # noqa: E402
+from tq_deploy.validate.reference import reference_outputs as reference  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +39,6 @@ def run(model: onnx.ModelProto, feeds: dict, library: str) -> dict[str, np.ndarr
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     outs = session.run(None, {k: v.numpy() for k, v in feeds.items()})
     return dict(zip((o.name for o in session.get_outputs()), outs))
-
-
-def reference(model: onnx.ModelProto, feeds: dict) -> dict[str, torch.Tensor]:
-    config = ExportedModel.of(model).metadata
-    inputs = {k: v.clone() for k, v in feeds.items()}
-    return OPS_BY_NAME[config["op"]].entry("reference")(config, model_initializers(model), inputs)
-
-
-def rope_rates(dim: int) -> torch.Tensor:
-    return 1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
 
 
 @pytest.mark.parametrize("dim,k_bits,v_bits,hkv,dtype", [(64, 5, 4, 2, "float32"), (128, 4, 4, 4, "float16"),

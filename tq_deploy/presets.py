@@ -35,8 +35,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NORM_BITS = 32  # float32 norm per cached vector (ops.py)
-NORM_BITS_OF = {"float32": 32, "float16": 16}  # the paged cache's norm dtypes (ops.py: TN)
+NORM_BITS_OF = {"float32": 32, "float16": 16}  # bits of one cached vector's norm, by the cache's norm dtype (ops.py: TN)
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 PLAN_FORMAT = "tq-deploy-bit-plan"
 PLAN_VERSION = 1

@@ -24,6 +24,7 @@ import sys
 import time
 
 from tq_deploy.cli import count
+from tq_deploy.presets import NORM_BITS_OF
 
 
 def add_arguments(parser) -> None:
@@ -52,7 +53,7 @@ def add_arguments(parser) -> None:
                              "SOURCE (generated: the model's own samples, a shipped text or a text file; as `export "
                              "--key-mean`): the key probes and the check run with it and the plan carries it "
                              "(default none)")
-    parser.add_argument("--norm-dtype", choices=("float32", "float16"), default="float32",
+    parser.add_argument("--norm-dtype", choices=tuple(NORM_BITS_OF), default="float32",
                         help="the cache's norms (as `export --norm-dtype`): --memory-budget counts them at this width, "
                              "the check runs with them and the plan carries them (default float32)")
     parser.add_argument("--no-check", action="store_true", help="skip measuring the plan's PPL at the end")

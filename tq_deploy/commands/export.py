@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from tq_deploy.ops import OPS_BY_NAME, SUPPORTED_BITS
+from tq_deploy.presets import NORM_BITS_OF
 
 # Model options whose default comes from TQModelConfig (None here means "keep the config's default").
 MODEL_OPTIONS = {
@@ -54,17 +55,15 @@ def add_key_mean_argument(parser, prefix: str = "") -> None:
                         help=f"{prefix}store the LLM's keys without a per-layer mean key calibrated on SOURCE: "
                              "generated (the model's own samples), a shipped text (austen, darwin) or a text file; "
                              "none turns off a preset's or a plan's (default: the preset's or the plan's, else none)")
-    parser.add_argument("--norm-dtype", choices=NORM_DTYPE_CHOICES,
+    parser.add_argument("--norm-dtype", choices=tuple(NORM_BITS_OF),
                         help=f"{prefix}the LLM cache's norms: float16 stores 16 bits less per cached vector "
                              "(0.25 effective bits at head_dim 64) for a rounding far below the codes' error "
-                             "(default: the preset's, else float32)")
-
-
-NORM_DTYPE_CHOICES = ("float32", "float16")
+                             "(default: the preset's or the plan's, else float32)")
 
 
 def norm_dtype_of(args, preset=None) -> str:
-    """The LLM cache's norm dtype: --norm-dtype, else the preset's (a Preset; a plan has none), else float32."""
+    """The LLM cache's norm dtype: --norm-dtype, else the preset's or the plan's (``preset``: a Preset or a
+    BitPlan), else float32."""
     value = getattr(args, "norm_dtype", None)
     if value is not None:
         return value

@@ -67,6 +67,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from tq_deploy.presets import NORM_BITS_OF
+
 # The one calibrated transform an exported model carries: the key mean before RoPE, the first key
 # quantized as it is (ops.py: key_mean; tq_deploy/eval/key_transforms.py).
 DEPLOYED_TRANSFORM = "kpc1"
@@ -74,9 +76,7 @@ DEPLOYED_TRANSFORM = "kpc1"
 METHODS = ("fp32", "mse", "prod", "mixed", "naive", "kivi", "int8")
 TURBOQUANT_METHODS = ("mse", "prod", "mixed")
 ROTATIONS = ("haar", "hadamard")
-NORM_BITS = 32  # TurboQuant norms: float32, the project's paged-cache layout (ops.py)
-HALF_NORM_BITS = 16  # ... or float16 (-n16: the cache's norm_dtype float16)
-HALF_NORMS_SUFFIX = "-n16"
+HALF_NORMS_SUFFIX = "-n16"  # TurboQuant_mse with float16 norms (the cache's norm_dtype float16)
 BASELINE_SCALE_BITS = 16  # naive / int8 / KIVI scales and zero points: fp16
 KIVI_GROUP = 32  # tokens per KIVI key group (the KIVI paper's group size)
 INT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -129,6 +129,11 @@ class CacheConfig:
         bits = _fmt(self.k_bits) if self.k_bits == self.v_bits else f"k{_fmt(self.k_bits)}v{_fmt(self.v_bits)}"
         return f"{self.method}-{bits}{suffix}"
 
+    @property
+    def norm_dtype(self) -> str:
+        """The TurboQuant norms' dtype: "float16" with -n16, else the paged cache's float32."""
+        return "float16" if self.half_norms else "float32"
+
     def side_method(self, kind: str) -> str:
         """The quantizer of keys (``kind="k"``) or values: int8 values below 8 bits are TurboQuant_mse,
         prod values are TurboQuant_mse."""
@@ -144,7 +149,7 @@ class CacheConfig:
             return 0
         if method in TURBOQUANT_METHODS:
             per_vector = 2 if method == "mixed" or (method == "prod" and kind == "k") else 1
-            return per_vector * (HALF_NORM_BITS if self.half_norms else NORM_BITS)
+            return per_vector * NORM_BITS_OF[self.norm_dtype]
         return 0  # set per head_dim in bits_per_vector (KIVI keys) or below
 
     def bits_per_vector(self, kind: str, head_dim: int) -> float:

@@ -40,7 +40,7 @@ def export_options(config) -> dict:
                          f"exported cache holds TurboQuant_mse codes, with the key mean ({DEPLOYED_TRANSFORM}) the only "
                          "transform")
     options = {"k_bits": int(config.k_bits), "v_bits": int(config.v_bits), "rotation": config.rotation,
-               "norm_dtype": "float16" if config.half_norms else "float32"}
+               "norm_dtype": config.norm_dtype}
     if config.transform:
         options["key_mean"] = config.calibration
     return options

@@ -120,7 +120,7 @@ def build_kv_quantizer(config: CacheConfig, head_dim: int, seed: int = 0, statis
         return KVQuantizer()
     if method == "mse":
         quantizer = LayerPlanKVQuantizer.uniform(int(config.k_bits), int(config.v_bits), head_dim, seed, rotation,
-                                                 config.name, torch.float16 if config.half_norms else torch.float32)
+                                                 config.name, getattr(torch, config.norm_dtype))
         if config.transform:
             from tq_deploy.eval.key_transforms import TransformedKV
 

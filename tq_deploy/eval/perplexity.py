@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tq_deploy.eval.cache import QuantizedKVCache
 from tq_deploy.eval.configs import CacheConfig, parse_config
 from tq_deploy.eval.kv_quantizers import KVQuantizer, LayerPlanKVQuantizer, build_kv_quantizer
-from tq_deploy.presets import BitPlan
+from tq_deploy.presets import NORM_BITS_OF, BitPlan
 
 DEFAULT_CHUNK_SIZE = 256
 
@@ -97,7 +97,7 @@ def _plan_row(plan: BitPlan, loaded) -> dict:
     if plan.head_dim != loaded.head_dim or plan.num_layers != loaded.num_layers:
         raise ValueError(f"plan for head_dim {plan.head_dim}, {plan.num_layers} layers; expected the model's "
                          f"head_dim {loaded.head_dim} and {loaded.num_layers} layers")
-    norm_bits = 16 if plan.norm_dtype == "float16" else 32
+    norm_bits = NORM_BITS_OF[plan.norm_dtype]
     per_head = [(8 * -(-loaded.head_dim * k // 8) + norm_bits + 8 * -(-loaded.head_dim * v // 8) + norm_bits) / 8
                 for k, v in plan.layers]
     return {
