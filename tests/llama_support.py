@@ -84,3 +84,73 @@ def ort_and_reference_steps(session, reference, tables, steps, block_size: int, 
         ref_caches, ort_caches = list(want[1:]), got[1:]
         yield got, want, names
         done = [d + len(t) for d, t in zip(done, new)]
+
+
+class CodeWatch:
+    """Wraps eval-ppl's KV quantizer (a LayerPlanKVQuantizer) and keeps, per layer and side, the codes it
+    chose for every token and each coordinate's distance from its decision boundary, to tell a backend's
+    rounding tie from a wrong code (:meth:`first_flip`)."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+        self.codes: dict[tuple[int, str], list] = {}
+        self.margins: dict[tuple[int, str], list] = {}
+        self.bits: dict[tuple[int, str], int] = {}
+
+    def _watch(self, x, layer_idx, kind):
+        from tq_deploy.reference.quantizer import normalize, quantize_coordinates, rotate
+
+        bits = self.inner._bits(layer_idx)["kv".index(kind)]
+        side = self.inner._side(layer_idx, bits)
+        y = rotate(normalize(x[0].float())[0], side.rotation).transpose(0, 1)  # [T, Hkv, D]
+        self.bits[(layer_idx, kind)] = bits
+        self.codes.setdefault((layer_idx, kind), []).append(quantize_coordinates(y, side.codebook))
+        self.margins.setdefault((layer_idx, kind), []).append((y[..., None] - side.boundaries).abs().amin(-1))
+
+    def quantize_keys(self, keys, layer_idx):
+        self._watch(keys, layer_idx, "k")
+        return self.inner.quantize_keys(keys, layer_idx)
+
+    def quantize_values(self, values, layer_idx):
+        self._watch(values, layer_idx, "v")
+        return self.inner.quantize_values(values, layer_idx)
+
+    def first_flip(self, codes_of) -> int | None:
+        """The first token whose codes in a backend's cache (``codes_of(layer, "k"|"v")``: packed codes
+        [N, B, Hkv, P], tokens in blocks 0.. in order) differ from eval-ppl's, or None. A code that differs
+        must be a rounding tie (a neighbouring code, the coordinate within TIE_MARGIN of the boundary)
+        unless a lower layer flipped a code at that token or before: that flip moved this layer's input.
+        From the first flip on a backend's logits may move by far more than rounding."""
+        from tq_deploy.reference.packing import unpack_codes
+        from tq_deploy.validate.llm import TIE_MARGIN
+
+        first_below = None  # the first flipped token in the layers checked so far
+        for layer in sorted({layer for layer, _ in self.codes}):
+            first_here = None
+            for kind in "kv":
+                want, margin = torch.cat(self.codes[(layer, kind)]), torch.cat(self.margins[(layer, kind)])
+                packed = torch.as_tensor(codes_of(layer, kind))
+                got = unpack_codes(packed.reshape(-1, *packed.shape[2:])[:len(want)], self.bits[(layer, kind)],
+                                   want.shape[-1])
+                differ = got != want
+                if not differ.any():
+                    continue
+                bad = differ & (((got.int() - want.int()).abs() != 1) | (margin >= TIE_MARGIN))
+                if first_below is not None:
+                    bad[first_below:] = False
+                assert not bad.any(), f"layer {layer} {kind}: codes that are no rounding tie at {bad.nonzero()[:3]}"
+                token = int(differ.nonzero()[0, 0])
+                first_here = token if first_here is None else min(first_here, token)
+            if first_here is not None:
+                first_below = first_here if first_below is None else min(first_below, first_here)
+        return first_below
+
+
+def session_codes(session):
+    """``codes_of`` for :meth:`CodeWatch.first_flip` from an LLMSession."""
+    return lambda layer, kind: session.read_cache(layer)[f"{kind}_codes"]
+
+
+def reference_codes(backend):
+    """``codes_of`` for :meth:`CodeWatch.first_flip` from a ReferenceBackend (four caches per layer)."""
+    return lambda layer, kind: backend.caches[4 * layer + (0 if kind == "k" else 2)]

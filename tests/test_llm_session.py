@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
-from llama_support import random_checkpoint  # noqa: E402
+from llama_support import CodeWatch, random_checkpoint, session_codes  # noqa: E402
 
 from tq_deploy.runtime.generation import generate_ids  # noqa: E402
 
@@ -149,11 +149,22 @@ def test_perplexity_through_ort_equals_eval_ppl(exported, seed, single_thread):
 
     path, _, hf, _ = exported
     ids = torch.randint(0, 96, (1, 70), generator=torch.Generator().manual_seed(seed))
-    ort = stepped_perplexity(LLMSession(path, num_blocks=9), ids, 24, return_logits=True)
+    session = LLMSession(path, num_blocks=9)
+    ort = stepped_perplexity(session, ids, 24, return_logits=True)
     config = CacheConfig("mse", OPTIONS["k_bits"], OPTIONS["v_bits"])
-    torch_path = perplexity(hf, ids, build_kv_quantizer(config, 16, OPTIONS["seed"]), 24, return_logits=True)
+    watch = CodeWatch(build_kv_quantizer(config, 16, OPTIONS["seed"]))
+    torch_path = perplexity(hf, ids, watch, 24, return_logits=True)
     assert ort.ppl == pytest.approx(torch_path.ppl, rel=1e-3)
-    torch.testing.assert_close(ort.logits, torch_path.logits, rtol=1e-3, atol=2e-3)
+    # logits agree to float32 rounding (seen: 6e-6) up to the first token where ORT took the other code at
+    # a rounding tie; from there one flipped code may move a logit by ~1e-2 (about one fresh seed in ten)
+    flip = watch.first_flip(session_codes(session))
+    rows = ids.shape[1] if flip is None else flip
+    torch.testing.assert_close(ort.logits[:rows], torch_path.logits[:rows], rtol=1e-3, atol=1e-4)
+    # the tie check can fail: other rotations choose other codes, far from any boundary
+    other = CodeWatch(build_kv_quantizer(config, 16, OPTIONS["seed"] + 1))
+    perplexity(hf, ids[:, :8], other, 24)
+    with pytest.raises(AssertionError, match="layer 0 k: codes that are no rounding tie"):
+        other.first_flip(session_codes(session))
 
 
 def test_bad_input_is_one_line(exported):
