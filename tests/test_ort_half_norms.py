@@ -19,11 +19,11 @@ import torch
 
 ort = pytest.importorskip("onnxruntime")
 
+from codes_match import assert_codes_match  # noqa: E402
 from ort_support import assert_attention_close  # noqa: E402
 from test_key_mean import rope_rates  # noqa: E402
 from tq_deploy.export.schemas import infer_shapes  # noqa: E402
 from tq_deploy.export.single_op import make_op_model  # noqa: E402
-from tq_deploy.reference.packing import unpack_codes  # noqa: E402
 from tq_deploy.validate.inputs import CACHE_NAMES, random_inputs  # noqa: E402
 from tq_deploy.validate.reference import reference_outputs as reference  # noqa: E402
 
@@ -56,11 +56,8 @@ def test_cache_update_stores_float16_norms(dim, k_bits, v_bits, hkv, dtype, libr
             np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=2.0 ** -10,
                                        err_msg=name)
         else:
-            bits = k_bits if name == "k_codes" else v_bits
-            ours = unpack_codes(torch.from_numpy(out), bits, dim).long()
-            theirs = unpack_codes(torch.from_numpy(ref), bits, dim).long()
-            differ = ours != theirs
-            assert differ.float().mean() < 1e-4 and bool(((ours - theirs).abs()[differ] == 1).all()), name
+            assert_codes_match(torch.from_numpy(out), torch.from_numpy(ref), k_bits if name == "k_codes" else v_bits,
+                               dim, name)
 
 
 def test_cache_update_norm_overflow_is_inf(library, seed):
