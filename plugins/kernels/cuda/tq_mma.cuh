@@ -74,6 +74,13 @@ __device__ __forceinline__ void copy_async_4(uint32_t dst, const void* src) {
 __device__ __forceinline__ void copy_async_4_partial(uint32_t dst, const void* src, int bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(bytes));
 }
+// The same without cp.async, for a word that would end past its array: memcheck holds a cp.async to
+// its full 4 bytes whatever src-size says, so the `bytes` (1..3) are loaded one by one and stored.
+__device__ __forceinline__ void store_partial_word(uint32_t dst, const uint8_t* src, int bytes) {
+  uint32_t word = 0;
+  for (int b = 0; b < bytes; ++b) word |= static_cast<uint32_t>(__ldg(src + b)) << (8 * b);
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst), "r"(word) : "memory");
+}
 template <int BYTES>
 __device__ __forceinline__ void copy_async(uint32_t dst, const void* src) {
   if constexpr (BYTES == 16) copy_async_16(dst, src);

@@ -510,6 +510,7 @@ __device__ __forceinline__ uint32_t issue_raw(const SplitArgs& a, const RowFinde
                       lane < 16 ? a.cache.k_norms : a.cache.v_norms, row, rows.cells(), a.half_norms);
   auto copy_rows = [&](const uint8_t* codes, int row_bytes, int words, const FastDiv& per_row, bool values) {
     const int items = kTile * words;
+    const int64_t end = rows.cells() * row_bytes;  // the code array's bytes
     for (int i0 = 0; i0 < items; i0 += 32) {  // uniform trip count: every lane takes part in the shuffle
       const int idx = min(i0 + lane, items - 1);
       const int t = per_row(idx), w = idx - t * words;
@@ -518,7 +519,9 @@ __device__ __forceinline__ uint32_t issue_raw(const SplitArgs& a, const RowFinde
       const int64_t start = r * row_bytes, at = (start & ~int64_t{3}) + 4 * w;
       const int64_t left = start + row_bytes - at;
       const uint32_t dst = stage + (values ? S::kValue + S::value_row(t) * D : S::kKey + t * D) + 4 * w;
-      if (left > 0) copy_async_4_partial(dst, codes + at, left < 4 ? static_cast<int>(left) : 4);
+      if (left <= 0) continue;
+      if (at + 4 <= end) copy_async_4_partial(dst, codes + at, left < 4 ? static_cast<int>(left) : 4);
+      else store_partial_word(dst, codes + at, static_cast<int>(left));  // the array's last word
     }
   };
   copy_rows(a.cache.k_codes, a.k_row, a.k_words, a.per_k_words, false);
