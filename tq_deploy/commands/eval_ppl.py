@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
                         help="tokens per forward call through the cache (default 256)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated configurations, e.g. 'mse-4,mse-k4v3,mse-4-hadamard,mse-4-ck,mixed-3.5,prod-3,"
-                             "naive-4,mse-4-kpc1@generated' (METHOD[-BITS|-kKvV][-hadamard][-ck][-KIND@TEXT]: KIND a "
+                             "naive-4,mse-4-kpc1@generated' (METHOD[-BITS|-kKvV][-hadamard][-n16][-ck][-KIND@TEXT]: -n16 float16 norms, KIND a "
                              "calibrated key/value transform such as kc, kcs, kvcs, kpc1, TEXT its calibration text: "
                              "austen, darwin, a file or 'generated'; see tq_deploy/eval/configs.py) "
                              "(default: the full table; fp32 baseline always included)")

@@ -239,8 +239,8 @@ def parse_config(name: str) -> CacheConfig:
     match = _NAME.match(text)
     if not match or match["method"] not in METHODS:
         raise ValueError(
-            f"config={name!r}, expected METHOD[-BITS|-kKBITSvVBITS][-ROTATION][-ck] with METHOD in {METHODS}, "
-            f"e.g. 'mse-4', 'mse-k6v4', 'mse-k4v3-hadamard', 'kivi-2', 'int8-v4', 'mse-4-ck'"
+            f"config={name!r}, expected METHOD[-BITS|-kKBITSvVBITS][-ROTATION][-n16][-ck] with METHOD in {METHODS}, "
+            f"e.g. 'mse-4', 'mse-k6v4', 'mse-k4v3-hadamard', 'mse-k5v4-n16', 'kivi-2', 'int8-v4', 'mse-4-ck'"
         )
     method, rotation = match["method"], match["rotation"] or "haar"
     if rotation not in ROTATIONS:
