@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from tq_deploy.reference.model import TQDecodeModel, TQModelConfig
-from tq_deploy.reference.paged import PagedTQCache, allocate_cache, paged_attention_reference
+from tq_deploy.reference.model import ReferenceOps, TQDecodeModel, TQModelConfig
+from tq_deploy.reference.paged import PagedTQCache, allocate_cache, cache_update_reference, paged_attention_reference
 
 # Small and fast, with blocks of 8 tokens so that short sequences cross block boundaries, GQA 2,
 # and different key/value bits.
@@ -71,6 +71,32 @@ def fresh_seed() -> int:
     return value
 
 
+TIE_DISTANCE = 1e-5  # a rotated unit-vector coordinate this close to a boundary may round either way
+
+
+class _TakingTies:
+    """The reference's ops, with the cache update taking the neighbouring code for the chosen rounding
+    ties ({slot: [(kind, head, coordinate, code)]}), as a backend whose float32 rounding differs may."""
+
+    def __init__(self, flips: dict):
+        self.flips = flips
+
+    def cache_update(self, key, value, slot_mapping, *rest):
+        from tq_deploy.reference.packing import pack_codes, unpack_codes
+
+        caches = cache_update_reference(key, value, slot_mapping, *rest)
+        for slot in slot_mapping.tolist():
+            for kind, head, coordinate, code in self.flips.get(slot, ()):
+                codes, bits = (caches[0], CONFIG.k_bits) if kind == "k" else (caches[2], CONFIG.v_bits)
+                row = codes.view(-1, CONFIG.num_kv_heads, codes.shape[-1])[slot, head]
+                unpacked = unpack_codes(row, bits, CONFIG.head_dim)
+                unpacked[coordinate] = code
+                row.copy_(pack_codes(unpacked, bits))
+        return caches
+
+    paged_attention = staticmethod(paged_attention_reference)
+
+
 class ReferenceSequence:
     """One sequence decoded by the PyTorch reference on a private cache, token by token."""
 
@@ -92,10 +118,56 @@ class ReferenceSequence:
         return out[0].numpy()
 
 
-def reference_outputs(hiddens: list[np.ndarray]) -> list[np.ndarray]:
-    """The reference's output for each token of one sequence (hiddens: one [H] array per token)."""
-    sequence = ReferenceSequence(TQDecodeModel(CONFIG).eval(), len(hiddens))
+def reference_outputs(hiddens: list[np.ndarray], flips: dict | None = None) -> list[np.ndarray]:
+    """The reference's output for each token of one sequence (hiddens: one [H] array per token); with
+    ``flips`` ({position: [(kind, head, coordinate, code)]}) taking those neighbouring codes at ties."""
+    model = TQDecodeModel(CONFIG, ops=_TakingTies(flips) if flips else ReferenceOps).eval()
+    sequence = ReferenceSequence(model, len(hiddens))
     return [sequence.step(h) for h in hiddens]
+
+
+@torch.no_grad()
+def rounding_ties(hiddens: list[np.ndarray]) -> list[tuple]:
+    """(position, kind, head, coordinate, the other code) of every key and value coordinate of the sequence
+    within TIE_DISTANCE of the boundary between two codes: where a backend may have taken the code on the
+    boundary's other side. The synthetic model's keys and values depend on the token alone, so the ties
+    of a sequence are independent of each other."""
+    from tq_deploy.reference.codebook import codebook_boundaries
+    from tq_deploy.reference.quantizer import normalize, quantize_coordinates, rotate
+
+    model = TQDecodeModel(CONFIG).eval()
+    ties = []
+    for position, hidden in enumerate(hiddens):
+        _, k, v = model.project_qkv(torch.from_numpy(hidden.reshape(1, -1)), torch.tensor([position]))
+        for kind, x, codebook in (("k", k, model.k_codebook), ("v", v, model.v_codebook)):
+            y = rotate(normalize(x[0])[0], model.rotation)  # [Hkv, D], as the reference encodes it
+            codes = quantize_coordinates(y, codebook)
+            near = ((y[..., None] - codebook_boundaries(codebook)).abs() < TIE_DISTANCE).nonzero().tolist()
+            for head, coordinate, j in near:  # boundary j lies between codes j and j + 1
+                ties.append((position, kind, head, coordinate, j + 1 if int(codes[head, coordinate]) == j else j))
+    return ties
+
+
+def assert_matches_reference(got: list[np.ndarray], hiddens: list[np.ndarray], what: str = "sequence") -> None:
+    """``got`` (one output per token) equals the reference's run of ``hiddens`` to TOLERANCE, or the
+    reference's run with some of the sequence's rounding ties (rounding_ties) taken the other way: a
+    flipped code moves every later output of the sequence by far more than rounding."""
+    import itertools
+
+    got = np.stack(got)
+    want = np.stack(reference_outputs(hiddens))
+    if np.allclose(got, want, **TOLERANCE):
+        return
+    ties = rounding_ties(hiddens)[:6]
+    for count in range(1, len(ties) + 1):
+        for chosen in itertools.combinations(ties, count):
+            flips: dict = {}
+            for position, *flip in chosen:
+                flips.setdefault(position, []).append(tuple(flip))
+            if np.allclose(got, np.stack(reference_outputs(hiddens, flips)), **TOLERANCE):
+                return
+    np.testing.assert_allclose(got, want, err_msg=f"{what} (nor with any of its {len(ties)} rounding ties "
+                               "taken the other way)", **TOLERANCE)
 
 
 class _CacheAsGiven:

@@ -17,8 +17,8 @@ import threading
 
 import numpy as np
 import pytest
-from serve_support import CONFIG, TOLERANCE, ServeProcess, exported_model, free_ports, fresh_seed, pool_gauges, \
-    reference_outputs, tritonserver_or_skip
+from serve_support import CONFIG, TOLERANCE, ServeProcess, assert_matches_reference, exported_model, free_ports, \
+    fresh_seed, pool_gauges, tritonserver_or_skip
 
 H = CONFIG.hidden_size
 B = CONFIG.block_size
@@ -129,8 +129,7 @@ def _drive_concurrently(server, protocol: str, first_id: int, seed: int) -> None
         t.join(120)
     assert not failures, failures
     for sid, steps in hiddens.items():
-        expected = np.stack(reference_outputs(steps))
-        np.testing.assert_allclose(np.stack(outputs[sid]), expected, err_msg=f"{protocol} sequence {sid}", **TOLERANCE)
+        assert_matches_reference(outputs[sid], steps, f"{protocol} sequence {sid}")
     inferences, executions = (a - b for a, b in zip(_statistics(server), before))
     assert inferences == sum(LENGTHS)
     # concurrent sequences shared decode steps: fewer model runs than tokens
@@ -196,7 +195,7 @@ def test_bad_requests_get_clear_errors_and_spare_the_others(server):
             client.infer("tq_decode", _inputs(httpclient, steps[0], 1), sequence_id=32, sequence_end=True)
     finally:
         client.close()
-    np.testing.assert_allclose(np.stack(outs), np.stack(reference_outputs(steps)), **TOLERANCE)
+    assert_matches_reference(outs, steps)
     assert pool_gauges(server.metrics_url) == {"free": POOL_BLOCKS, "total": POOL_BLOCKS, "sequences": 0}
 
 
@@ -230,7 +229,7 @@ def test_full_pool_refuses_a_new_sequence_and_recovers(server):
     finally:
         client.close()
     for sid in ids:
-        np.testing.assert_allclose(np.stack(outs[sid]), np.stack(reference_outputs(steps[sid])), **TOLERANCE)
+        assert_matches_reference(outs[sid], steps[sid], f"sequence {sid}")
     assert pool_gauges(server.metrics_url) == {"free": POOL_BLOCKS, "total": POOL_BLOCKS, "sequences": 0}
 
 

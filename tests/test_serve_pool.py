@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from serve_support import CONFIG, TOLERANCE, exported_model, library_or_skip, reference_outputs
+from serve_support import CONFIG, assert_matches_reference, exported_model, library_or_skip
 
 from tq_deploy.serve.decoder import INVALID, UNAVAILABLE, PagedDecoder, StepRequest
 from tq_deploy.runtime.block_pool import BlockPool, PoolFullError, SequenceLimitError
@@ -119,7 +119,7 @@ def test_decoder_batches_sequences_and_matches_reference(session, gen):
     assert decoder.pool.free_blocks == 6 and not decoder.pool.sequences
     assert decoder.steps == max(lengths.values())
     for sid in lengths:
-        np.testing.assert_allclose(np.stack(got[sid]), np.stack(reference_outputs(hiddens[sid])), **TOLERANCE)
+        assert_matches_reference(got[sid], hiddens[sid], f"sequence {sid}")
 
 
 def test_decoder_errors_leave_the_sequence_as_it_was(session, gen):
@@ -146,7 +146,7 @@ def test_decoder_errors_leave_the_sequence_as_it_was(session, gen):
     # the sequence goes on from where it was, as if the bad requests never came
     for t in (1, 2, 3):
         outs.append(decoder.step([_request(5, t, hiddens[t], end=t == 3)])[0].out)
-    np.testing.assert_allclose(np.stack(outs), np.stack(reference_outputs(hiddens)), **TOLERANCE)
+    assert_matches_reference(outs, hiddens)
     assert decoder.pool.free_blocks == 6
 
 
@@ -157,7 +157,7 @@ def test_decoder_full_pool_and_same_batch_duplicates(session, gen):
     # two tokens of sequence 1 in one batch run in two rounds, in order
     first = decoder.step([_request(1, 0, h[0], start=True), _request(1, 1, h[1]), _request(2, 0, h[2], start=True)])
     assert [r.error for r in first] == [None, None, None] and decoder.steps == 2
-    np.testing.assert_allclose(np.stack([first[0].out, first[1].out]), np.stack(reference_outputs(h[:2])), **TOLERANCE)
+    assert_matches_reference([first[0].out, first[1].out], h[:2])
     refused = decoder.step([_request(3, 0, h[0], start=True)])[0]
     assert refused.kind == UNAVAILABLE and "pool full" in refused.error and 3 not in decoder.pool
     later = decoder.step([_request(3, 1, h[1])])[0]
@@ -166,3 +166,26 @@ def test_decoder_full_pool_and_same_batch_duplicates(session, gen):
     ended = decoder.step([_request(2, 5, h[1], end=True)])[0]
     assert ended.kind == INVALID and decoder.pool.free_blocks == 1
     assert decoder.step([_request(3, 0, h[0], start=True)])[0].error is None
+
+
+def test_the_reference_comparison_forgives_rounding_ties_only(seed):
+    """assert_matches_reference (serve_support) accepts outputs whose backend took the other code at a
+    rounding tie, and nothing else: a code flipped far from its boundary fails it."""
+    from serve_support import reference_outputs, rounding_ties
+
+    rng = np.random.default_rng(seed)
+    for _ in range(50):  # a sequence of 30 tokens holds a tie about every other draw
+        hiddens = [rng.standard_normal(H).astype(np.float32) for _ in range(30)]
+        ties = rounding_ties(hiddens)
+        if ties:
+            break
+    else:
+        pytest.fail("no rounding tie in 50 sequences of 30 tokens")
+    position, kind, head, coordinate, code = ties[0]
+    assert_matches_reference(reference_outputs(hiddens, {position: [(kind, head, coordinate, code)]}), hiddens)
+    far = (coordinate + CONFIG.head_dim // 2) % CONFIG.head_dim  # an extreme code, which no tie is near
+    wrong = reference_outputs(hiddens, {position: [(kind, head, far, 0)]})
+    if np.allclose(np.stack(wrong), np.stack(reference_outputs(hiddens)), atol=1e-6):  # it was code 0 already
+        wrong = reference_outputs(hiddens, {position: [(kind, head, far, (1 << getattr(CONFIG, f"{kind}_bits")) - 1)]})
+    with pytest.raises(AssertionError, match="rounding ties taken the other way"):
+        assert_matches_reference(wrong, hiddens)
