@@ -90,6 +90,19 @@ def test_export_options_take_a_preset_or_a_plan(tmp_path):
         config_from_args(_export_args(plan=str(path), bits=4))
 
 
+def test_the_synthetic_model_says_what_of_a_preset_it_leaves_out(capsys):
+    from tq_deploy.commands.export import config_from_args
+
+    compact = get_preset("compact")
+    config = config_from_args(_export_args(kv_preset="compact"))
+    assert (config.k_bits, config.v_bits) == (compact.k_bits, compact.v_bits)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--kv-preset compact's widths only (k{compact.k_bits}v{compact.v_bits})" in err
+    assert "float16 norms and a key mean (generated)" in err
+    config_from_args(_export_args(kv_preset="balanced"))  # widths are all of it: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 def test_stack_is_its_layers_in_sequence(seed):
     """The reference of a plan: layer l is TQDecodeModel(config.layer_config(l)) fed the previous output."""
     config = TQModelConfig(hidden_size=64, num_q_heads=4, num_kv_heads=2, head_dim=32, num_blocks=12,

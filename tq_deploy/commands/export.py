@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from tq_deploy.ops import OPS_BY_NAME, SUPPORTED_BITS
 from tq_deploy.presets import NORM_BITS_OF
@@ -122,6 +123,11 @@ def config_from_args(args):
 
         chosen = get_preset(preset)
         values["k_bits"], values["v_bits"] = chosen.k_bits, chosen.v_bits
+        dropped = [part for part, on in (("float16 norms", chosen.norm_dtype == "float16"),
+                                         (f"a key mean ({chosen.key_mean})", chosen.key_mean)) if on]
+        if dropped:  # said, never silent: the synthetic cache is not the preset's whole cache
+            print(f"note: the synthetic decode model takes --kv-preset {chosen.name}'s widths only (k{chosen.k_bits}"
+                  f"v{chosen.v_bits}), without its {' and '.join(dropped)}: those are for --model", file=sys.stderr)
     if plan is not None:
         from tq_deploy.presets import load_plan
 
