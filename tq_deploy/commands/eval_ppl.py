@@ -202,7 +202,8 @@ def run(args) -> int:
         "seed": args.seed,
         "seeds": args.seeds,
         "rounding_draws": args.rounding_draws,
-        "storage": "TurboQuant float32 norms; naive, int8 and KIVI fp16 scales/zeros (tq_deploy/eval/configs.py)",
+        "storage": "TurboQuant float32 norms (float16 with -n16 or a float16 plan); naive, int8 and KIVI fp16 "
+                   "scales/zeros (tq_deploy/eval/configs.py)",
         "load_seconds": load_seconds,
         "total_seconds": time.perf_counter() - start,
         "torch": torch.__version__,
@@ -216,7 +217,7 @@ def run(args) -> int:
             print(f"\n{text_name} ({path}):")
             print(report.format_table([r for r in rows if r["text"] == text_name], show_spread=args.seeds > 1))
         print(f"total {meta['total_seconds']:.1f} s (model load {load_seconds:.1f} s); effective bits count "
-              "TurboQuant's float32 norms and the baselines' fp16 scales")
+              "TurboQuant's norms (float32; float16 with -n16 or a float16 plan) and the baselines' fp16 scales")
         if args.json:
             report.write_json(args.json, rows, meta)
             print(f"wrote {args.json}")
