@@ -181,3 +181,11 @@ def test_rounding_draws_give_the_methods_that_draw_nothing_a_spread(tiny):
     assert drawn[1]["ppl_by_seed"][0] == plain[1]["ppl"]  # draw 0: the model as it is
     assert drawn[0]["ppl"] == plain[0]["ppl"] and drawn[2]["ppl_by_seed"] == plain[2]["ppl_by_seed"]
     assert torch.equal(weight, before)
+    # draw=1: every row on the perturbed model, the one draw a whole run is made with
+    whole = evaluate(["kivi-2", "mse-k3v2"], tiny, ids, chunk_size=16, seeds=3, draw=1)
+    assert [len(r["ppl_by_seed"]) for r in whole] == [1, 1, 3]
+    assert whole[1]["ppl"] == drawn[1]["ppl_by_seed"][1]  # KIVI's draw 1 of the run above
+    assert whole[0]["ppl"] == pytest.approx(plain[0]["ppl"], rel=1e-5)  # fp32 moves by rounding at most
+    assert torch.equal(weight, before)
+    with pytest.raises(ValueError, match="draw=1 with rounding_draws=True"):
+        evaluate(["kivi-2"], tiny, ids, chunk_size=16, seeds=2, rounding_draws=True, draw=1)

@@ -267,6 +267,8 @@ def test_shipped_texts_resolve():
     (["--seeds", "0"], "--seeds=0, expected >= 1"),
     (["--rounding-draws"], "--rounding-draws with --seeds=1 and --backend torch, expected --seeds >= 2"),
     (["--rounding-draws", "--seeds", "2", "--backend", "ort"], "--rounding-draws with --seeds=2 and --backend ort"),
+    (["--rounding-draw", "1", "--rounding-draws", "--seeds", "2"], "--rounding-draw=1, expected 0 with --rounding-draws or --backend ort"),
+    (["--rounding-draw", "2", "--backend", "ort"], "--rounding-draw=2, expected"),
 ])
 def test_eval_ppl_bad_options_are_one_line(argv, fragment, capsys):
     from tq_deploy.cli import main

@@ -50,6 +50,10 @@ def add_arguments(parser) -> None:
                         help="with --seeds N, run the configurations that draw nothing (naive, KIVI, int8) N times "
                              "too, draw i > 0 with the embedding weights times 1 + 1e-7 N(0, 1): the rounding noise "
                              "a quantized cache carries on, so that their rows are means over draws as TurboQuant's")
+    parser.add_argument("--rounding-draw", type=int, default=0, metavar="N",
+                        help="run everything with the embedding weights times 1 + 1e-7 N(0, 1) (seed N; 0: the model "
+                             "as it is): what another float32 implementation's rounding does, the noise floor of a "
+                             "comparison between two engines (docs/quality.md) (default 0)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the rows as JSON to PATH (no PATH: print JSON instead of the table)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="save PPL vs effective bits to this PNG")
@@ -142,6 +146,9 @@ def run(args) -> int:
     if args.rounding_draws and (args.seeds < 2 or args.backend != "torch"):
         raise ValueError(f"--rounding-draws with --seeds={args.seeds} and --backend {args.backend}, expected --seeds "
                          ">= 2 and --backend torch (draw 0 is the model as it is)")
+    if args.rounding_draw and (args.rounding_draws or args.backend != "torch"):
+        raise ValueError(f"--rounding-draw={args.rounding_draw}, expected 0 with --rounding-draws or --backend ort "
+                         "(one draw for the whole run, or one per seed: not both)")
     if args.kv_preset and (args.k_bits is not None or args.v_bits is not None):
         raise ValueError(f"--kv-preset={args.kv_preset[0]!r} with --k-bits/--v-bits, expected one or the other "
                          "(a preset fixes both widths)")
@@ -188,7 +195,7 @@ def run(args) -> int:
                   f"{row['seconds']:.1f} s", file=sys.stderr, flush=True)
 
         for row in evaluate(configs, loaded, ids, args.chunk_size, args.seed, progress, args.seeds, labels,
-                            args.rounding_draws):
+                            args.rounding_draws, args.rounding_draw):
             rows.append({"text": text_name, **row})
     meta = {
         "model": loaded.name,
@@ -202,6 +209,7 @@ def run(args) -> int:
         "seed": args.seed,
         "seeds": args.seeds,
         "rounding_draws": args.rounding_draws,
+        "rounding_draw": args.rounding_draw,
         "storage": "TurboQuant float32 norms (float16 with -n16 or a float16 plan); naive, int8 and KIVI fp16 "
                    "scales/zeros (tq_deploy/eval/configs.py)",
         "load_seconds": load_seconds,

@@ -184,7 +184,7 @@ def rounding_draw(model, draw: int):
 
 def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0,
              progress=None, seeds: int = 1, labels: dict | None = None,
-             rounding_draws: bool = False) -> list[dict]:
+             rounding_draws: bool = False, draw: int = 0) -> list[dict]:
     """One row per configuration (names, CacheConfig or presets.BitPlan), the fp32 baseline first and
     always included.
 
@@ -197,8 +197,11 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
     and ``ppl_by_seed`` the individual values (fp32, naive, KIVI and int8 have no seed).
     ``rounding_draws``: the configurations that draw nothing but fp32 (naive, KIVI, int8) run ``seeds``
     times as well, draw i under :func:`rounding_draw` (i), so that every quantized row is a mean
-    over draws; the fp32 baseline stays the one unperturbed run.
+    over draws; the fp32 baseline stays the one unperturbed run. ``draw`` > 0 (not with ``rounding_draws``)
+    runs every row, the baseline included, under :func:`rounding_draw` (``draw``).
     """
+    if draw and rounding_draws:
+        raise ValueError(f"draw={draw} with rounding_draws=True, expected one or the other")
     if seeds < 1:
         raise ValueError(f"seeds={seeds}, expected >= 1")
     parsed = [c if isinstance(c, (CacheConfig, BitPlan)) else parse_config(c) for c in configs]
@@ -224,7 +227,7 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
                 statistics = calibration_statistics(loaded, config.calibration, chunk_size) \
                     if config.transform else None
                 quantizer = build_kv_quantizer(config, loaded.head_dim, seed + step * i, statistics)
-            with rounding_draw(loaded.model, i if rounding else 0):
+            with rounding_draw(loaded.model, i if rounding else draw):
                 runs.append(perplexity(loaded.model, input_ids, quantizer, chunk_size))
         baseline = runs[0].ppl if baseline is None else baseline
         deltas = [100.0 * (r.ppl / baseline - 1.0) for r in runs]
