@@ -68,19 +68,28 @@ def run_chunks(model, prompts, chunks, tables, num_blocks, all_logits=True):
 
 def ort_and_reference_steps(session, reference, tables, steps, block_size: int, num_blocks: int):
     """Run each step's new tokens (one list per sequence) through an ONNX Runtime session of an exported LLM
-    and through the reference decoder, each with its own cache; yields (ORT outputs, reference outputs,
-    input names) per step, the outputs being [logits, *caches] (numpy for ORT, torch for the reference)."""
+    and through the reference decoder; yields (ORT outputs, reference outputs, input names) per step, the
+    outputs being [logits, *caches] (numpy for ORT, torch for the reference).
+
+    Every layer of the reference caches ORT's codes and norms for the new tokens (validate.llm.aligned_to),
+    after checking that each code that differs from its own is a rounding tie and each norm agrees: a code
+    taken the other way at a tie would otherwise move every later layer and token by far more than
+    rounding, and the logits could not be held to float tolerances."""
     from tq_deploy.reference.llama import allocate_caches, input_names, step_inputs
+    from tq_deploy.validate.llm import CodeTies, aligned_to
 
     ref_caches = allocate_caches(reference.config, num_blocks)
     ort_caches = [t.numpy().copy() for t in ref_caches]
     names = input_names(reference.config)
+    outputs = [o.name for o in session.get_outputs()]
     done = [0] * len(steps[0])
-    for new in steps:
+    for k, new in enumerate(steps):
         inputs = step_inputs(new, done, tables, block_size)
-        with torch.no_grad():
+        got = session.run(None, {**{n: v.numpy() for n, v in inputs.items()}, **dict(zip(names[7:], ort_caches))})
+        ties = CodeTies()
+        with aligned_to(reference, dict(zip(outputs, got)), ties), torch.no_grad():
             want = reference(*inputs.values(), *ref_caches)
-        got = session.run(None, {**{k: v.numpy() for k, v in inputs.items()}, **dict(zip(names[7:], ort_caches))})
+        assert ties.passed, f"step {k}: {ties.text()}"
         ref_caches, ort_caches = list(want[1:]), got[1:]
         yield got, want, names
         done = [d + len(t) for d, t in zip(done, new)]
