@@ -194,3 +194,25 @@ def test_a_pool_past_the_memory_is_refused_before_allocating(exported):
 
     with pytest.raises(ValueError, match=r"num_blocks=2000000000 \(--num-blocks\) needs about .* GiB of memory"):
         LLMSession(exported[0], num_blocks=2_000_000_000)
+
+
+def test_greedy_on_same_codes_passes_the_export_and_fails_another_function(exported, seed):
+    """validate.llm.greedy_on_same_codes (the pipeline's step 4 where tokens part): ORT's tokens pass against
+    the reference of the same weights, and fail against one whose rotations differ (codes that are no ties)."""
+    import copy
+
+    from tq_deploy.runtime.llm_session import LLMSession
+    from tq_deploy.validate.llm import greedy_on_same_codes
+
+    path, decoder, _, _ = exported
+    prompts = prompts_of(seed, [6, 13])
+    free = generate_ids(LLMSession(path, num_blocks=8), prompts, 6)
+    check = greedy_on_same_codes(LLMSession(path, num_blocks=8), decoder, prompts, 6)
+    assert check.passed, check.text()
+    assert check.tokens == [c.tokens for c in free] and check.steps > 1
+    wrong = copy.deepcopy(decoder)
+    with torch.no_grad():
+        for layer in wrong.layers:
+            layer.self_attn.rotation.copy_(layer.self_attn.rotation.flip(0))
+    bad = greedy_on_same_codes(LLMSession(path, num_blocks=8), wrong, prompts, 6)
+    assert not bad.passed and bad.ties.not_ties, bad.text()

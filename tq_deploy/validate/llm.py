@@ -213,6 +213,66 @@ class AlignedBackend:
         return logits
 
 
+@dataclass
+class GreedyOnSameCodes:
+    """A backend's greedy generation against the reference stepped on its codes (:func:`greedy_on_same_codes`)."""
+
+    tokens: list  # the backend's tokens per prompt
+    ties: CodeTies
+    steps: int = 0
+    worst_excess: float = 0.0  # the largest |backend - reference| logit beyond atol + rtol * |reference| (<= 0: within)
+    parted: list = field(default_factory=list)  # (step, row, backend token, reference token): not a near-tie
+
+    @property
+    def passed(self) -> bool:
+        return self.ties.passed and self.worst_excess <= 0 and not self.parted
+
+    def text(self) -> str:
+        logits = "within tolerance" if self.worst_excess <= 0 else f"{self.worst_excess:.2g} past the tolerance"
+        tokens = "every token the reference's greedy choice (or a near-tie of two logits)" if not self.parted else \
+            f"{len(self.parted)} tokens NOT the reference's choice, e.g. (step, row, backend, reference) {self.parted[:3]}"
+        return f"{self.steps} steps on the same codes: logits {logits}, {tokens}; {self.ties.text()}"
+
+
+def greedy_on_same_codes(session, decoder, prompts, max_new_tokens: int, eos_token_ids=(),
+                         atol: float = 1e-4, rtol: float = 1e-3) -> GreedyOnSameCodes:
+    """Greedy generation on ``session`` (an LLMSession) with the reference ``decoder`` stepped beside it on
+    the session's codes (AlignedBackend, every differing code checked to be a rounding tie): each step's
+    logits must agree to ``atol + rtol * |reference|`` and every token the session picks must be the
+    reference's argmax, or within the two logits' tolerance of it.
+
+    Free-running, a backend and the reference may part where one takes a code the other way at a rounding
+    tie: later logits then move by far more than rounding and a greedy token may follow. This check does
+    not part: it tells a backend that computes the reference's function from one that does not."""
+    from tq_deploy.runtime.generation import generate_ids
+
+    aligned = AlignedBackend(session, decoder)
+    kept: list[np.ndarray] = []
+
+    class _Keeping:  # the session's logits of every step, as generate_ids sees them
+        block_size, num_blocks, vocab_size = aligned.block_size, aligned.num_blocks, aligned.vocab_size
+
+        @staticmethod
+        def step(inputs):
+            out = aligned.step(inputs)
+            kept.append(np.array(out, dtype=np.float32, copy=True))
+            return out
+
+    done = generate_ids(_Keeping(), prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids)
+    result = GreedyOnSameCodes([c.tokens for c in done], aligned.ties, len(kept))
+    for k, (got, want) in enumerate(zip(kept, aligned.reference_logits)):
+        got = got.reshape(-1, got.shape[-1]).astype(np.float64)
+        want = np.asarray(want, dtype=np.float64).reshape(got.shape)
+        allowed = atol + rtol * np.abs(want)
+        result.worst_excess = max(result.worst_excess if k else -np.inf, float((np.abs(got - want) - allowed).max()))
+        mine, theirs = got.argmax(-1), want.argmax(-1)
+        for row in np.flatnonzero(mine != theirs):
+            a, b = mine[row], theirs[row]
+            if want[row, b] - want[row, a] > allowed[row, a] + allowed[row, b]:
+                result.parted.append((k, int(row), int(a), int(b)))
+    return result
+
+
 TIE_MARGIN = 1e-4  # of a unit vector's rotated coordinate: far above float32 rounding, far below a bin
 NORM_RTOL = 1e-4  # a new token's norm, computed from inputs that agree to float32 rounding
 HALF_NORM_RTOL = 2.0 ** -10  # ... stored as float16: two such norms may round to neighbouring halves
