@@ -234,7 +234,7 @@ class GreedyOnSameCodes:
         return f"{self.steps} steps on the same codes: logits {logits}, {tokens}; {self.ties.text()}"
 
 
-def greedy_on_same_codes(session, decoder, prompts, max_new_tokens: int, eos_token_ids=(),
+def greedy_on_same_codes(session, decoder, prompts, max_new_tokens: int, eos_token_ids=(), chunk_size: int | None = None,
                          atol: float = 1e-4, rtol: float = 1e-3) -> GreedyOnSameCodes:
     """Greedy generation on ``session`` (an LLMSession) with the reference ``decoder`` stepped beside it on
     the session's codes (AlignedBackend, every differing code checked to be a rounding tie): each step's
@@ -258,7 +258,8 @@ def greedy_on_same_codes(session, decoder, prompts, max_new_tokens: int, eos_tok
             kept.append(np.array(out, dtype=np.float32, copy=True))
             return out
 
-    done = generate_ids(_Keeping(), prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids)
+    done = generate_ids(_Keeping(), prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                        **({"chunk_size": chunk_size} if chunk_size else {}))
     result = GreedyOnSameCodes([c.tokens for c in done], aligned.ties, len(kept))
     for k, (got, want) in enumerate(zip(kept, aligned.reference_logits)):
         got = got.reshape(-1, got.shape[-1]).astype(np.float64)
