@@ -30,12 +30,13 @@ def independent_decode(codes, norms, rotation, codebook, bits, dim) -> torch.Ten
 @pytest.mark.parametrize("bits", ALL_BITS)
 def test_encode_decode_types_shapes_and_error(dtype, dim, bits, gen, seed):
     q = TurboQuantMSE(dim, bits, seed=seed % 997)
-    # 600 vectors: at 7-8 bits one coordinate past the outermost centroid (a ~6 sigma draw, seen
-    # once in ~10^4 runs) costs 50x a typical vector's error, and the mean must absorb it.
-    x = (torch.randn(3, 200, dim, generator=gen) * 3).to(dtype)
+    # 6,000 vectors: at 7-8 bits the few coordinates past the outermost centroid cost many times a
+    # typical vector's error, so the mean error is heavy-tailed. Over 600 vectors it strayed past 25 %
+    # of the expectation in 4 of 300 seeds (8 bits, D 64); over 6,000 by at most 5.6 % in 400.
+    x = (torch.randn(3, 2000, dim, generator=gen) * 3).to(dtype)
     codes, norms = q.encode(x)
-    assert codes.dtype == torch.uint8 and codes.shape == (3, 200, packed_size(dim, bits))
-    assert norms.dtype == torch.float32 and norms.shape == (3, 200)
+    assert codes.dtype == torch.uint8 and codes.shape == (3, 2000, packed_size(dim, bits))
+    assert norms.dtype == torch.float32 and norms.shape == (3, 2000)
     torch.testing.assert_close(norms, torch.linalg.vector_norm(x.float(), dim=-1), rtol=1e-6, atol=0)
     # The input is widened to float32 first: the codes equal those of x.float().
     codes32, norms32 = q.encode(x.float())
@@ -49,7 +50,7 @@ def test_encode_decode_types_shapes_and_error(dtype, dim, bits, gen, seed):
     rel = ((x_hat - x.float()).pow(2).sum(-1) / x.float().pow(2).sum(-1)).mean()
     lower, upper = paper_bounds(bits)
     assert 0.6 * lower < float(rel) < 1.3 * upper
-    assert abs(float(rel) - expected_mse(dim, bits)) < 0.25 * expected_mse(dim, bits)
+    assert abs(float(rel) - expected_mse(dim, bits)) < 0.15 * expected_mse(dim, bits)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
