@@ -170,12 +170,16 @@ def test_unknown_distribution_rejected():
 def test_wide_codebooks_inside_paper_bounds_near_the_high_resolution_limit(bits, seed):
     """5 to 8 bits (the presets' keys): the measured MSE of random unit vectors is inside the
     paper's bounds, and, Lloyd-Max being asymptotically the Panter-Dite quantizer, close to the
-    upper bound (sqrt(3) pi / 2) 4^-b: within 15% at 5 bits and closer as the bits grow."""
+    upper bound (sqrt(3) pi / 2) 4^-b: within 15% at 5 bits and closer as the bits grow. The bounds are
+    on the expectation: at 8 bits it lies 3 % below the upper one, about one standard error of the mean
+    of 8,000 vectors, so the measured mean is held to the bounds up to its sampling error (it passed the
+    upper bound by 0.1 % with seed 1922918959)."""
     result = TurboQuantMSE(128, bits, seed=seed % 1000).validate(num_vectors=8000, seed=seed)
     lower, upper = paper_bounds(bits)
-    assert lower <= result["mse"] <= upper
-    assert result["mse"] > 0.85 * upper
-    assert abs(result["mse"] - result["theory"]) < 6 * result["mse_stderr"] + 1e-3 * result["theory"]
+    theory, mse, stderr = result["theory"], result["mse"], result["mse_stderr"]
+    assert lower <= theory <= upper and theory > 0.85 * upper
+    assert lower - 6 * stderr <= mse <= upper + 6 * stderr
+    assert abs(mse - theory) < 6 * stderr + 1e-3 * theory
 
 
 def test_more_bits_always_lower_the_distortion():
