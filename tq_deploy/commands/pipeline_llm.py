@@ -130,13 +130,20 @@ def _tokenizer(model):
     return load_tokenizer(tokenizer_source(model.metadata))
 
 
-def _generate(model, where: str, prompts, tokenizer, new_tokens: int, steps: dict) -> dict:
-    """4. Greedy tokens of every prompt, batched, on ``where`` (reference, cpu or cuda)."""
-    from tq_deploy.runtime.generation import GenerationStats, blocks_needed, generate_ids
-    from tq_deploy.runtime.generate import eos_token_ids
+def _prompt_ids(model, prompts, tokenizer, new_tokens: int) -> tuple[list, int]:
+    """4. The prompts' token ids and the cache blocks their generation needs."""
+    from tq_deploy.runtime.generation import blocks_needed
 
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    num_blocks = blocks_needed([len(i) for i in ids], new_tokens, model.metadata["block_size"]) + 1
+    return ids, blocks_needed([len(i) for i in ids], new_tokens, model.metadata["block_size"]) + 1
+
+
+def _generate(model, where: str, prompts, tokenizer, new_tokens: int, steps: dict) -> dict:
+    """4. Greedy tokens of every prompt, batched, on ``where`` (reference, cpu or cuda)."""
+    from tq_deploy.runtime.generation import GenerationStats, generate_ids
+    from tq_deploy.runtime.generate import eos_token_ids
+
+    ids, num_blocks = _prompt_ids(model, prompts, tokenizer, new_tokens)
     if where == "reference":
         from tq_deploy.runtime.reference_backend import ReferenceBackend
         from tq_deploy.validate.llm import reference_decoder
@@ -161,15 +168,13 @@ def tokens_agree(model, where: str, prompts, tokenizer, new_tokens: int, ort: di
     aligned to ORT). Sets ``ort["agreement"]`` ("identical", "same codes" or "different") and, after a
     parting, ``ort["same_codes"]`` (the aligned check's text)."""
     from tq_deploy.runtime.generate import eos_token_ids
-    from tq_deploy.runtime.generation import blocks_needed
     from tq_deploy.runtime.llm_session import LLMSession
     from tq_deploy.validate.llm import greedy_on_same_codes, reference_decoder
 
     if ort["tokens"] == reference["tokens"]:
         ort["agreement"] = "identical"
         return True
-    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    num_blocks = blocks_needed([len(i) for i in ids], new_tokens, model.metadata["block_size"]) + 1
+    ids, num_blocks = _prompt_ids(model, prompts, tokenizer, new_tokens)
     session = LLMSession(model.path, provider=where, num_blocks=num_blocks, library=model.library)
     check = greedy_on_same_codes(session, reference_decoder(model), ids, new_tokens,
                                  eos_token_ids(model.metadata, tokenizer))
