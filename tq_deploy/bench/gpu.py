@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -289,36 +290,48 @@ def bench_attention(shapes, configs, l2, quick, trt):
     return rows
 
 
+class OtherShape(NamedTuple):
+    label: str
+    hq: int
+    hkv: int
+    dim: int
+    block: int
+    k_bits: int
+    v_bits: int
+    key_mean: bool = False
+    norm_dtype: torch.dtype = torch.float32
+
+
 # other bit widths, query groups, block sizes and head dims, at one long-context batch
 OTHER_SHAPES = [
-    # label, hq, hkv, dim, block, k_bits, v_bits[, key mean[, norm dtype]]
-    ("k5v3", 32, 8, 128, 16, 5, 3),
-    ("k4v4 + key mean", 32, 8, 128, 16, 4, 4, True),
-    ("k5v4 + key mean, float16 norms (compact)", 32, 8, 128, 16, 5, 4, True, torch.float16),
-    ("k4v4, float16 norms", 32, 8, 128, 16, 4, 4, False, torch.float16),
-    ("k8v8", 32, 8, 128, 16, 8, 8),
-    ("k1v1", 32, 8, 128, 16, 1, 1),
-    ("group 16", 128, 8, 128, 16, 4, 4),
-    ("group 12", 96, 8, 128, 16, 4, 4),
-    ("block 8", 32, 8, 128, 8, 4, 4),
-    ("block 24", 32, 8, 128, 24, 4, 4),
-    ("block 1", 32, 8, 128, 1, 4, 4),
-    ("D 64", 32, 8, 64, 16, 4, 4),
-    ("D 64 k4v4 + key mean", 32, 8, 64, 16, 4, 4, True),
-    ("D 256", 32, 8, 256, 16, 4, 4),
-    ("D 96", 32, 8, 96, 16, 4, 4),
-    ("D 80 k3v3", 32, 8, 80, 16, 3, 3),
-    ("D 320", 32, 8, 320, 16, 4, 4),
+    OtherShape("k5v3", 32, 8, 128, 16, 5, 3),
+    OtherShape("k4v4 + key mean", 32, 8, 128, 16, 4, 4, key_mean=True),
+    OtherShape("k5v4 + key mean, float16 norms (compact)", 32, 8, 128, 16, 5, 4, key_mean=True,
+               norm_dtype=torch.float16),
+    OtherShape("k4v4, float16 norms", 32, 8, 128, 16, 4, 4, norm_dtype=torch.float16),
+    OtherShape("k8v8", 32, 8, 128, 16, 8, 8),
+    OtherShape("k1v1", 32, 8, 128, 16, 1, 1),
+    OtherShape("group 16", 128, 8, 128, 16, 4, 4),
+    OtherShape("group 12", 96, 8, 128, 16, 4, 4),
+    OtherShape("block 8", 32, 8, 128, 8, 4, 4),
+    OtherShape("block 24", 32, 8, 128, 24, 4, 4),
+    OtherShape("block 1", 32, 8, 128, 1, 4, 4),
+    OtherShape("D 64", 32, 8, 64, 16, 4, 4),
+    OtherShape("D 64 k4v4 + key mean", 32, 8, 64, 16, 4, 4, key_mean=True),
+    OtherShape("D 256", 32, 8, 256, 16, 4, 4),
+    OtherShape("D 96", 32, 8, 96, 16, 4, 4),
+    OtherShape("D 80 k3v3", 32, 8, 80, 16, 3, 3),
+    OtherShape("D 320", 32, 8, 320, 16, 4, 4),
 ]
 
 
 def bench_other_shapes(batch, seq, l2, quick):
     rows = []
-    for label, hq, hkv, dim, block, kb, vb, *extra in OTHER_SHAPES:
-        mean, norms = (list(extra) + [False, torch.float32])[:2]
-        name, ms, _, _ = best_sdpa(batch, seq, hq, hkv, dim, l2, True)
-        cell = bench_tq(batch, seq, hq, hkv, dim, block, kb, vb, l2, True, False, key_mean=mean, norm_dtype=norms)
-        rows.append({"label": label, "B": batch, "S": seq, "sdpa": name, "sdpa_ms": ms, **cell})
+    for o in OTHER_SHAPES:
+        name, ms, _, _ = best_sdpa(batch, seq, o.hq, o.hkv, o.dim, l2, True)
+        cell = bench_tq(batch, seq, o.hq, o.hkv, o.dim, o.block, o.k_bits, o.v_bits, l2, True, False,
+                        key_mean=o.key_mean, norm_dtype=o.norm_dtype)
+        rows.append({"label": o.label, "B": batch, "S": seq, "sdpa": name, "sdpa_ms": ms, **cell})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
