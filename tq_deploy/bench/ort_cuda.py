@@ -10,7 +10,9 @@ node   TQPagedAttention alone in an ORT CUDA session (IO binding on device buffe
 step   one decode step of a layer with Hq=32, Hkv=8, D=128, hidden 4096, fp32 projections:
        the model `tq-deploy export` writes (4-bit TurboQuant cache, TQCacheUpdate +
        TQPagedAttention) run as a DecodeSession (cache resident on the device, updated in place),
-       against the same layer with an fp16 KV cache through ONNX Runtime's own
+       and the same graph with its TurboQuant nodes' activations in fp16 (Casts around them: float32
+       queries run the float32 attention kernel, fp16 ones the tensor cores), against the same
+       layer with an fp16 KV cache through ONNX Runtime's own
        com.microsoft.GroupQueryAttention (past and present key/value sharing one device buffer
        of the full context, rotary inside the op): step time and KV-cache bytes side by side.
        Each as ORT runs it node by node and as a captured CUDA graph (DecodeSession(cuda_graph=True);
@@ -207,18 +209,55 @@ def bench_gqa_step(batch, seq, runs, cuda_graph=False):
 
 
 @functools.lru_cache(maxsize=None)
-def exported_layer(bits):
-    """The decode step `tq-deploy export` writes for this layer (once per bit width: ~30 s)."""
+def exported_layer(bits, attention_dtype="float32"):
+    """The decode step `tq-deploy export` writes for this layer (once per bit width: ~30 s).
+
+    ``attention_dtype="float16"``: the same graph with its TurboQuant nodes fed and read in fp16 (a Cast
+    before the keys, values and queries, one after the attention), the precision of the GQA step's
+    q/k/v; float32 queries run the float32 attention kernel, fp16 ones the tensor-core kernel.
+    """
     from tq_deploy.export import export_model
     from tq_deploy.reference.model import TQModelConfig
 
+    if attention_dtype not in ("float32", "float16"):
+        raise ValueError(f"attention_dtype={attention_dtype!r}, expected 'float32' or 'float16'")
     config = TQModelConfig(hidden_size=HIDDEN, num_q_heads=HQ, num_kv_heads=HKV, head_dim=DIM, k_bits=bits,
                            v_bits=bits, block_size=BLOCK, num_blocks=64, max_blocks_per_seq=8)
     start = time.perf_counter()
-    return export_model(config), time.perf_counter() - start
+    model = export_model(config)
+    if attention_dtype == "float16":
+        model = fp16_attention(model)
+    return model, time.perf_counter() - start
 
 
-def bench_tq_step(batch, seq, bits, runs, cuda_graph=False):
+def fp16_attention(model):
+    """``model`` with the TurboQuant nodes' activations in fp16: Cast(to fp16) on the cache update's key
+    and value and the attention's query, Cast(to fp32) on the attention's output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    nodes = []
+    for node in model.graph.node:
+        if node.domain == "turboquant" and node.op_type in ("TQCacheUpdate", "TQPagedAttention"):
+            for i in range(2 if node.op_type == "TQCacheUpdate" else 1):
+                half = f"{node.input[i]}_fp16"
+                nodes.append(helper.make_node("Cast", [node.input[i]], [half], to=TensorProto.FLOAT16))
+                node.input[i] = half
+            nodes.append(node)
+            if node.op_type == "TQPagedAttention":
+                out = node.output[0]
+                node.output[0] = f"{out}_fp16"
+                nodes.append(helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT))
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.value_info[:]
+    return model
+
+
+def bench_tq_step(batch, seq, bits, runs, cuda_graph=False, attention_dtype="float32"):
     import numpy as np
 
     from tq_deploy.ops import packed_size
@@ -226,7 +265,7 @@ def bench_tq_step(batch, seq, bits, runs, cuda_graph=False):
 
     per_seq = -(-seq // BLOCK)
     blocks = batch * per_seq
-    model, export_s = exported_layer(bits)
+    model, export_s = exported_layer(bits, attention_dtype)
     step = DecodeSession(model, provider="cuda", num_blocks=blocks, cuda_graph=cuda_graph)
     rng = np.random.default_rng(1)
     shape = (blocks, BLOCK, HKV)
@@ -274,8 +313,9 @@ def run(a) -> int:
     for batch, seq in shapes:
         tq = bench_tq_step(batch, seq, a.bits, a.runs)
         tq_graph = bench_tq_step(batch, seq, a.bits, a.runs, cuda_graph=True)
+        tq16_graph = bench_tq_step(batch, seq, a.bits, a.runs, cuda_graph=True, attention_dtype="float16")
         gqa = bench_gqa_step(batch, seq, a.runs)
-        steps.append({"B": batch, "S": seq, "tq": tq, "tq_graph": tq_graph, "gqa": gqa})
+        steps.append({"B": batch, "S": seq, "tq": tq, "tq_graph": tq_graph, "tq16_graph": tq16_graph, "gqa": gqa})
         print(json.dumps(steps[-1]), flush=True)
         torch.cuda.empty_cache()
     # last: a refused or failed capture of ORT's own GQA graph must not disturb the rows above
@@ -300,17 +340,20 @@ def run(a) -> int:
     def ms(v):
         return f"{v:.3f}" if v is not None else "n/a"
 
-    print(f"\nwhole decode step, hidden {HIDDEN} (ms; TQ run = DecodeSession.run, host inputs and output; "
-          "device = inputs and output on the device, as the GQA step):")
-    print(f"{'B x S':>10} {'TQ run':>8} {'TQ graph run':>13} {'TQ graph device':>16} {'GQA fp16':>9} "
-          f"{'GQA graph':>10} {'best/best':>10} {'TQ cache':>9} {'fp16 cache':>11} {'ratio':>6}")
+    print(f"\nwhole decode step, hidden {HIDDEN} (ms; run = DecodeSession.run, host inputs and output; device = "
+          "inputs and output on the device, as the GQA step; fp32 = the exported layer as is, its float32 queries "
+          "on the float32 attention kernel; fp16 = its TurboQuant nodes fed fp16, as GQA's q/k/v, on the "
+          "tensor cores; best/best = GQA's best over TQ fp16's best):")
+    print(f"{'B x S':>10} {'fp32 run':>9} {'fp32 graph':>11} {'fp32 device':>12} {'fp16 graph':>11} "
+          f"{'fp16 device':>12} {'GQA fp16':>9} {'GQA graph':>10} {'best/best':>10} {'TQ cache':>9} "
+          f"{'fp16 cache':>11} {'ratio':>6}")
     for r in steps:
-        tq, tqg, gqa, gqag = r["tq"], r["tq_graph"], r["gqa"], r["gqa_graph"]
-        best_tq = min(v for v in (tq["ms"], tqg["ms"], tqg.get("device_ms")) if v is not None)
+        tq, tqg, tq16, gqa, gqag = r["tq"], r["tq_graph"], r["tq16_graph"], r["gqa"], r["gqa_graph"]
+        best_tq = min(v for v in (tq16["ms"], tq16.get("device_ms")) if v is not None)
         best_gqa = min((v for v in (gqa["ms"], gqag["ms"]) if v is not None), default=None)
         ratio = f"{best_gqa / best_tq:9.2f}x" if best_gqa is not None else f"{'n/a':>10}"
-        print(f"{r['B']:>4}x{r['S']:<5} {ms(tq['ms']):>8} {ms(tqg['ms']):>13} {ms(tqg.get('device_ms')):>16} "
-              f"{ms(gqa['ms']):>9} {ms(gqag['ms']):>10} {ratio} "
+        print(f"{r['B']:>4}x{r['S']:<5} {ms(tq['ms']):>9} {ms(tqg['ms']):>11} {ms(tqg.get('device_ms')):>12} "
+              f"{ms(tq16['ms']):>11} {ms(tq16.get('device_ms')):>12} {ms(gqa['ms']):>9} {ms(gqag['ms']):>10} {ratio} "
               f"{tq['cache_bytes'] / 2**30:7.2f} G {gqa['cache_bytes'] / 2**30:9.2f} G "
               f"{gqa['cache_bytes'] / tq['cache_bytes']:5.2f}x")
     for r in steps:
