@@ -6,7 +6,8 @@ program the GPU visit runs under compute-sanitizer (memcheck, racecheck, initche
 cuda  encode (tensor-core and generic), decode, cache update (with duplicate slots: a prefill's
       many tokens and a decode step's few), the paged attention on the tensor-core kernel (split-K
       merged by the last CTA; blocks of 8 and 24 tokens, 16 query heads per KV head; D 96 and 80
-      with codes widened from 5 and 3 bits), the generic kernel (D 320) and the key mean
+      with codes widened from 5 and 3 bits), the generic kernel (D 320), the key mean and float16
+      norms (odd-length and misaligned norm arrays, codes ending off a word)
 trt   the TensorRT plugins' enqueue through the harness (libtq_trt_harness)
 ort   the ONNX Runtime CUDA EP kernels (onnxruntime-gpu and a CUDA build of the library)
 Exits non-zero when a result is wrong; prints one line per kernel.
@@ -97,6 +98,52 @@ def cuda_kernels(gen) -> list[str]:
     print(f"decode-step cache update (8 tokens, 2 duplicates): norms error {err:.1e}")
     if err > 1e-6:
         problems.append("decode-step cache update")
+    return problems + half_norm_kernels(gen)
+
+
+def half_norm_kernels(gen) -> list[str]:
+    """Float16 cache norms at sizes where an over-read shows under memcheck (run it with
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 so each tensor is its own allocation): odd-length and 2-byte
+    misaligned norm arrays, block size 1, D 72 3-bit codes whose rows end off a word (raw path), and
+    float32 queries (the generic kernel); the cache update, then the attention against the reference on
+    the cache the GPU wrote."""
+    from tq_deploy import cuda as tq_cuda
+    from tq_deploy.reference import checks, lloyd_max_codebook, make_rotation
+    from tq_deploy.reference.paged import allocate_cache, cache_update_reference, paged_attention_reference
+
+    problems = []
+    for n, block, hkv, dim, hq, kb, vb, dtype, shift in ((5, 16, 1, 128, 4, 4, 3, torch.float16, 0),
+                                                         (7, 1, 3, 64, 6, 3, 5, torch.float16, 0),
+                                                         (3, 3, 1, 96, 2, 4, 4, torch.bfloat16, 0),
+                                                         (3, 3, 1, 72, 2, 3, 5, torch.float16, 0),
+                                                         (5, 16, 1, 128, 4, 4, 3, torch.float32, 0),
+                                                         (5, 16, 1, 128, 4, 4, 3, torch.float16, 1)):
+        rot = make_rotation(dim, seed=4).cuda()
+        kcb, vcb = lloyd_max_codebook(dim, kb).cuda(), lloyd_max_codebook(dim, vb).cuda()
+
+        def norms():  # shift 1: the array starts 2 bytes past its allocation's start
+            return torch.zeros(n * block * hkv + shift, dtype=torch.float16, device="cuda")[shift:].view(n, block, hkv)
+
+        cache = [torch.zeros(n, block, hkv, (dim * kb + 7) // 8, dtype=torch.uint8, device="cuda"), norms(),
+                 torch.zeros(n, block, hkv, (dim * vb + 7) // 8, dtype=torch.uint8, device="cuda"), norms()]
+        key = torch.randn(n * block, hkv, dim, generator=gen).to(dtype).cuda()
+        slots = torch.arange(n * block, device="cuda")
+        tq_cuda.cache_update(checks.check_cache_update(key, key * 2, slots, *cache, rot, kcb, vcb, kb, vb))
+        tables = torch.arange(n, dtype=torch.int32, device="cuda").view(1, n)
+        lens = torch.tensor([n * block], dtype=torch.int32, device="cuda")
+        q = torch.randn(1, hq, dim, generator=gen).to(dtype).cuda()
+        a = checks.check_paged_attention(q, *cache, tables, lens, rot, kcb, vcb, kb, vb, check_data=False)
+        got = tq_cuda.paged_attention(a, tokens_per_split=16)
+        want = paged_attention_reference(q.float().cpu(), *[t.cpu() for t in cache], tables.cpu(), lens.cpu(),
+                                         rot.cpu(), kcb.cpu(), vcb.cpu(), kb, vb)
+        ref = allocate_cache(n, block, hkv, dim, kb, vb, norm_dtype=torch.float16).tensors()
+        cache_update_reference(key.cpu(), key.cpu() * 2, slots.cpu(), *ref, rot.cpu(), kcb.cpu(), vcb.cpu(), kb, vb)
+        norm_err = max(rel(cache[1], ref[1]), rel(cache[3], ref[3]))
+        att = rel(got, want)
+        print(f"float16 norms D={dim} block {block} k{kb}v{vb} {dtype} shift {shift} "
+              f"({tq_cuda.paged_attention_path(a)}): norms error {norm_err:.1e}, attention error {att:.1e}")
+        if norm_err > 1e-3 or att > 5e-3:  # 1e-3: a float16 norm may round the other way at a tie
+            problems.append(f"float16 norms D={dim} block {block}")
     return problems
 
 
