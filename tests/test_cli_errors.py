@@ -166,6 +166,21 @@ def test_export_output_checks(capsys, tmp_path):
     one_error(capsys, ["export", "--out", "/proc/x.onnx"], "folder '/proc' does not take new files")
 
 
+def test_dtype_is_never_dropped(models, capsys, tmp_path):
+    """--dtype float16 where it cannot apply is refused, not ignored (the model would be float32)."""
+    one_error(capsys, ["export", "--dtype", "float16", "--out", str(tmp_path / "x.onnx")],
+              "--dtype='float16' with the synthetic decode model, expected 'float32'")
+    assert not (tmp_path / "x.onnx").exists()
+    one_error(capsys, ["engine", "--dtype", "float16", "--out", str(tmp_path / "e")],
+              "--dtype='float16' with the synthetic decode model")
+    assert not (tmp_path / "e").exists()
+    one_error(capsys, ["engine", "--onnx", str(models / "good.onnx"), "--dtype", "float16", "--out",
+                       str(tmp_path / "e2")], "--dtype='float16' with --onnx, expected 'float32'")
+    assert not (tmp_path / "e2").exists()
+    assert main(["export", "--op", "TQEncode", "--dtype", "float16", "--out", str(tmp_path / "op.onnx")]) == 0
+    assert onnx.load(tmp_path / "op.onnx").graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
 def test_validate_with_a_missing_engine(models, capsys):
     one_error(capsys, ["validate", str(models / "good.onnx"), "--engine", "/nowhere/model.engine"],
               "--engine '/nowhere/model.engine' does not exist")

@@ -40,7 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--onnx", help="build this model instead of exporting one")
     parser.add_argument("--op", choices=sorted(OPS_BY_NAME), help="export one op instead of the decode model")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                        help="float type of a single-op model's x/key/value/query")
+                        help="float type of a single-op model's x/key/value/query (--op; the synthetic decode "
+                             "model is float32 only)")
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=MIN,OPT,MAX",
                         help="profile range of a dynamic dim (repeatable)")
     parser.add_argument("--backend", choices=("auto", "rtx", "tensorrt"), default=None,
@@ -58,14 +59,19 @@ def run(args) -> int:
     from tq_deploy.runtime.tensorrt import tensorrt_stage
 
     dims = dict(parse_dim(d) for d in args.dim)
+    if args.onnx and args.dtype != "float32":
+        raise ValueError(f"--dtype={args.dtype!r} with --onnx, expected 'float32' (the default): a given model "
+                         "keeps its own types")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a file, expected a folder")
-    model = ExportedModel.load(args.onnx) if args.onnx else None  # a bad model leaves no folder behind
+    # the model first: a bad model or option leaves no folder behind
+    model = ExportedModel.load(args.onnx) if args.onnx else None
+    exported = model_from_args(args) if model is None else None
     os.makedirs(args.out, exist_ok=True)
     files.check_writable(os.path.join(args.out, "engine_report.json"), "--out")
     if model is None:
         path = os.path.join(args.out, f"{args.op or 'model'}.onnx")
-        model = ExportedModel(model_from_args(args), path)
+        model = ExportedModel(exported, path)
         save_model(model.proto, path)
     report = tensorrt_stage(model, args.out, dims=dims or None, backend=args.backend,
                             aliased_plugin_io=not args.no_aliasing)

@@ -162,7 +162,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--op", choices=sorted(OPS_BY_NAME), help="export one op instead of the decode model")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="float type of the weights with --model, of x/key/value/query in a single-op model "
-                             "(default float32)")
+                             "(default float32; the synthetic decode model is float32 only)")
     add_model_arguments(parser)
 
 
@@ -176,6 +176,11 @@ def model_from_args(args):
     config = config_from_args(args)
     if not args.op:
         from tq_deploy.export.model import export_model
+
+        if args.dtype != "float32":
+            raise ValueError(f"--dtype={args.dtype!r} with the synthetic decode model, expected 'float32' (the "
+                             "synthetic model is float32; --dtype sets a single op's (--op) or an LLM's (--model) "
+                             "float type)")
 
         return export_model(config)
     from tq_deploy.export.single_op import make_op_model
