@@ -36,28 +36,11 @@ def _small_layer(attention_dtype):
     return ort_cuda.fp16_attention(model) if attention_dtype == "float16" else model, config
 
 
-def _step(model, config, ort_library):
-    from tq_deploy.ops import packed_size
-    from tq_deploy.runtime.decode_session import DecodeSession
+def _step(model, config):
+    from tq_deploy.bench.ort_cuda import random_step
 
-    batch, seq, block, hkv, dim = 2, 11, config.block_size, config.num_kv_heads, config.head_dim
-    per_seq = -(-seq // block)
-    blocks = batch * per_seq
-    step = DecodeSession(model, provider="cpu", num_blocks=blocks)
-    rng = np.random.default_rng(3)
-    shape = (blocks, block, hkv)
-    step.load_cache({
-        "k_codes": rng.integers(0, 256, (*shape, packed_size(dim, config.k_bits)), dtype=np.uint8),
-        "k_norms": rng.random(shape, dtype=np.float32) + 0.5,
-        "v_codes": rng.integers(0, 256, (*shape, packed_size(dim, config.v_bits)), dtype=np.uint8),
-        "v_norms": rng.random(shape, dtype=np.float32) + 0.5,
-    })
-    tables = rng.permutation(blocks).astype(np.int32).reshape(batch, per_seq)
-    last = seq - 1
-    return np.asarray(step.run(rng.standard_normal((batch, config.hidden_size), dtype=np.float32),
-                               np.full(batch, last, np.int64),
-                               tables[:, last // block].astype(np.int64) * block + last % block, tables,
-                               np.full(batch, seq, np.int32)))
+    step, feeds = random_step(model, config, batch=2, seq=11, provider="cpu", seed=3)
+    return np.asarray(step.run(*feeds))
 
 
 def test_fp16_attention_step_is_the_exported_step_in_half_precision(ort_library):
@@ -77,8 +60,8 @@ def test_fp16_attention_step_is_the_exported_step_in_half_precision(ort_library)
     assert reader.op_type == "Cast" and reader.attribute[0].i == onnx.TensorProto.FLOAT
 
     full_model, _ = _small_layer("float32")
-    full = _step(full_model, config, ort_library)
-    halved = _step(half, config, ort_library)
+    full = _step(full_model, config)
+    halved = _step(half, config)
     assert halved.dtype == np.float32 and halved.shape == full.shape
     # fp16 keys may take a neighbouring code now and then: close to the float32 step, not equal to it
     assert np.abs(halved - full).max() <= 2e-2 * np.abs(full).max()

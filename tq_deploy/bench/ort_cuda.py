@@ -208,6 +208,13 @@ def bench_gqa_step(batch, seq, runs, cuda_graph=False):
     return {"ms": ms, "cache_bytes": cache_bytes}
 
 
+def layer_config(bits):
+    from tq_deploy.reference.model import TQModelConfig
+
+    return TQModelConfig(hidden_size=HIDDEN, num_q_heads=HQ, num_kv_heads=HKV, head_dim=DIM, k_bits=bits,
+                         v_bits=bits, block_size=BLOCK, num_blocks=64, max_blocks_per_seq=8)
+
+
 @functools.lru_cache(maxsize=None)
 def exported_layer(bits, attention_dtype="float32"):
     """The decode step `tq-deploy export` writes for this layer (once per bit width: ~30 s).
@@ -217,14 +224,11 @@ def exported_layer(bits, attention_dtype="float32"):
     q/k/v; float32 queries run the float32 attention kernel, fp16 ones the tensor-core kernel.
     """
     from tq_deploy.export import export_model
-    from tq_deploy.reference.model import TQModelConfig
 
     if attention_dtype not in ("float32", "float16"):
         raise ValueError(f"attention_dtype={attention_dtype!r}, expected 'float32' or 'float16'")
-    config = TQModelConfig(hidden_size=HIDDEN, num_q_heads=HQ, num_kv_heads=HKV, head_dim=DIM, k_bits=bits,
-                           v_bits=bits, block_size=BLOCK, num_blocks=64, max_blocks_per_seq=8)
     start = time.perf_counter()
-    model = export_model(config)
+    model = export_model(layer_config(bits))
     if attention_dtype == "float16":
         model = fp16_attention(model)
     return model, time.perf_counter() - start
@@ -257,29 +261,38 @@ def fp16_attention(model):
     return model
 
 
-def bench_tq_step(batch, seq, bits, runs, cuda_graph=False, attention_dtype="float32"):
+def random_step(model, config, batch, seq, provider="cuda", cuda_graph=False, seed=1):
+    """A DecodeSession of the exported ``model`` (of TQModelConfig ``config``) whose cache holds random
+    codes and norms (timing on zeros would flatter the kernels), and the inputs of one step of ``batch``
+    sequences of ``seq`` tokens over shuffled blocks."""
     import numpy as np
 
     from tq_deploy.ops import packed_size
     from tq_deploy.runtime.decode_session import DecodeSession
 
-    per_seq = -(-seq // BLOCK)
+    block, hkv, dim = config.block_size, config.num_kv_heads, config.head_dim
+    per_seq = -(-seq // block)
     blocks = batch * per_seq
-    model, export_s = exported_layer(bits, attention_dtype)
-    step = DecodeSession(model, provider="cuda", num_blocks=blocks, cuda_graph=cuda_graph)
-    rng = np.random.default_rng(1)
-    shape = (blocks, BLOCK, HKV)
-    step.load_cache({  # random codes and norms: timing on zeros would flatter the kernels
-        "k_codes": rng.integers(0, 256, (*shape, packed_size(DIM, bits)), dtype=np.uint8),
+    step = DecodeSession(model, provider=provider, num_blocks=blocks, cuda_graph=cuda_graph)
+    rng = np.random.default_rng(seed)
+    shape = (blocks, block, hkv)
+    step.load_cache({
+        "k_codes": rng.integers(0, 256, (*shape, packed_size(dim, config.k_bits)), dtype=np.uint8),
         "k_norms": rng.random(shape, dtype=np.float32) + 0.5,
-        "v_codes": rng.integers(0, 256, (*shape, packed_size(DIM, bits)), dtype=np.uint8),
+        "v_codes": rng.integers(0, 256, (*shape, packed_size(dim, config.v_bits)), dtype=np.uint8),
         "v_norms": rng.random(shape, dtype=np.float32) + 0.5,
     })
     tables = rng.permutation(blocks).astype(np.int32).reshape(batch, per_seq)
     last = seq - 1
-    feeds = [rng.standard_normal((batch, HIDDEN), dtype=np.float32), np.full(batch, last, np.int64),
-             (tables[:, last // BLOCK].astype(np.int64) * BLOCK + last % BLOCK), tables,
+    feeds = [rng.standard_normal((batch, config.hidden_size), dtype=np.float32), np.full(batch, last, np.int64),
+             (tables[:, last // block].astype(np.int64) * block + last % block), tables,
              np.full(batch, seq, np.int32)]
+    return step, feeds
+
+
+def bench_tq_step(batch, seq, bits, runs, cuda_graph=False, attention_dtype="float32"):
+    model, export_s = exported_layer(bits, attention_dtype)
+    step, feeds = random_step(model, layer_config(bits), batch, seq, cuda_graph=cuda_graph)
     ms = _median_ms(lambda: step.run(*feeds), runs)
     result = {"ms": ms, "cache_bytes": step.cache_bytes(), "export_s": export_s}
     if cuda_graph:  # the step alone, inputs already on the device and out left there (as the GQA step runs)
