@@ -25,15 +25,13 @@ def test_the_compact_row_is_the_compact_preset():
     assert str(row.norm_dtype).removeprefix("torch.") == compact.norm_dtype
 
 
-def _small_layer(attention_dtype):
-    from tq_deploy.bench import ort_cuda
+def _small_layer():
     from tq_deploy.export import export_model
     from tq_deploy.reference.model import TQModelConfig
 
     config = TQModelConfig(hidden_size=64, num_q_heads=4, num_kv_heads=2, head_dim=32, k_bits=4, v_bits=3,
                            block_size=4, num_blocks=8, max_blocks_per_seq=4)
-    model = export_model(config)
-    return ort_cuda.fp16_attention(model) if attention_dtype == "float16" else model, config
+    return export_model(config), config
 
 
 def _step(model, config):
@@ -46,7 +44,10 @@ def _step(model, config):
 def test_fp16_attention_step_is_the_exported_step_in_half_precision(ort_library):
     import onnx
 
-    half, config = _small_layer("float16")
+    from tq_deploy.bench.ort_cuda import fp16_attention
+
+    full_model, config = _small_layer()
+    half = fp16_attention(full_model)
     onnx.checker.check_model(half)
     tq_nodes = [n for n in half.graph.node if n.domain == "turboquant"]
     producers = {out: n for n in half.graph.node for out in n.output}
@@ -59,7 +60,6 @@ def test_fp16_attention_step_is_the_exported_step_in_half_precision(ort_library)
     (reader,) = [n for n in half.graph.node if attention.output[0] in n.input]
     assert reader.op_type == "Cast" and reader.attribute[0].i == onnx.TensorProto.FLOAT
 
-    full_model, _ = _small_layer("float32")
     full = _step(full_model, config)
     halved = _step(half, config)
     assert halved.dtype == np.float32 and halved.shape == full.shape
