@@ -269,6 +269,11 @@ def test_shipped_texts_resolve():
     (["--rounding-draws", "--seeds", "2", "--backend", "ort"], "--rounding-draws with --seeds=2 and --backend ort"),
     (["--rounding-draw", "1", "--rounding-draws", "--seeds", "2"], "--rounding-draw=1, expected 0 with --rounding-draws or --backend ort"),
     (["--rounding-draw", "2", "--backend", "ort"], "--rounding-draw=2, expected"),
+    (["--torch-draws", "2"], "--torch-draws with --backend torch, expected --backend ort"),
+    (["--backend", "ort", "--kv-preset", "compact", "--torch-draws", "2"],
+     "--torch-draws=2, expected >= 1, and 1 without --check-torch"),
+    (["--backend", "ort", "--kv-preset", "compact", "--check-torch", "--torch-draws", "0"], "--torch-draws=0, expected >= 1"),
+    (["--backend", "ort", "--onnx", "m.onnx", "--seeds", "2"], "--seeds=2 with --onnx, expected 1"),
 ])
 def test_eval_ppl_bad_options_are_one_line(argv, fragment, capsys):
     from tq_deploy.cli import main

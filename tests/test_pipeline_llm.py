@@ -135,3 +135,51 @@ def test_tokens_that_part_from_the_free_running_reference_are_judged_on_the_same
     same = dict(ort)
     assert tokens_agree(model, "cpu", prompts, tokenizer, 4, same, {"tokens": ort["tokens"]})
     assert same["agreement"] == "identical"
+
+
+def test_eval_ppl_through_ort_over_seeds_against_pytorch_draws(tiny_llm, tmp_path, capsys, ort_library,
+                                                               single_thread):
+    """`eval-ppl --backend ort --seeds 2 --check-torch --torch-draws 2`: one export per seed, at the PyTorch
+    `--seeds` convention's seeds; draw 0 of the PyTorch check is the plain PyTorch eval of that seed, draw 1
+    the same under rounding noise; the means are the rows' means."""
+    from tq_deploy.eval.configs import parse_config
+    from tq_deploy.eval.kv_quantizers import build_kv_quantizer
+    from tq_deploy.eval.model import read_text, tokenize
+    from tq_deploy.eval.perplexity import perplexity, rounding_draw
+    from tq_deploy.models import load_hf_model, resolve_source
+    from tq_deploy.models.checkpoint import load_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 4)
+    common = ["eval-ppl", "--backend", "ort", "--model-dir", str(tiny_llm), "--gguf-file", "none",
+              "--configs", "mse-k3v2", "--text", str(text), "--tokens", "40", "--chunk-size", "16", "--json", "-"]
+    assert main([*common, "--seeds", "2", "--check-torch", "--torch-draws", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows, means = out["rows"], out["means"]
+    assert [r["seed"] for r in rows] == [0, 2]  # seed + max(2, layers) * i, as `eval-ppl --seeds` in PyTorch
+    assert all(r["aligned_passed"] and len(r["torch_ppl_by_draw"]) == 2 for r in rows), rows
+
+    hf, tokenizer = load_hf_model(resolve_source(str(tiny_llm))), load_tokenizer(str(tiny_llm))
+    ids = tokenize(tokenizer, read_text(text), 40)
+    config = parse_config("mse-k3v2")
+    for row in rows:
+        head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+        plain = perplexity(hf, ids, build_kv_quantizer(config, head_dim, row["seed"]), 16).ppl
+        with rounding_draw(hf, 1):
+            drawn = perplexity(hf, ids, build_kv_quantizer(config, head_dim, row["seed"]), 16).ppl
+        assert row["torch_ppl_by_draw"] == pytest.approx([plain, drawn], rel=1e-6)
+        assert row["torch_ppl"] == pytest.approx((plain + drawn) / 2, rel=1e-6)
+
+    assert main([*common, "--seed", "2"]) == 0  # the second seed's export on its own: the same ORT perplexity
+    alone = json.loads(capsys.readouterr().out)
+    assert "means" not in alone and alone["rows"][0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-6)
+
+    (mean,) = means
+    assert mean["seeds"] == [0, 2] and mean["torch_draws"] == 2
+    assert mean["ppl"] == pytest.approx((rows[0]["ppl"] + rows[1]["ppl"]) / 2, rel=1e-9)
+    assert mean["torch_ppl"] == pytest.approx((rows[0]["torch_ppl"] + rows[1]["torch_ppl"]) / 2, rel=1e-9)
+    assert mean["rel_diff"] == pytest.approx(mean["ppl"] / mean["torch_ppl"] - 1, rel=1e-9)
+    diffs = [r["ppl"] / r["torch_ppl"] - 1 for r in rows]
+    assert mean["rel_diff_mean"] == pytest.approx(sum(diffs) / 2, abs=1e-12)
+    assert mean["rel_diff_stderr"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2, rel=1e-6)

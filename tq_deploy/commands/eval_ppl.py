@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
                              "`tq-deploy export --model --seed` does (default 0)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per quantized configuration with seeds seed, seed + L, ... (L = max(2, layers)): "
-                             "report the mean PPL and the spread of the delta (default 1)")
+                             "report the mean PPL and the spread of the delta; --backend ort: one export per seed "
+                             "and configuration, and the means over seeds (default 1)")
     parser.add_argument("--rounding-draws", action="store_true",
                         help="with --seeds N, run the configurations that draw nothing (naive, KIVI, int8) N times "
                              "too, draw i > 0 with the embedding weights times 1 + 1e-7 N(0, 1): the rounding noise "
@@ -54,6 +55,10 @@ def add_arguments(parser) -> None:
                         help="run everything with the embedding weights times 1 + 1e-7 N(0, 1) (seed N; 0: the model "
                              "as it is): what another float32 implementation's rounding does, the noise floor of a "
                              "comparison between two engines (docs/quality.md) (default 0)")
+    parser.add_argument("--torch-draws", type=int, default=1, metavar="K",
+                        help="--backend ort --check-torch: run the PyTorch evaluation of each seed K times, draw d "
+                             "as --rounding-draw d (0: the model as it is), and compare ONNX Runtime with their mean "
+                             "(default 1)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the rows as JSON to PATH (no PATH: print JSON instead of the table)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="save PPL vs effective bits to this PNG")
@@ -155,8 +160,8 @@ def run(args) -> int:
     if args.model_dir is not None and not os.path.isdir(args.model_dir):
         raise ValueError(f"--model-dir {args.model_dir!r} is not a folder, expected the model's folder")
     texts = resolve_texts(args.text)
-    if args.backend == "torch" and (args.onnx or args.check_torch or args.provider != "cpu"):
-        raise ValueError("--onnx/--check-torch/--provider with --backend torch, expected --backend ort")
+    if args.backend == "torch" and (args.onnx or args.check_torch or args.provider != "cpu" or args.torch_draws != 1):
+        raise ValueError("--onnx/--check-torch/--provider/--torch-draws with --backend torch, expected --backend ort")
     preset_configs, labels = select_presets(args.kv_preset)
     plans = [load_plan(path) for path in args.plan or []]
     for path, plan in zip(args.plan or [], plans):
@@ -248,7 +253,7 @@ def model_spec(model_dir: str | None, gguf_file: str | None) -> str:
 
 def run_ort(args, texts, preset_configs, labels, plans) -> int:
     """--backend ort (tq_deploy/eval/exported.py): one line per text and configuration."""
-    from tq_deploy.eval.exported import ort_perplexity
+    from tq_deploy.eval.exported import ort_perplexity, seed_means
 
     configs = list(preset_configs)
     if args.configs or args.k_bits is not None or args.v_bits is not None:
@@ -258,15 +263,19 @@ def run_ort(args, texts, preset_configs, labels, plans) -> int:
     if not configs and not args.onnx:
         raise ValueError("--backend ort without --kv-preset, --plan, --configs or --k-bits/--v-bits, expected "
                          "the configurations to export (or --onnx MODEL.onnx)")
-    if args.seeds != 1:
-        raise ValueError(f"--seeds={args.seeds} with --backend ort, expected 1 (one export per configuration)")
+    if args.seeds != 1 and args.onnx:
+        raise ValueError(f"--seeds={args.seeds} with --onnx, expected 1 (the .onnx file fixes its rotation seed)")
+    if args.torch_draws < 1 or (args.torch_draws != 1 and not args.check_torch):
+        raise ValueError(f"--torch-draws={args.torch_draws}, expected >= 1, and 1 without --check-torch (the draws "
+                         "are of the PyTorch evaluation beside ONNX Runtime)")
     to_stdout_json = args.json == "-"
     log = sys.stderr if to_stdout_json else sys.stdout
 
     def progress(row):
         check = ""
         if "torch_ppl" in row:
-            check = (f"; PyTorch eval-ppl {row['torch_ppl']:.4f} (ONNX Runtime {100 * row['rel_diff']:+.3f} %); "
+            draws = f", mean of {len(row['torch_ppl_by_draw'])} rounding draws" if "torch_ppl_by_draw" in row else ""
+            check = (f"; PyTorch eval-ppl {row['torch_ppl']:.4f}{draws} (ONNX Runtime {100 * row['rel_diff']:+.3f} %); "
                      f"reference decoder on ONNX Runtime's codes {row['aligned_ppl']:.4f} "
                      f"({100 * row['aligned_rel_diff']:+.5f} %, {'same function' if row['aligned_passed'] else 'DIFFERENT'}"
                      f"; {row['code_ties']})")
@@ -276,12 +285,28 @@ def run_ort(args, texts, preset_configs, labels, plans) -> int:
 
     rows = ort_perplexity(model_spec(args.model_dir, args.gguf_file), configs, texts, args.tokens, args.chunk_size,
                           args.seed, args.provider, args.onnx, args.check_torch, args.threads, labels,
-                          progress=progress)
+                          progress=progress, seeds=args.seeds, torch_draws=args.torch_draws)
+    means = seed_means(rows) if args.seeds > 1 or args.torch_draws > 1 else []
+    for mean in means:
+        print(seed_mean_line(mean), file=log)
+    result = {"rows": rows, **({"means": means} if means else {})}
     if to_stdout_json:
-        print(json.dumps({"rows": rows}, indent=2))
+        print(json.dumps(result, indent=2))
     elif args.json:
         from tq_deploy import files
 
-        files.write_text(args.json, json.dumps({"rows": rows}, indent=2) + "\n")
+        files.write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}", file=log)
     return 1 if any(row.get("aligned_passed") is False for row in rows) else 0
+
+
+def seed_mean_line(mean: dict) -> str:
+    """One line of eval.exported.seed_means' output."""
+    seeds = mean["seeds"]
+    line = (f"[{mean['text']}] {mean['config']}, mean over {len(seeds)} seeds ({seeds[0]}"
+            f"{', ..., ' + str(seeds[-1]) if len(seeds) > 1 else ''}): ONNX Runtime PPL {mean['ppl']:.4f}")
+    if "torch_ppl" in mean:
+        draws = f", {mean['torch_draws']} rounding draws per seed" if mean["torch_draws"] > 1 else ""
+        line += (f"; PyTorch {mean['torch_ppl']:.4f}{draws}: ONNX Runtime {100 * mean['rel_diff']:+.3f} % "
+                 f"(per seed {100 * mean['rel_diff_mean']:+.3f} +- {100 * mean['rel_diff_stderr']:.3f} % standard error)")
+    return line

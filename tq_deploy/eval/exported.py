@@ -17,6 +17,7 @@ change on; docs/quality.md, "eval-ppl through ONNX Runtime").
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 
@@ -53,25 +54,38 @@ def export_llm(model_spec: str, path: str, seed: int, options: dict, block_size:
     export(model_spec, path, seed=seed, block_size=block_size, **options)
 
 
-def torch_perplexity(loaded, config, ids, chunk_size: int, seed: int) -> float:
-    """The PyTorch eval-ppl of ``config`` (what `tq-deploy eval-ppl` prints for it); ``loaded`` an
-    eval.model.LoadedModel."""
+def torch_perplexity(loaded, config, ids, chunk_size: int, seed: int, draw: int = 0) -> float:
+    """The PyTorch eval-ppl of ``config`` (what `tq-deploy eval-ppl --seed seed --rounding-draw draw` prints
+    for it); ``loaded`` an eval.model.LoadedModel."""
     from tq_deploy.eval.kv_quantizers import build_kv_quantizer
-    from tq_deploy.eval.perplexity import calibration_statistics, perplexity, plan_quantizer
+    from tq_deploy.eval.perplexity import calibration_statistics, perplexity, plan_quantizer, rounding_draw
 
     if isinstance(config, BitPlan):
         quantizer = plan_quantizer(config, loaded, seed, chunk_size)
     else:
         statistics = calibration_statistics(loaded, config.calibration, chunk_size) if config.transform else None
         quantizer = build_kv_quantizer(config, loaded.head_dim, seed, statistics)
-    return perplexity(loaded.model, ids, quantizer, chunk_size).ppl
+    with rounding_draw(loaded.model, draw):
+        return perplexity(loaded.model, ids, quantizer, chunk_size).ppl
 
 
 def ort_perplexity(model_spec: str | None, configs, texts, tokens: int, chunk_size: int, seed: int = 0,
                    provider: str = "cpu", onnx_path: str | None = None, check_torch: bool = False,
                    threads: int | None = None, labels: dict | None = None, block_size: int = 16,
-                   progress=None) -> list[dict]:
-    """One row per (text, configuration): see the module docstring. ``texts``: [(name, path)]."""
+                   progress=None, seeds: int = 1, torch_draws: int = 1) -> list[dict]:
+    """One row per (text, configuration, seed): see the module docstring. ``texts``: [(name, path)].
+
+    ``seeds`` > 1 exports each configuration once per rotation seed (eval.perplexity.rotation_seeds, the
+    seeds of the PyTorch `eval-ppl --seeds`). ``torch_draws`` > 1 (with ``check_torch``) runs the PyTorch
+    evaluation of each row that many times, draw d under eval.perplexity.rounding_draw(d), draw 0 the model
+    as it is: ``torch_ppl`` is then their mean and ``torch_ppl_by_draw`` the runs."""
+    if seeds < 1 or torch_draws < 1:
+        raise ValueError(f"seeds={seeds}, torch_draws={torch_draws}, expected both >= 1")
+    if onnx_path is not None and seeds != 1:
+        raise ValueError(f"--seeds={seeds} with --onnx, expected 1 (the .onnx file fixes its rotation seed)")
+    if torch_draws != 1 and not check_torch:
+        raise ValueError(f"--torch-draws={torch_draws} without --check-torch, expected --check-torch (the draws "
+                         "are of the PyTorch evaluation beside ONNX Runtime)")
     from tq_deploy.eval.model import read_text, tokenize
     from tq_deploy.eval.stepped import stepped_perplexity
     from tq_deploy.runtime.generate import load_tokenizer, tokenizer_source
@@ -82,20 +96,26 @@ def ort_perplexity(model_spec: str | None, configs, texts, tokens: int, chunk_si
         if configs:
             raise ValueError("--onnx with --kv-preset/--plan/--configs/--k-bits, expected one or the other "
                              "(the .onnx file fixes its widths)")
-        runs = [(None, onnx_path)]
+        runs = [(None, onnx_path, 0)]
     else:
-        runs = [(config, None) for config in configs]
-        for config, _ in runs:
+        runs = [(config, None, i) for config in configs for i in range(seeds)]
+        for config in configs:
             export_options(config)  # every configuration checked before the first export
-    rows, hf = [], None
+    rows, hf, run_seeds = [], None, [seed]
     with tempfile.TemporaryDirectory(prefix="tq-eval-ppl-") as folder:
-        for i, (config, path) in enumerate(runs):
+        for i, (config, path, seed_index) in enumerate(runs):
             start = time.perf_counter()
-            if path is None:
-                path = os.path.join(folder, f"model{i}.onnx")
-                export_llm(model_spec, path, seed, export_options(config), block_size)
+            exported = path is None
+            if exported:  # one folder per export, removed after its run: an LLM export is hundreds of MB
+                path = os.path.join(folder, f"run{i}", "model.onnx")
+                os.makedirs(os.path.dirname(path))
+                export_llm(model_spec, path, run_seeds[seed_index], export_options(config), block_size)
             export_seconds = time.perf_counter() - start
             _, metadata = load_llm_metadata(path)
+            if len(run_seeds) < seeds:  # the step is the layer count, known from the first export
+                from tq_deploy.eval.perplexity import rotation_seeds
+
+                run_seeds = rotation_seeds(seed, seeds, int(metadata["num_layers"]))
             name = labels.get(getattr(config, "name", None), None) if config is not None else None
             if name is None:
                 name = (config.info.get("name", "plan") if isinstance(config, BitPlan) else config.name) \
@@ -129,7 +149,11 @@ def ort_perplexity(model_spec: str | None, configs, texts, tokens: int, chunk_si
                                          int(metadata["num_q_heads"]), int(metadata["num_kv_heads"]),
                                          int(metadata["head_dim"]))
                     reference = config if config is not None else _config_of(metadata)
-                    row["torch_ppl"] = torch_perplexity(hf, reference, ids, chunk_size, int(metadata.get("seed", seed)))
+                    by_draw = [torch_perplexity(hf, reference, ids, chunk_size, int(metadata.get("seed", seed)), draw)
+                               for draw in range(torch_draws)]
+                    row["torch_ppl"] = sum(by_draw) / len(by_draw)
+                    if torch_draws > 1:
+                        row["torch_ppl_by_draw"] = by_draw
                     row["rel_diff"] = row["ppl"] / row["torch_ppl"] - 1
                     row["aligned_ppl"] = _ppl(aligned.reference_logits, ids)
                     row["aligned_rel_diff"] = row["ppl"] / row["aligned_ppl"] - 1
@@ -139,7 +163,33 @@ def ort_perplexity(model_spec: str | None, configs, texts, tokens: int, chunk_si
                 if progress is not None:
                     progress(row)
             del session
+            if exported:
+                shutil.rmtree(os.path.dirname(path))
     return rows
+
+
+def seed_means(rows: list[dict]) -> list[dict]:
+    """Per (text, configuration) of :func:`ort_perplexity`'s rows: the mean ONNX Runtime perplexity over its
+    seeds and, with ``torch_ppl``, the PyTorch mean, the relative difference of the two means and the mean
+    and standard error of the per-seed relative differences."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["text"], row["config"]), []).append(row)
+    means = []
+    for (text, config), group in groups.items():
+        n = len(group)
+        mean = {"text": text, "config": config, "seeds": [r["seed"] for r in group],
+                "ppl": sum(r["ppl"] for r in group) / n}
+        if all("torch_ppl" in r for r in group):
+            diffs = [r["rel_diff"] for r in group]
+            mean["torch_ppl"] = sum(r["torch_ppl"] for r in group) / n
+            mean["torch_draws"] = len(group[0].get("torch_ppl_by_draw", [0]))
+            mean["rel_diff"] = mean["ppl"] / mean["torch_ppl"] - 1
+            mean["rel_diff_mean"] = sum(diffs) / n
+            mean["rel_diff_stderr"] = (sum((d - mean["rel_diff_mean"]) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 \
+                if n > 1 else float("nan")
+        means.append(mean)
+    return means
 
 
 ALIGNED_RTOL = 1e-4  # the same function on the same codes: float32 rounding over a few thousand log-probabilities

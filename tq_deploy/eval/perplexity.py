@@ -182,6 +182,14 @@ def rounding_draw(model, draw: int):
             weight.copy_(kept)
 
 
+def rotation_seeds(seed: int, seeds: int, num_layers: int) -> list[int]:
+    """The rotation seeds of ``seeds`` runs: seed, seed + step, ..., step = max(2, num_layers), so that no two
+    runs share a rotation (TurboQuant_mse rotates layer l with seed + l, the other methods keys with the seed
+    and values with seed + 1; the exported model's layer l with seed + l)."""
+    step = max(2, num_layers)
+    return [seed + step * i for i in range(seeds)]
+
+
 def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0,
              progress=None, seeds: int = 1, labels: dict | None = None,
              rounding_draws: bool = False, draw: int = 0) -> list[dict]:
@@ -190,10 +198,8 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
 
     ``loaded`` is a model.LoadedModel; ``progress(row)`` is called after each row; ``labels`` maps a
     configuration name to the label its row shows (e.g. a preset name).
-    With ``seeds`` > 1 every quantized configuration runs with rotation seeds
-    seed, seed + step, ..., step = max(2, layers), so that no two runs share a rotation
-    (TurboQuant_mse rotates layer l with seed + l, the other methods keys with the seed and
-    values with seed + 1): ``ppl`` is then the mean over seeds, ``delta_pct_std`` the sample standard deviation of the deltas
+    With ``seeds`` > 1 every quantized configuration runs with the rotation seeds of :func:`rotation_seeds`:
+    ``ppl`` is then the mean over seeds, ``delta_pct_std`` the sample standard deviation of the deltas
     and ``ppl_by_seed`` the individual values (fp32, naive, KIVI and int8 have no seed).
     ``rounding_draws``: the configurations that draw nothing but fp32 (naive, KIVI, int8) run ``seeds``
     times as well, draw i under :func:`rounding_draw` (i), so that every quantized row is a mean
@@ -217,16 +223,16 @@ def evaluate(configs, loaded, input_ids: torch.Tensor, chunk_size: int = DEFAULT
             row = _config_row(config, loaded)
             # fp32, naive and KIVI involve no random draw, nor does int8 with int8 values.
             random_draw = config.method in ("mse", "prod", "mixed") or (config.method == "int8" and config.v_bits != 8)
-        step = max(2, loaded.num_layers)
+        run_seeds = rotation_seeds(seed, seeds, loaded.num_layers)
         rounding = rounding_draws and not random_draw and not (isinstance(config, CacheConfig)
                                                                and config.method == "fp32")
         for i in range(seeds if random_draw or rounding else 1):
             if isinstance(config, BitPlan):
-                quantizer = plan_quantizer(config, loaded, seed + step * i, chunk_size, row["config"])
+                quantizer = plan_quantizer(config, loaded, run_seeds[i], chunk_size, row["config"])
             else:
                 statistics = calibration_statistics(loaded, config.calibration, chunk_size) \
                     if config.transform else None
-                quantizer = build_kv_quantizer(config, loaded.head_dim, seed + step * i, statistics)
+                quantizer = build_kv_quantizer(config, loaded.head_dim, run_seeds[i], statistics)
             with rounding_draw(loaded.model, i if rounding else draw):
                 runs.append(perplexity(loaded.model, input_ids, quantizer, chunk_size))
         baseline = runs[0].ppl if baseline is None else baseline
