@@ -303,8 +303,8 @@ def run_ort(args, texts, preset_configs, labels, plans) -> int:
 def seed_mean_line(mean: dict) -> str:
     """One line of eval.exported.seed_means' output."""
     seeds = mean["seeds"]
-    line = (f"[{mean['text']}] {mean['config']}, mean over {len(seeds)} seeds ({seeds[0]}"
-            f"{', ..., ' + str(seeds[-1]) if len(seeds) > 1 else ''}): ONNX Runtime PPL {mean['ppl']:.4f}")
+    listed = ", ".join(map(str, seeds)) if len(seeds) <= 3 else f"{seeds[0]}, {seeds[1]}, ..., {seeds[-1]}"
+    line = f"[{mean['text']}] {mean['config']}, mean over {len(seeds)} seeds ({listed}): ONNX Runtime PPL {mean['ppl']:.4f}"
     if "torch_ppl" in mean:
         draws = f", {mean['torch_draws']} rounding draws per seed" if mean["torch_draws"] > 1 else ""
         line += (f"; PyTorch {mean['torch_ppl']:.4f}{draws}: ONNX Runtime {100 * mean['rel_diff']:+.3f} % "
