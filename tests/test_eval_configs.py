@@ -281,3 +281,33 @@ def test_eval_ppl_bad_options_are_one_line(argv, fragment, capsys):
     assert main(["eval-ppl", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_seed_means_against_pytorch_draws():
+    """eval-ppl --backend ort's closing lines: the means over seeds of hand-made rows; one seed has no
+    standard error (None in JSON, none printed), and the JSON stays strict."""
+    import json
+    import math
+
+    from tq_deploy.commands.eval_ppl import seed_mean_line
+    from tq_deploy.eval.exported import seed_means
+
+    def row(seed, ppl, torch_ppl, text="austen"):
+        return {"text": text, "config": "compact", "seed": seed, "ppl": ppl, "torch_ppl": torch_ppl,
+                "rel_diff": ppl / torch_ppl - 1, "torch_ppl_by_draw": [torch_ppl - 0.1, torch_ppl + 0.1]}
+
+    (one,) = seed_means([row(0, 10.0, 10.1)])
+    assert one["rel_diff_stderr"] is None and one["torch_draws"] == 2
+    json.dumps(one, allow_nan=False)
+    line = seed_mean_line(one)
+    assert "mean over 1 seed (0)" in line and "-0.990 %" in line and "standard error" not in line
+
+    austen, darwin = seed_means([row(0, 10.0, 10.1), row(30, 10.3, 10.1), row(0, 20.0, 20.0, "darwin")])
+    assert austen["seeds"] == [0, 30] and darwin["seeds"] == [0]
+    assert math.isclose(austen["ppl"], 10.15) and math.isclose(austen["torch_ppl"], 10.1)
+    assert math.isclose(austen["rel_diff"], 10.15 / 10.1 - 1)
+    diffs = [10.0 / 10.1 - 1, 10.3 / 10.1 - 1]
+    assert math.isclose(austen["rel_diff_mean"], sum(diffs) / 2)
+    assert math.isclose(austen["rel_diff_stderr"], abs(diffs[1] - diffs[0]) / 2)
+    assert "mean over 2 seeds (0, 30)" in seed_mean_line(austen) and "+- 1.485 % standard error" in seed_mean_line(austen)
+    assert "PyTorch" not in seed_mean_line(seed_means([{"text": "t", "config": "c", "seed": 0, "ppl": 5.0}])[0])

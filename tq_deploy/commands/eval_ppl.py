@@ -304,9 +304,11 @@ def seed_mean_line(mean: dict) -> str:
     """One line of eval.exported.seed_means' output."""
     seeds = mean["seeds"]
     listed = ", ".join(map(str, seeds)) if len(seeds) <= 3 else f"{seeds[0]}, {seeds[1]}, ..., {seeds[-1]}"
-    line = f"[{mean['text']}] {mean['config']}, mean over {len(seeds)} seeds ({listed}): ONNX Runtime PPL {mean['ppl']:.4f}"
+    line = f"[{mean['text']}] {mean['config']}, mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({listed}): ONNX Runtime PPL {mean['ppl']:.4f}"
     if "torch_ppl" in mean:
         draws = f", {mean['torch_draws']} rounding draws per seed" if mean["torch_draws"] > 1 else ""
-        line += (f"; PyTorch {mean['torch_ppl']:.4f}{draws}: ONNX Runtime {100 * mean['rel_diff']:+.3f} % "
-                 f"(per seed {100 * mean['rel_diff_mean']:+.3f} +- {100 * mean['rel_diff_stderr']:.3f} % standard error)")
+        line += f"; PyTorch {mean['torch_ppl']:.4f}{draws}: ONNX Runtime {100 * mean['rel_diff']:+.3f} %"
+        if mean["rel_diff_stderr"] is not None:
+            line += (f" (per seed {100 * mean['rel_diff_mean']:+.3f} +- {100 * mean['rel_diff_stderr']:.3f} % "
+                     "standard error)")
     return line

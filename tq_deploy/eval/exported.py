@@ -171,7 +171,7 @@ def ort_perplexity(model_spec: str | None, configs, texts, tokens: int, chunk_si
 def seed_means(rows: list[dict]) -> list[dict]:
     """Per (text, configuration) of :func:`ort_perplexity`'s rows: the mean ONNX Runtime perplexity over its
     seeds and, with ``torch_ppl``, the PyTorch mean, the relative difference of the two means and the mean
-    and standard error of the per-seed relative differences."""
+    and standard error of the per-seed relative differences (None for one seed)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["text"], row["config"]), []).append(row)
@@ -187,7 +187,7 @@ def seed_means(rows: list[dict]) -> list[dict]:
             mean["rel_diff"] = mean["ppl"] / mean["torch_ppl"] - 1
             mean["rel_diff_mean"] = sum(diffs) / n
             mean["rel_diff_stderr"] = (sum((d - mean["rel_diff_mean"]) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 \
-                if n > 1 else float("nan")
+                if n > 1 else None
         means.append(mean)
     return means
 
