@@ -263,11 +263,6 @@ def run_ort(args, texts, preset_configs, labels, plans) -> int:
     if not configs and not args.onnx:
         raise ValueError("--backend ort without --kv-preset, --plan, --configs or --k-bits/--v-bits, expected "
                          "the configurations to export (or --onnx MODEL.onnx)")
-    if args.seeds != 1 and args.onnx:
-        raise ValueError(f"--seeds={args.seeds} with --onnx, expected 1 (the .onnx file fixes its rotation seed)")
-    if args.torch_draws < 1 or (args.torch_draws != 1 and not args.check_torch):
-        raise ValueError(f"--torch-draws={args.torch_draws}, expected >= 1, and 1 without --check-torch (the draws "
-                         "are of the PyTorch evaluation beside ONNX Runtime)")
     to_stdout_json = args.json == "-"
     log = sys.stderr if to_stdout_json else sys.stdout
 

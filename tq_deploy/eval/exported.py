@@ -79,12 +79,12 @@ def ort_perplexity(model_spec: str | None, configs, texts, tokens: int, chunk_si
     seeds of the PyTorch `eval-ppl --seeds`). ``torch_draws`` > 1 (with ``check_torch``) runs the PyTorch
     evaluation of each row that many times, draw d under eval.perplexity.rounding_draw(d), draw 0 the model
     as it is: ``torch_ppl`` is then their mean and ``torch_ppl_by_draw`` the runs."""
-    if seeds < 1 or torch_draws < 1:
-        raise ValueError(f"seeds={seeds}, torch_draws={torch_draws}, expected both >= 1")
+    if seeds < 1:
+        raise ValueError(f"--seeds={seeds}, expected >= 1")
     if onnx_path is not None and seeds != 1:
         raise ValueError(f"--seeds={seeds} with --onnx, expected 1 (the .onnx file fixes its rotation seed)")
-    if torch_draws != 1 and not check_torch:
-        raise ValueError(f"--torch-draws={torch_draws} without --check-torch, expected --check-torch (the draws "
+    if torch_draws < 1 or (torch_draws != 1 and not check_torch):
+        raise ValueError(f"--torch-draws={torch_draws}, expected >= 1, and 1 without --check-torch (the draws "
                          "are of the PyTorch evaluation beside ONNX Runtime)")
     from tq_deploy.eval.model import read_text, tokenize
     from tq_deploy.eval.stepped import stepped_perplexity
